@@ -1,0 +1,317 @@
+"""BaseMoE: what every EM-fitted mixture-of-experts estimator shares.
+
+A fitted model is p(y | x) = sum_k g_k(x) p_k(y | x). The base class validates
+parameters and data, builds the designs (standardised features plus an intercept,
+stored feature-major), hands an expert family and a gate to the one EM loop
+(:func:`moekit.fitting.em.run_em`), and answers the shared questions: gate
+weights, responsibilities, log-likelihood, BIC and AIC, and model files.
+Subclasses say which experts and gate to build and how the target is encoded.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import fields
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from moekit._core.engine import EM_DTYPE, resolve_device, to_numpy, torch_generator
+from moekit._core.validation import HasMethods, Interval, Options, validate_params
+from moekit.fitting.data import Chunk, EMData
+from moekit.fitting.em import EMModel, Params, run_em
+from moekit.fitting.init import kmeans_resp, random_resp
+from moekit.gates.constant import ConstantGate, ConstantGateParams
+from moekit.gates.softmax import SoftmaxGate, SoftmaxGateParams
+
+GATES = {"softmax": SoftmaxGate, "constant": ConstantGate}
+GATE_PARAMS = {"SoftmaxGate": SoftmaxGateParams, "ConstantGate": ConstantGateParams}
+
+
+class CollapsedExpertWarning(UserWarning):
+    """An expert ended the fit with fewer effective samples than parameters."""
+
+
+class BaseMoE(BaseEstimator):
+    """Shared machinery of the EM-fitted estimators (not for direct use)."""
+
+    _parameter_constraints: ClassVar[dict] = {
+        "n_experts": [Interval(numbers.Integral, 1, None, closed="left")],
+        "gate": [Options(GATES), HasMethods(("log_prob", "m_step", "log_weights"))],
+        "init": [Options({"kmeans", "random"})],
+        "n_init": [Interval(numbers.Integral, 1, None, closed="left")],
+        "max_iter": [Interval(numbers.Integral, 0, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "init_max_iter": [Interval(numbers.Integral, 0, None, closed="left")],
+        "init_sample_size": [None, Interval(numbers.Integral, 1, None, closed="left")],
+        "gate_alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "warm_start": ["boolean"],
+        "random_state": ["random_state"],
+        "verbose": [Interval(numbers.Integral, 0, None, closed="left"), "boolean"],
+        "verbose_interval": [Interval(numbers.Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+    }
+
+    # ------------------------------------------------------------------ hooks
+    def _validate_xy(self, X, y) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _check_target(self, y) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _encode_target(self, y: np.ndarray, device, fitted: bool = False) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _make_expert(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _target_log_jacobian(self) -> float:
+        """log |d y_encoded / d y| per row: converts likelihoods to the user's units."""
+        return 0.0
+
+    def _kmeans_target(self, data: EMData) -> torch.Tensor | None:
+        return None
+
+    # ------------------------------------------------------------------ fit
+    def _validate_params(self) -> None:
+        validate_params(
+            type(self).__name__, self.get_params(deep=False), self._parameter_constraints
+        )
+
+    def _make_gate(self):
+        if isinstance(self.gate, str):
+            if self.gate == "softmax":
+                return SoftmaxGate(self.n_experts, alpha=self.gate_alpha)
+            return GATES[self.gate](self.n_experts)
+        return self.gate
+
+    def _fit(self, X, y) -> BaseMoE:
+        self._validate_params()
+        X, y = self._validate_xy(X, y)
+        n = X.shape[0]
+        if n < self.n_experts:
+            raise ValueError(
+                f"Expected n_samples >= n_experts but got n_experts = {self.n_experts}, "
+                f"n_samples = {n}."
+            )
+        device = resolve_device(self.device)
+        warm = (
+            self.warm_start
+            and hasattr(self, "_params")
+            and self._params.gate is not None
+            and self._n_experts_fitted == self.n_experts
+        )
+        Xt = torch.as_tensor(X, dtype=EM_DTYPE, device=device)
+        if not warm:
+            mean = Xt.mean(0)
+            scale = Xt.std(0, correction=0)
+            self._x_mean = mean
+            self._x_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        design = self._design_from_tensor(Xt)
+        data = EMData(design, design, self._encode_target(y, device))
+        expert = self._make_expert()
+        gate = self._make_gate()
+        model = EMModel(expert, gate)
+        K = self.n_experts
+        generator = torch_generator(self.random_state)
+
+        def init_resp(d: EMData, gen: torch.Generator) -> torch.Tensor:
+            if self.init == "random":
+                return random_resp(d, K, gen)
+            return kmeans_resp(d, K, gen, target=self._kmeans_target(d))
+
+        result = run_em(
+            model,
+            data,
+            init_resp=init_resp,
+            n_init=1 if warm else self.n_init,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            init_max_iter=self.init_max_iter,
+            init_sample_size=self.init_sample_size,
+            generator=generator,
+            warm_params=self._params if warm else None,
+            verbose=int(self.verbose),
+            verbose_interval=self.verbose_interval,
+        )
+        self._expert_family, self._gate_family = expert, gate
+        self._params = result.params
+        self._n_experts_fitted = K
+        jac = self._target_log_jacobian()
+        self.n_iter_ = result.n_iter
+        self.converged_ = result.converged
+        self.log_likelihood_ = result.loglik + jac
+        self.log_likelihood_history_ = [h + jac for h in result.history]
+        self.expert_sizes_ = to_numpy(result.nk)
+        self._warn_collapsed(result.nk, expert.min_samples(result.params.expert))
+        return self
+
+    def _warn_collapsed(self, nk: torch.Tensor, min_samples: float) -> None:
+        small = torch.nonzero(nk < min_samples).flatten().tolist()
+        if small:
+            sizes = ", ".join(f"expert {k}: {float(nk[k]):.3g}" for k in small)
+            warnings.warn(
+                f"Some experts collapsed: their total responsibility is below the "
+                f"{min_samples:g} samples they need ({sizes}); their fits are degenerate. "
+                "Consider fewer experts (n_experts) or more starts (n_init).",
+                CollapsedExpertWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ design
+    def _design_from_tensor(self, Xt: torch.Tensor) -> torch.Tensor:
+        Z = (Xt - self._x_mean) / self._x_scale
+        ones = torch.ones((Z.shape[0], 1), dtype=Z.dtype, device=Z.device)
+        return torch.cat([Z, ones], 1).T.contiguous()  # (p + 1, n)
+
+    def _design(self, X) -> torch.Tensor:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return self._design_from_tensor(
+            torch.as_tensor(X, dtype=EM_DTYPE, device=self._x_mean.device)
+        )
+
+    def _em_data(self, X, y) -> EMData:
+        design = self._design(X)
+        y = self._check_target(np.asarray(y) if not hasattr(y, "iloc") else y.to_numpy())
+        if y.shape[0] != design.shape[1]:
+            raise ValueError(
+                f"X and y have inconsistent numbers of samples: {design.shape[1]} and {y.shape[0]}."
+            )
+        return EMData(design, design, self._encode_target(y, design.device, fitted=True))
+
+    # ------------------------------------------------------------------ queries
+    def gate_weights(self, X) -> np.ndarray:
+        """Gate weights g_k(x) of shape (n_samples, n_experts); rows sum to 1."""
+        XT = self._design(X)
+        return to_numpy(torch.exp(self._gate_family.log_weights(self._params.gate, XT)).T)
+
+    def _log_joint(self, X, y) -> torch.Tensor:
+        data = self._em_data(X, y)
+        chunk = Chunk(0, data.n, data)
+        logp = self._expert_family.log_prob(self._params.expert, chunk)
+        return logp + self._gate_family.log_weights(self._params.gate, data.XgT)  # (K, n)
+
+    def responsibilities(self, X, y) -> np.ndarray:
+        """Posterior p(z = k | x, y) of shape (n_samples, n_experts); rows sum to 1."""
+        return to_numpy(torch.softmax(self._log_joint(X, y), dim=0).T)
+
+    def log_likelihood_samples(self, X, y) -> np.ndarray:
+        """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,)."""
+        lse = torch.logsumexp(self._log_joint(X, y), dim=0)
+        return to_numpy(lse) + self._target_log_jacobian()
+
+    def log_likelihood(self, X, y) -> float:
+        """Mean per-sample log-likelihood, (1/n) sum_i log p(y_i | x_i)."""
+        return float(np.mean(self.log_likelihood_samples(X, y)))
+
+    def n_parameters(self) -> int:
+        """Free parameters of the fitted model (experts and gate)."""
+        check_is_fitted(self)
+        return int(
+            self._expert_family.n_parameters(self._params.expert)
+            + self._gate_family.n_parameters(self._params.gate)
+        )
+
+    def bic(self, X, y) -> float:
+        """Bayesian information criterion, -2 log L + n_parameters log n (lower is better)."""
+        n = len(X)
+        return -2.0 * n * self.log_likelihood(X, y) + self.n_parameters() * math.log(n)
+
+    def aic(self, X, y) -> float:
+        """Akaike information criterion, -2 log L + 2 n_parameters (lower is better)."""
+        n = len(X)
+        return -2.0 * n * self.log_likelihood(X, y) + 2.0 * self.n_parameters()
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write the fitted model to ``path`` (safetensors + JSON, no pickle)."""
+        from moekit.io import save_model
+
+        check_is_fitted(self)
+        save_model(self, path)
+
+    def _extra_state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def _set_extra_state(self, state: dict, tensors: dict) -> None:
+        pass
+
+    def _to_state(self) -> tuple[dict, dict, dict]:
+        params = self.get_params(deep=False)
+        for name in ("gate", "expert"):
+            if name in params and not isinstance(params[name], str):
+                raise TypeError(
+                    f"save() cannot store {name}={params[name]!r}: only built-in experts and "
+                    "gates (given by name) are saved, since anything else would need pickle."
+                )
+        if not isinstance(params["random_state"], (int, type(None))):
+            params["random_state"] = None
+        params["device"] = str(params["device"])
+        state = {
+            "n_features_in_": int(self.n_features_in_),
+            "n_iter_": int(self.n_iter_),
+            "converged_": bool(self.converged_),
+            "log_likelihood_": float(self.log_likelihood_),
+            "log_likelihood_history_": [float(v) for v in self.log_likelihood_history_],
+            "n_experts_fitted": int(self._n_experts_fitted),
+            "expert_family": type(self._expert_family).__name__,
+            "gate_family": type(self._gate_family).__name__,
+        }
+        if hasattr(self, "feature_names_in_"):
+            state["feature_names_in_"] = [str(v) for v in self.feature_names_in_]
+        tensors = {
+            "x_mean": self._x_mean,
+            "x_scale": self._x_scale,
+            "expert_sizes": torch.as_tensor(self.expert_sizes_),
+        }
+        for prefix, obj in (("expert.", self._params.expert), ("gate.", self._params.gate)):
+            for f in fields(obj):
+                tensors[prefix + f.name] = getattr(obj, f.name)
+        extra_state, extra_tensors = self._extra_state()
+        state.update(extra_state)
+        tensors.update(extra_tensors)
+        return params, state, tensors
+
+    @classmethod
+    def _from_state(cls, params: dict, state: dict, tensors: dict) -> BaseMoE:
+        model = cls(**params)
+        model._validate_params()
+        device = resolve_device(model.device if torch.cuda.is_available() else "cpu")
+        tensors = {k: v.to(device=device) for k, v in tensors.items()}
+        model.n_features_in_ = state["n_features_in_"]
+        if "feature_names_in_" in state:
+            model.feature_names_in_ = np.asarray(state["feature_names_in_"], dtype=object)
+        model.n_iter_ = state["n_iter_"]
+        model.converged_ = state["converged_"]
+        model.log_likelihood_ = state["log_likelihood_"]
+        model.log_likelihood_history_ = state["log_likelihood_history_"]
+        model._n_experts_fitted = state["n_experts_fitted"]
+        model._x_mean, model._x_scale = tensors["x_mean"], tensors["x_scale"]
+        if model._x_mean.shape != (model.n_features_in_,):
+            raise ValueError("feature scaling does not match n_features_in_")
+        model.expert_sizes_ = to_numpy(tensors["expert_sizes"])
+        model._set_extra_state(state, tensors)
+        expert = model._make_expert()
+        gate = model._make_gate()
+        if type(expert).__name__ != state["expert_family"] or (
+            type(gate).__name__ != state["gate_family"]
+        ):
+            raise ValueError("the stored experts or gate do not match the stored settings")
+
+        def build(kind: type, prefix: str) -> Any:
+            return kind(**{f.name: tensors[prefix + f.name] for f in fields(kind)})
+
+        model._params = Params(
+            build(expert.params_type, "expert."), build(GATE_PARAMS[state["gate_family"]], "gate.")
+        )
+        model._expert_family, model._gate_family = expert, gate
+        if isinstance(gate, SoftmaxGate):
+            gate._pen = torch.ones(model.n_features_in_ + 1, dtype=EM_DTYPE, device=device)
+            gate._pen[-1] = 0.0
+        return model

@@ -1,0 +1,200 @@
+"""MoEClassifier: a gated mixture of multinomial-logistic experts, fitted by EM."""
+
+from __future__ import annotations
+
+import numbers
+from typing import ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import ClassifierMixin
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from moekit._core.engine import to_numpy
+from moekit._core.validation import Interval, Options
+from moekit.estimators._base import BaseMoE
+from moekit.experts.logistic import LogisticExperts
+from moekit.io import array_from_json, json_array, register_model
+
+EXPERTS = {"logistic": LogisticExperts}
+
+
+@register_model
+class MoEClassifier(ClassifierMixin, BaseMoE):
+    """Mixture-of-experts classification fitted by EM.
+
+    .. math::  p(y = c \\mid x) = \\sum_{k=1}^K g_k(x)\\, \\operatorname{softmax}(W_k x)_c,
+               \\qquad g(x) = \\operatorname{softmax}(V x).
+
+    Each expert is a multinomial logistic regression; the gate decides which expert
+    speaks for which region of the input space. EM alternates responsibilities
+    r_ik = p(z_i = k | x_i, y_i) with weighted logistic fits of the experts
+    (L-BFGS) and a multinomial-logit fit of the gate on the soft targets.
+
+    Parameters
+    ----------
+    n_experts : int, default=3
+    gate : {'softmax', 'constant'} or gate object, default='softmax'
+    expert : {'logistic'}, default='logistic'
+    init : {'kmeans', 'random'}, default='kmeans'
+        k-means runs on the standardised features only: a gate can represent regions
+        of the input space, not of the classes.
+    n_init : int, default=1
+    max_iter : int, default=200
+    tol : float, default=1e-6
+    init_max_iter : int, default=30
+    init_sample_size : int or None, default=100_000
+    alpha : float or None, default=None
+        L2 penalty on each expert's slopes, as ``1 / C`` in scikit-learn's
+        LogisticRegression (on the summed log-likelihood scale). None uses
+        ``1 / n_experts``: the experts' penalties then add up to that of one
+        ``LogisticRegression(C=1)``.
+    gate_alpha : float, default=1.0
+        L2 penalty on the gate's slopes, as ``1 / C`` of the gate's multinomial logit.
+    warm_start : bool, default=False
+    random_state : int, RandomState or None, default=None
+    verbose : int, default=0
+    verbose_interval : int, default=10
+    device : str, default='cpu'
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    n_iter_, converged_, log_likelihood_, log_likelihood_history_, expert_sizes_,
+    n_features_in_, feature_names_in_
+        As in :class:`MoERegressor`; the history includes the experts' and the gate's
+        penalties (divided by n), the objective EM increases.
+
+    See Also
+    --------
+    MoERegressor
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from moekit import MoEClassifier
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = MoEClassifier(n_experts=2, random_state=0).fit(X, y)
+    >>> clf.predict_proba(X[:2]).shape
+    (2, 3)
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        **BaseMoE._parameter_constraints,
+        "expert": [Options(EXPERTS)],
+        "alpha": [None, Interval(numbers.Real, 0, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        n_experts: int = 3,
+        *,
+        gate="softmax",
+        expert="logistic",
+        init: str = "kmeans",
+        n_init: int = 1,
+        max_iter: int = 200,
+        tol: float = 1e-6,
+        init_max_iter: int = 30,
+        init_sample_size: int | None = 100_000,
+        alpha: float | None = None,
+        gate_alpha: float = 1.0,
+        warm_start: bool = False,
+        random_state=None,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        device: str = "cpu",
+    ) -> None:
+        self.n_experts = n_experts
+        self.gate = gate
+        self.expert = expert
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.init_max_iter = init_max_iter
+        self.init_sample_size = init_sample_size
+        self.alpha = alpha
+        self.gate_alpha = gate_alpha
+        self.warm_start = warm_start
+        self.random_state = random_state
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.device = device
+
+    # ------------------------------------------------------------------ target
+    def _validate_xy(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)
+        check_classification_targets(y)
+        enc = LabelEncoder().fit(y)
+        if len(enc.classes_) < 2:
+            raise ValueError(
+                "MoEClassifier needs samples of at least 2 classes in the data, but the data "
+                f"contains only one class: {enc.classes_[0]!r}."
+            )
+        self.classes_ = enc.classes_
+        return X, y
+
+    def _check_target(self, y) -> np.ndarray:
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise ValueError(f"y must be one-dimensional; got shape {y.shape}.")
+        return y
+
+    def _encode_target(self, y, device, fitted: bool = False) -> torch.Tensor:
+        y = self._check_target(y)
+        codes = np.searchsorted(self.classes_, y)
+        codes = np.clip(codes, 0, len(self.classes_) - 1)
+        unknown = self.classes_[codes] != y
+        if unknown.any():
+            raise ValueError(
+                f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}."
+            )
+        return torch.as_tensor(codes, dtype=torch.long, device=device)
+
+    def _make_expert(self):
+        alpha = 1.0 / self.n_experts if self.alpha is None else self.alpha
+        return EXPERTS[self.expert](self.n_experts, len(self.classes_), alpha=alpha)
+
+    # ------------------------------------------------------------------ API
+    def fit(self, X, y) -> MoEClassifier:
+        """Fit by EM.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        self
+        """
+        return self._fit(X, y)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """p(y = c | x) = sum_k g_k(x) p_k(c | x), of shape (n_samples, n_classes)."""
+        XT = self._design(X)
+        w = torch.exp(self._gate_family.log_weights(self._params.gate, XT))  # (K, n)
+        probs = self._expert_family.class_probs(self._params.expert, XT)  # (K, C, n)
+        return to_numpy(torch.einsum("kn,kcn->nc", w, probs))
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        """Logarithm of :meth:`predict_proba`."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable class of every row, shape (n_samples,)."""
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    # ------------------------------------------------------------------ files
+    def _extra_state(self):
+        return {"classes_": json_array(self.classes_)}, {}
+
+    def _set_extra_state(self, state, tensors):
+        self.classes_ = array_from_json(state["classes_"])

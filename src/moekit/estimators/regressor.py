@@ -1,0 +1,258 @@
+"""MoERegressor: the mixture of experts of Jacobs, Jordan, Nowlan and Hinton (1991).
+
+p(y | x) = sum_k g_k(x) N(y; B_k x, diag sigma_k^2), fitted by EM.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import RegressorMixin
+from sklearn.utils.validation import validate_data
+
+from moekit._core.engine import EM_DTYPE, to_numpy
+from moekit._core.validation import Interval, Options
+from moekit.estimators._base import BaseMoE
+from moekit.experts.gaussian import GaussianExperts
+from moekit.io import register_model
+from moekit.prediction import MixturePrediction
+
+EXPERTS = {"linear": GaussianExperts}
+
+
+@register_model
+class MoERegressor(RegressorMixin, BaseMoE):
+    """Mixture-of-experts regression fitted by EM.
+
+    The conditional density of the target is a gated mixture of linear-Gaussian
+    experts,
+
+    .. math::  p(y \\mid x) = \\sum_{k=1}^K g_k(x)\\, N(y; B_k x + b_k, \\operatorname{diag}
+               \\sigma_k^2), \\qquad g(x) = \\operatorname{softmax}(V x + v),
+
+    fitted by maximum likelihood with the EM algorithm: the E-step computes the
+    responsibilities r_ik = p(z_i = k | x_i, y_i), the M-step refits each expert by
+    weighted least squares with weights r_ik and the gate by a multinomial-logit
+    regression on the soft targets r_ik.
+
+    Parameters
+    ----------
+    n_experts : int, default=3
+        Number of experts K.
+    gate : {'softmax', 'constant'} or gate object, default='softmax'
+        ``'softmax'`` gives input-dependent weights; ``'constant'`` fixed weights
+        pi_k (a mixture of regressions, as flexmix without concomitants).
+    expert : {'linear'}, default='linear'
+        Expert family.
+    init : {'kmeans', 'random'}, default='kmeans'
+        Starting responsibilities: k-means on the standardised rows [x, y], or a
+        random expert per row.
+    n_init : int, default=1
+        Number of starts; the best is kept.
+    max_iter : int, default=200
+        Most EM iterations on all the data. 0 only initialises.
+    tol : float, default=1e-6
+        Convergence threshold on the change of the mean per-sample log-likelihood.
+    init_max_iter : int, default=30
+        Most iterations each start runs before the best start is chosen and run to
+        convergence (flexmix's short-run strategy).
+    init_sample_size : int or None, default=100_000
+        Starts run on a random subset of this many rows when there are more; None
+        uses all rows.
+    reg_var : float, default=1e-6
+        Variance floor of every expert, relative to the variance of the target. It
+        keeps the likelihood bounded when an expert sits on a few points.
+    gate_alpha : float, default=1e-3
+        L2 penalty on the gate's slopes (on the summed log-likelihood scale).
+    warm_start : bool, default=False
+        Continue from the previous fit's parameters (one start, no initialisation).
+    random_state : int, RandomState or None, default=None
+    verbose : int, default=0
+        1: a progress bar and a line per start; 2: also a line every
+        ``verbose_interval`` iterations.
+    verbose_interval : int, default=10
+    device : str, default='cpu'
+        Torch device of the computation (float64 throughout).
+
+    Attributes
+    ----------
+    n_iter_ : int
+        EM iterations on all the data.
+    converged_ : bool
+    log_likelihood_ : float
+        Mean per-sample log-likelihood of the training data at the fit.
+    log_likelihood_history_ : list of float
+        The objective after each iteration: the mean log-likelihood plus the gate
+        penalty's log-prior divided by n. EM never decreases it.
+    expert_sizes_ : ndarray of shape (n_experts,)
+        Total responsibility of each expert on the training data.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only when X had string column names.
+
+    See Also
+    --------
+    MoEClassifier : the same model with multinomial-logistic experts.
+
+    References
+    ----------
+    Jacobs, Jordan, Nowlan and Hinton (1991), Adaptive mixtures of local experts.
+    Jordan and Jacobs (1994), Hierarchical mixtures of experts and the EM algorithm.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moekit import MoERegressor
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.uniform(-1, 1, (500, 1))
+    >>> y = np.where(X[:, 0] < 0, -2 * X[:, 0], 3 * X[:, 0]) + 0.05 * rng.normal(size=500)
+    >>> m = MoERegressor(n_experts=2, random_state=0).fit(X, y)
+    >>> bool(m.score(X, y) > 0.99)
+    True
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        **BaseMoE._parameter_constraints,
+        "expert": [Options(EXPERTS)],
+        "reg_var": [Interval(numbers.Real, 0, None, closed="neither")],
+    }
+
+    def __init__(
+        self,
+        n_experts: int = 3,
+        *,
+        gate="softmax",
+        expert="linear",
+        init: str = "kmeans",
+        n_init: int = 1,
+        max_iter: int = 200,
+        tol: float = 1e-6,
+        init_max_iter: int = 30,
+        init_sample_size: int | None = 100_000,
+        reg_var: float = 1e-6,
+        gate_alpha: float = 1e-3,
+        warm_start: bool = False,
+        random_state=None,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        device: str = "cpu",
+    ) -> None:
+        self.n_experts = n_experts
+        self.gate = gate
+        self.expert = expert
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.init_max_iter = init_max_iter
+        self.init_sample_size = init_sample_size
+        self.reg_var = reg_var
+        self.gate_alpha = gate_alpha
+        self.warm_start = warm_start
+        self.random_state = random_state
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.device = device
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    # ------------------------------------------------------------------ target
+    def _validate_xy(self, X, y):
+        X, y = validate_data(
+            self, X, y, dtype=np.float64, multi_output=True, y_numeric=True, ensure_min_samples=2
+        )
+        y = np.asarray(y, dtype=np.float64)
+        self._y_2d = y.ndim == 2
+        y2 = y.reshape(len(y), -1)
+        self._y_mean = y2.mean(0)
+        sd = y2.std(0)
+        self._y_scale = np.where(sd > 0, sd, 1.0)
+        return X, y
+
+    def _check_target(self, y) -> np.ndarray:
+        y = np.asarray(y, dtype=np.float64)
+        m = len(self._y_mean)
+        if y.ndim == 1 and m == 1:
+            y = y.reshape(-1, 1)
+        if y.ndim != 2 or y.shape[1] != m:
+            raise ValueError(f"y must have {m} output(s); got an array of shape {y.shape}.")
+        if not np.isfinite(y).all():
+            raise ValueError("Input y contains NaN or infinity.")
+        return y
+
+    def _encode_target(self, y, device, fitted: bool = False) -> torch.Tensor:
+        y = self._check_target(y) if fitted else y.reshape(len(y), -1)
+        z = (y - self._y_mean) / self._y_scale
+        return torch.as_tensor(z.T.copy(), dtype=EM_DTYPE, device=device)  # (m, n)
+
+    def _target_log_jacobian(self) -> float:
+        return -float(np.log(self._y_scale).sum())
+
+    def _kmeans_target(self, data):
+        return data.y
+
+    def _make_expert(self):
+        return EXPERTS[self.expert](self.n_experts, len(self._y_mean), var_floor=self.reg_var)
+
+    # ------------------------------------------------------------------ API
+    def fit(self, X, y) -> MoERegressor:
+        """Fit the mixture of experts by EM.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+
+        Returns
+        -------
+        self
+        """
+        return self._fit(X, y)
+
+    def _moments(self, XT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = torch.exp(self._gate_family.log_weights(self._params.gate, XT)).T  # (n, K)
+        means, stds = self._expert_family.moments(self._params.expert, XT)  # (n, K, m)
+        scale = torch.as_tensor(self._y_scale, dtype=means.dtype, device=means.device)
+        shift = torch.as_tensor(self._y_mean, dtype=means.dtype, device=means.device)
+        return w, means * scale + shift, stds * scale
+
+    def _shape_y(self, t: torch.Tensor) -> np.ndarray:
+        a = to_numpy(t)
+        return a if self._y_2d else a[..., 0]
+
+    def predict(self, X) -> np.ndarray:
+        """Conditional mean E[y | x] = sum_k g_k(x) mu_k(x).
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        """
+        w, means, _ = self._moments(self._design(X))
+        return self._shape_y(torch.einsum("nk,nkm->nm", w, means))
+
+    def predict_distribution(self, X) -> MixturePrediction:
+        """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`)."""
+        w, means, stds = self._moments(self._design(X))
+        if self._y_2d:
+            return MixturePrediction(to_numpy(w), to_numpy(means), to_numpy(stds))
+        return MixturePrediction(to_numpy(w), to_numpy(means[..., 0]), to_numpy(stds[..., 0]))
+
+    # ------------------------------------------------------------------ files
+    def _extra_state(self):
+        return {"y_2d": bool(self._y_2d)}, {
+            "y_mean": torch.as_tensor(self._y_mean),
+            "y_scale": torch.as_tensor(self._y_scale),
+        }
+
+    def _set_extra_state(self, state, tensors):
+        self._y_2d = bool(state["y_2d"])
+        self._y_mean = to_numpy(tensors["y_mean"]).astype(np.float64)
+        self._y_scale = to_numpy(tensors["y_scale"]).astype(np.float64)
+        if not (np.isfinite(self._y_scale).all() and (self._y_scale > 0).all()):
+            raise ValueError("target scaling is not positive and finite")

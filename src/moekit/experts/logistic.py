@@ -1,0 +1,126 @@
+"""Multinomial-logistic experts: p_k(y = c | x) = softmax(W_k x)_c.
+
+The M-step maximises, for every expert at once,
+
+.. math::  Q(W) = \\sum_k \\sum_i r_{ik} \\log \\operatorname{softmax}(W_k x_i)_{y_i}
+                 - \\frac{\\alpha}{2} \\sum_k \\lVert W_{k,\\text{slopes}} \\rVert^2,
+
+a concave function, with L-BFGS (strong-Wolfe line search) started from the
+current parameters. A few iterations per EM step suffice (generalised EM); a step
+that would not increase Q is refused, so the EM objective never decreases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.fitting.data import Chunk, EMData
+
+
+@dataclass
+class LogisticParams:
+    """coef of shape (K, C, p): class scores per expert, last column the intercept."""
+
+    coef: torch.Tensor
+
+
+class LogisticExperts:
+    """K multinomial-logistic experts over C classes.
+
+    Parameters
+    ----------
+    n_experts : int
+    n_classes : int
+    alpha : float
+        L2 penalty on the slopes, on the scale of the summed log-likelihood (as
+        scikit-learn's ``1 / C``).
+    max_iter : int
+        L-BFGS iterations per M-step (the first M-step uses five times as many).
+    """
+
+    monotone = True
+    needs_resp = True
+    params_type = LogisticParams
+
+    def __init__(self, n_experts: int, n_classes: int, alpha: float = 1.0, max_iter: int = 10):
+        self.n_experts = n_experts
+        self.n_classes = n_classes
+        self.alpha = alpha
+        self.max_iter = max_iter
+
+    def prepare(self, data: EMData) -> None:
+        pass
+
+    def _log_probs(self, coef: torch.Tensor, XT: torch.Tensor) -> torch.Tensor:
+        K, C, p = coef.shape
+        logits = (coef.reshape(K * C, p) @ XT).reshape(K, C, -1)  # (K, C, n)
+        return torch.log_softmax(logits, dim=1)
+
+    def log_prob(self, params: LogisticParams, chunk: Chunk) -> torch.Tensor:
+        logp = self._log_probs(params.coef, chunk.XeT)  # (K, C, c)
+        idx = chunk.y.view(1, 1, -1).expand(self.n_experts, 1, -1)
+        return logp.gather(1, idx).squeeze(1)  # (K, c)
+
+    def class_probs(self, params: LogisticParams, XT: torch.Tensor) -> torch.Tensor:
+        """p_k(y = c | x) of shape (K, C, n)."""
+        return torch.exp(self._log_probs(params.coef, XT))
+
+    def chunk_stats(self, params, chunk, resp):
+        return None
+
+    def _penalty(self, coef: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.alpha * (coef[..., :-1] ** 2).sum()
+
+    def _objective(self, coef: torch.Tensor, data: EMData, resp: torch.Tensor) -> torch.Tensor:
+        # negative Q, divided by n so that L-BFGS's tolerances do not depend on n
+        logp = self._log_probs(coef, data.XeT)
+        idx = data.y.view(1, 1, -1).expand(self.n_experts, 1, -1)
+        ll = (resp * logp.gather(1, idx).squeeze(1)).sum()
+        return -(ll - self._penalty(coef)) / data.n
+
+    def m_step(self, params, stats, data: EMData, resp: torch.Tensor) -> LogisticParams:
+        p = data.XeT.shape[0]
+        if params is None:
+            start = data.XeT.new_zeros((self.n_experts, self.n_classes, p))
+            iters = 5 * self.max_iter
+        else:
+            start, iters = params.coef, self.max_iter
+        coef = start.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS(
+            [coef],
+            lr=1.0,
+            max_iter=iters,
+            history_size=10,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-9,
+            tolerance_change=1e-12,
+        )
+        resp = resp.detach()
+
+        def closure():
+            opt.zero_grad()
+            loss = self._objective(coef, data, resp)
+            loss.backward()
+            return loss
+
+        with torch.no_grad():
+            before = float(self._objective(start, data, resp))
+        opt.step(closure)
+        with torch.no_grad():
+            after = float(self._objective(coef, data, resp))
+        if not after <= before:  # also refuses NaN
+            return LogisticParams(start)
+        return LogisticParams(coef.detach())
+
+    def log_prior(self, params: LogisticParams) -> float:
+        return -float(self._penalty(params.coef))
+
+    def min_samples(self, params: LogisticParams) -> float:
+        """Penalised experts stay defined on few samples; below one, they are unused."""
+        return 1.0
+
+    def n_parameters(self, params: LogisticParams) -> int:
+        K, C, p = params.coef.shape
+        return K * (C - 1) * p

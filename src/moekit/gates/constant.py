@@ -1,0 +1,61 @@
+"""The constant gate: g_k(x) = pi_k, a mixture of regressions.
+
+Its M-step is the closed form pi_k = sum_i r_ik / n (exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.fitting.data import Chunk, EMData
+
+
+@dataclass
+class ConstantGateParams:
+    """log_pi of shape (K,)."""
+
+    log_pi: torch.Tensor
+
+
+class ConstantGate:
+    """Input-independent mixing weights pi_k (flexmix's default, mixtools' regmixEM)."""
+
+    monotone = True
+    needs_resp = False
+
+    def __init__(self, n_experts: int) -> None:
+        self.n_experts = n_experts
+
+    def prepare(self, data: EMData) -> None:
+        pass
+
+    def init_params(self, data: EMData) -> ConstantGateParams:
+        K = self.n_experts
+        return ConstantGateParams(
+            torch.full(
+                (K,),
+                -float(torch.log(torch.tensor(K * 1.0))),
+                dtype=data.XeT.dtype,
+                device=data.XeT.device,
+            )
+        )
+
+    def log_prob(self, params: ConstantGateParams, chunk: Chunk) -> torch.Tensor:
+        return params.log_pi.unsqueeze(1).expand(-1, chunk.stop - chunk.start)
+
+    def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
+        return resp.sum(1)
+
+    def m_step(self, params, stats: torch.Tensor, data: EMData, resp=None) -> ConstantGateParams:
+        return ConstantGateParams(torch.log(stats / stats.sum()))
+
+    def log_prior(self, params) -> float:
+        return 0.0
+
+    def n_parameters(self, params) -> int:
+        return self.n_experts - 1
+
+    def log_weights(self, params: ConstantGateParams, XgT: torch.Tensor) -> torch.Tensor:
+        return params.log_pi.unsqueeze(1).expand(-1, XgT.shape[1])

@@ -1,0 +1,22 @@
+"""scikit-learn conformance: every estimator passes ``parametrize_with_checks``.
+
+Small settings keep the many fits fast; each skipped check carries its reason.
+"""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from moekit import MoEClassifier, MoERegressor
+
+ESTIMATORS = [
+    MoERegressor(n_experts=2, max_iter=30, random_state=0),
+    MoEClassifier(n_experts=2, max_iter=30, random_state=0),
+]
+
+EXPECTED_FAILED = {}
+
+
+@parametrize_with_checks(
+    ESTIMATORS, expected_failed_checks=lambda est: EXPECTED_FAILED.get(type(est).__name__, {})
+)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
