@@ -70,16 +70,9 @@ class GaussianExperts:
         return out
 
     # ------------------------------------------------------------ M-step
-    def _products(self, chunk: Chunk) -> torch.Tensor:
-        # rows: packed x_a x_b, then x_a y_j (j-major), then y_j^2: (f, c)
-        pairs = chunk.pair_products("e")
-        xt, y = chunk.XeT, chunk.y
-        xy = (xt.unsqueeze(0) * y.unsqueeze(1)).reshape(-1, xt.shape[1])
-        return torch.cat([pairs, xy, y * y], dim=0)
-
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
         # (f, c) @ (c, K) -> (f, K): every weighted Gram, X^T R y and y^T R y at once
-        return self._products(chunk) @ resp.T
+        return chunk.products("e", with_target=True) @ resp.T
 
     def m_step(self, params, stats: torch.Tensor, data: EMData, resp=None) -> GaussianParams:
         p, m, K = data.XeT.shape[0], self.n_outputs, self.n_experts

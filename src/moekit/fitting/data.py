@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-from moekit._core.linalg import triu_pairs
-
 DEFAULT_CHUNK = 16384
 
 
@@ -47,6 +45,15 @@ class EMData:
     XgT: torch.Tensor
     y: torch.Tensor
     cache: dict[str, Any] = field(default_factory=dict)
+    _work: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def workspace(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A scratch buffer (rows, cols) reused by every chunk of every pass."""
+        buf = self._work.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] < cols:
+            buf = self.XeT.new_empty((rows, cols))
+            self._work[name] = buf
+        return buf
 
     @property
     def n(self) -> int:
@@ -84,21 +91,40 @@ class Chunk:
         self.y = data.y[..., start:stop]
         self.scratch: dict[str, Any] = {}
 
-    def pair_products(self, which: str = "e") -> torch.Tensor:
-        """Packed products x_a x_b (a <= b) of the chunk's rows, shape (p(p+1)/2, c).
+    def products(self, which: str = "e", with_target: bool = False) -> torch.Tensor:
+        """Products of pairs of the chunk's variables, one row per pair, shape (f, c).
 
-        ``R @ pairs.T`` then gives every responsibility-weighted Gram matrix
-        sum_i r_ik x_i x_i^T at once. Computed once per chunk and shared by the gate
-        and the experts when they see the same design.
+        Rows: x_a x_b for a <= b (packed upper triangle, p(p+1)/2 rows); with
+        ``with_target`` also x_a y_j (p m rows, j-major) and y_j^2 (m rows).
+        ``products @ resp.T`` then gives every responsibility-weighted Gram matrix
+        sum_i r_ik x_i x_i^T, every X^T R_k y and y^T R_k y in one matrix product.
+        Built once per chunk, with slice products into a reused buffer (a gather is
+        several times slower), and shared by the gate and the experts when they see
+        the same design.
         """
-        xt = self.XeT if which == "e" or self.data.shared_design else self.XgT
-        key = "pairs:e" if xt is self.XeT else "pairs:g"
-        out = self.scratch.get(key)
-        if out is None:
-            rows, cols = triu_pairs(xt.shape[0], device=xt.device)
-            out = xt[rows] * xt[cols]
-            self.scratch[key] = out
-        return out
+        gate_only = which == "g" and not self.data.shared_design
+        xt = self.XgT if gate_only else self.XeT
+        key = "prod:g" if gate_only else "prod:e"
+        p, c = xt.shape
+        n_pairs = p * (p + 1) // 2
+        m = 0 if self.y.ndim == 1 else self.y.shape[0]
+        total = n_pairs + (p * m + m if not gate_only else 0)
+        buf = self.data.workspace(key, total, c)[:, :c]
+        done = self.scratch.get(key, 0)  # rows already filled for this chunk
+        if done == 0:
+            r = 0
+            for a in range(p):
+                torch.mul(xt[a : a + 1], xt[a:], out=buf[r : r + p - a])
+                r += p - a
+            done = n_pairs
+        if with_target and done == n_pairs:
+            y = self.y
+            for j in range(m):
+                torch.mul(xt, y[j : j + 1], out=buf[n_pairs + j * p : n_pairs + (j + 1) * p])
+            torch.mul(y, y, out=buf[n_pairs + p * m : total])
+            done = total
+        self.scratch[key] = done
+        return buf[:done] if with_target else buf[:n_pairs]
 
 
 def lerp_params(old: Any, new: Any, t: float) -> Any:

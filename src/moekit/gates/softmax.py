@@ -117,13 +117,16 @@ class SoftmaxGate:
             return grad, None
         K1, p = self.n_experts - 1, xt.shape[0]
         # weights g_k (delta_kl - g_l) for the free pairs k <= l: (T, c)
-        rows, cols = torch.triu_indices(K1, K1)
-        w = -g[rows] * g[cols]
-        diag = rows == cols
-        w[diag] += g[rows[diag]]
+        w = chunk.data.workspace("gate_hess_w", K1 * (K1 + 1) // 2, xt.shape[1])
+        w = w[:, : xt.shape[1]]
+        t = 0
+        for k in range(K1):
+            torch.mul(g[k : k + 1], g[k:K1], out=w[t : t + K1 - k]).neg_()
+            w[t].add_(g[k])
+            t += K1 - k
         if p <= 24:
             # all weighted Grams in one product with the packed row products
-            hess = chunk.pair_products("g") @ w.T  # (p(p+1)/2, T)
+            hess = chunk.products("g") @ w.T  # (p(p+1)/2, T)
         else:
             hess = torch.stack([(xt * wi) @ xt.T for wi in w])  # (T, p, p)
         return grad, hess

@@ -1,0 +1,63 @@
+"""MoEClassifier against one logistic regression on real data."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from moekit import MoEClassifier
+
+
+def test_digits_at_least_as_accurate_as_logistic_regression_with_lower_log_loss():
+    X, y = load_digits(return_X_y=True)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    scaler = StandardScaler().fit(X_tr)
+    X_tr, X_te = scaler.transform(X_tr), scaler.transform(X_te)
+    lr = LogisticRegression(max_iter=5000).fit(X_tr, y_tr)
+    moe = MoEClassifier(n_experts=4, random_state=0, max_iter=100, tol=1e-5).fit(X_tr, y_tr)
+    acc_lr, acc_moe = (
+        accuracy_score(y_te, lr.predict(X_te)),
+        accuracy_score(y_te, moe.predict(X_te)),
+    )
+    ll_lr, ll_moe = log_loss(y_te, lr.predict_proba(X_te)), log_loss(y_te, moe.predict_proba(X_te))
+    assert acc_moe >= acc_lr - 0.01, (acc_moe, acc_lr)
+    assert ll_moe < ll_lr, (ll_moe, ll_lr)
+
+
+def test_mixture_of_experts_solves_what_one_linear_model_cannot():
+    """XOR: each quadrant pair needs its own linear boundary."""
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (2000, 2))
+    y = np.where(X[:, 0] > 0, X[:, 1] > 0.3 * X[:, 0], X[:, 1] < -0.5 * X[:, 0]).astype(int)
+    lr = LogisticRegression().fit(X, y)
+    moe = MoEClassifier(n_experts=2, n_init=3, random_state=0).fit(X, y)
+    assert moe.score(X, y) > 0.95 > lr.score(X, y) + 0.2
+
+
+def test_string_labels_probabilities_and_likelihood():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 2))
+    labels = np.array(["cat", "dog", "emu"])
+    y = labels[(X[:, 0] > 0).astype(int) + (X[:, 1] > 1).astype(int)]
+    m = MoEClassifier(n_experts=2, random_state=0).fit(X, y)
+    assert list(m.classes_) == ["cat", "dog", "emu"]
+    p = m.predict_proba(X)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-12)
+    assert set(m.predict(X)) <= set(labels)
+    # mean log-likelihood is the mean log-probability of the observed classes
+    expected = np.mean(np.log(p[np.arange(300), np.searchsorted(m.classes_, y)]))
+    assert m.log_likelihood(X, y) == pytest.approx(expected, abs=1e-10)
+    np.testing.assert_allclose(m.responsibilities(X, y).sum(1), 1.0, atol=1e-12)
+
+
+def test_one_class_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        MoEClassifier(2).fit(np.zeros((10, 2)), np.ones(10))
+    m = MoEClassifier(2, random_state=0).fit(
+        np.random.default_rng(0).normal(size=(20, 2)), np.arange(20) % 2
+    )
+    with pytest.raises(ValueError, match="labels not seen in fit"):
+        m.log_likelihood(np.zeros((2, 2)), [0, 7])
