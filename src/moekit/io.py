@@ -160,6 +160,11 @@ def json_array(values: Any) -> dict[str, Any]:
     import numpy as np
 
     arr = np.asarray(values)
+    if arr.dtype.kind == "O" and all(
+        isinstance(v, (str, bool, int, float)) for v in arr.ravel().tolist()
+    ):
+        # object arrays of plain strings or numbers (pandas labels) are JSON already
+        return {"dtype": "object", "values": arr.tolist()}
     if arr.dtype.kind not in "biufU":
         raise TypeError(f"cannot store an array of dtype {arr.dtype} without pickle.")
     return {"dtype": arr.dtype.str, "values": arr.tolist()}
@@ -169,6 +174,13 @@ def array_from_json(obj: dict[str, Any]) -> Any:
     """Inverse of :func:`json_array`."""
     import numpy as np
 
+    if obj["dtype"] == "object":
+        values = obj["values"]
+        if not all(isinstance(v, (str, bool, int, float)) for v in values):
+            raise ValueError("object arrays in moekit files hold only strings and numbers")
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
     dtype = np.dtype(obj["dtype"])
     if dtype.kind not in "biufU":
         raise ValueError(f"arrays of dtype {dtype} are not stored in moekit files")

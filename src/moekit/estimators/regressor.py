@@ -243,6 +243,48 @@ class MoERegressor(RegressorMixin, BaseMoE):
             return MixturePrediction(to_numpy(w), to_numpy(means), to_numpy(stds))
         return MixturePrediction(to_numpy(w), to_numpy(means[..., 0]), to_numpy(stds[..., 0]))
 
+    # ------------------------------------------------------------------ coefficients
+    @property
+    def coef_(self) -> np.ndarray:
+        """Expert slopes in the user's units, shape (K, n_features) or (K, m, n_features)."""
+        coef = to_numpy(self._params.expert.coef)[..., :-1]  # (K, m, d) on standardised x
+        slopes = coef * self._y_scale[None, :, None] / to_numpy(self._x_scale)
+        return slopes if self._y_2d else slopes[:, 0, :]
+
+    @property
+    def intercept_(self) -> np.ndarray:
+        """Expert intercepts in the user's units, shape (K,) or (K, m)."""
+        coef = to_numpy(self._params.expert.coef)
+        b = coef[..., -1] - (coef[..., :-1] * to_numpy(self._x_mean / self._x_scale)).sum(-1)
+        out = self._y_mean + self._y_scale * b  # (K, m)
+        return out if self._y_2d else out[:, 0]
+
+    @property
+    def noise_std_(self) -> np.ndarray:
+        """Expert noise standard deviations in the user's units, shape (K,) or (K, m)."""
+        std = np.sqrt(to_numpy(self._params.expert.var)) * self._y_scale
+        return std if self._y_2d else std[:, 0]
+
+    @property
+    def gate_coef_(self) -> np.ndarray:
+        """Gate slopes V in g(x) = softmax(V x + v), shape (K, n_features).
+
+        The last expert is the reference (its row is zero). Zero for a constant gate.
+        """
+        gate = self._params.gate
+        if not hasattr(gate, "coef"):
+            return np.zeros((self._n_experts_fitted, self.n_features_in_))
+        return to_numpy(gate.coef[:, :-1] / self._x_scale)
+
+    @property
+    def gate_intercept_(self) -> np.ndarray:
+        """Gate intercepts v, shape (K,); log pi_k for a constant gate."""
+        gate = self._params.gate
+        if not hasattr(gate, "coef"):
+            return to_numpy(gate.log_pi)
+        coef = gate.coef
+        return to_numpy(coef[:, -1] - (coef[:, :-1] * self._x_mean / self._x_scale).sum(-1))
+
     # ------------------------------------------------------------------ files
     def _extra_state(self):
         return {"y_2d": bool(self._y_2d)}, {

@@ -1,0 +1,218 @@
+"""The ``moekit`` command.
+
+::
+
+    moekit demo [--out DIR]                       fit the bundled mcycle data, write a report
+    moekit fit DATA.csv --target COL [--experts K] [--out DIR]
+    moekit predict MODEL DATA.csv [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _criterion_table(X, y, ks, *, n_init: int, random_state: int):
+    from moekit import MoERegressor
+
+    rows, models = [], {}
+    for k in ks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = MoERegressor(k, n_init=n_init, max_iter=1000, random_state=random_state).fit(X, y)
+        models[k] = m
+        rows.append(
+            {
+                "n_experts": k,
+                "log_likelihood": m.log_likelihood(X, y) * len(X),
+                "n_parameters": m.n_parameters(),
+                "bic": m.bic(X, y),
+                "aic": m.aic(X, y),
+                "iterations": m.n_iter_,
+            }
+        )
+    return pd.DataFrame(rows), models
+
+
+def regression_report(model, X, y, feature_names) -> str:
+    """A plain-text summary of a fitted MoERegressor."""
+    lines = [
+        f"{type(model).__name__}: K = {model.n_experts} experts, n = {len(X)} samples",
+        f"  mean log-likelihood {model.log_likelihood(X, y):.4f} per sample, "
+        f"BIC {model.bic(X, y):.1f}, AIC {model.aic(X, y):.1f}, "
+        f"{model.n_parameters()} parameters",
+        f"  EM: {model.n_iter_} iterations, {'converged' if model.converged_ else 'NOT converged'}",
+        "",
+    ]
+    coef = np.atleast_2d(model.coef_)
+    table = pd.DataFrame(
+        coef.reshape(model.n_experts, -1),
+        columns=[f"slope[{name}]" for name in feature_names][: coef.shape[-1]]
+        if coef.ndim == 2
+        else None,
+    )
+    table.insert(0, "intercept", np.asarray(model.intercept_).reshape(model.n_experts, -1)[:, 0])
+    table["noise_std"] = np.asarray(model.noise_std_).reshape(model.n_experts, -1)[:, 0]
+    table["share"] = model.expert_sizes_ / model.expert_sizes_.sum()
+    table.index.name = "expert"
+    lines.append(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from moekit.datasets import load_mcycle
+    from moekit.plotting import plot_criterion, plot_regression_fit
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    X, y = load_mcycle()
+    print("moekit demo: motorcycle crash data (mcycle), head acceleration vs time")
+    print(f"Fitting MoERegressor with K = 2..6 experts, {args.n_init} starts each ...")
+    table, models = _criterion_table(X, y, range(2, 7), n_init=args.n_init, random_state=0)
+    best_k = int(table.loc[table["bic"].idxmin(), "n_experts"])
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    print(f"\nBIC picks K = {best_k}.\n")
+    model = models[best_k]
+    print(regression_report(model, X, y, ["times"]))
+    fig = plot_regression_fit(
+        model,
+        X,
+        y,
+        xlabel="time after impact (ms)",
+        ylabel="head acceleration (g)",
+        title=f"Mixture of {best_k} linear experts (softmax gate), mcycle data",
+    )
+    fig.savefig(out / "mcycle_fit.png", dpi=120)
+    fig2 = plot_criterion(table, "bic")
+    fig2.savefig(out / "mcycle_bic.png", dpi=120)
+    model.save(out / "mcycle.moe")
+    table.to_csv(out / "mcycle_bic.csv", index=False)
+    print(f"\nWrote {out / 'mcycle_fit.png'}, {out / 'mcycle_bic.png'} and {out / 'mcycle.moe'}")
+    return 0
+
+
+def _read_table(path: str, target: str | None):
+    frame = pd.read_csv(path)
+    if target is not None and target not in frame.columns:
+        raise SystemExit(
+            f"moekit: --target {target!r} is not a column of {path}; columns: "
+            f"{', '.join(map(str, frame.columns))}"
+        )
+    return frame
+
+
+def cmd_fit(args) -> int:
+    from moekit import MoEClassifier, MoERegressor
+    from moekit.plotting import plot_regression_fit
+
+    frame = _read_table(args.data, args.target)
+    y = frame[args.target]
+    X = frame.drop(columns=[args.target]).select_dtypes("number")
+    if X.shape[1] == 0:
+        raise SystemExit("moekit: no numeric feature columns besides the target.")
+    task = args.task
+    if task == "auto":
+        task = "regression" if pd.api.types.is_float_dtype(y) else "classification"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    est = MoERegressor if task == "regression" else MoEClassifier
+    model = est(
+        args.experts, n_init=args.n_init, random_state=args.random_state, verbose=args.verbose
+    ).fit(X, y)
+    model.save(out / "model.moe")
+    if task == "regression":
+        report = regression_report(model, X.to_numpy(), y.to_numpy(), list(X.columns))
+        if X.shape[1] == 1:
+            fig = plot_regression_fit(
+                model, X.to_numpy(), y.to_numpy(), xlabel=X.columns[0], ylabel=args.target
+            )
+            fig.savefig(out / "fit.png", dpi=120)
+    else:
+        report = (
+            f"MoEClassifier: K = {args.experts}, classes {list(model.classes_)}, "
+            f"training accuracy {model.score(X, y):.4f}, mean log-likelihood "
+            f"{model.log_likelihood(X, y):.4f}, {model.n_iter_} EM iterations"
+        )
+    (out / "report.txt").write_text(report + "\n")
+    print(report)
+    print(f"\nWrote {out / 'model.moe'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from moekit import load
+
+    model = load(args.model)
+    frame = pd.read_csv(args.data)
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None:
+        missing = [c for c in names if c not in frame.columns]
+        if missing:
+            raise SystemExit(f"moekit: {args.data} lacks the model's columns {missing}")
+        X = frame[list(names)]
+    else:
+        X = frame.select_dtypes("number").to_numpy()
+    result = pd.DataFrame(index=frame.index)
+    if hasattr(model, "predict_proba"):
+        result["prediction"] = model.predict(X)
+        for c, col in zip(model.classes_, model.predict_proba(X).T, strict=True):
+            result[f"p[{c}]"] = col
+    else:
+        d = model.predict_distribution(X)
+        result["mean"] = d.mean()
+        result["std"] = d.std()
+        lo, hi = d.interval(0.9)
+        result["q05"], result["q95"] = lo, hi
+    if args.out:
+        result.to_csv(args.out, index=False)
+        print(f"Wrote {len(result)} predictions to {args.out}")
+    else:
+        result.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="fit the bundled motorcycle data and write a report")
+    p.add_argument("--out", default="moekit_demo", help="output folder (default: moekit_demo)")
+    p.add_argument("--n-init", type=int, default=10, help="EM starts per K (default: 10)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fit", help="fit a mixture of experts to a CSV file")
+    p.add_argument("data", help="CSV file with a header row")
+    p.add_argument("--target", required=True, help="name of the target column")
+    p.add_argument("--experts", type=int, default=3, help="number of experts (default: 3)")
+    p.add_argument("--task", choices=["auto", "regression", "classification"], default="auto")
+    p.add_argument("--n-init", type=int, default=5, help="EM starts (default: 5)")
+    p.add_argument("--random-state", type=int, default=0)
+    p.add_argument("--verbose", type=int, default=0)
+    p.add_argument("--out", default="moekit_fit", help="output folder (default: moekit_fit)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="predict with a saved model")
+    p.add_argument("model", help="model file written by `moekit fit` or model.save()")
+    p.add_argument("data", help="CSV file with the model's feature columns")
+    p.add_argument("--out", help="output CSV (default: standard output)")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moekit`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"moekit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

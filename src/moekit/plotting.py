@@ -1,0 +1,135 @@
+"""Figures users look at instead of reading numbers.
+
+Every function draws on a given matplotlib Axes (or makes a figure) and returns
+the figure; nothing is shown or written unless asked. matplotlib is imported
+lazily, with a non-interactive backend when no display is set.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    if not os.environ.get("DISPLAY") and matplotlib.get_backend().lower() not in ("agg", "pdf"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def expert_colors(n: int) -> list:
+    """One distinct color per expert (tab10, then tab20)."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_regression_fit(
+    model: Any,
+    X,
+    y,
+    *,
+    feature: int = 0,
+    alpha: float = 0.9,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+):
+    """Data, each expert's line, the predictive mean and band, and the gate weights.
+
+    For a model of one input feature (or a slice along ``feature`` with the others
+    at their means). Top panel: the data, every expert's mean line (drawn solid
+    where its gate weight exceeds 1/2, dashed elsewhere), the predictive mean
+    E[y|x] and the central ``alpha`` interval of p(y|x). Bottom panel: the gate
+    weights g_k(x).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    plt = _pyplot()
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y, dtype=float)
+    x = X[:, feature]
+    grid_x = np.linspace(x.min(), x.max(), 400)
+    grid = np.tile(X.mean(0), (len(grid_x), 1))
+    grid[:, feature] = grid_x
+    d = model.predict_distribution(grid)
+    w, means = d.weights, d.means
+    lo, hi = d.interval(alpha)
+    K = w.shape[1]
+    colors = expert_colors(K)
+    fig, (ax, axg) = plt.subplots(
+        2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.fill_between(grid_x, lo, hi, color="0.85", label=f"{alpha:.0%} predictive interval")
+    ax.scatter(x, y, s=12, color="0.25", zorder=3, label="data")
+    span = np.ptp(y)
+    for k in range(K):
+        mk = np.where(
+            (means[:, k] > y.min() - 0.2 * span) & (means[:, k] < y.max() + 0.2 * span),
+            means[:, k],
+            np.nan,
+        )
+        ax.plot(grid_x, mk, "--", color=colors[k], lw=1.0, alpha=0.7)
+        ax.plot(
+            grid_x,
+            np.where(w[:, k] > 0.5, mk, np.nan),
+            "-",
+            color=colors[k],
+            lw=2.2,
+            label=f"expert {k}",
+        )
+    ax.plot(grid_x, d.mean(), color="black", lw=1.6, label="E[y | x]")
+    ax.set_ylabel(ylabel or "y")
+    ax.set_ylim(y.min() - 0.15 * span, y.max() + 0.15 * span)
+    ax.legend(loc="lower left", fontsize=8, ncol=2)
+    if title:
+        ax.set_title(title)
+    for k in range(K):
+        axg.plot(grid_x, w[:, k], color=colors[k], lw=2)
+    axg.set_ylim(-0.03, 1.03)
+    axg.set_ylabel("gate g_k(x)")
+    axg.set_xlabel(xlabel or f"x[{feature}]")
+    fig.tight_layout()
+    return fig
+
+
+def plot_criterion(table, criterion: str = "bic", ax=None):
+    """A model-choice criterion against the number of experts, best marked.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        With columns ``n_experts`` and ``criterion``.
+    """
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks, vals = np.asarray(table["n_experts"]), np.asarray(table[criterion])
+    ax.plot(ks, vals, "o-", color="tab:blue")
+    best = int(np.argmin(vals))
+    ax.plot(
+        ks[best],
+        vals[best],
+        "o",
+        ms=12,
+        mfc="none",
+        mec="tab:red",
+        mew=2,
+        label=f"best: K = {ks[best]}",
+    )
+    ax.set_xlabel("number of experts K")
+    ax.set_ylabel(criterion.upper())
+    ax.set_xticks(ks)
+    ax.legend()
+    if fig is not None:
+        fig.tight_layout()
+    return fig if fig is not None else ax.figure
