@@ -1,0 +1,37 @@
+"""Sparse Mixture-of-Experts layers for PyTorch.
+
+``MoE`` is the layer; the routers, the expert bank and the balancing losses are
+exported for users who build their own.
+"""
+
+from moekit.nn.config import MoEConfig
+from moekit.nn.experts import ExpertBank, FeedForward
+from moekit.nn.functional import importance_loss, load_balancing_loss, router_z_loss
+from moekit.nn.layer import MoE, MoEStats
+from moekit.nn.routers import (
+    ExpertChoiceRouter,
+    NoisyTopKRouter,
+    Router,
+    Routing,
+    SigmoidBiasRouter,
+    SwitchRouter,
+    TopKRouter,
+)
+
+__all__ = [
+    "ExpertBank",
+    "ExpertChoiceRouter",
+    "FeedForward",
+    "MoE",
+    "MoEConfig",
+    "MoEStats",
+    "NoisyTopKRouter",
+    "Router",
+    "Routing",
+    "SigmoidBiasRouter",
+    "SwitchRouter",
+    "TopKRouter",
+    "importance_loss",
+    "load_balancing_loss",
+    "router_z_loss",
+]

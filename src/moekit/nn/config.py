@@ -1,0 +1,124 @@
+"""Configuration of the sparse MoE layer, validated with the one error template."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from moekit._core.validation import Interval, InvalidParameterError, Options, validate_params
+from moekit.nn.experts import ACTIVATIONS
+from moekit.nn.routers import Router
+
+__all__ = ["ROUTERS", "MoEConfig", "validate_moe_params"]
+
+ROUTERS = ("topk", "noisy_topk", "switch", "expert_choice", "sigmoid_bias")
+"""Router names the layer understands (see :mod:`moekit.nn.routers`)."""
+
+_POSITIVE_INT = Interval(numbers.Integral, 1, None, closed="left")
+_NON_NEGATIVE = Interval(numbers.Real, 0, None, closed="left")
+
+MOE_CONSTRAINTS: dict[str, list] = {
+    "d_model": [_POSITIVE_INT],
+    "d_hidden": [_POSITIVE_INT],
+    "n_experts": [_POSITIVE_INT],
+    "top_k": [_POSITIVE_INT],
+    "router": [Options(ROUTERS), Router],
+    "capacity_factor": [None, Interval(numbers.Real, 0, None, closed="neither")],
+    "n_shared_experts": [Interval(numbers.Integral, 0, None, closed="left")],
+    "activation": [Options(ACTIVATIONS)],
+    "aux_loss_coef": [_NON_NEGATIVE],
+    "z_loss_coef": [_NON_NEGATIVE],
+    "bias_update_rate": [_NON_NEGATIVE],
+    "expert_impl": [Options(("auto", "grouped_mm", "mm", "bmm"))],
+}
+
+
+def _reject(owner: str, name: str, must: str, value: Any) -> None:
+    raise InvalidParameterError(
+        f"The {name!r} parameter of {owner} must be {must}. Got {value!r} instead."
+    )
+
+
+def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
+    """Check the arguments of the MoE layer, one at a time, then together.
+
+    Raises
+    ------
+    InvalidParameterError
+        ``The {name!r} parameter of {owner} must be ... Got ... instead.``
+    """
+    validate_params(owner, params, MOE_CONSTRAINTS)
+    for name in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        value = params.get(name)
+        if value is not None and not math.isfinite(value):
+            _reject(owner, name, "finite", value)
+    n_experts, top_k, router = params["n_experts"], params["top_k"], params["router"]
+    if top_k > n_experts:
+        _reject(owner, "top_k", f"an int in the range [1, n_experts={n_experts}]", top_k)
+    if router == "switch" and top_k != 1:
+        _reject(owner, "top_k", "1 with router='switch' (Switch routing is top-1)", top_k)
+    if isinstance(router, Router):
+        for name in ("d_model", "n_experts", "top_k"):
+            if getattr(router, name) != params[name]:
+                _reject(
+                    owner,
+                    "router",
+                    f"a router with {name}={params[name]} like the layer",
+                    router,
+                )
+
+
+@dataclass
+class MoEConfig:
+    """Every argument of :class:`~moekit.nn.MoE`, checked in ``__post_init__``.
+
+    Parameters
+    ----------
+    d_model : int
+        Token width; input and output have shape (..., d_model).
+    d_hidden : int
+        Hidden width of each expert.
+    n_experts : int
+        ``E``, routed experts.
+    top_k : int, default=2
+        Experts per token (expert choice: mean experts per token). 1 for 'switch'.
+    router : {'topk', 'noisy_topk', 'switch', 'expert_choice', 'sigmoid_bias'} or Router
+        The router, by name or as a module.
+    capacity_factor : float or None, default=None
+        None is dropless. A number ``f`` lets each expert take
+        :math:`\\lceil f T k / E \\rceil` tokens and drops the rest.
+    n_shared_experts : int, default=0
+        Always-on experts of width ``d_hidden`` (DeepSeek-MoE), added to the output.
+    activation : {'swiglu', 'gelu'}, default='swiglu'
+    aux_loss_coef : float, default=0.01
+        Weight of the router's balancing loss in ``layer.aux_loss``.
+    z_loss_coef : float, default=0.0
+        Weight of the router z-loss in ``layer.aux_loss``.
+    bias_update_rate : float, default=1e-3
+        Bias step of the 'sigmoid_bias' router.
+    expert_impl : {'auto', 'grouped_mm', 'mm', 'bmm'}, default='auto'
+        Expert matmul implementation, see :class:`~moekit.nn.experts.ExpertBank`.
+    """
+
+    d_model: int
+    d_hidden: int
+    n_experts: int
+    top_k: int = 2
+    router: str | Router = "topk"
+    capacity_factor: float | None = None
+    n_shared_experts: int = 0
+    activation: str = "swiglu"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 1e-3
+    expert_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        validate_moe_params(type(self).__name__, self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a dict (the router module, if any, is not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,215 @@
+"""Expert feed-forward networks: one dense FFN, and a bank of E stacked experts.
+
+An expert is the transformer feed-forward block without biases,
+
+.. math::
+
+    \\mathrm{SwiGLU}(x) = \\big(\\mathrm{silu}(x W_g) \\odot x W_u\\big) W_o, \\qquad
+    \\mathrm{GELU}(x) = \\mathrm{gelu}(x W_i) W_o .
+
+The bank stores the weights of all experts stacked, ``w_in`` of shape
+(E, d_model, n_in * d_hidden) (for SwiGLU the gate and up projections side by side,
+so that one matmul computes both) and ``w_out`` of shape (E, d_hidden, d_model). It
+runs on tokens already sorted by expert, each expert on its contiguous slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ACTIVATIONS", "ExpertBank", "FeedForward"]
+
+ACTIVATIONS = {"swiglu": 2, "gelu": 1}
+"""Activation name -> number of input projections it needs."""
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """Apply the expert nonlinearity to the input projection ``h`` of shape (..., n_in*H)."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)  # (..., H), (..., H)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+def _init_uniform(w: Tensor, fan_in: int) -> None:
+    # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(w, -bound, bound)
+
+
+class FeedForward(nn.Module):
+    """A dense expert: the feed-forward block every token goes through.
+
+    Used for the shared experts of DeepSeek-MoE and as the dense reference.
+
+    Parameters
+    ----------
+    d_model, d_hidden : int
+        Widths.
+    activation : {'swiglu', 'gelu'}, default='swiglu'
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Parameter(torch.empty(d_model, ACTIVATIONS[activation] * d_hidden))
+        self.w_out = nn.Parameter(torch.empty(d_hidden, d_model))
+        _init_uniform(self.w_in, d_model)
+        _init_uniform(self.w_out, d_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = activate(x @ self.w_in, self.activation)  # (..., H)
+        return h @ self.w_out  # (..., d_model)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    ``grouped_mm``'s backward rejects a gradient with stride 0 (as ``y.sum()`` gives).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+def _aligned(t: Tensor) -> bool:
+    # grouped_mm wants 16-byte aligned row strides and data pointers
+    return (t.stride(-2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+class ExpertBank(nn.Module):
+    """E experts with stacked weights, run on tokens sorted by expert.
+
+    Parameters
+    ----------
+    n_experts, d_model, d_hidden : int
+        ``E`` and the widths of each expert.
+    activation : {'swiglu', 'gelu'}, default='swiglu'
+    impl : {'auto', 'grouped_mm', 'mm', 'bmm'}, default='auto'
+        How the per-expert matmuls run. ``'grouped_mm'`` is one
+        :func:`torch.nn.functional.grouped_mm` call per projection (float32/bf16/fp16
+        with 16-byte aligned rows); ``'mm'`` loops over experts with the weights
+        unbound once; ``'bmm'`` pads every expert to the largest load and runs one
+        batched matmul. ``'auto'`` takes ``'grouped_mm'`` where it applies and
+        ``'mm'`` elsewhere (float64, odd widths): on the 2-core CPU of
+        ``bench/layer_speed.py`` grouped_mm measured fastest (it writes its output
+        in one piece where the loop needs a ``cat`` copy, and padding wastes work).
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "swiglu",
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
+        self.activation, self.impl = activation, impl
+        n_in = ACTIVATIONS[activation]
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, n_in * d_hidden))
+        self.w_out = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        _init_uniform(self.w_in, d_model)
+        _init_uniform(self.w_out, d_hidden)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_experts={self.n_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
+            f"activation={self.activation!r}, impl={self.impl!r}"
+        )
+
+    def forward(self, x: Tensor, counts: list[int], scale: Tensor | None = None) -> Tensor:
+        """Run expert ``e`` on its slice of ``x``, ``sum(counts[:e])`` onwards.
+
+        Parameters
+        ----------
+        x : Tensor of shape (A, d_model)
+            Tokens sorted by expert.
+        counts : list of int
+            Tokens of each expert, summing to ``A``.
+        scale : Tensor of shape (A,), optional
+            Combine weight of each row, multiplied into the output. It is applied to
+            the narrower of the hidden activation and the output, which gives the same
+            result with less memory traffic.
+
+        Returns
+        -------
+        Tensor of shape (A, d_model)
+        """
+        impl = self.resolve_impl(x)
+        if impl == "grouped_mm":
+            return self._grouped_mm(x, counts, scale)
+        if impl == "bmm":
+            return self._bmm(x, counts, scale)
+        return self._mm(x, counts, scale)
+
+    def resolve_impl(self, x: Tensor) -> str:
+        """The implementation ``forward`` uses for input ``x``."""
+        if self.impl != "auto":
+            return self.impl
+        return "grouped_mm" if self._grouped_mm_ok(x) else "mm"
+
+    def _grouped_mm_ok(self, x: Tensor) -> bool:
+        ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        hidden_bytes = self.d_hidden * x.element_size()
+        return (
+            ok_dtype
+            and x.dtype == self.w_in.dtype
+            and hidden_bytes % 16 == 0
+            and x.shape[0] > 0
+            and _aligned(x)
+            and _aligned(self.w_in)
+            and _aligned(self.w_out)
+        )
+
+    def _scale_hidden(self) -> bool:
+        return self.d_hidden <= self.d_model
+
+    def _grouped_mm(self, x: Tensor, counts: list[int], scale: Tensor | None) -> Tensor:
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (E,)
+        h = activate(F.grouped_mm(x, self.w_in, offs=offs), self.activation)  # (A, H)
+        if scale is not None and self._scale_hidden():
+            h = h * scale[:, None]
+        y = _ContiguousGrad.apply(F.grouped_mm(h.contiguous(), self.w_out, offs=offs))
+        if scale is not None and not self._scale_hidden():
+            y = y * scale[:, None]
+        return y  # (A, d_model)
+
+    def _mm(self, x: Tensor, counts: list[int], scale: Tensor | None) -> Tensor:
+        # unbind once: indexing w[e] in the loop would make the backward pass build one
+        # full-size zero gradient per expert
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        scales = scale.split(counts) if scale is not None else [None] * self.n_experts
+        outs = []
+        for e, (xe, se) in enumerate(zip(x.split(counts), scales, strict=True)):
+            h = activate(xe @ w_in[e], self.activation)  # (A_e, H)
+            if se is not None and self._scale_hidden():
+                h = h * se[:, None]
+            y = h @ w_out[e]  # (A_e, d_model)
+            if se is not None and not self._scale_hidden():
+                y = y * se[:, None]
+            outs.append(y)
+        return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+
+    def _bmm(self, x: Tensor, counts: list[int], scale: Tensor | None) -> Tensor:
+        n_rows, width = max(counts, default=0), x.shape[-1]
+        if n_rows == 0:
+            return x.new_zeros(0, self.d_model) + 0.0 * x.sum()
+        counts_t = torch.tensor(counts, device=x.device)  # (E,)
+        expert = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device), counts_t)
+        start = torch.cumsum(counts_t, 0) - counts_t  # (E,)
+        row = torch.arange(x.shape[0], device=x.device) - start[expert]  # (A,) row in slot
+        padded = x.new_zeros(self.n_experts, n_rows, width).index_put((expert, row), x)
+        h = activate(torch.bmm(padded, self.w_in), self.activation)  # (E, R, H)
+        y = torch.bmm(h, self.w_out)[expert, row]  # (A, d_model)
+        return y if scale is None else y * scale[:, None]

@@ -1,0 +1,251 @@
+"""Pure functions behind the sparse MoE layer: routing maths, capacity and losses.
+
+Nothing here holds state. The routers in :mod:`moekit.nn.routers` and the layer in
+:mod:`moekit.nn.layer` are thin shells around these functions, so that each formula
+can be tested on its own against a plain loop.
+
+Notation: ``T`` tokens, ``E`` experts, ``k`` experts per token, ``C`` the capacity
+of one expert (tokens it may take).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "expert_capacity",
+    "expert_choice",
+    "importance_loss",
+    "load_balancing_loss",
+    "noisy_top_k_load",
+    "router_z_loss",
+    "top_k_routing",
+]
+
+
+def top_k_routing(probs: Tensor, top_k: int, *, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Keep the ``k`` largest router probabilities of each token.
+
+    With ``normalize`` the kept weights are divided by their sum (Mixtral),
+    :math:`w_{tj} = p_{t,e_j} / \\sum_{i \\le k} p_{t,e_i}`, so that they sum to one;
+    without it they are the raw probabilities (Switch, GShard).
+
+    Parameters
+    ----------
+    probs : Tensor of shape (T, E)
+        Router probabilities (or any scores; the largest are kept).
+    top_k : int
+        Experts kept per token, ``1 <= top_k <= E``.
+    normalize : bool, default=True
+        Renormalise the kept weights to sum to one.
+
+    Returns
+    -------
+    weights : Tensor of shape (T, k)
+        Combine weights, largest first.
+    indices : Tensor of shape (T, k)
+        Expert index of each weight.
+    """
+    weights, indices = probs.topk(top_k, dim=-1)  # (T, k), (T, k)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return weights, indices
+
+
+def expert_capacity(
+    n_tokens: int, n_experts: int, top_k: int, capacity_factor: float | None
+) -> int | None:
+    """Tokens one expert may take: :math:`C = \\lceil f \\, T k / E \\rceil`.
+
+    This is the Switch Transformer capacity (Fedus et al. 2021, eq. 3) with ``k``
+    assignments per token. ``capacity_factor=None`` means dropless and gives None.
+    The capacity never exceeds ``T``: an expert cannot receive a token twice.
+
+    Parameters
+    ----------
+    n_tokens, n_experts, top_k : int
+        ``T``, ``E`` and ``k``.
+    capacity_factor : float or None
+        The factor ``f``; 1.0 is exactly the mean load.
+
+    Returns
+    -------
+    int or None
+    """
+    if capacity_factor is None:
+        return None
+    return min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+def expert_choice(probs: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """Each expert picks its ``C`` highest-scoring tokens (Zhou et al. 2022).
+
+    With :math:`S = \\mathrm{softmax}(X W_r)` of shape (T, E), expert ``e`` takes the
+    tokens :math:`I_e = \\mathrm{TopK}(S_{:,e}, C)` with gates :math:`G_e = S_{I_e, e}`.
+    Every expert gets exactly ``C`` tokens; a token may be taken by none or by many.
+
+    Parameters
+    ----------
+    probs : Tensor of shape (T, E)
+        Router probabilities.
+    capacity : int
+        ``C``, tokens per expert, ``1 <= C <= T``.
+
+    Returns
+    -------
+    weights : Tensor of shape (E, C)
+        Gate of each (expert, chosen token) pair.
+    tokens : Tensor of shape (E, C)
+        Token index chosen by each expert.
+    """
+    weights, tokens = probs.t().topk(capacity, dim=-1)  # (E, C), (E, C)
+    return weights, tokens
+
+
+def load_balancing_loss(probs: Tensor, indices: Tensor, n_experts: int) -> Tensor:
+    """Switch/GShard auxiliary load-balancing loss.
+
+    .. math::
+
+        L = E \\sum_{e=1}^{E} f_e P_e, \\qquad
+        f_e = \\frac{1}{T k} \\sum_{t, j} [\\, e_{tj} = e \\,], \\qquad
+        P_e = \\frac{1}{T} \\sum_t p_{te}
+
+    (Fedus et al. 2021, eqs. 4-6; ``f`` counts all ``k`` choices of a token, and is
+    divided by ``k`` so that it sums to one). ``f`` is a count and carries no
+    gradient; ``P`` does. Under uniform routing (every ``f_e = P_e = 1/E``) the loss
+    is exactly 1, the value it is designed to be pushed to; a router that sends all
+    tokens to one expert with certainty gives ``E``.
+
+    Parameters
+    ----------
+    probs : Tensor of shape (T, E)
+        Router probabilities (softmax of the logits).
+    indices : Tensor of shape (T, k)
+        Experts chosen for each token.
+    n_experts : int
+        ``E``.
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    counts = torch.bincount(indices.flatten(), minlength=n_experts)  # (E,)
+    f = counts.to(probs.dtype) / indices.numel()  # (E,)
+    p = probs.mean(dim=0)  # (E,)
+    return n_experts * (f * p).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss of ST-MoE (Zoph et al. 2022, eq. 5).
+
+    :math:`L_z = \\frac{1}{T} \\sum_t \\big(\\log \\sum_e e^{x_{te}}\\big)^2`; it keeps the
+    router logits small, which keeps the softmax stable in low precision.
+
+    Parameters
+    ----------
+    logits : Tensor of shape (T, E)
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def _cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation, :math:`\\mathrm{Var}(x) / (\\bar x^2 + \\epsilon)`."""
+    if x.numel() <= 1:
+        return x.sum() * 0.0
+    return x.var(unbiased=False) / (x.mean().square() + eps)
+
+
+def importance_loss(gates: Tensor) -> Tensor:
+    """Importance loss of Shazeer et al. (2017), eq. 6.
+
+    :math:`L_{imp} = \\mathrm{CV}(\\mathrm{Importance})^2` with
+    :math:`\\mathrm{Importance}_e = \\sum_t G_{te}`, the total gate weight each expert
+    receives in the batch.
+
+    Parameters
+    ----------
+    gates : Tensor of shape (T, E)
+        Sparse gate values (zero outside each token's top-k).
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    return _cv_squared(gates.sum(dim=0))
+
+
+def noisy_top_k_load(
+    clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, top_k: int
+) -> Tensor:
+    """Smooth load estimator of Shazeer et al. (2017), eqs. 8-10, as a loss.
+
+    The probability that expert ``e`` is in token ``t``'s top-k when only its own
+    noise is redrawn is
+
+    .. math::
+
+        P_{te} = \\Phi\\Big(\\frac{(x W_g)_{te} - \\mathrm{kth\\_excluding}(H_t, k, e)}
+        {\\mathrm{softplus}((x W_{noise})_{te})}\\Big),
+
+    where ``kth_excluding`` is the k-th largest noisy logit of the token among the
+    other experts. :math:`\\mathrm{Load}_e = \\sum_t P_{te}` and the loss is
+    :math:`\\mathrm{CV}(\\mathrm{Load})^2`.
+
+    Parameters
+    ----------
+    clean_logits : Tensor of shape (T, E)
+        :math:`x W_g`.
+    noisy_logits : Tensor of shape (T, E)
+        ``H``, the logits with noise added.
+    noise_std : Tensor of shape (T, E)
+        :math:`\\mathrm{softplus}(x W_{noise})`, positive.
+    top_k : int
+        ``k``; must be smaller than ``E`` (with ``k = E`` every expert is always
+        chosen and the load is constant).
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    n_experts = clean_logits.shape[-1]
+    if top_k >= n_experts or clean_logits.shape[0] == 0:
+        return clean_logits.sum() * 0.0
+    top = noisy_logits.topk(top_k + 1, dim=-1).values  # (T, k+1)
+    kth_in = top[:, top_k : top_k + 1]  # (T, 1) threshold for an expert inside the top-k
+    kth_out = top[:, top_k - 1 : top_k]  # (T, 1) threshold for an expert outside it
+    is_in = noisy_logits > kth_in  # (T, E)
+    threshold = torch.where(is_in, kth_in, kth_out)  # (T, E)
+    normal = torch.distributions.Normal(
+        torch.zeros((), dtype=clean_logits.dtype, device=clean_logits.device),
+        torch.ones((), dtype=clean_logits.dtype, device=clean_logits.device),
+    )
+    prob_in = normal.cdf((clean_logits - threshold) / noise_std)  # (T, E)
+    return _cv_squared(prob_in.sum(dim=0))
+
+
+def gates_from_top_k(weights: Tensor, indices: Tensor, n_experts: int) -> Tensor:
+    """Scatter top-k weights into a dense (T, E) gate matrix, zero elsewhere."""
+    dense = weights.new_zeros(weights.shape[0], n_experts)  # (T, E)
+    return dense.scatter(1, indices, weights)
+
+
+def softmax_fp32(logits: Tensor) -> Tensor:
+    """Softmax over experts in float32 at least (router maths stays precise)."""
+    return F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))

@@ -1,0 +1,243 @@
+"""The sparse Mixture-of-Experts layer: router + dispatch + expert bank (+ shared experts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit.nn import functional as MF
+from moekit.nn.config import MoEConfig, validate_moe_params
+from moekit.nn.dispatch import combine, plan_dispatch
+from moekit.nn.experts import ExpertBank, FeedForward
+from moekit.nn.routers import (
+    ExpertChoiceRouter,
+    NoisyTopKRouter,
+    Router,
+    SigmoidBiasRouter,
+    SwitchRouter,
+    TopKRouter,
+)
+
+__all__ = ["MoE", "MoEStats", "make_router"]
+
+
+@dataclass
+class MoEStats:
+    """Routing statistics of the last forward pass.
+
+    Attributes
+    ----------
+    tokens_per_expert : Tensor of shape (E,)
+        Assignments the router sent to each expert (before any capacity drop).
+    dropped_fraction : float
+        Token choice: fraction of the ``T * k`` assignments dropped for capacity;
+        expert choice: fraction of tokens no expert picked. 0.0 when dropless.
+    balance : float
+        ``max(tokens_per_expert) / mean(tokens_per_expert)``: 1.0 is perfect balance,
+        ``E / k`` means every token went to the same experts (1.0 for an empty batch).
+    """
+
+    tokens_per_expert: Tensor
+    dropped_fraction: float
+    balance: float
+
+
+def make_router(config: MoEConfig) -> Router:
+    """The router named in ``config`` (or the module it holds)."""
+    if isinstance(config.router, Router):
+        return config.router
+    d, e, k = config.d_model, config.n_experts, config.top_k
+    factories = {
+        "topk": lambda: TopKRouter(d, e, k),
+        "noisy_topk": lambda: NoisyTopKRouter(d, e, k),
+        "switch": lambda: SwitchRouter(d, e, k),
+        "expert_choice": lambda: ExpertChoiceRouter(d, e, k, config.capacity_factor),
+        "sigmoid_bias": lambda: SigmoidBiasRouter(
+            d, e, k, bias_update_rate=config.bias_update_rate
+        ),
+    }
+    return factories[config.router]()
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts feed-forward layer.
+
+    Each token ``x_t`` goes to a few of ``E`` experts chosen by the router, and the
+    layer returns
+
+    .. math::
+
+        y_t = \\sum_{e \\in \\mathcal{E}(t)} w_{te} \\, f_e(x_t)
+              + \\sum_{s=1}^{S} g_s(x_t),
+
+    where :math:`\\mathcal{E}(t)` and :math:`w_{te}` come from the router, :math:`f_e`
+    are the routed experts and :math:`g_s` the ``S = n_shared_experts`` shared ones.
+    Assignments past an expert's capacity are dropped (their term is zero; the
+    caller's residual connection carries the token).
+
+    Parameters
+    ----------
+    d_model : int
+        Token width; ``x`` has shape (..., d_model).
+    d_hidden : int
+        Hidden width of each expert.
+    n_experts : int
+        Routed experts ``E``.
+    top_k : int, default=2
+        Experts per token (1 for ``router='switch'``).
+    router : {'topk', 'noisy_topk', 'switch', 'expert_choice', 'sigmoid_bias'} or Router
+        See :mod:`moekit.nn.routers`.
+    capacity_factor : float or None, default=None
+        None: dropless. Otherwise each expert takes at most
+        :math:`\\lceil f\\, T k / E \\rceil` of the ``T`` tokens of a forward pass.
+    n_shared_experts : int, default=0
+        Always-on experts (DeepSeek-MoE), each of width ``d_hidden``.
+    activation : {'swiglu', 'gelu'}, default='swiglu'
+    aux_loss_coef : float, default=0.01
+        Weight of the router's balancing loss.
+    z_loss_coef : float, default=0.0
+        Weight of the router z-loss.
+    bias_update_rate : float, default=1e-3
+        Step of the bias update of the 'sigmoid_bias' router.
+    expert_impl : {'auto', 'grouped_mm', 'mm', 'bmm'}, default='auto'
+        Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
+
+    Attributes
+    ----------
+    aux_loss : Tensor
+        Scalar from the last forward: ``aux_loss_coef * balance_loss + z_loss_coef *
+        z_loss``; add it to the training loss. A constant zero when both coefficients
+        are zero (or the router balances without a loss and ``z_loss_coef`` is zero).
+    stats : MoEStats or None
+        Routing statistics of the last forward.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from moekit.nn import MoE
+    >>> layer = MoE(d_model=16, d_hidden=32, n_experts=4, top_k=2)
+    >>> y = layer(torch.randn(2, 5, 16))
+    >>> y.shape
+    torch.Size([2, 5, 16])
+    >>> int(layer.stats.tokens_per_expert.sum())
+    20
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        n_experts: int,
+        top_k: int = 2,
+        *,
+        router: str | Router = "topk",
+        capacity_factor: float | None = None,
+        n_shared_experts: int = 0,
+        activation: str = "swiglu",
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        bias_update_rate: float = 1e-3,
+        expert_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        validate_moe_params(type(self).__name__, params)
+        self._setup(MoEConfig(**params))
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> MoE:
+        """Build the layer from a :class:`MoEConfig`."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(config)
+        return layer
+
+    def _setup(self, config: MoEConfig) -> None:
+        self.config = config
+        self.d_model, self.n_experts, self.top_k = config.d_model, config.n_experts, config.top_k
+        self.router = make_router(config)
+        self.experts = ExpertBank(
+            config.n_experts,
+            config.d_model,
+            config.d_hidden,
+            config.activation,
+            impl=config.expert_impl,
+        )
+        n_shared = config.n_shared_experts
+        # S shared experts of width H are one FFN of width S*H: the sum splits by columns
+        self.shared = (
+            FeedForward(config.d_model, n_shared * config.d_hidden, config.activation)
+            if n_shared > 0
+            else None
+        )
+        self.aux_loss: Tensor = torch.zeros(())
+        self.stats: MoEStats | None = None
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"{type(self).__name__} expects a torch.Tensor of shape (..., d_model); "
+                f"got {type(x).__name__}."
+            )
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (..., d_model) with "
+                f"d_model={self.d_model}; got shape {tuple(x.shape)}."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input; got {x.dtype}.")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Route, run the experts, combine.
+
+        Parameters
+        ----------
+        x : Tensor of shape (..., d_model)
+
+        Returns
+        -------
+        Tensor of the same shape as ``x``
+        """
+        self._check_input(x)
+        shape = x.shape
+        x = x.reshape(-1, self.d_model)  # (T, d)
+        n_tokens = x.shape[0]
+        routing = self.router(x)  # weights, indices (T, k) or (E, C); logits (T, E)
+        capacity = MF.expert_capacity(
+            n_tokens, self.n_experts, self.top_k, self.config.capacity_factor
+        )
+        plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity)
+        x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
+        scale = plan.weight.to(x_sorted.dtype)  # (A,)
+        y_sorted = self.experts(x_sorted, plan.counts, scale)  # (A, d), already weighted
+        y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
+        if self.shared is not None:
+            y = y + self.shared(x)  # (T, d)
+        self.aux_loss = self._aux_loss(routing)
+        self.stats = _stats(plan)
+        return y.reshape(shape)
+
+    def _aux_loss(self, routing) -> Tensor:
+        cfg = self.config
+        loss = routing.logits.new_zeros(())
+        if cfg.aux_loss_coef > 0:
+            loss = loss + cfg.aux_loss_coef * routing.balance_loss
+        if cfg.z_loss_coef > 0:
+            loss = loss + cfg.z_loss_coef * MF.router_z_loss(routing.logits)
+        return loss
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"capacity_factor={cfg.capacity_factor}, aux_loss_coef={cfg.aux_loss_coef}, "
+            f"z_loss_coef={cfg.z_loss_coef}"
+        )
+
+
+def _stats(plan) -> MoEStats:
+    routed = plan.routed.detach()
+    mean = routed.float().mean()
+    balance = float(routed.max() / mean) if routed.numel() and mean > 0 else 1.0
+    return MoEStats(routed, plan.dropped_fraction, balance)

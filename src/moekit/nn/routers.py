@@ -1,0 +1,241 @@
+"""Routers: which experts see each token, and with what weight.
+
+Every router is a small module mapping tokens ``x`` of shape (T, d_model) to a
+:class:`Routing`. Router maths runs in float32 even under bf16 autocast, since the
+softmax over experts and the top-k choice are sensitive to rounding.
+
+Token-choice routers (``topk``, ``noisy_topk``, ``switch``, ``sigmoid_bias``) give
+each token ``k`` experts: ``weights`` and ``indices`` have shape (T, k). The
+expert-choice router gives each expert ``C`` tokens: ``weights`` and ``indices``
+have shape (E, C), and ``indices`` holds token positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.nn import functional as MF
+
+__all__ = [
+    "ExpertChoiceRouter",
+    "NoisyTopKRouter",
+    "Router",
+    "Routing",
+    "SigmoidBiasRouter",
+    "SwitchRouter",
+    "TopKRouter",
+]
+
+
+@dataclass
+class Routing:
+    """What a router decided for one batch of tokens.
+
+    Attributes
+    ----------
+    weights : Tensor of shape (T, k), or (E, C) when ``expert_choice``
+        Combine weight of each assignment, float32.
+    indices : Tensor of shape (T, k), or (E, C) when ``expert_choice``
+        Expert of each token's assignment; for expert choice, the token each expert
+        picked.
+    logits : Tensor of shape (T, E)
+        Router logits in float32 (the z-loss is taken on them).
+    balance_loss : Tensor
+        The router's own balancing loss, unweighted (scalar): the Switch loss for
+        softmax routers, importance + load for the noisy router, zero for the
+        expert-choice and bias routers, which balance without a loss.
+    expert_choice : bool
+        Whether ``weights`` and ``indices`` are indexed by expert.
+    """
+
+    weights: Tensor
+    indices: Tensor
+    logits: Tensor
+    balance_loss: Tensor
+    expert_choice: bool = False
+
+
+class Router(nn.Module):
+    """Base class: a bias-free linear map to one logit per expert, in float32.
+
+    Parameters
+    ----------
+    d_model : int
+        Token width.
+    n_experts : int
+        ``E``.
+    top_k : int
+        Experts per token (for expert choice: the mean number of experts per token).
+    """
+
+    expert_choice = False
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # small weights give nearly uniform routing at start: Switch Transformer
+        # (section 2.4) draws them with std sqrt(0.1 / fan_in)
+        nn.init.normal_(self.weight, std=math.sqrt(0.1 / max(1, self.d_model)))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Router logits ``x W_r^T`` in float32 at least, autocast off."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.to(dtype), self.weight.to(dtype))  # (T, E)
+
+    def forward(self, x: Tensor) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
+
+
+class TopKRouter(Router):
+    """Softmax over experts, keep the top ``k``, renormalise (Mixtral, GShard).
+
+    :math:`p_t = \\mathrm{softmax}(x_t W_r^T)`; token ``t`` goes to the ``k`` experts
+    with largest :math:`p_{te}` with weights :math:`p_{te} / \\sum_{top-k} p_{te'}`.
+    Balancing loss: :func:`~moekit.nn.functional.load_balancing_loss`.
+
+    Parameters
+    ----------
+    d_model, n_experts, top_k : int
+        See :class:`Router`.
+    normalize : bool, default=True
+        Renormalise the kept weights to sum to one.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, *, normalize: bool = True):
+        super().__init__(d_model, n_experts, top_k)
+        self.normalize = normalize
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.logits(x)  # (T, E)
+        probs = logits.softmax(dim=-1)  # (T, E)
+        weights, indices = MF.top_k_routing(probs, self.top_k, normalize=self.normalize)
+        balance = MF.load_balancing_loss(probs, indices, self.n_experts)
+        return Routing(weights, indices, logits, balance)
+
+
+class SwitchRouter(TopKRouter):
+    """Top-1 routing of the Switch Transformer (Fedus et al. 2021).
+
+    Each token goes to its most probable expert with weight :math:`p_{te}` (not
+    renormalised, so that the router gets a gradient through the weight).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int = 1):
+        super().__init__(d_model, n_experts, 1, normalize=False)
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating of Shazeer et al. (2017).
+
+    :math:`H(x) = x W_g + \\varepsilon \\cdot \\mathrm{softplus}(x W_{noise})` with
+    :math:`\\varepsilon \\sim N(0, 1)` in training only; the gates are the softmax over
+    the ``k`` largest entries of ``H`` (zero elsewhere). Balancing loss: the
+    importance loss plus the load loss of the paper (eqs. 6-10).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int):
+        super().__init__(d_model, n_experts, top_k)
+        # the noise weights start at zero, as in the paper's code: softplus(0) ~ 0.69
+        self.noise_weight = nn.Parameter(torch.zeros(n_experts, d_model))
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.logits(x)  # (T, E) clean
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            raw = F.linear(x.to(logits.dtype), self.noise_weight.to(logits.dtype))
+        noise_std = F.softplus(raw) + 1e-2  # (T, E), positive
+        noisy = logits + torch.randn_like(logits) * noise_std if self.training else logits
+        top, indices = noisy.topk(self.top_k, dim=-1)  # (T, k)
+        weights = top.softmax(dim=-1)  # (T, k) softmax over the kept logits only
+        gates = MF.gates_from_top_k(weights, indices, self.n_experts)  # (T, E)
+        balance = MF.importance_loss(gates) + MF.noisy_top_k_load(
+            logits, noisy, noise_std, self.top_k
+        )
+        return Routing(weights, indices, logits, balance)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022): each expert picks its top tokens.
+
+    Every expert takes exactly :math:`C = \\lceil f\\, T k / E \\rceil` tokens (``f`` the
+    capacity factor, 1 when None), so the load is balanced by construction and no
+    balancing loss is needed; a token may be picked by several experts or by none.
+    The choice depends on the whole batch, so unlike token choice the output of a
+    token depends on the other tokens (and it is not causal).
+    """
+
+    expert_choice = True
+
+    def __init__(
+        self, d_model: int, n_experts: int, top_k: int, capacity_factor: float | None = None
+    ):
+        super().__init__(d_model, n_experts, top_k)
+        self.capacity_factor = capacity_factor
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.logits(x)  # (T, E)
+        probs = logits.softmax(dim=-1)  # (T, E)
+        n_tokens = x.shape[0]
+        factor = 1.0 if self.capacity_factor is None else self.capacity_factor
+        capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, factor)
+        weights, tokens = MF.expert_choice(probs, capacity)  # (E, C), (E, C)
+        return Routing(weights, tokens, logits, logits.new_zeros(()), expert_choice=True)
+
+
+class SigmoidBiasRouter(Router):
+    """Auxiliary-loss-free routing of DeepSeek-V3 (2024, section 2.1.2).
+
+    Scores :math:`s_{te} = \\sigma(x_t W_r^T)`; the top ``k`` experts are chosen on
+    :math:`s_{te} + b_e`, but weighted by the bias-free scores, normalised:
+    :math:`w_{te} = s_{te} / \\sum_{top-k} s_{te'}`. The bias ``b`` is not learnt by
+    gradient: after each training forward, :math:`b_e \\leftarrow b_e + \\gamma\\,
+    \\mathrm{sign}(\\bar c - c_e)` where :math:`c_e` is the number of tokens expert
+    ``e`` got and :math:`\\bar c` the mean, so overloaded experts become less
+    attractive. There is no balancing loss.
+
+    The step must stay small next to the gaps between the scores of one token: with
+    ``gamma = 1e-2`` on a small task the scores shrank below the step during
+    training and the choice flipped between expert groups every step, while the
+    paper's ``1e-3`` balanced the load (see ``tests/nn/test_moe_training.py``).
+
+    Parameters
+    ----------
+    d_model, n_experts, top_k : int
+        See :class:`Router`.
+    bias_update_rate : float, default=1e-3
+        ``gamma``.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, *, bias_update_rate: float = 1e-3):
+        super().__init__(d_model, n_experts, top_k)
+        self.bias_update_rate = bias_update_rate
+        self.register_buffer("bias", torch.zeros(n_experts))
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.logits(x)  # (T, E)
+        scores = logits.sigmoid()  # (T, E)
+        chosen = (scores.detach() + self.bias.to(scores.dtype)).topk(self.top_k, dim=-1)
+        indices = chosen.indices  # (T, k)
+        weights = scores.gather(1, indices)  # (T, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.training and self.bias_update_rate > 0 and x.shape[0] > 0:
+            self.update_bias(indices)
+        return Routing(weights, indices, logits, logits.new_zeros(()))
+
+    @torch.no_grad()
+    def update_bias(self, indices: Tensor) -> None:
+        """One step of the bias rule from the loads in ``indices`` of shape (T, k)."""
+        load = torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.bias.dtype)
+        self.bias += self.bias_update_rate * torch.sign(load.mean() - load)

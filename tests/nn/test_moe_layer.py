@@ -1,0 +1,231 @@
+"""The MoE layer against plain references: dense FFN, dense mixture, per-token loop."""
+
+import pytest
+import torch
+from moe_reference import reference_moe
+
+from moekit.nn import MoE
+from moekit.nn.experts import FeedForward
+
+D, H, E = 8, 16, 4
+ROUTERS = [  # (router, top_k)
+    ("topk", 2),
+    ("noisy_topk", 2),
+    ("switch", 1),
+    ("expert_choice", 2),
+    ("sigmoid_bias", 2),
+]
+TOKEN_CHOICE = [r for r in ROUTERS if r[0] != "expert_choice"]
+
+
+def make_layer(router="topk", top_k=2, dtype=torch.float64, **kwargs):
+    layer = MoE(D, H, E, top_k, router=router, **kwargs).to(dtype)
+    return layer.eval()  # eval: no router noise, no bias updates, deterministic routing
+
+
+def test_one_expert_top_1_equals_dense_ffn():
+    layer = MoE(D, H, 1, 1).double()
+    dense = FeedForward(D, H).double()
+    with torch.no_grad():
+        dense.w_in.copy_(layer.experts.w_in[0])
+        dense.w_out.copy_(layer.experts.w_out[0])
+    x = torch.randn(3, 7, D, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_top_k_equal_to_n_experts_is_the_dense_softmax_mixture(activation):
+    layer = make_layer("topk", E, activation=activation)
+    x = torch.randn(10, D, dtype=torch.float64)
+    gates = layer.router.logits(x).softmax(-1)  # (T, E)
+    experts = torch.stack(
+        [FeedForward.forward(_expert(layer, e), x) for e in range(E)], dim=1
+    )  # (T, E, D)
+    expected = (gates[..., None] * experts).sum(1)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def _expert(layer, e):
+    ffn = FeedForward(D, H, layer.config.activation).double()
+    with torch.no_grad():
+        ffn.w_in.copy_(layer.experts.w_in[e])
+        ffn.w_out.copy_(layer.experts.w_out[e])
+    return ffn
+
+
+@pytest.mark.parametrize("impl", ["mm", "bmm"])
+@pytest.mark.parametrize("router, top_k", ROUTERS)
+def test_dispatch_equals_per_token_loop(router, top_k, impl):
+    layer = make_layer(router, top_k, expert_impl=impl, n_shared_experts=1)
+    x = torch.randn(2, 9, D, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    routing = layer.router(x_ref.reshape(-1, D))
+    y_ref = reference_moe(layer, x_ref.reshape(-1, D), routing).reshape(x.shape)
+    torch.testing.assert_close(y, y_ref)
+    # gradients through the dispatch and combine agree as well
+    g = torch.randn_like(y)
+    wrt = [x, *layer.parameters()]
+    grads = torch.autograd.grad(y, wrt, g, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *wrt[1:]], g, allow_unused=True)
+    for p, a, b in zip(wrt, grads, grads_ref, strict=True):
+        zero = torch.zeros_like(p)  # unused parameters (eval-mode noise weights)
+        torch.testing.assert_close(zero if a is None else a, zero if b is None else b)
+
+
+@pytest.mark.parametrize("router, top_k", TOKEN_CHOICE)
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+def test_capacity_drops_the_overflow_like_the_loop(router, top_k, factor):
+    layer = make_layer(router, top_k, capacity_factor=factor)
+    x = torch.randn(20, D, dtype=torch.float64) + 0.5  # skewed routing: some experts overflow
+    y = layer(x)
+    capacity = -(-int(factor * 20 * top_k) // E)
+    routing = layer.router(x)
+    torch.testing.assert_close(y, reference_moe(layer, x, routing, capacity))
+    routed = torch.bincount(routing.indices.flatten(), minlength=E)
+    dropped = int((routed - capacity).clamp(min=0).sum())
+    assert layer.stats.dropped_fraction == pytest.approx(dropped / (20 * top_k))
+    assert torch.equal(layer.stats.tokens_per_expert, routed)
+    assert dropped > 0 or factor == 1.0  # factor 0.5 must drop something
+
+
+def test_fully_dropped_tokens_get_zero_output():
+    layer = make_layer("switch", 1, capacity_factor=0.25)
+    x = torch.randn(16, D, dtype=torch.float64)
+    y = layer(x)
+    # 1 token per expert at most: 4 tokens kept, 12 dropped, their rows are exactly zero
+    assert int((y.abs().sum(-1) == 0).sum()) >= 12
+    assert layer.stats.dropped_fraction >= 0.75
+
+
+@pytest.mark.parametrize("router, top_k", TOKEN_CHOICE)
+def test_equivariant_to_token_permutation_and_independent_of_batch(router, top_k):
+    layer = make_layer(router, top_k)
+    x = torch.randn(15, D, dtype=torch.float64)
+    y = layer(x)
+    perm = torch.randperm(15)
+    torch.testing.assert_close(layer(x[perm]), y[perm])
+    torch.testing.assert_close(layer(x[:4]), y[:4])
+    torch.testing.assert_close(layer(x[7:8]), y[7:8])
+
+
+def test_expert_choice_depends_on_the_batch_as_documented():
+    layer = make_layer("expert_choice", 2)
+    x = torch.randn(16, D, dtype=torch.float64)
+    perm = torch.randperm(16)
+    torch.testing.assert_close(layer(x[perm]), layer(x)[perm])  # still equivariant
+    assert torch.equal(layer.stats.tokens_per_expert, torch.full((E,), 8))
+
+
+@pytest.mark.parametrize("router, top_k", ROUTERS)
+def test_gradcheck(router, top_k):
+    layer = make_layer(router, top_k, n_shared_experts=1, z_loss_coef=0.1, aux_loss_coef=0.1)
+    x = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+
+    def f(x, *ps):
+        out = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x,))
+        return out, layer.aux_loss
+
+    # fast mode checks a random directional derivative over every input and parameter;
+    # these tolerances catch a gradient that is off by 1%
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+    # and the full Jacobian with respect to the input
+    assert torch.autograd.gradcheck(lambda x: f(x, *params), (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_mm_float32_matches_float64_loop():
+    layer = make_layer("topk", 2, dtype=torch.float32)
+    layer.experts.impl = "grouped_mm"
+    x = torch.randn(40, D)
+    y = layer(x)
+    assert layer.experts.resolve_impl(x) == "grouped_mm"
+    ref = make_layer("topk", 2)
+    ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    ref.experts.impl = "mm"
+    torch.testing.assert_close(y.double(), ref(x.double()), rtol=1e-4, atol=1e-5)
+    # backward with a stride-0 gradient (y.sum()) must work on the grouped_mm path
+    x.requires_grad_()
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_auto_picks_grouped_mm_for_float32_and_mm_for_float64():
+    layer = MoE(16, 32, 4, 2)
+    assert layer.experts.resolve_impl(torch.randn(5, 16)) == "grouped_mm"
+    assert layer.experts.resolve_impl(torch.randn(5, 16, dtype=torch.float64)) == "mm"
+    assert MoE(16, 6, 4, 2).experts.resolve_impl(torch.randn(5, 16)) == "mm"  # 24-byte rows
+
+
+def test_aux_loss_is_weighted_sum_of_balance_and_z_losses():
+    from moekit.nn import functional as MF
+
+    layer = make_layer("topk", 2, aux_loss_coef=0.3, z_loss_coef=0.2)
+    x = torch.randn(10, D, dtype=torch.float64)
+    layer(x)
+    logits = layer.router.logits(x)
+    probs = logits.softmax(-1)
+    _, idx = probs.topk(2, -1)
+    expected = 0.3 * MF.load_balancing_loss(probs, idx, E) + 0.2 * MF.router_z_loss(logits)
+    torch.testing.assert_close(layer.aux_loss, expected)
+    assert layer.aux_loss.requires_grad
+    layer.aux_loss.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router, top_k", ROUTERS)
+def test_aux_loss_is_zero_when_coefficients_are_zero(router, top_k):
+    layer = make_layer(router, top_k, aux_loss_coef=0.0, z_loss_coef=0.0)
+    layer(torch.randn(10, D, dtype=torch.float64))
+    assert layer.aux_loss.shape == () and float(layer.aux_loss) == 0.0
+
+
+def test_aux_loss_is_recomputed_each_forward_not_accumulated():
+    layer = make_layer("topk", 2)
+    x = torch.randn(10, D, dtype=torch.float64)
+    layer(x)
+    first = layer.aux_loss.item()
+    layer(x)
+    assert layer.aux_loss.item() == pytest.approx(first)
+
+
+def test_stats_after_forward():
+    layer = make_layer("topk", 2)
+    layer(torch.randn(3, 5, D, dtype=torch.float64))
+    stats = layer.stats
+    assert stats.tokens_per_expert.shape == (E,)
+    assert int(stats.tokens_per_expert.sum()) == 30
+    assert stats.dropped_fraction == 0.0
+    counts = stats.tokens_per_expert.double()
+    assert stats.balance == pytest.approx(float(counts.max() / counts.mean()))
+
+
+@pytest.mark.parametrize("shape", [(D,), (0, D), (2, 3, 4, D)])
+def test_any_leading_shape(shape):
+    layer = make_layer("topk", 2)
+    x = torch.randn(shape, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == x.shape
+
+
+def test_shared_experts_are_added_to_the_routed_output():
+    layer = make_layer("topk", 2, n_shared_experts=2)
+    x = torch.randn(7, D, dtype=torch.float64)
+    with_shared = layer(x)
+    shared = layer.shared(x)
+    layer.shared = None
+    torch.testing.assert_close(with_shared, layer(x) + shared)
+    assert tuple(shared.shape) == (7, D)
+
+
+def test_router_maths_stays_float32_under_bfloat16_autocast():
+    layer = MoE(16, 32, 4, 2)
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = layer.router(x)
+        y = layer(x)
+    assert routing.logits.dtype == torch.float32 and routing.weights.dtype == torch.float32
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y_bf16 = MoE(16, 32, 4, 2).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y_bf16.dtype == torch.bfloat16

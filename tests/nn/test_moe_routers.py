@@ -1,0 +1,101 @@
+"""Each router's decision against its paper's definition."""
+
+import pytest
+import torch
+
+from moekit.nn import (
+    ExpertChoiceRouter,
+    NoisyTopKRouter,
+    SigmoidBiasRouter,
+    SwitchRouter,
+    TopKRouter,
+)
+
+D, E, T = 8, 6, 20
+
+
+@pytest.fixture
+def x():
+    return torch.randn(T, D, dtype=torch.float64)
+
+
+def test_topk_router(x):
+    router = TopKRouter(D, E, 3).double()
+    r = router(x)
+    probs = (x @ router.weight.T).softmax(-1)
+    assert r.weights.shape == r.indices.shape == (T, 3)
+    top = probs.topk(3, -1)
+    assert torch.equal(r.indices, top.indices)
+    torch.testing.assert_close(r.weights, top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(r.logits, x @ router.weight.T)
+    assert r.balance_loss.requires_grad
+
+
+def test_switch_router_is_top_1_with_the_raw_probability(x):
+    router = SwitchRouter(D, E).double()
+    r = router(x)
+    probs = router.logits(x).softmax(-1)
+    assert torch.equal(r.indices[:, 0], probs.argmax(-1))
+    torch.testing.assert_close(r.weights[:, 0], probs.max(-1).values)
+
+
+def test_noisy_router_adds_noise_only_in_training(x):
+    router = NoisyTopKRouter(D, E, 2).double()
+    router.eval()
+    a, b = router(x), router(x)
+    assert torch.equal(a.indices, b.indices)
+    top = router.logits(x).topk(2, -1)
+    torch.testing.assert_close(a.weights, top.values.softmax(-1))
+    router.train()
+    draws = [router(x).indices for _ in range(5)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    loss = router(x).balance_loss
+    loss.backward()
+    assert router.noise_weight.grad.abs().sum() > 0  # the load loss trains the noise
+
+
+def test_expert_choice_router_gives_each_expert_its_capacity(x):
+    router = ExpertChoiceRouter(D, E, 2, capacity_factor=1.5).double()
+    r = router(x)
+    capacity = -(-int(1.5 * T * 2) // E)  # ceil(f T k / E) = 10
+    assert r.expert_choice and r.indices.shape == (E, capacity)
+    probs = router.logits(x).softmax(-1)
+    for e in range(E):
+        assert len(set(r.indices[e].tolist())) == capacity
+        torch.testing.assert_close(r.weights[e], probs[r.indices[e], e])
+
+
+def test_sigmoid_bias_router_selects_with_bias_and_weights_without(x):
+    router = SigmoidBiasRouter(D, E, 2).double().eval()
+    router.bias.copy_(torch.tensor([10.0, 10.0, 0, 0, 0, 0]))  # forces experts 0 and 1
+    r = router(x)
+    assert sorted(r.indices.unique().tolist()) == [0, 1]
+    scores = router.logits(x).sigmoid()[:, :2]
+    torch.testing.assert_close(
+        r.weights.sort(-1).values, (scores / scores.sum(-1, True)).sort(-1).values
+    )
+
+
+def test_sigmoid_bias_update_rule():
+    router = SigmoidBiasRouter(D, 4, 1, bias_update_rate=0.5)
+    indices = torch.tensor([[0], [0], [0], [1], [2], [2]])  # loads 3, 1, 2, 0; mean 1.5
+    router.update_bias(indices)
+    torch.testing.assert_close(router.bias, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
+    # no update in eval mode
+    router.eval()
+    before = router.bias.clone()
+    router(torch.randn(T, D))
+    assert torch.equal(router.bias, before)
+    router.train()
+    router(torch.randn(T, D))
+    assert not torch.equal(router.bias, before)
+
+
+def test_router_instance_can_be_passed_to_the_layer():
+    from moekit.nn import MoE
+
+    router = TopKRouter(D, E, 2, normalize=False)
+    layer = MoE(D, 16, E, 2, router=router)
+    assert layer.router is router
+    layer(torch.randn(5, D))
+    assert not torch.allclose(router(torch.randn(5, D)).weights.sum(-1), torch.ones(5))
