@@ -128,8 +128,8 @@ def em_iteration_vs_gram(X: np.ndarray, y: np.ndarray) -> dict:
     from moekit.fitting.data import EMData
     from moekit.fitting.em import EMModel
 
-    XT = m._design(X)
-    data = EMData(XT, XT, m._encode_target(y, XT.device, fitted=True))
+    XeT, XgT = m._designs(X)
+    data = EMData(XeT, XgT, m._encode_target(y, XeT.device, fitted=True))
     model = EMModel(m._expert_family, m._gate_family)
     model.prepare(data)
     params = m._params

@@ -26,11 +26,10 @@ from moekit._core.validation import HasMethods, Interval, Options, validate_para
 from moekit.fitting.data import Chunk, EMData
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.init import kmeans_resp, random_resp
-from moekit.gates.constant import ConstantGate, ConstantGateParams
-from moekit.gates.softmax import SoftmaxGate, SoftmaxGateParams
+from moekit.gates.constant import ConstantGate
+from moekit.gates.softmax import SoftmaxGate
 
 GATES = {"softmax": SoftmaxGate, "constant": ConstantGate}
-GATE_PARAMS = {"SoftmaxGate": SoftmaxGateParams, "ConstantGate": ConstantGateParams}
 
 
 class CollapsedExpertWarning(UserWarning):
@@ -55,6 +54,8 @@ class BaseMoE(BaseEstimator):
         "verbose": [Interval(numbers.Integral, 0, None, closed="left"), "boolean"],
         "verbose_interval": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "expert_features": [None, "array-like"],
+        "gate_features": [None, "array-like"],
     }
 
     # ------------------------------------------------------------------ hooks
@@ -112,8 +113,11 @@ class BaseMoE(BaseEstimator):
             scale = Xt.std(0, correction=0)
             self._x_mean = mean
             self._x_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        design = self._design_from_tensor(Xt)
-        data = EMData(design, design, self._encode_target(y, device))
+        if not warm:
+            self._expert_cols = self._resolve_columns(self.expert_features, "expert_features")
+            self._gate_cols = self._resolve_columns(self.gate_features, "gate_features")
+        XeT, XgT = self._designs_from_tensor(Xt)
+        data = EMData(XeT, XgT, self._encode_target(y, device))
         expert = self._make_expert()
         gate = self._make_gate()
         model = EMModel(expert, gate)
@@ -140,7 +144,11 @@ class BaseMoE(BaseEstimator):
             verbose_interval=self.verbose_interval,
         )
         self._expert_family, self._gate_family = expert, gate
-        self._params = result.params
+        perm = self._expert_order(result.params, data, result.nk)
+        self._params = Params(
+            expert.permute(result.params.expert, perm), gate.permute(result.params.gate, perm)
+        )
+        result.nk = result.nk[perm]
         self._n_experts_fitted = K
         jac = self._target_log_jacobian()
         self.n_iter_ = result.n_iter
@@ -163,33 +171,83 @@ class BaseMoE(BaseEstimator):
                 stacklevel=3,
             )
 
+    def _expert_order(self, params: Params, data: EMData, nk: torch.Tensor) -> torch.Tensor:
+        """Permutation that numbers the experts in their documented order."""
+        return torch.argsort(-nk, stable=True)
+
     # ------------------------------------------------------------------ design
-    def _design_from_tensor(self, Xt: torch.Tensor) -> torch.Tensor:
+    def _resolve_columns(self, spec, name: str) -> np.ndarray | None:
+        """Column indices from None, indices, a boolean mask or column names."""
+        d = self.n_features_in_
+        if spec is None:
+            return None
+        cols = np.asarray(spec)
+        if cols.dtype == bool:
+            if cols.shape != (d,):
+                raise ValueError(
+                    f"{name}: a boolean mask needs {d} entries, one per feature; got {cols.shape}."
+                )
+            cols = np.flatnonzero(cols)
+        elif cols.dtype.kind in "OU":
+            names = getattr(self, "feature_names_in_", None)
+            if names is None:
+                raise ValueError(f"{name}: column names need X to be a DataFrame with names.")
+            lookup = {str(c): i for i, c in enumerate(names)}
+            unknown = [c for c in cols.tolist() if str(c) not in lookup]
+            if unknown:
+                raise ValueError(f"{name}: unknown columns {unknown}; X has {list(names)}.")
+            cols = np.array([lookup[str(c)] for c in cols.tolist()], dtype=int)
+        elif cols.dtype.kind in "iu":
+            if cols.ndim != 1 or len(cols) == 0 or cols.min() < -d or cols.max() >= d:
+                raise ValueError(
+                    f"{name}: expected column indices in [0, {d}); got {cols.tolist()}."
+                )
+            cols = cols % d
+        else:
+            raise ValueError(f"{name}: expected column indices, names or a mask; got {spec!r}.")
+        if len(cols) == 0:
+            raise ValueError(f"{name}: selects no column.")
+        if len(np.unique(cols)) != len(cols):
+            raise ValueError(f"{name}: columns are repeated in {cols.tolist()}.")
+        return cols
+
+    def _designs_from_tensor(self, Xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert and gate designs (p + 1, n): standardised selected columns, then ones."""
         Z = (Xt - self._x_mean) / self._x_scale
         ones = torch.ones((Z.shape[0], 1), dtype=Z.dtype, device=Z.device)
-        return torch.cat([Z, ones], 1).T.contiguous()  # (p + 1, n)
 
-    def _design(self, X) -> torch.Tensor:
+        def design(cols):
+            sel = Z if cols is None else Z[:, torch.as_tensor(cols, device=Z.device)]
+            return torch.cat([sel, ones], 1).T.contiguous()
+
+        e, g = self._expert_cols, self._gate_cols
+        XeT = design(e)
+        same = (e is None and g is None) or (
+            e is not None and g is not None and np.array_equal(e, g)
+        )
+        return XeT, XeT if same else design(g)
+
+    def _designs(self, X) -> tuple[torch.Tensor, torch.Tensor]:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        return self._design_from_tensor(
+        return self._designs_from_tensor(
             torch.as_tensor(X, dtype=EM_DTYPE, device=self._x_mean.device)
         )
 
     def _em_data(self, X, y) -> EMData:
-        design = self._design(X)
+        XeT, XgT = self._designs(X)
         y = self._check_target(np.asarray(y) if not hasattr(y, "iloc") else y.to_numpy())
-        if y.shape[0] != design.shape[1]:
+        if y.shape[0] != XeT.shape[1]:
             raise ValueError(
-                f"X and y have inconsistent numbers of samples: {design.shape[1]} and {y.shape[0]}."
+                f"X and y have inconsistent numbers of samples: {XeT.shape[1]} and {y.shape[0]}."
             )
-        return EMData(design, design, self._encode_target(y, design.device, fitted=True))
+        return EMData(XeT, XgT, self._encode_target(y, XeT.device, fitted=True))
 
     # ------------------------------------------------------------------ queries
     def gate_weights(self, X) -> np.ndarray:
         """Gate weights g_k(x) of shape (n_samples, n_experts); rows sum to 1."""
-        XT = self._design(X)
-        return to_numpy(torch.exp(self._gate_family.log_weights(self._params.gate, XT)).T)
+        _, XgT = self._designs(X)
+        return to_numpy(torch.exp(self._gate_family.log_weights(self._params.gate, XgT)).T)
 
     def _log_joint(self, X, y) -> torch.Tensor:
         data = self._em_data(X, y)
@@ -265,6 +323,13 @@ class BaseMoE(BaseEstimator):
         }
         if hasattr(self, "feature_names_in_"):
             state["feature_names_in_"] = [str(v) for v in self.feature_names_in_]
+        for name in ("expert_features", "gate_features"):
+            value = params.get(name)
+            if value is not None:
+                params[name] = np.asarray(value).tolist()
+        for attr in ("_expert_cols", "_gate_cols"):
+            cols = getattr(self, attr)
+            state[attr] = None if cols is None else [int(c) for c in cols]
         tensors = {
             "x_mean": self._x_mean,
             "x_scale": self._x_scale,
@@ -292,6 +357,9 @@ class BaseMoE(BaseEstimator):
         model.log_likelihood_ = state["log_likelihood_"]
         model.log_likelihood_history_ = state["log_likelihood_history_"]
         model._n_experts_fitted = state["n_experts_fitted"]
+        for attr in ("_expert_cols", "_gate_cols"):
+            cols = state.get(attr)
+            setattr(model, attr, None if cols is None else np.asarray(cols, dtype=int))
         model._x_mean, model._x_scale = tensors["x_mean"], tensors["x_scale"]
         if model._x_mean.shape != (model.n_features_in_,):
             raise ValueError("feature scaling does not match n_features_in_")
@@ -308,10 +376,7 @@ class BaseMoE(BaseEstimator):
             return kind(**{f.name: tensors[prefix + f.name] for f in fields(kind)})
 
         model._params = Params(
-            build(expert.params_type, "expert."), build(GATE_PARAMS[state["gate_family"]], "gate.")
+            build(expert.params_type, "expert."), build(gate.params_type, "gate.")
         )
         model._expert_family, model._gate_family = expert, gate
-        if isinstance(gate, SoftmaxGate):
-            gate._pen = torch.ones(model.n_features_in_ + 1, dtype=EM_DTYPE, device=device)
-            gate._pen[-1] = 0.0
         return model

@@ -58,6 +58,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     verbose : int, default=0
     verbose_interval : int, default=10
     device : str, default='cpu'
+    expert_features, gate_features : array-like or None, default=None
+        Columns of X the experts and the gate see (indices, names or a mask).
 
     Attributes
     ----------
@@ -106,6 +108,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         verbose: int = 0,
         verbose_interval: int = 10,
         device: str = "cpu",
+        expert_features=None,
+        gate_features=None,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -123,6 +127,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         self.verbose = verbose
         self.verbose_interval = verbose_interval
         self.device = device
+        self.expert_features = expert_features
+        self.gate_features = gate_features
 
     # ------------------------------------------------------------------ target
     def _validate_xy(self, X, y):
@@ -177,9 +183,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
 
     def predict_proba(self, X) -> np.ndarray:
         """p(y = c | x) = sum_k g_k(x) p_k(c | x), of shape (n_samples, n_classes)."""
-        XT = self._design(X)
-        w = torch.exp(self._gate_family.log_weights(self._params.gate, XT))  # (K, n)
-        probs = self._expert_family.class_probs(self._params.expert, XT)  # (K, C, n)
+        XeT, XgT = self._designs(X)
+        w = torch.exp(self._gate_family.log_weights(self._params.gate, XgT))  # (K, n)
+        probs = self._expert_family.class_probs(self._params.expert, XeT)  # (K, C, n)
         return to_numpy(torch.einsum("kn,kcn->nc", w, probs))
 
     def predict_log_proba(self, X) -> np.ndarray:

@@ -76,6 +76,10 @@ class MoERegressor(RegressorMixin, BaseMoE):
     verbose_interval : int, default=10
     device : str, default='cpu'
         Torch device of the computation (float64 throughout).
+    expert_features, gate_features : array-like or None, default=None
+        Columns of X the experts and the gate see: column indices, names (for a
+        DataFrame) or a boolean mask; None uses every column. A gate on other
+        variables than the experts is flexmix's concomitant-variable model.
 
     Attributes
     ----------
@@ -139,6 +143,8 @@ class MoERegressor(RegressorMixin, BaseMoE):
         verbose: int = 0,
         verbose_interval: int = 10,
         device: str = "cpu",
+        expert_features=None,
+        gate_features=None,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -156,6 +162,8 @@ class MoERegressor(RegressorMixin, BaseMoE):
         self.verbose = verbose
         self.verbose_interval = verbose_interval
         self.device = device
+        self.expert_features = expert_features
+        self.gate_features = gate_features
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -197,6 +205,11 @@ class MoERegressor(RegressorMixin, BaseMoE):
     def _kmeans_target(self, data):
         return data.y
 
+    def _expert_order(self, params, data, nk) -> torch.Tensor:
+        # documented order: increasing mean prediction over the training inputs
+        means, _ = self._make_expert().moments(params.expert, data.XeT)
+        return torch.argsort(means[..., 0].mean(0), stable=True)
+
     def _make_expert(self):
         return EXPERTS[self.expert](self.n_experts, len(self._y_mean), var_floor=self.reg_var)
 
@@ -215,9 +228,10 @@ class MoERegressor(RegressorMixin, BaseMoE):
         """
         return self._fit(X, y)
 
-    def _moments(self, XT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = torch.exp(self._gate_family.log_weights(self._params.gate, XT)).T  # (n, K)
-        means, stds = self._expert_family.moments(self._params.expert, XT)  # (n, K, m)
+    def _moments(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        XeT, XgT = self._designs(X)
+        w = torch.exp(self._gate_family.log_weights(self._params.gate, XgT)).T  # (n, K)
+        means, stds = self._expert_family.moments(self._params.expert, XeT)  # (n, K, m)
         scale = torch.as_tensor(self._y_scale, dtype=means.dtype, device=means.device)
         shift = torch.as_tensor(self._y_mean, dtype=means.dtype, device=means.device)
         return w, means * scale + shift, stds * scale
@@ -233,35 +247,52 @@ class MoERegressor(RegressorMixin, BaseMoE):
         -------
         ndarray of shape (n_samples,) or (n_samples, n_outputs)
         """
-        w, means, _ = self._moments(self._design(X))
+        w, means, _ = self._moments(X)
         return self._shape_y(torch.einsum("nk,nkm->nm", w, means))
 
     def predict_distribution(self, X) -> MixturePrediction:
         """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`)."""
-        w, means, stds = self._moments(self._design(X))
+        w, means, stds = self._moments(X)
         if self._y_2d:
             return MixturePrediction(to_numpy(w), to_numpy(means), to_numpy(stds))
         return MixturePrediction(to_numpy(w), to_numpy(means[..., 0]), to_numpy(stds[..., 0]))
 
     # ------------------------------------------------------------------ coefficients
+    def _scatter(self, coef: np.ndarray, cols) -> np.ndarray:
+        # slopes on selected, standardised columns -> one column per feature of X
+        d = self.n_features_in_
+        cols = np.arange(d) if cols is None else cols
+        out = np.zeros((*coef.shape[:-1], d))
+        out[..., cols] = coef / to_numpy(self._x_scale)[cols]
+        return out
+
+    def _shift(self, coef: np.ndarray, cols) -> np.ndarray:
+        # what the centring of x adds to the intercept: -sum_j b_j mean_j / scale_j
+        cols = np.arange(self.n_features_in_) if cols is None else cols
+        ratio = to_numpy(self._x_mean / self._x_scale)[cols]
+        return -(coef * ratio).sum(-1)
+
     @property
     def coef_(self) -> np.ndarray:
-        """Expert slopes in the user's units, shape (K, n_features) or (K, m, n_features)."""
-        coef = to_numpy(self._params.expert.coef)[..., :-1]  # (K, m, d) on standardised x
-        slopes = coef * self._y_scale[None, :, None] / to_numpy(self._x_scale)
+        """Expert slopes in the data's units, shape (K, n_features) or (K, m, n_features).
+
+        Columns the experts do not see (``expert_features``) are zero.
+        """
+        coef = to_numpy(self._params.expert.coef)[..., :-1]  # (K, m, p)
+        slopes = self._scatter(coef, self._expert_cols) * self._y_scale[None, :, None]
         return slopes if self._y_2d else slopes[:, 0, :]
 
     @property
     def intercept_(self) -> np.ndarray:
-        """Expert intercepts in the user's units, shape (K,) or (K, m)."""
+        """Expert intercepts in the data's units, shape (K,) or (K, m)."""
         coef = to_numpy(self._params.expert.coef)
-        b = coef[..., -1] - (coef[..., :-1] * to_numpy(self._x_mean / self._x_scale)).sum(-1)
+        b = coef[..., -1] + self._shift(coef[..., :-1], self._expert_cols)
         out = self._y_mean + self._y_scale * b  # (K, m)
         return out if self._y_2d else out[:, 0]
 
     @property
     def noise_std_(self) -> np.ndarray:
-        """Expert noise standard deviations in the user's units, shape (K,) or (K, m)."""
+        """Expert noise standard deviations in the data's units, shape (K,) or (K, m)."""
         std = np.sqrt(to_numpy(self._params.expert.var)) * self._y_scale
         return std if self._y_2d else std[:, 0]
 
@@ -269,21 +300,24 @@ class MoERegressor(RegressorMixin, BaseMoE):
     def gate_coef_(self) -> np.ndarray:
         """Gate slopes V in g(x) = softmax(V x + v), shape (K, n_features).
 
-        The last expert is the reference (its row is zero). Zero for a constant gate.
+        The softmax is unchanged by adding one vector to every row; the gate's
+        penalty makes the slopes sum to zero over experts. Columns the gate does not
+        see (``gate_features``) are zero, and so is everything for a constant gate.
         """
         gate = self._params.gate
         if not hasattr(gate, "coef"):
             return np.zeros((self._n_experts_fitted, self.n_features_in_))
-        return to_numpy(gate.coef[:, :-1] / self._x_scale)
+        return self._scatter(to_numpy(gate.coef)[:, :-1], self._gate_cols)
 
     @property
     def gate_intercept_(self) -> np.ndarray:
-        """Gate intercepts v, shape (K,); log pi_k for a constant gate."""
+        """Gate intercepts v, shape (K,), centred to sum to zero; log pi_k for a constant gate."""
         gate = self._params.gate
         if not hasattr(gate, "coef"):
             return to_numpy(gate.log_pi)
-        coef = gate.coef
-        return to_numpy(coef[:, -1] - (coef[:, :-1] * self._x_mean / self._x_scale).sum(-1))
+        coef = to_numpy(gate.coef)
+        v = coef[:, -1] + self._shift(coef[:, :-1], self._gate_cols)
+        return v - v.mean()
 
     # ------------------------------------------------------------------ files
     def _extra_state(self):

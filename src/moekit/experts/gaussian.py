@@ -95,6 +95,9 @@ class GaussianExperts:
             var = torch.where(empty[:, None], torch.ones_like(var), var)
         return GaussianParams(coef.contiguous(), var)
 
+    def permute(self, params: GaussianParams, perm: torch.Tensor) -> GaussianParams:
+        return GaussianParams(params.coef[perm].contiguous(), params.var[perm].contiguous())
+
     def log_prior(self, params: GaussianParams) -> float:
         return 0.0
 

@@ -114,6 +114,9 @@ class LogisticExperts:
             return LogisticParams(start)
         return LogisticParams(coef.detach())
 
+    def permute(self, params: LogisticParams, perm: torch.Tensor) -> LogisticParams:
+        return LogisticParams(params.coef[perm].contiguous())
+
     def log_prior(self, params: LogisticParams) -> float:
         return -float(self._penalty(params.coef))
 

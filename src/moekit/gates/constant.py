@@ -24,6 +24,7 @@ class ConstantGate:
 
     monotone = True
     needs_resp = False
+    params_type = ConstantGateParams
 
     def __init__(self, n_experts: int) -> None:
         self.n_experts = n_experts
@@ -56,6 +57,9 @@ class ConstantGate:
 
     def n_parameters(self, params) -> int:
         return self.n_experts - 1
+
+    def permute(self, params: ConstantGateParams, perm: torch.Tensor) -> ConstantGateParams:
+        return ConstantGateParams(params.log_pi[perm].contiguous())
 
     def log_weights(self, params: ConstantGateParams, XgT: torch.Tensor) -> torch.Tensor:
         return params.log_pi.unsqueeze(1).expand(-1, XgT.shape[1])

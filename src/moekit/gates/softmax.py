@@ -1,16 +1,22 @@
 """The softmax (multinomial-logit) gate: g_k(x) = softmax(V x)_k.
 
-V has one row per expert; the last row is fixed at zero (the reference class),
-which removes the softmax's invariance to adding a constant to every row. The
-M-step maximises the gate's part of the EM objective on the soft targets r_ik,
+V has one row per expert, all free (the symmetric parametrisation): adding the
+same vector to every row leaves g unchanged, and the L2 penalty on the slopes
+picks the solution whose slopes sum to zero over experts, so that the gate and its
+penalty are unchanged when experts are renumbered. The M-step maximises the
+gate's part of the EM objective on the soft targets r_ik,
 
 .. math::  Q_g(V) = \\sum_i \\sum_k r_{ik} \\log g_k(x_i; V)
                    - \\frac{\\alpha}{2} \\lVert V_{\\text{slopes}} \\rVert^2,
 
-a concave function. With theta = vec(V_{1..K-1}), its gradient is
-sum_i (r_i - g_i) (x) x_i and its negative Hessian
+a concave function. With theta = vec(V), its gradient is sum_i (r_i - g_i) (x) x_i
+and its negative Hessian
 
-.. math::  A = \\sum_i (\\operatorname{diag} g_i - g_i g_i^T) \\otimes x_i x_i^T + \\alpha P.
+.. math::  A = \\sum_i (\\operatorname{diag} g_i - g_i g_i^T) \\otimes x_i x_i^T + \\alpha P,
+
+which is singular along the intercepts' common shift; the step is the
+minimum-norm solution (the gradient has no component along that direction, since
+sum_k (r_ik - g_ik) = 0).
 
 Two steps are offered. **Newton**: theta += A^{-1} grad, using g at the current V,
 which the E-step has just computed, so the gradient and the Hessian come from the
@@ -32,12 +38,12 @@ from moekit._core.linalg import solve_psd, unpack_triu
 from moekit.fitting.data import Chunk, EMData
 
 NEWTON_MAX_PARAMS = 256
-"""``solver="auto"`` uses Newton up to this many free gate parameters, (K - 1) p."""
+"""``solver="auto"`` uses Newton up to this many gate parameters, K p."""
 
 
 @dataclass
 class SoftmaxGateParams:
-    """coef of shape (K, p): one row per expert, the last row zero, last column intercept."""
+    """coef of shape (K, p): one row per expert, the last column the intercept."""
 
     coef: torch.Tensor
 
@@ -68,31 +74,35 @@ class SoftmaxGate:
     """
 
     needs_resp = False
+    params_type = SoftmaxGateParams
 
     def __init__(self, n_experts: int, alpha: float = 1e-3, solver: str = "auto") -> None:
         self.n_experts = n_experts
         self.alpha = alpha
         self.solver = solver
         self._use_newton = solver == "newton"
+        self._pen = None
 
     @property
     def monotone(self) -> bool:
         return not self._use_newton
 
+    def _penalty_mask(self, p: int, like: torch.Tensor) -> torch.Tensor:
+        pen = like.new_ones(p)
+        pen[-1] = 0.0  # no penalty on the intercept
+        return pen
+
     def prepare(self, data: EMData) -> None:
         p, K = data.XgT.shape[0], self.n_experts
-        free = (K - 1) * p
         self._use_newton = self.solver == "newton" or (
-            self.solver == "auto" and free <= NEWTON_MAX_PARAMS
+            self.solver == "auto" and K * p <= NEWTON_MAX_PARAMS
         )
-        self._pen = torch.ones(p, dtype=data.XgT.dtype, device=data.XgT.device)
-        self._pen[-1] = 0.0  # no penalty on the intercept
+        self._pen = self._penalty_mask(p, data.XgT)
         if not self._use_newton and K > 1:
             # Bohning's bound B = 1/2 (I - 11^T/K) (x) X^T X: fixed for the whole fit
             gram = data.XgT @ data.XgT.T  # (p, p)
-            a = 0.5 * (torch.eye(K - 1, dtype=gram.dtype) - 1.0 / K)
-            bound = torch.kron(a.to(gram.device), gram)
-            bound += self.alpha * torch.diag(self._pen.repeat(K - 1))
+            a = 0.5 * (torch.eye(K, dtype=gram.dtype, device=gram.device) - 1.0 / K)
+            bound = torch.kron(a, gram) + self.alpha * torch.diag(self._pen.repeat(K))
             self._bound_evals, self._bound_evecs = torch.linalg.eigh(bound)
 
     def init_params(self, data: EMData) -> SoftmaxGateParams:
@@ -112,18 +122,17 @@ class SoftmaxGate:
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor):
         g = chunk.scratch["gate_prob"]  # (K, c)
         xt = chunk.XgT
-        grad = (resp[:-1] - g[:-1]) @ xt.T  # (K-1, p)
+        grad = (resp - g) @ xt.T  # (K, p)
         if not self._use_newton:
             return grad, None
-        K1, p = self.n_experts - 1, xt.shape[0]
-        # weights g_k (delta_kl - g_l) for the free pairs k <= l: (T, c)
-        w = chunk.data.workspace("gate_hess_w", K1 * (K1 + 1) // 2, xt.shape[1])
-        w = w[:, : xt.shape[1]]
+        K, (p, c) = self.n_experts, xt.shape
+        # weights g_k (delta_kl - g_l) for the pairs k <= l: (T, c)
+        w = chunk.data.workspace("gate_hess_w", K * (K + 1) // 2, c)[:, :c]
         t = 0
-        for k in range(K1):
-            torch.mul(g[k : k + 1], g[k:K1], out=w[t : t + K1 - k]).neg_()
+        for k in range(K):
+            torch.mul(g[k : k + 1], g[k:], out=w[t : t + K - k]).neg_()
             w[t].add_(g[k])
-            t += K1 - k
+            t += K - k
         if p <= 24:
             # all weighted Grams in one product with the packed row products
             hess = chunk.products("g") @ w.T  # (p(p+1)/2, T)
@@ -138,22 +147,18 @@ class SoftmaxGate:
         if K == 1:
             return params
         grad, hess = stats
-        V = params.coef[:-1]  # (K-1, p)
+        V = params.coef  # (K, p)
         p = V.shape[1]
         pen = self._pen
-        g = (grad - self.alpha * V * pen).reshape(-1)  # gradient of Q_g, (K-1) p
+        g = (grad - self.alpha * V * pen).reshape(-1)  # gradient of Q_g, K p
         if self._use_newton:
-            K1 = K - 1
-            if hess.ndim == 2:  # packed Grams
-                blocks = unpack_triu(hess.T, p)  # (T, p, p)
-            else:
-                blocks = hess
-            A = V.new_zeros((K1, p, K1, p))
-            rows, cols = torch.triu_indices(K1, K1)
+            blocks = unpack_triu(hess.T, p) if hess.ndim == 2 else hess  # (T, p, p)
+            A = V.new_zeros((K, p, K, p))
+            rows, cols = torch.triu_indices(K, K)
             for t, (k, l) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
                 A[k, :, l, :] = blocks[t]
                 A[l, :, k, :] = blocks[t]
-            A = A.reshape(K1 * p, K1 * p) + self.alpha * torch.diag(pen.repeat(K1))
+            A = A.reshape(K * p, K * p) + self.alpha * torch.diag(pen.repeat(K))
             step = solve_psd(A, g.unsqueeze(1)).squeeze(1)
         else:
             inv = torch.where(
@@ -162,12 +167,16 @@ class SoftmaxGate:
                 torch.zeros_like(self._bound_evals),
             )
             step = self._bound_evecs @ (inv * (self._bound_evecs.T @ g))
-        coef = params.coef.clone()
-        coef[:-1] += step.reshape(K - 1, p)
-        return SoftmaxGateParams(coef)
+        return SoftmaxGateParams(V + step.reshape(K, p))
 
     def log_prior(self, params: SoftmaxGateParams) -> float:
-        return -0.5 * self.alpha * float(((params.coef * self._pen) ** 2).sum())
+        pen = self._pen
+        if pen is None:
+            pen = self._penalty_mask(params.coef.shape[1], params.coef)
+        return -0.5 * self.alpha * float(((params.coef * pen) ** 2).sum())
 
     def n_parameters(self, params: SoftmaxGateParams) -> int:
         return (self.n_experts - 1) * params.coef.shape[1]
+
+    def permute(self, params: SoftmaxGateParams, perm: torch.Tensor) -> SoftmaxGateParams:
+        return SoftmaxGateParams(params.coef[perm].contiguous())
