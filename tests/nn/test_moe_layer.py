@@ -53,16 +53,30 @@ def _expert(layer, e):
     return ffn
 
 
-@pytest.mark.parametrize("impl", ["mm", "bmm"])
+# float64 where the implementation supports it; grouped_mm runs float32/bf16 only
+IMPLS = [
+    ("mm", torch.float64),
+    ("bmm", torch.float64),
+    ("fused", torch.float32),
+    ("grouped_mm", torch.float32),
+]
+
+
+def tolerances(dtype):
+    return {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLS)
 @pytest.mark.parametrize("router, top_k", ROUTERS)
-def test_dispatch_equals_per_token_loop(router, top_k, impl):
-    layer = make_layer(router, top_k, expert_impl=impl, n_shared_experts=1)
-    x = torch.randn(2, 9, D, dtype=torch.float64, requires_grad=True)
+def test_dispatch_equals_per_token_loop(router, top_k, impl, dtype):
+    layer = make_layer(router, top_k, dtype, expert_impl=impl, n_shared_experts=1)
+    x = torch.randn(2, 9, D, dtype=dtype, requires_grad=True)
     y = layer(x)
+    assert layer.experts.resolve_impl(x) == impl
     x_ref = x.detach().clone().requires_grad_()
     routing = layer.router(x_ref.reshape(-1, D))
     y_ref = reference_moe(layer, x_ref.reshape(-1, D), routing).reshape(x.shape)
-    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, y_ref, **tolerances(dtype))
     # gradients through the dispatch and combine agree as well
     g = torch.randn_like(y)
     wrt = [x, *layer.parameters()]
@@ -70,18 +84,21 @@ def test_dispatch_equals_per_token_loop(router, top_k, impl):
     grads_ref = torch.autograd.grad(y_ref, [x_ref, *wrt[1:]], g, allow_unused=True)
     for p, a, b in zip(wrt, grads, grads_ref, strict=True):
         zero = torch.zeros_like(p)  # unused parameters (eval-mode noise weights)
-        torch.testing.assert_close(zero if a is None else a, zero if b is None else b)
+        torch.testing.assert_close(
+            zero if a is None else a, zero if b is None else b, **tolerances(dtype)
+        )
 
 
+@pytest.mark.parametrize("impl, dtype", [("mm", torch.float64), ("fused", torch.float32)])
 @pytest.mark.parametrize("router, top_k", TOKEN_CHOICE)
 @pytest.mark.parametrize("factor", [0.5, 1.0])
-def test_capacity_drops_the_overflow_like_the_loop(router, top_k, factor):
-    layer = make_layer(router, top_k, capacity_factor=factor)
-    x = torch.randn(20, D, dtype=torch.float64) + 0.5  # skewed routing: some experts overflow
+def test_capacity_drops_the_overflow_like_the_loop(router, top_k, factor, impl, dtype):
+    layer = make_layer(router, top_k, dtype, capacity_factor=factor, expert_impl=impl)
+    x = torch.randn(20, D, dtype=dtype) + 0.5  # skewed routing: some experts overflow
     y = layer(x)
     capacity = -(-int(factor * 20 * top_k) // E)
     routing = layer.router(x)
-    torch.testing.assert_close(y, reference_moe(layer, x, routing, capacity))
+    torch.testing.assert_close(y, reference_moe(layer, x, routing, capacity), **tolerances(dtype))
     routed = torch.bincount(routing.indices.flatten(), minlength=E)
     dropped = int((routed - capacity).clamp(min=0).sum())
     assert layer.stats.dropped_fraction == pytest.approx(dropped / (20 * top_k))
@@ -135,27 +152,51 @@ def test_gradcheck(router, top_k):
     assert torch.autograd.gradcheck(lambda x: f(x, *params), (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_grouped_mm_float32_matches_float64_loop():
-    layer = make_layer("topk", 2, dtype=torch.float32)
-    layer.experts.impl = "grouped_mm"
-    x = torch.randn(40, D)
-    y = layer(x)
-    assert layer.experts.resolve_impl(x) == "grouped_mm"
-    ref = make_layer("topk", 2)
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm"])
+def test_grouped_mm_paths_in_float32_match_float64_loop(impl):
+    layer = make_layer("topk", 2, dtype=torch.float32, expert_impl=impl)
+    ref = make_layer("topk", 2, expert_impl="mm")
     ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
-    ref.experts.impl = "mm"
-    torch.testing.assert_close(y.double(), ref(x.double()), rtol=1e-4, atol=1e-5)
-    # backward with a stride-0 gradient (y.sum()) must work on the grouped_mm path
-    x.requires_grad_()
+    x = torch.randn(40, D, requires_grad=True)
+    x_ref = x.detach().double().requires_grad_()
+    y, y_ref = layer(x), ref(x_ref)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+    g = torch.randn(40, D)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], g, retain_graph=True)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *ref.parameters()], g.double())
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    # a second backward through the retained graph gives the same gradients: the fused
+    # backward does not overwrite what it saved
+    again = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    for a, b in zip(grads, again, strict=True):
+        torch.testing.assert_close(a, b)
+    # a stride-0 gradient (from y.sum()) works on the grouped_mm paths
     layer(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_auto_picks_grouped_mm_for_float32_and_mm_for_float64():
+def test_auto_picks_fused_for_float32_and_mm_for_float64():
     layer = MoE(16, 32, 4, 2)
-    assert layer.experts.resolve_impl(torch.randn(5, 16)) == "grouped_mm"
+    assert layer.experts.resolve_impl(torch.randn(5, 16)) == "fused"
     assert layer.experts.resolve_impl(torch.randn(5, 16, dtype=torch.float64)) == "mm"
     assert MoE(16, 6, 4, 2).experts.resolve_impl(torch.randn(5, 16)) == "mm"  # 24-byte rows
+    assert layer.experts.resolve_impl(torch.randn(0, 16)) == "mm"  # nothing to group
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_fused_path_with_many_experts_some_empty(activation):
+    # 16 experts for 6 tokens: most groups are empty, which grouped_mm must handle
+    layer = MoE(D, H, 16, 2, activation=activation).eval()
+    x = torch.randn(6, D, requires_grad=True)
+    y = layer(x)
+    assert (layer.stats.tokens_per_expert == 0).any()
+    ref = reference_moe(layer, x.detach(), layer.router(x.detach()))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    y.backward(torch.ones_like(y))
+    empty = layer.stats.tokens_per_expert == 0
+    assert (layer.experts.w_in.grad[empty] == 0).all()
+    assert (layer.experts.w_out.grad[empty] == 0).all()
 
 
 def test_aux_loss_is_weighted_sum_of_balance_and_z_losses():

@@ -94,15 +94,18 @@ class ExpertBank(nn.Module):
     n_experts, d_model, d_hidden : int
         ``E`` and the widths of each expert.
     activation : {'swiglu', 'gelu'}, default='swiglu'
-    impl : {'auto', 'grouped_mm', 'mm', 'bmm'}, default='auto'
+    impl : {'auto', 'fused', 'grouped_mm', 'mm', 'bmm'}, default='auto'
         How the per-expert matmuls run. ``'grouped_mm'`` is one
         :func:`torch.nn.functional.grouped_mm` call per projection (float32/bf16/fp16
         with 16-byte aligned rows); ``'mm'`` loops over experts with the weights
         unbound once; ``'bmm'`` pads every expert to the largest load and runs one
-        batched matmul. ``'auto'`` takes ``'grouped_mm'`` where it applies and
-        ``'mm'`` elsewhere (float64, odd widths): on the 2-core CPU of
-        ``bench/layer_speed.py`` grouped_mm measured fastest (it writes its output
-        in one piece where the loop needs a ``cat`` copy, and padding wastes work).
+        batched matmul. ``'fused'`` is grouped_mm inside the layer's fused dispatch
+        (:mod:`moekit.nn.fused`); on tokens already sorted, as here, it is grouped_mm.
+        ``'auto'`` takes ``'fused'`` where grouped_mm applies and ``'mm'`` elsewhere
+        (float64, odd widths). Chosen by measurement (``bench/layer_speed.py``, 2 CPU
+        threads): grouped_mm writes its output in one piece where the loop needs a
+        ``cat`` copy, padding wastes work and memory, and the fused backward saves
+        the temporaries of the elementwise ops.
     """
 
     def __init__(
@@ -147,7 +150,7 @@ class ExpertBank(nn.Module):
         Tensor of shape (A, d_model)
         """
         impl = self.resolve_impl(x)
-        if impl == "grouped_mm":
+        if impl in ("fused", "grouped_mm"):
             return self._grouped_mm(x, counts, scale)
         if impl == "bmm":
             return self._bmm(x, counts, scale)
@@ -157,7 +160,7 @@ class ExpertBank(nn.Module):
         """The implementation ``forward`` uses for input ``x``."""
         if self.impl != "auto":
             return self.impl
-        return "grouped_mm" if self._grouped_mm_ok(x) else "mm"
+        return "fused" if self._grouped_mm_ok(x) else "mm"
 
     def _grouped_mm_ok(self, x: Tensor) -> bool:
         ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)

@@ -11,6 +11,7 @@ from moekit.nn import functional as MF
 from moekit.nn.config import MoEConfig, validate_moe_params
 from moekit.nn.dispatch import combine, plan_dispatch
 from moekit.nn.experts import ExpertBank, FeedForward
+from moekit.nn.fused import fused_moe
 from moekit.nn.routers import (
     ExpertChoiceRouter,
     NoisyTopKRouter,
@@ -101,7 +102,7 @@ class MoE(nn.Module):
         Weight of the router z-loss.
     bias_update_rate : float, default=1e-3
         Step of the bias update of the 'sigmoid_bias' router.
-    expert_impl : {'auto', 'grouped_mm', 'mm', 'bmm'}, default='auto'
+    expert_impl : {'auto', 'fused', 'grouped_mm', 'mm', 'bmm'}, default='auto'
         Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
 
     Attributes
@@ -209,10 +210,17 @@ class MoE(nn.Module):
             n_tokens, self.n_experts, self.top_k, self.config.capacity_factor
         )
         plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity)
-        x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
-        scale = plan.weight.to(x_sorted.dtype)  # (A,)
-        y_sorted = self.experts(x_sorted, plan.counts, scale)  # (A, d), already weighted
-        y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
+        bank = self.experts
+        if bank.resolve_impl(x) == "fused":
+            # the same maths as below in one autograd Function (see moekit.nn.fused)
+            y = fused_moe(
+                x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.counts, bank.activation
+            )  # (T, d)
+        else:
+            x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
+            scale = plan.weight.to(x_sorted.dtype)  # (A,)
+            y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
+            y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)  # (T, d)
         self.aux_loss = self._aux_loss(routing)
