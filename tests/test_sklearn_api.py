@@ -5,11 +5,12 @@ Small settings keep the many fits fast; each skipped check carries its reason.
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from moekit import MoEClassifier, MoERegressor
+from moekit import MDNRegressor, MoEClassifier, MoERegressor
 
 ESTIMATORS = [
     MoERegressor(n_experts=2, max_iter=30, random_state=0),
     MoEClassifier(n_experts=2, max_iter=30, random_state=0),
+    MDNRegressor(2, hidden_layer_sizes=(16,), learning_rate=1e-2, max_iter=20, random_state=0),
 ]
 
 EXPECTED_FAILED = {}

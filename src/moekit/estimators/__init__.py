@@ -1,6 +1,7 @@
 """The scikit-learn estimators of moekit."""
 
 from moekit.estimators.classifier import MoEClassifier
+from moekit.estimators.mdn import MDNRegressor
 from moekit.estimators.regressor import MoERegressor
 
-__all__ = ["MoEClassifier", "MoERegressor"]
+__all__ = ["MDNRegressor", "MoEClassifier", "MoERegressor"]
