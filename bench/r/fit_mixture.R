@@ -65,12 +65,15 @@ if (tool == "flexmix") {
     # standard errors from flexmix's refit() (observed information at the optimum)
     rf <- refit(best)
     for (j in seq_len(best@k)) {
-      cf <- rf@components[[1]][[j]]
+      cf <- rf@components[[1]][[j]]  # (Intercept), x1, ...: Estimate, Std. Error, ...
       for (r in seq_len(nrow(cf))) put(paste0("se_comp_", j, "_", rownames(cf)[r]), cf[r, 2])
     }
     if (gate == "softmax") {
-      cc <- rf@concomitant[[1]]
-      for (r in seq_len(nrow(cc))) put(paste0("se_gate_", rownames(cc)[r]), cc[r, 2])
+      for (nm in names(rf@concomitant)) {  # Comp.2 .. Comp.K, relative to Comp.1
+        cc <- rf@concomitant[[nm]]
+        j <- sub("Comp.", "", nm, fixed = TRUE)
+        for (r in seq_len(nrow(cc))) put(paste0("se_gate_", j, "_", rownames(cc)[r]), cc[r, 2])
+      }
     }
   }
 } else if (tool == "mixtools") {

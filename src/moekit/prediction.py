@@ -1,9 +1,11 @@
-"""The predictive mixture p(y|x) = sum_k w_k(x) N(y; mu_k(x), diag sigma_k(x)^2).
+"""The predictive mixture p(y|x) = sum_k w_k(x) p_k(y | x) of every row.
 
 Every probabilistic estimator in moekit answers ``predict_distribution(X)`` with a
-:class:`MixturePrediction`: one Gaussian mixture per row of ``X``. For inverse
-problems (one x, several valid y) the mixture, its modes and its samples are the
-answer; its mean is only a summary, and may itself be an invalid answer.
+:class:`MixturePrediction`: one mixture per row of ``X``, of normal components by
+default, of Student-t components for robust experts or of Poisson components for
+count experts. For inverse problems (one x, several valid y) the mixture, its modes
+and its samples are the answer; its mean is only a summary, and may itself be an
+invalid answer.
 """
 
 from __future__ import annotations
@@ -11,27 +13,38 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moekit._core.components import FAMILIES
 from moekit._core.engine import EM_DTYPE, to_numpy, torch_generator
-from moekit._core.logspace import LOG_2PI
 
 __all__ = ["MixturePrediction"]
 
 
+def _as64(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=EM_DTYPE)
+
+
 class MixturePrediction:
-    """Per-row Gaussian mixtures with diagonal covariances.
+    """Per-row mixtures with diagonal scales.
 
     Row i is the density
 
-    .. math::  p(y \\mid x_i) = \\sum_k w_{ik} \\prod_j N(y_j; \\mu_{ikj}, \\sigma_{ikj}^2).
+    .. math::  p(y \\mid x_i) = \\sum_k w_{ik}\\, p(y; \\mu_{ik}, \\sigma_{ik}),
+
+    with p a normal N(mu, diag sigma^2) (default), a multivariate Student-t with
+    location mu, diagonal scales sigma and ``df`` degrees of freedom, or a Poisson of
+    rate mu.
 
     Parameters
     ----------
     weights : array-like of shape (n_samples, n_components)
         Mixing weights; each row is non-negative and sums to one.
     means : array-like of shape (n_samples, n_components) or (n_samples, n_components, n_outputs)
-        Component means.
+        Component locations (means; rates for the Poisson).
     stds : array-like, same shape as ``means``
-        Component standard deviations, all positive.
+        Component standard deviations (scales for the t; sqrt(rate) for the Poisson).
+    family : {'normal', 'student_t', 'poisson'}, default='normal'
+    df : array-like of shape (n_samples, n_components) or (n_components,), optional
+        Degrees of freedom of Student-t components.
 
     Attributes
     ----------
@@ -54,10 +67,10 @@ class MixturePrediction:
     [array([-1.,  1.])]
     """
 
-    def __init__(self, weights, means, stds) -> None:
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=EM_DTYPE)
-        mu = torch.as_tensor(np.asarray(means, dtype=np.float64), dtype=EM_DTYPE)
-        sd = torch.as_tensor(np.asarray(stds, dtype=np.float64), dtype=EM_DTYPE)
+    def __init__(self, weights, means, stds, *, family: str = "normal", df=None) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}; got {family!r}.")
+        w, mu, sd = _as64(weights), _as64(means), _as64(stds)
         if w.ndim != 2:
             raise ValueError(
                 f"weights must have shape (n_samples, n_components); got shape {tuple(w.shape)}."
@@ -79,10 +92,33 @@ class MixturePrediction:
             raise ValueError("weights must be non-negative and each row must sum to 1.")
         if not bool((sd > 0).all() and torch.isfinite(sd).all()):
             raise ValueError("stds must be positive and finite.")
+        self._family = FAMILIES[family]
+        self._df = None
+        if family == "student_t":
+            if df is None:
+                raise ValueError("df is required for family='student_t'.")
+            nu = _as64(df)
+            nu = nu.expand(w.shape) if nu.ndim <= 1 else nu
+            if nu.shape != w.shape or not bool((nu > 0).all()):
+                raise ValueError(f"df must be positive, of shape {tuple(w.shape)} or (K,).")
+            self._df = nu.contiguous()
+        if family == "poisson":
+            if mu.ndim != 2:
+                raise ValueError("family='poisson' supports a single output only.")
+            if bool((mu <= 0).any()):
+                raise ValueError("Poisson rates (means) must be positive.")
         self.n_outputs: int | None = None if mu.ndim == 2 else int(mu.shape[2])
         self._w = w / w.sum(1, keepdim=True)
         self._mu = mu if mu.ndim == 3 else mu.unsqueeze(-1)  # (n, K, m)
         self._sd = sd if sd.ndim == 3 else sd.unsqueeze(-1)  # (n, K, m)
+
+    @property
+    def family(self) -> str:
+        return self._family.name
+
+    @property
+    def df(self) -> np.ndarray | None:
+        return None if self._df is None else to_numpy(self._df)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -109,17 +145,26 @@ class MixturePrediction:
         if isinstance(rows, int):
             rows = slice(rows, rows + 1 if rows != -1 else None)
         out = object.__new__(MixturePrediction)
-        out.n_outputs = self.n_outputs
+        out.n_outputs, out._family = self.n_outputs, self._family
         out._w, out._mu, out._sd = self._w[rows], self._mu[rows], self._sd[rows]
+        out._df = None if self._df is None else self._df[rows]
         return out
 
     def __repr__(self) -> str:
         m = "" if self.n_outputs is None else f", n_outputs={self.n_outputs}"
-        return f"MixturePrediction(n_samples={len(self)}, n_components={self.n_components}{m})"
+        fam = "" if self.family == "normal" else f", family={self.family!r}"
+        return f"MixturePrediction(n_samples={len(self)}, n_components={self.n_components}{m}{fam})"
 
     def _shape_out(self, t: torch.Tensor) -> torch.Tensor:
         # internal tensors carry a trailing output axis; drop it for a scalar target
         return t.squeeze(-1) if self.n_outputs is None else t
+
+    def _comp(self, points: torch.Tensor, fn: str) -> torch.Tensor:
+        """Apply a family function to points (n, S, m) against every component -> (n, S, K)."""
+        df = None if self._df is None else self._df.unsqueeze(1)  # (n, 1, K)
+        return getattr(self._family, fn)(
+            points.unsqueeze(2), self._mu.unsqueeze(1), self._sd.unsqueeze(1), df
+        )
 
     # ----------------------------------------------------------- moments, density
     def mean(self) -> np.ndarray:
@@ -130,13 +175,15 @@ class MixturePrediction:
         return torch.einsum("nk,nkm->nm", self._w, self._mu)
 
     def var(self) -> np.ndarray:
-        """Marginal variance, sum_k w_k (sigma_k^2 + mu_k^2) - E[y|x]^2; (n,) or (n, m).
+        """Marginal variance, sum_k w_k (Var_k + mu_k^2) - E[y|x]^2; (n,) or (n, m).
 
         The first term is the expected noise variance, the rest the spread of the
-        component means (law of total variance).
+        component means (law of total variance). Infinite for t components with at
+        most 2 degrees of freedom.
         """
         m = self._mean()
-        second = torch.einsum("nk,nkm->nm", self._w, self._sd**2 + self._mu**2)
+        comp_var = self._family.variance(self._mu, self._sd, self._df)
+        second = torch.einsum("nk,nkm->nm", self._w, comp_var + self._mu**2)
         return to_numpy(self._shape_out(torch.clamp(second - m**2, min=0.0)))
 
     def std(self) -> np.ndarray:
@@ -144,7 +191,7 @@ class MixturePrediction:
         return np.sqrt(self.var())
 
     def _check_y(self, y) -> torch.Tensor:
-        y = torch.as_tensor(np.asarray(y, dtype=np.float64), dtype=EM_DTYPE)
+        y = _as64(y)
         n = len(self)
         if self.n_outputs is None:
             if y.shape != (n,):
@@ -154,43 +201,57 @@ class MixturePrediction:
             raise ValueError(f"y must have shape ({n}, {self.n_outputs}); got {tuple(y.shape)}.")
         return y
 
-    def _log_components(self, y: torch.Tensor) -> torch.Tensor:
-        # log w_k + sum_j log N(y_j; mu_kj, sd_kj^2) for y of shape (n, m) -> (n, K)
-        z = (y.unsqueeze(1) - self._mu) / self._sd  # (n, K, m)
-        logn = -0.5 * (LOG_2PI + z * z) - torch.log(self._sd)
-        return torch.log(self._w) + logn.sum(-1)
+    def _log_joint_at(self, points: torch.Tensor) -> torch.Tensor:
+        # log w_k + log p_k(point) for points (n, S, m) -> (n, S, K)
+        return torch.log(self._w).unsqueeze(1) + self._comp(points, "log_prob")
 
     def logpdf(self, y) -> np.ndarray:
-        """Log density log p(y_i|x_i) per row, of shape (n,), for y of the target's shape."""
-        return to_numpy(torch.logsumexp(self._log_components(self._check_y(y)), dim=1))
+        """Log density (log probability for Poisson) of y per row, of shape (n,)."""
+        y = self._check_y(y).unsqueeze(1)  # (n, 1, m)
+        return to_numpy(torch.logsumexp(self._log_joint_at(y), dim=2)[:, 0])
 
     def pdf(self, y) -> np.ndarray:
-        """Density p(y_i|x_i) per row, of shape (n,)."""
+        """Density p(y_i | x_i) per row, of shape (n,)."""
         return np.exp(self.logpdf(y))
 
     def cdf(self, y) -> np.ndarray:
-        """Marginal CDF, P(Y_j <= y_j | x) = sum_k w_k Phi((y_j - mu_kj) / sigma_kj).
-
-        Returns an array of the target's shape, one marginal probability per output.
-        """
-        yt = self._check_y(y)
-        return to_numpy(self._shape_out(self._cdf(yt)))
+        """Marginal CDF, P(Y_j <= y_j | x) = sum_k w_k F_k(y_j), of the target's shape."""
+        return to_numpy(self._shape_out(self._cdf(self._check_y(y))))
 
     def _cdf(self, y: torch.Tensor) -> torch.Tensor:
-        z = (y.unsqueeze(1) - self._mu) / self._sd  # (n, K, m)
-        return torch.einsum("nk,nkm->nm", self._w, torch.special.ndtr(z))
+        # marginals: the t's marginals are t's with the same df; (n, m)
+        df = None if self._df is None else self._df.unsqueeze(-1)  # (n, K, 1)
+        comp = self._family.cdf(y.unsqueeze(1), self._mu, self._sd, df)  # (n, K, m)
+        return torch.einsum("nk,nkm->nm", self._w, comp)
 
     # ------------------------------------------------------------ quantiles
     def quantile(self, q: float) -> np.ndarray:
-        """Marginal quantile F^{-1}(q) per row and output, found by bisection on the CDF.
+        """Marginal quantile F^{-1}(q) per row and output, by bisection on the CDF.
 
-        The mixture CDF is monotone, so 64 halvings of a bracket that holds every
-        component's [mu - 40 sigma, mu + 40 sigma] give the answer to machine precision.
+        The mixture CDF is monotone. The bracket starts at every component's
+        mu -/+ 40 sigma and is widened until it holds q (heavy t tails), then halved 64
+        times; for the Poisson the answer is the smallest integer k with F(k) >= q.
         """
         if not 0.0 < q < 1.0:
             raise ValueError(f"q must be in (0, 1); got {q!r}.")
-        lo = (self._mu - 40 * self._sd).amin(1)  # (n, m)
-        hi = (self._mu + 40 * self._sd).amax(1)
+        width = 40 * self._sd if not self._family.discrete else 10 * self._mu.sqrt() + 10
+        lo = (self._mu - width).amin(1)  # (n, m)
+        hi = (self._mu + width).amax(1)
+        for _ in range(60):  # widen until F(lo) < q <= F(hi)
+            bad_lo, bad_hi = self._cdf(lo) >= q, self._cdf(hi) < q
+            if not bool(bad_lo.any() or bad_hi.any()):
+                break
+            span = hi - lo
+            lo = torch.where(bad_lo, lo - span, lo)
+            hi = torch.where(bad_hi, hi + span, hi)
+        if self._family.discrete:
+            lo, hi = torch.floor(lo).clamp(min=-1), torch.ceil(hi)
+            while bool((hi - lo > 1).any()):
+                mid = torch.floor(0.5 * (lo + hi))
+                below = self._cdf(mid) < q
+                lo = torch.where(below, mid, lo)
+                hi = torch.where(below, hi, mid)
+            return to_numpy(self._shape_out(hi))
         for _ in range(64):
             mid = 0.5 * (lo + hi)
             below = self._cdf(mid) < q
@@ -224,15 +285,15 @@ class MixturePrediction:
         ):
             raise ValueError(f"n_samples must be a positive int; got {n_samples!r}.")
         gen = torch_generator(random_state)
-        n = len(self)
-        comp = torch.multinomial(self._w, int(n_samples), replacement=True, generator=gen)
+        n, s = len(self), int(n_samples)
+        comp = torch.multinomial(self._w, s, replacement=True, generator=gen)  # (n, s)
         idx = comp.unsqueeze(-1).expand(-1, -1, self._mu.shape[2])  # (n, s, m)
         mu = torch.gather(self._mu, 1, idx)
         sd = torch.gather(self._sd, 1, idx)
-        eps = torch.randn(mu.shape, generator=gen, dtype=EM_DTYPE)
-        out = mu + sd * eps
+        df = None if self._df is None else torch.gather(self._df, 1, comp)
+        out = self._family.sample(mu, sd, df, gen)
         return to_numpy(out.squeeze(-1) if self.n_outputs is None else out).reshape(
-            (n, int(n_samples)) if self.n_outputs is None else (n, int(n_samples), -1)
+            (n, s) if self.n_outputs is None else (n, s, -1)
         )
 
     # ----------------------------------------------------------------- modes
@@ -244,14 +305,16 @@ class MixturePrediction:
         Modes are not the component means: two close components merge into one mode,
         and a wide component under a narrow one adds none. Following Carreira-Perpinan
         (2000), a fixed-point iteration started from every component mean climbs the
-        density; for diagonal covariances it reads, per output j,
+        density; for diagonal scales it reads, per output j,
 
-        .. math::  y_j \\leftarrow \\frac{\\sum_k p(k|y) \\mu_{kj} / \\sigma_{kj}^2}
-                                      {\\sum_k p(k|y) / \\sigma_{kj}^2},
+        .. math::  y_j \\leftarrow \\frac{\\sum_k a_k(y)\\, \\mu_{kj} / \\sigma_{kj}^2}
+                                      {\\sum_k a_k(y) / \\sigma_{kj}^2},
 
-        with p(k|y) the posterior of component k at y. Its limits are stationary
-        points; those closer than 1e-4 of the smallest scale are merged and only
-        points where the Hessian of the density is negative definite are kept.
+        with a_k(y) the posterior of component k at y (times, for t components, the
+        latent-scale weight (nu + m) / (nu + d_k(y)^2) of the EM for the t). Its
+        limits are stationary points; those closer than 1e-4 of the smallest scale are
+        merged and only points where the Hessian of the log density is negative
+        definite are kept. Poisson mixtures are searched on the integers.
 
         Parameters
         ----------
@@ -269,28 +332,29 @@ class MixturePrediction:
             density, highest first; with ``return_density`` each entry is a pair
             ``(modes, densities)``.
         """
-        w, mu, sd = self._w, self._mu, self._sd
+        if self._family.discrete:
+            return self._integer_modes(return_density)
+        mu, sd = self._mu, self._sd
         inv_var = 1.0 / sd**2  # (n, K, m)
         scale = sd.amin(dim=(1, 2))  # (n,)
         x = mu.clone()  # (n, S, m): one start per component mean
-        log_w = torch.log(w).unsqueeze(1)  # (n, 1, K)
         for _ in range(max_iter):
-            post = self._posterior_at(x, log_w)  # (n, S, K)
-            num = torch.einsum("nsk,nkm->nsm", post, mu * inv_var)
-            den = torch.einsum("nsk,nkm->nsm", post, inv_var)
+            a = torch.softmax(self._log_joint_at(x), dim=2) * self._comp(x, "shift_weights")
+            num = torch.einsum("nsk,nkm->nsm", a, mu * inv_var)
+            den = torch.einsum("nsk,nkm->nsm", a, inv_var)
             x_new = num / den
             step = (x_new - x).abs().amax(dim=(1, 2))
             x = x_new
             if bool((step <= tol * scale).all()):
                 break
-        logp = torch.logsumexp(self._log_comp_at(x, log_w), dim=2)  # (n, S)
-        hess_ok = self._negative_definite(x)  # (n, S)
+        logp = torch.logsumexp(self._log_joint_at(x), dim=2)  # (n, S)
+        is_max = self._is_local_max(x, scale)  # (n, S)
         out = []
         for i in range(len(self)):
             order = torch.argsort(logp[i], descending=True)
             kept: list[int] = []
             for s in order.tolist():
-                if not bool(hess_ok[i, s]) or w[i, s] <= 0:
+                if not bool(is_max[i, s]) or self._w[i, s] <= 0:
                     continue
                 if any(
                     float((x[i, s] - x[i, t]).abs().max()) <= 1e-4 * float(scale[i]) for t in kept
@@ -305,29 +369,45 @@ class MixturePrediction:
             out.append((to_numpy(m), to_numpy(dens)) if return_density else to_numpy(m))
         return out
 
-    def _log_comp_at(self, x: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-        # log w_k + log N(x_s; mu_k, sd_k) for points x (n, S, m) -> (n, S, K)
-        z = (x.unsqueeze(2) - self._mu.unsqueeze(1)) / self._sd.unsqueeze(1)  # (n, S, K, m)
-        logn = (-0.5 * (LOG_2PI + z * z) - torch.log(self._sd).unsqueeze(1)).sum(-1)
-        return log_w + logn
+    def _is_local_max(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Whether the Hessian of log p at each point x (n, S, m) is negative definite.
 
-    def _posterior_at(self, x: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self._log_comp_at(x, log_w), dim=2)
-
-    def _negative_definite(self, x: torch.Tensor) -> torch.Tensor:
-        """Whether the density's Hessian at each point x (n, S, m) is negative definite.
-
-        For p(y) = sum_k c_k(y) with Gaussian c_k, the Hessian is
-        sum_k c_k(y) [u_k u_k^T - diag(1/sigma_k^2)] with u_k = (mu_k - y) / sigma_k^2;
-        dividing by p(y) > 0 keeps its sign, so posteriors replace c_k.
+        Central second differences with a step of 1e-3 of the row's smallest scale,
+        compared with the curvature of that scale, 1 / scale^2.
         """
-        post = self._posterior_at(x, torch.log(self._w).unsqueeze(1))  # (n, S, K)
-        inv_var = 1.0 / self._sd**2  # (n, K, m)
-        u = (self._mu.unsqueeze(1) - x.unsqueeze(2)) * inv_var.unsqueeze(1)  # (n, S, K, m)
-        outer = torch.einsum("nsk,nskm,nskl->nsml", post, u, u)
-        diag = torch.einsum("nsk,nkm->nsm", post, inv_var)
-        hess = outer - torch.diag_embed(diag)
-        # scale-free test: eigenvalues relative to the curvature of the sharpest component
-        eig = torch.linalg.eigvalsh(hess)  # (n, S, m), ascending
-        ref = diag.amax(-1)
-        return eig[..., -1] < 1e-6 * ref
+        n, S, m = x.shape
+        h = (1e-3 * scale).view(n, 1, 1)
+
+        def f(pts):
+            return torch.logsumexp(self._log_joint_at(pts), dim=2)  # (n, S)
+
+        f0 = f(x)
+        hess = x.new_empty((n, S, m, m))
+        eye = torch.eye(m, dtype=x.dtype)
+        for a in range(m):
+            ea = eye[a].view(1, 1, m) * h
+            hess[..., a, a] = (f(x + ea) - 2 * f0 + f(x - ea)) / h[..., 0] ** 2
+            for b in range(a + 1, m):
+                eb = eye[b].view(1, 1, m) * h
+                val = (f(x + ea + eb) - f(x + ea - eb) - f(x - ea + eb) + f(x - ea - eb)) / (
+                    4 * h[..., 0] ** 2
+                )
+                hess[..., a, b] = hess[..., b, a] = val
+        top = torch.linalg.eigvalsh(hess)[..., -1]
+        return top < 1e-4 / scale.view(n, 1) ** 2
+
+    def _integer_modes(self, return_density: bool) -> list:
+        top = int(torch.ceil((self._mu + 10 * self._mu.sqrt() + 10).max()))
+        grid = torch.arange(top + 2, dtype=EM_DTYPE)
+        pts = grid.view(1, -1, 1).expand(len(self), -1, 1)
+        logp = torch.logsumexp(self._log_joint_at(pts), dim=2)  # (n, G)
+        left = torch.cat([logp.new_full((len(self), 1), -torch.inf), logp[:, :-1]], 1)
+        peak = (logp >= left) & (logp > torch.cat([logp[:, 1:], logp[:, -1:]], 1))
+        out = []
+        for i in range(len(self)):
+            ks = torch.nonzero(peak[i]).flatten()
+            ks = ks[torch.argsort(logp[i, ks], descending=True)]
+            modes = to_numpy(grid[ks])
+            dens = to_numpy(torch.exp(logp[i, ks]))
+            out.append((modes, dens) if return_density else modes)
+        return out

@@ -157,3 +157,32 @@ def test_safeguard_shortens_a_step_that_lowers_the_objective():
     kept, res = model._safeguard(params, cur, wild, bad, data)
     assert res.objective >= cur.objective
     assert not torch.equal(kept.gate.coef, wild.gate.coef)
+
+
+def _family_data(family, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(700, 2))
+    first = rng.random(700) < 1 / (1 + np.exp(-2 * X[:, 1]))
+    if family == "poisson":
+        return X, rng.poisson(np.exp(np.where(first, 0.3 + 0.7 * X[:, 0], 1.2 - 0.4 * X[:, 0])))
+    y = np.where(first, 1 + 2 * X[:, 0], -1 - X[:, 0]) + 0.3 * rng.standard_t(3, size=700)
+    return X, y
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("student_t", {}),
+        ("student_t", {"df": 4.0}),
+        ("poisson", {}),
+    ],
+)
+def test_every_expert_family_never_decreases_the_objective(family, extra, seed):
+    X, y = _family_data(family, seed)
+    m = MoERegressor(
+        3, expert=family, init="random", max_iter=50, tol=0.0, random_state=seed, **extra
+    )
+    with pytest.warns(ConvergenceWarning):
+        m.fit(X, y)
+    _assert_monotone(m.log_likelihood_history_)

@@ -94,6 +94,7 @@ class BaseMoE(BaseEstimator):
     def _fit(self, X, y) -> BaseMoE:
         self._validate_params()
         X, y = self._validate_xy(X, y)
+        self._summary_data = None
         n = X.shape[0]
         if n < self.n_experts:
             raise ValueError(
@@ -107,7 +108,7 @@ class BaseMoE(BaseEstimator):
             and self._params.gate is not None
             and self._n_experts_fitted == self.n_experts
         )
-        Xt = torch.as_tensor(X, dtype=EM_DTYPE, device=device)
+        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE, device=device)
         if not warm:
             mean = Xt.mean(0)
             scale = Xt.std(0, correction=0)
@@ -157,7 +158,48 @@ class BaseMoE(BaseEstimator):
         self.log_likelihood_history_ = [h + jac for h in result.history]
         self.expert_sizes_ = to_numpy(result.nk)
         self._warn_collapsed(result.nk, expert.min_samples(result.params.expert))
+        # a reference (not a copy) for summary(); dropped when pickled or saved
+        self._summary_data = (X, y)
         return self
+
+    def summary(self, X=None, y=None, *, gate_reference: int = 0):
+        """Coefficients with standard errors, z-values and p-values.
+
+        Standard errors come from the observed information, the negative Hessian
+        of the log-likelihood at the fitted parameters (by torch autograd), as R's
+        flexmix ``refit()`` gives them; see :mod:`moekit.estimators.inference` for
+        the parametrisation (data units; gate relative to expert 0).
+
+        Parameters
+        ----------
+        X, y : array-like, optional
+            The data to compute the information on; by default the data of the last
+            ``fit`` (not kept in pickles or model files).
+        gate_reference : int, default=0
+            The expert the gate's coefficients are relative to.
+
+        Returns
+        -------
+        Summary
+            ``.table`` is a pandas DataFrame; ``print(summary)`` shows the text form.
+        """
+        from moekit.estimators.inference import observed_information_summary
+
+        check_is_fitted(self)
+        if X is None or y is None:
+            if getattr(self, "_summary_data", None) is None:
+                raise ValueError(
+                    "summary() needs X and y: the training data is not kept after pickling "
+                    "or loading a model file."
+                )
+            X, y = self._summary_data
+        return observed_information_summary(self, X, y, gate_reference)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_summary_data", None)
+        return state
 
     def _warn_collapsed(self, nk: torch.Tensor, min_samples: float) -> None:
         small = torch.nonzero(nk < min_samples).flatten().tolist()
@@ -231,7 +273,9 @@ class BaseMoE(BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         return self._designs_from_tensor(
-            torch.as_tensor(X, dtype=EM_DTYPE, device=self._x_mean.device)
+            torch.as_tensor(
+                np.require(X, requirements="W"), dtype=EM_DTYPE, device=self._x_mean.device
+            )
         )
 
     def _em_data(self, X, y) -> EMData:

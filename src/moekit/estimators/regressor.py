@@ -17,10 +17,12 @@ from moekit._core.engine import EM_DTYPE, to_numpy
 from moekit._core.validation import Interval, Options
 from moekit.estimators._base import BaseMoE
 from moekit.experts.gaussian import GaussianExperts
+from moekit.experts.poisson import PoissonExperts
+from moekit.experts.student_t import StudentTExperts
 from moekit.io import register_model
 from moekit.prediction import MixturePrediction
 
-EXPERTS = {"linear": GaussianExperts}
+EXPERTS = {"linear": GaussianExperts, "poisson": PoissonExperts, "student_t": StudentTExperts}
 
 
 @register_model
@@ -45,8 +47,11 @@ class MoERegressor(RegressorMixin, BaseMoE):
     gate : {'softmax', 'constant'} or gate object, default='softmax'
         ``'softmax'`` gives input-dependent weights; ``'constant'`` fixed weights
         pi_k (a mixture of regressions, as flexmix without concomitants).
-    expert : {'linear'}, default='linear'
-        Expert family.
+    expert : {'linear', 'student_t', 'poisson'}, default='linear'
+        Expert family: linear-Gaussian; linear with Student-t noise (robust to
+        outliers, see ``df``); or Poisson regression with a log link for counts.
+    df : float or None, default=None
+        Degrees of freedom of ``'student_t'`` experts; None fits one per expert.
     init : {'kmeans', 'random'}, default='kmeans'
         Starting responsibilities: k-means on the standardised rows [x, y], or a
         random expert per row.
@@ -122,6 +127,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         **BaseMoE._parameter_constraints,
         "expert": [Options(EXPERTS)],
         "reg_var": [Interval(numbers.Real, 0, None, closed="neither")],
+        "df": [None, Interval(numbers.Real, 0, None, closed="neither")],
     }
 
     def __init__(
@@ -137,6 +143,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         init_max_iter: int = 30,
         init_sample_size: int | None = 100_000,
         reg_var: float = 1e-6,
+        df: float | None = None,
         gate_alpha: float = 1e-3,
         warm_start: bool = False,
         random_state=None,
@@ -156,6 +163,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         self.init_max_iter = init_max_iter
         self.init_sample_size = init_sample_size
         self.reg_var = reg_var
+        self.df = df
         self.gate_alpha = gate_alpha
         self.warm_start = warm_start
         self.random_state = random_state
@@ -178,9 +186,20 @@ class MoERegressor(RegressorMixin, BaseMoE):
         y = np.asarray(y, dtype=np.float64)
         self._y_2d = y.ndim == 2
         y2 = y.reshape(len(y), -1)
-        self._y_mean = y2.mean(0)
-        sd = y2.std(0)
-        self._y_scale = np.where(sd > 0, sd, 1.0)
+        family = EXPERTS[self.expert]
+        if family is PoissonExperts:
+            if y2.shape[1] != 1:
+                raise ValueError(
+                    f"expert='poisson' models one count target; y has {y2.shape[1]} columns."
+                )
+            if (y2 < 0).any() or (y2 != np.round(y2)).any():
+                raise ValueError("expert='poisson' needs y of non-negative integer counts.")
+        if family.standardize_target:
+            self._y_mean = y2.mean(0)
+            sd = y2.std(0)
+            self._y_scale = np.where(sd > 0, sd, 1.0)
+        else:
+            self._y_mean, self._y_scale = np.zeros(y2.shape[1]), np.ones(y2.shape[1])
         return X, y
 
     def _check_target(self, y) -> np.ndarray:
@@ -211,7 +230,12 @@ class MoERegressor(RegressorMixin, BaseMoE):
         return torch.argsort(means[..., 0].mean(0), stable=True)
 
     def _make_expert(self):
-        return EXPERTS[self.expert](self.n_experts, len(self._y_mean), var_floor=self.reg_var)
+        family, K, m = EXPERTS[self.expert], self.n_experts, len(self._y_mean)
+        if family is PoissonExperts:
+            return PoissonExperts(K)
+        if family is StudentTExperts:
+            return StudentTExperts(K, m, var_floor=self.reg_var, df=self.df)
+        return GaussianExperts(K, m, var_floor=self.reg_var)
 
     # ------------------------------------------------------------------ API
     def fit(self, X, y) -> MoERegressor:
@@ -253,11 +277,29 @@ class MoERegressor(RegressorMixin, BaseMoE):
     def predict_distribution(self, X) -> MixturePrediction:
         """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`)."""
         w, means, stds = self._moments(X)
-        if self._y_2d:
-            return MixturePrediction(to_numpy(w), to_numpy(means), to_numpy(stds))
-        return MixturePrediction(to_numpy(w), to_numpy(means[..., 0]), to_numpy(stds[..., 0]))
+        family = self._expert_family.predictive_family
+        extra = {
+            k: to_numpy(v)
+            for k, v in self._expert_family.predictive_extra(self._params.expert).items()
+        }
+        if not self._y_2d:
+            means, stds = means[..., 0], stds[..., 0]
+        return MixturePrediction(
+            to_numpy(w), to_numpy(means), to_numpy(stds), family=family, **extra
+        )
 
     # ------------------------------------------------------------------ coefficients
+    def _expert_coef(self) -> np.ndarray:
+        coef = to_numpy(self._params.expert.coef)
+        return coef[:, None, :] if coef.ndim == 2 else coef  # (K, m, p)
+
+    @property
+    def df_(self) -> np.ndarray:
+        """Degrees of freedom of Student-t experts, shape (K,)."""
+        if not hasattr(self._params.expert, "df"):
+            raise AttributeError("df_ exists for expert='student_t' only.")
+        return to_numpy(self._params.expert.df)
+
     def _scatter(self, coef: np.ndarray, cols) -> np.ndarray:
         # slopes on selected, standardised columns -> one column per feature of X
         d = self.n_features_in_
@@ -276,23 +318,32 @@ class MoERegressor(RegressorMixin, BaseMoE):
     def coef_(self) -> np.ndarray:
         """Expert slopes in the data's units, shape (K, n_features) or (K, m, n_features).
 
-        Columns the experts do not see (``expert_features``) are zero.
+        Columns the experts do not see (``expert_features``) are zero. For Poisson
+        experts these are the slopes of the log rate.
         """
-        coef = to_numpy(self._params.expert.coef)[..., :-1]  # (K, m, p)
+        coef = self._expert_coef()[..., :-1]  # (K, m, p)
         slopes = self._scatter(coef, self._expert_cols) * self._y_scale[None, :, None]
         return slopes if self._y_2d else slopes[:, 0, :]
 
     @property
     def intercept_(self) -> np.ndarray:
-        """Expert intercepts in the data's units, shape (K,) or (K, m)."""
-        coef = to_numpy(self._params.expert.coef)
+        """Expert intercepts in the data's units, shape (K,) or (K, m) (log rate for Poisson)."""
+        coef = self._expert_coef()
         b = coef[..., -1] + self._shift(coef[..., :-1], self._expert_cols)
         out = self._y_mean + self._y_scale * b  # (K, m)
         return out if self._y_2d else out[:, 0]
 
     @property
     def noise_std_(self) -> np.ndarray:
-        """Expert noise standard deviations in the data's units, shape (K,) or (K, m)."""
+        """Expert noise scales in the data's units, shape (K,) or (K, m).
+
+        The standard deviation for linear experts; the scale of the t (its standard
+        deviation is scale * sqrt(df / (df - 2))) for Student-t experts.
+        """
+        if not hasattr(self._params.expert, "var"):
+            raise AttributeError(
+                "Poisson experts have no noise scale: their variance equals their rate."
+            )
         std = np.sqrt(to_numpy(self._params.expert.var)) * self._y_scale
         return std if self._y_2d else std[:, 0]
 

@@ -47,6 +47,8 @@ class GaussianExperts:
     monotone = True
     needs_resp = False
     params_type = GaussianParams
+    predictive_family = "normal"
+    standardize_target = True
 
     def __init__(self, n_experts: int, n_outputs: int, var_floor: float) -> None:
         self.n_experts = n_experts
@@ -117,3 +119,6 @@ class GaussianExperts:
         means = torch.einsum("kmp,pn->nkm", params.coef, XT)
         stds = torch.sqrt(params.var).unsqueeze(0).expand_as(means)
         return means, stds
+
+    def predictive_extra(self, params: GaussianParams) -> dict:
+        return {}

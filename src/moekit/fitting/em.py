@@ -145,6 +145,8 @@ class EMModel:
         for chunk in data.chunks(self.chunk_size):
             r = resp[:, chunk.start : chunk.stop]
             self.gate.log_prob(params.gate, chunk)  # leaves the gate's scratch
+            if params.expert is not None:
+                self.expert.log_prob(params.expert, chunk)
             es = _add(es, self.expert.chunk_stats(params.expert, chunk, r))
             gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, r))
         return PassResult(-math.inf, -math.inf, es, gs, resp)
@@ -157,7 +159,8 @@ class EMModel:
 
     def init_from_resp(self, data: EMData, resp: torch.Tensor) -> Params:
         """The first M-step, from initial responsibilities (K, n)."""
-        start = Params(None, self.gate.init_params(data))
+        init = getattr(self.expert, "init_params", None)
+        start = Params(None if init is None else init(data), self.gate.init_params(data))
         return self.m_step(start, self.stats_from_resp(start, data, resp), data)
 
     def interpolate(self, old: Params, new: Params, t: float) -> Params:
