@@ -11,33 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-
-def _criterion_table(X, y, ks, *, n_init: int, random_state: int):
-    from moekit import MoERegressor
-
-    rows, models = [], {}
-    for k in ks:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = MoERegressor(k, n_init=n_init, max_iter=1000, random_state=random_state).fit(X, y)
-        models[k] = m
-        rows.append(
-            {
-                "n_experts": k,
-                "log_likelihood": m.log_likelihood(X, y) * len(X),
-                "n_parameters": m.n_parameters(),
-                "bic": m.bic(X, y),
-                "aic": m.aic(X, y),
-                "iterations": m.n_iter_,
-            }
-        )
-    return pd.DataFrame(rows), models
 
 
 def regression_report(model, X, y, feature_names) -> str:
@@ -66,6 +43,7 @@ def regression_report(model, X, y, feature_names) -> str:
 
 
 def cmd_demo(args) -> int:
+    from moekit import MoERegressor, select_n_experts
     from moekit.datasets import load_mcycle
     from moekit.plotting import plot_criterion, plot_regression_fit
 
@@ -74,11 +52,12 @@ def cmd_demo(args) -> int:
     X, y = load_mcycle()
     print("moekit demo: motorcycle crash data (mcycle), head acceleration vs time")
     print(f"Fitting MoERegressor with K = 2..6 experts, {args.n_init} starts each ...")
-    table, models = _criterion_table(X, y, range(2, 7), n_init=args.n_init, random_state=0)
-    best_k = int(table.loc[table["bic"].idxmin(), "n_experts"])
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    template = MoERegressor(max_iter=1000, random_state=0)
+    model, table = select_n_experts(template, X, y, range(2, 7), "bic", n_init=args.n_init)
+    best_k = model.n_experts
+    shown = table.drop(columns=["best", "converged"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     print(f"\nBIC picks K = {best_k}.\n")
-    model = models[best_k]
     print(regression_report(model, X, y, ["times"]))
     fig = plot_regression_fit(
         model,

@@ -2,6 +2,7 @@
 
 from moekit.estimators.classifier import MoEClassifier
 from moekit.estimators.mdn import MDNRegressor
+from moekit.estimators.model_selection import select_n_experts
 from moekit.estimators.regressor import MoERegressor
 
-__all__ = ["MDNRegressor", "MoEClassifier", "MoERegressor"]
+__all__ = ["MDNRegressor", "MoEClassifier", "MoERegressor", "select_n_experts"]

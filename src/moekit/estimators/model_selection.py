@@ -1,0 +1,110 @@
+"""Choosing the number of experts, as flexmix's stepFlexmix does."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from moekit._core.validation import Options, validate_params
+
+CRITERIA = ("bic", "aic", "icl")
+
+
+def icl(model, X, y) -> float:
+    """Integrated completed likelihood (Biernacki, Celeux and Govaert, 2000), ICL-BIC form.
+
+    .. math::  \\mathrm{ICL} = \\mathrm{BIC} + 2\\, \\mathrm{EN}, \\qquad
+               \\mathrm{EN} = -\\sum_i \\sum_k r_{ik} \\log r_{ik},
+
+    BIC penalised by the entropy of the responsibilities: it prefers experts whose
+    regions are well separated (lower is better).
+    """
+    r = model.responsibilities(X, y)
+    entropy = -float(np.sum(r * np.log(np.clip(r, 1e-300, None))))
+    return model.bic(X, y) + 2.0 * entropy
+
+
+def select_n_experts(
+    estimator,
+    X,
+    y,
+    n_experts: Iterable[int] = range(1, 8),
+    criterion: str = "bic",
+    n_init: int | None = None,
+    verbose: int = 0,
+):
+    """Fit the estimator for every number of experts and keep the best by a criterion.
+
+    Parameters
+    ----------
+    estimator : MoERegressor or MoEClassifier
+        A template; it is cloned for every K with ``n_experts=K`` (and ``n_init``).
+    X : array-like of shape (n_samples, n_features)
+    y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+    n_experts : iterable of int, default=range(1, 8)
+    criterion : {'bic', 'aic', 'icl'}, default='bic'
+        Lower is better for all three (``-2 log L`` plus a penalty).
+    n_init : int or None, default=None
+        Starts per K; None keeps the estimator's own ``n_init``.
+    verbose : int, default=0
+        1 prints one line per K.
+
+    Returns
+    -------
+    best : estimator
+        The fitted estimator with the lowest criterion.
+    table : pandas.DataFrame
+        One row per K: ``n_experts``, ``log_likelihood`` (total), ``n_parameters``,
+        ``bic``, ``aic``, ``icl``, ``n_iter``, ``converged``; ``best`` marks the choice.
+        ``moekit.plotting.plot_criterion(table, criterion)`` draws it.
+
+    Examples
+    --------
+    >>> from moekit import MoERegressor, select_n_experts
+    >>> from moekit.datasets import make_moe_regression
+    >>> X, y, _ = make_moe_regression(2000, n_features=2, n_experts=2, random_state=0)
+    >>> best, table = select_n_experts(MoERegressor(random_state=0), X, y, n_experts=[1, 2, 3])
+    >>> best.n_experts
+    2
+    """
+    validate_params(
+        "select_n_experts", {"criterion": criterion}, {"criterion": [Options(CRITERIA)]}
+    )
+    ks = [int(k) for k in n_experts]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"n_experts must hold positive ints; got {ks}.")
+    rows, models = [], {}
+    for k in ks:
+        params = {"n_experts": k}
+        if n_init is not None:
+            params["n_init"] = n_init
+        model = clone(estimator).set_params(**params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence and collapse are in the table
+            model.fit(X, y)
+        n = len(X)
+        ll = model.log_likelihood(X, y) * n
+        rows.append(
+            {
+                "n_experts": k,
+                "log_likelihood": ll,
+                "n_parameters": model.n_parameters(),
+                "bic": model.bic(X, y),
+                "aic": model.aic(X, y),
+                "icl": icl(model, X, y),
+                "n_iter": model.n_iter_,
+                "converged": model.converged_,
+            }
+        )
+        models[k] = model
+        if verbose:
+            r = rows[-1]
+            print(f"K = {k}: log-likelihood {ll:.2f}, {criterion.upper()} {r[criterion]:.2f}")
+    table = pd.DataFrame(rows)
+    best_k = int(table.loc[table[criterion].idxmin(), "n_experts"])
+    table["best"] = table["n_experts"] == best_k
+    return models[best_k], table

@@ -1,0 +1,42 @@
+"""select_n_experts finds the number of experts that generated the data."""
+
+import numpy as np
+import pytest
+
+from moekit import MoERegressor, select_n_experts
+from moekit.datasets import make_moe_regression
+from moekit.estimators.model_selection import icl
+
+
+@pytest.mark.parametrize("true_k", [2, 3, 4])
+def test_bic_picks_the_true_number_of_experts(true_k):
+    X, y, _ = make_moe_regression(
+        4000, n_features=2, n_experts=true_k, random_state=true_k, noise=0.25, coef_scale=3.0
+    )
+    best, table = select_n_experts(MoERegressor(random_state=0), X, y, range(1, 7), n_init=3)
+    assert best.n_experts == true_k, table
+    assert table["best"].sum() == 1 and list(table["n_experts"]) == [1, 2, 3, 4, 5, 6]
+    assert (np.diff(table["log_likelihood"][:true_k]) > 0).all()  # more experts fit better
+
+
+def test_criteria_and_table_contents():
+    X, y, _ = make_moe_regression(1500, n_features=2, n_experts=2, random_state=0)
+    best, table = select_n_experts(MoERegressor(random_state=0), X, y, [1, 2, 3], criterion="icl")
+    row = table.set_index("n_experts").loc[best.n_experts]
+    assert row["icl"] == pytest.approx(icl(best, X, y))
+    assert row["icl"] >= row["bic"]  # ICL adds the entropy of the responsibilities
+    assert row["aic"] == pytest.approx(best.aic(X, y))
+    with pytest.raises(ValueError, match="'criterion' parameter of select_n_experts"):
+        select_n_experts(MoERegressor(), X, y, [1, 2], criterion="waic")
+    with pytest.raises(ValueError, match="positive ints"):
+        select_n_experts(MoERegressor(), X, y, [0, 1])
+
+
+def test_criterion_plot(tmp_path):
+    from moekit.plotting import plot_criterion
+
+    X, y, _ = make_moe_regression(600, n_features=1, n_experts=2, random_state=0)
+    _, table = select_n_experts(MoERegressor(random_state=0), X, y, [1, 2, 3])
+    fig = plot_criterion(table, "bic")
+    fig.savefig(tmp_path / "bic.png")
+    assert (tmp_path / "bic.png").stat().st_size > 1000
