@@ -89,3 +89,105 @@ def test_t_and_poisson_mixtures_against_scipy():
     # Poisson(1) ties at 0 and 1, Poisson(9) at 8 and 9; the other component breaks each tie
     np.testing.assert_array_equal(p.modes()[0], [1.0, 8.0])
     assert p.mean()[0] == pytest.approx(0.3 + 6.3)
+
+
+def test_mlp_experts_learn_a_nonlinear_regime():
+    rng = np.random.default_rng(3)
+
+    def draw(n):
+        X = rng.uniform(-3, 3, (n, 1))
+        y = np.where(X[:, 0] < 0, np.sin(2 * X[:, 0]), 0.5 * X[:, 0] ** 2)
+        return X, y + 0.1 * rng.normal(size=n)
+
+    X, y = draw(1500)
+    X_test, y_test = draw(1500)
+    kw = dict(random_state=0, max_iter=60, tol=1e-5)
+    linear = MoERegressor(2, **kw).fit(X, y)
+    with _ignore():
+        mlp = MoERegressor(2, expert="mlp", expert_options={"hidden": 12}, **kw).fit(X, y)
+    np.testing.assert_allclose(mlp.noise_std_, 0.1, rtol=0.15)
+    assert mlp.log_likelihood(X_test, y_test) > linear.log_likelihood(X_test, y_test) + 0.8
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['width'\]"):
+        MoERegressor(2, expert="mlp", expert_options={"width": 3}).fit(X, y)
+    with pytest.raises(ValueError, match="expert_options are for expert='mlp'"):
+        MoERegressor(2, expert_options={"hidden": 3}).fit(X, y)
+
+
+def _ignore():
+    import warnings
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("ignore")
+
+    class _Exit:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            ctx.__exit__(*exc)
+
+    return _Exit()
+
+
+def test_decision_tree_experts_fit_step_functions():
+    from sklearn.tree import DecisionTreeRegressor
+
+    rng = np.random.default_rng(4)
+
+    def draw(n):
+        X = rng.uniform(-3, 3, (n, 2))
+        step = np.where(X[:, 0] < -1, -2.0, np.where(X[:, 0] < 1, 0.5, 3.0))
+        y = np.where(X[:, 1] > 0, step, 1.0 - step) + 0.1 * rng.normal(size=n)
+        return X, y
+
+    X, y = draw(3000)
+    X_test, y_test = draw(3000)
+    # k-means on [x, y] would hand each flexible expert a band of y values, a local
+    # optimum the gate cannot express; random starts (flexmix's default) avoid it
+    trees = MoERegressor(
+        2,
+        expert=DecisionTreeRegressor(max_depth=2),
+        expert_features=[0],
+        gate_features=[1],
+        init="random",
+        n_init=2,
+        random_state=0,
+    ).fit(X, y)
+    linear = MoERegressor(2, expert_features=[0], gate_features=[1], random_state=0).fit(X, y)
+    np.testing.assert_allclose(trees.noise_std_, 0.1, rtol=0.1)
+    assert trees.score(X_test, y_test) > 0.97 > linear.score(X_test, y_test)
+    grid = np.column_stack([[-2.0, 0.0, 2.0], [1.0, 1.0, 1.0]])  # the x1 > 0 regime
+    np.testing.assert_allclose(trees.predict(grid), [-2.0, 0.5, 3.0], atol=0.05)
+    with pytest.raises(TypeError, match="cannot store expert=DecisionTreeRegressor"):
+        trees.save("unused.moe")
+    assert trees.n_parameters() == 2 * 4 + 2 + 1 * 2  # leaves + noise + gate
+
+
+def test_an_estimator_without_sample_weight_is_refused_clearly():
+    from sklearn.neighbors import KNeighborsRegressor
+
+    X = np.random.default_rng(0).normal(size=(50, 1))
+    with pytest.raises(TypeError, match="does not accept sample_weight"):
+        MoERegressor(2, expert=KNeighborsRegressor()).fit(X, X[:, 0])
+
+
+def test_mlp_gate_separates_a_ring_that_a_linear_gate_cannot():
+    rng = np.random.default_rng(5)
+
+    def draw(n):
+        X = rng.uniform(-2, 2, (n, 2))
+        inner = np.sqrt((X**2).sum(1)) < 1.2
+        return X, np.where(inner, 1 + X[:, 0], -1 + 2 * X[:, 1]) + 0.1 * rng.normal(size=n)
+
+    X, y = draw(2000)
+    X_test, y_test = draw(2000)
+    kw = dict(random_state=0, n_init=2, max_iter=80, tol=1e-5)
+    linear = MoERegressor(2, **kw).fit(X, y)
+    with _ignore():
+        ring = MoERegressor(2, gate="mlp", gate_options={"hidden": 8}, **kw).fit(X, y)
+    assert ring.log_likelihood(X_test, y_test) > linear.log_likelihood(X_test, y_test) + 0.3
+    inner = np.sqrt((X_test**2).sum(1)) < 1.2
+    g = ring.gate_weights(X_test)
+    # one expert owns the disc, the other the ring around it
+    assert abs(g[inner].mean(0) - g[~inner].mean(0)).max() > 0.8

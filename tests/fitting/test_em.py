@@ -186,3 +186,40 @@ def test_every_expert_family_never_decreases_the_objective(family, extra, seed):
     with pytest.warns(ConvergenceWarning):
         m.fit(X, y)
     _assert_monotone(m.log_likelihood_history_)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", ["mlp_expert", "mlp_gate", "tree_expert", "tree_classifier"])
+def test_generalised_em_families_never_decrease_the_objective(kind, seed):
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+    X, y = _family_data("linear", seed)
+    X, y = X[:400], y[:400]
+    small = {"hidden": 6, "steps": 5}
+    if kind == "tree_classifier":
+        m = MoEClassifier(
+            2,
+            expert=DecisionTreeClassifier(max_depth=2),
+            init="random",
+            max_iter=15,
+            tol=0.0,
+            random_state=seed,
+        )
+        y = (y > np.median(y)).astype(int)
+    else:
+        m = MoERegressor(
+            2,
+            init="random",
+            max_iter=15,
+            tol=0.0,
+            random_state=seed,
+            **{
+                "mlp_expert": {"expert": "mlp", "expert_options": small},
+                "mlp_gate": {"gate": "mlp", "gate_options": small},
+                "tree_expert": {"expert": DecisionTreeRegressor(max_depth=3)},
+            }[kind],
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m.fit(X, y)
+    _assert_monotone(m.log_likelihood_history_)

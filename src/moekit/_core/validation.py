@@ -179,3 +179,24 @@ def validate_params(owner: str, params: Mapping[str, Any], constraints: Mapping[
         raise InvalidParameterError(
             f"The {name!r} parameter of {owner} must be {text}. Got {value!r} instead."
         )
+
+
+def check_options(
+    options: Mapping[str, Any] | None, defaults: Mapping[str, Any], owner: str
+) -> dict:
+    """Merge a user's options dict over ``defaults``, refusing unknown names.
+
+    Raises
+    ------
+    ValueError
+        Naming ``owner`` (the argument) and the unknown and known option names.
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidParameterError(f"{owner} must be a dict or None; got {options!r}.")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"{owner}: unknown option(s) {unknown}; known options are {sorted(defaults)}."
+        )
+    return {**defaults, **options}

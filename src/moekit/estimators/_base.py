@@ -27,9 +27,10 @@ from moekit.fitting.data import Chunk, EMData
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.init import kmeans_resp, random_resp
 from moekit.gates.constant import ConstantGate
+from moekit.gates.mlp import MLPGate
 from moekit.gates.softmax import SoftmaxGate
 
-GATES = {"softmax": SoftmaxGate, "constant": ConstantGate}
+GATES = {"softmax": SoftmaxGate, "constant": ConstantGate, "mlp": MLPGate}
 
 
 class CollapsedExpertWarning(UserWarning):
@@ -56,6 +57,8 @@ class BaseMoE(BaseEstimator):
         "device": [str, torch.device],
         "expert_features": [None, "array-like"],
         "gate_features": [None, "array-like"],
+        "expert_options": [None, dict],
+        "gate_options": [None, dict],
     }
 
     # ------------------------------------------------------------------ hooks
@@ -85,16 +88,24 @@ class BaseMoE(BaseEstimator):
         )
 
     def _make_gate(self):
-        if isinstance(self.gate, str):
-            if self.gate == "softmax":
-                return SoftmaxGate(self.n_experts, alpha=self.gate_alpha)
-            return GATES[self.gate](self.n_experts)
-        return self.gate
+        if not isinstance(self.gate, str):
+            return self.gate
+        if self.gate == "mlp":
+            return MLPGate(self.n_experts, seed=self._seed, options=self.gate_options)
+        if self.gate_options:
+            raise ValueError(f"gate_options are for gate='mlp'; got gate={self.gate!r}.")
+        if self.gate == "softmax":
+            return SoftmaxGate(self.n_experts, alpha=self.gate_alpha)
+        return GATES[self.gate](self.n_experts)
 
     def _fit(self, X, y) -> BaseMoE:
         self._validate_params()
         X, y = self._validate_xy(X, y)
         self._summary_data = None
+        # seeds the random initial weights of neural experts and gates
+        self._seed = int(
+            torch.randint(0, 2**31 - 1, (1,), generator=torch_generator(self.random_state))
+        )
         n = X.shape[0]
         if n < self.n_experts:
             raise ValueError(
@@ -391,6 +402,7 @@ class BaseMoE(BaseEstimator):
     def _from_state(cls, params: dict, state: dict, tensors: dict) -> BaseMoE:
         model = cls(**params)
         model._validate_params()
+        model._seed = 0
         device = resolve_device(model.device if torch.cuda.is_available() else "cpu")
         tensors = {k: v.to(device=device) for k, v in tensors.items()}
         model.n_features_in_ = state["n_features_in_"]

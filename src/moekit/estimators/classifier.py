@@ -13,9 +13,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from moekit._core.engine import to_numpy
-from moekit._core.validation import Interval, Options
+from moekit._core.validation import HasMethods, Interval, Options
 from moekit.estimators._base import BaseMoE
 from moekit.experts.logistic import LogisticExperts
+from moekit.experts.wrapped import WrappedExperts
 from moekit.io import array_from_json, json_array, register_model
 
 EXPERTS = {"logistic": LogisticExperts}
@@ -37,7 +38,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     ----------
     n_experts : int, default=3
     gate : {'softmax', 'constant'} or gate object, default='softmax'
-    expert : {'logistic'}, default='logistic'
+    expert : {'logistic'} or classifier, default='logistic'
+        Multinomial logistic experts, or any scikit-learn classifier with
+        ``predict_proba`` whose ``fit`` accepts ``sample_weight``, cloned per expert.
     init : {'kmeans', 'random'}, default='kmeans'
         k-means runs on the standardised features only: a gate can represent regions
         of the input space, not of the classes.
@@ -85,7 +88,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseMoE._parameter_constraints,
-        "expert": [Options(EXPERTS)],
+        "expert": [Options(EXPERTS), HasMethods(("fit", "predict_proba"))],
         "alpha": [None, Interval(numbers.Real, 0, None, closed="left")],
     }
 
@@ -110,6 +113,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         device: str = "cpu",
         expert_features=None,
         gate_features=None,
+        expert_options: dict | None = None,
+        gate_options: dict | None = None,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -129,6 +134,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         self.device = device
         self.expert_features = expert_features
         self.gate_features = gate_features
+        self.expert_options = expert_options
+        self.gate_options = gate_options
 
     # ------------------------------------------------------------------ target
     def _validate_xy(self, X, y):
@@ -163,6 +170,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return torch.as_tensor(codes, dtype=torch.long, device=device)
 
     def _make_expert(self):
+        if self.expert_options:
+            raise ValueError("expert_options are not used by MoEClassifier's experts.")
+        if not isinstance(self.expert, str):
+            return WrappedExperts(self.expert, self.n_experts, classes=len(self.classes_))
         alpha = 1.0 / self.n_experts if self.alpha is None else self.alpha
         return EXPERTS[self.expert](self.n_experts, len(self.classes_), alpha=alpha)
 

@@ -14,15 +14,22 @@ from sklearn.base import RegressorMixin
 from sklearn.utils.validation import validate_data
 
 from moekit._core.engine import EM_DTYPE, to_numpy
-from moekit._core.validation import Interval, Options
+from moekit._core.validation import HasMethods, Interval, Options
 from moekit.estimators._base import BaseMoE
 from moekit.experts.gaussian import GaussianExperts
+from moekit.experts.mlp import MLPExperts
 from moekit.experts.poisson import PoissonExperts
 from moekit.experts.student_t import StudentTExperts
+from moekit.experts.wrapped import WrappedExperts
 from moekit.io import register_model
 from moekit.prediction import MixturePrediction
 
-EXPERTS = {"linear": GaussianExperts, "poisson": PoissonExperts, "student_t": StudentTExperts}
+EXPERTS = {
+    "linear": GaussianExperts,
+    "poisson": PoissonExperts,
+    "student_t": StudentTExperts,
+    "mlp": MLPExperts,
+}
 
 
 @register_model
@@ -44,12 +51,21 @@ class MoERegressor(RegressorMixin, BaseMoE):
     ----------
     n_experts : int, default=3
         Number of experts K.
-    gate : {'softmax', 'constant'} or gate object, default='softmax'
+    gate : {'softmax', 'constant', 'mlp'} or gate object, default='softmax'
         ``'softmax'`` gives input-dependent weights; ``'constant'`` fixed weights
-        pi_k (a mixture of regressions, as flexmix without concomitants).
-    expert : {'linear', 'student_t', 'poisson'}, default='linear'
+        pi_k (a mixture of regressions, as flexmix without concomitants); ``'mlp'``
+        a two-layer gate softmax(V1 tanh(V2 x)) for curved regions (see
+        ``gate_options``).
+    expert : {'linear', 'student_t', 'poisson', 'mlp'}, default='linear'
         Expert family: linear-Gaussian; linear with Student-t noise (robust to
-        outliers, see ``df``); or Poisson regression with a log link for counts.
+        outliers, see ``df``); Poisson regression with a log link for counts; or a
+        small neural network per expert (see ``expert_options``). Any scikit-learn
+        regressor whose ``fit`` accepts ``sample_weight`` (a decision tree, gradient
+        boosting...) is cloned per expert and refitted with the responsibilities as
+        weights; its Gaussian noise scale comes from the weighted residuals. Such
+        models cannot be saved to model files (they would need pickle). Flexible
+        experts can lock onto bands of y from a k-means start; ``init='random'``
+        with several starts avoids that.
     df : float or None, default=None
         Degrees of freedom of ``'student_t'`` experts; None fits one per expert.
     init : {'kmeans', 'random'}, default='kmeans'
@@ -85,6 +101,14 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Columns of X the experts and the gate see: column indices, names (for a
         DataFrame) or a boolean mask; None uses every column. A gate on other
         variables than the experts is flexmix's concomitant-variable model.
+    expert_options, gate_options : dict or None, default=None
+        Settings of ``expert='mlp'`` and ``gate='mlp'``: ``hidden`` (units),
+        ``steps`` (L-BFGS iterations per M-step), ``weight_decay``.
+
+    Notes
+    -----
+    After a fit the experts are numbered in increasing order of their mean
+    prediction over the training inputs, so that refits and restarts are comparable.
 
     Attributes
     ----------
@@ -125,7 +149,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseMoE._parameter_constraints,
-        "expert": [Options(EXPERTS)],
+        "expert": [Options(EXPERTS), HasMethods(("fit", "predict"))],
         "reg_var": [Interval(numbers.Real, 0, None, closed="neither")],
         "df": [None, Interval(numbers.Real, 0, None, closed="neither")],
     }
@@ -152,6 +176,8 @@ class MoERegressor(RegressorMixin, BaseMoE):
         device: str = "cpu",
         expert_features=None,
         gate_features=None,
+        expert_options: dict | None = None,
+        gate_options: dict | None = None,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -172,6 +198,8 @@ class MoERegressor(RegressorMixin, BaseMoE):
         self.device = device
         self.expert_features = expert_features
         self.gate_features = gate_features
+        self.expert_options = expert_options
+        self.gate_options = gate_options
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -186,7 +214,15 @@ class MoERegressor(RegressorMixin, BaseMoE):
         y = np.asarray(y, dtype=np.float64)
         self._y_2d = y.ndim == 2
         y2 = y.reshape(len(y), -1)
-        family = EXPERTS[self.expert]
+        family = (
+            EXPERTS.get(self.expert, WrappedExperts)
+            if isinstance(self.expert, str)
+            else (WrappedExperts)
+        )
+        if family is WrappedExperts and y2.shape[1] != 1:
+            raise ValueError(
+                f"an estimator as expert models one target; y has {y2.shape[1]} columns."
+            )
         if family is PoissonExperts:
             if y2.shape[1] != 1:
                 raise ValueError(
@@ -230,7 +266,18 @@ class MoERegressor(RegressorMixin, BaseMoE):
         return torch.argsort(means[..., 0].mean(0), stable=True)
 
     def _make_expert(self):
-        family, K, m = EXPERTS[self.expert], self.n_experts, len(self._y_mean)
+        K, m = self.n_experts, len(self._y_mean)
+        if not isinstance(self.expert, str):
+            if self.expert_options:
+                raise ValueError("expert_options are for expert='mlp'.")
+            return WrappedExperts(self.expert, K, var_floor=self.reg_var)
+        family = EXPERTS[self.expert]
+        if family is MLPExperts:
+            return MLPExperts(
+                K, m, var_floor=self.reg_var, seed=self._seed, options=self.expert_options
+            )
+        if self.expert_options:
+            raise ValueError(f"expert_options are for expert='mlp'; got expert={self.expert!r}.")
         if family is PoissonExperts:
             return PoissonExperts(K)
         if family is StudentTExperts:
