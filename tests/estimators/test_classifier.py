@@ -61,3 +61,17 @@ def test_one_class_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="labels not seen in fit"):
         m.log_likelihood(np.zeros((2, 2)), [0, 7])
+
+
+def test_one_expert_is_a_logistic_regression():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 2)) * [3, 1] + [10, 0]
+    p = 1 / (1 + np.exp(-(X[:, 1] + 0.3 * (X[:, 0] - 10))))
+    y = (rng.random(3000) < p).astype(int)
+    m = MoEClassifier(1, alpha=1e-8, tol=1e-10, random_state=0).fit(X, y)
+    lr = LogisticRegression(C=1e8).fit(X, y)
+    # class scores are symmetric: their difference is the binary logit
+    np.testing.assert_allclose(m.coef_[0, 1] - m.coef_[0, 0], lr.coef_[0], rtol=1e-4)
+    np.testing.assert_allclose(m.intercept_[0, 1] - m.intercept_[0, 0], lr.intercept_, rtol=1e-4)
+    np.testing.assert_allclose(m.predict_proba(X), lr.predict_proba(X), atol=1e-5)
+    assert m.gate_coef_.shape == (1, 2)

@@ -209,6 +209,27 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
+    # ------------------------------------------------------------------ coefficients
+    @property
+    def coef_(self) -> np.ndarray:
+        """Expert slopes in the data's units, shape (K, n_classes, n_features).
+
+        Class scores are symmetric (the penalty centres them over classes); only
+        differences between classes matter. Columns the experts do not see are zero.
+        """
+        coef = to_numpy(self._params.expert.coef)
+        if coef.ndim != 3:
+            raise AttributeError("coef_ exists for logistic experts only.")
+        return self._scatter(coef[..., :-1], self._expert_cols)
+
+    @property
+    def intercept_(self) -> np.ndarray:
+        """Expert intercepts (class scores at x = 0), shape (K, n_classes)."""
+        coef = to_numpy(self._params.expert.coef)
+        if coef.ndim != 3:
+            raise AttributeError("intercept_ exists for logistic experts only.")
+        return coef[..., -1] + self._shift(coef[..., :-1], self._expert_cols)
+
     # ------------------------------------------------------------------ files
     def _extra_state(self):
         return {"classes_": json_array(self.classes_)}, {}

@@ -347,20 +347,6 @@ class MoERegressor(RegressorMixin, BaseMoE):
             raise AttributeError("df_ exists for expert='student_t' only.")
         return to_numpy(self._params.expert.df)
 
-    def _scatter(self, coef: np.ndarray, cols) -> np.ndarray:
-        # slopes on selected, standardised columns -> one column per feature of X
-        d = self.n_features_in_
-        cols = np.arange(d) if cols is None else cols
-        out = np.zeros((*coef.shape[:-1], d))
-        out[..., cols] = coef / to_numpy(self._x_scale)[cols]
-        return out
-
-    def _shift(self, coef: np.ndarray, cols) -> np.ndarray:
-        # what the centring of x adds to the intercept: -sum_j b_j mean_j / scale_j
-        cols = np.arange(self.n_features_in_) if cols is None else cols
-        ratio = to_numpy(self._x_mean / self._x_scale)[cols]
-        return -(coef * ratio).sum(-1)
-
     @property
     def coef_(self) -> np.ndarray:
         """Expert slopes in the data's units, shape (K, n_features) or (K, m, n_features).
@@ -393,29 +379,6 @@ class MoERegressor(RegressorMixin, BaseMoE):
             )
         std = np.sqrt(to_numpy(self._params.expert.var)) * self._y_scale
         return std if self._y_2d else std[:, 0]
-
-    @property
-    def gate_coef_(self) -> np.ndarray:
-        """Gate slopes V in g(x) = softmax(V x + v), shape (K, n_features).
-
-        The softmax is unchanged by adding one vector to every row; the gate's
-        penalty makes the slopes sum to zero over experts. Columns the gate does not
-        see (``gate_features``) are zero, and so is everything for a constant gate.
-        """
-        gate = self._params.gate
-        if not hasattr(gate, "coef"):
-            return np.zeros((self._n_experts_fitted, self.n_features_in_))
-        return self._scatter(to_numpy(gate.coef)[:, :-1], self._gate_cols)
-
-    @property
-    def gate_intercept_(self) -> np.ndarray:
-        """Gate intercepts v, shape (K,), centred to sum to zero; log pi_k for a constant gate."""
-        gate = self._params.gate
-        if not hasattr(gate, "coef"):
-            return to_numpy(gate.log_pi)
-        coef = to_numpy(gate.coef)
-        v = coef[:, -1] + self._shift(coef[:, :-1], self._gate_cols)
-        return v - v.mean()
 
     # ------------------------------------------------------------------ files
     def _extra_state(self):
