@@ -12,7 +12,7 @@ from moekit.datasets import make_moe_regression
 def test_demo_writes_its_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--n-init", "2"]) == 0
     out = capsys.readouterr().out
-    assert "BIC picks K =" in out and "noise_std" in out
+    assert "BIC picks K =" in out and "std_error" in out and "gate: expert 1 vs 0" in out
     for name in ("mcycle_fit.png", "mcycle_bic.png", "mcycle.moe", "mcycle_bic.csv"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "mcycle_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,29 +17,15 @@ import numpy as np
 import pandas as pd
 
 
-def regression_report(model, X, y, feature_names) -> str:
-    """A plain-text summary of a fitted MoERegressor."""
-    lines = [
-        f"{type(model).__name__}: K = {model.n_experts} experts, n = {len(X)} samples",
+def regression_report(model, X, y) -> str:
+    """A plain-text summary of a fitted MoERegressor: fit statistics and coefficients."""
+    head = [
         f"  mean log-likelihood {model.log_likelihood(X, y):.4f} per sample, "
-        f"BIC {model.bic(X, y):.1f}, AIC {model.aic(X, y):.1f}, "
-        f"{model.n_parameters()} parameters",
+        f"BIC {model.bic(X, y):.1f}, AIC {model.aic(X, y):.1f}",
         f"  EM: {model.n_iter_} iterations, {'converged' if model.converged_ else 'NOT converged'}",
         "",
     ]
-    coef = np.atleast_2d(model.coef_)
-    table = pd.DataFrame(
-        coef.reshape(model.n_experts, -1),
-        columns=[f"slope[{name}]" for name in feature_names][: coef.shape[-1]]
-        if coef.ndim == 2
-        else None,
-    )
-    table.insert(0, "intercept", np.asarray(model.intercept_).reshape(model.n_experts, -1)[:, 0])
-    table["noise_std"] = np.asarray(model.noise_std_).reshape(model.n_experts, -1)[:, 0]
-    table["share"] = model.expert_sizes_ / model.expert_sizes_.sum()
-    table.index.name = "expert"
-    lines.append(table.to_string(float_format=lambda v: f"{v:.4g}"))
-    return "\n".join(lines)
+    return "\n".join([*head, str(model.summary(X, y))])
 
 
 def cmd_demo(args) -> int:
@@ -49,7 +35,8 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    X, y = load_mcycle()
+    frame = load_mcycle(as_frame=True)
+    X, y = frame[["times"]], frame["accel"]
     print("moekit demo: motorcycle crash data (mcycle), head acceleration vs time")
     print(f"Fitting MoERegressor with K = 2..6 experts, {args.n_init} starts each ...")
     template = MoERegressor(max_iter=1000, random_state=0)
@@ -58,7 +45,7 @@ def cmd_demo(args) -> int:
     shown = table.drop(columns=["best", "converged"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     print(f"\nBIC picks K = {best_k}.\n")
-    print(regression_report(model, X, y, ["times"]))
+    print(regression_report(model, X, y))
     fig = plot_regression_fit(
         model,
         X,
@@ -106,7 +93,7 @@ def cmd_fit(args) -> int:
     ).fit(X, y)
     model.save(out / "model.moe")
     if task == "regression":
-        report = regression_report(model, X.to_numpy(), y.to_numpy(), list(X.columns))
+        report = regression_report(model, X, y)
         if X.shape[1] == 1:
             fig = plot_regression_fit(
                 model, X.to_numpy(), y.to_numpy(), xlabel=X.columns[0], ylabel=args.target
