@@ -22,13 +22,13 @@ z-values are estimate / standard error and p-values two-sided normal.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from moekit._core.components import Normal, StudentT
 from moekit._core.engine import EM_DTYPE, to_numpy
 
 
@@ -313,25 +313,15 @@ class _Spec:
             eta = mean
             return (y * eta - torch.exp(eta) - torch.lgamma(y + 1)).sum(-1)
         sigma = P["sigma"].unsqueeze(0)  # (1, K, m)
-        z2 = ((y - mean) / sigma) ** 2
-        if self.fixed_df is not None:
-            nu = self.fixed_df
-            if "df" in P:  # free entries from theta, the others fixed
-                free = iter(P["df"])
-                nu = torch.stack(
-                    [next(free) if f else nu[k] for k, f in enumerate(self.free_df.tolist())]
-                )
-            nu = nu.unsqueeze(0)
-            mo = y.shape[-1]
-            d2 = z2.sum(-1)
-            return (
-                torch.lgamma((nu + mo) / 2)
-                - torch.lgamma(nu / 2)
-                - 0.5 * mo * torch.log(nu * math.pi)
-                - torch.log(sigma).sum(-1)
-                - 0.5 * (nu + mo) * torch.log1p(d2 / nu)
+        if self.fixed_df is None:
+            return Normal.log_prob(y, mean, sigma)
+        nu = self.fixed_df
+        if "df" in P:  # free entries from theta, the others fixed
+            free = iter(P["df"])
+            nu = torch.stack(
+                [next(free) if f else nu[k] for k, f in enumerate(self.free_df.tolist())]
             )
-        return (-0.5 * (math.log(2 * math.pi) + z2) - torch.log(sigma)).sum(-1)
+        return StudentT.log_prob(y, mean, sigma, nu.unsqueeze(0))
 
     def loglik(self, theta) -> torch.Tensor:
         P = self._unpack(theta)

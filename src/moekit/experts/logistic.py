@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.fitting.data import Chunk, EMData
+from moekit.fitting.lbfgs import lbfgs_minimise
 
 
 @dataclass
@@ -87,32 +88,14 @@ class LogisticExperts:
             iters = 5 * self.max_iter
         else:
             start, iters = params.coef, self.max_iter
-        coef = start.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [coef],
-            lr=1.0,
-            max_iter=iters,
-            history_size=10,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-9,
-            tolerance_change=1e-12,
-        )
         resp = resp.detach()
-
-        def closure():
-            opt.zero_grad()
-            loss = self._objective(coef, data, resp)
-            loss.backward()
-            return loss
-
+        (coef,) = lbfgs_minimise((start,), lambda c: self._objective(c, data, resp), iters)
         with torch.no_grad():
             before = float(self._objective(start, data, resp))
-        opt.step(closure)
-        with torch.no_grad():
             after = float(self._objective(coef, data, resp))
         if not after <= before:  # also refuses NaN
             return LogisticParams(start)
-        return LogisticParams(coef.detach())
+        return LogisticParams(coef)
 
     def permute(self, params: LogisticParams, perm: torch.Tensor) -> LogisticParams:
         return LogisticParams(params.coef[perm].contiguous())

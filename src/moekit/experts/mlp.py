@@ -22,6 +22,7 @@ import torch
 from moekit._core.logspace import LOG_2PI
 from moekit._core.validation import check_options
 from moekit.fitting.data import Chunk, EMData
+from moekit.fitting.lbfgs import lbfgs_minimise
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-4}
 
@@ -117,31 +118,18 @@ class MLPExperts:
         old = self.init_params(data) if first else params
         resp = resp.detach()
         nk = resp.sum(1).clamp(min=1e-12)  # (K,)
-        leaves = [t.detach().clone().requires_grad_(True) for t in (old.w1, old.b1, old.w2, old.b2)]
         var = old.var.detach()
         lam = self.options["weight_decay"]
-        opt = torch.optim.LBFGS(
-            leaves,
-            max_iter=self.options["steps"] * (5 if first else 1),
-            line_search_fn="strong_wolfe",
-            history_size=10,
-            tolerance_grad=1e-10,
-            tolerance_change=1e-14,
-        )
 
-        def closure():
-            opt.zero_grad()
-            f = mlp_forward(*leaves, data.XeT)  # (K, m, n)
+        def loss(w1, b1, w2, b2):
+            f = mlp_forward(w1, b1, w2, b2, data.XeT)  # (K, m, n)
             sq = ((data.y.unsqueeze(0) - f) ** 2 / var.unsqueeze(-1)).sum(1)  # (K, n)
-            w1, _, w2, _ = leaves
             decay = (w1**2).sum() + (w2**2).sum()
-            loss = (0.5 * (resp * sq).sum() + 0.5 * lam * decay) / data.n
-            loss.backward()
-            return loss
+            return (0.5 * (resp * sq).sum() + 0.5 * lam * decay) / data.n
 
-        opt.step(closure)
+        steps = self.options["steps"] * (5 if first else 1)
+        w1, b1, w2, b2 = lbfgs_minimise((old.w1, old.b1, old.w2, old.b2), loss, steps)
         with torch.no_grad():
-            w1, b1, w2, b2 = (t.detach() for t in leaves)
             f = mlp_forward(w1, b1, w2, b2, data.XeT)
             rss = torch.einsum("kn,kmn->km", resp, (data.y.unsqueeze(0) - f) ** 2)
             new_var = torch.clamp(rss / nk.unsqueeze(1), min=self.var_floor)

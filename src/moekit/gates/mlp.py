@@ -20,6 +20,7 @@ import torch
 
 from moekit._core.validation import check_options
 from moekit.fitting.data import Chunk, EMData
+from moekit.fitting.lbfgs import lbfgs_minimise
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-3}
 
@@ -89,26 +90,12 @@ class MLPGate:
         first = params is None
         old = self.init_params(data) if first else params
         resp = resp.detach()
-        v2 = old.v2.detach().clone().requires_grad_(True)
-        v1 = old.v1.detach().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [v2, v1],
-            max_iter=self.options["steps"] * (5 if first else 1),
-            line_search_fn="strong_wolfe",
-            history_size=10,
-            tolerance_grad=1e-10,
-            tolerance_change=1e-14,
+        steps = self.options["steps"] * (5 if first else 1)
+        v2, v1 = lbfgs_minimise(
+            (old.v2, old.v1), lambda a, b: -self._objective(a, b, data, resp) / data.n, steps
         )
-
-        def closure():
-            opt.zero_grad()
-            loss = -self._objective(v2, v1, data, resp) / data.n
-            loss.backward()
-            return loss
-
-        opt.step(closure)
         with torch.no_grad():
-            new = MLPGateParams(v2.detach(), v1.detach())
+            new = MLPGateParams(v2, v1)
             if first:
                 return new
             if self._objective(new.v2, new.v1, data, resp) >= self._objective(
