@@ -172,3 +172,22 @@ def test_bad_data_errors():
         m.predict(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         m.log_likelihood(X, y[:10])
+
+
+def test_gradient_fitting_reaches_the_em_optimum_and_cooperation_trades_likelihood():
+    X, y, _ = make_moe_regression(3000, n_features=2, random_state=0)
+    em = MoERegressor(3, random_state=0).fit(X, y)
+    grad = MoERegressor(3, fit_method="gradient", random_state=0, max_iter=300).fit(X, y)
+    assert grad.log_likelihood(X, y) == pytest.approx(em.log_likelihood(X, y), abs=1e-4)
+    coop = MoERegressor(
+        3, fit_method="gradient", objective="cooperative", random_state=0, max_iter=300
+    ).fit(X, y)
+    # the blended squared error is what it minimises; the likelihood is what it gives up
+    assert coop.score(X, y) >= em.score(X, y) - 1e-3
+    assert coop.log_likelihood(X, y) < em.log_likelihood(X, y) - 0.1
+    with pytest.raises(ValueError, match="cooperative objective needs fit_method='gradient'"):
+        MoERegressor(3, objective="cooperative").fit(X, y)
+    with pytest.raises(ValueError, match="fit_method='gradient' fits expert='linear'"):
+        MoERegressor(3, fit_method="gradient", expert="student_t").fit(X, y)
+    with pytest.raises(ValueError, match=r"fit_options: unknown option\(s\) \['momentum'\]"):
+        MoERegressor(3, fit_method="gradient", fit_options={"momentum": 0.9}).fit(X, y)

@@ -22,7 +22,13 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from moekit._core.engine import EM_DTYPE, resolve_device, to_numpy, torch_generator
-from moekit._core.validation import HasMethods, Interval, Options, validate_params
+from moekit._core.validation import (
+    HasMethods,
+    Interval,
+    Options,
+    check_options,
+    validate_params,
+)
 from moekit.fitting.data import Chunk, EMData
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.init import kmeans_resp, random_resp
@@ -31,6 +37,7 @@ from moekit.gates.mlp import MLPGate
 from moekit.gates.softmax import SoftmaxGate
 
 GATES = {"softmax": SoftmaxGate, "constant": ConstantGate, "mlp": MLPGate}
+GRADIENT_OPTIONS = {"optimizer": "lbfgs", "learning_rate": None, "batch_size": None}
 
 
 class CollapsedExpertWarning(UserWarning):
@@ -141,20 +148,53 @@ class BaseMoE(BaseEstimator):
                 return random_resp(d, K, gen)
             return kmeans_resp(d, K, gen, target=self._kmeans_target(d))
 
-        result = run_em(
-            model,
-            data,
-            init_resp=init_resp,
-            n_init=1 if warm else self.n_init,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            init_max_iter=self.init_max_iter,
-            init_sample_size=self.init_sample_size,
-            generator=generator,
-            warm_params=self._params if warm else None,
-            verbose=int(self.verbose),
-            verbose_interval=self.verbose_interval,
-        )
+        if getattr(self, "fit_method", "em") == "gradient":
+            from moekit.fitting.gradient import EXPERT_VIEWS, GATE_VIEWS, run_gradient
+
+            if not (
+                isinstance(expert, tuple(EXPERT_VIEWS)) and isinstance(gate, tuple(GATE_VIEWS))
+            ):
+                raise ValueError(
+                    "fit_method='gradient' fits expert='linear' with gate='softmax' or "
+                    f"'constant'; got expert={self.expert!r}, gate={self.gate!r}."
+                )
+
+            options = check_options(self.fit_options, GRADIENT_OPTIONS, "fit_options")
+            result = run_gradient(
+                model,
+                data,
+                init_resp=init_resp,
+                n_init=1 if warm else self.n_init,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                generator=generator,
+                warm_params=self._params if warm else None,
+                objective=self.objective,
+                verbose=int(self.verbose),
+                **options,
+            )
+        else:
+            if getattr(self, "fit_options", None):
+                raise ValueError("fit_options are for fit_method='gradient'.")
+            if getattr(self, "objective", "competitive") != "competitive":
+                raise ValueError(
+                    "EM maximises the likelihood (objective='competitive'); the cooperative "
+                    "objective needs fit_method='gradient'."
+                )
+            result = run_em(
+                model,
+                data,
+                init_resp=init_resp,
+                n_init=1 if warm else self.n_init,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                init_max_iter=self.init_max_iter,
+                init_sample_size=self.init_sample_size,
+                generator=generator,
+                warm_params=self._params if warm else None,
+                verbose=int(self.verbose),
+                verbose_interval=self.verbose_interval,
+            )
         self._expert_family, self._gate_family = expert, gate
         perm = self._expert_order(result.params, data, result.nk)
         self._params = Params(

@@ -104,6 +104,17 @@ class MoERegressor(RegressorMixin, BaseMoE):
     expert_options, gate_options : dict or None, default=None
         Settings of ``expert='mlp'`` and ``gate='mlp'``: ``hidden`` (units),
         ``steps`` (L-BFGS iterations per M-step), ``weight_decay``.
+    fit_method : {'em', 'gradient'}, default='em'
+        EM, or direct maximisation by gradient steps jointly over gate and experts
+        (:func:`moekit.fitting.gradient.run_gradient`; linear experts with a softmax
+        or constant gate), as neural mixtures of experts are trained.
+    objective : {'competitive', 'cooperative'}, default='competitive'
+        With ``fit_method='gradient'``: the negative log-likelihood of the mixture
+        (Jacobs et al. 1991; experts specialise) or the squared error of the blended
+        output (experts cooperate; variances fitted afterwards).
+    fit_options : dict or None, default=None
+        With ``fit_method='gradient'``: ``optimizer`` ('lbfgs' or 'adam'),
+        ``learning_rate``, ``batch_size`` (Adam's mini-batches).
 
     Notes
     -----
@@ -152,6 +163,9 @@ class MoERegressor(RegressorMixin, BaseMoE):
         "expert": [Options(EXPERTS), HasMethods(("fit", "predict"))],
         "reg_var": [Interval(numbers.Real, 0, None, closed="neither")],
         "df": [None, Interval(numbers.Real, 0, None, closed="neither")],
+        "fit_method": [Options({"em", "gradient"})],
+        "objective": [Options({"competitive", "cooperative"})],
+        "fit_options": [None, dict],
     }
 
     def __init__(
@@ -178,6 +192,9 @@ class MoERegressor(RegressorMixin, BaseMoE):
         gate_features=None,
         expert_options: dict | None = None,
         gate_options: dict | None = None,
+        fit_method: str = "em",
+        objective: str = "competitive",
+        fit_options: dict | None = None,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -200,6 +217,9 @@ class MoERegressor(RegressorMixin, BaseMoE):
         self.gate_features = gate_features
         self.expert_options = expert_options
         self.gate_options = gate_options
+        self.fit_method = fit_method
+        self.objective = objective
+        self.fit_options = fit_options
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
