@@ -1,16 +1,21 @@
 """Gradient fitting: the same optimum as EM, and what the cooperative objective changes."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from moekit.datasets import make_bishop_inverse, make_moe_regression
 from moekit.experts.gaussian import GaussianExperts
+from moekit.experts.mlp import MLPExperts
 from moekit.fitting.data import EMData
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.gradient import run_gradient
 from moekit.fitting.init import kmeans_resp
 from moekit.gates.constant import ConstantGate
+from moekit.gates.mlp import MLPGate
 from moekit.gates.softmax import SoftmaxGate
 
 # alpha = 0: the unpenalised likelihood, whose optimum does not depend on how the
@@ -121,6 +126,33 @@ def test_warm_start_at_the_em_optimum_stays_there():
     gr = run_gradient(_model(2), data, init_resp=_init(2), generator=_gen(0), warm_params=em.params)
     assert gr.loglik >= em.loglik - 1e-9
     assert gr.loglik == pytest.approx(em.loglik, abs=1e-6)
+
+
+def test_neural_gate_and_experts_train_jointly():
+    """MLP gate and MLP experts: joint L-BFGS steps keep raising EM's own objective."""
+    prob = make_bishop_inverse(300, random_state=0)
+    data = _data(prob.X, prob.y)
+
+    def model():
+        return EMModel(
+            MLPExperts(2, 1, 1e-6, seed=0, options={"hidden": 4}),
+            MLPGate(2, seed=0, options={"hidden": 4}),
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        em = run_em(
+            model(), data, init_resp=_init(2), n_init=1, max_iter=5, tol=1e-8,
+            init_max_iter=5, init_sample_size=None, generator=_gen(0),
+        )  # fmt: skip
+    gr = run_gradient(
+        model(), data, init_resp=_init(2), generator=_gen(0), warm_params=em.params, max_iter=60
+    )
+    # the out-of-place likelihood and penalties here are the families' own
+    assert gr.history[0] == pytest.approx(em.objective, abs=1e-9)
+    assert gr.history[-1] == pytest.approx(gr.objective, abs=1e-9)
+    assert np.diff(gr.history).min() >= -1e-12
+    assert gr.objective > em.objective + 0.01
 
 
 def test_competitive_experts_specialise_cooperative_ones_average():

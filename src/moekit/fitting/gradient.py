@@ -38,11 +38,13 @@ import torch
 from tqdm.auto import tqdm
 
 from moekit._core.logspace import LOG_2PI
-from moekit.experts.gaussian import GaussianExperts, GaussianParams
+from moekit.experts.gaussian import GaussianExperts
+from moekit.experts.mlp import MLPExperts, mlp_forward
 from moekit.fitting.data import EMData
 from moekit.fitting.em import EMModel, FitResult, Params
-from moekit.gates.constant import ConstantGate, ConstantGateParams
-from moekit.gates.softmax import SoftmaxGate, SoftmaxGateParams
+from moekit.gates.constant import ConstantGate
+from moekit.gates.mlp import MLPGate, gate_logits
+from moekit.gates.softmax import SoftmaxGate
 
 __all__ = ["OBJECTIVES", "OPTIMIZERS", "run_gradient"]
 
@@ -52,22 +54,21 @@ MAX_LINE_SEARCH = 25
 
 
 # ------------------------------------------------------------------ adapters
-# A differentiable view of each family: to_free maps its params dataclass to
-# unconstrained leaf tensors, from_free maps back, and the forward functions are
-# written out of place (the families' own log_prob works in place, for EM's speed).
+# A differentiable view of each family: which fields of its params dataclass are
+# optimised as they are, and its forward maps written out of place (the families'
+# own log_prob works in place, for EM's speed). Expert variances are optimised as
+# s with var = var_floor + exp(s); penalties are the families' own log-priors.
 @dataclass(frozen=True)
 class _ExpertView:
-    to_free: Callable
-    from_free: Callable
-    log_prob: Callable  # (family, free, XeT (p, n), y (m, n)) -> (K, n)
-    mean: Callable  # (family, free, XeT) -> (K, m, n)
+    weights: tuple[str, ...]
+    mean: Callable  # (family, free, XeT (p, n)) -> (K, m, n)
+    log_prior: Callable  # (family, free) -> scalar tensor
 
 
 @dataclass(frozen=True)
 class _GateView:
-    to_free: Callable
-    from_free: Callable
-    log_weights: Callable  # (family, free, XgT (p, n)) -> (K, n)
+    weights: tuple[str, ...]
+    log_weights: Callable  # (family, free, XgT (p, n)) -> (K, n), log g
     log_prior: Callable  # (family, free) -> scalar tensor
 
 
@@ -76,37 +77,22 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _gauss_to_free(fam: GaussianExperts, prm: GaussianParams) -> dict:
-    excess = (prm.var - fam.var_floor).clamp(min=1e-6 * fam.var_floor + 1e-300)
-    return {"coef": _leaf(prm.coef), "log_excess_var": _leaf(torch.log(excess))}
+def _zero(free: dict) -> torch.Tensor:
+    return next(iter(free.values())).new_zeros(())
 
 
-def _gauss_var(fam: GaussianExperts, free: dict) -> torch.Tensor:
+def _expert_var(fam, free: dict) -> torch.Tensor:
     return fam.var_floor + torch.exp(free["log_excess_var"])  # (K, m)
 
 
-def _gauss_mean(fam: GaussianExperts, free: dict, XeT: torch.Tensor) -> torch.Tensor:
+def _gauss_mean(fam, free: dict, XeT: torch.Tensor) -> torch.Tensor:
     K, m, p = free["coef"].shape
     # one (K m, p) @ (p, n) product: several times faster than einsum at this size
     return (free["coef"].reshape(K * m, p) @ XeT).reshape(K, m, -1)
 
 
-def _gauss_log_prob(fam, free, XeT, y) -> torch.Tensor:
-    var = _gauss_var(fam, free).unsqueeze(-1)  # (K, m, 1)
-    resid = y.reshape(1, fam.n_outputs, -1) - _gauss_mean(fam, free, XeT)  # (K, m, n)
-    return (-0.5 * (LOG_2PI + torch.log(var) + resid * resid / var)).sum(1)
-
-
-EXPERT_VIEWS = {
-    GaussianExperts: _ExpertView(
-        to_free=_gauss_to_free,
-        from_free=lambda fam, f: GaussianParams(
-            f["coef"].detach().clone(), _gauss_var(fam, f).detach().clone()
-        ),
-        log_prob=_gauss_log_prob,
-        mean=_gauss_mean,
-    ),
-}
+def _mlp_decay(fam, *tensors: torch.Tensor) -> torch.Tensor:
+    return -0.5 * fam.options["weight_decay"] * sum((t**2).sum() for t in tensors)
 
 
 def _slope_mask(p: int, like: torch.Tensor) -> torch.Tensor:
@@ -120,24 +106,47 @@ def _softmax_log_prior(fam: SoftmaxGate, free: dict) -> torch.Tensor:
     return -0.5 * fam.alpha * ((V * _slope_mask(V.shape[1], V)) ** 2).sum()
 
 
-GATE_VIEWS = {
-    SoftmaxGate: _GateView(
-        to_free=lambda fam, prm: {"coef": _leaf(prm.coef)},
-        from_free=lambda fam, f: SoftmaxGateParams(_leaf(f["coef"])),
-        log_weights=lambda fam, f, XgT: torch.log_softmax(f["coef"] @ XgT, dim=0),
-        log_prior=_softmax_log_prior,
-    ),
-    ConstantGate: _GateView(
-        to_free=lambda fam, prm: {"logits": _leaf(prm.log_pi)},
-        from_free=lambda fam, f: ConstantGateParams(
-            torch.log_softmax(f["logits"], 0).detach().clone()
-        ),
-        log_weights=lambda fam, f, XgT: (
-            torch.log_softmax(f["logits"], 0).unsqueeze(1).expand(-1, XgT.shape[1])
-        ),
-        log_prior=lambda fam, f: f["logits"].new_zeros(()),
+EXPERT_VIEWS = {
+    GaussianExperts: _ExpertView(("coef",), _gauss_mean, lambda fam, f: _zero(f)),
+    MLPExperts: _ExpertView(
+        ("w1", "b1", "w2", "b2"),
+        lambda fam, f, XeT: mlp_forward(f["w1"], f["b1"], f["w2"], f["b2"], XeT),
+        lambda fam, f: _mlp_decay(fam, f["w1"], f["w2"]),
     ),
 }
+
+GATE_VIEWS = {
+    SoftmaxGate: _GateView(
+        ("coef",), lambda fam, f, XgT: torch.log_softmax(f["coef"] @ XgT, 0), _softmax_log_prior
+    ),
+    ConstantGate: _GateView(
+        ("log_pi",),
+        lambda fam, f, XgT: torch.log_softmax(f["log_pi"], 0).unsqueeze(1).expand(-1, XgT.shape[1]),
+        lambda fam, f: _zero(f),
+    ),
+    MLPGate: _GateView(
+        ("v2", "v1"),
+        lambda fam, f, XgT: torch.log_softmax(gate_logits(f["v2"], f["v1"], XgT), 0),
+        lambda fam, f: _mlp_decay(fam, f["v2"], f["v1"]),
+    ),
+}
+
+
+def _to_free(view, family, params, is_expert: bool) -> dict:
+    free = {w: _leaf(getattr(params, w)) for w in view.weights}
+    if is_expert:
+        excess = (params.var - family.var_floor).clamp(min=1e-6 * family.var_floor + 1e-300)
+        free["log_excess_var"] = _leaf(torch.log(excess))
+    return free
+
+
+def _from_free(view, family, free: dict, is_expert: bool):
+    values = {w: _leaf(free[w]) for w in view.weights}
+    if is_expert:
+        values["var"] = _leaf(_expert_var(family, free))
+    if isinstance(family, ConstantGate):  # keep log pi normalised, as EM does
+        values["log_pi"] = torch.log_softmax(values["log_pi"], 0)
+    return family.params_type(**values)
 
 
 def _view(table: dict, family, what: str):
@@ -152,11 +161,19 @@ def _view(table: dict, family, what: str):
 
 
 # ------------------------------------------------------------------ objectives
+def _log_prior(ev, gv, expert, gate, fe, fg) -> torch.Tensor:
+    return ev.log_prior(expert, fe) + gv.log_prior(gate, fg)
+
+
 def competitive_loss(ev, gv, expert, gate, fe, fg, XeT, XgT, y) -> torch.Tensor:
     """-(1/n) sum_i log sum_k g_k(x_i) p_k(y_i | x_i) - log_prior / n: minus EM's objective."""
-    joint = ev.log_prob(expert, fe, XeT, y) + gv.log_weights(gate, fg, XgT)  # (K, n)
+    mean = ev.mean(expert, fe, XeT)  # (K, m, n)
+    var = _expert_var(expert, fe).unsqueeze(-1)  # (K, m, 1)
+    resid = y.reshape(1, mean.shape[1], -1) - mean
+    log_p = (-0.5 * (LOG_2PI + torch.log(var) + resid * resid / var)).sum(1)  # (K, n)
+    joint = log_p + gv.log_weights(gate, fg, XgT)
     n = joint.shape[1]
-    return -torch.logsumexp(joint, 0).mean() - gv.log_prior(gate, fg) / n
+    return -torch.logsumexp(joint, 0).mean() - _log_prior(ev, gv, expert, gate, fe, fg) / n
 
 
 def cooperative_loss(ev, gv, expert, gate, fe, fg, XeT, XgT, y) -> torch.Tensor:
@@ -165,7 +182,7 @@ def cooperative_loss(ev, gv, expert, gate, fe, fg, XeT, XgT, y) -> torch.Tensor:
     blend = torch.einsum("kn,kmn->mn", g, ev.mean(expert, fe, XeT))  # (m, n)
     resid = y.reshape(blend.shape) - blend
     n = resid.shape[1]
-    return 0.5 * (resid * resid).sum(0).mean() - gv.log_prior(gate, fg) / n
+    return 0.5 * (resid * resid).sum(0).mean() - _log_prior(ev, gv, expert, gate, fe, fg) / n
 
 
 LOSSES = {"competitive": competitive_loss, "cooperative": cooperative_loss}
@@ -242,8 +259,8 @@ def _fit_from(model: EMModel, data: EMData, params: Params, *, objective, optimi
               tol, lr, batch_size, gen, bar):  # fmt: skip
     expert, gate = model.expert, model.gate
     ev, gv = _view(EXPERT_VIEWS, expert, "expert family"), _view(GATE_VIEWS, gate, "gate")
-    fe = {k: v.requires_grad_(True) for k, v in ev.to_free(expert, params.expert).items()}
-    fg = {k: v.requires_grad_(True) for k, v in gv.to_free(gate, params.gate).items()}
+    fe = {k: v.requires_grad_(True) for k, v in _to_free(ev, expert, params.expert, True).items()}
+    fg = {k: v.requires_grad_(True) for k, v in _to_free(gv, gate, params.gate, False).items()}
     XeT, XgT, y = data.XeT, data.XgT, data.y
     loss = LOSSES[objective]
 
@@ -272,7 +289,7 @@ def _fit_from(model: EMModel, data: EMData, params: Params, *, objective, optimi
 
         _minimise(var_loss, [s], optimizer="lbfgs", max_iter=200, tol=1e-12, lr=None,
                   batch_size=None, n=data.n, gen=gen, bar=None)  # fmt: skip
-    new = Params(ev.from_free(expert, fe), gv.from_free(gate, fg))
+    new = Params(_from_free(ev, expert, fe, True), _from_free(gv, gate, fg, False))
     return new, history, n_iter, converged
 
 
@@ -301,8 +318,8 @@ def run_gradient(
     Parameters
     ----------
     model : EMModel
-        The expert family and gate (both must have a differentiable view here:
-        GaussianExperts; SoftmaxGate or ConstantGate).
+        The expert family and gate; supported (see ``EXPERT_VIEWS``, ``GATE_VIEWS``):
+        GaussianExperts or MLPExperts, with a SoftmaxGate, ConstantGate or MLPGate.
     data : EMData
         Standardised designs (p, n), the intercept as the last row, and target (m, n).
     init_resp : callable
