@@ -10,7 +10,14 @@ from moekit import MDNRegressor, MoEClassifier, MoERegressor
 ESTIMATORS = [
     MoERegressor(n_experts=2, max_iter=30, random_state=0),
     MoEClassifier(n_experts=2, max_iter=30, random_state=0),
-    MDNRegressor(2, hidden_layer_sizes=(16,), learning_rate=1e-2, max_iter=20, random_state=0),
+    MDNRegressor(
+        2,
+        hidden_layer_sizes=(16,),
+        learning_rate=1e-2,
+        max_iter=40,
+        n_iter_no_change=3,
+        random_state=0,
+    ),
 ]
 
 EXPECTED_FAILED = {}
