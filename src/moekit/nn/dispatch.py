@@ -89,14 +89,14 @@ def plan_dispatch(
 
 
 def _plan_expert_choice(routing: Routing, n_tokens: int, n_experts: int) -> DispatchPlan:
-    n_experts_, capacity = routing.indices.shape  # (E, C), already grouped by expert
+    capacity = routing.indices.shape[1]  # indices (E, C) are already grouped by expert
     token = routing.indices.reshape(-1)  # (E*C,)
     weight = routing.weights.reshape(-1)  # (E*C,)
     routed = torch.full((n_experts,), capacity, device=token.device, dtype=torch.long)
     picked = torch.zeros(n_tokens, dtype=torch.bool, device=token.device)
     picked[token] = True
     dropped = 1.0 - int(picked.sum()) / n_tokens if n_tokens > 0 else 0.0
-    return DispatchPlan(token, weight, [capacity] * n_experts_, routed, dropped)
+    return DispatchPlan(token, weight, [capacity] * n_experts, routed, dropped)
 
 
 def combine(y: Tensor, token: Tensor, n_tokens: int) -> Tensor:

@@ -26,6 +26,9 @@ __all__ = ["ACTIVATIONS", "ExpertBank", "FeedForward"]
 ACTIVATIONS = {"swiglu": 2, "gelu": 1}
 """Activation name -> number of input projections it needs."""
 
+PAD_TOLERANCE = 0.25
+"""Largest fraction of padded (wasted) rows for which ``'auto'`` still takes ``'bmm'``."""
+
 
 def activate(h: Tensor, activation: str) -> Tensor:
     """Apply the expert nonlinearity to the input projection ``h`` of shape (..., n_in*H)."""
@@ -94,18 +97,14 @@ class ExpertBank(nn.Module):
     n_experts, d_model, d_hidden : int
         ``E`` and the widths of each expert.
     activation : {'swiglu', 'gelu'}, default='swiglu'
-    impl : {'auto', 'fused', 'grouped_mm', 'mm', 'bmm'}, default='auto'
-        How the per-expert matmuls run. ``'grouped_mm'`` is one
-        :func:`torch.nn.functional.grouped_mm` call per projection (float32/bf16/fp16
-        with 16-byte aligned rows); ``'mm'`` loops over experts with the weights
-        unbound once; ``'bmm'`` pads every expert to the largest load and runs one
-        batched matmul. ``'fused'`` is grouped_mm inside the layer's fused dispatch
-        (:mod:`moekit.nn.fused`); on tokens already sorted, as here, it is grouped_mm.
-        ``'auto'`` takes ``'fused'`` where grouped_mm applies and ``'mm'`` elsewhere
-        (float64, odd widths). Chosen by measurement (``bench/layer_speed.py``, 2 CPU
-        threads): grouped_mm writes its output in one piece where the loop needs a
-        ``cat`` copy, padding wastes work and memory, and the fused backward saves
-        the temporaries of the elementwise ops.
+    impl : {'auto', 'grouped_mm', 'bmm', 'mm'}, default='auto'
+        How the per-expert matmuls run. ``'grouped_mm'``: one
+        :func:`torch.nn.functional.grouped_mm` call per projection (float32, bf16 or
+        fp16 with 16-byte aligned rows). ``'bmm'``: every expert padded to the largest
+        load, one :func:`torch.bmm` per projection. ``'mm'``: a loop over experts with
+        the weights unbound once (any dtype). ``'auto'``: see :meth:`resolve_impl`.
+        Inside :class:`~moekit.nn.MoE`, ``'grouped_mm'`` and ``'bmm'`` run in the fused
+        dispatch of :mod:`moekit.nn.fused`.
     """
 
     def __init__(
@@ -149,18 +148,29 @@ class ExpertBank(nn.Module):
         -------
         Tensor of shape (A, d_model)
         """
-        impl = self.resolve_impl(x)
-        if impl in ("fused", "grouped_mm"):
+        impl = self.resolve_impl(x, counts)
+        if impl == "grouped_mm":
             return self._grouped_mm(x, counts, scale)
         if impl == "bmm":
             return self._bmm(x, counts, scale)
         return self._mm(x, counts, scale)
 
-    def resolve_impl(self, x: Tensor) -> str:
-        """The implementation ``forward`` uses for input ``x``."""
+    def resolve_impl(self, x: Tensor, counts: list[int]) -> str:
+        """The implementation for tokens like ``x`` split into ``counts`` per expert.
+
+        ``'auto'`` takes ``'bmm'`` when padding to the largest load wastes at most
+        ``PAD_TOLERANCE`` of the work, else ``'grouped_mm'`` where it applies, else
+        ``'mm'``. Chosen by measurement (``bench/layer_speed.py``, 2 CPU threads):
+        ONE_LINE_REASON
+        """
         if self.impl != "auto":
             return self.impl
-        return "fused" if self._grouped_mm_ok(x) else "mm"
+        n_rows = sum(counts)
+        if n_rows == 0:
+            return "mm"
+        if len(counts) * max(counts) <= (1.0 + PAD_TOLERANCE) * n_rows:
+            return "bmm"
+        return "grouped_mm" if self._grouped_mm_ok(x) else "mm"
 
     def _grouped_mm_ok(self, x: Tensor) -> bool:
         ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -169,7 +179,6 @@ class ExpertBank(nn.Module):
             ok_dtype
             and x.dtype == self.w_in.dtype
             and hidden_bytes % 16 == 0
-            and x.shape[0] > 0
             and _aligned(x)
             and _aligned(self.w_in)
             and _aligned(self.w_out)

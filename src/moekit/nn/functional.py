@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "expert_capacity",
     "expert_choice",
+    "gates_from_top_k",
     "importance_loss",
     "load_balancing_loss",
     "noisy_top_k_load",
@@ -241,11 +241,6 @@ def noisy_top_k_load(
 
 
 def gates_from_top_k(weights: Tensor, indices: Tensor, n_experts: int) -> Tensor:
-    """Scatter top-k weights into a dense (T, E) gate matrix, zero elsewhere."""
+    """Scatter top-k weights of shape (T, k) into a dense (T, E) gate matrix, zero elsewhere."""
     dense = weights.new_zeros(weights.shape[0], n_experts)  # (T, E)
     return dense.scatter(1, indices, weights)
-
-
-def softmax_fp32(logits: Tensor) -> Tensor:
-    """Softmax over experts in float32 at least (router maths stays precise)."""
-    return F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))

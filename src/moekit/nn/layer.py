@@ -9,13 +9,14 @@ from torch import Tensor, nn
 
 from moekit.nn import functional as MF
 from moekit.nn.config import MoEConfig, validate_moe_params
-from moekit.nn.dispatch import combine, plan_dispatch
+from moekit.nn.dispatch import DispatchPlan, combine, plan_dispatch
 from moekit.nn.experts import ExpertBank, FeedForward
 from moekit.nn.fused import fused_moe
 from moekit.nn.routers import (
     ExpertChoiceRouter,
     NoisyTopKRouter,
     Router,
+    Routing,
     SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
@@ -102,7 +103,7 @@ class MoE(nn.Module):
         Weight of the router z-loss.
     bias_update_rate : float, default=1e-3
         Step of the bias update of the 'sigmoid_bias' router.
-    expert_impl : {'auto', 'fused', 'grouped_mm', 'mm', 'bmm'}, default='auto'
+    expert_impl : {'auto', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
 
     Attributes
@@ -211,10 +212,19 @@ class MoE(nn.Module):
         )
         plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity)
         bank = self.experts
-        if bank.resolve_impl(x) == "fused":
-            # the same maths as below in one autograd Function (see moekit.nn.fused)
+        impl = bank.resolve_impl(x, plan.counts)
+        if impl in ("grouped_mm", "bmm"):
+            # the maths of the branch below in one autograd Function (moekit.nn.fused)
+            layout = "grouped" if impl == "grouped_mm" else "padded"
             y = fused_moe(
-                x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.counts, bank.activation
+                x,
+                bank.w_in,
+                bank.w_out,
+                plan.weight,
+                plan.token,
+                plan.counts,
+                bank.activation,
+                layout,
             )  # (T, d)
         else:
             x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
@@ -227,7 +237,7 @@ class MoE(nn.Module):
         self.stats = _stats(plan)
         return y.reshape(shape)
 
-    def _aux_loss(self, routing) -> Tensor:
+    def _aux_loss(self, routing: Routing) -> Tensor:
         cfg = self.config
         loss = routing.logits.new_zeros(())
         if cfg.aux_loss_coef > 0:
@@ -244,7 +254,7 @@ class MoE(nn.Module):
         )
 
 
-def _stats(plan) -> MoEStats:
+def _stats(plan: DispatchPlan) -> MoEStats:
     routed = plan.routed.detach()
     mean = routed.float().mean()
     balance = float(routed.max() / mean) if routed.numel() and mean > 0 else 1.0
