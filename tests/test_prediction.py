@@ -95,3 +95,12 @@ def test_bad_arrays_are_refused():
         d.interval(1.5)
     with pytest.raises(ValueError, match="n_samples must be a positive int"):
         d.sample(0)
+
+
+def test_negligible_modes_can_be_hidden():
+    d = MixturePrediction([[0.98, 0.02]], [[0.0, 10.0]], [[1.0, 1.0]])
+    assert len(d.modes()[0]) == 2
+    (kept,) = d.modes(min_relative_density=0.05)
+    np.testing.assert_allclose(kept, [0.0], atol=1e-8)
+    with pytest.raises(ValueError, match="min_relative_density"):
+        d.modes(min_relative_density=1.5)

@@ -298,7 +298,12 @@ class MixturePrediction:
 
     # ----------------------------------------------------------------- modes
     def modes(
-        self, *, tol: float = 1e-10, max_iter: int = 1000, return_density: bool = False
+        self,
+        *,
+        tol: float = 1e-10,
+        max_iter: int = 1000,
+        min_relative_density: float = 0.0,
+        return_density: bool = False,
     ) -> list:
         """The modes (local maxima) of each row's mixture density.
 
@@ -322,6 +327,9 @@ class MixturePrediction:
             Stop when no point moves more than ``tol`` times the smallest scale.
         max_iter : int, default=1000
             Iteration cap (convergence is linear where components nearly merge).
+        min_relative_density : float, default=0.0
+            Drop modes whose density is below this fraction of the row's highest mode
+            (e.g. 0.05 hides negligible bumps of far-away components).
         return_density : bool, default=False
             Also return the density at each mode.
 
@@ -332,8 +340,12 @@ class MixturePrediction:
             density, highest first; with ``return_density`` each entry is a pair
             ``(modes, densities)``.
         """
+        if not 0.0 <= min_relative_density < 1.0:
+            raise ValueError(
+                f"min_relative_density must be in [0, 1); got {min_relative_density!r}."
+            )
         if self._family.discrete:
-            return self._integer_modes(return_density)
+            return self._prune(self._integer_modes(True), min_relative_density, return_density)
         mu, sd = self._mu, self._sd
         inv_var = 1.0 / sd**2  # (n, K, m)
         scale = sd.amin(dim=(1, 2))  # (n,)
@@ -365,8 +377,15 @@ class MixturePrediction:
                 kept = [int(order[0])]
             m = x[i, kept]
             m = m.squeeze(-1) if self.n_outputs is None else m
-            dens = torch.exp(logp[i, kept])
-            out.append((to_numpy(m), to_numpy(dens)) if return_density else to_numpy(m))
+            out.append((to_numpy(m), to_numpy(torch.exp(logp[i, kept]))))
+        return self._prune(out, min_relative_density, return_density)
+
+    @staticmethod
+    def _prune(found: list, ratio: float, return_density: bool) -> list:
+        out = []
+        for modes, dens in found:
+            keep = dens >= ratio * dens.max() if len(dens) else dens > 0
+            out.append((modes[keep], dens[keep]) if return_density else modes[keep])
         return out
 
     def _is_local_max(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -396,7 +415,7 @@ class MixturePrediction:
         top = torch.linalg.eigvalsh(hess)[..., -1]
         return top < 1e-4 / scale.view(n, 1) ** 2
 
-    def _integer_modes(self, return_density: bool) -> list:
+    def _integer_modes(self, return_density: bool = True) -> list:
         top = int(torch.ceil((self._mu + 10 * self._mu.sqrt() + 10).max()))
         grid = torch.arange(top + 2, dtype=EM_DTYPE)
         pts = grid.view(1, -1, 1).expand(len(self), -1, 1)
@@ -407,7 +426,5 @@ class MixturePrediction:
         for i in range(len(self)):
             ks = torch.nonzero(peak[i]).flatten()
             ks = ks[torch.argsort(logp[i, ks], descending=True)]
-            modes = to_numpy(grid[ks])
-            dens = to_numpy(torch.exp(logp[i, ks]))
-            out.append((modes, dens) if return_density else modes)
+            out.append((to_numpy(grid[ks]), to_numpy(torch.exp(logp[i, ks]))))
         return out

@@ -154,9 +154,11 @@ class BaseMoE(BaseEstimator):
             if not (
                 isinstance(expert, tuple(EXPERT_VIEWS)) and isinstance(gate, tuple(GATE_VIEWS))
             ):
+                names = lambda table: ", ".join(k.__name__ for k in table)  # noqa: E731
                 raise ValueError(
-                    "fit_method='gradient' fits expert='linear' with gate='softmax' or "
-                    f"'constant'; got expert={self.expert!r}, gate={self.gate!r}."
+                    f"fit_method='gradient' has no differentiable form of expert={self.expert!r} "
+                    f"or gate={self.gate!r}; it fits {names(EXPERT_VIEWS)} experts with "
+                    f"{names(GATE_VIEWS)} gates."
                 )
 
             options = check_options(self.fit_options, GRADIENT_OPTIONS, "fit_options")
@@ -206,7 +208,12 @@ class BaseMoE(BaseEstimator):
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
         self.log_likelihood_ = result.loglik + jac
-        self.log_likelihood_history_ = [h + jac for h in result.history]
+        if getattr(self, "objective", "competitive") == "cooperative":
+            # the minimised loss is a squared error, not a log-likelihood: keep it apart
+            self.loss_history_ = list(result.history)
+            self.log_likelihood_history_ = [self.log_likelihood_]
+        else:
+            self.log_likelihood_history_ = [h + jac for h in result.history]
         self.expert_sizes_ = to_numpy(result.nk)
         self._warn_collapsed(result.nk, expert.min_samples(result.params.expert))
         # a reference (not a copy) for summary(); dropped when pickled or saved

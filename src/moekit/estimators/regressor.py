@@ -106,12 +106,14 @@ class MoERegressor(RegressorMixin, BaseMoE):
         ``steps`` (L-BFGS iterations per M-step), ``weight_decay``.
     fit_method : {'em', 'gradient'}, default='em'
         EM, or direct maximisation by gradient steps jointly over gate and experts
-        (:func:`moekit.fitting.gradient.run_gradient`; linear experts with a softmax
-        or constant gate), as neural mixtures of experts are trained.
+        (:func:`moekit.fitting.gradient.run_gradient`; linear or MLP experts with a
+        softmax, constant or MLP gate), as neural mixtures of experts are trained.
     objective : {'competitive', 'cooperative'}, default='competitive'
         With ``fit_method='gradient'``: the negative log-likelihood of the mixture
         (Jacobs et al. 1991; experts specialise) or the squared error of the blended
-        output (experts cooperate; variances fitted afterwards).
+        output (experts cooperate; variances fitted afterwards). Its loss history is
+        ``loss_history_`` (minus half the mean squared error); ``log_likelihood_history_``
+        then holds only the final log-likelihood.
     fit_options : dict or None, default=None
         With ``fit_method='gradient'``: ``optimizer`` ('lbfgs' or 'adam'),
         ``learning_rate``, ``batch_size`` (Adam's mini-batches).
