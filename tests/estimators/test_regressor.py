@@ -189,7 +189,7 @@ def test_gradient_fitting_reaches_the_em_optimum_and_cooperation_trades_likeliho
     with pytest.raises(ValueError, match="cooperative objective needs fit_method='gradient'"):
         MoERegressor(3, objective="cooperative").fit(X, y)
     with pytest.raises(
-        ValueError, match="fit_method=.gradient. has no differentiable form of expert=.student_t."
+        ValueError, match="fit_method='gradient' has no differentiable form of expert='student_t'"
     ):
         MoERegressor(3, fit_method="gradient", expert="student_t").fit(X, y)
     with pytest.raises(ValueError, match=r"fit_options: unknown option\(s\) \['momentum'\]"):
