@@ -19,21 +19,26 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from moekit._core.engine import resolve_device, to_numpy, torch_generator
-from moekit._core.logspace import LOG_2PI
 from moekit._core.validation import Interval, Options, validate_params
+from moekit.fitting.mdn import (
+    ACTIVATIONS,
+    _init_weights,
+    _MDNNet,
+    _standardiser,
+    mdn_log_prob,
+    mdn_split,
+)
 from moekit.io import register_model
 from moekit.prediction import MixturePrediction
 
 __all__ = ["MDNRegressor", "mdn_log_prob"]
 
-ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 # fitted attributes stored as JSON in model files (all plain numbers and lists)
 _FITTED = ("n_features_in_", "n_iter_", "converged_", "log_likelihood_",
            "log_likelihood_history_", "validation_scores_", "best_validation_score_")  # fmt: skip
@@ -50,63 +55,6 @@ class _LayerSizes:
 
     def __str__(self) -> str:
         return "a non-empty tuple of positive ints"
-
-
-# ------------------------------------------------------------------ pure maths
-def mdn_split(out: torch.Tensor, K: int, m: int, min_std: float):
-    """Split raw network outputs (n, K (1 + 2m)) into the mixture's parameters.
-
-    Returns
-    -------
-    log_pi : Tensor of shape (n, K)
-        log softmax of the first K outputs.
-    mu : Tensor of shape (n, K, m)
-    sigma : Tensor of shape (n, K, m)
-        softplus(s) + min_std: smooth, positive and bounded below, so that no
-        component can shrink onto one point and send the likelihood to infinity.
-    """
-    n = out.shape[0]
-    log_pi = torch.log_softmax(out[:, :K], dim=1)
-    mu = out[:, K : K + K * m].reshape(n, K, m)
-    sigma = F.softplus(out[:, K + K * m :].reshape(n, K, m)) + min_std
-    return log_pi, mu, sigma
-
-
-def mdn_log_prob(
-    log_pi: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor
-) -> torch.Tensor:
-    """log p(y_i | x_i) = logsumexp_k [log pi_ik + sum_j log N(y_ij; mu_ikj, sigma_ikj^2)].
-
-    Parameters
-    ----------
-    log_pi : Tensor of shape (n, K)
-    mu, sigma : Tensor of shape (n, K, m)
-    y : Tensor of shape (n, m)
-
-    Returns
-    -------
-    Tensor of shape (n,)
-    """
-    z = (y.unsqueeze(1) - mu) / sigma  # (n, K, m)
-    log_n = (-0.5 * (LOG_2PI + z * z) - torch.log(sigma)).sum(-1)  # (n, K)
-    return torch.logsumexp(log_pi + log_n, dim=1)
-
-
-class _MDNNet(torch.nn.Module):
-    """MLP trunk and one linear head giving K mixing logits, K m means, K m scales."""
-
-    def __init__(self, n_in: int, hidden: tuple[int, ...], activation: str, n_out: int):
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-        width = n_in
-        for h in hidden:
-            layers += [torch.nn.Linear(width, h), ACTIVATIONS[activation]()]
-            width = h
-        self.trunk = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(width, n_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
 
 
 @register_model
@@ -486,32 +434,3 @@ class MDNRegressor(RegressorMixin, BaseEstimator):
         for name in _FITTED:
             setattr(model, name, state[name])
         return model
-
-
-def _standardiser(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, sd = A.mean(0), A.std(0)
-    return mean, np.where(sd > 0, sd, 1.0)
-
-
-def _init_weights(net: _MDNNet, T: torch.Tensor, K: int, m: int, min_std: float, gen) -> None:
-    """Glorot-uniform weights drawn from ``gen``; a head that starts on the data.
-
-    The head's mean biases start at K targets drawn from the training rows and its
-    mean weights near zero, so that every component starts where there are data
-    (a common remedy for components that never receive any); every scale starts at
-    about 0.3 of the target's standard deviation, every weight at 1 / K.
-    """
-    with torch.no_grad():
-        for layer in [*net.trunk, net.head]:
-            if isinstance(layer, torch.nn.Linear):
-                fan_out, fan_in = layer.weight.shape
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
-                layer.weight.copy_((torch.rand(layer.weight.shape, generator=gen) * 2 - 1) * bound)
-                layer.bias.zero_()
-        head = net.head
-        head.weight[K:] *= 0.1
-        rows = torch.randint(0, T.shape[0], (K,), generator=gen)
-        head.bias[K : K + K * m] = T[rows].reshape(-1).to(head.bias.dtype)
-        # softplus^{-1}(0.3 - min_std) = log(expm1(.)), for the scales' biases
-        target = max(0.3 - min_std, 1e-3)
-        head.bias[K + K * m :] = math.log(math.expm1(target))
