@@ -5,11 +5,10 @@ Run ``python bench/layer_speed.py``; it prints and writes ``bench/results/layer_
 For each shape it times, side by side in one run (each repetition runs every method
 once, in rotating order, so that a load change on the machine hits all of them):
 
-- ``moekit MoE``: the layer as users get it (``expert_impl='auto'``), and with each
-  implementation forced: the fused dispatch of :mod:`moekit.nn.fused` over
-  grouped_mm or over padded bmm, and plain autograd over a per-expert ``mm`` loop;
-- ``sorted dispatch, unfused grouped_mm``: the same sort / gather / grouped_mm /
-  index_add as the fused path, but through autograd, to show what fusion saves;
+- ``moekit MoE``: the layer as users get it (``expert_impl='auto'``, the fused
+  dispatch of :mod:`moekit.nn.fused`), the fused dispatch over grouped_mm, and the
+  layer's sorted dispatch through plain autograd over grouped_mm, padded bmm and a
+  per-expert mm loop;
 - ``loop + index_add``: the dispatch of common LLM code (Mixtral's sparse block):
   for each expert, ``torch.where`` over the one-hot routing mask, gather its tokens,
   run it, ``index_add_`` the weighted output; weights unbound once per forward;
@@ -62,24 +61,41 @@ def loop_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def time_methods(methods: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each zero-argument callable, interleaved over repetitions."""
+def _minor_faults() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # not on this platform
+        return 0
+
+
+def time_methods(methods: dict, repeats: int, warmup: int = 1) -> dict[str, tuple]:
+    """Median seconds and median page faults of each zero-argument callable.
+
+    The methods are interleaved: repetition ``r`` runs all of them once, starting at a
+    rotating position.
+    """
     names = list(methods)
     for _ in range(warmup):
         for name in names:
             methods[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            faults_before, start = _minor_faults(), time.perf_counter()
             methods[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            faults[name].append(_minor_faults() - faults_before)
+    return {
+        name: (statistics.median(times[name]), statistics.median(faults[name])) for name in names
+    }
 
 
 def unfused_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The layer's sorted dispatch with plain autograd over grouped_mm (no fusion)."""
+    """The layer's sorted dispatch with plain autograd over grouped_mm (not fused)."""
     routing = layer.router(x)
     plan = plan_dispatch(routing, x.shape[0], layer.n_experts)
     x_sorted = x.index_select(0, plan.token)  # (A, d)
@@ -132,9 +148,9 @@ def bench_shape(d_model, d_hidden, n_experts, top_k, n_tokens, repeats):
     methods = {
         "moekit MoE (auto)": layer_with("auto"),
         "moekit MoE, fused grouped_mm": layer_with("grouped_mm"),
-        "moekit MoE, fused padded bmm": layer_with("bmm"),
-        "moekit MoE, per-expert mm": layer_with("mm"),
-        "sorted dispatch, unfused grouped_mm": timed(lambda: unfused_moe(layer, x), [x], grad),
+        "moekit MoE, autograd padded bmm": layer_with("bmm"),
+        "moekit MoE, autograd per-expert mm": layer_with("mm"),
+        "moekit MoE, autograd grouped_mm": timed(lambda: unfused_moe(layer, x), [x], grad),
         "loop + index_add": timed(lambda: loop_moe(layer, x), [x], grad),
         "floor, grouped_mm": timed(
             lambda: bank._grouped_mm(x_sorted, counts, None), [x_sorted], grad_sorted
@@ -148,7 +164,7 @@ def bench_shape(d_model, d_hidden, n_experts, top_k, n_tokens, repeats):
     medians = time_methods(methods, repeats)
     bank.impl = "auto"
     padding = n_experts * max(counts) / len(indices) - 1
-    return medians, bank.resolve_impl(x, counts), padding
+    return medians, bank.resolve_impl(x), padding
 
 
 def load_average() -> str:
@@ -176,6 +192,8 @@ def main(argv=None) -> None:
         "",
         "Ratios are this row's median over the named reference's median from the same run;",
         "floor = the fastest of the expert-only rows (no routing, gather or combine).",
+        "page faults: minor page faults of the process during one run (median); each is a",
+        "fresh 4 KiB page the kernel maps and zero-fills.",
         "",
     ]
     for shape in SHAPES:
@@ -187,20 +205,22 @@ def main(argv=None) -> None:
             flush=True,
         )
         med, auto_impl, padding = bench_shape(*shape, args.repeats)
-        loop = med["loop + index_add"]
-        floor = min(t for name, t in med.items() if name.startswith("floor"))
-        dense = med["dense FFN"]
+        seconds = {name: t for name, (t, _) in med.items()}
+        loop = seconds["loop + index_add"]
+        floor = min(t for name, t in seconds.items() if name.startswith("floor"))
+        dense = seconds["dense FFN"]
         lines += [
             f"## d_model {d_model}, d_hidden {d_hidden}, E {n_experts}, top-{top_k}, "
-            f"{n_tokens} tokens ('auto' picked {auto_impl}; padding to the largest "
+            f"{n_tokens} tokens ('auto' is {auto_impl}; padding to the largest "
             f"expert load adds {100 * padding:.0f}% rows)",
             "",
-            "| method | median s | / loop | / floor | / dense FFN |",
-            "|---|---:|---:|---:|---:|",
+            "| method | median s | / loop | / floor | / dense FFN | page faults |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        for name, t in med.items():
+        for name, (t, n_faults) in med.items():
             lines.append(
-                f"| {name} | {t:.3f} | {t / loop:.2f} | {t / floor:.2f} | {t / dense:.2f} |"
+                f"| {name} | {t:.3f} | {t / loop:.2f} | {t / floor:.2f} | {t / dense:.2f} "
+                f"| {n_faults / 1000:.0f}k |"
             )
         lines.append("")
     text = "\n".join(lines).replace("LOAD_AFTER", load_average()) + "\n"

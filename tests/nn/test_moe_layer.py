@@ -53,9 +53,14 @@ def _expert(layer, e):
     return ffn
 
 
-# mm: plain autograd; bmm and grouped_mm: the fused dispatch (padded / grouped rows).
+# mm, bmm: plain autograd; fused, grouped_mm: the fused dispatch (per expert / grouped).
 # float64 where the implementation supports it; grouped_mm runs float32/bf16 only
-IMPLS = [("mm", torch.float64), ("bmm", torch.float64), ("grouped_mm", torch.float32)]
+IMPLS = [
+    ("mm", torch.float64),
+    ("bmm", torch.float64),
+    ("fused", torch.float64),
+    ("grouped_mm", torch.float32),
+]
 
 
 def tolerances(dtype):
@@ -129,7 +134,7 @@ def test_expert_choice_depends_on_the_batch_as_documented():
     assert torch.equal(layer.stats.tokens_per_expert, torch.full((E,), 8))
 
 
-@pytest.mark.parametrize("impl", ["mm", "bmm"])  # bmm: the fused Function, in float64
+@pytest.mark.parametrize("impl", ["mm", "fused"])  # fused: the hand-written backward
 @pytest.mark.parametrize("router, top_k", ROUTERS)
 def test_gradcheck(router, top_k, impl):
     layer = make_layer(
@@ -150,8 +155,8 @@ def test_gradcheck(router, top_k, impl):
     assert torch.autograd.gradcheck(lambda x: f(x, *params), (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "bmm"])
-def test_fused_paths_in_float32_match_float64_loop(impl):
+@pytest.mark.parametrize("impl", ["grouped_mm", "fused", "bmm"])
+def test_float32_paths_match_float64_loop(impl):
     layer = make_layer("topk", 2, dtype=torch.float32, expert_impl=impl)
     ref = make_layer("topk", 2, expert_impl="mm")
     ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
@@ -174,16 +179,11 @@ def test_fused_paths_in_float32_match_float64_loop(impl):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_auto_pads_when_loads_are_even_and_groups_otherwise():
+def test_auto_is_the_fused_dispatch_on_the_cpu():
     bank = MoE(16, 32, 4, 2).experts
-    x32, x64 = torch.randn(5, 16), torch.randn(5, 16, dtype=torch.float64)
-    assert bank.resolve_impl(x32, [10, 10, 11, 9]) == "bmm"  # 10% padding
-    assert bank.resolve_impl(x64, [10, 10, 11, 9]) == "bmm"
-    assert bank.resolve_impl(x32, [30, 4, 3, 3]) == "grouped_mm"  # 200% padding
-    assert bank.resolve_impl(x64, [30, 4, 3, 3]) == "mm"  # no float64 grouped_mm
-    odd = MoE(16, 6, 4, 2).experts  # hidden rows of 24 bytes: grouped_mm refuses them
-    assert odd.resolve_impl(x32, [30, 4, 3, 3]) == "mm"
-    assert bank.resolve_impl(x32, [0, 0, 0, 0]) == "mm"  # nothing to run
+    assert bank.resolve_impl(torch.randn(5, 16)) == "fused"
+    assert bank.resolve_impl(torch.randn(5, 16, dtype=torch.float64)) == "fused"
+    assert MoE(16, 32, 4, 2, expert_impl="bmm").experts.resolve_impl(torch.randn(5, 16)) == "bmm"
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLS)
@@ -198,10 +198,11 @@ def test_expert_bank_on_sorted_rows_matches_row_loop(impl, dtype, activation):
     torch.testing.assert_close(bank(x, counts, scale), expected, **tolerances(dtype))
 
 
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_fused_path_with_many_experts_some_empty(activation):
-    # 16 experts for 6 tokens: most groups are empty, which grouped_mm must handle
-    layer = MoE(D, H, 16, 2, activation=activation).eval()
+def test_fused_paths_with_many_experts_some_empty(activation, impl):
+    # 16 experts for 6 tokens: most experts get nothing and must get zero gradients
+    layer = MoE(D, H, 16, 2, activation=activation, expert_impl=impl).eval()
     x = torch.randn(6, D, requires_grad=True)
     y = layer(x)
     assert (layer.stats.tokens_per_expert == 0).any()
@@ -282,5 +283,11 @@ def test_router_maths_stays_float32_under_bfloat16_autocast():
         y = layer(x)
     assert routing.logits.dtype == torch.float32 and routing.weights.dtype == torch.float32
     assert y.shape == x.shape and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.02)  # bf16 accuracy
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.experts.w_in.grad.dtype == torch.float32
     y_bf16 = MoE(16, 32, 4, 2).to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y_bf16.dtype == torch.bfloat16

@@ -32,7 +32,7 @@ MOE_CONSTRAINTS: dict[str, list] = {
     "aux_loss_coef": [_NON_NEGATIVE],
     "z_loss_coef": [_NON_NEGATIVE],
     "bias_update_rate": [_NON_NEGATIVE],
-    "expert_impl": [Options(("auto", "grouped_mm", "bmm", "mm"))],
+    "expert_impl": [Options(("auto", "fused", "grouped_mm", "bmm", "mm"))],
 }
 
 
@@ -99,7 +99,7 @@ class MoEConfig:
         Weight of the router z-loss in ``layer.aux_loss``.
     bias_update_rate : float, default=1e-3
         Bias step of the 'sigmoid_bias' router.
-    expert_impl : {'auto', 'grouped_mm', 'bmm', 'mm'}, default='auto'
+    expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation, see :class:`~moekit.nn.experts.ExpertBank`.
     """
 

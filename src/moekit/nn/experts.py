@@ -26,9 +26,6 @@ __all__ = ["ACTIVATIONS", "ExpertBank", "FeedForward"]
 ACTIVATIONS = {"swiglu": 2, "gelu": 1}
 """Activation name -> number of input projections it needs."""
 
-PAD_TOLERANCE = 0.25
-"""Largest fraction of padded (wasted) rows for which ``'auto'`` still takes ``'bmm'``."""
-
 
 def activate(h: Tensor, activation: str) -> Tensor:
     """Apply the expert nonlinearity to the input projection ``h`` of shape (..., n_in*H)."""
@@ -97,14 +94,16 @@ class ExpertBank(nn.Module):
     n_experts, d_model, d_hidden : int
         ``E`` and the widths of each expert.
     activation : {'swiglu', 'gelu'}, default='swiglu'
-    impl : {'auto', 'grouped_mm', 'bmm', 'mm'}, default='auto'
-        How the per-expert matmuls run. ``'grouped_mm'``: one
-        :func:`torch.nn.functional.grouped_mm` call per projection (float32, bf16 or
-        fp16 with 16-byte aligned rows). ``'bmm'``: every expert padded to the largest
-        load, one :func:`torch.bmm` per projection. ``'mm'``: a loop over experts with
-        the weights unbound once (any dtype). ``'auto'``: see :meth:`resolve_impl`.
-        Inside :class:`~moekit.nn.MoE`, ``'grouped_mm'`` and ``'bmm'`` run in the fused
-        dispatch of :mod:`moekit.nn.fused`.
+    impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
+        How :class:`~moekit.nn.MoE` runs the experts. ``'fused'``: the fused dispatch of
+        :mod:`moekit.nn.fused`, one block per expert (any dtype). ``'grouped_mm'``: the
+        same with one :func:`torch.nn.functional.grouped_mm` per projection (float32,
+        bf16 or fp16 with 16-byte aligned rows). ``'bmm'``: autograd over every expert
+        padded to the largest load, one :func:`torch.bmm` per projection. ``'mm'``:
+        autograd over a loop of experts with the weights unbound once (the plain
+        reference path). ``'auto'``: see :meth:`resolve_impl`. Run on rows already
+        sorted (:meth:`forward`), the fused choices compute as ``'mm'`` and
+        ``'grouped_mm'`` through autograd.
     """
 
     def __init__(
@@ -148,29 +147,28 @@ class ExpertBank(nn.Module):
         -------
         Tensor of shape (A, d_model)
         """
-        impl = self.resolve_impl(x, counts)
-        if impl == "grouped_mm":
+        impl = self.impl
+        if impl == "grouped_mm" or (impl == "auto" and self.resolve_impl(x) == "grouped_mm"):
             return self._grouped_mm(x, counts, scale)
         if impl == "bmm":
             return self._bmm(x, counts, scale)
         return self._mm(x, counts, scale)
 
-    def resolve_impl(self, x: Tensor, counts: list[int]) -> str:
-        """The implementation for tokens like ``x`` split into ``counts`` per expert.
+    def resolve_impl(self, x: Tensor) -> str:
+        """The implementation the layer uses for tokens ``x``.
 
-        ``'auto'`` takes ``'bmm'`` when padding to the largest load wastes at most
-        ``PAD_TOLERANCE`` of the work, else ``'grouped_mm'`` where it applies, else
-        ``'mm'``. Chosen by measurement (``bench/layer_speed.py``, 2 CPU threads):
-        ONE_LINE_REASON
+        ``'auto'`` takes ``'fused'``, except on CUDA where grouped_mm applies, where it
+        takes ``'grouped_mm'`` (one kernel per projection instead of one per expert; not
+        measured here, the benchmark machine has no GPU). On the CPU the choice is by
+        measurement (``bench/layer_speed.py``, 2 threads): grouped_mm runs one ``mm``
+        per expert anyway and its large outputs cost page faults, padding wastes work
+        and memory, and the fused per-expert blocks were the fastest at both shapes.
         """
         if self.impl != "auto":
             return self.impl
-        n_rows = sum(counts)
-        if n_rows == 0:
-            return "mm"
-        if len(counts) * max(counts) <= (1.0 + PAD_TOLERANCE) * n_rows:
-            return "bmm"
-        return "grouped_mm" if self._grouped_mm_ok(x) else "mm"
+        if x.is_cuda and self._grouped_mm_ok(x):
+            return "grouped_mm"
+        return "fused"
 
     def _grouped_mm_ok(self, x: Tensor) -> bool:
         ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)

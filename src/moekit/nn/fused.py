@@ -13,153 +13,155 @@ and its gradients
 
 .. math::
 
-    \\bar y_a = \\bar{\\mathrm{out}}_{t_a}, \\quad
-    \\bar s_a = \\langle \\bar y_a W^{out\\top}_{e_a}, h_a \\rangle, \\quad
-    \\bar h_a = s_a \\bar y_a W^{out\\top}_{e_a}, \\quad
-    \\bar W^{out}_e = \\sum_{e_a = e} h_a^\\top (s_a \\bar y_a),
+    \\bar s_a = \\langle \\bar{\\mathrm{out}}_{t_a} W^{out\\top}_{e_a}, h_a \\rangle, \\quad
+    \\bar h_a = s_a \\, \\bar{\\mathrm{out}}_{t_a} W^{out\\top}_{e_a}, \\quad
+    \\bar W^{out}_e = \\sum_{e_a = e} h_a^\\top \\, s_a \\bar{\\mathrm{out}}_{t_a},
 
 then back through :math:`\\phi` and the first matmul, and
-:math:`\\bar x_t = \\sum_{a: t_a = t} \\bar x_{a}`.
+:math:`\\bar x_t = \\sum_{a: t_a = t} \\bar x_a`.
 
-Why a hand-written backward: on the CPU the time outside the matmuls goes mostly to
-allocating large fresh tensors (the kernel zero-fills every new page) and to
-elementwise passes over them. Autograd over ``index_select -> grouped_mm -> swiglu ->
-* s -> grouped_mm -> index_add`` allocates a temporary for every elementwise op in
-both directions (the weight scaling alone costs three (A, H) tensors). Here the
-scaling is applied in place, the SwiGLU backward writes straight into the two halves
-of one buffer, the row dot products run as one batched matmul, and nothing is
-allocated that the plain expert computation (the compute floor) would not allocate
-too, apart from the two gathers that dispatch needs anyway. Tensors saved for
-backward are never modified, so ``retain_graph=True`` stays correct.
+Why by hand: on the CPU, what costs beyond the matmuls is mostly *fresh memory*.
+Every new tensor larger than glibc's mmap threshold (32 MB at most) is mapped anew,
+and the kernel faults in and zero-fills each of its pages on first touch; at the
+benchmark sizes the (A, .) tensors of a sorted dispatch are 30-130 MB each, and
+autograd over ``index_select -> matmul -> swiglu -> * s -> matmul -> index_add``
+allocates one for every step in both directions. Here
+
+- each expert is one *block*: its rows are gathered, computed and added back on their
+  own, so every temporary is one expert's size and malloc recycles it (the sorted
+  order is still what makes each expert's tokens one contiguous ``token`` slice);
+  ``bench/layer_speed.py`` counted about 19 thousand page faults per step for this
+  against 156 thousand for autograd over a per-expert loop and 264 thousand over
+  ``grouped_mm`` at E=64;
+- the combine weight is applied in place, the SwiGLU backward writes straight into
+  the two halves of one buffer, and the weight gradient of the router is a batched
+  row dot product, so no elementwise op allocates a temporary.
+
+With ``grouped=True`` all experts form one block computed with
+:func:`torch.nn.functional.grouped_mm` (one kernel per projection where a grouped
+kernel exists, as on recent GPUs). Tensors saved for backward are never modified,
+so ``retain_graph=True`` stays correct.
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GroupedRows", "PaddedRows", "fused_moe"]
-
-
-class GroupedRows:
-    """Layout: expert ``e`` owns rows ``offs[e-1]:offs[e]`` of an (A, .) matrix.
-
-    The matmuls are :func:`torch.nn.functional.grouped_mm` calls (one ``mm`` per
-    expert inside on the CPU).
-    """
-
-    def __init__(self, counts: list[int], device: torch.device) -> None:
-        self.offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)  # (E,)
-
-    def rows(self, token: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        return token, scale, None
-
-    def unrows(self, grad_scale: Tensor) -> Tensor:
-        return grad_scale
-
-    def mm(self, a: Tensor, w: Tensor) -> Tensor:
-        """(A, k) rows times (E, k, n) expert weights -> (A, n)."""
-        return F.grouped_mm(a, w, offs=self.offs)
-
-    def mm_t(self, a: Tensor, b: Tensor) -> Tensor:
-        """Per expert, its rows of ``a`` (A, m) transposed times its rows of ``b`` (A, n)."""
-        return F.grouped_mm(a.t(), b, offs=self.offs)  # (E, m, n)
-
-
-class PaddedRows:
-    """Layout: expert ``e`` owns rows ``e*R:(e+1)*R`` of an (E*R, .) matrix.
-
-    ``R`` is the largest expert load; an expert's unused rows hold zero tokens with
-    zero weight, so they add nothing and get zero gradients. The matmuls are
-    :func:`torch.bmm` over the (E, R, .) view: one parallel kernel for all experts
-    instead of one per expert, paid for with ``E*R/A - 1`` of wasted work.
-    """
-
-    def __init__(self, counts: list[int], device: torch.device) -> None:
-        self.n_experts, self.n_rows = len(counts), max(counts)
-        counts_t = torch.tensor(counts, device=device)  # (E,)
-        expert = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t)
-        start = torch.cumsum(counts_t, 0) - counts_t  # (E,)
-        position = torch.arange(int(counts_t.sum()), device=device) - start[expert]  # (A,)
-        self.slot = expert * self.n_rows + position  # (A,) padded row of each assignment
-        used = torch.zeros(self.n_experts * self.n_rows, dtype=torch.bool, device=device)
-        used[self.slot] = True
-        self.unused = (~used).nonzero().flatten()  # (E*R - A,)
-
-    def rows(self, token: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        size = self.n_experts * self.n_rows
-        token_rows = token.new_zeros(size).index_copy_(0, self.slot, token)  # (E*R,)
-        scale_rows = scale.new_zeros(size).index_copy_(0, self.slot, scale)  # (E*R,)
-        return token_rows, scale_rows, self.unused
-
-    def unrows(self, grad_scale: Tensor) -> Tensor:
-        return grad_scale.index_select(0, self.slot)  # (A,)
-
-    def mm(self, a: Tensor, w: Tensor) -> Tensor:
-        e, r = self.n_experts, self.n_rows
-        return torch.bmm(a.view(e, r, -1), w).view(e * r, -1)
-
-    def mm_t(self, a: Tensor, b: Tensor) -> Tensor:
-        e, r = self.n_experts, self.n_rows
-        return torch.bmm(a.view(e, r, -1).transpose(1, 2), b.view(e, r, -1))  # (E, m, n)
+__all__ = ["fused_moe"]
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for (A, H) inputs without an (A, H) temporary; as (A,)."""
+    """``(a * b).sum(-1)`` for (R, H) inputs without an (R, H) temporary; as (R,)."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _block_forward(x, token, scale, w_in, w_out, mm, activation, out):
+    """One block of rows: experts on ``x[token]``, weighted, added into ``out``."""
+    xs = x.index_select(0, token)  # (R, d)
+    hin = mm(xs, w_in)  # (R, n*H)
+    if activation == "swiglu":
+        gate, up = hin.chunk(2, dim=-1)  # (R, H) views
+        silu_gate = F.silu(gate)  # (R, H)
+        h = silu_gate * up  # (R, H)
+    else:
+        silu_gate = None
+        h = F.gelu(hin)  # (R, H)
+    y = mm(h, w_out)  # (R, d)
+    y.mul_(scale[:, None].to(y.dtype))  # combine weights, in place
+    out.index_add_(0, token, y)
+    return xs, hin, silu_gate, h
+
+
+def _block_backward(grad_out, token, scale, hin, silu_gate, h, w_in, w_out, mm, activation):
+    """One block's gradients: combine weights, weighted output rows, hidden input, x rows."""
+    s = scale[:, None].to(h.dtype)  # (R, 1)
+    gy = grad_out.index_select(0, token)  # (R, d), contiguous even for a stride-0 grad
+    gh = mm(gy, w_out.transpose(-1, -2))  # (R, H) = gy W_out^T
+    grad_scale = _row_dot(gh, h).to(scale.dtype)  # (R,)
+    gh.mul_(s)  # dL/dh
+    gy.mul_(s)  # dL/d(h W_out), for the W_out gradient
+    if activation == "swiglu":
+        gate, up = hin.chunk(2, dim=-1)
+        n_hidden = gate.shape[-1]
+        ghin = torch.empty_like(hin)  # (R, 2H): [dL/dgate, dL/dup]
+        torch.mul(gh, silu_gate, out=ghin[:, n_hidden:])  # dL/dup = gh * silu(gate)
+        gh.mul_(up)  # dL/dsilu(gate)
+        torch.ops.aten.silu_backward.grad_input(gh, gate, grad_input=ghin[:, :n_hidden])
+    else:
+        ghin = torch.ops.aten.gelu_backward(gh, hin)  # (R, H)
+    gxs = mm(ghin, w_in.transpose(-1, -2))  # (R, d)
+    return grad_scale, gy, ghin, gxs
 
 
 class _FusedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, w_out, scale, token, layout, activation):  # type: ignore[override]
-        n_tokens = x.shape[0]
-        token, scale, unused = layout.rows(token, scale)  # (A,) each (padded: (E*R,))
-        xs = x.index_select(0, token)  # (A, d) rows grouped by expert
-        if unused is not None:
-            xs.index_fill_(0, unused, 0.0)  # padding rows: a zero token gives a zero output
-        hin = layout.mm(xs, w_in)  # (A, n*H)
-        if activation == "swiglu":
-            gate, up = hin.chunk(2, dim=-1)  # (A, H) each, views
-            silu_gate = F.silu(gate)  # (A, H)
-            h = silu_gate * up  # (A, H)
-        else:
-            silu_gate = None
-            h = F.gelu(hin)  # (A, H)
-        y = layout.mm(h, w_out)  # (A, d)
-        y.mul_(scale[:, None].to(y.dtype))  # combine weights, in place
-        out = y.new_zeros(n_tokens, y.shape[-1]).index_add_(0, token, y)  # (T, d)
-        ctx.activation, ctx.layout = activation, layout
-        ctx.save_for_backward(xs, hin, silu_gate, h, w_in, w_out, scale, token)
+    def forward(ctx, x, w_in, w_out, scale, token, counts, grouped, activation):  # type: ignore[override]
+        out = x.new_zeros(x.shape)  # (T, d)
+        saved = []
+        for span, wi, wo, mm in _blocks(counts, grouped, w_in, w_out, x.device):
+            rows = span.rows
+            block = _block_forward(x, token[rows], scale[rows], wi, wo, mm, activation, out)
+            saved.extend(t if t is not None else torch.empty(0) for t in block)
+        ctx.counts, ctx.grouped, ctx.activation = counts, grouped, activation
+        ctx.save_for_backward(w_in, w_out, scale, token, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        xs, hin, silu_gate, h, w_in, w_out, scale, token = ctx.saved_tensors
-        layout = ctx.layout
-        s = scale[:, None].to(h.dtype)  # (A, 1)
-        gy = grad_out.index_select(0, token)  # (A, d), contiguous even for a stride-0 grad
-        gh = layout.mm(gy, w_out.transpose(1, 2))  # (A, H) = gy W_out^T
-        grad_scale = layout.unrows(_row_dot(gh, h).to(scale.dtype))  # (A,)
-        gh.mul_(s)  # dL/dh
-        gy.mul_(s)  # dL/d(h W_out)
-        grad_w_out = layout.mm_t(h, gy)  # (E, H, d)
-        del gy
-        if ctx.activation == "swiglu":
-            gate, up = hin.chunk(2, dim=-1)
-            n_hidden = gate.shape[-1]
-            ghin = torch.empty_like(hin)  # (A, 2H): [dL/dgate, dL/dup]
-            torch.mul(gh, silu_gate, out=ghin[:, n_hidden:])  # dL/dup = gh * silu(gate)
-            gh.mul_(up)  # dL/dsilu(gate)
-            torch.ops.aten.silu_backward.grad_input(gh, gate, grad_input=ghin[:, :n_hidden])
-        else:
-            ghin = torch.ops.aten.gelu_backward(gh, hin)  # (A, H)
-        del gh
-        grad_w_in = layout.mm_t(xs, ghin)  # (E, d, n*H)
-        gxs = layout.mm(ghin, w_in.transpose(1, 2))  # (A, d)
-        del ghin
-        grad_x = gxs.new_zeros(grad_out.shape).index_add_(0, token, gxs)  # (T, d)
-        return grad_x, grad_w_in, grad_w_out, grad_scale, None, None, None
+        w_in, w_out, scale, token, *saved = ctx.saved_tensors
+        grad_x = grad_out.new_zeros(grad_out.shape)  # (T, d)
+        grad_scale = torch.empty_like(scale)  # (A,)
+        grad_w_in = torch.zeros_like(w_in)  # (E, d, n*H); experts without tokens stay 0
+        grad_w_out = torch.zeros_like(w_out)  # (E, H, d)
+        blocks = _blocks(ctx.counts, ctx.grouped, w_in, w_out, grad_out.device)
+        for i, (span, wi, wo, mm) in enumerate(blocks):
+            rows = span.rows
+            xs, hin, silu_gate, h = saved[4 * i : 4 * i + 4]
+            silu_gate = silu_gate if ctx.activation == "swiglu" else None
+            g_scale, gy, ghin, gxs = _block_backward(
+                grad_out, token[rows], scale[rows], hin, silu_gate, h, wi, wo, mm, ctx.activation
+            )
+            grad_scale[rows] = g_scale
+            grad_x.index_add_(0, token[rows], gxs)
+            if ctx.grouped:  # one block: every expert's weight gradient at once
+                offs = mm.keywords["offs"]
+                grad_w_out = F.grouped_mm(h.t(), gy, offs=offs)  # (E, H, d)
+                grad_w_in = F.grouped_mm(xs.t(), ghin, offs=offs)  # (E, d, n*H)
+            else:
+                e = span.expert
+                torch.mm(h.t(), gy, out=grad_w_out[e])  # (H, d)
+                torch.mm(xs.t(), ghin, out=grad_w_in[e])  # (d, n*H)
+        return grad_x, grad_w_in, grad_w_out, grad_scale, None, None, None, None
+
+
+class _Span(NamedTuple):
+    """Rows ``start:stop`` of the sorted assignments, all of ``expert`` (None: all experts)."""
+
+    start: int
+    stop: int
+    expert: int | None
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def _blocks(counts, grouped, w_in, w_out, device):
+    """(rows, W_in, W_out, matmul) per block: one per expert with tokens, or one in all."""
+    if grouped:
+        offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)  # (E,)
+        return [(_Span(0, sum(counts), None), w_in, w_out, partial(F.grouped_mm, offs=offs))]
+    blocks, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            blocks.append((_Span(start, start + count, e), w_in[e], w_out[e], torch.mm))
+        start += count
+    return blocks
 
 
 def fused_moe(
@@ -170,7 +172,7 @@ def fused_moe(
     token: Tensor,
     counts: list[int],
     activation: str,
-    layout: str = "grouped",
+    grouped: bool = False,
 ) -> Tensor:
     """Gather, run the experts, weight and combine, in one autograd Function.
 
@@ -188,12 +190,20 @@ def fused_moe(
     counts : list of int
         Assignments per expert, summing to ``A``.
     activation : {'swiglu', 'gelu'}
-    layout : {'grouped', 'padded'}, default='grouped'
-        :class:`GroupedRows` (grouped_mm) or :class:`PaddedRows` (bmm).
+    grouped : bool, default=False
+        One block computed with ``grouped_mm`` instead of one block per expert.
 
     Returns
     -------
     Tensor of shape (T, d)
+        In the autocast dtype under autocast (the matmuls are on autocast's
+        lower-precision list), else in the dtype of ``x``.
     """
-    rows = {"grouped": GroupedRows, "padded": PaddedRows}[layout](counts, x.device)
-    return _FusedMoE.apply(x, w_in, w_out, scale, token, rows, activation)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # run the whole Function in the autocast dtype, as autocast would run each matmul
+        dtype = torch.get_autocast_dtype(device)
+        x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return _FusedMoE.apply(x, w_in, w_out, scale, token, counts, grouped, activation)
+    return _FusedMoE.apply(x, w_in, w_out, scale, token, counts, grouped, activation)

@@ -103,7 +103,7 @@ class MoE(nn.Module):
         Weight of the router z-loss.
     bias_update_rate : float, default=1e-3
         Step of the bias update of the 'sigmoid_bias' router.
-    expert_impl : {'auto', 'grouped_mm', 'bmm', 'mm'}, default='auto'
+    expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
 
     Attributes
@@ -212,10 +212,9 @@ class MoE(nn.Module):
         )
         plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity)
         bank = self.experts
-        impl = bank.resolve_impl(x, plan.counts)
-        if impl in ("grouped_mm", "bmm"):
+        impl = bank.resolve_impl(x)
+        if impl in ("fused", "grouped_mm") and plan.token.numel() > 0:
             # the maths of the branch below in one autograd Function (moekit.nn.fused)
-            layout = "grouped" if impl == "grouped_mm" else "padded"
             y = fused_moe(
                 x,
                 bank.w_in,
@@ -224,7 +223,7 @@ class MoE(nn.Module):
                 plan.token,
                 plan.counts,
                 bank.activation,
-                layout,
+                grouped=impl == "grouped_mm",
             )  # (T, d)
         else:
             x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
