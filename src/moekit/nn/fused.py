@@ -30,12 +30,12 @@ allocates one for every step in both directions. Here
 - each expert is one *block*: its rows are gathered, computed and added back on their
   own, so every temporary is one expert's size and malloc recycles it (the sorted
   order is still what makes each expert's tokens one contiguous ``token`` slice);
-  ``bench/layer_speed.py`` counted about 19 thousand page faults per step for this
-  against 156 thousand for autograd over a per-expert loop and 264 thousand over
-  ``grouped_mm`` at E=64;
+  the page-fault column of ``bench/results/layer_speed.md`` shows the difference
+  (none at E=64 for this path, hundreds of thousands for autograd over grouped_mm);
 - the combine weight is applied in place, the SwiGLU backward writes straight into
-  the two halves of one buffer, and the weight gradient of the router is a batched
-  row dot product, so no elementwise op allocates a temporary.
+  the two halves of one buffer, and the gradient of the combine weights (which
+  reaches the router) is a batched row dot product, so the elementwise steps
+  allocate nothing beyond what the backward pass keeps.
 
 With ``grouped=True`` all experts form one block computed with
 :func:`torch.nn.functional.grouped_mm` (one kernel per projection where a grouped
@@ -116,8 +116,12 @@ class _FusedMoE(torch.autograd.Function):
         w_in, w_out, scale, token, *saved = ctx.saved_tensors
         grad_x = grad_out.new_zeros(grad_out.shape)  # (T, d)
         grad_scale = torch.empty_like(scale)  # (A,)
-        grad_w_in = torch.zeros_like(w_in)  # (E, d, n*H); experts without tokens stay 0
-        grad_w_out = torch.zeros_like(w_out)  # (E, H, d)
+        grad_w_in = torch.empty_like(w_in)  # (E, d, n*H), each expert written once below
+        grad_w_out = torch.empty_like(w_out)  # (E, H, d)
+        for e, count in enumerate(ctx.counts):
+            if count == 0 and not ctx.grouped:  # no block writes these experts
+                grad_w_in[e].zero_()
+                grad_w_out[e].zero_()
         blocks = _blocks(ctx.counts, ctx.grouped, w_in, w_out, grad_out.device)
         for i, (span, wi, wo, mm) in enumerate(blocks):
             rows = span.rows
