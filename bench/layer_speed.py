@@ -188,7 +188,8 @@ def main(argv=None) -> None:
         "",
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}, "
         f"median of {args.repeats} runs after 1 warm-up, methods interleaved.",
-        f"Load average (1/5/15 min) before: {load_before}; after: LOAD_AFTER.",
+        f"Load average (1/5/15 min) before: {load_before}; after: LOAD_AFTER "
+        "(the benchmark's own threads add about 2 to it).",
         "",
         "Ratios are this row's median over the named reference's median from the same run;",
         "floor = the fastest of the expert-only rows (no routing, gather or combine).",
