@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["moekit.nn.layer"]
+MODULES = ["moekit.nn.layer", "moekit.nn.transformer"]
 
 
 @pytest.mark.parametrize("name", MODULES)

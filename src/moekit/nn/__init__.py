@@ -1,7 +1,8 @@
 """Sparse Mixture-of-Experts layers for PyTorch.
 
-``MoE`` is the layer; the routers, the expert bank and the balancing losses are
-exported for users who build their own.
+``MoE`` is the layer and ``MoETransformer`` a small language model built from it; the
+routers, the expert bank and the balancing losses are exported for users who build
+their own.
 """
 
 from moekit.nn.config import MoEConfig
@@ -17,6 +18,7 @@ from moekit.nn.routers import (
     SwitchRouter,
     TopKRouter,
 )
+from moekit.nn.transformer import MoETransformer, TransformerConfig
 
 __all__ = [
     "ExpertBank",
@@ -25,12 +27,14 @@ __all__ = [
     "MoE",
     "MoEConfig",
     "MoEStats",
+    "MoETransformer",
     "NoisyTopKRouter",
     "Router",
     "Routing",
     "SigmoidBiasRouter",
     "SwitchRouter",
     "TopKRouter",
+    "TransformerConfig",
     "importance_loss",
     "load_balancing_loss",
     "router_z_loss",
