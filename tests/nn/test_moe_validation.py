@@ -63,3 +63,12 @@ def test_wrong_input_width_is_named():
         layer(torch.ones(2, 8, dtype=torch.long))
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         layer([[0.0] * 8])
+
+
+def test_grouped_mm_on_unsupported_input_says_what_it_needs():
+    layer = MoE(**GOOD, expert_impl="grouped_mm").double()
+    with pytest.raises(ValueError, match="needs float32, bfloat16 or float16 tokens"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    odd = MoE(8, 6, 4, 2, expert_impl="grouped_mm")  # 24-byte hidden rows
+    with pytest.raises(ValueError, match="d_hidden=6"):
+        odd(torch.randn(3, 8))

@@ -147,8 +147,8 @@ class ExpertBank(nn.Module):
         -------
         Tensor of shape (A, d_model)
         """
-        impl = self.impl
-        if impl == "grouped_mm" or (impl == "auto" and self.resolve_impl(x) == "grouped_mm"):
+        impl = self.resolve_impl(x)
+        if impl == "grouped_mm":
             return self._grouped_mm(x, counts, scale)
         if impl == "bmm":
             return self._bmm(x, counts, scale)
@@ -164,6 +164,13 @@ class ExpertBank(nn.Module):
         per expert anyway and its large outputs cost page faults, padding wastes work
         and memory, and the fused per-expert blocks were the fastest at both shapes.
         """
+        if self.impl == "grouped_mm" and not self._grouped_mm_ok(x):
+            raise ValueError(
+                "expert_impl='grouped_mm' needs float32, bfloat16 or float16 tokens and "
+                "weights of one dtype, with d_model and d_hidden rows a multiple of 16 "
+                f"bytes; got {x.dtype} tokens, {self.w_in.dtype} weights, "
+                f"d_model={self.d_model}, d_hidden={self.d_hidden}. Use expert_impl='auto'."
+            )
         if self.impl != "auto":
             return self.impl
         if x.is_cuda and self._grouped_mm_ok(x):
@@ -175,7 +182,7 @@ class ExpertBank(nn.Module):
         hidden_bytes = self.d_hidden * x.element_size()
         return (
             ok_dtype
-            and x.dtype == self.w_in.dtype
+            and x.dtype == self.w_in.dtype == self.w_out.dtype
             and hidden_bytes % 16 == 0
             and _aligned(x)
             and _aligned(self.w_in)
