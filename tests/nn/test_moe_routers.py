@@ -99,3 +99,22 @@ def test_router_instance_can_be_passed_to_the_layer():
     assert layer.router is router
     layer(torch.randn(5, D))
     assert not torch.allclose(router(torch.randn(5, D)).weights.sum(-1), torch.ones(5))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: TopKRouter(D, E, 7),
+            r"'top_k' parameter of TopKRouter must be an int in the range \[1, n_experts=6\]",
+        ),
+        (lambda: NoisyTopKRouter(0, E, 2), "'d_model' parameter of NoisyTopKRouter"),
+        (lambda: SwitchRouter(D, E, 2), "'top_k' parameter of SwitchRouter must be 1"),
+        (lambda: ExpertChoiceRouter(D, 2.0, 1), "'n_experts' parameter of ExpertChoiceRouter"),
+    ],
+)
+def test_router_arguments_are_checked(make, match):
+    from moekit._core.validation import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=match):
+        make()

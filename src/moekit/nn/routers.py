@@ -13,12 +13,14 @@ have shape (E, C), and ``indices`` holds token positions.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit._core.validation import Interval, InvalidParameterError, validate_params
 from moekit.nn import functional as MF
 
 __all__ = [
@@ -30,6 +32,12 @@ __all__ = [
     "SwitchRouter",
     "TopKRouter",
 ]
+
+
+_CONSTRAINTS = {
+    name: [Interval(numbers.Integral, 1, None, closed="left")]
+    for name in ("d_model", "n_experts", "top_k")
+}
 
 
 @dataclass
@@ -77,6 +85,15 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, top_k: int) -> None:
         super().__init__()
+        owner = type(self).__name__
+        validate_params(
+            owner, {"d_model": d_model, "n_experts": n_experts, "top_k": top_k}, _CONSTRAINTS
+        )
+        if top_k > n_experts:
+            raise InvalidParameterError(
+                f"The 'top_k' parameter of {owner} must be an int in the range "
+                f"[1, n_experts={n_experts}]. Got {top_k!r} instead."
+            )
         self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         self.reset_parameters()
@@ -134,6 +151,11 @@ class SwitchRouter(TopKRouter):
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int = 1):
+        if top_k != 1:
+            raise InvalidParameterError(
+                "The 'top_k' parameter of SwitchRouter must be 1 (Switch routing is top-1). "
+                f"Got {top_k!r} instead."
+            )
         super().__init__(d_model, n_experts, 1, normalize=False)
 
 
