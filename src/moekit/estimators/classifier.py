@@ -48,7 +48,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     max_iter : int, default=200
     tol : float, default=1e-6
     init_max_iter : int, default=30
-    init_sample_size : int or None, default=100_000
+    init_sample_size : int or None, default=20_000
     alpha : float or None, default=None
         L2 penalty on each expert's slopes, as ``1 / C`` in scikit-learn's
         LogisticRegression (on the summed log-likelihood scale). None uses
@@ -103,7 +103,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         max_iter: int = 200,
         tol: float = 1e-6,
         init_max_iter: int = 30,
-        init_sample_size: int | None = 100_000,
+        init_sample_size: int | None = 20_000,
         alpha: float | None = None,
         gate_alpha: float = 1.0,
         warm_start: bool = False,

@@ -80,9 +80,10 @@ class MoERegressor(RegressorMixin, BaseMoE):
     init_max_iter : int, default=30
         Most iterations each start runs before the best start is chosen and run to
         convergence (flexmix's short-run strategy).
-    init_sample_size : int or None, default=100_000
-        Starts run on a random subset of this many rows when there are more; None
-        uses all rows.
+    init_sample_size : int or None, default=20_000
+        Starts run on a random subset of this many rows when there are more, and only
+        the best continues on all rows (as flexmix's initFlexmix runs short starts);
+        None runs every start on all rows.
     reg_var : float, default=1e-6
         Variance floor of every expert, relative to the variance of the target. It
         keeps the likelihood bounded when an expert sits on a few points.
@@ -181,7 +182,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         max_iter: int = 200,
         tol: float = 1e-6,
         init_max_iter: int = 30,
-        init_sample_size: int | None = 100_000,
+        init_sample_size: int | None = 20_000,
         reg_var: float = 1e-6,
         df: float | None = None,
         gate_alpha: float = 1e-3,
