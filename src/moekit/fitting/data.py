@@ -1,9 +1,12 @@
 """The data an EM fit works on, and the row chunks it is streamed in.
 
-EM touches every row once per iteration. Streaming the rows in chunks of a few
-thousand keeps each E-step's temporaries in the processor's cache and lets the
-M-step's sufficient statistics be summed in the same pass, so that an iteration
-costs about one read of the data.
+EM touches every row once per iteration. Streaming the rows in chunks lets the
+M-step's sufficient statistics be summed in the same pass as the E-step, so that
+an iteration costs about one read of the data, and bounds the temporaries. The
+chunk size, 65,536 rows, was chosen by measurement on a 2-core CPU at n = 1e6:
+16,384-row chunks (cache-sized) gave iterations of 2.7 to 4.3 times a weighted Gram
+matrix, 65,536-row chunks 2.5 to 2.75 times; with fewer, larger chunks the Python
+overhead per operation shrinks and the elementwise work splits better over threads.
 
 Layout: designs are stored feature-major, ``XeT`` of shape (p, n), and every
 per-chunk quantity is expert-major, (K, n_chunk). With K a handful, reductions over
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_CHUNK = 16384
+DEFAULT_CHUNK = 65536
 
 
 @dataclass
