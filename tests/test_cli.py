@@ -9,8 +9,9 @@ from moekit.cli import main
 from moekit.datasets import make_moe_regression
 
 
-def test_demo_writes_its_report(tmp_path, capsys):
+def test_demo_writes_its_report(tmp_path, capsys, recwarn):
     assert main(["demo", "--out", str(tmp_path), "--n-init", "2"]) == 0
+    assert not [w for w in recwarn if "feature names" in str(w.message)]
     out = capsys.readouterr().out
     assert "BIC picks K =" in out and "std_error" in out and "gate: expert 1 vs 0" in out
     for name in ("mcycle_fit.png", "mcycle_bic.png", "mcycle.moe", "mcycle_bic.csv"):

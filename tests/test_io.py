@@ -32,6 +32,9 @@ def test_regressor_round_trip_is_exact(tmp_path, fitted):
     assert back.log_likelihood_history_ == m.log_likelihood_history_
     assert back.n_iter_ == m.n_iter_ and back.converged_ == m.converged_
     assert [f.name for f in tmp_path.iterdir()] == ["model.moe"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_classifier_round_trip_keeps_labels(tmp_path):

@@ -60,6 +60,11 @@ def plot_regression_fit(
     grid_x = np.linspace(x.min(), x.max(), 400)
     grid = np.tile(X.mean(0), (len(grid_x), 1))
     grid[:, feature] = grid_x
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None:  # keep the names the model was fitted with
+        import pandas as pd
+
+        grid = pd.DataFrame(grid, columns=names)
     d = model.predict_distribution(grid)
     w, means = d.weights, d.means
     lo, hi = d.interval(alpha)
