@@ -94,7 +94,7 @@ def plot_regression_fit(
     ax.plot(grid_x, d.mean(), color="black", lw=1.6, label="E[y | x]")
     ax.set_ylabel(ylabel or "y")
     ax.set_ylim(y.min() - 0.15 * span, y.max() + 0.15 * span)
-    ax.legend(loc="lower left", fontsize=8, ncol=2)
+    ax.legend(loc="upper left", fontsize=8, ncol=2)
     if title:
         ax.set_title(title)
     for k in range(K):
