@@ -148,6 +148,15 @@ class BaseMoE(BaseEstimator):
                 return random_resp(d, K, gen)
             return kmeans_resp(d, K, gen, target=self._kmeans_target(d))
 
+        common = {
+            "init_resp": init_resp,
+            "n_init": 1 if warm else self.n_init,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "generator": generator,
+            "warm_params": self._params if warm else None,
+            "verbose": int(self.verbose),
+        }
         if getattr(self, "fit_method", "em") == "gradient":
             from moekit.fitting.gradient import EXPERT_VIEWS, GATE_VIEWS, run_gradient
 
@@ -162,19 +171,7 @@ class BaseMoE(BaseEstimator):
                 )
 
             options = check_options(self.fit_options, GRADIENT_OPTIONS, "fit_options")
-            result = run_gradient(
-                model,
-                data,
-                init_resp=init_resp,
-                n_init=1 if warm else self.n_init,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                generator=generator,
-                warm_params=self._params if warm else None,
-                objective=self.objective,
-                verbose=int(self.verbose),
-                **options,
-            )
+            result = run_gradient(model, data, objective=self.objective, **common, **options)
         else:
             if getattr(self, "fit_options", None):
                 raise ValueError("fit_options are for fit_method='gradient'.")
@@ -186,16 +183,10 @@ class BaseMoE(BaseEstimator):
             result = run_em(
                 model,
                 data,
-                init_resp=init_resp,
-                n_init=1 if warm else self.n_init,
-                max_iter=self.max_iter,
-                tol=self.tol,
                 init_max_iter=self.init_max_iter,
                 init_sample_size=self.init_sample_size,
-                generator=generator,
-                warm_params=self._params if warm else None,
-                verbose=int(self.verbose),
                 verbose_interval=self.verbose_interval,
+                **common,
             )
         self._expert_family, self._gate_family = expert, gate
         perm = self._expert_order(result.params, data, result.nk)
