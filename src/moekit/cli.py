@@ -5,6 +5,8 @@
     moekit demo [--out DIR]                       fit the bundled mcycle data, write a report
     moekit fit DATA.csv --target COL [--experts K] [--out DIR]
     moekit predict MODEL DATA.csv [--out FILE]
+    moekit lm train [--corpus FILE] [--steps N] [--out DIR] ...
+    moekit lm generate MODEL --prompt TEXT
 """
 
 from __future__ import annotations
@@ -142,6 +144,78 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_lm_train(args) -> int:
+    from moekit.nn import MoETransformer
+    from moekit.nn.train import TrainConfig, decode_bytes, train_lm
+    from moekit.plotting import plot_lm_training
+
+    if args.corpus:
+        text = Path(args.corpus).read_text(encoding="utf-8", errors="replace")
+        source = args.corpus
+    else:
+        from moekit.datasets import library_text
+
+        text, source = library_text(), "moekit's own documentation"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_seed(args.seed)
+    model = MoETransformer(
+        vocab_size=256, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+        d_model=args.d_model, d_hidden=args.d_hidden, n_experts=args.n_experts,
+        top_k=args.top_k, router=args.router,
+    )  # fmt: skip
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"Training a byte-level MoE transformer ({n_params / 1e6:.2f} M parameters, "
+        f"{args.n_experts} experts, top-{args.top_k}) on {source}: {len(text):,} bytes"
+    )
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                         learning_rate=args.lr, seed=args.seed)  # fmt: skip
+    log = train_lm(model, text, config, verbose=1)
+    model.save(out / "lm.moe")
+    plot_lm_training(log.as_dict(), title="MoE language model").savefig(out / "lm_training.png",
+                                                                           dpi=120)  # fmt: skip
+    prompt = text[: min(32, len(text))]
+    sample = model.generate(_prompt_ids(prompt), max_new_tokens=120, temperature=0.0)
+    print(f"\nFinal held-out loss {log.val_loss[-1]:.4f} nats per byte. A greedy sample:")
+    print(decode_bytes(sample[0].tolist()))
+    print(f"\nWrote {out / 'lm.moe'} and {out / 'lm_training.png'}")
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _prompt_ids(prompt: str):
+    from moekit.nn.train import byte_tokens
+
+    ids = byte_tokens(prompt)
+    if len(ids) == 0:
+        raise ValueError("--prompt must not be empty.")
+    return ids.unsqueeze(0)
+
+
+def cmd_lm_generate(args) -> int:
+    import torch
+
+    from moekit import load
+    from moekit.nn import MoETransformer
+    from moekit.nn.train import decode_bytes
+
+    model = load(args.model)
+    if not isinstance(model, MoETransformer):
+        raise ValueError(f"{args.model} holds a {type(model).__name__}, not a language model.")
+    ids = _prompt_ids(args.prompt)[:, -model.config.block_size :]
+    gen = torch.Generator().manual_seed(args.seed)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, generator=gen)  # fmt: skip
+    print(decode_bytes(out[0].tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +234,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", type=int, default=0)
     p.add_argument("--out", default="moekit_fit", help="output folder (default: moekit_fit)")
     p.set_defaults(func=cmd_fit)
+
+    lm = sub.add_parser("lm", help="a small MoE transformer language model").add_subparsers(
+        dest="lm_command", required=True)  # fmt: skip
+    p = lm.add_parser("train", help="train a byte-level MoE language model")
+    p.add_argument("--corpus", help="UTF-8 text file (default: moekit's own documentation)")
+    p.add_argument("--out", default="moekit_lm", help="output folder (default: moekit_lm)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--d-hidden", type=int, default=128)
+    p.add_argument("--n-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--router", default="topk")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_lm_train)
+    p = lm.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("model", help="model file written by `moekit lm train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_lm_generate)
 
     p = sub.add_parser("predict", help="predict with a saved model")
     p.add_argument("model", help="model file written by `moekit fit` or model.save()")

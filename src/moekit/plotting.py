@@ -138,3 +138,34 @@ def plot_criterion(table, criterion: str = "bic", ax=None):
     if fig is not None:
         fig.tight_layout()
     return fig if fig is not None else ax.figure
+
+
+def plot_lm_training(log: dict, title: str | None = None):
+    """Training and held-out loss of a language model, and the first MoE layer's load.
+
+    Parameters
+    ----------
+    log : dict
+        ``TrainLog.as_dict()``: ``step``, ``train_loss``, ``eval_step``, ``val_loss``,
+        ``tokens_per_expert``.
+    """
+    plt = _pyplot()
+    fig, (ax, axl) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    ax.plot(log["step"], log["train_loss"], color="0.7", lw=0.8, label="train (per step)")
+    ax.plot(log["eval_step"], log["val_loss"], "o-", color="tab:red", label="held out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per byte, + aux)")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    loads = log.get("tokens_per_expert") or []
+    if loads:
+        last = np.asarray(loads[-1], dtype=float)
+        axl.bar(np.arange(len(last)), last / max(last.sum(), 1.0), color=expert_colors(len(last)))
+        axl.axhline(1.0 / len(last), color="black", ls="--", lw=1, label="uniform")
+        axl.set_xlabel("expert")
+        axl.set_ylabel("share of routed tokens")
+        axl.set_title("first MoE layer, last evaluation")
+        axl.legend()
+    fig.tight_layout()
+    return fig

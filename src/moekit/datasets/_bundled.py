@@ -40,3 +40,32 @@ def load_mcycle(*, as_frame: bool = False):
 def mcycle_path() -> str:
     """Path of the bundled ``mcycle.csv`` (for the command line and benchmarks)."""
     return str(resources.files("moekit.datasets").joinpath("data/mcycle.csv"))
+
+
+def library_text() -> str:
+    """moekit's own documentation: the docstrings of its modules, classes and functions.
+
+    A corpus that ships with the library (tens of kilobytes of English about
+    mixtures of experts), the default of ``moekit lm train``.
+    """
+    import importlib
+    import inspect
+    import pkgutil
+
+    import moekit
+
+    parts = []
+    names = sorted(m.name for m in pkgutil.walk_packages(moekit.__path__, "moekit."))
+    for name in ["moekit", *names]:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - an optional room missing
+            continue
+        docs = [inspect.getdoc(module)]
+        for _, obj in inspect.getmembers(
+            module, lambda o: inspect.isclass(o) or inspect.isfunction(o)
+        ):
+            if getattr(obj, "__module__", None) == name:
+                docs.append(inspect.getdoc(obj))
+        parts += [d for d in docs if d]
+    return "\n\n".join(parts) + "\n"

@@ -18,6 +18,7 @@ from moekit.nn.routers import (
     SwitchRouter,
     TopKRouter,
 )
+from moekit.nn.train import TrainConfig, train_lm
 from moekit.nn.transformer import MoETransformer, TransformerConfig
 
 __all__ = [
@@ -34,8 +35,10 @@ __all__ = [
     "SigmoidBiasRouter",
     "SwitchRouter",
     "TopKRouter",
+    "TrainConfig",
     "TransformerConfig",
     "importance_loss",
     "load_balancing_loss",
     "router_z_loss",
+    "train_lm",
 ]

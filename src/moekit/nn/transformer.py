@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit._core.validation import Interval, InvalidParameterError, Options, validate_params
+from moekit.io import register_model
 from moekit.nn.config import ROUTERS
 from moekit.nn.experts import ACTIVATIONS, FeedForward
 from moekit.nn.layer import MoE
@@ -133,6 +134,7 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ln_2(x)))  # (B, T, C)
 
 
+@register_model
 class MoETransformer(nn.Module):
     """Decoder-only language model whose feed-forward blocks are sparse MoE layers.
 
@@ -236,6 +238,36 @@ class MoETransformer(nn.Module):
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, ce + self.aux_loss
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write the model to ``path`` (safetensors + JSON config, no pickle)."""
+        from moekit.io import save_model
+
+        save_model(self, path)
+
+    def _to_state(self) -> tuple[dict, dict, dict]:
+        # the head shares the embedding's weight (tied): store it once
+        tensors = {
+            k: v.detach().clone() for k, v in self.state_dict().items() if k != "lm_head.weight"
+        }
+        return (
+            dataclasses.asdict(self.config),
+            {"training": getattr(self, "training_log", {})},
+            tensors,
+        )
+
+    @classmethod
+    def _from_state(cls, params: dict, state: dict, tensors: dict) -> MoETransformer:
+        model = cls(TransformerConfig(**params))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if unexpected or set(missing) != {"lm_head.weight"}:
+            raise ValueError(
+                f"weights do not match the configuration (missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)})"
+            )
+        model.training_log = state.get("training", {})
+        return model.eval()
 
     @torch.no_grad()
     def generate(
