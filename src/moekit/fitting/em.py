@@ -56,6 +56,7 @@ class PassResult:
     expert_stats: Any
     gate_stats: Any
     resp: torch.Tensor | None  # (K, n) when a component needs it
+    nk: torch.Tensor | None = None  # (K,) total responsibility of each expert
 
 
 @dataclass
@@ -121,6 +122,7 @@ class EMModel:
         K = self.expert.n_experts
         resp_all = data.XeT.new_empty((K, data.n)) if keep else None
         total = data.XeT.new_zeros(())
+        nk = data.XeT.new_zeros(K)
         es = gs = None
         for chunk in data.chunks(self.chunk_size):
             joint = self.expert.log_prob(params.expert, chunk)  # (K, c)
@@ -130,6 +132,7 @@ class EMModel:
             s = resp.sum(0, keepdim=True)
             resp.div_(s)
             total += (torch.log(s) + top).sum()
+            nk += resp.sum(1)
             if keep:
                 resp_all[:, chunk.start : chunk.stop] = resp
             if stats:
@@ -137,7 +140,7 @@ class EMModel:
                 gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, resp))
         loglik = float(total) / data.n
         prior = self.expert.log_prior(params.expert) + self.gate.log_prior(params.gate)
-        return PassResult(loglik + prior / data.n, loglik, es, gs, resp_all)
+        return PassResult(loglik + prior / data.n, loglik, es, gs, resp_all, nk)
 
     def stats_from_resp(self, params: Params, data: EMData, resp: torch.Tensor) -> PassResult:
         """Statistics for given responsibilities (K, n), as for the first M-step."""
@@ -149,7 +152,7 @@ class EMModel:
                 self.expert.log_prob(params.expert, chunk)
             es = _add(es, self.expert.chunk_stats(params.expert, chunk, r))
             gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, r))
-        return PassResult(-math.inf, -math.inf, es, gs, resp)
+        return PassResult(-math.inf, -math.inf, es, gs, resp, resp.sum(1))
 
     def m_step(self, params: Params, res: PassResult, data: EMData) -> Params:
         return Params(
@@ -301,8 +304,8 @@ def run_em(
     if current is None:
         current = model.e_pass(params, data)
         history = history or [current.objective]
-    final = model.e_pass(params, data, stats=False, keep_resp=True)
-    progress.close(done_iter, final.objective, converged, time.perf_counter() - t0)
+    # ``current`` is the E-step at the returned parameters: no further pass is needed
+    progress.close(done_iter, current.objective, converged, time.perf_counter() - t0)
     if not converged and max_iter > 0:
         change = history[-1] - history[-2] if len(history) > 1 else float("nan")
         warnings.warn(
@@ -316,8 +319,8 @@ def run_em(
         params=params,
         n_iter=done_iter,
         converged=converged,
-        objective=final.objective,
-        loglik=final.loglik,
+        objective=current.objective,
+        loglik=current.loglik,
         history=history,
-        nk=final.resp.sum(1),
+        nk=current.nk,
     )
