@@ -13,16 +13,10 @@ import torch
 
 from moekit.nn import FeedForward, MoE
 
+# tiny matrices: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, H, E = 8, 16, 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: a second thread only adds synchronisation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def piecewise_linear(n, maps, generator, offset=0.0):

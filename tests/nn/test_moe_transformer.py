@@ -8,17 +8,12 @@ import torch
 from moekit._core.validation import InvalidParameterError
 from moekit.nn import MoE, MoETransformer, TransformerConfig
 
+# tiny matrices: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(
     vocab_size=16, block_size=12, n_layer=2, n_head=2, d_model=16, d_hidden=16, n_experts=4, top_k=2
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_shapes_and_initial_loss_is_near_uniform_prediction():
