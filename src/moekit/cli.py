@@ -156,6 +156,8 @@ def cmd_lm_train(args) -> int:
         from moekit.datasets import library_text
 
         text, source = library_text(), "moekit's own documentation"
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                         learning_rate=args.lr, seed=args.seed)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch_seed(args.seed)
@@ -169,8 +171,6 @@ def cmd_lm_train(args) -> int:
         f"Training a byte-level MoE transformer ({n_params / 1e6:.2f} M parameters, "
         f"{args.n_experts} experts, top-{args.top_k}) on {source}: {len(text):,} bytes"
     )
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
-                         learning_rate=args.lr, seed=args.seed)  # fmt: skip
     log = train_lm(model, text, config, verbose=1)
     model.save(out / "lm.moe")
     plot_lm_training(log.as_dict(), title="MoE language model").savefig(out / "lm_training.png",
