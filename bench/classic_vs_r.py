@@ -125,7 +125,7 @@ def em_iteration_vs_gram(X: np.ndarray, y: np.ndarray) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = MoERegressor(K, random_state=0, max_iter=5).fit(X, y)
-    from moekit.fitting.data import EMData
+    from moekit._core.data import EMData
     from moekit.fitting.em import EMModel
 
     XeT, XgT = m._designs(X)

@@ -6,6 +6,8 @@ imports with ``ast`` so that it also catches imports inside functions.
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,21 @@ def test_floor_imports_neither_room(floor):
             continue
         bad = {m for m in _imports(path) if _room_of(m) in (*STATISTICAL, "nn", "estimators")}
         assert not bad, f"{path.relative_to(SRC)} imports {bad}"
+
+
+@pytest.mark.parametrize("room", ("experts", "gates"))
+def test_families_do_not_import_upwards(room):
+    # families stand on the floor; the EM loop and the estimators ask them, never the reverse
+    for path in _modules(room):
+        bad = {m for m in _imports(path) if _room_of(m) in ("fitting", "estimators")}
+        assert not bad, f"{path.relative_to(SRC)} imports {bad}"
+
+
+def test_nn_imports_without_the_statistical_stack():
+    code = (
+        "import sys, moekit.nn; "
+        "print(sorted(m for m in ('sklearn', 'pandas', 'scipy', 'moekit.estimators') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,16 +1,41 @@
-"""moekit: Mixture-of-Experts models, from EM-fitted statistical MoE to sparse layers."""
+"""moekit: Mixture-of-Experts models, from EM-fitted statistical MoE to sparse layers.
 
-from moekit.estimators import MDNRegressor, MoEClassifier, MoERegressor, select_n_experts
-from moekit.io import load
-from moekit.prediction import MixturePrediction
+The public names are imported on first use (PEP 562), so that ``import moekit.nn``
+loads PyTorch alone and not the statistical room's scikit-learn and pandas.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MDNRegressor",
-    "MixturePrediction",
-    "MoEClassifier",
-    "MoERegressor",
-    "load",
-    "select_n_experts",
-]
+_PUBLIC = {
+    "MDNRegressor": "moekit.estimators",
+    "MixturePrediction": "moekit.prediction",
+    "MoEClassifier": "moekit.estimators",
+    "MoERegressor": "moekit.estimators",
+    "load": "moekit.io",
+    "select_n_experts": "moekit.estimators",
+}
+
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from moekit.estimators import MDNRegressor, MoEClassifier, MoERegressor, select_n_experts
+    from moekit.io import load
+    from moekit.prediction import MixturePrediction
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -135,7 +135,7 @@ def test_safeguard_shortens_a_step_that_lowers_the_objective():
     import torch
 
     from moekit.experts.gaussian import GaussianExperts
-    from moekit.fitting.data import EMData
+    from moekit._core.data import EMData
     from moekit.fitting.em import EMModel, Params
     from moekit.fitting.init import kmeans_resp
 

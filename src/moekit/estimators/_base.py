@@ -30,7 +30,7 @@ from moekit._core.validation import (
 )
 from moekit.estimators._columns import resolve_columns
 from moekit.estimators._files import ModelFileMixin
-from moekit.fitting.data import Chunk, EMData
+from moekit._core.data import Chunk, EMData
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.init import kmeans_resp, random_resp
 from moekit.gates.constant import ConstantGate

@@ -7,7 +7,7 @@ them, :meth:`ExpertFamily.chunk_stats` to sum the M-step's sufficient statistics
 the same pass; after the pass it calls :meth:`ExpertFamily.m_step`.
 
 All per-chunk arrays are expert-major, shape (K, n_chunk); see
-:mod:`moekit.fitting.data` for why.
+:mod:`moekit._core.data` for why.
 
 The M-step must not decrease the expected complete-data log-likelihood
 
@@ -18,7 +18,7 @@ so that the log-likelihood never decreases (generalised EM). Families whose
 M-step is guaranteed not to decrease Q (an exact maximiser, or a minorise-maximise
 step) set ``monotone = True``; for the others (a Newton step, say) the loop checks
 the likelihood after the step and shortens the step along the line from the old
-parameters (:func:`moekit.fitting.data.lerp_params`) until it does not decrease.
+parameters (:func:`moekit._core.data.lerp_params`) until it does not decrease.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moekit.fitting.data import Chunk, EMData
+from moekit._core.data import Chunk, EMData
 
 
 class ExpertFamily(Protocol):

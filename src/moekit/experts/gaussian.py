@@ -21,7 +21,7 @@ import torch
 
 from moekit._core.linalg import solve_psd, unpack_triu
 from moekit._core.logspace import LOG_2PI
-from moekit.fitting.data import Chunk, EMData
+from moekit._core.data import Chunk, EMData
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.fitting.data import Chunk, EMData
-from moekit.fitting.lbfgs import lbfgs_minimise
+from moekit._core.data import Chunk, EMData
+from moekit._core.optim import lbfgs_minimise
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch
 
 from moekit._core.logspace import LOG_2PI
 from moekit._core.validation import check_options
-from moekit.fitting.data import Chunk, EMData
-from moekit.fitting.lbfgs import lbfgs_minimise
+from moekit._core.data import Chunk, EMData
+from moekit._core.optim import lbfgs_minimise
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-4}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.linalg import solve_psd, unpack_triu
-from moekit.fitting.data import Chunk, EMData
+from moekit._core.data import Chunk, EMData
 
 NU_MIN, NU_MAX = 0.5, 200.0
 

@@ -26,7 +26,7 @@ from sklearn.base import clone, is_classifier
 
 from moekit._core.engine import to_numpy
 from moekit._core.logspace import LOG_2PI
-from moekit.fitting.data import Chunk, EMData
+from moekit._core.data import Chunk, EMData
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from moekit.fitting.data import DEFAULT_CHUNK, EMData, lerp_params
+from moekit._core.data import DEFAULT_CHUNK, EMData, lerp_params
 from moekit.fitting.progress import Progress
 
 MAX_HALVINGS = 8

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from moekit._core.logspace import LOG_2PI
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.mlp import MLPExperts, mlp_forward
-from moekit.fitting.data import EMData
+from moekit._core.data import EMData
 from moekit.fitting.em import EMModel, FitResult, Params
 from moekit.gates.constant import ConstantGate
 from moekit.gates.mlp import MLPGate, gate_logits

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from moekit.fitting.data import EMData
+from moekit._core.data import EMData
 
 
 def _one_hot(labels: torch.Tensor, K: int, like: torch.Tensor) -> torch.Tensor:

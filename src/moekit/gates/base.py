@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moekit.fitting.data import Chunk, EMData
+from moekit._core.data import Chunk, EMData
 
 
 class Gate(Protocol):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.fitting.data import Chunk, EMData
+from moekit._core.data import Chunk, EMData
 
 
 @dataclass

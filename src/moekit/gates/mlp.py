@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.validation import check_options
-from moekit.fitting.data import Chunk, EMData
-from moekit.fitting.lbfgs import lbfgs_minimise
+from moekit._core.data import Chunk, EMData
+from moekit._core.optim import lbfgs_minimise
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-3}
 

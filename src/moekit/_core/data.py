@@ -1,5 +1,8 @@
 """The data an EM fit works on, and the row chunks it is streamed in.
 
+It lives on the shared floor because the expert and gate families read it and the
+EM loop builds it: every arrow of the statistical room then points down.
+
 EM touches every row once per iteration. Streaming the rows in chunks lets the
 M-step's sufficient statistics be summed in the same pass as the E-step, so that
 an iteration costs about one read of the data, and bounds the temporaries. The
