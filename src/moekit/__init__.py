@@ -20,7 +20,14 @@ _PUBLIC = {
     "select_n_experts": "moekit.estimators",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "MDNRegressor",
+    "MixturePrediction",
+    "MoEClassifier",
+    "MoERegressor",
+    "load",
+    "select_n_experts",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from moekit.estimators import MDNRegressor, MoEClassifier, MoERegressor, select_n_experts

@@ -134,8 +134,8 @@ def test_safeguard_shortens_a_step_that_lowers_the_objective():
     """A Newton step is not guaranteed to climb; the loop must halve it until it does."""
     import torch
 
-    from moekit.experts.gaussian import GaussianExperts
     from moekit._core.data import EMData
+    from moekit.experts.gaussian import GaussianExperts
     from moekit.fitting.em import EMModel, Params
     from moekit.fitting.init import kmeans_resp
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
+from moekit._core.data import EMData
 from moekit.datasets import make_bishop_inverse, make_moe_regression
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.mlp import MLPExperts
-from moekit._core.data import EMData
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.gradient import run_gradient
 from moekit.fitting.init import kmeans_resp

@@ -20,6 +20,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from moekit._core.data import Chunk, EMData
 from moekit._core.engine import EM_DTYPE, resolve_device, to_numpy, torch_generator
 from moekit._core.validation import (
     HasMethods,
@@ -30,7 +31,6 @@ from moekit._core.validation import (
 )
 from moekit.estimators._columns import resolve_columns
 from moekit.estimators._files import ModelFileMixin
-from moekit._core.data import Chunk, EMData
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.init import kmeans_resp, random_resp
 from moekit.gates.constant import ConstantGate

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit._core.data import Chunk, EMData
 from moekit._core.linalg import solve_psd, unpack_triu
 from moekit._core.logspace import LOG_2PI
-from moekit._core.data import Chunk, EMData
 
 
 @dataclass

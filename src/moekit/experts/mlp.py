@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.logspace import LOG_2PI
-from moekit._core.validation import check_options
 from moekit._core.data import Chunk, EMData
+from moekit._core.logspace import LOG_2PI
 from moekit._core.optim import lbfgs_minimise
+from moekit._core.validation import check_options
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-4}
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.linalg import solve_psd, unpack_triu
 from moekit._core.data import Chunk, EMData
+from moekit._core.linalg import solve_psd, unpack_triu
 
 NU_MIN, NU_MAX = 0.5, 200.0
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from sklearn.base import clone, is_classifier
 
+from moekit._core.data import Chunk, EMData
 from moekit._core.engine import to_numpy
 from moekit._core.logspace import LOG_2PI
-from moekit._core.data import Chunk, EMData
 
 
 @dataclass

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from moekit._core.data import EMData
 from moekit._core.logspace import LOG_2PI
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.mlp import MLPExperts, mlp_forward
-from moekit._core.data import EMData
 from moekit.fitting.em import EMModel, FitResult, Params
 from moekit.gates.constant import ConstantGate
 from moekit.gates.mlp import MLPGate, gate_logits

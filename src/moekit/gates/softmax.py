@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.linalg import solve_psd, unpack_triu
 from moekit._core.data import Chunk, EMData
+from moekit._core.linalg import solve_psd, unpack_triu
 
 NEWTON_MAX_PARAMS = 256
 """``solver="auto"`` uses Newton up to this many gate parameters, K p."""
