@@ -13,7 +13,6 @@ from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.fitting.em import EMModel, Params, run_em
 from moekit.fitting.gradient import run_gradient
-from moekit.fitting.init import kmeans_resp
 from moekit.gates.constant import ConstantGate
 from moekit.gates.mlp import MLPGate
 from moekit.gates.softmax import SoftmaxGate
@@ -40,17 +39,13 @@ def _model(K, m=1, gate="penalised") -> EMModel:
     return EMModel(GaussianExperts(K, m, var_floor=1e-6), GATES[gate](K))
 
 
-def _init(K):
-    return lambda d, g: kmeans_resp(d, K, g, target=d.y)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
 def _em(data, K, seed, gate="penalised", m=1):
     return run_em(
-        _model(K, m, gate), data, init_resp=_init(K), n_init=1, max_iter=2000, tol=1e-11,
+        _model(K, m, gate), data, init="kmeans", n_init=1, max_iter=2000, tol=1e-11,
         init_max_iter=30, init_sample_size=None, generator=_gen(seed),
     )  # fmt: skip
 
@@ -63,7 +58,7 @@ def test_lbfgs_reaches_the_em_optimum(gate, seed):
     X, y, _ = make_moe_regression(800, n_features=3, n_experts=3, gate=kind, random_state=seed)
     data = _data(X, y)
     em = _em(data, 3, seed, gate)
-    gr = run_gradient(_model(3, gate=gate), data, init_resp=_init(3), generator=_gen(seed))
+    gr = run_gradient(_model(3, gate=gate), data, init="kmeans", generator=_gen(seed))
     assert gr.converged
     assert gr.loglik == pytest.approx(em.loglik, abs=1e-6)
     assert gr.objective == pytest.approx(em.objective, abs=1e-6)
@@ -77,7 +72,7 @@ def test_penalised_gate_reaches_the_em_optimum():
     X, y, _ = make_moe_regression(800, n_features=3, n_experts=3, random_state=2)
     data = _data(X, y)
     em = _em(data, 3, 2)
-    gr = run_gradient(_model(3), data, init_resp=_init(3), generator=_gen(2))
+    gr = run_gradient(_model(3), data, init="kmeans", generator=_gen(2))
     # the gate's ridge penalty is part of the objective both maximise
     assert gr.objective >= em.objective - 1e-7
     assert gr.loglik == pytest.approx(em.loglik, abs=1e-4)
@@ -85,7 +80,7 @@ def test_penalised_gate_reaches_the_em_optimum():
 
 def test_lbfgs_history_never_decreases():
     X, y, _ = make_moe_regression(500, n_features=2, n_experts=3, random_state=3)
-    gr = run_gradient(_model(3), _data(X, y), init_resp=_init(3), generator=_gen(3))
+    gr = run_gradient(_model(3), _data(X, y), init="kmeans", generator=_gen(3))
     # history is EM's objective: the line search only accepts steps that raise it
     assert np.diff(gr.history).min() >= -1e-12
     assert gr.history[-1] == pytest.approx(gr.objective, abs=1e-9)
@@ -97,7 +92,7 @@ def test_multi_output_reaches_the_em_optimum():
     Y = np.stack([y, 0.5 * y + X[:, 0] + 0.3 * rng.standard_normal(len(y))], axis=1)
     data = _data(X, Y)
     em = _em(data, 2, 0, m=2)
-    gr = run_gradient(_model(2, m=2), data, init_resp=_init(2), generator=_gen(0))
+    gr = run_gradient(_model(2, m=2), data, init="kmeans", generator=_gen(0))
     assert gr.params.expert.coef.shape == (2, 2, 3)
     assert gr.loglik == pytest.approx(em.loglik, abs=1e-6)
 
@@ -107,12 +102,12 @@ def test_adam_reaches_the_em_optimum():
     data = _data(X, y)
     em = _em(data, 2, 0)
     full = run_gradient(
-        _model(2), data, init_resp=_init(2), generator=_gen(0), optimizer="adam",
+        _model(2), data, init="kmeans", generator=_gen(0), optimizer="adam",
         learning_rate=0.02, max_iter=1500, tol=1e-10,
     )  # fmt: skip
     assert full.loglik == pytest.approx(em.loglik, abs=1e-4)
     batched = run_gradient(
-        _model(2), data, init_resp=_init(2), generator=_gen(0), optimizer="adam",
+        _model(2), data, init="kmeans", generator=_gen(0), optimizer="adam",
         batch_size=64, max_iter=100,
     )  # fmt: skip
     # mini-batch noise keeps Adam near, not at, the optimum
@@ -123,7 +118,7 @@ def test_warm_start_at_the_em_optimum_stays_there():
     X, y, _ = make_moe_regression(500, n_features=2, n_experts=2, random_state=6)
     data = _data(X, y)
     em = _em(data, 2, 0)
-    gr = run_gradient(_model(2), data, init_resp=_init(2), generator=_gen(0), warm_params=em.params)
+    gr = run_gradient(_model(2), data, init="kmeans", generator=_gen(0), warm_params=em.params)
     assert gr.loglik >= em.loglik - 1e-9
     assert gr.loglik == pytest.approx(em.loglik, abs=1e-6)
 
@@ -142,11 +137,11 @@ def test_neural_gate_and_experts_train_jointly():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         em = run_em(
-            model(), data, init_resp=_init(2), n_init=1, max_iter=5, tol=1e-8,
+            model(), data, init="kmeans", n_init=1, max_iter=5, tol=1e-8,
             init_max_iter=5, init_sample_size=None, generator=_gen(0),
         )  # fmt: skip
     gr = run_gradient(
-        model(), data, init_resp=_init(2), generator=_gen(0), warm_params=em.params, max_iter=60
+        model(), data, init="kmeans", generator=_gen(0), warm_params=em.params, max_iter=60
     )
     # the out-of-place likelihood and penalties here are the families' own
     assert gr.history[0] == pytest.approx(em.objective, abs=1e-9)
@@ -165,7 +160,7 @@ def test_competitive_experts_specialise_cooperative_ones_average():
     prob = make_bishop_inverse(600, random_state=0)
     data = _data(prob.X, prob.y)
     fits = {
-        obj: run_gradient(_model(3), data, init_resp=_init(3), generator=_gen(0), objective=obj)
+        obj: run_gradient(_model(3), data, init="kmeans", generator=_gen(0), objective=obj)
         for obj in ("competitive", "cooperative")
     }
     comp, coop = fits["competitive"], fits["cooperative"]
@@ -201,9 +196,9 @@ def test_bad_arguments_are_named():
     X, y, _ = make_moe_regression(100, n_features=2, n_experts=2, random_state=0)
     data = _data(X, y)
     with pytest.raises(ValueError, match="objective"):
-        run_gradient(_model(2), data, init_resp=_init(2), generator=_gen(0), objective="x")
+        run_gradient(_model(2), data, init="kmeans", generator=_gen(0), objective="x")
     with pytest.raises(ValueError, match="optimizer"):
-        run_gradient(_model(2), data, init_resp=_init(2), generator=_gen(0), optimizer="sgd")
+        run_gradient(_model(2), data, init="kmeans", generator=_gen(0), optimizer="sgd")
 
     class Unknown:  # a gate with no differentiable form registered
         n_experts = 2
@@ -212,7 +207,5 @@ def test_bad_arguments_are_named():
             pass
 
     model = EMModel(GaussianExperts(2, 1, 1e-6), Unknown())
-    with pytest.raises(TypeError, match="no differentiable form of the gate Unknown"):
-        run_gradient(
-            model, data, init_resp=_init(2), generator=_gen(0), warm_params=Params(None, None)
-        )
+    with pytest.raises(ValueError, match="differentiable form of the gate Unknown"):
+        run_gradient(model, data, init="kmeans", generator=_gen(0), warm_params=Params(None, None))

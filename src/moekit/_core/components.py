@@ -10,12 +10,10 @@ regression).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from moekit._core.logspace import LOG_2PI
+from moekit._core.logspace import gaussian_logpdf, student_t_logpdf
 
 
 class Normal:
@@ -26,8 +24,7 @@ class Normal:
 
     @staticmethod
     def log_prob(y, loc, scale, df=None):  # y (n, S, 1, m) vs (n, 1, K, m) -> (n, S, K)
-        z = (y - loc) / scale
-        return (-0.5 * (LOG_2PI + z * z) - torch.log(scale)).sum(-1)
+        return gaussian_logpdf(y - loc, scale * scale).sum(-1)
 
     @staticmethod
     def cdf(y, loc, scale, df=None):
@@ -55,16 +52,8 @@ class StudentT:
 
     @staticmethod
     def log_prob(y, loc, scale, df):
-        m = y.shape[-1]
         d2 = (((y - loc) / scale) ** 2).sum(-1)  # Mahalanobis distance^2
-        nu = df
-        return (
-            torch.lgamma((nu + m) / 2)
-            - torch.lgamma(nu / 2)
-            - 0.5 * m * torch.log(nu * math.pi)
-            - torch.log(scale).sum(-1)
-            - 0.5 * (nu + m) * torch.log1p(d2 / nu)
-        )
+        return student_t_logpdf(d2, torch.log(scale).sum(-1), df, y.shape[-1])
 
     @staticmethod
     def cdf(y, loc, scale, df):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from moekit._core.data import Chunk, EMData
-from moekit._core.engine import EM_DTYPE, resolve_device, to_numpy, torch_generator
+from moekit._core.engine import EM_DTYPE, em_threads, resolve_device, to_numpy, torch_generator
 from moekit._core.validation import (
     HasMethods,
     Interval,
@@ -31,8 +32,8 @@ from moekit._core.validation import (
 )
 from moekit.estimators._columns import resolve_columns
 from moekit.estimators._files import ModelFileMixin
-from moekit.fitting.em import EMModel, Params, run_em
-from moekit.fitting.init import kmeans_resp, random_resp
+from moekit.fitting.em import EMModel, FitResult, Params, run_em
+from moekit.fitting.starts import STRATEGIES, carry_over
 from moekit.gates.constant import ConstantGate
 from moekit.gates.mlp import MLPGate
 from moekit.gates.softmax import SoftmaxGate
@@ -45,13 +46,34 @@ class CollapsedExpertWarning(UserWarning):
     """An expert ended the fit with fewer effective samples than parameters."""
 
 
+@dataclass
+class _Prepared:
+    """What a fit derives from X and y before EM: the data and the state to set."""
+
+    X: np.ndarray
+    y: np.ndarray
+    state: dict[str, Any]  # fitted attributes that describe the data (scalings, coding)
+    data: EMData
+    warm: bool
+
+
 class BaseMoE(ModelFileMixin, BaseEstimator):
-    """Shared machinery of the EM-fitted estimators (not for direct use)."""
+    """Shared machinery of the EM-fitted estimators (not for direct use).
+
+    A fit runs in small steps, :meth:`_prepare` (check and code the data),
+    :meth:`_run` (EM or gradient fitting) and :meth:`_fitted_state` (what the result
+    means), and sets the fitted attributes once, at the end. A fit that fails at any
+    point, KeyboardInterrupt included, leaves the estimator exactly as it was.
+
+    Subclasses say how the target is coded (:meth:`_code_target`, :meth:`_encode_target`)
+    and which experts to build (:meth:`_make_expert`); both read the coding from a
+    mapping of attribute names (the pending fit's state, or ``vars(self)`` after it).
+    """
 
     _parameter_constraints: ClassVar[dict] = {
         "n_experts": [Interval(numbers.Integral, 1, None, closed="left")],
         "gate": [Options(GATES), HasMethods(("log_prob", "m_step", "log_weights"))],
-        "init": [Options({"kmeans", "random"})],
+        "init": [Options(STRATEGIES)],
         "n_init": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_iter": [Interval(numbers.Integral, 0, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
@@ -68,26 +90,27 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
         "expert_options": [None, dict],
         "gate_options": [None, dict],
     }
+    _order_by_mean = False  # documented expert order: by mean prediction, else by size
+    _y_validation: ClassVar[dict] = {}  # validate_data's arguments for y
+    _coding_attrs: tuple[str, ...] = ()  # the attributes that code the target
 
     # ------------------------------------------------------------------ hooks
-    def _validate_xy(self, X, y) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    def _code_target(self, y) -> tuple[np.ndarray, dict[str, Any]]:  # pragma: no cover
+        """Check the training target; return it and the attributes that code it."""
         raise NotImplementedError
 
-    def _check_target(self, y) -> np.ndarray:  # pragma: no cover - abstract
+    def _check_target(self, y, coding) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _encode_target(self, y: np.ndarray, device, fitted: bool = False) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def _make_expert(self):  # pragma: no cover - abstract
+    def _encode_target(self, y: np.ndarray, device, coding) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def _target_log_jacobian(self) -> float:
+    def _make_expert(self, coding, seed: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _target_log_jacobian(self, coding) -> float:
         """log |d y_encoded / d y| per row: converts likelihoods to the user's units."""
         return 0.0
-
-    def _kmeans_target(self, data: EMData) -> torch.Tensor | None:
-        return None
 
     # ------------------------------------------------------------------ fit
     def _validate_params(self) -> None:
@@ -95,122 +118,189 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
             type(self).__name__, self.get_params(deep=False), self._parameter_constraints
         )
 
-    def _make_gate(self):
+    def _make_gate(self, seed: int):
         if not isinstance(self.gate, str):
             return self.gate
         if self.gate == "mlp":
-            return MLPGate(self.n_experts, seed=self._seed, options=self.gate_options)
+            return MLPGate(self.n_experts, alpha=self.gate_alpha, seed=seed,
+                           options=self.gate_options)  # fmt: skip
         if self.gate_options:
             raise ValueError(f"gate_options are for gate='mlp'; got gate={self.gate!r}.")
         if self.gate == "softmax":
             return SoftmaxGate(self.n_experts, alpha=self.gate_alpha)
         return GATES[self.gate](self.n_experts)
 
-    def _fit(self, X, y) -> BaseMoE:
-        self._validate_params()
-        X, y = self._validate_xy(X, y)
-        self._summary_data = None
-        # seeds the random initial weights of neural experts and gates
-        self._seed = int(
-            torch.randint(0, 2**31 - 1, (1,), generator=torch_generator(self.random_state))
-        )
+    def _fit(self, X, y, *, parent: BaseMoE | None = None) -> BaseMoE:
+        """Fit, setting the fitted attributes only once everything has succeeded.
+
+        ``parent`` is a fitted model of the same data whose fit carries over into
+        extra starts (one expert fewer: its experts split; a simpler family: embedded).
+        """
+        before = dict(self.__dict__)
+        try:
+            self._validate_params()
+            seed = int(
+                torch.randint(0, 2**31 - 1, (1,), generator=torch_generator(self.random_state))
+            )
+            prepared = self._prepare(X, y)
+            coding = {**vars(self), **prepared.state}
+            model = EMModel(self._make_expert(coding, seed), self._make_gate(seed))
+            with em_threads(prepared.data):
+                result = self._run(model, prepared, parent)
+            state = {**prepared.state, **self._fitted_state(model, result, prepared, coding)}
+        except BaseException:
+            # scikit-learn's validate_data writes n_features_in_ as it checks: undo that too
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        self.__dict__.update(state)
+        return self
+
+    def _prepare(self, X, y) -> _Prepared:
+        """Check X and y and build the EM data; returns the state that describes them."""
+        warm = self._warm_fit_possible()
+        if warm:
+            d = np.shape(X)[1] if np.ndim(X) == 2 else None
+            if d is not None and d != self.n_features_in_:
+                raise ValueError(
+                    f"X has {d} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input: warm_start=True continues the "
+                    "previous fit, which needs the same features (set warm_start=False to "
+                    "fit afresh)."
+                )
+        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2,
+                             **self._y_validation)  # fmt: skip
         n = X.shape[0]
         if n < self.n_experts:
             raise ValueError(
                 f"Expected n_samples >= n_experts but got n_experts = {self.n_experts}, "
                 f"n_samples = {n}."
             )
-        device = resolve_device(self.device)
-        warm = (
-            self.warm_start
-            and hasattr(self, "_params")
-            and self._params.gate is not None
-            and self._n_experts_fitted == self.n_experts
-        )
-        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE, device=device)
-        if not warm:
-            mean = Xt.mean(0)
+        state: dict[str, Any] = {"n_features_in_": self.n_features_in_}
+        names = getattr(self, "feature_names_in_", None)
+        if names is not None:
+            state["feature_names_in_"] = names
+        if warm:
+            keep = ("_x_mean", "_x_scale", "_expert_cols", "_gate_cols", *self._coding_attrs)
+            state.update({k: getattr(self, k) for k in keep})
+            y = self._check_target(y, state)
+        else:
+            y, coding = self._code_target(y)
+            state.update(coding)
+            Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE)
             scale = Xt.std(0, correction=0)
-            self._x_mean = mean
-            self._x_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        if not warm:
-            self._expert_cols = self._resolve_columns(self.expert_features, "expert_features")
-            self._gate_cols = self._resolve_columns(self.gate_features, "gate_features")
-        XeT, XgT = self._designs_from_tensor(Xt)
-        data = EMData(XeT, XgT, self._encode_target(y, device))
-        expert = self._make_expert()
-        gate = self._make_gate()
-        model = EMModel(expert, gate)
-        K = self.n_experts
-        generator = torch_generator(self.random_state)
+            state["_x_mean"] = Xt.mean(0)
+            state["_x_scale"] = torch.where(scale > 0, scale, torch.ones_like(scale))
+            d, names = X.shape[1], state.get("feature_names_in_")
+            state["_expert_cols"] = resolve_columns(self.expert_features, "expert_features", d,
+                                                    names)  # fmt: skip
+            state["_gate_cols"] = resolve_columns(self.gate_features, "gate_features", d, names)
+        device = resolve_device(self.device)
+        state["_x_mean"] = state["_x_mean"].to(device)
+        state["_x_scale"] = state["_x_scale"].to(device)
+        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE, device=device)
+        XeT, XgT = _designs(Xt, state)
+        data = EMData(XeT, XgT, self._encode_target(y, device, state))
+        return _Prepared(X, y, state, data, warm)
 
-        def init_resp(d: EMData, gen: torch.Generator) -> torch.Tensor:
-            if self.init == "random":
-                return random_resp(d, K, gen)
-            return kmeans_resp(d, K, gen, target=self._kmeans_target(d))
+    def _warm_fit_possible(self) -> bool:
+        if not (self.warm_start and hasattr(self, "_params")):
+            return False
+        if self._n_experts_fitted != self.n_experts:
+            return False  # a different number of experts starts afresh (documented)
+        return True
 
+    def _run(self, model: EMModel, prepared: _Prepared, parent) -> FitResult:
         common = {
-            "init_resp": init_resp,
-            "n_init": 1 if warm else self.n_init,
+            "n_init": 1 if prepared.warm else self.n_init,
             "max_iter": self.max_iter,
             "tol": self.tol,
-            "generator": generator,
-            "warm_params": self._params if warm else None,
+            "generator": torch_generator(self.random_state),
+            "warm_params": self._params if prepared.warm else None,
             "verbose": int(self.verbose),
         }
         if getattr(self, "fit_method", "em") == "gradient":
-            from moekit.fitting.gradient import EXPERT_VIEWS, GATE_VIEWS, run_gradient
-
-            if not (
-                isinstance(expert, tuple(EXPERT_VIEWS)) and isinstance(gate, tuple(GATE_VIEWS))
-            ):
-                names = lambda table: ", ".join(k.__name__ for k in table)  # noqa: E731
-                raise ValueError(
-                    f"fit_method='gradient' has no differentiable form of expert={self.expert!r} "
-                    f"or gate={self.gate!r}; it fits {names(EXPERT_VIEWS)} experts with "
-                    f"{names(GATE_VIEWS)} gates."
-                )
+            from moekit.fitting.gradient import run_gradient
 
             options = check_options(self.fit_options, GRADIENT_OPTIONS, "fit_options")
-            result = run_gradient(model, data, objective=self.objective, **common, **options)
-        else:
-            if getattr(self, "fit_options", None):
-                raise ValueError("fit_options are for fit_method='gradient'.")
-            if getattr(self, "objective", "competitive") != "competitive":
-                raise ValueError(
-                    "EM maximises the likelihood (objective='competitive'); the cooperative "
-                    "objective needs fit_method='gradient'."
-                )
-            result = run_em(
-                model,
-                data,
-                init_max_iter=self.init_max_iter,
-                init_sample_size=self.init_sample_size,
-                verbose_interval=self.verbose_interval,
-                **common,
+            return run_gradient(model, prepared.data, init=self.init, objective=self.objective,
+                                **common, **options)  # fmt: skip
+        if getattr(self, "fit_options", None):
+            raise ValueError("fit_options are for fit_method='gradient'.")
+        if getattr(self, "objective", "competitive") != "competitive":
+            raise ValueError(
+                "EM maximises the likelihood (objective='competitive'); the cooperative "
+                "objective needs fit_method='gradient'."
             )
-        self._expert_family, self._gate_family = expert, gate
-        perm = self._expert_order(result.params, data, result.nk)
-        self._params = Params(
-            expert.permute(result.params.expert, perm), gate.permute(result.params.gate, perm)
-        )
-        result.nk = result.nk[perm]
-        self._n_experts_fitted = K
-        jac = self._target_log_jacobian()
-        self.n_iter_ = result.n_iter
-        self.converged_ = result.converged
-        self.log_likelihood_ = result.loglik + jac
+        extra = ()
+        if parent is not None and not prepared.warm:
+            extra = tuple(self._carried_over(model, parent, prepared))
+        return run_em(model, prepared.data, init=self.init, init_max_iter=self.init_max_iter,
+                      init_sample_size=self.init_sample_size, extra_starts=extra,
+                      verbose_interval=self.verbose_interval,
+                      loglik_offset=self._target_log_jacobian(prepared.state),
+                      **common)  # fmt: skip
+
+    def _carried_over(self, model: EMModel, parent: BaseMoE, prepared: _Prepared) -> list:
+        """Starts from a fitted simpler model of the same data (see ``carry_over``)."""
+        check_is_fitted(parent)
+        same = type(parent) is type(self) and parent.n_features_in_ == prepared.state[
+            "n_features_in_"
+        ] and all(
+            _same(getattr(parent, k, None), prepared.state.get(k))
+            for k in ("_x_mean", "_x_scale", "_expert_cols", "_gate_cols", *self._coding_attrs)
+        )  # fmt: skip
+        if not same:
+            raise ValueError(
+                f"start_from: expected a {type(self).__name__} fitted on the same X and y "
+                "(and the same expert and gate columns)."
+            )
+        small = EMModel(parent._expert_family, parent._gate_family)
+        small.prepare(prepared.data)
+        model.prepare(prepared.data)
+        starts = carry_over(model, small, parent._params, prepared.data)
+        if not starts:
+            raise ValueError(
+                f"start_from: a model with {small.n_experts} experts "
+                f"({type(small.expert).__name__}, {type(small.gate).__name__}) is not a "
+                f"simpler model that this one ({model.n_experts} experts, "
+                f"{type(model.expert).__name__}, {type(model.gate).__name__}) contains."
+            )
+        return starts
+
+    def _fitted_state(self, model: EMModel, result: FitResult, prepared: _Prepared, coding):
+        """The fitted attributes of a successful fit: parameters in documented order."""
+        expert, gate = model.expert, model.gate
+        if self._order_by_mean:  # increasing mean prediction over the training inputs
+            means, _ = expert.moments(result.params.expert, prepared.data.XeT)
+            perm = torch.argsort(means[..., 0].mean(0), stable=True)
+        else:
+            perm = torch.argsort(-result.nk, stable=True)
+        params = Params(expert.select(result.params.expert, perm),
+                        gate.select(result.params.gate, perm))  # fmt: skip
+        nk = result.nk[perm]
+        jac = self._target_log_jacobian(coding)
+        state = {
+            "_expert_family": expert,
+            "_gate_family": gate,
+            "_params": params,
+            "_n_experts_fitted": self.n_experts,
+            "n_iter_": result.n_iter,
+            "converged_": result.converged,
+            "log_likelihood_": result.loglik + jac,
+            "expert_sizes_": to_numpy(nk),
+            "_n_optima": result.n_optima,
+            # a reference (not a copy) for summary(); dropped when pickled or saved
+            "_summary_data": (prepared.X, prepared.y),
+        }
         if getattr(self, "objective", "competitive") == "cooperative":
             # the minimised loss is a squared error, not a log-likelihood: keep it apart
-            self.loss_history_ = list(result.history)
-            self.log_likelihood_history_ = [self.log_likelihood_]
+            state["loss_history_"] = list(result.history)
+            state["log_likelihood_history_"] = [state["log_likelihood_"]]
         else:
-            self.log_likelihood_history_ = [h + jac for h in result.history]
-        self.expert_sizes_ = to_numpy(result.nk)
-        self._warn_collapsed(result.nk, expert.min_samples(result.params.expert))
-        # a reference (not a copy) for summary(); dropped when pickled or saved
-        self._summary_data = (X, y)
-        return self
+            state["log_likelihood_history_"] = [h + jac for h in result.history]
+        self._warn_collapsed(nk, expert.min_samples(result.params.expert))
+        return state
 
     def summary(self, X=None, y=None, *, gate_reference: int = 0):
         """Coefficients with standard errors, z-values and p-values.
@@ -263,48 +353,24 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
                 stacklevel=3,
             )
 
-    def _expert_order(self, params: Params, data: EMData, nk: torch.Tensor) -> torch.Tensor:
-        """Permutation that numbers the experts in their documented order."""
-        return torch.argsort(-nk, stable=True)
-
     # ------------------------------------------------------------------ design
-    def _resolve_columns(self, spec, name: str) -> np.ndarray | None:
-        return resolve_columns(spec, name, self.n_features_in_,
-                               getattr(self, "feature_names_in_", None))  # fmt: skip
-
-    def _designs_from_tensor(self, Xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert and gate designs (p + 1, n): standardised selected columns, then ones."""
-        Z = (Xt - self._x_mean) / self._x_scale
-        ones = torch.ones((Z.shape[0], 1), dtype=Z.dtype, device=Z.device)
-
-        def design(cols):
-            sel = Z if cols is None else Z[:, torch.as_tensor(cols, device=Z.device)]
-            return torch.cat([sel, ones], 1).T.contiguous()
-
-        e, g = self._expert_cols, self._gate_cols
-        XeT = design(e)
-        same = (e is None and g is None) or (
-            e is not None and g is not None and np.array_equal(e, g)
-        )
-        return XeT, XeT if same else design(g)
-
     def _designs(self, X) -> tuple[torch.Tensor, torch.Tensor]:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        return self._designs_from_tensor(
-            torch.as_tensor(
-                np.require(X, requirements="W"), dtype=EM_DTYPE, device=self._x_mean.device
-            )
-        )
+        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE,
+                             device=self._x_mean.device)  # fmt: skip
+        return _designs(Xt, vars(self))
 
     def _em_data(self, X, y) -> EMData:
         XeT, XgT = self._designs(X)
-        y = self._check_target(np.asarray(y) if not hasattr(y, "iloc") else y.to_numpy())
+        y = self._check_target(
+            np.asarray(y) if not hasattr(y, "iloc") else y.to_numpy(), vars(self)
+        )
         if y.shape[0] != XeT.shape[1]:
             raise ValueError(
                 f"X and y have inconsistent numbers of samples: {XeT.shape[1]} and {y.shape[0]}."
             )
-        return EMData(XeT, XgT, self._encode_target(y, XeT.device, fitted=True))
+        return EMData(XeT, XgT, self._encode_target(y, XeT.device, vars(self)))
 
     # ------------------------------------------------------------------ coefficients
     def _scatter(self, coef: np.ndarray, cols) -> np.ndarray:
@@ -363,7 +429,7 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
     def log_likelihood_samples(self, X, y) -> np.ndarray:
         """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,)."""
         lse = torch.logsumexp(self._log_joint(X, y), dim=0)
-        return to_numpy(lse) + self._target_log_jacobian()
+        return to_numpy(lse) + self._target_log_jacobian(vars(self))
 
     def log_likelihood(self, X, y) -> float:
         """Mean per-sample log-likelihood, (1/n) sum_i log p(y_i | x_i)."""
@@ -386,3 +452,26 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
         """Akaike information criterion, -2 log L + 2 n_parameters (lower is better)."""
         n = len(X)
         return -2.0 * n * self.log_likelihood(X, y) + 2.0 * self.n_parameters()
+
+
+def _designs(Xt: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert and gate designs (p + 1, n): standardised selected columns, then ones."""
+    Z = (Xt - state["_x_mean"]) / state["_x_scale"]
+    ones = torch.ones((Z.shape[0], 1), dtype=Z.dtype, device=Z.device)
+
+    def design(cols):
+        sel = Z if cols is None else Z[:, torch.as_tensor(cols, device=Z.device)]
+        return torch.cat([sel, ones], 1).T.contiguous()
+
+    e, g = state["_expert_cols"], state["_gate_cols"]
+    XeT = design(e)
+    same = (e is None and g is None) or (e is not None and g is not None and np.array_equal(e, g))
+    return XeT, XeT if same else design(g)
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, torch.Tensor):
+        return bool(torch.equal(a.cpu(), torch.as_tensor(b).cpu()))
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))

@@ -80,7 +80,6 @@ class ModelFileMixin:
     def _from_state(cls, params: dict, state: dict, tensors: dict) -> Any:
         model = cls(**params)
         model._validate_params()
-        model._seed = 0
         device = resolve_device(model.device if torch.cuda.is_available() else "cpu")
         tensors = {k: v.to(device=device) for k, v in tensors.items()}
         model.n_features_in_ = state["n_features_in_"]
@@ -99,8 +98,8 @@ class ModelFileMixin:
             raise ValueError("feature scaling does not match n_features_in_")
         model.expert_sizes_ = to_numpy(tensors["expert_sizes"])
         model._set_extra_state(state, tensors)
-        expert = model._make_expert()
-        gate = model._make_gate()
+        expert = model._make_expert(vars(model), seed=0)
+        gate = model._make_gate(seed=0)
         if type(expert).__name__ != state["expert_family"] or (
             type(gate).__name__ != state["gate_family"]
         ):

@@ -10,7 +10,7 @@ import torch
 from sklearn.base import ClassifierMixin
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from moekit._core.engine import to_numpy
 from moekit._core.validation import HasMethods, Interval, Options
@@ -41,10 +41,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     expert : {'logistic'} or classifier, default='logistic'
         Multinomial logistic experts, or any scikit-learn classifier with
         ``predict_proba`` whose ``fit`` accepts ``sample_weight``, cloned per expert.
-    init : {'kmeans', 'random'}, default='kmeans'
-        k-means runs on the standardised features only: a gate can represent regions
-        of the input space, not of the classes.
-    n_init : int, default=1
+    init : {'auto', 'kmeans', 'random', 'dirichlet', 'residuals', 'sem', 'cem', 'split'}, \
+default='auto'
+        As in :class:`MoERegressor`; k-means runs on the standardised features only (a
+        gate can represent regions of the input space, not of the classes), and the
+        residuals are those of the class probabilities of one pooled expert.
+    n_init : int, default=10
     max_iter : int, default=200
     tol : float, default=1e-6
     init_max_iter : int, default=30
@@ -98,8 +100,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         *,
         gate="softmax",
         expert="logistic",
-        init: str = "kmeans",
-        n_init: int = 1,
+        init: str = "auto",
+        n_init: int = 10,
         max_iter: int = 200,
         tol: float = 1e-6,
         init_max_iter: int = 30,
@@ -138,8 +140,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         self.gate_options = gate_options
 
     # ------------------------------------------------------------------ target
-    def _validate_xy(self, X, y):
-        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)
+    _y_validation: ClassVar[dict] = {}
+    _coding_attrs = ("classes_",)
+
+    def _code_target(self, y):
         check_classification_targets(y)
         enc = LabelEncoder().fit(y)
         if len(enc.classes_) < 2:
@@ -147,10 +151,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                 "MoEClassifier needs samples of at least 2 classes in the data, but the data "
                 f"contains only one class: {enc.classes_[0]!r}."
             )
-        self.classes_ = enc.classes_
-        return X, y
+        return y, {"classes_": enc.classes_}
 
-    def _check_target(self, y) -> np.ndarray:
+    def _check_target(self, y, coding) -> np.ndarray:
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
@@ -158,27 +161,28 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             raise ValueError(f"y must be one-dimensional; got shape {y.shape}.")
         return y
 
-    def _encode_target(self, y, device, fitted: bool = False) -> torch.Tensor:
-        y = self._check_target(y)
-        codes = np.searchsorted(self.classes_, y)
-        codes = np.clip(codes, 0, len(self.classes_) - 1)
-        unknown = self.classes_[codes] != y
+    def _encode_target(self, y, device, coding) -> torch.Tensor:
+        y = self._check_target(y, coding)
+        classes = coding["classes_"]
+        codes = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
+        unknown = classes[codes] != y
         if unknown.any():
             raise ValueError(
                 f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}."
             )
         return torch.as_tensor(codes, dtype=torch.long, device=device)
 
-    def _make_expert(self):
+    def _make_expert(self, coding, seed: int):
         if self.expert_options:
             raise ValueError("expert_options are not used by MoEClassifier's experts.")
+        n_classes = len(coding["classes_"])
         if not isinstance(self.expert, str):
-            return WrappedExperts(self.expert, self.n_experts, classes=len(self.classes_))
+            return WrappedExperts(self.expert, self.n_experts, classes=n_classes)
         alpha = 1.0 / self.n_experts if self.alpha is None else self.alpha
-        return EXPERTS[self.expert](self.n_experts, len(self.classes_), alpha=alpha)
+        return EXPERTS[self.expert](self.n_experts, n_classes, alpha=alpha)
 
     # ------------------------------------------------------------------ API
-    def fit(self, X, y) -> MoEClassifier:
+    def fit(self, X, y, *, start_from=None) -> MoEClassifier:
         """Fit by EM.
 
         Parameters
@@ -186,11 +190,20 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,)
 
+        start_from : fitted estimator, optional
+            A fit of a simpler model on the same X and y: the same model with one
+            expert fewer (its experts are split), Gaussian experts for Student-t ones,
+            a softmax gate for an MLP gate, or a constant gate for a softmax gate. Its
+            fit carries over into extra starts, which run to convergence on all the
+            data, so that this fit never ends below it: a richer model never fits
+            worse than one it contains. :func:`select_n_experts` passes each K's fit
+            to K + 1.
+
         Returns
         -------
         self
         """
-        return self._fit(X, y)
+        return self._fit(X, y, parent=start_from)
 
     def predict_proba(self, X) -> np.ndarray:
         """p(y = c | x) = sum_k g_k(x) p_k(c | x), of shape (n_samples, n_classes)."""

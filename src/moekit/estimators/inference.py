@@ -1,23 +1,32 @@
 """Standard errors from the observed information, as flexmix's refit() gives them.
 
-At the fitted parameters theta_hat the observed information is the negative
-Hessian of the fitted objective (the log-likelihood plus the log-prior of the
-penalties, which are tiny for the regressor's gate),
+At the fitted parameters theta_hat the observed information is the negative Hessian
+of the log-likelihood,
 
-.. math::  I(\\hat\\theta) = -\\nabla^2_\\theta \\Big[\\sum_i \\log p(y_i \\mid x_i; \\theta)
-                              + \\log \\text{prior}(\\theta)\\Big]_{\\theta = \\hat\\theta},
+.. math::  I(\\hat\\theta) = -\\nabla^2_\\theta \\sum_i \\log p(y_i \\mid x_i; \\theta)
+           \\Big|_{\\theta = \\hat\\theta},
 
 and the standard errors are the square roots of the diagonal of its inverse. The
-Hessian is taken by torch autograd (``torch.func.hessian``) of the log-likelihood
-written out in the reporting parametrisation, in the data's units:
+small penalties of the fit (the gate's ridge, say) are left out: they shape the
+estimate, not the information the data carry about it. Where the information is
+singular, the parameters it does not determine get no standard error and the
+summary says so.
 
-* expert k: intercept and slopes (per output), then its noise scale ``sigma``
-  (and ``df`` for fitted Student-t degrees of freedom); Poisson experts on the log
-  rate; classifier experts per class c = 1..C-1 relative to class 0;
-* gate: for experts k = 1..K-1, intercept and slopes relative to expert 0 (the
-  reference, as in flexmix and nnet's multinom); log(pi_k / pi_0) for a constant gate.
+Each family states its reporting parametrisation in its own module (``report``,
+in the data's units) and maps it back to its log-density (``from_report``), so the
+Hessian is taken by torch autograd (``torch.func.hessian``) directly in the reported
+coordinates, summed over chunks of rows:
 
-z-values are estimate / standard error and p-values two-sided normal.
+* expert k: intercept and slopes (per output), then its noise scale ``sigma`` (and
+  ``df`` for fitted Student-t degrees of freedom); Poisson experts on the log rate;
+  classifier experts per class c = 1..C-1 relative to class 0;
+* gate: for experts k other than the reference (expert 0 by default), intercept and
+  slopes relative to it (as flexmix and nnet's multinom report them); log(pi_k / pi_0)
+  for a constant gate.
+
+z-values are estimate / standard error and p-values two-sided normal, for the
+coefficients only: a test of a scale or of degrees of freedom against zero, a point
+on the boundary of their range, means nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moekit._core.components import Normal, StudentT
 from moekit._core.engine import EM_DTYPE, to_numpy
+from moekit._core.reporting import Scaling
 
 
 @dataclass
@@ -45,12 +54,15 @@ class Summary:
         Total log-likelihood of the data the summary was computed on.
     n_samples : int
     title : str
+    note : str
+        What the table cannot say: parameters the data do not determine, say.
     """
 
     table: pd.DataFrame
     log_likelihood: float
     n_samples: int
     title: str
+    note: str = ""
 
     def __str__(self) -> str:
         lines = [
@@ -67,6 +79,8 @@ class Summary:
             )
             lines += ["  " + row for row in text.splitlines()] + [""]
         lines.append("Signif. codes: 0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1")
+        if self.note:
+            lines += ["", f"Note: {self.note}"]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:  # notebooks
@@ -79,275 +93,167 @@ def _stars(p: float) -> str:
     return "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else "." if p < 0.1 else ""
 
 
-def _centred_penalty(r: torch.Tensor) -> torch.Tensor:
-    """sum_k ||r_k||^2 - ||sum_k r_k||^2 / K for rows r_1..r_{K-1} relative to row 0.
+HESSIAN_BUDGET = 2**24
+"""Rows per chunk of the observed information are chosen so that one chunk's forward-
+over-reverse Hessian holds about this many numbers (P tangents x rows x experts)."""
 
-    This is min_s sum_k ||V_k + s||^2 over a common shift: the symmetric penalty
-    written in the reference parametrisation.
+
+class ReportedLikelihood:
+    """The log-likelihood of a fitted model as a function of its reported parameters.
+
+    Attributes
+    ----------
+    theta : Tensor of shape (P,)
+        The fitted parameters in the reporting parametrisation.
+    report : Report
+        Their blocks, labels and which of them a z-test applies to.
+    n : int
+        Rows of the data.
     """
-    K = r.shape[0] + 1
-    return (r**2).sum() - (r.sum(0) ** 2).sum() / K
-
-
-def observed_information_summary(model, X, y, gate_reference: int = 0) -> Summary:
-    """Build the :class:`Summary` of a fitted MoERegressor or MoEClassifier."""
-    spec = _Spec(model, X, y, gate_reference)
-    theta = spec.theta0.clone()
-    objective = spec.objective
-    with torch.no_grad():
-        loglik = float(spec.loglik(theta))
-    hess = torch.func.hessian(objective)(theta)
-    info = -(hess + hess.T) / 2
-    evals, evecs = torch.linalg.eigh(info)
-    ok = evals > 1e-10 * evals.abs().max()
-    cov = evecs @ torch.diag(torch.where(ok, 1.0 / evals, torch.zeros_like(evals))) @ evecs.T
-    var = torch.diag(cov)
-    # directions the data do not determine leave their parameters without a standard error
-    undetermined = (evecs[:, ~ok] ** 2).sum(1) > 1e-8
-    se = torch.where(undetermined | (var <= 0), torch.full_like(var, float("nan")), var.sqrt())
-    est = to_numpy(theta)
-    se_np = to_numpy(se)
-    z = est / se_np
-    from scipy.special import ndtr
-
-    p = 2.0 * ndtr(-np.abs(z))
-    table = pd.DataFrame(
-        {
-            "block": spec.blocks,
-            "parameter": spec.names,
-            "estimate": est,
-            "std_error": se_np,
-            "z_value": z,
-            "p_value": p,
-        }
-    )
-    title = (
-        f"{type(model).__name__}: {model.n_experts} experts "
-        f"({spec.expert_kind} experts, {spec.gate_kind} gate)"
-    )
-    return Summary(table, loglik, spec.n, title)
-
-
-class _Spec:
-    """The log-likelihood as a function of the flat reporting parameter vector."""
 
     def __init__(self, model, X, y, gate_reference: int = 0) -> None:
-        from sklearn.utils.validation import validate_data
-
-        self.model = model
+        expert, gate = model._expert_family, model._gate_family
+        missing = [
+            f"{what} {type(fam).__name__}"
+            for what, fam in (("expert", expert), ("gate", gate))
+            if not hasattr(fam, "report")
+        ]
+        if missing:
+            raise ValueError(
+                "summary() reports the coefficients of linear, Student-t, Poisson and "
+                "logistic experts under softmax or constant gates; this model's "
+                f"{' and '.join(missing)} has no coefficients to report. Compare such models "
+                "by their held-out log-likelihood, BIC or AIC instead."
+            )
         K = model._n_experts_fitted
         if not 0 <= gate_reference < K:
             raise ValueError(f"gate_reference must be an expert in [0, {K}); got {gate_reference}.")
-        # the reference expert goes first: the gate's rows are the others relative to it
-        self.order = [gate_reference] + [k for k in range(K) if k != gate_reference]
-        Xn = validate_data(model, X, reset=False, dtype=np.float64)
-        data = model._em_data(X, y)
-        self.n = data.n
-        dev = model._x_mean.device
-        self.X = torch.as_tensor(np.require(Xn, requirements="W"), dtype=EM_DTYPE, device=dev)
-        d = Xn.shape[1]
-        self.ecols = np.arange(d) if model._expert_cols is None else model._expert_cols
-        self.gcols = np.arange(d) if model._gate_cols is None else model._gate_cols
-        self.Xe = self.X[:, torch.as_tensor(self.ecols)]
-        self.Xg = self.X[:, torch.as_tensor(self.gcols)]
-        names = getattr(model, "feature_names_in_", None)
-        self.fnames = [str(v) for v in names] if names is not None else [f"x{j}" for j in range(d)]
-        self.K = model._n_experts_fitted
-        self.parts: list[tuple[str, tuple]] = []  # (name, shape) in theta order
-        self.blocks: list[str] = []
-        self.names: list[str] = []
-        values: list[np.ndarray] = []
-        self._set_expert(values, data)
-        self._set_gate(values)
-        self.theta0 = torch.as_tensor(np.concatenate([v.ravel() for v in values]), dtype=EM_DTYPE)
+        self.model, self.K = model, K
+        self.data = model._em_data(X, y)
+        self.n = self.data.n
+        self._escale = _scaling(model, model._expert_cols)
+        self._gscale = _scaling(model, model._gate_cols)
+        self.report = expert.report(model._params.expert, self._escale)
+        if K > 1:
+            self.report.extend(gate.report(model._params.gate, self._gscale, gate_reference))
+        self.theta = self.report.flat()
+        self._jacobian = model._target_log_jacobian(vars(model))
 
-    # ---------------------------------------------------------------- bookkeeping
-    def _add(self, values, name, value, blocks, labels):
-        value = np.asarray(value, dtype=np.float64)
-        self.parts.append((name, value.shape))
-        values.append(value)
-        self.blocks += blocks
-        self.names += labels
+    def _chunk_loglik(self, theta, XeT, XgT, y) -> torch.Tensor:
+        expert, gate = self.model._expert_family, self.model._gate_family
+        values = self.report.unflatten(theta)
+        logp = expert.log_prob_free(expert.from_report(values, self._escale, self.report.fixed),
+                                    XeT, y)  # (K, c)  # fmt: skip
+        if self.K > 1:
+            free = gate.from_report(values, self._gscale, self.report.fixed)
+            logp = logp + gate.log_weights_free(free, XgT)
+        return torch.logsumexp(logp, 0).sum() + self._jacobian * y.shape[-1]
 
-    def _unpack(self, theta):
-        out, i = {}, 0
-        for name, shape in self.parts:
-            size = int(np.prod(shape))
-            out[name] = theta[i : i + size].reshape(shape)
-            i += size
-        return out
+    def chunk_rows(self) -> int:
+        """Rows per chunk, so that one chunk's Hessian holds about HESSIAN_BUDGET numbers."""
+        P, width = self.theta.numel(), max(self.data.XeT.shape[0], self.data.XgT.shape[0])
+        return max(64, HESSIAN_BUDGET // max(P * self.K * width, 1))
 
-    # ---------------------------------------------------------------- experts
-    def _set_expert(self, values, data) -> None:
-        m, K = self.model, self.K
-        self.fixed_df = None
-        fam = type(m._expert_family).__name__
-        enames = [self.fnames[j] for j in self.ecols]
-        if fam == "LogisticExperts":
-            self.expert_kind = "multinomial logistic"
-            W = to_numpy(m._params.expert.coef)  # (K, C, p) on standardised design
-            W = W[:, 1:] - W[:, :1]  # classes 1..C-1 against class 0
-            slopes = W[..., :-1] / to_numpy(m._x_scale)[self.ecols]
-            inter = W[..., -1] - (W[..., :-1] * to_numpy(m._x_mean / m._x_scale)[self.ecols]).sum(
-                -1
+    def loglik(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Total log-likelihood in the data's units at ``theta`` (default: the fit)."""
+        theta = self.theta if theta is None else theta
+        total = theta.new_zeros(())
+        for chunk in self.data.chunks(self.chunk_rows()):
+            total = total + self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
+        return total
+
+    def hessian(self) -> torch.Tensor:
+        """Hessian (P, P) of the total log-likelihood at the fit, summed over row chunks."""
+        hess = self.theta.new_zeros((self.theta.numel(),) * 2)
+        for chunk in self.data.chunks(self.chunk_rows()):
+            hess += torch.func.hessian(self._chunk_loglik)(
+                self.theta, chunk.XeT, chunk.XgT, chunk.y
             )
-            coef = np.concatenate([inter[..., None], slopes], -1)  # (K, C-1, 1 + d_e)
-            classes = [str(c) for c in m.classes_]
-            blocks, labels = [], []
-            for k in range(K):
-                for c in range(1, len(classes)):
-                    for nm in ["intercept", *enames]:
-                        blocks.append(f"expert {k}")
-                        labels.append(f"[{classes[c]} vs {classes[0]}] {nm}")
-            self._add(values, "logit", coef, blocks, labels)
-            self.y_codes = data.y
-            return
-        inter = np.atleast_2d(m.intercept_.T).T.reshape(K, -1)  # (K, m)
-        slopes = m.coef_.reshape(K, inter.shape[1], -1)[..., self.ecols]  # (K, m, d_e)
-        outs = inter.shape[1]
-        self.y = torch.as_tensor(
-            np.asarray(y_to_2d(data, m)), dtype=EM_DTYPE
-        )  # (n, m) in the data's units
-        coef = np.concatenate([inter[..., None], slopes], -1)  # (K, m, 1 + d_e)
-        tag = (lambda j: "") if outs == 1 else (lambda j: f"[y{j}] ")
-        blocks = [
-            f"expert {k}" for k in range(K) for j in range(outs) for _ in range(1 + len(enames))
-        ]
-        labels = [
-            f"{tag(j)}{nm}" for k in range(K) for j in range(outs) for nm in ["intercept", *enames]
-        ]
-        if fam == "PoissonExperts":
-            self.expert_kind = "Poisson (log link)"
-            self._add(values, "coef", coef, blocks, labels)
-            return
-        self.expert_kind = "Student-t" if fam == "StudentTExperts" else "linear-Gaussian"
-        self._add(values, "coef", coef, blocks, labels)
-        sigma = np.asarray(m.noise_std_).reshape(K, outs)
-        self._add(
-            values,
-            "sigma",
-            sigma,
-            [f"expert {k}" for k in range(K) for _ in range(outs)],
-            [f"{tag(j)}sigma" for k in range(K) for j in range(outs)],
+        return (hess + hess.T) / 2
+
+
+def observed_information_summary(model, X, y, gate_reference: int = 0) -> Summary:
+    """Build the :class:`Summary` of a fitted MoERegressor or MoEClassifier.
+
+    The observed information is the negative Hessian of the log-likelihood alone:
+    the small penalties that keep the fit finite shape the estimate, not its
+    uncertainty. It is summed over chunks of rows, so its memory does not grow with n.
+    """
+    lik = ReportedLikelihood(model, X, y, gate_reference)
+    se, note = _standard_errors(-lik.hessian())
+    with torch.no_grad():
+        total = float(lik.loglik())
+    report = lik.report
+    est = to_numpy(lik.theta)
+    tested = np.asarray(report.tested)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(tested, est / se, np.nan)
+    from scipy.special import ndtr
+
+    p = np.where(tested, 2.0 * ndtr(-np.abs(z)), np.nan)
+    table = pd.DataFrame({"block": report.blocks, "parameter": report.labels, "estimate": est,
+                          "std_error": se, "z_value": z, "p_value": p})  # fmt: skip
+    expert, gate = model._expert_family, model._gate_family
+    title = (
+        f"{type(model).__name__}: {lik.K} experts ({_kind(expert)} experts, "
+        f"{_kind(gate) if lik.K > 1 else 'no'} gate)"
+    )
+    return Summary(table, total, lik.n, title, note)
+
+
+def _standard_errors(info: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Square roots of the diagonal of the inverse information, and a note on its rank.
+
+    Where the information is singular (a direction the data do not determine, such
+    as an expert with no rows or a gate that separates its regions perfectly), the
+    parameters along it get no standard error (NaN), and the note says so; no
+    penalty is slipped in to invert it. Where it is not positive definite, the
+    estimate is not a maximum of the likelihood, and the note says that too.
+    """
+    evals, evecs = torch.linalg.eigh(info)
+    scale = evals.abs().max().clamp(min=1e-300)
+    ok = evals > 1e-10 * scale
+    cov = evecs @ torch.diag(torch.where(ok, 1.0 / evals, torch.zeros_like(evals))) @ evecs.T
+    var = torch.diag(cov)
+    undetermined = (evecs[:, ~ok] ** 2).sum(1) > 1e-8
+    se = torch.where(undetermined | (var <= 0), torch.full_like(var, float("nan")), var.sqrt())
+    notes = []
+    n_flat = int((evals.abs() <= 1e-10 * scale).sum())
+    n_neg = int((evals < -1e-10 * scale).sum())
+    if n_flat:
+        notes.append(
+            f"The observed information is singular along {n_flat} direction(s): the data do "
+            "not determine the parameters involved, which have no standard error (NaN)."
         )
-        self.fixed_df = None
-        if fam == "StudentTExperts":
-            from moekit.experts.student_t import NU_MAX, NU_MIN
-
-            df = np.asarray(m.df_, dtype=float)
-            # a df fitted at the edge of its range is a constrained maximum: hold it fixed
-            free = (
-                np.zeros(K, bool)
-                if m.df is not None
-                else ((df > NU_MIN * 1.01) & (df < NU_MAX * 0.99))
-            )
-            self.fixed_df, self.free_df = torch.as_tensor(df, dtype=EM_DTYPE), free
-            if free.any():
-                self._add(
-                    values,
-                    "df",
-                    df[free],
-                    [f"expert {k}" for k in range(K) if free[k]],
-                    ["df"] * int(free.sum()),
-                )
-
-    # ---------------------------------------------------------------- gate
-    def _set_gate(self, values) -> None:
-        m, K = self.model, self.K
-        fam = type(m._gate_family).__name__
-        if K == 1:
-            self.gate_kind = "no"
-            return
-        ref, others = self.order[0], self.order[1:]
-        if fam == "ConstantGate":
-            self.gate_kind = "constant"
-            lp = to_numpy(m._params.gate.log_pi)
-            self._add(
-                values,
-                "log_odds",
-                lp[others] - lp[ref],
-                ["gate"] * (K - 1),
-                [f"log(pi_{k} / pi_{ref})" for k in others],
-            )
-            return
-        self.gate_kind = "softmax"
-        V = to_numpy(m._params.gate.coef)  # (K, p_g) symmetric, standardised design
-        R = V[others] - V[ref]
-        scale = to_numpy(m._x_scale)[self.gcols]
-        slopes = R[:, :-1] / scale
-        inter = R[:, -1] - (R[:, :-1] * to_numpy(m._x_mean)[self.gcols] / scale).sum(-1)
-        gnames = [self.fnames[j] for j in self.gcols]
-        self._add(
-            values,
-            "gate",
-            np.concatenate([inter[:, None], slopes], 1),
-            [f"gate: expert {k} vs {ref}" for k in others for _ in range(1 + len(gnames))],
-            [nm for k in others for nm in ["intercept", *gnames]],
+    if n_neg:
+        notes.append(
+            f"The log-likelihood curves upwards along {n_neg} direction(s) at the estimate, "
+            "which is not a maximum of the likelihood there (a saddle, or a penalised "
+            "optimum away from the unpenalised one); the parameters involved have no "
+            "standard error (NaN)."
         )
-
-    # ---------------------------------------------------------------- likelihood
-    def _log_gate(self, P) -> torch.Tensor:
-        n, K = self.n, self.K
-        if K == 1:
-            return torch.zeros((n, 1), dtype=EM_DTYPE)
-        if "log_odds" in P:
-            logits = torch.cat([P["log_odds"].new_zeros(1), P["log_odds"]]).expand(n, K)
-        else:
-            G = P["gate"]
-            rel = G[:, :1].T + self.Xg @ G[:, 1:].T  # (n, K-1)
-            logits = torch.cat([rel.new_zeros((n, 1)), rel], 1)
-        return torch.log_softmax(logits, dim=1)
-
-    def _log_experts(self, P) -> torch.Tensor:
-        if "logit" in P:
-            W = P["logit"]  # (K, C-1, 1 + d_e)
-            logits = W[..., 0].unsqueeze(-1) + torch.einsum("kcd,nd->kcn", W[..., 1:], self.Xe)
-            logits = torch.cat([logits.new_zeros((self.K, 1, self.n)), logits], 1)
-            logp = torch.log_softmax(logits, dim=1)  # (K, C, n)
-            idx = self.y_codes.view(1, 1, -1).expand(self.K, 1, -1)
-            return logp.gather(1, idx).squeeze(1).T  # (n, K)
-        B = P["coef"]  # (K, m, 1 + d_e)
-        mean = B[..., 0].unsqueeze(0) + torch.einsum("kmd,nd->nkm", B[..., 1:], self.Xe)
-        y = self.y.unsqueeze(1)  # (n, 1, m)
-        if "sigma" not in P:  # Poisson on the log scale
-            eta = mean
-            return (y * eta - torch.exp(eta) - torch.lgamma(y + 1)).sum(-1)
-        sigma = P["sigma"].unsqueeze(0)  # (1, K, m)
-        if self.fixed_df is None:
-            return Normal.log_prob(y, mean, sigma)
-        nu = self.fixed_df
-        if "df" in P:  # free entries from theta, the others fixed
-            free = iter(P["df"])
-            nu = torch.stack(
-                [next(free) if f else nu[k] for k, f in enumerate(self.free_df.tolist())]
-            )
-        return StudentT.log_prob(y, mean, sigma, nu.unsqueeze(0))
-
-    def loglik(self, theta) -> torch.Tensor:
-        P = self._unpack(theta)
-        experts = self._log_experts(P)[:, self.order]  # gate columns follow self.order
-        return torch.logsumexp(self._log_gate(P) + experts, dim=1).sum()
-
-    def log_prior(self, theta) -> torch.Tensor:
-        m, P = self.model, self._unpack(theta)
-        out = theta.new_zeros(())
-        if "gate" in P and hasattr(m._gate_family, "alpha"):
-            std = P["gate"][:, 1:] * m._x_scale[torch.as_tensor(self.gcols)]
-            out = out - 0.5 * m._gate_family.alpha * _centred_penalty(std)
-        if "logit" in P:
-            std = P["logit"][..., 1:] * m._x_scale[torch.as_tensor(self.ecols)]
-            for k in range(self.K):
-                out = out - 0.5 * m._expert_family.alpha * _centred_penalty(std[k])
-        if "coef" in P and "sigma" not in P and hasattr(m._expert_family, "alpha"):
-            std = P["coef"][..., 1:] * m._x_scale[torch.as_tensor(self.ecols)]
-            out = out - 0.5 * m._expert_family.alpha * (std**2).sum()
-        return out
-
-    def objective(self, theta) -> torch.Tensor:
-        return self.loglik(theta) + self.log_prior(theta)
+    return to_numpy(se), " ".join(notes)
 
 
-def y_to_2d(data, model) -> np.ndarray:
-    """The target in the data's units, (n, m), from the family's encoded (m, n) target."""
-    y = to_numpy(data.y).T
-    return y * model._y_scale + model._y_mean
+def _kind(family) -> str:
+    return getattr(family, "report_name", type(family).__name__)
+
+
+def _scaling(model, cols) -> Scaling:
+    """How the model's standardised design over ``cols`` maps to the data's units."""
+    d = model.n_features_in_
+    cols = np.arange(d) if cols is None else np.asarray(cols)
+    idx = torch.as_tensor(cols, device=model._x_mean.device)
+    names = getattr(model, "feature_names_in_", None)
+    fnames = [str(v) for v in names] if names is not None else [f"x{j}" for j in range(d)]
+    if hasattr(model, "classes_"):
+        outputs = [str(c) for c in model.classes_]
+        y_mean, y_scale = torch.zeros(1), torch.ones(1)
+    else:
+        m = len(model._y_mean)
+        outputs = ["y"] if m == 1 else [f"y{j}" for j in range(m)]
+        y_mean = torch.as_tensor(model._y_mean, dtype=EM_DTYPE)
+        y_scale = torch.as_tensor(model._y_scale, dtype=EM_DTYPE)
+    dev = model._x_mean.device
+    return Scaling(model._x_mean[idx], model._x_scale[idx], y_mean.to(dev), y_scale.to(dev),
+                   [fnames[j] for j in cols], outputs)  # fmt: skip

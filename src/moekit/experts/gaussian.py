@@ -21,7 +21,8 @@ import torch
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.linalg import solve_psd, unpack_triu
-from moekit._core.logspace import LOG_2PI
+from moekit._core.logspace import gaussian_logpdf
+from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 
 
 @dataclass
@@ -44,6 +45,7 @@ class GaussianExperts:
         target the family is fitted on.
     """
 
+    report_name = "linear-Gaussian"
     monotone = True
     needs_resp = False
     params_type = GaussianParams
@@ -61,13 +63,11 @@ class GaussianExperts:
 
     def log_prob(self, params: GaussianParams, chunk: Chunk) -> torch.Tensor:
         xt, y = chunk.XeT, chunk.y  # (p, c), (m, c)
-        c0 = -0.5 * (LOG_2PI + torch.log(params.var))  # (K, m)
-        cm = -0.5 / params.var
         out = None
         for j in range(self.n_outputs):
-            # y_j - B_kj x for every expert at once: (K, c)
+            # y_j - B_kj x for every expert at once: (K, c), then its log density in place
             resid = torch.addmm(y[j : j + 1], params.coef[:, j, :], xt, alpha=-1.0)
-            term = resid.square_().mul_(cm[:, j : j + 1]).add_(c0[:, j : j + 1])
+            term = gaussian_logpdf(resid, params.var[:, j : j + 1], inplace=True)
             out = term if out is None else out.add_(term)
         return out
 
@@ -97,8 +97,14 @@ class GaussianExperts:
             var = torch.where(empty[:, None], torch.ones_like(var), var)
         return GaussianParams(coef.contiguous(), var)
 
-    def permute(self, params: GaussianParams, perm: torch.Tensor) -> GaussianParams:
+    def select(self, params: GaussianParams, perm: torch.Tensor) -> GaussianParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
         return GaussianParams(params.coef[perm].contiguous(), params.var[perm].contiguous())
+
+    def residuals(self, params: GaussianParams, chunk: Chunk) -> torch.Tensor:
+        """Standardised residuals (y - B_k x) / sigma_k of every expert, shape (K, m, c)."""
+        mean = torch.einsum("kmp,pc->kmc", params.coef, chunk.XeT)
+        return (chunk.y.unsqueeze(0) - mean) / params.var.sqrt().unsqueeze(-1)
 
     def log_prior(self, params: GaussianParams) -> float:
         return 0.0
@@ -111,6 +117,61 @@ class GaussianExperts:
         K, m, p = params.coef.shape
         return K * m * (p + 1)
 
+    # ------------------------------------------------------------ differentiable view
+    # Gradient fitting and standard errors see the family through these: free
+    # (unconstrained) tensors, var = var_floor + exp(log_excess_var), and an
+    # out-of-place log-density autograd can follow.
+    def to_free(self, params: GaussianParams) -> dict[str, torch.Tensor]:
+        excess = (params.var - self.var_floor).clamp(min=1e-6 * self.var_floor + 1e-300)
+        return {"coef": params.coef, "log_excess_var": torch.log(excess)}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> GaussianParams:
+        return GaussianParams(free["coef"], _variance(self, free))
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert means (K, m, n) for a design XT (p, n)."""
+        K, m, p = free["coef"].shape
+        # one (K m, p) @ (p, n) product: several times faster than einsum at this size
+        return (free["coef"].reshape(K * m, p) @ XT).reshape(K, m, -1)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
+        resid = y.reshape(1, self.n_outputs, -1) - self.mean_free(free, XT)
+        var = _variance(self, free).unsqueeze(-1)  # (K, m, 1)
+        return gaussian_logpdf(resid, var).sum(1)
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return free["coef"].new_zeros(())
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: GaussianParams, scaling: Scaling) -> Report:
+        """Intercept and slopes per expert and output in the data's units, then sigma."""
+        K, m = params.var.shape
+        ys = scaling.y_scale.view(1, m, 1)
+        ab = coef_to_data(params.coef, scaling) * ys  # (K, m, p)
+        ab[..., 0] += scaling.y_mean
+        sigma = params.var.sqrt() * scaling.y_scale  # (K, m)
+        tag = _output_tags(scaling, m)
+        labels = coef_labels(scaling)
+        out = Report()
+        out.add("coef", ab, [f"expert {k}" for k in range(K) for _ in range(m * len(labels))],
+                [f"{tag[j]}{nm}" for _ in range(K) for j in range(m) for nm in labels])  # fmt: skip
+        out.add("sigma", sigma, [f"expert {k}" for k in range(K) for _ in range(m)],
+                [f"{tag[j]}sigma" for _ in range(K) for j in range(m)], tested=False)  # fmt: skip
+        return out
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        m = self.n_outputs
+        ys = scaling.y_scale.view(1, m, 1)
+        ab = values["coef"]
+        ab = torch.cat([(ab[..., :1] - scaling.y_mean.view(1, m, 1)), ab[..., 1:]], -1) / ys
+        # the variance itself, not its excess over the floor: the floor is an
+        # optimisation constraint, and a fit may sit on it
+        return {
+            "coef": coef_from_data(ab, scaling),
+            "var": (values["sigma"] / scaling.y_scale) ** 2,
+        }
+
     # ------------------------------------------------------------ prediction
     def moments(
         self, params: GaussianParams, XT: torch.Tensor
@@ -122,3 +183,15 @@ class GaussianExperts:
 
     def predictive_extra(self, params: GaussianParams) -> dict:
         return {}
+
+
+def _variance(family, free: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Variances (K, m) from free tensors: ``var`` itself, or the floor plus exp(excess)."""
+    if "var" in free:
+        return free["var"]
+    return family.var_floor + torch.exp(free["log_excess_var"])
+
+
+def _output_tags(scaling: Scaling, m: int) -> list[str]:
+    """Label prefixes per output: none for a single output, "[name] " otherwise."""
+    return [""] if m == 1 else [f"[{name}] " for name in scaling.output_names]

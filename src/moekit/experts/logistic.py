@@ -18,6 +18,7 @@ import torch
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.optim import lbfgs_minimise
+from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LogisticExperts:
         L-BFGS iterations per M-step (the first M-step uses five times as many).
     """
 
+    report_name = "multinomial logistic"
     monotone = True
     needs_resp = True
     params_type = LogisticParams
@@ -97,8 +99,47 @@ class LogisticExperts:
             return LogisticParams(start)
         return LogisticParams(coef)
 
-    def permute(self, params: LogisticParams, perm: torch.Tensor) -> LogisticParams:
+    def select(self, params: LogisticParams, perm: torch.Tensor) -> LogisticParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
         return LogisticParams(params.coef[perm].contiguous())
+
+    def residuals(self, params: LogisticParams, chunk: Chunk) -> torch.Tensor:
+        """Residuals onehot(y) - p_k(. | x) of the class probabilities, shape (K, C, c)."""
+        probs = torch.exp(self._log_probs(params.coef, chunk.XeT))
+        onehot = torch.nn.functional.one_hot(chunk.y, self.n_classes).T.to(probs.dtype)
+        return onehot.unsqueeze(0) - probs
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: LogisticParams) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> LogisticParams:
+        return LogisticParams(free["coef"])
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
+        logp = self._log_probs(free["coef"], XT)  # (K, C, n)
+        return logp.gather(1, y.view(1, 1, -1).expand(self.n_experts, 1, -1)).squeeze(1)
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return -self._penalty(free["coef"])
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: LogisticParams, scaling: Scaling) -> Report:
+        """Per expert, the scores of classes 1..C-1 against class 0 in the data's units."""
+        rel = params.coef[:, 1:] - params.coef[:, :1]  # (K, C-1, p)
+        labels = coef_labels(scaling)
+        names = scaling.output_names
+        out = Report()
+        out.add("logit", coef_to_data(rel, scaling),
+                [f"expert {k}" for k in range(self.n_experts) for _ in names[1:] for _ in labels],
+                [f"[{c} vs {names[0]}] {nm}" for _ in range(self.n_experts) for c in names[1:]
+                 for nm in labels])  # fmt: skip
+        return out
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        rel = coef_from_data(values["logit"], scaling)  # (K, C-1, p)
+        return {"coef": torch.cat([torch.zeros_like(rel[:, :1]), rel], 1)}
 
     def log_prior(self, params: LogisticParams) -> float:
         return -float(self._penalty(params.coef))

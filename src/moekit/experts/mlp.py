@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData
-from moekit._core.logspace import LOG_2PI
+from moekit._core.logspace import gaussian_logpdf
 from moekit._core.optim import lbfgs_minimise
 from moekit._core.validation import check_options
 
@@ -95,8 +95,7 @@ class MLPExperts:
 
     def _log_prob(self, params: MLPParams, XT, y) -> torch.Tensor:
         f = mlp_forward(params.w1, params.b1, params.w2, params.b2, XT)  # (K, m, c)
-        var = params.var.unsqueeze(-1)
-        return (-0.5 * (LOG_2PI + torch.log(var) + (y.unsqueeze(0) - f) ** 2 / var)).sum(1)
+        return gaussian_logpdf(y.unsqueeze(0) - f, params.var.unsqueeze(-1)).sum(1)
 
     def log_prob(self, params: MLPParams, chunk: Chunk) -> torch.Tensor:
         return self._log_prob(params, chunk.XeT, chunk.y)
@@ -153,9 +152,41 @@ class MLPExperts:
     def min_samples(self, params: MLPParams) -> float:
         return 2.0
 
-    def permute(self, params: MLPParams, perm: torch.Tensor) -> MLPParams:
+    def select(self, params: MLPParams, perm: torch.Tensor) -> MLPParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
         return MLPParams(
             *(getattr(params, f)[perm].contiguous() for f in ("w1", "b1", "w2", "b2", "var"))
+        )
+
+    def residuals(self, params: MLPParams, chunk: Chunk) -> torch.Tensor:
+        """Standardised residuals (y - f_k(x)) / sigma_k, shape (K, m, c)."""
+        f = mlp_forward(params.w1, params.b1, params.w2, params.b2, chunk.XeT)
+        return (chunk.y.unsqueeze(0) - f) / params.var.sqrt().unsqueeze(-1)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: MLPParams) -> dict[str, torch.Tensor]:
+        excess = (params.var - self.var_floor).clamp(min=1e-6 * self.var_floor + 1e-300)
+        free = {f: getattr(params, f) for f in ("w1", "b1", "w2", "b2")}
+        free["log_excess_var"] = torch.log(excess)
+        return free
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> MLPParams:
+        var = self.var_floor + torch.exp(free["log_excess_var"])
+        return MLPParams(free["w1"], free["b1"], free["w2"], free["b2"], var)
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Network outputs (K, m, n) for a design XT (p, n)."""
+        return mlp_forward(free["w1"], free["b1"], free["w2"], free["b2"], XT)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
+        return self._log_prob(self.from_free(free), XT, y)
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (
+            -0.5
+            * self.options["weight_decay"]
+            * ((free["w1"] ** 2).sum() + (free["w2"] ** 2).sum())
         )
 
     def moments(self, params: MLPParams, XT: torch.Tensor):

@@ -21,6 +21,7 @@ import torch
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PoissonExperts:
         L2 penalty on the slopes, on the summed log-likelihood scale.
     """
 
+    report_name = "Poisson (log link)"
     monotone = False  # a Newton step; the EM loop checks and shortens it
     needs_resp = False
     params_type = PoissonParams
@@ -104,9 +106,49 @@ class PoissonExperts:
     def min_samples(self, params: PoissonParams) -> float:
         return float(params.coef.shape[1])
 
-    def permute(self, params: PoissonParams, perm: torch.Tensor) -> PoissonParams:
+    def select(self, params: PoissonParams, perm: torch.Tensor) -> PoissonParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
         return PoissonParams(params.coef[perm].contiguous())
 
+    def residuals(self, params: PoissonParams, chunk: Chunk) -> torch.Tensor:
+        """Pearson residuals (y - lambda_k) / sqrt(lambda_k), shape (K, 1, c)."""
+        rate = torch.exp(params.coef @ chunk.XeT)  # (K, c)
+        return ((chunk.y[0] - rate) / rate.sqrt()).unsqueeze(1)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: PoissonParams) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> PoissonParams:
+        return PoissonParams(free["coef"])
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert rates (K, 1, n) for a design XT (p, n)."""
+        return torch.exp(free["coef"] @ XT).unsqueeze(1)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) = y eta - exp(eta) - log y! of shape (K, n), differentiable."""
+        eta = free["coef"] @ XT  # (K, n)
+        y = y.reshape(-1)
+        return y * eta - torch.exp(eta) - torch.lgamma(y + 1.0)
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: PoissonParams, scaling: Scaling) -> Report:
+        """Intercept and slopes of every expert's log rate, in the data's units."""
+        labels = coef_labels(scaling)
+        out = Report()
+        out.add("coef", coef_to_data(params.coef, scaling),
+                [f"expert {k}" for k in range(self.n_experts) for _ in labels],
+                labels * self.n_experts)  # fmt: skip
+        return out
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        return {"coef": coef_from_data(values["coef"], scaling)}
+
+    # ------------------------------------------------------------ prediction
     def moments(self, params: PoissonParams, XT: torch.Tensor):
         """Rates and their square roots, each (n, K, 1)."""
         rate = torch.exp(params.coef @ XT).T.unsqueeze(-1)

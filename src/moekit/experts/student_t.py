@@ -21,15 +21,20 @@ is a conditional maximisation (ECM), so the likelihood never decreases.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.logspace import student_t_logpdf
+from moekit._core.reporting import Report, Scaling
+from moekit.experts.gaussian import GaussianExperts, GaussianParams, _variance
 
-NU_MIN, NU_MAX = 0.5, 200.0
+NU_MIN, NU_MAX = 0.5, 1e6
+"""Range of fitted degrees of freedom. The upper end is far enough that a t expert
+there is a Gaussian expert to within about 1e-7 nats per sample, so a t fit started
+from a Gaussian fit (:meth:`StudentTExperts.embed`) starts where the Gaussian ended."""
 
 
 @dataclass
@@ -54,6 +59,7 @@ class StudentTExperts:
         Fixed degrees of freedom, or None to fit one per expert.
     """
 
+    report_name = "Student-t"
     monotone = True
     needs_resp = False
     params_type = StudentTParams
@@ -83,15 +89,9 @@ class StudentTExperts:
             resid = torch.addmm(y[j : j + 1], params.coef[:, j, :], xt, alpha=-1.0)  # (K, c)
             term = resid.square_().div_(params.var[:, j : j + 1])
             d2 = term if d2 is None else d2.add_(term)
-        nu = params.df.unsqueeze(1)  # (K, 1)
         chunk.scratch["t_d2"] = d2
-        const = (
-            torch.lgamma((nu + m) / 2)
-            - torch.lgamma(nu / 2)
-            - 0.5 * m * torch.log(nu * math.pi)
-            - 0.5 * torch.log(params.var).sum(1, keepdim=True)
-        )
-        return torch.log1p(d2 / nu).mul_(-0.5 * (nu + m)).add_(const)
+        log_scale = 0.5 * torch.log(params.var).sum(1, keepdim=True)  # (K, 1)
+        return student_t_logpdf(d2, log_scale, params.df.unsqueeze(1), m)
 
     # ------------------------------------------------------------ M-step
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor):
@@ -140,7 +140,7 @@ class StudentTExperts:
         lo = torch.full_like(nu_old, NU_MIN)
         hi = torch.full_like(nu_old, NU_MAX)
         for _ in range(60):
-            mid = 0.5 * (lo + hi)
+            mid = torch.sqrt(lo * hi)  # bisection on log nu: the range spans six decades
             up = slope(mid) > 0
             lo = torch.where(up, mid, lo)
             hi = torch.where(up, hi, mid)
@@ -156,10 +156,95 @@ class StudentTExperts:
     def min_samples(self, params: StudentTParams) -> float:
         return float(params.coef.shape[2])
 
-    def permute(self, params: StudentTParams, perm: torch.Tensor) -> StudentTParams:
+    def select(self, params: StudentTParams, perm: torch.Tensor) -> StudentTParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
         return StudentTParams(
             params.coef[perm].contiguous(), params.var[perm].contiguous(), params.df[perm]
         )
+
+    def residuals(self, params: StudentTParams, chunk: Chunk) -> torch.Tensor:
+        """Residuals in units of each expert's scale, (y - B_k x) / sigma_k, shape (K, m, c)."""
+        mean = torch.einsum("kmp,pc->kmc", params.coef, chunk.XeT)
+        return (chunk.y.unsqueeze(0) - mean) / params.var.sqrt().unsqueeze(-1)
+
+    # ------------------------------------------------------------ nesting
+    def simpler(self) -> GaussianExperts | None:
+        """The Gaussian family this one contains as df -> infinity (fitted df only)."""
+        if self.df is not None:
+            return None
+        return GaussianExperts(self.n_experts, self.n_outputs, self.var_floor)
+
+    def embed(self, params: GaussianParams, data: EMData) -> StudentTParams:
+        """A fit of :meth:`simpler` as t experts at the largest df: the same likelihood."""
+        df = params.var.new_full((params.var.shape[0],), NU_MAX)
+        return StudentTParams(params.coef, params.var, df)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: StudentTParams) -> dict[str, torch.Tensor]:
+        excess = (params.var - self.var_floor).clamp(min=1e-6 * self.var_floor + 1e-300)
+        free = {"coef": params.coef, "log_excess_var": torch.log(excess)}
+        if self.df is None:
+            # df = NU_MIN + exp(s): unconstrained above the lower end of the range
+            free["log_excess_df"] = torch.log((params.df - NU_MIN).clamp(min=1e-12))
+        return free
+
+    def _df(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "df" in free:
+            return free["df"]
+        if "log_excess_df" in free:
+            return (NU_MIN + torch.exp(free["log_excess_df"])).clamp(max=NU_MAX)
+        return free["coef"].new_full((self.n_experts,), float(self.df))
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> StudentTParams:
+        return StudentTParams(free["coef"], _variance(self, free), self._df(free))
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert locations (K, m, n) for a design XT (p, n)."""
+        K, m, p = free["coef"].shape
+        return (free["coef"].reshape(K * m, p) @ XT).reshape(K, m, -1)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
+        var = _variance(self, free)  # (K, m)
+        resid = y.reshape(1, self.n_outputs, -1) - self.mean_free(free, XT)
+        d2 = (resid * resid / var.unsqueeze(-1)).sum(1)  # (K, n)
+        log_scale = 0.5 * torch.log(var).sum(1, keepdim=True)
+        return student_t_logpdf(d2, log_scale, self._df(free).unsqueeze(1), self.n_outputs)
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return free["coef"].new_zeros(())
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: StudentTParams, scaling: Scaling) -> Report:
+        """As the Gaussian experts (sigma is the t's scale), then each fitted df.
+
+        A df fitted at either end of its range is a constrained maximum, where the
+        likelihood's curvature says nothing about its uncertainty: it is held fixed
+        and not reported as a parameter.
+        """
+        base = GaussianExperts(self.n_experts, self.n_outputs, self.var_floor)
+        out = base.report(GaussianParams(params.coef, params.var), scaling)
+        free = (
+            torch.zeros_like(params.df, dtype=torch.bool)
+            if self.df is not None
+            else (params.df > NU_MIN * 1.01) & (params.df < NU_MAX * 0.99)
+        )
+        out.fixed["t_df"], out.fixed["t_df_free"] = params.df.detach().clone(), free
+        idx = free.nonzero().flatten().tolist()
+        if idx:
+            out.add("df", params.df[idx], [f"expert {k}" for k in idx], ["df"] * len(idx),
+                    tested=False)  # fmt: skip
+        return out
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        base = GaussianExperts(self.n_experts, self.n_outputs, self.var_floor)
+        free = base.from_report(values, scaling, fixed)
+        df = fixed["t_df"].to(free["coef"].dtype)
+        if "df" in values:
+            idx = fixed["t_df_free"].nonzero().flatten()
+            df = df.index_put((idx,), values["df"])
+        free["df"] = df
+        return free
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: StudentTParams, XT: torch.Tensor):

@@ -26,7 +26,7 @@ from sklearn.base import clone, is_classifier
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.engine import to_numpy
-from moekit._core.logspace import LOG_2PI
+from moekit._core.logspace import gaussian_logpdf
 
 
 @dataclass
@@ -92,7 +92,7 @@ class WrappedExperts:
         if self.classifier:
             idx = y.view(1, 1, -1).expand(self.n_experts, 1, -1)
             return torch.log(out.gather(1, idx).squeeze(1).clamp(min=1e-12))
-        return -0.5 * (LOG_2PI + torch.log(var) + (y[0] - out) ** 2 / var)
+        return gaussian_logpdf(y[0] - out, var)
 
     def log_prob(self, params: WrappedParams, chunk: Chunk) -> torch.Tensor:
         if params.train_data is chunk.data and params.train_out is not None:
@@ -156,12 +156,21 @@ class WrappedExperts:
     def min_samples(self, params) -> float:
         return 1.0
 
-    def permute(self, params: WrappedParams, perm: torch.Tensor) -> WrappedParams:
+    def select(self, params: WrappedParams, perm: torch.Tensor) -> WrappedParams:
+        """The experts ``perm`` (indices may repeat; a repeated estimator is shared until refit)."""
         order = perm.tolist()
         out = None if params.train_out is None else params.train_out[perm]
         return WrappedParams(
             [params.estimators[k] for k in order], params.var[perm], out, params.train_data
         )
+
+    def residuals(self, params: WrappedParams, chunk: Chunk) -> torch.Tensor:
+        """(y - f_k(x)) / sigma_k for regressors (K, 1, c); onehot(y) - p_k for classifiers."""
+        out = self._outputs(params.estimators, chunk.XeT)
+        if self.classifier:
+            onehot = torch.nn.functional.one_hot(chunk.y, self.n_classes).T.to(out.dtype)
+            return onehot.unsqueeze(0) - out
+        return ((chunk.y[0] - out) / params.var.sqrt()).unsqueeze(1)
 
     def moments(self, params: WrappedParams, XT: torch.Tensor):
         """Predictions and noise standard deviations, each (n, K, 1)."""

@@ -15,218 +15,59 @@ decreases: exact or minorise-maximise M-steps guarantee it, and after a step tha
 is not guaranteed (a Newton step) the loop checks the objective and halves the step
 until it does not decrease (generalised EM, Dempster, Laird and Rubin 1977).
 
-Restarts follow flexmix's short-run strategy: each of ``n_init`` starts runs at
-most ``init_max_iter`` iterations on a random subset of at most
-``init_sample_size`` rows, and only the best start continues to convergence on all
-the data.
+Restarts follow flexmix's short-run strategy, with starts of several kinds
+(:mod:`moekit.fitting.starts`): each of ``n_init`` starts runs at most
+``init_max_iter`` iterations on a random subset of at most ``init_sample_size``
+rows; the few best distinct ones then run to convergence on that subset, and the
+best of those continues on all the data. Starts from a fitted simpler model (say,
+the same model with one expert fewer) run to convergence on all the data and
+compete too, so that a richer model never ends below the one it contains.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from moekit._core.data import DEFAULT_CHUNK, EMData, lerp_params
+from moekit._core.data import EMData
+from moekit.fitting.model import EMModel, FitResult, Params, PassResult
 from moekit.fitting.progress import Progress
+from moekit.fitting.starts import StartMaker, strategy_sequence
 
-MAX_HALVINGS = 8
+__all__ = ["EMModel", "FitResult", "Params", "PassResult", "run_em"]
 
-
-@dataclass
-class Params:
-    """Parameters of one MoE: the experts' and the gate's."""
-
-    expert: Any
-    gate: Any
+FINAL_STARTS = 3
+"""How many of the best short runs continue to convergence."""
 
 
 @dataclass
-class PassResult:
-    """What one E-step pass computed at some parameters."""
-
-    objective: float  # mean log-likelihood + log-prior / n
-    loglik: float  # mean log-likelihood
-    expert_stats: Any
-    gate_stats: Any
-    resp: torch.Tensor | None  # (K, n) when a component needs it
-    nk: torch.Tensor | None = None  # (K,) total responsibility of each expert
-
-
-@dataclass
-class FitResult:
-    """Outcome of :func:`run_em`.
-
-    Attributes
-    ----------
-    params : Params
-    n_iter : int
-        EM iterations on all the data for the returned parameters.
-    converged : bool
-    objective : float
-        Final mean objective (log-likelihood plus log-prior / n).
-    loglik : float
-        Final mean log-likelihood.
-    history : list of float
-        Objective after 0, 1, ..., n_iter iterations on all the data.
-    nk : Tensor of shape (K,)
-        Total responsibility of each expert at the end.
-    """
-
+class _Run:
+    label: str
     params: Params
-    n_iter: int
+    current: PassResult
+    history: list[float]
     converged: bool
-    objective: float
-    loglik: float
-    history: list[float] = field(default_factory=list)
-    nk: torch.Tensor | None = None
 
 
-def _add(acc, new):
-    if acc is None:
-        return new
-    if isinstance(new, tuple):
-        return tuple(_add(a, b) for a, b in zip(acc, new, strict=True))
-    if new is None:
-        return None
-    return acc + new
-
-
-class EMModel:
-    """An expert family and a gate, with the pass and step they share."""
-
-    def __init__(self, expert, gate, chunk_size: int = DEFAULT_CHUNK) -> None:
-        self.expert = expert
-        self.gate = gate
-        self.chunk_size = chunk_size
-
-    @property
-    def needs_resp(self) -> bool:
-        return self.expert.needs_resp or self.gate.needs_resp
-
-    def prepare(self, data: EMData) -> None:
-        self.expert.prepare(data)
-        self.gate.prepare(data)
-
-    def e_pass(
-        self, params: Params, data: EMData, *, stats: bool = True, keep_resp: bool = False
-    ) -> PassResult:
-        """One streamed pass: log-likelihood, responsibilities and statistics at ``params``."""
-        keep = keep_resp or (stats and self.needs_resp)
-        K = self.expert.n_experts
-        resp_all = data.XeT.new_empty((K, data.n)) if keep else None
-        total = data.XeT.new_zeros(())
-        nk = data.XeT.new_zeros(K)
-        es = gs = None
-        for chunk in data.chunks(self.chunk_size):
-            joint = self.expert.log_prob(params.expert, chunk)  # (K, c)
-            joint.add_(self.gate.log_prob(params.gate, chunk))
-            top = joint.amax(0, keepdim=True)
-            resp = joint.sub_(top).exp_()  # unnormalised, in place
-            s = resp.sum(0, keepdim=True)
-            resp.div_(s)
-            total += (torch.log(s) + top).sum()
-            nk += resp.sum(1)
-            if keep:
-                resp_all[:, chunk.start : chunk.stop] = resp
-            if stats:
-                es = _add(es, self.expert.chunk_stats(params.expert, chunk, resp))
-                gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, resp))
-        loglik = float(total) / data.n
-        prior = self.expert.log_prior(params.expert) + self.gate.log_prior(params.gate)
-        return PassResult(loglik + prior / data.n, loglik, es, gs, resp_all, nk)
-
-    def stats_from_resp(self, params: Params, data: EMData, resp: torch.Tensor) -> PassResult:
-        """Statistics for given responsibilities (K, n), as for the first M-step."""
-        es = gs = None
-        for chunk in data.chunks(self.chunk_size):
-            r = resp[:, chunk.start : chunk.stop]
-            self.gate.log_prob(params.gate, chunk)  # leaves the gate's scratch
-            if params.expert is not None:
-                self.expert.log_prob(params.expert, chunk)
-            es = _add(es, self.expert.chunk_stats(params.expert, chunk, r))
-            gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, r))
-        return PassResult(-math.inf, -math.inf, es, gs, resp, resp.sum(1))
-
-    def m_step(self, params: Params, res: PassResult, data: EMData) -> Params:
-        return Params(
-            self.expert.m_step(params.expert, res.expert_stats, data, res.resp),
-            self.gate.m_step(params.gate, res.gate_stats, data, res.resp),
-        )
-
-    def init_from_resp(self, data: EMData, resp: torch.Tensor) -> Params:
-        """The first M-step, from initial responsibilities (K, n)."""
-        init = getattr(self.expert, "init_params", None)
-        start = Params(None if init is None else init(data), self.gate.init_params(data))
-        return self.m_step(start, self.stats_from_resp(start, data, resp), data)
-
-    def interpolate(self, old: Params, new: Params, t: float) -> Params:
-        """Shorten the step of the non-monotone components to a fraction t."""
-        e = new.expert if self.expert.monotone else lerp_params(old.expert, new.expert, t)
-        g = new.gate if self.gate.monotone else lerp_params(old.gate, new.gate, t)
-        return Params(e, g)
-
-    def iterate(
-        self,
-        params: Params,
-        data: EMData,
-        max_iter: int,
-        tol: float,
-        progress: Progress | None = None,
-        current: PassResult | None = None,
-    ) -> tuple[Params, PassResult, list[float], bool]:
-        """Run up to ``max_iter`` EM iterations from ``params``.
-
-        Returns the parameters, the pass at them (the final E-step), the objective
-        history (starting with the objective at the given parameters) and whether
-        the change fell below ``tol``.
-        """
-        cur = current if current is not None else self.e_pass(params, data)
-        history = [cur.objective]
-        converged = False
-        monotone = self.expert.monotone and self.gate.monotone
-        for it in range(1, max_iter + 1):
-            new_params = self.m_step(params, cur, data)
-            new = self.e_pass(new_params, data)
-            if not monotone:
-                new_params, new = self._safeguard(params, cur, new_params, new, data)
-            change = new.objective - cur.objective
-            params, cur = new_params, new
-            history.append(cur.objective)
-            if progress is not None:
-                progress.iteration(it, cur.objective, change)
-            if abs(change) < tol:
-                converged = True
-                break
-        return params, cur, history, converged
-
-    def _safeguard(self, old, cur, new_params, new, data):
-        slack = 1e-12 * (1.0 + abs(cur.objective))
-        t = 1.0
-        for _ in range(MAX_HALVINGS):
-            if new.objective >= cur.objective - slack:
-                return new_params, new
-            t *= 0.5
-            cand = self.interpolate(old, new_params, t)
-            new, new_params = self.e_pass(cand, data), cand
-        if new.objective < cur.objective - slack:
-            # keep only the guaranteed part of the step (t = 0)
-            new_params = self.interpolate(old, new_params, 0.0)
-            new = self.e_pass(new_params, data)
-        return new_params, new
+def _distinct(values: list[float], gap: float) -> int:
+    """How many groups ``values`` form when values closer than ``gap`` are merged."""
+    groups, last = 0, None
+    for v in sorted(values):
+        if last is None or v - last > gap:
+            groups += 1
+        last = v
+    return groups
 
 
 def run_em(
     model: EMModel,
     data: EMData,
     *,
-    init_resp: Callable[[EMData, torch.Generator], torch.Tensor],
+    init: str = "auto",
     n_init: int,
     max_iter: int,
     tol: float,
@@ -234,8 +75,11 @@ def run_em(
     init_sample_size: int | None,
     generator: torch.Generator,
     warm_params: Params | None = None,
+    extra_starts: tuple[Params, ...] = (),
     verbose: int = 0,
     verbose_interval: int = 10,
+    loglik_offset: float = 0.0,
+    warn: bool = True,
 ) -> FitResult:
     """Fit a mixture of experts by EM with restarts.
 
@@ -243,8 +87,8 @@ def run_em(
     ----------
     model : EMModel
     data : EMData
-    init_resp : callable
-        ``init_resp(data, generator) -> Tensor (K, n)``: starting responsibilities.
+    init : str, default='auto'
+        Strategy of the starts (see :data:`moekit.fitting.starts.STRATEGIES`).
     n_init : int
         Number of starts.
     max_iter : int
@@ -252,75 +96,128 @@ def run_em(
     tol : float
         Stop when the mean objective changes by less than this.
     init_max_iter : int
-        Most iterations of each start before the best one is chosen.
+        Most iterations of each start before the best ones are chosen.
     init_sample_size : int or None
         Starts run on a random subset of this many rows (all rows if None or n is
         smaller).
     generator : torch.Generator
     warm_params : Params or None
         Continue from these parameters (warm start): no restarts.
+    extra_starts : tuple of Params
+        Starting parameters on all the data from a fitted simpler model; each runs to
+        convergence on all the data and competes with the best of the starts.
     verbose, verbose_interval : int
         Progress reporting (see :class:`moekit.fitting.progress.Progress`).
+    loglik_offset : float, default=0.0
+        Added to the log-likelihoods shown (the log-Jacobian of a standardised
+        target, so that they read in the target's units).
+    warn : bool, default=True
+        Whether to warn when the returned fit did not converge.
 
     Returns
     -------
     FitResult
+        ``n_optima`` is the number of distinct optima the starts run to convergence
+        reached (0 for a warm start).
     """
     model.prepare(data)
-    progress = Progress(verbose, verbose_interval)
+    progress = Progress(verbose, verbose_interval, loglik_offset)
     t0 = time.perf_counter()
     if warm_params is not None:
-        params, done_iter, history, converged, current = warm_params, 0, [], False, None
-    else:
-        use_subset = init_sample_size is not None and data.n > init_sample_size
-        sub = data
-        if use_subset:
-            rows = torch.randperm(data.n, generator=generator, device="cpu")[:init_sample_size]
-            sub = data.subset(rows.to(data.XeT.device))
-            model.prepare(sub)
-        first_iter = min(init_max_iter, max_iter)
-        best = None
-        for s in range(n_init):
-            progress.start_init(s, n_init, first_iter, on_subset=use_subset)
-            p = model.init_from_resp(sub, init_resp(sub, generator))
-            p, res, hist, conv = model.iterate(p, sub, first_iter, tol, progress)
-            progress.end_init(s, res.objective, conv)
-            if best is None or res.objective > best[1].objective:
-                best = (p, res, hist, conv)
-        params, res, hist, converged = best
-        if use_subset:
-            model.prepare(data)
-            done_iter, history, current = 0, [], None
-        else:
-            done_iter, history, current = len(hist) - 1, hist, res
-    remaining = max_iter - done_iter
-    if remaining > 0 and not (converged and done_iter > 0):
-        progress.start_final(remaining)
-        params, current, hist, converged = model.iterate(
-            params, data, remaining, tol, progress, current
-        )
-        history = history + hist[1:] if history else hist
-        done_iter += len(hist) - 1
-    if current is None:
-        current = model.e_pass(params, data)
-        history = history or [current.objective]
-    # ``current`` is the E-step at the returned parameters: no further pass is needed
-    progress.close(done_iter, current.objective, converged, time.perf_counter() - t0)
-    if not converged and max_iter > 0:
+        best = _Run("warm start", warm_params, model.e_pass(warm_params, data), [], False)
+        best.history = [best.current.objective]
+        best = _continue(model, data, best, max_iter, tol, progress)
+        return _result(best, max_iter, tol, 0, progress, t0, warn)
+
+    use_subset = init_sample_size is not None and data.n > init_sample_size
+    sub = data
+    if use_subset:
+        rows = torch.randperm(data.n, generator=generator, device="cpu")[:init_sample_size]
+        sub = data.subset(rows.to(data.XeT.device))
+        model.prepare(sub)
+
+    def fit_nested(small: EMModel, d: EMData, n: int) -> Params:
+        res = run_em(small, d, init="auto", n_init=n, max_iter=max(max_iter, 1), tol=tol,
+                     init_max_iter=init_max_iter, init_sample_size=None, generator=generator,
+                     warn=False)  # fmt: skip
+        model.prepare(d)  # the nested fit may have prepared shared families on other widths
+        return res.params
+
+    # 1. short runs of every start
+    maker = StartMaker(model, sub, generator, fit_nested, n_init)
+    first_iter = min(init_max_iter, max_iter)
+    runs: list[_Run] = []
+    for s, strategy in enumerate(strategy_sequence(init, n_init)):
+        progress.start_init(s, n_init, first_iter, on_subset=use_subset)
+        label, p = maker.make(strategy)
+        p, cur, hist, conv = model.iterate(p, sub, first_iter, tol, progress)
+        runs.append(_Run(label, p, cur, hist, conv))
+        progress.end_init(s, cur.objective, conv, label)
+    short_gap = max(1e-4, 10 * tol)
+    n_short = _distinct([r.current.objective for r in runs], short_gap)
+
+    # 2. the few best distinct ones to convergence on the subset
+    finals: list[_Run] = []
+    for run in sorted(runs, key=lambda r: -r.current.objective):
+        if len(finals) == FINAL_STARTS:
+            break
+        if any(abs(run.current.objective - f.current.objective) < short_gap for f in finals):
+            continue  # the same basin as a run already chosen
+        finals.append(run)
+    finals = [_continue(model, sub, f, max_iter, tol, progress, "best starts") for f in finals]
+    optima = [f.current.objective for f in finals]
+    best = max(finals, key=lambda r: r.current.objective)
+
+    # 3. on all the data: the best, and the starts from a fitted simpler model
+    if use_subset:
+        model.prepare(data)
+        cur = model.e_pass(best.params, data)
+        best = _continue(model, data, _Run(best.label, best.params, cur, [cur.objective], False),
+                         max_iter, tol, progress, "all rows")  # fmt: skip
+    for i, p in enumerate(extra_starts):
+        cur = model.e_pass(p, data)
+        run = _continue(model, data, _Run(f"carried over {i + 1}", p, cur, [cur.objective], False),
+                        max_iter, tol, progress, "nested start")  # fmt: skip
+        optima.append(run.current.objective)
+        if run.current.objective > best.current.objective:
+            best = run
+    n_optima = _distinct(optima, max(1e-6, 10 * tol))
+    progress.summary(len(runs), n_short, len(optima), n_optima, best.label)
+    return _result(best, max_iter, tol, n_optima, progress, t0, warn)
+
+
+def _continue(model, data, run: _Run, max_iter, tol, progress, phase="final") -> _Run:
+    """Run ``run`` on ``data`` until convergence or ``max_iter`` iterations in all."""
+    done = len(run.history) - 1
+    remaining = max_iter - done
+    if remaining <= 0 or (run.converged and done > 0):
+        return run
+    progress.start_final(remaining, phase)
+    params, cur, hist, conv = model.iterate(run.params, data, remaining, tol, progress, run.current)
+    return _Run(run.label, params, cur, run.history + hist[1:], conv)
+
+
+def _result(run: _Run, max_iter, tol, n_optima, progress, t0, warn) -> FitResult:
+    history, converged = run.history, run.converged
+    n_iter = len(history) - 1
+    progress.close(n_iter, run.current.objective, converged, time.perf_counter() - t0)
+    if warn and not converged and max_iter > 0:
         change = history[-1] - history[-2] if len(history) > 1 else float("nan")
         warnings.warn(
             f"EM did not converge in max_iter={max_iter} iterations (last change of the mean "
             f"log-likelihood {change:.3g} > tol={tol:g}). Try increasing max_iter or tol, "
             "more starts (n_init), fewer experts, or check the data for degenerate features.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return FitResult(
-        params=params,
-        n_iter=done_iter,
+        params=run.params,
+        n_iter=n_iter,
         converged=converged,
-        objective=current.objective,
-        loglik=current.loglik,
+        objective=run.current.objective,
+        loglik=run.current.loglik,
         history=history,
-        nk=current.nk,
+        nk=run.current.nk,
+        n_optima=n_optima,
+        start=run.label,
     )

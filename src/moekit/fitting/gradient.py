@@ -31,45 +31,41 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from moekit._core.data import EMData
-from moekit._core.logspace import LOG_2PI
-from moekit.experts.gaussian import GaussianExperts
-from moekit.experts.mlp import MLPExperts, mlp_forward
-from moekit.fitting.em import EMModel, FitResult, Params
-from moekit.gates.constant import ConstantGate
-from moekit.gates.mlp import MLPGate, gate_logits
-from moekit.gates.softmax import SoftmaxGate
+from moekit.fitting.em import run_em
+from moekit.fitting.model import EMModel, FitResult, Params
+from moekit.fitting.starts import StartMaker, strategy_sequence
 
-__all__ = ["OBJECTIVES", "OPTIMIZERS", "run_gradient"]
+__all__ = ["OBJECTIVES", "OPTIMIZERS", "check_differentiable", "run_gradient"]
 
 OBJECTIVES = ("competitive", "cooperative")
 OPTIMIZERS = ("lbfgs", "adam")
 MAX_LINE_SEARCH = 25
 
-
-# ------------------------------------------------------------------ adapters
-# A differentiable view of each family: which fields of its params dataclass are
-# optimised as they are, and its forward maps written out of place (the families'
-# own log_prob works in place, for EM's speed). Expert variances are optimised as
-# s with var = var_floor + exp(s); penalties are the families' own log-priors.
-@dataclass(frozen=True)
-class _ExpertView:
-    weights: tuple[str, ...]
-    mean: Callable  # (family, free, XeT (p, n)) -> (K, m, n)
-    log_prior: Callable  # (family, free) -> scalar tensor
+# What a family offers for gradient fitting, in its own module: free tensors
+# (``to_free`` / ``from_free``), an out-of-place log-density (``log_prob_free`` for
+# experts, ``log_weights_free`` for gates) and its penalty (``log_prior_free``); the
+# cooperative objective also needs the experts' means (``mean_free``).
+EXPERT_VIEW = ("to_free", "from_free", "log_prob_free", "log_prior_free")
+GATE_VIEW = ("to_free", "from_free", "log_weights_free", "log_prior_free")
 
 
-@dataclass(frozen=True)
-class _GateView:
-    weights: tuple[str, ...]
-    log_weights: Callable  # (family, free, XgT (p, n)) -> (K, n), log g
-    log_prior: Callable  # (family, free) -> scalar tensor
+def check_differentiable(expert, gate, objective: str = "competitive") -> None:
+    """Raise a ValueError naming the family that has no differentiable form."""
+    needs = [("expert", expert, EXPERT_VIEW), ("gate", gate, GATE_VIEW)]
+    if objective == "cooperative":
+        needs[0] = ("expert", expert, (*EXPERT_VIEW, "mean_free"))
+    for what, family, methods in needs:
+        missing = [m for m in methods if not hasattr(family, m)]
+        if missing:
+            raise ValueError(
+                f"fit_method='gradient' needs a differentiable form of the {what} "
+                f"{type(family).__name__} (it lacks {', '.join(missing)}); use fit_method='em'."
+            )
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -77,112 +73,25 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _zero(free: dict) -> torch.Tensor:
-    return next(iter(free.values())).new_zeros(())
-
-
-def _expert_var(fam, free: dict) -> torch.Tensor:
-    return fam.var_floor + torch.exp(free["log_excess_var"])  # (K, m)
-
-
-def _gauss_mean(fam, free: dict, XeT: torch.Tensor) -> torch.Tensor:
-    K, m, p = free["coef"].shape
-    # one (K m, p) @ (p, n) product: several times faster than einsum at this size
-    return (free["coef"].reshape(K * m, p) @ XeT).reshape(K, m, -1)
-
-
-def _mlp_decay(fam, *tensors: torch.Tensor) -> torch.Tensor:
-    return -0.5 * fam.options["weight_decay"] * sum((t**2).sum() for t in tensors)
-
-
-def _slope_mask(p: int, like: torch.Tensor) -> torch.Tensor:
-    pen = torch.ones(p, dtype=like.dtype, device=like.device)
-    pen[-1] = 0.0  # the design's last row is the intercept, which is not penalised
-    return pen
-
-
-def _softmax_log_prior(fam: SoftmaxGate, free: dict) -> torch.Tensor:
-    V = free["coef"]  # (K, p), every row free: the penalty picks slopes summing to zero
-    return -0.5 * fam.alpha * ((V * _slope_mask(V.shape[1], V)) ** 2).sum()
-
-
-EXPERT_VIEWS = {
-    GaussianExperts: _ExpertView(("coef",), _gauss_mean, lambda fam, f: _zero(f)),
-    MLPExperts: _ExpertView(
-        ("w1", "b1", "w2", "b2"),
-        lambda fam, f, XeT: mlp_forward(f["w1"], f["b1"], f["w2"], f["b2"], XeT),
-        lambda fam, f: _mlp_decay(fam, f["w1"], f["w2"]),
-    ),
-}
-
-GATE_VIEWS = {
-    SoftmaxGate: _GateView(
-        ("coef",), lambda fam, f, XgT: torch.log_softmax(f["coef"] @ XgT, 0), _softmax_log_prior
-    ),
-    ConstantGate: _GateView(
-        ("log_pi",),
-        lambda fam, f, XgT: torch.log_softmax(f["log_pi"], 0).unsqueeze(1).expand(-1, XgT.shape[1]),
-        lambda fam, f: _zero(f),
-    ),
-    MLPGate: _GateView(
-        ("v2", "v1"),
-        lambda fam, f, XgT: torch.log_softmax(gate_logits(f["v2"], f["v1"], XgT), 0),
-        lambda fam, f: _mlp_decay(fam, f["v2"], f["v1"]),
-    ),
-}
-
-
-def _to_free(view, family, params, is_expert: bool) -> dict:
-    free = {w: _leaf(getattr(params, w)) for w in view.weights}
-    if is_expert:
-        excess = (params.var - family.var_floor).clamp(min=1e-6 * family.var_floor + 1e-300)
-        free["log_excess_var"] = _leaf(torch.log(excess))
-    return free
-
-
-def _from_free(view, family, free: dict, is_expert: bool):
-    values = {w: _leaf(free[w]) for w in view.weights}
-    if is_expert:
-        values["var"] = _leaf(_expert_var(family, free))
-    if isinstance(family, ConstantGate):  # keep log pi normalised, as EM does
-        values["log_pi"] = torch.log_softmax(values["log_pi"], 0)
-    return family.params_type(**values)
-
-
-def _view(table: dict, family, what: str):
-    for kind, view in table.items():
-        if isinstance(family, kind):
-            return view
-    known = ", ".join(k.__name__ for k in table)
-    raise TypeError(
-        f"gradient fitting has no differentiable form of the {what} {type(family).__name__}; "
-        f"it supports {known}."
-    )
-
-
 # ------------------------------------------------------------------ objectives
-def _log_prior(ev, gv, expert, gate, fe, fg) -> torch.Tensor:
-    return ev.log_prior(expert, fe) + gv.log_prior(gate, fg)
+def _log_prior(expert, gate, fe, fg) -> torch.Tensor:
+    return expert.log_prior_free(fe) + gate.log_prior_free(fg)
 
 
-def competitive_loss(ev, gv, expert, gate, fe, fg, XeT, XgT, y) -> torch.Tensor:
+def competitive_loss(expert, gate, fe, fg, XeT, XgT, y) -> torch.Tensor:
     """-(1/n) sum_i log sum_k g_k(x_i) p_k(y_i | x_i) - log_prior / n: minus EM's objective."""
-    mean = ev.mean(expert, fe, XeT)  # (K, m, n)
-    var = _expert_var(expert, fe).unsqueeze(-1)  # (K, m, 1)
-    resid = y.reshape(1, mean.shape[1], -1) - mean
-    log_p = (-0.5 * (LOG_2PI + torch.log(var) + resid * resid / var)).sum(1)  # (K, n)
-    joint = log_p + gv.log_weights(gate, fg, XgT)
+    joint = expert.log_prob_free(fe, XeT, y) + gate.log_weights_free(fg, XgT)  # (K, n)
     n = joint.shape[1]
-    return -torch.logsumexp(joint, 0).mean() - _log_prior(ev, gv, expert, gate, fe, fg) / n
+    return -torch.logsumexp(joint, 0).mean() - _log_prior(expert, gate, fe, fg) / n
 
 
-def cooperative_loss(ev, gv, expert, gate, fe, fg, XeT, XgT, y) -> torch.Tensor:
+def cooperative_loss(expert, gate, fe, fg, XeT, XgT, y) -> torch.Tensor:
     """(1/2n) sum_i ||y_i - sum_k g_k(x_i) mu_k(x_i)||^2 - log_prior / n."""
-    g = torch.exp(gv.log_weights(gate, fg, XgT))  # (K, n)
-    blend = torch.einsum("kn,kmn->mn", g, ev.mean(expert, fe, XeT))  # (m, n)
+    g = torch.exp(gate.log_weights_free(fg, XgT))  # (K, n)
+    blend = torch.einsum("kn,kmn->mn", g, expert.mean_free(fe, XeT))  # (m, n)
     resid = y.reshape(blend.shape) - blend
     n = resid.shape[1]
-    return 0.5 * (resid * resid).sum(0).mean() - _log_prior(ev, gv, expert, gate, fe, fg) / n
+    return 0.5 * (resid * resid).sum(0).mean() - _log_prior(expert, gate, fe, fg) / n
 
 
 LOSSES = {"competitive": competitive_loss, "cooperative": cooperative_loss}
@@ -258,38 +167,40 @@ def _minimise(loss_fn, leaves, *, optimizer, max_iter, tol, lr, batch_size, n, g
 def _fit_from(model: EMModel, data: EMData, params: Params, *, objective, optimizer, max_iter,
               tol, lr, batch_size, gen, bar):  # fmt: skip
     expert, gate = model.expert, model.gate
-    ev, gv = _view(EXPERT_VIEWS, expert, "expert family"), _view(GATE_VIEWS, gate, "gate")
-    fe = {k: v.requires_grad_(True) for k, v in _to_free(ev, expert, params.expert, True).items()}
-    fg = {k: v.requires_grad_(True) for k, v in _to_free(gv, gate, params.gate, False).items()}
+    fe = {k: _leaf(v).requires_grad_(True) for k, v in expert.to_free(params.expert).items()}
+    fg = {k: _leaf(v).requires_grad_(True) for k, v in gate.to_free(params.gate).items()}
     XeT, XgT, y = data.XeT, data.XgT, data.y
     loss = LOSSES[objective]
 
     def rows_loss(rows, fe=fe, fg=fg):
         if rows is None:
-            return loss(ev, gv, expert, gate, fe, fg, XeT, XgT, y)
-        return loss(ev, gv, expert, gate, fe, fg, XeT[:, rows], XgT[:, rows], y[..., rows])
+            return loss(expert, gate, fe, fg, XeT, XgT, y)
+        return loss(expert, gate, fe, fg, XeT[:, rows], XgT[:, rows], y[..., rows])
 
     leaves = [*fe.values(), *fg.values()]
+    # the squared error does not see the noise scales: optimise means and gate only
+    scales = ("log_excess_var", "log_excess_df")
     if objective == "cooperative":
-        # squared error does not see the variances: optimise means and gate only
-        leaves = [v for k, v in fe.items() if k != "log_excess_var"] + list(fg.values())
+        leaves = [v for k, v in fe.items() if k not in scales] + list(fg.values())
     history, n_iter, converged = _minimise(
         rows_loss, leaves, optimizer=optimizer, max_iter=max_iter, tol=tol, lr=lr,
         batch_size=batch_size, n=data.n, gen=gen, bar=bar,
     )  # fmt: skip
-    if objective == "cooperative" and "log_excess_var" in fe:
-        # the variances that maximise the mixture likelihood for these means and gate
-        fixed = {k: v.detach() for k, v in fe.items() if k != "log_excess_var"}
+    free_scales = [fe[k] for k in scales if k in fe]
+    if objective == "cooperative" and free_scales:
+        # the noise scales that maximise the mixture likelihood for these means and gate
+        fixed = {k: v.detach() for k, v in fe.items() if k not in scales}
         fixed_g = {k: v.detach() for k, v in fg.items()}
-        s = fe["log_excess_var"]
 
-        def var_loss(rows):
-            return competitive_loss(ev, gv, expert, gate, {**fixed, "log_excess_var": s},
-                                    fixed_g, XeT, XgT, y)  # fmt: skip
+        def scale_loss(rows):
+            fe_now = {**fixed, **{k: fe[k] for k in scales if k in fe}}
+            return competitive_loss(expert, gate, fe_now, fixed_g, XeT, XgT, y)
 
-        _minimise(var_loss, [s], optimizer="lbfgs", max_iter=200, tol=1e-12, lr=None,
+        _minimise(scale_loss, free_scales, optimizer="lbfgs", max_iter=200, tol=1e-12, lr=None,
                   batch_size=None, n=data.n, gen=gen, bar=None)  # fmt: skip
-    new = Params(_from_free(ev, expert, fe, True), _from_free(gv, gate, fg, False))
+    with torch.no_grad():
+        new = Params(expert.from_free({k: _leaf(v) for k, v in fe.items()}),
+                     gate.from_free({k: _leaf(v) for k, v in fg.items()}))  # fmt: skip
     return new, history, n_iter, converged
 
 
@@ -297,7 +208,7 @@ def run_gradient(
     model: EMModel,
     data: EMData,
     *,
-    init_resp: Callable[[EMData, torch.Generator], torch.Tensor],
+    init: str = "auto",
     n_init: int = 1,
     max_iter: int = 500,
     tol: float = 1e-9,
@@ -312,18 +223,18 @@ def run_gradient(
     """Fit a mixture of experts by gradient steps on the joint likelihood.
 
     The counterpart of :func:`moekit.fitting.em.run_em`, with the same inputs and
-    result: each start takes the first M-step from ``init_resp`` (as EM does), then
+    result: each start is one of EM's (see :mod:`moekit.fitting.starts`), then
     minimises the chosen objective jointly over every gate and expert parameter.
 
     Parameters
     ----------
     model : EMModel
-        The expert family and gate; supported (see ``EXPERT_VIEWS``, ``GATE_VIEWS``):
-        GaussianExperts or MLPExperts, with a SoftmaxGate, ConstantGate or MLPGate.
+        The expert family and gate: any families with a differentiable form (see
+        ``check_differentiable``).
     data : EMData
         Standardised designs (p, n), the intercept as the last row, and target (m, n).
-    init_resp : callable
-        ``init_resp(data, generator) -> Tensor (K, n)``: starting responsibilities.
+    init : str, default='auto'
+        Strategy of the starts, as EM's.
     n_init : int, default=1
         Starts; the one with the highest final log-likelihood objective is kept.
     max_iter : int, default=500
@@ -359,19 +270,34 @@ def run_gradient(
         raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}.")
+    check_differentiable(model.expert, model.gate, objective)
     model.prepare(data)
     best = None
     starts = 1 if warm_params is not None else n_init
-    for s in range(starts):
+
+    def fit_nested(small: EMModel, d: EMData, n: int) -> Params:
+        res = run_em(
+            small,
+            d,
+            init="auto",
+            n_init=n,
+            max_iter=max(max_iter, 1),
+            tol=1e-6,
+            init_max_iter=30,
+            init_sample_size=None,
+            generator=generator,
+            warn=False,
+        )
+        model.prepare(d)
+        return res.params
+
+    maker = StartMaker(model, data, generator, fit_nested, starts)
+    for s, strategy in enumerate(strategy_sequence(init, starts)):
         bar = None
         if verbose:
             bar = tqdm(total=max_iter, desc=f"gradient start {s + 1}/{starts}", leave=False,
                        file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-        start = (
-            warm_params
-            if warm_params is not None
-            else model.init_from_resp(data, init_resp(data, generator))
-        )
+        start = warm_params if warm_params is not None else maker.make(strategy)[1]
         with torch.enable_grad():
             params, history, n_iter, converged = _fit_from(
                 model, data, start, objective=objective, optimizer=optimizer,

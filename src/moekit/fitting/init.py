@@ -1,10 +1,18 @@
-"""Starting responsibilities for EM.
+"""Starting responsibilities for EM: pure functions of the data and a generator.
 
-``"kmeans"`` clusters the standardised rows [x, y] (so that experts start on regions
-of the input *and* output space, which separates crossing regression lines), and
-``"random"`` draws a random expert for every row, as flexmix does. Both give hard
-(one-hot) responsibilities; clusters left empty are given random rows so that every
-expert starts with data.
+Each returns responsibilities of shape (K, n), from which the first M-step builds
+the starting parameters. They explore different basins of the likelihood:
+
+* ``kmeans_resp``: k-means on the standardised rows [x, y], so that experts start
+  on regions of the input *and* output space;
+* ``random_resp``: a random expert per row (flexmix's start), and
+  ``dirichlet_resp``: soft random responsibilities; both start every expert near the
+  pooled fit and let EM break the symmetry, which finds crossing regression lines
+  that k-means on [x, y] cuts into x-bands;
+* ``residual_resp``: k-means on the residuals of one pooled expert, which separates
+  rows above and below the pooled fit;
+* ``split_resp``: one expert of a fitted (K - 1)-expert model split in two along the
+  sign of its residuals.
 """
 
 from __future__ import annotations
@@ -39,8 +47,33 @@ def random_resp(data: EMData, K: int, generator: torch.Generator) -> torch.Tenso
     return _one_hot(_fill_empty(labels, K, generator).to(data.XeT.device), K, data.XeT)
 
 
+def dirichlet_resp(data: EMData, K: int, generator: torch.Generator) -> torch.Tensor:
+    """Responsibilities drawn from a flat Dirichlet per row: (K, n), soft."""
+    e = -torch.log(torch.rand((K, data.n), generator=generator, dtype=data.XeT.dtype))
+    return (e / e.sum(0, keepdim=True)).to(data.XeT.device)  # exponentials normalised
+
+
 KMEANS_ROWS = 10_000
 """k-means runs on at most this many rows; the others join their nearest centre."""
+
+
+def _kmeans_labels(Z: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means labels of the rows of Z (n, d), standardised column-wise first."""
+    from sklearn.cluster import KMeans
+
+    sd = Z.std(0, correction=0)
+    Z = (Z - Z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    rows = None
+    if Z.shape[0] > KMEANS_ROWS:
+        rows = torch.randperm(Z.shape[0], generator=generator)[:KMEANS_ROWS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate points: fewer distinct clusters is fine
+        km = KMeans(n_clusters=K, n_init=1, random_state=seed)
+        km.fit((Z if rows is None else Z[rows]).numpy())
+    centres = torch.as_tensor(km.cluster_centers_, dtype=Z.dtype)
+    labels = torch.cat([torch.cdist(part, centres).argmin(1) for part in Z.split(65536)])
+    return _fill_empty(labels, K, generator)
 
 
 def kmeans_resp(
@@ -58,24 +91,47 @@ def kmeans_resp(
         The target rows to cluster on with the features (default ``data.y`` when it
         is a float tensor).
     """
-    from sklearn.cluster import KMeans
-
     feats = [data.XeT[:-1]]  # drop the intercept row
     y = data.y if target is None else target
     if y is not None and y.is_floating_point():
         feats.append(y.reshape(-1, data.n))
     Z = torch.cat(feats, 0).T.cpu()  # (n, d)
-    sd = Z.std(0, correction=0)
-    Z = (Z - Z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    rows = None
-    if data.n > KMEANS_ROWS:
-        rows = torch.randperm(data.n, generator=generator)[:KMEANS_ROWS]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # duplicate points: fewer distinct clusters is fine
-        km = KMeans(n_clusters=K, n_init=1, random_state=seed)
-        km.fit((Z if rows is None else Z[rows]).numpy())
-    centres = torch.as_tensor(km.cluster_centers_, dtype=Z.dtype)
-    labels = torch.cat([torch.cdist(part, centres).argmin(1) for part in Z.split(65536)])
-    labels = _fill_empty(labels, K, generator)
-    return _one_hot(labels.to(data.XeT.device), K, data.XeT)
+    return _one_hot(_kmeans_labels(Z, K, generator).to(data.XeT.device), K, data.XeT)
+
+
+def residual_resp(resid: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means on the residuals (r, n) of one pooled expert: responsibilities (K, n)."""
+    labels = _kmeans_labels(resid.T.cpu(), K, generator)
+    return _one_hot(labels.to(resid.device), K, resid)
+
+
+def split_direction(resid: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Scores (n,) along which to split an expert: its residual, or for several outputs
+    the projection on the leading direction of the weighted residual covariance."""
+    if resid.shape[0] == 1:
+        return resid[0]
+    cov = (resid * weight) @ resid.T  # (r, r)
+    evecs = torch.linalg.eigh(cov)[1]
+    return evecs[:, -1] @ resid
+
+
+def split_resp(resp: torch.Tensor, resid: torch.Tensor, j: int) -> torch.Tensor:
+    """Split expert j of a (K - 1)-expert fit along the sign of its residuals.
+
+    Parameters
+    ----------
+    resp : Tensor of shape (K - 1, n)
+        Responsibilities of the fitted model.
+    resid : Tensor of shape (r, n)
+        Residuals of expert j (see the families' ``residuals``).
+    j : int
+
+    Returns
+    -------
+    Tensor of shape (K, n)
+        The other experts' responsibilities, then expert j's on the rows above its
+        fit, then on the rows below: expert j is the last two.
+    """
+    up = (split_direction(resid, resp[j]) > 0).to(resp.dtype)
+    keep = torch.cat([resp[:j], resp[j + 1 :]])
+    return torch.cat([keep, (resp[j] * up).unsqueeze(0), (resp[j] * (1 - up)).unsqueeze(0)])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.reporting import Report, Scaling
 
 
 @dataclass
@@ -22,6 +23,7 @@ class ConstantGateParams:
 class ConstantGate:
     """Input-independent mixing weights pi_k (flexmix's default, mixtools' regmixEM)."""
 
+    report_name = "constant"
     monotone = True
     needs_resp = False
     params_type = ConstantGateParams
@@ -58,8 +60,44 @@ class ConstantGate:
     def n_parameters(self, params) -> int:
         return self.n_experts - 1
 
-    def permute(self, params: ConstantGateParams, perm: torch.Tensor) -> ConstantGateParams:
+    def select(self, params: ConstantGateParams, perm: torch.Tensor) -> ConstantGateParams:
+        """The gate over the experts ``perm`` (indices may repeat; :meth:`shift` renormalises)."""
         return ConstantGateParams(params.log_pi[perm].contiguous())
+
+    def shift(self, params: ConstantGateParams, delta: torch.Tensor) -> ConstantGateParams:
+        """The gate with log g_k(x) + delta_k for every x."""
+        return ConstantGateParams(params.log_pi + delta.to(params.log_pi))
 
     def log_weights(self, params: ConstantGateParams, XgT: torch.Tensor) -> torch.Tensor:
         return params.log_pi.unsqueeze(1).expand(-1, XgT.shape[1])
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: ConstantGateParams) -> dict[str, torch.Tensor]:
+        return {"log_pi": params.log_pi}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> ConstantGateParams:
+        return ConstantGateParams(
+            torch.log_softmax(free["log_pi"], 0)
+        )  # normalised, as EM keeps it
+
+    def log_weights_free(self, free: dict[str, torch.Tensor], XgT: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(free["log_pi"], 0).unsqueeze(1).expand(-1, XgT.shape[1])
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return free["log_pi"].new_zeros(())
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: ConstantGateParams, scaling: Scaling, reference: int = 0) -> Report:
+        """log(pi_k / pi_ref) for the experts k other than the reference."""
+        others = [k for k in range(self.n_experts) if k != reference]
+        out = Report(fixed={"gate_reference": torch.tensor(reference)})
+        labels = [f"log(pi_{k} / pi_{reference})" for k in others]
+        out.add("log_odds", params.log_pi[others] - params.log_pi[reference],
+                ["gate"] * len(others), labels)  # fmt: skip
+        return out
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        ref = int(fixed["gate_reference"])
+        rows = list(torch.unbind(values["log_odds"]))
+        rows.insert(ref, torch.zeros_like(values["log_odds"][0]))
+        return {"log_pi": torch.stack(rows)}

@@ -36,6 +36,8 @@ import torch
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+from moekit.gates.constant import ConstantGate, ConstantGateParams
 
 NEWTON_MAX_PARAMS = 256
 """``solver="auto"`` uses Newton up to this many gate parameters, K p."""
@@ -73,6 +75,7 @@ class SoftmaxGate:
     solver : {'auto', 'newton', 'bohning'}
     """
 
+    report_name = "softmax"
     needs_resp = False
     params_type = SoftmaxGateParams
 
@@ -178,5 +181,66 @@ class SoftmaxGate:
     def n_parameters(self, params: SoftmaxGateParams) -> int:
         return (self.n_experts - 1) * params.coef.shape[1]
 
-    def permute(self, params: SoftmaxGateParams, perm: torch.Tensor) -> SoftmaxGateParams:
+    def select(self, params: SoftmaxGateParams, perm: torch.Tensor) -> SoftmaxGateParams:
+        """The gate's rows ``perm`` (indices may repeat; add :meth:`shift` to renormalise)."""
         return SoftmaxGateParams(params.coef[perm].contiguous())
+
+    def shift(self, params: SoftmaxGateParams, delta: torch.Tensor) -> SoftmaxGateParams:
+        """The gate with log g_k(x) + delta_k for every x, when sum_k g_k e^{delta_k} = 1.
+
+        The intercepts (last column) move by delta; the softmax's normaliser is unchanged
+        when the shifted weights still sum to one, as for a split expert's two halves.
+        """
+        coef = params.coef.clone()
+        coef[:, -1] += delta.to(coef)
+        return SoftmaxGateParams(coef)
+
+    # ------------------------------------------------------------ nesting
+    def simpler(self) -> ConstantGate:
+        """The constant gate this gate contains (all slopes zero)."""
+        return ConstantGate(self.n_experts)
+
+    def embed(self, params: ConstantGateParams, data: EMData) -> SoftmaxGateParams:
+        """Constant weights pi as a softmax gate: intercepts log pi, slopes zero (exact)."""
+        coef = params.log_pi.new_zeros((params.log_pi.shape[0], data.XgT.shape[0]))
+        coef[:, -1] = params.log_pi
+        return SoftmaxGateParams(coef)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: SoftmaxGateParams) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> SoftmaxGateParams:
+        return SoftmaxGateParams(free["coef"])
+
+    def log_weights_free(self, free: dict[str, torch.Tensor], XgT: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(free["coef"] @ XgT, dim=0)
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        V = free["coef"]
+        return -0.5 * self.alpha * (V[:, :-1] ** 2).sum()
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: SoftmaxGateParams, scaling: Scaling, reference: int = 0) -> Report:
+        """Intercept and slopes of experts k != reference against the reference expert.
+
+        Softmax weights depend only on differences of the rows of V, so the rows
+        relative to one reference expert (as in flexmix and nnet's multinom) are the
+        identified parameters.
+        """
+        K = self.n_experts
+        others = [k for k in range(K) if k != reference]
+        rel = params.coef[others] - params.coef[reference]  # (K-1, p)
+        labels = coef_labels(scaling)
+        out = Report(fixed={"gate_reference": torch.tensor(reference)})
+        out.add("gate", coef_to_data(rel, scaling),
+                [f"gate: expert {k} vs {reference}" for k in others for _ in labels],
+                labels * len(others))  # fmt: skip
+        return out
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        ref = int(fixed["gate_reference"])
+        rel = coef_from_data(values["gate"], scaling)  # (K-1, p)
+        rows = list(torch.unbind(rel))
+        rows.insert(ref, torch.zeros_like(rel[0]))
+        return {"coef": torch.stack(rows)}
