@@ -125,11 +125,9 @@ def em_iteration_vs_gram(X: np.ndarray, y: np.ndarray) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = MoERegressor(K, random_state=0, max_iter=5).fit(X, y)
-    from moekit._core.data import EMData
     from moekit.fitting.em import EMModel
 
-    XeT, XgT = m._designs(X)
-    data = EMData(XeT, XgT, m._encode_target(y, XeT.device, fitted=True))
+    data = m._em_data(X, y)
     model = EMModel(m._expert_family, m._gate_family)
     model.prepare(data)
     params = m._params
