@@ -115,3 +115,15 @@ class MLPGate:
 
     def permute(self, params: MLPGateParams, perm: torch.Tensor) -> MLPGateParams:
         return MLPGateParams(params.v2, params.v1[perm].contiguous())
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`MLPGateParams` fields for a gate design of p columns."""
+        h = self.options["hidden"]
+        return {"v2": (h, p), "v1": (self.n_experts, h + 1)}
+
+    def check_params(self, params: MLPGateParams, prefix: str = "") -> None:
+        """Refuse non-finite weights (ValueError naming the field)."""
+        for name in ("v2", "v1"):
+            if not bool(torch.isfinite(getattr(params, name)).all()):
+                raise ValueError(f"{prefix + name!r} holds NaN or infinite values")
