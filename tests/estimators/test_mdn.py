@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 import moekit
@@ -256,6 +257,93 @@ def test_a_damaged_file_is_refused(small, tmp_path):
     save_file(tensors, str(tmp_path / "bad.moe"), metadata=meta)
     with pytest.raises(ValueError, match="does not hold a valid MDNRegressor"):
         moekit.load(tmp_path / "bad.moe")
+
+
+def _rewrite(src, dst, edit=None, **state):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    if edit is not None:
+        edit(tensors)
+    meta["state"] = json.dumps({**json.loads(meta["state"]), **state})
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _poke(name, value):
+    def edit(t):
+        t[name] = t[name].clone()
+        t[name].view(-1)[0] = value
+
+    return edit
+
+
+def _replace(name, fn):
+    def edit(t):
+        t[name] = fn(t[name]).contiguous()
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_poke("net.head.weight", np.nan), r"'net\.head\.weight' holds NaN or infinite"),
+        (_poke("net.trunk.0.bias", np.inf), r"'net\.trunk\.0\.bias' holds NaN or infinite"),
+        (_poke("x_scale", 0.0), "'x_scale' must be positive"),
+        (_poke("y_scale", -1.0), "'y_scale' must be positive"),
+        (_poke("y_mean", np.nan), "'y_mean' holds NaN"),
+        (
+            _replace("net.trunk.0.weight", lambda w: w.float()),
+            r"'net\.trunk\.0\.weight' has dtype float32, expected float64",
+        ),
+        (_replace("x_mean", lambda w: w.to(torch.int64)), "'x_mean' has dtype int64"),
+        (
+            _replace("net.trunk.0.weight", lambda w: torch.cat([w, w])),
+            r"'net\.trunk\.0\.weight' has shape \(32, 1\), expected \(16, 1\) from "
+            r"n_features_in_=1, n_outputs=1, n_components=3, hidden_layer_sizes=\(16,\)",
+        ),
+        (_replace("y_mean", lambda v: v.repeat(2)), r"'y_mean' has shape \(2,\), expected \(1,\)"),
+        (lambda t: t.update(extra=torch.zeros(1)), r"unexpected tensor\(s\) \['extra'\]"),
+    ],
+)
+def test_nan_wrong_shapes_and_dtypes_are_refused(small, tmp_path, edit, message):
+    _, m = small
+    m.save(tmp_path / "good.moe")
+    bad = _rewrite(tmp_path / "good.moe", tmp_path / "bad.moe", edit)
+    with pytest.raises(ValueError, match="does not hold a valid MDNRegressor"):
+        moekit.load(bad)
+    with pytest.raises(ValueError, match=message):
+        moekit.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"n_outputs": 2}, "'y_2d' is false .*, but n_outputs=2"),
+        ({"n_outputs": 2, "y_2d": True}, r"'y_mean' has shape \(1,\), expected \(2,\)"),
+        ({"n_features_in_": 0}, "'n_features_in_' must be an int >= 1"),
+        ({"validation_scores_": [1.0, "x"]}, "'validation_scores_' must be a list"),
+        ({"best_validation_score_": None, "converged_": "yes"}, "'converged_' must be true"),
+    ],
+)
+def test_settings_that_disagree_with_the_arrays_are_refused(small, tmp_path, state, message):
+    _, m = small
+    m.save(tmp_path / "good.moe")
+    with pytest.raises(ValueError, match=message):
+        moekit.load(_rewrite(tmp_path / "good.moe", tmp_path / "bad.moe", **state))
+
+
+def test_network_shapes_are_stated_without_building_it():
+    from moekit.fitting.mdn import _MDNNet, mdn_param_shapes
+
+    net = _MDNNet(3, (4, 5), "tanh", 10)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert mdn_param_shapes(3, (4, 5), 10) == shapes
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,21 @@ from tqdm.auto import tqdm
 
 from moekit._core.engine import resolve_device, to_numpy, torch_generator
 from moekit._core.validation import Interval, Options, validate_params
+from moekit.estimators._files import (
+    bool_setting,
+    check_values,
+    feature_names,
+    int_setting,
+    real_setting,
+    reals_setting,
+)
 from moekit.fitting.mdn import (
     ACTIVATIONS,
     _init_weights,
     _MDNNet,
     _standardiser,
     mdn_log_prob,
+    mdn_param_shapes,
     mdn_split,
 )
 from moekit.io import register_model
@@ -409,28 +418,45 @@ class MDNRegressor(RegressorMixin, BaseEstimator):
         return params, state, tensors
 
     @classmethod
-    def _from_state(cls, params: dict, state: dict, tensors: dict) -> MDNRegressor:
-        params = {**params, "hidden_layer_sizes": tuple(params["hidden_layer_sizes"])}
+    def _from_state(cls, params: dict, state: dict, tensors) -> MDNRegressor:
+        if isinstance(params.get("hidden_layer_sizes"), list):
+            params = {**params, "hidden_layer_sizes": tuple(params["hidden_layer_sizes"])}
         model = cls(**params)
         validate_params(cls.__name__, model.get_params(deep=False), cls._parameter_constraints)
-        model.n_features_in_ = int(state["n_features_in_"])  # needed before _FITTED
-        if "feature_names_in_" in state:
-            model.feature_names_in_ = np.asarray(state["feature_names_in_"], dtype=object)
-        m, K = int(state["n_outputs"]), model.n_components
-        for name, size in (("x_mean", model.n_features_in_), ("x_scale", model.n_features_in_),
-                           ("y_mean", m), ("y_scale", m)):  # fmt: skip
-            arr = to_numpy(tensors[name]).astype(np.float64)
-            if arr.shape != (size,) or not np.isfinite(arr).all():
-                raise ValueError(f"{name} does not match the stored shapes")
-            setattr(model, "_" + name, arr)
-        if not ((model._x_scale > 0).all() and (model._y_scale > 0).all()):
-            raise ValueError("the stored scales are not positive")
-        net = _MDNNet(model.n_features_in_, model.hidden_layer_sizes, model.activation,
-                      K * (1 + 2 * m))  # fmt: skip
-        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        # settings first: every expected shape follows from them
+        d = model.n_features_in_ = int_setting(state, "n_features_in_", 1)
+        m = int_setting(state, "n_outputs", 1)
+        y_2d = bool_setting(state, "y_2d")
+        if not y_2d and m != 1:
+            raise ValueError(f"setting 'y_2d' is false (a 1-d target), but n_outputs={m}")
+        names = feature_names(state, d)
+        if names is not None:
+            model.feature_names_in_ = names
+        model.n_iter_ = int_setting(state, "n_iter_")
+        model.converged_ = bool_setting(state, "converged_")
+        model.log_likelihood_ = real_setting(state, "log_likelihood_")
+        model.log_likelihood_history_ = reals_setting(state, "log_likelihood_history_")
+        model.validation_scores_ = reals_setting(state, "validation_scores_", optional=True)
+        model.best_validation_score_ = real_setting(state, "best_validation_score_", optional=True)
+
+        # every tensor's dtype and shape, before any is read or a layer allocated
+        K, hidden = model.n_components, model.hidden_layer_sizes
+        shapes = {"x_mean": (d,), "x_scale": (d,), "y_mean": (m,), "y_scale": (m,)}
+        net_shapes = mdn_param_shapes(d, hidden, K * (1 + 2 * m))
+        shapes.update({f"net.{k}": s for k, s in net_shapes.items()})
+        tensors.check_names(shapes)
+        why = f"n_features_in_={d}, n_outputs={m}, n_components={K}, hidden_layer_sizes={hidden}"
+        for name, shape in shapes.items():
+            tensors.check(name, shape, why=why)
+        values = {name: tensors[name] for name in shapes}
+        for name, t in values.items():
+            check_values(name, t, positive=name in ("x_scale", "y_scale"))
+        for name in ("x_mean", "x_scale", "y_mean", "y_scale"):
+            setattr(model, "_" + name, to_numpy(values[name]))
+        with torch.device("meta"):  # no weights drawn: the file's are assigned
+            net = _MDNNet(d, hidden, model.activation, K * (1 + 2 * m))
+        net.load_state_dict({k: values[f"net.{k}"] for k in net_shapes}, assign=True)
         device = resolve_device(model.device if torch.cuda.is_available() else "cpu")
         model._net = net.to(device=device, dtype=PREDICT_DTYPE).eval()
-        model._n_outputs, model._y_2d = m, bool(state["y_2d"])
-        for name in _FITTED:
-            setattr(model, name, state[name])
+        model._n_outputs, model._y_2d = m, y_2d
         return model

@@ -423,8 +423,14 @@ default='auto'
         }
 
     def _set_extra_state(self, state, tensors):
-        self._y_2d = bool(state["y_2d"])
+        if not isinstance(state.get("y_2d"), bool):
+            raise ValueError(f"setting 'y_2d' must be true or false; got {state.get('y_2d')!r}")
+        self._y_2d = state["y_2d"]
         self._y_mean = to_numpy(tensors["y_mean"]).astype(np.float64)
         self._y_scale = to_numpy(tensors["y_scale"]).astype(np.float64)
         if not (np.isfinite(self._y_scale).all() and (self._y_scale > 0).all()):
             raise ValueError("target scaling is not positive and finite")
+        if not self._y_2d and len(self._y_mean) != 1:
+            raise ValueError(
+                f"setting 'y_2d' is false (one target) but 'y_mean' has {len(self._y_mean)} outputs"
+            )

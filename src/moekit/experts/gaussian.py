@@ -184,6 +184,25 @@ class GaussianExperts:
     def predictive_extra(self, params: GaussianParams) -> dict:
         return {}
 
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`GaussianParams` fields for a design of p columns."""
+        K, m = self.n_experts, self.n_outputs
+        return {"coef": (K, m, p), "var": (K, m)}
+
+    def check_params(self, params: GaussianParams, prefix: str = "") -> None:
+        """Refuse values no fit gives: non-finite coefficients, variances not positive.
+
+        Raises
+        ------
+        ValueError
+            Naming the field (after ``prefix``) and what is wrong with it.
+        """
+        if not bool(torch.isfinite(params.coef).all()):
+            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
+            raise ValueError(f"{prefix + 'var'!r} holds variances that are not positive and finite")
+
 
 def _variance(family, free: dict[str, torch.Tensor]) -> torch.Tensor:
     """Variances (K, m) from free tensors: ``var`` itself, or the floor plus exp(excess)."""

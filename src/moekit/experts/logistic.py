@@ -151,3 +151,13 @@ class LogisticExperts:
     def n_parameters(self, params: LogisticParams) -> int:
         K, C, p = params.coef.shape
         return K * (C - 1) * p
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`LogisticParams` fields for a design of p columns."""
+        return {"coef": (self.n_experts, self.n_classes, p)}
+
+    def check_params(self, params: LogisticParams, prefix: str = "") -> None:
+        """Refuse non-finite coefficients (ValueError naming the field)."""
+        if not bool(torch.isfinite(params.coef).all()):
+            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")

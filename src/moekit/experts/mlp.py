@@ -196,3 +196,23 @@ class MLPExperts:
 
     def predictive_extra(self, params: MLPParams) -> dict:
         return {}
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`MLPParams` fields for a design of p columns."""
+        K, m, h = self.n_experts, self.n_outputs, self.options["hidden"]
+        return {"w1": (K, p, h), "b1": (K, h), "w2": (K, h, m), "b2": (K, m), "var": (K, m)}
+
+    def check_params(self, params: MLPParams, prefix: str = "") -> None:
+        """Refuse values no fit gives: non-finite weights, variances not positive.
+
+        Raises
+        ------
+        ValueError
+            Naming the field (after ``prefix``) and what is wrong with it.
+        """
+        for name in ("w1", "b1", "w2", "b2"):
+            if not bool(torch.isfinite(getattr(params, name)).all()):
+                raise ValueError(f"{prefix + name!r} holds NaN or infinite values")
+        if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
+            raise ValueError(f"{prefix + 'var'!r} holds variances that are not positive and finite")

@@ -156,3 +156,18 @@ class PoissonExperts:
 
     def predictive_extra(self, params: PoissonParams) -> dict:
         return {}
+
+    # ------------------------------------------------------------ model files
+    @property
+    def n_outputs(self) -> int:
+        """One count target."""
+        return 1
+
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`PoissonParams` fields for a design of p columns."""
+        return {"coef": (self.n_experts, p)}
+
+    def check_params(self, params: PoissonParams, prefix: str = "") -> None:
+        """Refuse non-finite coefficients (ValueError naming the field)."""
+        if not bool(torch.isfinite(params.coef).all()):
+            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")

@@ -254,3 +254,33 @@ class StudentTExperts:
 
     def predictive_extra(self, params: StudentTParams) -> dict:
         return {"df": params.df}
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`StudentTParams` fields for a design of p columns."""
+        K, m = self.n_experts, self.n_outputs
+        return {"coef": (K, m, p), "var": (K, m), "df": (K,)}
+
+    def check_params(self, params: StudentTParams, prefix: str = "") -> None:
+        """Refuse values no fit gives: non-finite coefficients, squared scales not
+        positive, degrees of freedom outside [NU_MIN, NU_MAX] when fitted (not
+        positive when fixed).
+
+        Raises
+        ------
+        ValueError
+            Naming the field (after ``prefix``) and what is wrong with it.
+        """
+        if not bool(torch.isfinite(params.coef).all()):
+            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
+            raise ValueError(f"{prefix + 'var'!r} holds scales that are not positive and finite")
+        df = params.df
+        if self.df is None:
+            if not bool(((df >= NU_MIN) & (df <= NU_MAX)).all()):
+                raise ValueError(
+                    f"{prefix + 'df'!r} holds fitted degrees of freedom outside "
+                    f"[{NU_MIN}, {NU_MAX}]: {df.tolist()}"
+                )
+        elif not bool((torch.isfinite(df) & (df > 0)).all()):
+            raise ValueError(f"{prefix + 'df'!r} holds degrees of freedom that are not positive")

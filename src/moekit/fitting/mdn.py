@@ -75,6 +75,22 @@ class _MDNNet(torch.nn.Module):
         return self.head(self.trunk(x))
 
 
+def mdn_param_shapes(n_in: int, hidden: tuple[int, ...], n_out: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of :class:`_MDNNet`'s ``state_dict``, without building the network.
+
+    Model files are checked against these before a tensor is read or a layer allocated.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    width = n_in
+    for i, h in enumerate(hidden):  # trunk: Linear, activation, Linear, activation, ...
+        shapes[f"trunk.{2 * i}.weight"] = (h, width)
+        shapes[f"trunk.{2 * i}.bias"] = (h,)
+        width = h
+    shapes["head.weight"] = (n_out, width)
+    shapes["head.bias"] = (n_out,)
+    return shapes
+
+
 def _standardiser(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean, sd = A.mean(0), A.std(0)
     return mean, np.where(sd > 0, sd, 1.0)

@@ -101,3 +101,25 @@ class ConstantGate:
         rows = list(torch.unbind(values["log_odds"]))
         rows.insert(ref, torch.zeros_like(values["log_odds"][0]))
         return {"log_pi": torch.stack(rows)}
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`ConstantGateParams` fields (p, the design width, unused)."""
+        return {"log_pi": (self.n_experts,)}
+
+    def check_params(self, params: ConstantGateParams, prefix: str = "") -> None:
+        """Refuse log-weights that are NaN or +inf or do not sum to one.
+
+        An expert left without any responsibility has log pi_k = -inf, which is allowed.
+
+        Raises
+        ------
+        ValueError
+            Naming the field (after ``prefix``) and what is wrong with it.
+        """
+        log_pi, name = params.log_pi, prefix + "log_pi"
+        if bool((torch.isnan(log_pi) | torch.isposinf(log_pi)).any()):
+            raise ValueError(f"{name!r} holds NaN or +inf")
+        total = float(torch.logsumexp(log_pi, 0).exp())
+        if not abs(total - 1.0) <= 1e-6:
+            raise ValueError(f"{name!r} is not normalised: the weights sum to {total:.6g}")

@@ -168,3 +168,15 @@ class MLPGate:
 
     def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
         return -self._penalty(free["v0"], free["v1"], free["v2"])
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`MLPGateParams` fields for a gate design of p columns."""
+        K, h = self.n_experts, self.options["hidden"]
+        return {"v0": (K, p), "v1": (K, h), "v2": (h, p)}
+
+    def check_params(self, params: MLPGateParams, prefix: str = "") -> None:
+        """Refuse non-finite weights (ValueError naming the field)."""
+        for name in ("v0", "v1", "v2"):
+            if not bool(torch.isfinite(getattr(params, name)).all()):
+                raise ValueError(f"{prefix + name!r} holds NaN or infinite values")

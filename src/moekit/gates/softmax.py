@@ -244,3 +244,13 @@ class SoftmaxGate:
         rows = list(torch.unbind(rel))
         rows.insert(ref, torch.zeros_like(rel[0]))
         return {"coef": torch.stack(rows)}
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`SoftmaxGateParams` fields for a gate design of p columns."""
+        return {"coef": (self.n_experts, p)}
+
+    def check_params(self, params: SoftmaxGateParams, prefix: str = "") -> None:
+        """Refuse non-finite coefficients (ValueError naming the field)."""
+        if not bool(torch.isfinite(params.coef).all()):
+            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
