@@ -116,3 +116,10 @@ def test_bad_corpus_settings_and_vocabulary_are_clear_errors():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="'learning_rate' parameter of TrainConfig must be finite"):
         TrainConfig(learning_rate=float("inf"))
+    with pytest.raises(ValueError, match="evaluate_lm needs more than block_size"):
+        evaluate_lm(MoETransformer(**SMALL), byte_tokens("short"))
+
+
+def test_a_checkpoint_folder_that_does_not_exist_is_named_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_lm(MoETransformer(**SMALL), TEXT, checkpoint=tmp_path / "no" / "c.safetensors")

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +203,10 @@ def evaluate_lm(
     """
     block = model.config.block_size
     last = len(tokens) - block - 1
+    if last < 0:
+        raise ValueError(
+            f"evaluate_lm needs more than block_size + 1 = {block + 1} tokens; got {len(tokens)}."
+        )
     if n_windows is None:
         starts = torch.arange(0, last + 1, block)
     else:
@@ -255,6 +260,11 @@ def train_lm(
             f"{model.config.vocab_size}."
         )
     train, val, digest = _split(text, cfg, model.config.block_size)
+    if checkpoint is not None:
+        if not Path(checkpoint).parent.is_dir():
+            raise FileNotFoundError(f"checkpoint: folder {str(Path(checkpoint).parent)!r} does "
+                                    "not exist.")  # fmt: skip
+        remove_partial_writes(checkpoint)  # left by an earlier run that was killed
     torch.manual_seed(cfg.seed)  # dropout and noisy routers draw from the global generator
     opt = _optimizer(model, cfg)
     load = torch.zeros(len(model.moe_layers()), model.config.n_experts, dtype=torch.float64)
@@ -290,7 +300,7 @@ def resume_lm(
     ck = load_checkpoint(checkpoint)
     try:
         cfg, log = TrainConfig(**ck.train), TrainLog(**ck.log)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"{str(checkpoint)!r} has damaged training settings: {exc}") from exc
     n_evals = {len(log.eval_step), len(log.val_loss), len(log.tokens_per_expert)}
     if not (ck.step < cfg.steps and log.step == list(range(ck.step + 1)) and len(n_evals) == 1
