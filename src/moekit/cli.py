@@ -215,16 +215,16 @@ def cmd_lm_train(args) -> int:
         )
         log = train_lm(model, text, config, verbose=1, checkpoint=checkpoint)
     model.save(out / "lm.moe")
-    fig = plot_training(log, title=f"MoE language model, {source}")
-    fig.savefig(out / "lm_training.png", dpi=120)
+    plot_training(log, title="MoE language model").savefig(out / "lm_training.png", dpi=120)
     val = log.val_loss[-1]
     print(
         f"\nHeld-out loss {val:.4f} nats per byte ({val / math.log(2):.3f} bits per byte) "
         f"after step {log.eval_step[-1]}; auxiliary loss {log.aux_loss[-1]:.4f} (apart)."
     )
     prompt = text[: min(32, len(text))]
-    sample = model.generate(_prompt_ids(prompt), max_new_tokens=120, temperature=0.0)
-    print("A greedy sample:\n" + decode_bytes(sample[0].tolist()))
+    gen = torch.Generator().manual_seed(0)
+    sample = model.generate(_prompt_ids(prompt), 160, temperature=0.8, generator=gen)
+    print("A sample (temperature 0.8):\n" + decode_bytes(sample[0].tolist()))
     print(f"\nWrote {checkpoint}, {out / 'lm.moe'} and {out / 'lm_training.png'}")
     return 0
 

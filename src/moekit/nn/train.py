@@ -461,7 +461,8 @@ def plot_training(log: TrainLog | dict, title: str | None = None):
             axl.stackplot(log["eval_step"], share[:, layer].T.numpy(), colors=colors, lw=0)
             axl.set_ylim(0, 1)
             axl.set_ylabel(f"MoE layer {layer}")
-        axes[0].set_title(f"share of routed tokens, experts 0-{share.shape[2] - 1} bottom to top")
+        right.suptitle(f"share of the routed tokens per expert\n(experts 0-{share.shape[2] - 1}, "
+                       "bottom to top)", fontsize="medium")  # fmt: skip
         axes[-1].set_xlabel("step")
     else:
         axes[0].set_axis_off()
