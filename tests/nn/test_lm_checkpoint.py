@@ -125,6 +125,10 @@ def _huge_config(_, metadata):  # settings implying ~10^20 bytes of experts
     metadata["model"] = json.dumps({**config, "d_model": 2**20, "d_hidden": 2**24})
 
 
+def _no_log(_, metadata):
+    del metadata["log"]
+
+
 def _bad_config(_, metadata):
     metadata["model"] = json.dumps({**json.loads(metadata["model"]), "n_head": 0})
 
@@ -140,6 +144,7 @@ def _bad_config(_, metadata):
         (_extra, r"unexpected \['model.evil'\]"),
         (_huge_config, r"has shape .* the stored settings imply"),
         (_bad_config, r"'n_head' parameter of TransformerConfig"),
+        (_no_log, r"its metadata lacks \['log'\]"),
     ],
 )
 def test_damaged_checkpoints_are_refused_naming_the_problem(trained, tmp_path, change, match):

@@ -164,7 +164,7 @@ def load_lm(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> MoETran
         if "step" in meta:  # a checkpoint
             model, log = _model(meta["config"], _strip("model.", tensors)), meta["log"]
         else:
-            model, log = _model(meta["config"], tensors), meta["state"].get("training", {})
+            model, log = _model(meta["config"], tensors), meta.get("state", {}).get("training", {})
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{str(path)!r} is not a valid language model: {exc}") from exc
     model.training_log = log
@@ -218,10 +218,11 @@ def _read_checked(
         raise ValueError("it is neither a language-model checkpoint nor a MoETransformer file")
     if checkpoint is not None and checkpoint != is_checkpoint:
         raise ValueError("it is a model file without training state; train anew")
-    keys = (
-        ("model", "train", "log", "step", "corpus_sha256") if is_checkpoint else ("params", "state")
-    )
-    meta = {k: json.loads(metadata[k]) for k in keys}
+    keys = ["model", "train", "log", "step", "corpus_sha256"] if is_checkpoint else ["params"]
+    missing = [k for k in keys if k not in metadata]
+    if missing:
+        raise ValueError(f"its metadata lacks {missing}")
+    meta = {k: json.loads(metadata[k]) for k in [*keys, "state"] if k in metadata}
     config = TransformerConfig(**meta["model" if is_checkpoint else "params"])
     shapes = expected_state(config)  # on the meta device: nothing allocated yet
     expected = {f"model.{k}": v for k, v in shapes.items()} if is_checkpoint else dict(shapes)
