@@ -101,3 +101,72 @@ def test_bad_target_and_bad_model_file_are_clear(tmp_path, capsys):
     (tmp_path / "junk.moe").write_text("junk")
     assert main(["predict", str(tmp_path / "junk.moe"), str(tmp_path / "d.csv")]) == 2
     assert "not a readable moekit model file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ moekit lm
+
+
+@pytest.fixture
+def one_thread():
+    """The language model's matrices are tiny: a second thread only adds waiting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_lm_train_tiny_then_generate_from_the_checkpoint(tmp_path, capsys, one_thread):
+    out = tmp_path / "lm"
+    assert main(["lm", "train", "--config", "tiny", "--steps", "20", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Jane Austen" in text and "Held-out loss" in text and "auxiliary loss" in text
+    for name in ("checkpoint.safetensors", "lm.moe", "lm_training.png"):
+        assert (out / name).stat().st_size > 1000
+    assert (out / "lm_training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = []
+    for source in ("checkpoint.safetensors", "lm.moe"):
+        args = ["lm", "generate", str(out / source), "--prompt", "It is a tr", "--tokens", "12"]
+        assert main([*args, "--temperature", "0"]) == 0
+        samples.append(capsys.readouterr().out)
+    assert samples[0] == samples[1] and samples[0].startswith("It is a tr")
+    args = ["lm", "generate", str(out / "lm.moe"), "--prompt", "é", "--tokens", "5"]
+    assert main([*args, "--top-k", "3", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("é")
+
+
+def test_lm_resume_needs_a_checkpoint_and_keeps_its_settings(tmp_path, capsys):
+    assert main(["lm", "train", "--resume", "--out", str(tmp_path)]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert main(["lm", "train", "--resume", "--lr", "0.1", "--out", str(tmp_path)]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tokens", "-1"], "--tokens must be a non-negative int"),
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+        (["--top-k", "0"], "--top-k must be a positive int"),
+        (["--prompt", ""], "--prompt must not be empty"),
+    ],
+)
+def test_lm_generate_checks_its_settings(tmp_path, capsys, flags, message):
+    assert main(["lm", "generate", str(tmp_path / "absent.moe"), "--prompt", "a", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lm_train_checks_its_settings_before_writing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["lm", "train", "--top-k", "9", "--out", str(out)]) == 2
+    assert "top_k" in capsys.readouterr().err and not out.exists()
+
+
+def test_lm_generate_refuses_a_model_that_is_not_a_language_model(tmp_path, capsys):
+    X = np.random.default_rng(0).normal(size=(40, 1))
+    from moekit import MoERegressor
+
+    MoERegressor(2, random_state=0).fit(X, X[:, 0]).save(tmp_path / "r.moe")
+    assert main(["lm", "generate", str(tmp_path / "r.moe"), "--prompt", "a"]) == 2
+    assert "not a valid language model" in capsys.readouterr().err

@@ -5,13 +5,14 @@
     moekit demo [--out DIR]                       fit the bundled mcycle data, write a report
     moekit fit DATA.csv --target COL [--experts K] [--out DIR]
     moekit predict MODEL DATA.csv [--out FILE]
-    moekit lm train [--corpus FILE] [--steps N] [--out DIR] ...
-    moekit lm generate MODEL --prompt TEXT
+    moekit lm train [--corpus FILE] [--config tiny|small] [--steps N] [--out DIR] [--resume]
+    moekit lm generate CHECKPOINT --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -144,49 +145,88 @@ def cmd_predict(args) -> int:
     return 0
 
 
+_LM_OVERRIDES = {  # flag -> (preset part, field); None leaves the preset's value
+    "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"),
+    "lr": ("train", "learning_rate"),
+    "eval_every": ("train", "eval_every"),
+    "checkpoint_every": ("train", "checkpoint_every"),
+    "seed": ("train", "seed"),
+    "n_experts": ("model", "n_experts"),
+    "top_k": ("model", "top_k"),
+    "router": ("model", "router"),
+}
+
+
+def _lm_corpus(path: str | None) -> tuple[str, str]:
+    if path is None:
+        from moekit.datasets import load_austen
+
+        return load_austen(), "Jane Austen's Pride and Prejudice and Persuasion (bundled)"
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace"), path
+    except IsADirectoryError as exc:
+        raise ValueError(f"--corpus {path!r} is a folder, not a text file.") from exc
+
+
 def cmd_lm_train(args) -> int:
-    from moekit.nn import MoETransformer
-    from moekit.nn.train import TrainConfig, decode_bytes, train_lm
-    from moekit.plotting import plot_lm_training
-
-    if args.corpus:
-        text = Path(args.corpus).read_text(encoding="utf-8", errors="replace")
-        source = args.corpus
-    else:
-        from moekit.datasets import library_text
-
-        text, source = library_text(), "moekit's own documentation"
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
-                         learning_rate=args.lr, seed=args.seed)  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch_seed(args.seed)
-    model = MoETransformer(
-        vocab_size=256, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-        d_model=args.d_model, d_hidden=args.d_hidden, n_experts=args.n_experts,
-        top_k=args.top_k, router=args.router,
-    )  # fmt: skip
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"Training a byte-level MoE transformer ({n_params / 1e6:.2f} M parameters, "
-        f"{args.n_experts} experts, top-{args.top_k}) on {source}: {len(text):,} bytes"
-    )
-    log = train_lm(model, text, config, verbose=1)
-    model.save(out / "lm.moe")
-    plot_lm_training(log.as_dict(), title="MoE language model").savefig(out / "lm_training.png",
-                                                                           dpi=120)  # fmt: skip
-    prompt = text[: min(32, len(text))]
-    sample = model.generate(_prompt_ids(prompt), max_new_tokens=120, temperature=0.0)
-    print(f"\nFinal held-out loss {log.val_loss[-1]:.4f} nats per byte. A greedy sample:")
-    print(decode_bytes(sample[0].tolist()))
-    print(f"\nWrote {out / 'lm.moe'} and {out / 'lm_training.png'}")
-    return 0
-
-
-def torch_seed(seed: int) -> None:
     import torch
 
-    torch.manual_seed(seed)
+    from moekit.nn import MoETransformer, TransformerConfig
+    from moekit.nn.train import (
+        PRESETS,
+        TrainConfig,
+        decode_bytes,
+        plot_training,
+        resume_lm,
+        train_lm,
+    )
+
+    text, source = _lm_corpus(args.corpus)
+    out = Path(args.out)
+    checkpoint = out / "checkpoint.safetensors"
+    given = {flag: getattr(args, flag) for flag in _LM_OVERRIDES if getattr(args, flag) is not None}
+    if args.resume:
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"--resume continues with the checkpoint's settings; drop {flags}.")
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume at {str(checkpoint)!r}.")
+        print(f"Resuming {checkpoint} on {source}: {len(text):,} bytes")
+        model, log = resume_lm(checkpoint, text, steps=args.steps, verbose=1)
+    else:
+        model_kw, train_kw = (dict(part) for part in PRESETS[args.config])
+        parts = {"model": model_kw, "train": train_kw}
+        for flag, value in given.items():
+            part, name = _LM_OVERRIDES[flag]
+            parts[part][name] = value
+        if args.steps is not None:
+            train_kw["steps"] = args.steps
+        config = TrainConfig(**train_kw)
+        torch.manual_seed(config.seed)
+        model = MoETransformer(TransformerConfig(**model_kw))  # checked before anything is written
+        model_config = model.config
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"Training the {args.config!r} byte-level MoE transformer ({n_params / 1e6:.2f} M "
+            f"parameters, {model_config.n_experts} experts, top-{model_config.top_k}) for "
+            f"{config.steps} steps on {source}: {len(text):,} bytes"
+        )
+        log = train_lm(model, text, config, verbose=1, checkpoint=checkpoint)
+    model.save(out / "lm.moe")
+    plot_training(log, title="MoE language model").savefig(out / "lm_training.png", dpi=120)
+    val = log.val_loss[-1]
+    print(
+        f"\nHeld-out loss {val:.4f} nats per byte ({val / math.log(2):.3f} bits per byte) "
+        f"after step {log.eval_step[-1]}; auxiliary loss {log.aux_loss[-1]:.4f} (apart)."
+    )
+    prompt = text[: min(32, len(text))]
+    gen = torch.Generator().manual_seed(0)
+    sample = model.generate(_prompt_ids(prompt), 160, temperature=0.8, generator=gen)
+    print("A sample (temperature 0.8):\n" + decode_bytes(sample[0].tolist()))
+    print(f"\nWrote {checkpoint}, {out / 'lm.moe'} and {out / 'lm_training.png'}")
+    return 0
 
 
 def _prompt_ids(prompt: str):
@@ -201,16 +241,19 @@ def _prompt_ids(prompt: str):
 def cmd_lm_generate(args) -> int:
     import torch
 
-    from moekit import load
-    from moekit.nn import MoETransformer
+    from moekit.nn.checkpoint import load_lm
     from moekit.nn.train import decode_bytes
 
-    model = load(args.model)
-    if not isinstance(model, MoETransformer):
-        raise ValueError(f"{args.model} holds a {type(model).__name__}, not a language model.")
-    ids = _prompt_ids(args.prompt)[:, -model.config.block_size :]
+    if args.tokens < 0:
+        raise ValueError(f"--tokens must be a non-negative int; got {args.tokens}.")
+    if not args.temperature >= 0 or math.isinf(args.temperature):
+        raise ValueError(f"--temperature must be a finite number >= 0; got {args.temperature}.")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be a positive int; got {args.top_k}.")
+    ids = _prompt_ids(args.prompt)
+    model = load_lm(args.checkpoint)
     gen = torch.Generator().manual_seed(args.seed)
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    out = model.generate(ids, max_new_tokens=args.tokens, temperature=args.temperature,
                          top_k=args.top_k, generator=gen)  # fmt: skip
     print(decode_bytes(out[0].tolist()))
     return 0
@@ -238,27 +281,30 @@ def build_parser() -> argparse.ArgumentParser:
     lm = sub.add_parser("lm", help="a small MoE transformer language model").add_subparsers(
         dest="lm_command", required=True)  # fmt: skip
     p = lm.add_parser("train", help="train a byte-level MoE language model")
-    p.add_argument("--corpus", help="UTF-8 text file (default: moekit's own documentation)")
+    p.add_argument("--corpus", help="UTF-8 text file (default: two bundled Jane Austen novels)")
+    p.add_argument("--config", choices=["tiny", "small"], default="tiny",
+                   help="model and training preset (default: tiny)")  # fmt: skip
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
     p.add_argument("--out", default="moekit_lm", help="output folder (default: moekit_lm)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--d-hidden", type=int, default=128)
-    p.add_argument("--n-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--router", default="topk")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.safetensors, with its settings")  # fmt: skip
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--n-experts", type=int)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--router")
+    p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_lm_train)
     p = lm.add_parser("generate", help="continue a prompt with a trained model")
-    p.add_argument("model", help="model file written by `moekit lm train`")
+    p.add_argument("checkpoint", help="checkpoint.safetensors or lm.moe from `moekit lm train`")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--tokens", "--max-new-tokens", type=int, default=200,
+                   help="bytes to generate (default: 200)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_lm_generate)
 

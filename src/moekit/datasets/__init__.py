@@ -1,6 +1,6 @@
 """Bundled real data and generators of problems with known experts."""
 
-from moekit.datasets._bundled import library_text, load_mcycle, mcycle_path
+from moekit.datasets._bundled import library_text, load_austen, load_mcycle, mcycle_path
 from moekit.datasets.inverse import InverseProblem, make_bishop_inverse, make_robot_arm
 from moekit.datasets.synthetic import MoETruth, make_moe_regression, make_moe_truth
 
@@ -8,6 +8,7 @@ __all__ = [
     "InverseProblem",
     "MoETruth",
     "library_text",
+    "load_austen",
     "load_mcycle",
     "make_bishop_inverse",
     "make_moe_regression",

@@ -42,11 +42,55 @@ def mcycle_path() -> str:
     return str(resources.files("moekit.datasets").joinpath("data/mcycle.csv"))
 
 
+AUSTEN_BOOKS = ("pride_and_prejudice", "persuasion")
+"""The novels :func:`load_austen` can return, in the order it joins them."""
+
+
+def load_austen(books: tuple[str, ...] | list[str] = AUSTEN_BOOKS) -> str:
+    """Jane Austen's *Pride and Prejudice* (1813) and *Persuasion* (1818) as one text.
+
+    Public-domain novels bundled with moekit (about 1.15 MB of plain ASCII
+    English), the default corpus of ``moekit lm train``. The books follow one
+    another in the order given, separated by a blank line; a held-out slice taken
+    from the end of the text therefore comes from the last book. Provenance and
+    checksums: ``moekit/datasets/data/README.md``.
+
+    Parameters
+    ----------
+    books : sequence of {'pride_and_prejudice', 'persuasion'}, default=both
+        Which novels, in which order.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> from moekit.datasets import load_austen
+    >>> load_austen(["pride_and_prejudice"])[:19]
+    'PRIDE AND PREJUDICE'
+    """
+    import gzip
+
+    books = list(books)
+    unknown = [b for b in books if b not in AUSTEN_BOOKS]
+    if unknown or not books:
+        raise ValueError(
+            f"The 'books' parameter of load_austen must be a non-empty list of "
+            f"{', '.join(map(repr, AUSTEN_BOOKS))}. Got {books!r} instead."
+        )
+    folder = resources.files("moekit.datasets").joinpath("data")
+    texts = [
+        gzip.decompress(folder.joinpath(f"{b}.txt.gz").read_bytes()).decode("ascii") for b in books
+    ]
+    return "\n".join(texts)
+
+
 def library_text() -> str:
     """moekit's own documentation: the docstrings of its modules, classes and functions.
 
     A corpus that ships with the library (tens of kilobytes of English about
-    mixtures of experts), the default of ``moekit lm train``.
+    mixtures of experts); ``moekit lm train`` reads :func:`load_austen` by default.
     """
     import importlib
     import inspect

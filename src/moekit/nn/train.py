@@ -1,69 +1,135 @@
-"""A minimal training loop for :class:`MoETransformer`, behind ``moekit lm train``.
+"""Training loop for :class:`MoETransformer`, behind ``moekit lm train``.
 
 Byte-level tokens (vocabulary 256, so any text trains without a tokenizer), random
 windows of the corpus as batches, AdamW with weight decay on matrices only (as in
 nanoGPT), a linear warm-up then cosine decay of the learning rate, gradient
 clipping, and the held-out loss every ``eval_every`` steps on the corpus's last
-``val_fraction``. The loss minimised is the model's: cross-entropy plus the MoE
-layers' auxiliary losses.
+``val_fraction``. The loss minimised is cross-entropy plus the MoE layers'
+auxiliary losses; the log keeps the two apart, so that the language-model loss of
+training and of held-out text is the plain cross-entropy (nats per byte).
+
+Checkpoints (:mod:`moekit.nn.checkpoint`: safetensors and JSON, no pickle) hold the
+weights, AdamW's moments, the global RNG state and the log, and are renamed into
+place, so that a run killed at any moment leaves the previous checkpoint whole. The
+batch of step ``s`` is drawn from a generator seeded with ``(seed, s)``, so a
+resumed run reads the same batches as an uninterrupted one without any data state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import numbers
+import os
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+import torch.nn.functional as F
+from torch import Tensor
 
+from moekit._core.validation import Interval, InvalidParameterError, validate_params
+from moekit.nn.checkpoint import Checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from moekit.nn.transformer import MoETransformer
 
-__all__ = ["TrainConfig", "TrainLog", "byte_tokens", "decode_bytes", "train_lm"]
+__all__ = [
+    "PRESETS",
+    "TrainConfig",
+    "TrainLog",
+    "byte_tokens",
+    "decode_bytes",
+    "evaluate_lm",
+    "plot_training",
+    "resume_lm",
+    "train_lm",
+]
+
+PRESETS: dict[str, tuple[dict, dict]] = {
+    # (TransformerConfig fields, TrainConfig fields). 'tiny' trains in minutes on two
+    # CPU cores; 'small' is the same recipe four times wider in tokens and width.
+    "tiny": (
+        dict(block_size=64, n_layer=2, n_head=4, d_model=64, d_hidden=128, n_experts=8, top_k=2),
+        dict(steps=1000, batch_size=16, learning_rate=3e-3, warmup=50, eval_every=100),
+    ),
+    "small": (
+        dict(block_size=128, n_layer=4, n_head=4, d_model=128, d_hidden=256, n_experts=8, top_k=2),
+        dict(steps=5000, batch_size=32, learning_rate=2e-3, warmup=200, eval_every=250),
+    ),
+}
+
+_POSITIVE_INT = [Interval(numbers.Integral, 1, None, closed="left")]
+_NON_NEGATIVE_INT = [Interval(numbers.Integral, 0, None, closed="left")]
+_CONSTRAINTS = {
+    "steps": _POSITIVE_INT,
+    "batch_size": _POSITIVE_INT,
+    "grad_accum": _POSITIVE_INT,
+    "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
+    "weight_decay": [Interval(numbers.Real, 0, None, closed="left")],
+    "warmup": _NON_NEGATIVE_INT,
+    "grad_clip": [Interval(numbers.Real, 0, None, closed="neither")],
+    "eval_every": _POSITIVE_INT,
+    "eval_batches": _POSITIVE_INT,
+    "val_fraction": [Interval(numbers.Real, 0, 0.5, closed="neither")],
+    "checkpoint_every": _POSITIVE_INT,
+    "seed": _NON_NEGATIVE_INT,
+}
 
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`train_lm`."""
+    """Settings of :func:`train_lm`, checked with the one error template."""
 
-    steps: int = 500
-    batch_size: int = 16
-    learning_rate: float = 3e-3
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 16  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    learning_rate: float = 3e-3  # peak; the cosine decays it to a tenth
     weight_decay: float = 0.1
     warmup: int = 50  # steps of linear warm-up
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # on the global gradient norm
     eval_every: int = 100
-    eval_batches: int = 8
-    val_fraction: float = 0.1
-    seed: int = 0
+    eval_batches: int = 8  # held-out batches per evaluation, at fixed places
+    val_fraction: float = 0.1  # the corpus's last bytes, never trained on
+    checkpoint_every: int = 100
+    seed: int = 0  # batch order (and dropout); the caller seeds the initial weights
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive int; got {getattr(self, name)!r}.")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in (0, 0.5); got {self.val_fraction!r}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive; got {self.learning_rate!r}.")
+        validate_params(type(self).__name__, dataclasses.asdict(self), _CONSTRAINTS)
+        for name in ("learning_rate", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidParameterError(
+                    f"The {name!r} parameter of {type(self).__name__} must be finite. "
+                    f"Got {getattr(self, name)!r} instead."
+                )
 
 
 @dataclass
 class TrainLog:
-    """Losses during training: the train loss every step, held-out loss at evaluations."""
+    """What happened during training.
+
+    ``train_loss`` and ``val_loss`` are the language-model cross-entropy in nats per
+    byte, without the auxiliary losses, which ``aux_loss`` holds apart (training).
+    ``tokens_per_expert[i][l][e]`` counts the assignments of MoE layer ``l`` to
+    expert ``e`` during the training steps up to evaluation ``i``, since the one before.
+    """
 
     step: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)
     eval_step: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
-    tokens_per_expert: list[list[float]] = field(default_factory=list)
+    tokens_per_expert: list[list[list[float]]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return dataclasses.asdict(self)
 
 
-def byte_tokens(text: str) -> torch.Tensor:
+def byte_tokens(text: str) -> Tensor:
     """UTF-8 bytes of ``text`` as a long tensor of token ids in [0, 256)."""
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    data = bytearray(text.encode("utf-8"))
+    return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0).long()
 
 
 def decode_bytes(ids) -> str:
@@ -71,19 +137,34 @@ def decode_bytes(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def _batch(data: torch.Tensor, block: int, size: int, gen: torch.Generator):
-    start = torch.randint(0, len(data) - block - 1, (size,), generator=gen)
-    rows = torch.stack([data[s : s + block + 1] for s in start.tolist()])  # (B, T + 1)
-    return rows[:, :-1], rows[:, 1:]
+def _split(text: str, cfg: TrainConfig, block: int) -> tuple[Tensor, Tensor, str]:
+    data = byte_tokens(text)
+    split = int(len(data) * (1.0 - cfg.val_fraction))
+    train, val = data[:split], data[split:]
+    if min(len(train), len(val)) <= block + 1:
+        raise ValueError(
+            f"the corpus is too short: {len(data)} bytes leave fewer than block_size + 2 = "
+            f"{block + 2} bytes for training or validation; use a longer corpus or a smaller "
+            "block_size."
+        )
+    return train, val, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _batch(data: Tensor, block: int, cfg: TrainConfig, step: int) -> tuple[Tensor, Tensor]:
+    # the batch depends on (seed, step) only: a resumed run reads the same batches
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    n = cfg.grad_accum * cfg.batch_size
+    start = torch.randint(0, len(data) - block - 1, (n,), generator=gen)
+    rows = torch.stack([data[s : s + block + 1] for s in start.tolist()])  # (A*B, T + 1)
+    rows = rows.view(cfg.grad_accum, cfg.batch_size, block + 1)  # (A, B, T + 1)
+    return rows[..., :-1], rows[..., 1:]
 
 
 def _optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    # decay matrices (weights, embeddings), not biases, norms or router biases
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    rest = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]  # fmt: skip
+    # decay matrices (weights, embeddings), not biases or norms
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95))
 
 
@@ -94,35 +175,83 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def _lm_loss(model: MoETransformer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    logits, _ = model(x)  # (B, T, vocab); sets model.aux_loss
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return ce, model.aux_loss
+
+
 @torch.no_grad()
-def _evaluate(model, data, cfg, gen) -> float:
-    model.eval()
-    block = model.config.block_size
-    losses = [float(model(*_batch(data, block, cfg.batch_size, gen))[1])
-              for _ in range(cfg.eval_batches)]  # fmt: skip
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def train_lm(
-    model: MoETransformer, text: str, config: TrainConfig | None = None, verbose: int = 1
-) -> TrainLog:
-    """Train ``model`` on the bytes of ``text``; returns the loss log.
+def evaluate_lm(
+    model: MoETransformer, tokens: Tensor, batch_size: int = 16, n_windows: int | None = None
+) -> float:
+    """Mean next-byte cross-entropy (nats) of ``model`` on ``tokens``, without aux losses.
 
     Parameters
     ----------
     model : MoETransformer
-        With ``vocab_size`` 256 (bytes).
+    tokens : Tensor of shape (n,)
+        Token ids, e.g. ``byte_tokens(text)``.
+    batch_size : int, default=16
+    n_windows : int, optional
+        Windows of ``block_size`` at evenly spaced places; None reads all of
+        ``tokens`` in windows that do not overlap. Divide by ``ln 2`` for bits per byte.
+
+    Returns
+    -------
+    float
+    """
+    block = model.config.block_size
+    last = len(tokens) - block - 1
+    if last < 0:
+        raise ValueError(
+            f"evaluate_lm needs more than block_size + 1 = {block + 1} tokens; got {len(tokens)}."
+        )
+    if n_windows is None:
+        starts = torch.arange(0, last + 1, block)
+    else:
+        starts = torch.linspace(0, last, n_windows).long()
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for chunk in starts.split(batch_size):
+        rows = torch.stack([tokens[s : s + block + 1] for s in chunk.tolist()])  # (B, T + 1)
+        total += float(_lm_loss(model, rows[:, :-1], rows[:, 1:])[0]) * len(chunk)
+    model.train(was_training)
+    return total / len(starts)
+
+
+def train_lm(
+    model: MoETransformer,
+    text: str,
+    config: TrainConfig | None = None,
+    verbose: int = 1,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+) -> TrainLog:
+    """Train ``model`` on the bytes of ``text``; returns the log.
+
+    Parameters
+    ----------
+    model : MoETransformer
+        With ``vocab_size`` 256 (bytes). Seed torch before building it for
+        reproducible initial weights.
     text : str
         The corpus; it needs more than ``block_size + 1`` bytes in each of its train
         and held-out parts.
     config : TrainConfig, optional
     verbose : int, default=1
-        1: a progress bar and a line per evaluation; 0: silent.
+        1: a progress bar (language-model loss, auxiliary loss, tokens/s and the
+        worst layer's expert balance, max/mean load) and a line per evaluation;
+        0: silent.
+    checkpoint : path-like, optional
+        Write a checkpoint there every ``checkpoint_every`` steps and at the end;
+        :func:`resume_lm` continues from it.
 
     Returns
     -------
     TrainLog
+        Also stored on the model as ``model.training_log`` (a dict).
     """
     cfg = config or TrainConfig()
     if model.config.vocab_size != 256:
@@ -130,45 +259,212 @@ def train_lm(
             f"train_lm trains on bytes: the model needs vocab_size=256, not "
             f"{model.config.vocab_size}."
         )
-    data = byte_tokens(text)
-    split = int(len(data) * (1.0 - cfg.val_fraction))
-    train, val = data[:split], data[split:]
-    block = model.config.block_size
-    if min(len(train), len(val)) <= block + 1:
-        raise ValueError(
-            f"the corpus is too short: {len(data)} bytes leave fewer than block_size + 2 = "
-            f"{block + 2} bytes for training or validation; use a longer corpus or a smaller "
-            "block_size."
-        )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # initial weights were drawn by the caller; dropout here
+    train, val, digest = _split(text, cfg, model.config.block_size)
+    if checkpoint is not None:
+        if not Path(checkpoint).parent.is_dir():
+            raise FileNotFoundError(f"checkpoint: folder {str(Path(checkpoint).parent)!r} does "
+                                    "not exist.")  # fmt: skip
+        remove_partial_writes(checkpoint)  # left by an earlier run that was killed
+    torch.manual_seed(cfg.seed)  # dropout and noisy routers draw from the global generator
     opt = _optimizer(model, cfg)
-    log = TrainLog()
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="training", disable=verbose < 1, file=sys.stderr,
-               dynamic_ncols=True)  # fmt: skip
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
-        x, y = _batch(train, block, cfg.batch_size, gen)  # (B, T), (B, T)
-        _, loss = model(x, targets=y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        log.step.append(step)
-        log.train_loss.append(loss.item())
-        if step % cfg.eval_every == 0 or step == cfg.steps - 1:
-            val_loss = _evaluate(model, val, cfg, gen)
-            log.eval_step.append(step)
-            log.val_loss.append(val_loss)
-            layers = model.moe_layers()
-            if layers:
-                log.tokens_per_expert.append(layers[0].stats.tokens_per_expert.tolist())
-            bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
-            if verbose >= 1:
-                bar.write(f"step {step:5d}: train loss {loss.item():.4f}, held-out loss "
-                          f"{val_loss:.4f}", file=sys.stderr)  # fmt: skip
-    model.eval()
-    model.training_log = log.as_dict()
-    return log
+    load = torch.zeros(len(model.moe_layers()), model.config.n_experts, dtype=torch.float64)
+    run = _Run(model, opt, cfg, train, val, digest, TrainLog(), load, checkpoint)
+    return run.loop(0, verbose)
+
+
+def resume_lm(
+    checkpoint: str | os.PathLike, text: str, steps: int | None = None, verbose: int = 1
+) -> tuple[MoETransformer, TrainLog]:
+    """Continue the run saved in ``checkpoint`` to its last step (or to ``steps``).
+
+    The weights, AdamW's state, the global RNG state and the log come from the
+    file; the batches from the seed and the step. Resumed with the same corpus and
+    step count, a run reaches the same losses as one never interrupted.
+
+    Parameters
+    ----------
+    checkpoint : path-like
+        Written by :func:`train_lm`; new checkpoints replace it.
+    text : str
+        The corpus of the run (checked against its SHA-256 in the file).
+    steps : int, optional
+        A new total step count (the learning-rate schedule follows it).
+    verbose : int, default=1
+
+    Returns
+    -------
+    model : MoETransformer
+    log : TrainLog
+        The whole run's log, the steps before the checkpoint included.
+    """
+    ck = load_checkpoint(checkpoint)
+    try:
+        cfg, log = TrainConfig(**ck.train), TrainLog(**ck.log)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{str(checkpoint)!r} has damaged training settings: {exc}") from exc
+    n_evals = {len(log.eval_step), len(log.val_loss), len(log.tokens_per_expert)}
+    if not (ck.step < cfg.steps and log.step == list(range(ck.step + 1)) and len(n_evals) == 1
+            and len(log.train_loss) == len(log.aux_loss) == ck.step + 1):  # fmt: skip
+        raise ValueError(f"{str(checkpoint)!r} has a log that does not end at its step {ck.step}.")
+    if steps is not None:
+        if steps <= ck.step:
+            raise ValueError(
+                f"The 'steps' parameter of resume_lm must be more than the {ck.step + 1} steps "
+                f"the checkpoint has done. Got {steps!r} instead."
+            )
+        cfg = dataclasses.replace(cfg, steps=steps)
+    model = ck.model
+    train, val, digest = _split(text, cfg, model.config.block_size)
+    if digest != ck.corpus_sha256:
+        raise ValueError(
+            f"{str(checkpoint)!r} was trained on another corpus (SHA-256 "
+            f"{ck.corpus_sha256[:12]}..., this one {digest[:12]}...); resume with the same text."
+        )
+    remove_partial_writes(checkpoint)  # a write cut short by the kill
+    opt = _optimizer(model, cfg)
+    for name, p in model.named_parameters():
+        if name in ck.optimizer:  # AdamW's step and moments; the rates come from cfg
+            opt.state[p] = ck.optimizer[name]
+    torch.set_rng_state(ck.rng)
+    run = _Run(model, opt, cfg, train, val, digest, log, ck.expert_load, checkpoint)
+    return model, run.loop(ck.step + 1, verbose)
+
+
+@dataclass
+class _Run:
+    """The state of one training run: what a checkpoint holds, and the loop over it."""
+
+    model: MoETransformer
+    opt: torch.optim.AdamW
+    cfg: TrainConfig
+    train: Tensor
+    val: Tensor
+    digest: str
+    log: TrainLog
+    load: Tensor  # (layers, experts) assignments since the last evaluation
+    checkpoint: str | os.PathLike | None
+
+    def loop(self, start: int, verbose: int) -> TrainLog:
+        model, opt, cfg, log = self.model, self.opt, self.cfg, self.log
+        block = model.config.block_size
+        layers = model.moe_layers()
+        # one call per optimiser step, whatever the gradient accumulation
+        import moekit.nn
+
+        update_biases = getattr(moekit.nn, "update_router_biases", None)
+        model.train()
+        bar = _progress(start, cfg.steps, verbose)
+        tokens = cfg.grad_accum * cfg.batch_size * block
+        tick = time.perf_counter()
+        for step in range(start, cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, cfg)
+            x, y = _batch(self.train, block, cfg, step)  # (A, B, T), (A, B, T)
+            lm_loss = aux_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                ce, aux = _lm_loss(model, x[micro], y[micro])
+                ((ce + aux) / cfg.grad_accum).backward()
+                lm_loss += ce.item() / cfg.grad_accum
+                aux_loss += aux.item() / cfg.grad_accum
+                for i, layer in enumerate(layers):
+                    self.load[i] += layer.stats.tokens_per_expert.to(self.load.dtype)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if update_biases is not None:
+                update_biases(model)
+            log.step.append(step)
+            log.train_loss.append(lm_loss)
+            log.aux_loss.append(aux_loss)
+            now = time.perf_counter()
+            rate, tick = tokens / max(now - tick, 1e-9), now
+            balance = max((layer.stats.balance for layer in layers), default=1.0)
+            bar.set_postfix_str(f"loss {lm_loss:.3f}, aux {aux_loss:.4f}, {rate:,.0f} tok/s, "
+                                f"balance {balance:.2f}", refresh=False)  # fmt: skip
+            bar.update(1)
+            last = step == cfg.steps - 1
+            if step % cfg.eval_every == 0 or last:
+                self._evaluate(step, bar if verbose >= 1 else None)
+                tick = time.perf_counter()  # evaluation time is not training throughput
+            if self.checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or last):
+                self._save(step)
+                tick = time.perf_counter()
+        bar.close()
+        model.eval()
+        model.training_log = log.as_dict()
+        return log
+
+    def _save(self, step: int) -> None:
+        names = {p: name for name, p in self.model.named_parameters()}  # the tied head once
+        optimizer = {names[p]: state for p, state in self.opt.state.items()}
+        ck = Checkpoint(self.model, optimizer, torch.get_rng_state(), self.load, step,
+                        dataclasses.asdict(self.cfg), self.log.as_dict(), self.digest)  # fmt: skip
+        save_checkpoint(self.checkpoint, ck)
+
+    def _evaluate(self, step: int, bar) -> None:
+        cfg, log = self.cfg, self.log
+        val_loss = evaluate_lm(self.model, self.val, cfg.batch_size,
+                               cfg.eval_batches * cfg.batch_size)  # fmt: skip
+        log.eval_step.append(step)
+        log.val_loss.append(val_loss)
+        log.tokens_per_expert.append(self.load.tolist())
+        self.load.zero_()
+        if bar is not None:
+            bar.write(f"step {step:5d}: train loss {log.train_loss[-1]:.4f}, held-out loss "
+                      f"{val_loss:.4f} ({val_loss / math.log(2):.3f} bits per byte), aux loss "
+                      f"{log.aux_loss[-1]:.4f}", file=sys.stderr)  # fmt: skip
+
+
+def _progress(start: int, total: int, verbose: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step",
+                disable=verbose < 1, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+
+
+# ------------------------------------------------------------------ figure
+def plot_training(log: TrainLog | dict, title: str | None = None):
+    """Training and held-out loss, the auxiliary loss, and each MoE layer's expert load.
+
+    Left: the language-model loss (nats per byte, without auxiliary losses) per
+    step and at each evaluation, and below it the auxiliary loss. Right, one panel per
+    MoE layer: the share of the routed tokens each expert took between evaluations,
+    stacked; even bands are a balanced layer.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib.pyplot as plt  # after expert_colors, which picks a headless backend
+
+    from moekit.plotting import expert_colors
+
+    log = log if isinstance(log, dict) else log.as_dict()
+    loads = torch.tensor(log["tokens_per_expert"], dtype=torch.float64)  # (evals, L, E)
+    n_layers = max(loads.shape[1] if loads.dim() == 3 else 0, 1)
+    fig = plt.figure(figsize=(11, max(4.0, 1.8 * n_layers)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[1.6, 1])
+    ax, ax_aux = left.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.plot(log["step"], log["train_loss"], color="0.65", lw=0.8, label="train")
+    ax.plot(log["eval_step"], log["val_loss"], "o-", color="tab:red", ms=3, label="held out")
+    ax.set_ylabel("language-model loss\n(nats per byte)")
+    ax.legend()
+    ax.set_title(title or "training")
+    ax_aux.plot(log["step"], log["aux_loss"], color="tab:blue", lw=0.8)
+    ax_aux.set_ylabel("auxiliary loss")
+    ax_aux.set_xlabel("step")
+    axes = right.subplots(n_layers, 1, sharex=True, squeeze=False)[:, 0]
+    if loads.dim() == 3 and loads.shape[1] > 0:
+        share = loads / loads.sum(-1, keepdim=True).clamp_min(1.0)  # (evals, L, E)
+        colors = expert_colors(share.shape[2])
+        for layer, axl in enumerate(axes):
+            axl.stackplot(log["eval_step"], share[:, layer].T.numpy(), colors=colors, lw=0)
+            axl.set_ylim(0, 1)
+            axl.set_ylabel(f"MoE layer {layer}")
+        right.suptitle(f"share of the routed tokens per expert\n(experts 0-{share.shape[2] - 1}, "
+                       "bottom to top)", fontsize="medium")  # fmt: skip
+        axes[-1].set_xlabel("step")
+    else:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no MoE layer", ha="center", va="center")
+    return fig

@@ -24,7 +24,7 @@ from moekit.nn.config import ROUTERS
 from moekit.nn.experts import ACTIVATIONS, FeedForward
 from moekit.nn.layer import MoE
 
-__all__ = ["MoETransformer", "TransformerConfig"]
+__all__ = ["MoETransformer", "TransformerConfig", "check_state", "expected_state"]
 
 _POSITIVE_INT = [Interval(numbers.Integral, 1, None, closed="left")]
 _CONSTRAINTS = {
@@ -259,13 +259,10 @@ class MoETransformer(nn.Module):
 
     @classmethod
     def _from_state(cls, params: dict, state: dict, tensors: dict) -> MoETransformer:
-        model = cls(TransformerConfig(**params))
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if unexpected or set(missing) != {"lm_head.weight"}:
-            raise ValueError(
-                f"weights do not match the configuration (missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)})"
-            )
+        config = TransformerConfig(**params)
+        check_state(config, tensors)  # before the model is allocated
+        model = cls(config)
+        model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
         model.training_log = state.get("training", {})
         return model.eval()
 
@@ -297,3 +294,48 @@ class MoETransformer(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def expected_state(config: TransformerConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name, shape and dtype of every tensor a model file of ``config`` holds.
+
+    The model is built on the meta device, so nothing is allocated: a file can be
+    checked against its stored configuration before any of its tensors is read.
+    The output head is tied to the token embedding and is not stored.
+    """
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    return {
+        name: (tuple(t.shape), t.dtype)
+        for name, t in model.state_dict().items()
+        if name != "lm_head.weight"
+    }
+
+
+def check_state(config: TransformerConfig, tensors: dict[str, Tensor]) -> None:
+    """Check the weights of a model file against its configuration.
+
+    Raises
+    ------
+    ValueError
+        Naming the first tensor that is missing, unexpected, of another dtype or
+        shape than ``config`` implies, or that holds NaN or infinite values.
+    """
+    expected = expected_state(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights do not match the configuration (missing {missing}, "
+            f"unexpected {unexpected})"
+        )
+    for name, (shape, dtype) in expected.items():
+        t = tensors[name]
+        if t.dtype != dtype:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}; the model needs {dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(t.shape)}; the configuration implies {shape}"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {name!r} holds NaN or infinite values")
