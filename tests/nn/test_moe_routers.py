@@ -118,3 +118,53 @@ def test_router_arguments_are_checked(make, match):
 
     with pytest.raises(InvalidParameterError, match=match):
         make()
+
+
+LAYER_ROUTERS = [  # (router, top_k): every router with one expert per token and with two
+    ("topk", 1),
+    ("topk", 2),
+    ("noisy_topk", 1),
+    ("noisy_topk", 2),
+    ("switch", 1),
+    ("expert_choice", 1),
+    ("expert_choice", 2),
+    ("sigmoid_bias", 1),
+    ("sigmoid_bias", 2),
+]
+
+
+@pytest.mark.parametrize("router, top_k", LAYER_ROUTERS)
+def test_every_router_learns_from_the_task_loss(router, top_k):
+    # no auxiliary loss: the router's gradient can only come through the combine weights.
+    # Renormalising a single kept weight makes it exactly 1 and this gradient zero (up to
+    # rounding: measured 1e-8 of the expert gradient, against 0.4 for 'switch')
+    from moekit.nn import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(D, 16, E, top_k, router=router, aux_loss_coef=0.0).double()
+    x = torch.randn(64, D, dtype=torch.float64)
+    target = torch.randn(64, D, dtype=torch.float64)
+    (layer(x) - target).square().mean().backward()
+    router_grad = layer.router.weight.grad.norm()
+    expert_grad = layer.experts.w_in.grad.norm()
+    assert router_grad > 1e-3 * expert_grad, float(router_grad / expert_grad)
+
+
+@pytest.mark.parametrize("make", [TopKRouter, NoisyTopKRouter, SigmoidBiasRouter])
+def test_top_1_keeps_the_raw_weight_unless_told_otherwise(make, x):
+    router = make(D, E, 1).double().eval()
+    assert not router.normalize and make(D, E, 2).normalize
+    r = router(x)
+    assert (r.weights < 1).all()  # the raw probability (score), not 1
+    with pytest.warns(UserWarning, match="no gradient"):
+        told = make(D, E, 1, normalize=True).double()
+    assert told.normalize
+    told.load_state_dict(router.state_dict())
+    torch.testing.assert_close(told.eval()(x).weights, torch.ones(T, 1, dtype=torch.float64))
+
+
+def test_noisy_router_without_renormalising_weights_by_the_softmax_over_all_experts(x):
+    router = NoisyTopKRouter(D, E, 2, normalize=False).double().eval()
+    r = router(x)
+    probs = router.logits(x).softmax(-1)
+    torch.testing.assert_close(r.weights, probs.gather(1, r.indices))

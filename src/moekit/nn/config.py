@@ -27,6 +27,7 @@ MOE_CONSTRAINTS: dict[str, list] = {
     "top_k": [_POSITIVE_INT],
     "router": [Options(ROUTERS), Router],
     "capacity_factor": [None, Interval(numbers.Real, 0, None, closed="neither")],
+    "normalize_weights": [None, "boolean"],
     "n_shared_experts": [Interval(numbers.Integral, 0, None, closed="left")],
     "activation": [Options(ACTIVATIONS)],
     "aux_loss_coef": [_NON_NEGATIVE],
@@ -60,6 +61,17 @@ def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
         _reject(owner, "top_k", f"an int in the range [1, n_experts={n_experts}]", top_k)
     if router == "switch" and top_k != 1:
         _reject(owner, "top_k", "1 with router='switch' (Switch routing is top-1)", top_k)
+    normalize = params.get("normalize_weights")
+    if normalize and router in ("switch", "expert_choice"):
+        # Switch is defined by its raw weight; expert choice has no per-token top-k
+        _reject(owner, "normalize_weights", f"None or False with router={router!r}", normalize)
+    if normalize is not None and isinstance(router, Router):
+        _reject(
+            owner,
+            "normalize_weights",
+            "None with a router module (set normalize on the router)",
+            normalize,
+        )
     if isinstance(router, Router):
         for name in ("d_model", "n_experts", "top_k"):
             if getattr(router, name) != params[name]:
@@ -90,6 +102,12 @@ class MoEConfig:
     capacity_factor : float or None, default=None
         None is dropless. A number ``f`` lets each expert take
         :math:`\\lceil f T k / E \\rceil` tokens and drops the rest.
+    normalize_weights : bool or None, default=None
+        Renormalise each token's kept weights to sum to one ('topk', 'noisy_topk',
+        'sigmoid_bias'). None: for ``top_k > 1`` only; with ``top_k = 1`` the one weight
+        would always be 1 and the task loss would send the router no gradient, so the
+        raw probability is kept, as in the Switch Transformer. True with ``top_k = 1``
+        is honoured with a warning. 'switch' and 'expert_choice' never renormalise.
     n_shared_experts : int, default=0
         Always-on experts of width ``d_hidden`` (DeepSeek-MoE), added to the output.
     activation : {'swiglu', 'gelu'}, default='swiglu'
@@ -115,6 +133,7 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     bias_update_rate: float = 1e-3
     expert_impl: str = "auto"
+    normalize_weights: bool | None = None
 
     def __post_init__(self) -> None:
         validate_moe_params(type(self).__name__, self.as_dict())

@@ -51,13 +51,18 @@ def make_router(config: MoEConfig) -> Router:
     if isinstance(config.router, Router):
         return config.router
     d, e, k = config.d_model, config.n_experts, config.top_k
+    normalize = config.normalize_weights
     factories = {
-        "topk": lambda: TopKRouter(d, e, k),
-        "noisy_topk": lambda: NoisyTopKRouter(d, e, k),
+        "topk": lambda: TopKRouter(d, e, k, normalize=normalize),
+        "noisy_topk": lambda: NoisyTopKRouter(d, e, k, normalize=normalize),
         "switch": lambda: SwitchRouter(d, e, k),
         "expert_choice": lambda: ExpertChoiceRouter(d, e, k, config.capacity_factor),
         "sigmoid_bias": lambda: SigmoidBiasRouter(
-            d, e, k, bias_update_rate=config.bias_update_rate
+            d,
+            e,
+            k,
+            bias_update_rate=config.bias_update_rate,
+            normalize=normalize,
         ),
     }
     return factories[config.router]()
@@ -105,6 +110,11 @@ class MoE(nn.Module):
         Step of the bias update of the 'sigmoid_bias' router.
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
+    normalize_weights : bool or None, default=None
+        Renormalise each token's kept weights to sum to one. None: for ``top_k > 1``
+        only, since with one expert the weight would always be 1 and the router would
+        learn nothing from the task loss (the Switch Transformer keeps the raw
+        probability for the same reason). See :mod:`moekit.nn.routers`.
 
     Attributes
     ----------
@@ -142,6 +152,7 @@ class MoE(nn.Module):
         z_loss_coef: float = 0.0,
         bias_update_rate: float = 1e-3,
         expert_impl: str = "auto",
+        normalize_weights: bool | None = None,
     ) -> None:
         super().__init__()
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -207,9 +218,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, self.d_model)  # (T, d)
         n_tokens = x.shape[0]
         routing = self.router(x)  # weights, indices (T, k) or (E, C); logits (T, E)
-        capacity = MF.expert_capacity(
-            n_tokens, self.n_experts, self.top_k, self.config.capacity_factor
-        )
+        cfg = self.config
+        capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
         plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity)
         bank = self.experts
         impl = bank.resolve_impl(x)
