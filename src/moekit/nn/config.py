@@ -10,6 +10,7 @@ from typing import Any
 
 from moekit._core.validation import Interval, InvalidParameterError, Options, validate_params
 from moekit.nn.experts import ACTIVATIONS
+from moekit.nn.functional import CAPACITY_PRIORITIES
 from moekit.nn.routers import Router
 
 __all__ = ["ROUTERS", "MoEConfig", "validate_moe_params"]
@@ -27,6 +28,7 @@ MOE_CONSTRAINTS: dict[str, list] = {
     "top_k": [_POSITIVE_INT],
     "router": [Options(ROUTERS), Router],
     "capacity_factor": [None, Interval(numbers.Real, 0, None, closed="neither")],
+    "capacity_priority": [Options(CAPACITY_PRIORITIES)],
     "normalize_weights": [None, "boolean"],
     "n_shared_experts": [Interval(numbers.Integral, 0, None, closed="left")],
     "activation": [Options(ACTIVATIONS)],
@@ -102,6 +104,12 @@ class MoEConfig:
     capacity_factor : float or None, default=None
         None is dropless. A number ``f`` lets each expert take
         :math:`\\lceil f T k / E \\rceil` tokens and drops the rest.
+    capacity_priority : {'choice', 'weight'}, default='choice'
+        Which assignments an expert over capacity keeps (token-choice routers):
+        ``'choice'`` every token's first choice before any second choice, in token
+        order (GShard); ``'weight'`` the same, with larger combine weights first within
+        one choice rank (batch prioritized routing). See
+        :func:`~moekit.nn.functional.capacity_keep`.
     normalize_weights : bool or None, default=None
         Renormalise each token's kept weights to sum to one ('topk', 'noisy_topk',
         'sigmoid_bias'). None: for ``top_k > 1`` only; with ``top_k = 1`` the one weight
@@ -133,6 +141,7 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     bias_update_rate: float = 1e-3
     expert_impl: str = "auto"
+    capacity_priority: str = "choice"
     normalize_weights: bool | None = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 A routing decision is a list of *assignments*, triples (token, expert, weight):
 ``T * k`` of them for token choice, ``E * C`` for expert choice. The dispatch plan
 sorts them by expert once (a stable sort, so that within an expert tokens keep their
-batch order), drops those past an expert's capacity, and remembers the token of
+batch order), drops those past an expert's capacity (first choices before second
+choices, see :func:`~moekit.nn.functional.capacity_keep`), and remembers the token of
 each kept assignment. The layer then gathers ``x[token]`` (rows grouped by expert),
 runs each expert on its contiguous slice, and adds the weighted outputs back into
 their tokens with ``index_add_``.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moekit.nn import functional as MF
 from moekit.nn.routers import Routing
 
 __all__ = ["DispatchPlan", "combine", "plan_dispatch"]
@@ -28,7 +30,8 @@ class DispatchPlan:
     Attributes
     ----------
     token : Tensor of shape (A,)
-        Token of each kept assignment, grouped by expert.
+        Token of each kept assignment, grouped by expert (in token order within one
+        expert).
     weight : Tensor of shape (A,)
         Its combine weight (differentiable).
     counts : list of int
@@ -48,7 +51,11 @@ class DispatchPlan:
 
 
 def plan_dispatch(
-    routing: Routing, n_tokens: int, n_experts: int, capacity: int | None = None
+    routing: Routing,
+    n_tokens: int,
+    n_experts: int,
+    capacity: int | None = None,
+    priority: str = "choice",
 ) -> DispatchPlan:
     """Build the dispatch plan of one batch.
 
@@ -59,8 +66,11 @@ def plan_dispatch(
     n_tokens, n_experts : int
         ``T`` and ``E``.
     capacity : int or None
-        Token choice only: at most this many assignments per expert, the first ones
-        in batch order (Switch Transformer); None keeps all (dropless).
+        Token choice only: at most this many assignments per expert, taken in the
+        order ``priority`` gives (:func:`~moekit.nn.functional.capacity_keep`); None
+        keeps all (dropless).
+    priority : {'choice', 'weight'}, default='choice'
+        Which assignments an overflowing expert keeps.
 
     Returns
     -------
@@ -71,17 +81,14 @@ def plan_dispatch(
     top_k = routing.indices.shape[-1]
     expert = routing.indices.reshape(-1)  # (T*k,) expert of assignment t*k + j
     order = torch.argsort(expert, stable=True)  # (T*k,) assignments grouped by expert
-    routed = torch.bincount(expert, minlength=n_experts)  # (E,)
+    routed = MF.expert_counts(expert, n_experts)  # (E,)
     token = order // top_k  # (T*k,)
     weight = routing.weights.reshape(-1)[order]  # (T*k,)
     n_assign = expert.numel()
     if capacity is not None and bool((routed > capacity).any()):
-        # position of each sorted assignment inside its expert's group
-        sorted_expert = expert[order]  # (T*k,)
-        start = torch.cumsum(routed, 0) - routed  # (E,)
-        position = torch.arange(n_assign, device=expert.device) - start[sorted_expert]
-        keep = position < capacity  # (T*k,)
-        token, weight = token[keep], weight[keep]
+        keep = MF.capacity_keep(routing.indices, routing.weights, n_experts, capacity, priority)
+        kept_sorted = keep.reshape(-1)[order]  # (T*k,) still grouped by expert
+        token, weight = token[kept_sorted], weight[kept_sorted]
         kept = routed.clamp(max=capacity)
         dropped = (n_assign - int(kept.sum())) / n_assign
         return DispatchPlan(token, weight, kept.tolist(), routed, dropped)

@@ -110,6 +110,10 @@ class MoE(nn.Module):
         Step of the bias update of the 'sigmoid_bias' router.
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
+    capacity_priority : {'choice', 'weight'}, default='choice'
+        Which assignments an expert over capacity keeps: every first choice before any
+        second choice (GShard), within one choice rank in token order ('choice') or by
+        decreasing weight ('weight'). See :func:`~moekit.nn.functional.capacity_keep`.
     normalize_weights : bool or None, default=None
         Renormalise each token's kept weights to sum to one. None: for ``top_k > 1``
         only, since with one expert the weight would always be 1 and the router would
@@ -152,6 +156,7 @@ class MoE(nn.Module):
         z_loss_coef: float = 0.0,
         bias_update_rate: float = 1e-3,
         expert_impl: str = "auto",
+        capacity_priority: str = "choice",
         normalize_weights: bool | None = None,
     ) -> None:
         super().__init__()
@@ -220,7 +225,7 @@ class MoE(nn.Module):
         routing = self.router(x)  # weights, indices (T, k) or (E, C); logits (T, E)
         cfg = self.config
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
-        plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity)
+        plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
         bank = self.experts
         impl = bank.resolve_impl(x)
         if impl in ("fused", "grouped_mm") and plan.token.numel() > 0:
