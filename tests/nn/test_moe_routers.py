@@ -78,17 +78,41 @@ def test_sigmoid_bias_router_selects_with_bias_and_weights_without(x):
 
 def test_sigmoid_bias_update_rule():
     router = SigmoidBiasRouter(D, 4, 1, bias_update_rate=0.5)
-    indices = torch.tensor([[0], [0], [0], [1], [2], [2]])  # loads 3, 1, 2, 0; mean 1.5
-    router.update_bias(indices)
+    router.record_load(torch.tensor([[0], [0], [0], [1], [2], [2]]))  # loads 3, 1, 2, 0
+    router.update_bias()  # mean 1.5: down for experts 0 and 2, up for 1 and 3
     torch.testing.assert_close(router.bias, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
-    # no update in eval mode
-    router.eval()
+    assert router.pending_load.sum() == 0  # the update clears what it applied
+    router.update_bias()  # nothing recorded since: no step
+    torch.testing.assert_close(router.bias, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
+
+
+def test_sigmoid_bias_moves_only_in_update_bias_never_in_forward():
+    router = SigmoidBiasRouter(D, 4, 2, bias_update_rate=0.5)
     before = router.bias.clone()
+    router.eval()
     router(torch.randn(T, D))
-    assert torch.equal(router.bias, before)
+    assert router.pending_load.sum() == 0  # evaluation forwards are not counted
     router.train()
-    router(torch.randn(T, D))
-    assert not torch.equal(router.bias, before)
+    indices = [router(torch.randn(T, D)).indices for _ in range(3)]
+    assert torch.equal(router.bias, before)  # three training forwards: bias unchanged
+    load = torch.bincount(torch.cat(indices).flatten(), minlength=4)
+    assert torch.equal(router.pending_load, load)
+    router.update_bias()
+    expected = 0.5 * torch.sign(load.float().mean() - load.float())
+    torch.testing.assert_close(router.bias, before + expected)
+
+
+def test_center_bias_keeps_the_mean_at_zero_and_the_ranking_of_the_plain_rule():
+    plain = SigmoidBiasRouter(D, 4, 1, bias_update_rate=0.25)
+    centred = SigmoidBiasRouter(D, 4, 1, bias_update_rate=0.25, center_bias=True)
+    for router in (plain, centred):
+        for _ in range(3):  # one expert takes everything: three experts move up, one down
+            router.record_load(torch.zeros(6, 1, dtype=torch.long))
+            router.update_bias()
+    torch.testing.assert_close(plain.bias, torch.tensor([-0.75, 0.75, 0.75, 0.75]))
+    torch.testing.assert_close(centred.bias.mean(), torch.tensor(0.0))
+    # the same biases up to one common shift: no top-k choice differs
+    torch.testing.assert_close(centred.bias, plain.bias - plain.bias.mean())
 
 
 def test_router_instance_can_be_passed_to_the_layer():

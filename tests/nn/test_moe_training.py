@@ -11,7 +11,7 @@ network around four maps.
 import pytest
 import torch
 
-from moekit.nn import FeedForward, MoE
+from moekit.nn import FeedForward, MoE, update_router_biases
 
 # tiny matrices: one thread (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,6 +39,7 @@ def train(model, maps, steps, seed, offset=0.0, moe=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        update_router_biases(model)
     return balance
 
 

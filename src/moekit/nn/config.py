@@ -35,6 +35,7 @@ MOE_CONSTRAINTS: dict[str, list] = {
     "aux_loss_coef": [_NON_NEGATIVE],
     "z_loss_coef": [_NON_NEGATIVE],
     "bias_update_rate": [_NON_NEGATIVE],
+    "center_bias": ["boolean"],
     "expert_impl": [Options(("auto", "fused", "grouped_mm", "bmm", "mm"))],
 }
 
@@ -124,7 +125,12 @@ class MoEConfig:
     z_loss_coef : float, default=0.0
         Weight of the router z-loss in ``layer.aux_loss``.
     bias_update_rate : float, default=1e-3
-        Bias step of the 'sigmoid_bias' router.
+        Bias step of the 'sigmoid_bias' router, taken by :meth:`MoE.update_bias
+        <moekit.nn.MoE.update_bias>` once per optimiser step.
+    center_bias : bool, default=False
+        Keep the 'sigmoid_bias' router's biases at mean zero (torchtitan does, the
+        DeepSeek-V3 paper does not); no routing decision changes, see
+        :class:`~moekit.nn.SigmoidBiasRouter`.
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation, see :class:`~moekit.nn.experts.ExpertBank`.
     """
@@ -143,6 +149,7 @@ class MoEConfig:
     expert_impl: str = "auto"
     capacity_priority: str = "choice"
     normalize_weights: bool | None = None
+    center_bias: bool = False
 
     def __post_init__(self) -> None:
         validate_moe_params(type(self).__name__, self.as_dict())

@@ -22,7 +22,7 @@ from moekit.nn.routers import (
     TopKRouter,
 )
 
-__all__ = ["MoE", "MoEStats", "make_router"]
+__all__ = ["MoE", "MoEStats", "make_router", "update_router_biases"]
 
 
 @dataclass
@@ -62,6 +62,7 @@ def make_router(config: MoEConfig) -> Router:
             e,
             k,
             bias_update_rate=config.bias_update_rate,
+            center_bias=config.center_bias,
             normalize=normalize,
         ),
     }
@@ -107,7 +108,7 @@ class MoE(nn.Module):
     z_loss_coef : float, default=0.0
         Weight of the router z-loss.
     bias_update_rate : float, default=1e-3
-        Step of the bias update of the 'sigmoid_bias' router.
+        Step of the bias update of the 'sigmoid_bias' router (see :meth:`update_bias`).
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
     capacity_priority : {'choice', 'weight'}, default='choice'
@@ -119,6 +120,9 @@ class MoE(nn.Module):
         only, since with one expert the weight would always be 1 and the router would
         learn nothing from the task loss (the Switch Transformer keeps the raw
         probability for the same reason). See :mod:`moekit.nn.routers`.
+    center_bias : bool, default=False
+        Keep the biases of the 'sigmoid_bias' router at mean zero (torchtitan does;
+        the DeepSeek-V3 paper does not). It changes no routing decision.
 
     Attributes
     ----------
@@ -128,6 +132,12 @@ class MoE(nn.Module):
         are zero (or the router balances without a loss and ``z_loss_coef`` is zero).
     stats : MoEStats or None
         Routing statistics of the last forward.
+
+    Notes
+    -----
+    The 'sigmoid_bias' router moves its bias only when :meth:`update_bias` is called:
+    call it once per optimiser step, after ``optimizer.step()``, or call
+    :func:`update_router_biases` on the whole model.
 
     Examples
     --------
@@ -158,6 +168,7 @@ class MoE(nn.Module):
         expert_impl: str = "auto",
         capacity_priority: str = "choice",
         normalize_weights: bool | None = None,
+        center_bias: bool = False,
     ) -> None:
         super().__init__()
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -251,6 +262,18 @@ class MoE(nn.Module):
         self.stats = _stats(plan)
         return y.reshape(shape)
 
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply the router's load statistics gathered since the last call, then clear them.
+
+        For the 'sigmoid_bias' router: one step of the DeepSeek-V3 bias rule from the
+        tokens each expert got in the training forwards since the last call (summed
+        over the default process group when :mod:`torch.distributed` is initialised;
+        every process must then call it). A no-op for routers without a bias. Call it
+        once per optimiser step, after ``optimizer.step()``.
+        """
+        self.router.update_bias()
+
     def _aux_loss(self, routing: Routing) -> Tensor:
         cfg = self.config
         loss = routing.logits.new_zeros(())
@@ -266,6 +289,23 @@ class MoE(nn.Module):
             f"capacity_factor={cfg.capacity_factor}, aux_loss_coef={cfg.aux_loss_coef}, "
             f"z_loss_coef={cfg.z_loss_coef}"
         )
+
+
+def update_router_biases(model: nn.Module) -> None:
+    """Call :meth:`MoE.update_bias` on every :class:`MoE` inside ``model``.
+
+    Call it once per optimiser step, after ``optimizer.step()``: the 'sigmoid_bias'
+    routers then take one bias step from the loads of all the micro-batches of the
+    step. Under :mod:`torch.distributed` every process must call it (it all-reduces).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module; ``MoE`` layers are found with ``model.modules()``.
+    """
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_bias()
 
 
 def _stats(plan: DispatchPlan) -> MoEStats:

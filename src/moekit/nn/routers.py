@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -120,6 +121,10 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def update_bias(self) -> None:
+        """Apply the load statistics gathered since the last call; routers without a
+        bias have none, and this does nothing (see :class:`SigmoidBiasRouter`)."""
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
@@ -276,10 +281,27 @@ class SigmoidBiasRouter(Router):
     Scores :math:`s_{te} = \\sigma(x_t W_r^T)`; the top ``k`` experts are chosen on
     :math:`s_{te} + b_e`, but weighted by the bias-free scores, normalised:
     :math:`w_{te} = s_{te} / \\sum_{top-k} s_{te'}` (for ``k = 1`` the raw score, unless
-    ``normalize=True``). The bias ``b`` is not learnt by gradient: after each training
-    forward, :math:`b_e \\leftarrow b_e + \\gamma\\, \\mathrm{sign}(\\bar c - c_e)` where
-    :math:`c_e` is the number of tokens expert ``e`` got and :math:`\\bar c` the mean, so
-    overloaded experts become less attractive. There is no balancing loss.
+    ``normalize=True``). The bias ``b`` is not learnt by gradient. Training forwards
+    count the tokens each expert gets; :meth:`update_bias`, called once per optimiser
+    step (after ``optimizer.step()``; :func:`~moekit.nn.update_router_biases` calls it
+    for every layer of a model), applies
+
+    .. math::
+
+        b_e \\leftarrow b_e + \\gamma\\, \\mathrm{sign}(\\bar c - c_e),
+
+    where :math:`c_e` is the count of expert ``e`` since the last update (summed over the
+    processes of the default group when :mod:`torch.distributed` is initialised) and
+    :math:`\\bar c` the mean, so overloaded experts become less attractive. There is
+    no balancing loss.
+
+    Why not in ``forward``: a forward that moved the bias would route differently when
+    activation checkpointing recomputes it (torch refuses the mismatch with a
+    ``CheckpointError``), and it would move the bias once per micro-batch under
+    gradient accumulation. The counts gathered in forward stay harmless: a recomputed
+    forward counts its tokens again, but when every forward of the step is recomputed
+    alike all counts double, and the update depends only on the sign of
+    :math:`\\bar c - c_e`, which doubling does not change.
 
     The step must stay small next to the gaps between the scores of one token: with
     ``gamma = 1e-2`` on a small task the scores shrank below the step during
@@ -292,8 +314,22 @@ class SigmoidBiasRouter(Router):
         See :class:`Router`.
     bias_update_rate : float, default=1e-3
         ``gamma``.
+    center_bias : bool, default=False
+        Subtract the mean of the step from every expert, so that the biases keep mean
+        zero. Adding one number to every bias changes no top-k choice, so this changes
+        no routing decision; it only stops the biases drifting together (when more
+        experts are under- than overloaded every step moves them all up), which keeps
+        them where a low-precision buffer still resolves a step of ``gamma``.
+        torchtitan centres; the DeepSeek-V3 paper does not, hence the default.
     normalize : bool or None, default=None
         Renormalise the kept scores to sum to one; None: for ``k > 1`` only.
+
+    Attributes
+    ----------
+    bias : Tensor of shape (E,)
+        :math:`b`, saved with the model.
+    pending_load : Tensor of shape (E,)
+        int64 counts since the last update (not saved with the model).
     """
 
     def __init__(
@@ -303,12 +339,17 @@ class SigmoidBiasRouter(Router):
         top_k: int,
         *,
         bias_update_rate: float = 1e-3,
+        center_bias: bool = False,
         normalize: bool | None = None,
     ) -> None:
         super().__init__(d_model, n_experts, top_k)
-        self.bias_update_rate = bias_update_rate
+        self.bias_update_rate, self.center_bias = bias_update_rate, center_bias
         self.normalize = resolve_normalize(normalize, top_k, type(self).__name__)
         self.register_buffer("bias", torch.zeros(n_experts))
+        # an integer buffer: Module.to(dtype) leaves it exact whatever the model's dtype
+        self.register_buffer(
+            "pending_load", torch.zeros(n_experts, dtype=torch.long), persistent=False
+        )
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (T, E)
@@ -318,12 +359,36 @@ class SigmoidBiasRouter(Router):
         weights = scores.gather(1, indices)  # (T, k)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if self.training and self.bias_update_rate > 0 and x.shape[0] > 0:
-            self.update_bias(indices)
+        if self.training and self.bias_update_rate > 0:
+            self.record_load(indices)
         return Routing(weights, indices, logits, logits.new_zeros(()))
 
     @torch.no_grad()
-    def update_bias(self, indices: Tensor) -> None:
-        """One step of the bias rule from the loads in ``indices`` of shape (T, k)."""
-        load = torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.bias.dtype)
-        self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+    def record_load(self, indices: Tensor) -> None:
+        """Add the loads of ``indices`` of shape (T, k) to :attr:`pending_load`."""
+        self.pending_load += MF.expert_counts(indices, self.n_experts)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """One step of the bias rule from the loads recorded since the last call.
+
+        All-reduces the counts over the default process group when
+        :mod:`torch.distributed` is initialised, so every process takes the same step
+        (every process must call it, as with any collective); then clears them. A
+        step with no recorded tokens leaves the bias as it is.
+        """
+        load = self.pending_load
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)  # sum over processes, in place
+        # sign(mean - c_e) = sign(sum - E c_e), exact in integers
+        step = self.bias_update_rate * torch.sign(load.sum() - self.n_experts * load)  # (E,)
+        if self.center_bias:
+            step = step - step.mean()
+        self.bias += step.to(self.bias.dtype)
+        load.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, bias_update_rate={self.bias_update_rate}, "
+            f"center_bias={self.center_bias}, normalize={self.normalize}"
+        )
