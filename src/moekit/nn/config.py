@@ -133,6 +133,9 @@ class MoEConfig:
         :class:`~moekit.nn.SigmoidBiasRouter`.
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation, see :class:`~moekit.nn.experts.ExpertBank`.
+        Where the chosen one cannot serve (torch.func transforms, forward-mode AD,
+        torch.compile, double backward) the layer falls back by itself, see
+        :meth:`MoE.execution_path <moekit.nn.MoE.execution_path>`.
     """
 
     d_model: int

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from moekit.nn import functional as MF
 from moekit.nn.config import MoEConfig, validate_moe_params
-from moekit.nn.dispatch import DispatchPlan, combine, plan_dispatch
-from moekit.nn.experts import ExpertBank, FeedForward
+from moekit.nn.dispatch import combine, dense_gates, plan_dispatch
+from moekit.nn.experts import ExpertBank, FeedForward, sorted_experts_mm
 from moekit.nn.fused import fused_moe
 from moekit.nn.routers import (
     ExpertChoiceRouter,
@@ -20,19 +21,28 @@ from moekit.nn.routers import (
     SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
+    _under_vmap,
 )
 
 __all__ = ["MoE", "MoEStats", "make_router", "update_router_biases"]
+
+PATHS = ("fused", "compiled", "sorted", "masked")
+"""How :class:`MoE` runs its experts; see :meth:`MoE.execution_path`."""
 
 
 @dataclass
 class MoEStats:
     """Routing statistics of the last forward pass.
 
+    The numbers stay tensors until they are read, so that a forward pass neither
+    waits for the device nor breaks a ``torch.compile`` graph to compute them.
+
     Attributes
     ----------
     tokens_per_expert : Tensor of shape (E,)
         Assignments the router sent to each expert (before any capacity drop).
+    dropped : Tensor or float
+        See :attr:`dropped_fraction`.
     dropped_fraction : float
         Token choice: fraction of the ``T * k`` assignments dropped for capacity;
         expert choice: fraction of tokens no expert picked. 0.0 when dropless.
@@ -42,8 +52,17 @@ class MoEStats:
     """
 
     tokens_per_expert: Tensor
-    dropped_fraction: float
-    balance: float
+    dropped: Tensor | float = 0.0
+
+    @property
+    def dropped_fraction(self) -> float:
+        return float(self.dropped)
+
+    @property
+    def balance(self) -> float:
+        counts = self.tokens_per_expert.float()
+        mean = float(counts.mean()) if counts.numel() else 0.0
+        return float(counts.max()) / mean if mean > 0 else 1.0
 
 
 def make_router(config: MoEConfig) -> Router:
@@ -110,7 +129,8 @@ class MoE(nn.Module):
     bias_update_rate : float, default=1e-3
         Step of the bias update of the 'sigmoid_bias' router (see :meth:`update_bias`).
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
-        Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
+        Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`), and
+        :meth:`execution_path` for where the layer falls back from it.
     capacity_priority : {'choice', 'weight'}, default='choice'
         Which assignments an expert over capacity keeps: every first choice before any
         second choice (GShard), within one choice rank in token order ('choice') or by
@@ -218,6 +238,52 @@ class MoE(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point input; got {x.dtype}.")
 
+    def execution_path(self, x: Tensor, scale: Tensor | None = None) -> str:
+        """How the layer runs its experts on tokens ``x``; one of :data:`PATHS`.
+
+        - ``'fused'``: the fused dispatch of :mod:`moekit.nn.fused`, when the expert
+          implementation is 'fused' or 'grouped_mm' (the CPU default) and nothing below
+          applies. Its hand-written backward cannot itself be differentiated, so a
+          backward with ``create_graph=True`` recomputes the gradient in plain autograd
+          ops instead (double backward works on every path).
+        - ``'compiled'``: the same computation as one opaque operator, under
+          ``torch.compile``, whose tracer cannot run the fused loop (its split sizes
+          are data); the operator recomputes each expert's hidden activation in the
+          backward instead of keeping it.
+        - ``'sorted'``: the sorted dispatch through plain autograd, with the bank's
+          implementation ('mm' or 'bmm'); also the fallback of the fused choices
+          under ``torch.func`` transforms (grad, jacrev, jvp, ...) and forward-mode
+          AD, which an autograd Function with a hand-written backward does not serve
+          (then with 'mm', the one whose every operation has forward-mode and
+          batching rules; grouped_mm has no forward-mode rule).
+        - ``'masked'``: every expert on every token, multiplied by dense gates (zero
+          where unused), ``E / k`` times the work; under ``vmap``, which cannot batch
+          the data-dependent split of the sorted paths.
+
+        Parameters
+        ----------
+        x : Tensor of shape (T, d_model)
+        scale : Tensor, optional
+            The combine weights; a forward-mode tangent on them also rules out the
+            fused dispatch.
+
+        Returns
+        -------
+        str
+        """
+        if _under_vmap():
+            return "masked"
+        if self.experts.resolve_impl(x) not in ("fused", "grouped_mm"):
+            return "sorted"
+        if torch.compiler.is_compiling():
+            return "compiled"
+        if torch._C._are_functorch_transforms_active():
+            return "sorted"
+        tensors = (x, self.experts.w_in, self.experts.w_out, scale)
+        if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+            return "sorted"
+        return "fused"
+
     def forward(self, x: Tensor) -> Tensor:
         """Route, run the experts, combine.
 
@@ -236,30 +302,42 @@ class MoE(nn.Module):
         routing = self.router(x)  # weights, indices (T, k) or (E, C); logits (T, E)
         cfg = self.config
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
-        plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
         bank = self.experts
-        impl = bank.resolve_impl(x)
-        if impl in ("fused", "grouped_mm") and plan.token.numel() > 0:
-            # the maths of the branch below in one autograd Function (moekit.nn.fused)
-            y = fused_moe(
-                x,
-                bank.w_in,
-                bank.w_out,
-                plan.weight,
-                plan.token,
-                plan.counts,
-                bank.activation,
-                grouped=impl == "grouped_mm",
-            )  # (T, d)
+        path = self.execution_path(x, routing.weights)
+        if path == "masked":
+            gates, routed, dropped = dense_gates(
+                routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority
+            )  # (T, E)
+            y = bank.masked(x, gates)  # (T, d)
         else:
-            x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
-            scale = plan.weight.to(x_sorted.dtype)  # (A,)
-            y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
-            y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
+            plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
+            routed, dropped = plan.routed, plan.dropped
+            grouped = bank.resolve_impl(x) == "grouped_mm"
+            if path == "fused" and plan.token.numel() > 0:
+                # the maths of the 'sorted' branch in one autograd Function
+                y = fused_moe(
+                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.counts,
+                    bank.activation, grouped=grouped,
+                )  # fmt: skip
+            elif path == "compiled":  # counts stay a tensor: no graph break
+                y = fused_moe(
+                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.kept,
+                    bank.activation, grouped=grouped,
+                )  # fmt: skip
+            else:
+                x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
+                scale = plan.weight.to(x_sorted.dtype)  # (A,)
+                if grouped or bank.resolve_impl(x) == "fused":  # falling back: plain ops
+                    y_sorted = sorted_experts_mm(
+                        x_sorted, bank.w_in, bank.w_out, plan.counts, scale, bank.activation
+                    )  # (A, d), already weighted
+                else:
+                    y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
+                y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)  # (T, d)
         self.aux_loss = self._aux_loss(routing)
-        self.stats = _stats(plan)
+        self.stats = MoEStats(routed.detach(), dropped)
         return y.reshape(shape)
 
     @torch.no_grad()
@@ -306,10 +384,3 @@ def update_router_biases(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MoE):
             module.update_bias()
-
-
-def _stats(plan: DispatchPlan) -> MoEStats:
-    routed = plan.routed.detach()
-    mean = routed.float().mean()
-    balance = float(routed.max() / mean) if routed.numel() and mean > 0 else 1.0
-    return MoEStats(routed, plan.dropped_fraction, balance)

@@ -365,8 +365,13 @@ class SigmoidBiasRouter(Router):
 
     @torch.no_grad()
     def record_load(self, indices: Tensor) -> None:
-        """Add the loads of ``indices`` of shape (T, k) to :attr:`pending_load`."""
-        self.pending_load += MF.expert_counts(indices, self.n_experts)
+        """Add the loads of ``indices`` of shape (T, k) to :attr:`pending_load`.
+
+        Skipped under ``vmap``, where ``indices`` holds one routing per vmapped sample
+        and no single count exists to add.
+        """
+        if not _under_vmap():
+            self.pending_load += MF.expert_counts(indices, self.n_experts)
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -392,3 +397,15 @@ class SigmoidBiasRouter(Router):
             f"{super().extra_repr()}, bias_update_rate={self.bias_update_rate}, "
             f"center_bias={self.center_bias}, normalize={self.normalize}"
         )
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is running (its tensors hold one value per sample)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    # private API, the only way to name the active transforms; unknown means assume vmap
+    try:
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+    except AttributeError:  # pragma: no cover - depends on the torch version
+        return True
