@@ -37,6 +37,11 @@ allocates one for every step in both directions. Here
   reaches the router) is a batched row dot product, so the elementwise steps
   allocate nothing beyond what the backward pass keeps.
 
+With several intra-op threads the blocks run as tasks on helper threads, one
+intra-op thread each, rather than one after another with every small operation split
+over the threads: under CPU contention the per-operation barriers made this path
+several times slower (:mod:`moekit.nn.threads` gives the cause and the measurements).
+
 With ``grouped=True`` all experts form one block computed with
 :func:`torch.nn.functional.grouped_mm` (one kernel per projection where a grouped
 kernel exists, as on recent GPUs). Tensors saved for backward are never modified,
@@ -59,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.nn.experts import sorted_experts_mm
+from moekit.nn.threads import run_blocks
 
 __all__ = ["fused_moe"]
 
@@ -82,13 +88,12 @@ def _block_hidden(x, token, w_in, mm, activation):
     return xs, hin, silu_gate, h
 
 
-def _block_forward(x, token, scale, w_in, w_out, mm, activation, out):
-    """One block of rows: experts on ``x[token]``, weighted, added into ``out``."""
+def _block_forward(x, token, scale, w_in, w_out, mm, activation):
+    """One block of rows: experts on ``x[token]``, weighted; the saved tensors and ``y``."""
     xs, hin, silu_gate, h = _block_hidden(x, token, w_in, mm, activation)
     y = mm(h, w_out)  # (R, d)
     y.mul_(scale[:, None].to(y.dtype))  # combine weights, in place
-    out.index_add_(0, token, y)
-    return xs, hin, silu_gate, h
+    return (xs, hin, silu_gate, h), y
 
 
 def _block_backward(grad_out, token, scale, hin, silu_gate, h, w_in, w_out, mm, activation):
@@ -116,10 +121,21 @@ def _forward(x, w_in, w_out, scale, token, counts, grouped, activation, keep):
     """The fused forward; ``keep`` collects each block's tensors for the backward
     (None: keep nothing, the backward recomputes them)."""
     out = x.new_zeros(x.shape)  # (T, d)
-    for span, wi, wo, mm in _blocks(counts, grouped, w_in, w_out, x.device):
+    blocks = _blocks(counts, grouped, w_in, w_out, x.device)
+    saved: list = [None] * len(blocks)
+
+    def work(i):
+        span, wi, wo, mm = blocks[i]
         rows = span.rows
-        block = _block_forward(x, token[rows], scale[rows], wi, wo, mm, activation, out)
-        if keep is not None:
+        saved[i], y = _block_forward(x, token[rows], scale[rows], wi, wo, mm, activation)
+        return y
+
+    def add(i, y):  # in block order, so that the sums do not depend on timing
+        out.index_add_(0, token[blocks[i][0].rows], y)
+
+    run_blocks(len(blocks), work, add, _block_size(token, w_in, len(blocks)))
+    if keep is not None:
+        for block in saved:
             keep.extend(t if t is not None else torch.empty(0) for t in block)
     return out
 
@@ -140,7 +156,10 @@ def _backward(grad_out, x, w_in, w_out, scale, token, counts, grouped, activatio
             grad_w_in[e].zero_()
             grad_w_out[e].zero_()
     blocks = _blocks(counts, grouped, w_in, w_out, grad_out.device)
-    for i, (span, wi, wo, mm) in enumerate(blocks):
+    grouped_grads = []
+
+    def work(i):
+        span, wi, wo, mm = blocks[i]
         rows = span.rows
         if saved is None:
             xs, hin, silu_gate, h = _block_hidden(x, token[rows], wi, mm, activation)
@@ -150,17 +169,29 @@ def _backward(grad_out, x, w_in, w_out, scale, token, counts, grouped, activatio
         g_scale, gy, ghin, gxs = _block_backward(
             grad_out, token[rows], scale[rows], hin, silu_gate, h, wi, wo, mm, activation
         )
-        grad_scale[rows] = g_scale
-        grad_x.index_add_(0, token[rows], gxs)
+        grad_scale[rows] = g_scale  # blocks write disjoint rows and experts
         if grouped:  # one block: every expert's weight gradient at once
             offs = mm.keywords["offs"]
-            grad_w_out = F.grouped_mm(h.t(), gy, offs=offs)  # (E, H, d)
-            grad_w_in = F.grouped_mm(xs.t(), ghin, offs=offs)  # (E, d, n*H)
+            grouped_grads.append(F.grouped_mm(h.t(), gy, offs=offs))  # (E, H, d)
+            grouped_grads.append(F.grouped_mm(xs.t(), ghin, offs=offs))  # (E, d, n*H)
         else:
             e = span.expert
             torch.mm(h.t(), gy, out=grad_w_out[e])  # (H, d)
             torch.mm(xs.t(), ghin, out=grad_w_in[e])  # (d, n*H)
+        return gxs
+
+    def add(i, gxs):  # in block order, so that the sums do not depend on timing
+        grad_x.index_add_(0, token[blocks[i][0].rows], gxs)
+
+    run_blocks(len(blocks), work, add, _block_size(token, w_in, len(blocks)))
+    if grouped_grads:
+        grad_w_out, grad_w_in = grouped_grads
     return grad_x, grad_w_in, grad_w_out, grad_scale
+
+
+def _block_size(token, w_in, n_blocks):
+    """Elements of a block's input projection, (R, n*H), on average."""
+    return token.numel() * w_in.shape[-1] // max(1, n_blocks)
 
 
 def _differentiable_backward(ctx, grad_out, x, w_in, w_out, scale, token):
