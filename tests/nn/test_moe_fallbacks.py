@@ -125,6 +125,7 @@ def test_vmap_runs_each_sample_as_the_layer_would(impl, router, top_k):
     layer, _ = pair(impl, router, top_k, dtype)
     x = torch.randn(3, 5, D, dtype=dtype)  # 3 samples of 5 tokens, routed per sample
     batched = torch.vmap(layer)(x)
+    assert layer.stats is None  # one routing per sample: no statistics to keep
     close(batched, torch.stack([layer(sample) for sample in x]), dtype)
 
 

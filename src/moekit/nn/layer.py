@@ -151,7 +151,8 @@ class MoE(nn.Module):
         z_loss``; add it to the training loss. A constant zero when both coefficients
         are zero (or the router balances without a loss and ``z_loss_coef`` is zero).
     stats : MoEStats or None
-        Routing statistics of the last forward.
+        Routing statistics of the last forward; None after a forward under ``vmap``
+        (whose ``aux_loss`` must also be read inside the vmapped function).
 
     Notes
     -----
@@ -303,6 +304,7 @@ class MoE(nn.Module):
         cfg = self.config
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
         bank = self.experts
+        impl = bank.resolve_impl(x)
         path = self.execution_path(x, routing.weights)
         if path == "masked":
             gates, routed, dropped = dense_gates(
@@ -312,7 +314,7 @@ class MoE(nn.Module):
         else:
             plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
             routed, dropped = plan.routed, plan.dropped
-            grouped = bank.resolve_impl(x) == "grouped_mm"
+            grouped = impl == "grouped_mm"
             if path == "fused" and plan.token.numel() > 0:
                 # the maths of the 'sorted' branch in one autograd Function
                 y = fused_moe(
@@ -327,7 +329,7 @@ class MoE(nn.Module):
             else:
                 x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
                 scale = plan.weight.to(x_sorted.dtype)  # (A,)
-                if grouped or bank.resolve_impl(x) == "fused":  # falling back: plain ops
+                if impl in ("fused", "grouped_mm"):  # falling back: plain ops
                     y_sorted = sorted_experts_mm(
                         x_sorted, bank.w_in, bank.w_out, plan.counts, scale, bank.activation
                     )  # (A, d), already weighted
@@ -337,7 +339,8 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)  # (T, d)
         self.aux_loss = self._aux_loss(routing)
-        self.stats = MoEStats(routed.detach(), dropped)
+        # under vmap the counts differ per sample and could not be read outside it
+        self.stats = None if path == "masked" else MoEStats(routed.detach(), dropped)
         return y.reshape(shape)
 
     @torch.no_grad()
