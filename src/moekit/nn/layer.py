@@ -250,7 +250,8 @@ class MoE(nn.Module):
         - ``'compiled'``: the same computation as one opaque operator, under
           ``torch.compile``, whose tracer cannot run the fused loop (its split sizes
           are data); the operator recomputes each expert's hidden activation in the
-          backward instead of keeping it.
+          backward instead of keeping it. Dropless layers compile to one graph; with a
+          capacity, how many assignments are kept is data, and the graph breaks there.
         - ``'sorted'``: the sorted dispatch through plain autograd, with the bank's
           implementation ('mm' or 'bmm'); also the fallback of the fused choices
           under ``torch.func`` transforms (grad, jacrev, jvp, ...) and forward-mode
