@@ -6,9 +6,11 @@ For each shape it times, side by side in one run (each repetition runs every met
 once, in rotating order, so that a load change on the machine hits all of them):
 
 - ``moekit MoE``: the layer as users get it (``expert_impl='auto'``, the fused
-  dispatch of :mod:`moekit.nn.fused`), the fused dispatch over grouped_mm, and the
-  layer's sorted dispatch through plain autograd over grouped_mm, padded bmm and a
-  per-expert mm loop;
+  dispatch of :mod:`moekit.nn.fused`, its blocks on helper threads), the same with
+  the blocks one after another on the intra-op team (:data:`moekit.nn.threads.
+  helper_threads` off, as before the helpers), the fused dispatch over grouped_mm, and
+  the layer's sorted dispatch through plain autograd over grouped_mm, padded bmm and
+  a per-expert mm loop;
 - ``loop + index_add``: the dispatch of common LLM code (Mixtral's sparse block):
   for each expert, ``torch.where`` over the one-hot routing mask, gather its tokens,
   run it, ``index_add_`` the weighted output; weights unbound once per forward;
@@ -20,6 +22,10 @@ once, in rotating order, so that a load change on the machine hits all of them):
 
 All MoE variants share one router and one expert bank, so they do the same maths.
 Times are medians over the repetitions; ratios are of medians from the same run.
+
+``--compete N`` runs N other processes doing matmuls (each with ``--threads``
+threads) while timing, to see how each method bears CPU contention; the CPU-seconds
+column then shows the time threads spent spinning at barriers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.nn import MoE
+from moekit.nn import threads as nn_threads
 from moekit.nn.dispatch import combine, plan_dispatch
 from moekit.nn.experts import FeedForward, activate
 
@@ -71,7 +79,7 @@ def _minor_faults() -> int:
 
 
 def time_methods(methods: dict, repeats: int, warmup: int = 1) -> dict[str, tuple]:
-    """Median seconds and median page faults of each zero-argument callable.
+    """Median seconds, page faults and CPU seconds of each zero-argument callable.
 
     The methods are interleaved: repetition ``r`` runs all of them once, starting at a
     rotating position.
@@ -82,16 +90,18 @@ def time_methods(methods: dict, repeats: int, warmup: int = 1) -> dict[str, tupl
             methods[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     faults: dict[str, list[int]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            faults_before, start = _minor_faults(), time.perf_counter()
+            faults_before, cpu_before = _minor_faults(), time.process_time()
+            start = time.perf_counter()
             methods[name]()
             times[name].append(time.perf_counter() - start)
             faults[name].append(_minor_faults() - faults_before)
-    return {
-        name: (statistics.median(times[name]), statistics.median(faults[name])) for name in names
-    }
+            cpu[name].append(time.process_time() - cpu_before)
+    median = statistics.median
+    return {name: (median(times[name]), median(faults[name]), median(cpu[name])) for name in names}
 
 
 def unfused_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +128,14 @@ def bench_shape(d_model, d_hidden, n_experts, top_k, n_tokens, repeats):
 
         return go
 
-    def layer_with(impl):
+    def layer_with(impl, helpers=True):
         def forward():
             bank.impl = impl
-            return layer(x)
+            nn_threads.helper_threads = helpers
+            try:
+                return layer(x)
+            finally:
+                nn_threads.helper_threads = True
 
         return timed(forward, [x], grad)
 
@@ -147,6 +161,7 @@ def bench_shape(d_model, d_hidden, n_experts, top_k, n_tokens, repeats):
 
     methods = {
         "moekit MoE (auto)": layer_with("auto"),
+        "moekit MoE, fused, blocks on the intra-op team": layer_with("auto", helpers=False),
         "moekit MoE, fused grouped_mm": layer_with("grouped_mm"),
         "moekit MoE, autograd padded bmm": layer_with("bmm"),
         "moekit MoE, autograd per-expert mm": layer_with("mm"),
@@ -179,25 +194,56 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--compete", type=int, default=0, help="competing matmul processes")
+    parser.add_argument(
+        "--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
+    competitors = [_compete(args.threads) for _ in range(args.compete)]
+    try:
+        _run(args, shapes)
+    finally:
+        for process in competitors:
+            process.terminate()
+            process.wait()
+
+
+_COMPETITOR = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+a = torch.randn(1024, 1024)
+while True:
+    a = (a @ a).tanh_()
+"""
+
+
+def _compete(threads: int) -> subprocess.Popen:
+    """A process doing matmuls on ``threads`` threads until it is terminated."""
+    return subprocess.Popen([sys.executable, "-c", _COMPETITOR, str(threads)])
+
+
+def _run(args, shapes) -> None:
 
     load_before = load_average()
     lines = [
         "# MoE layer speed (CPU, float32, forward + backward)",
         "",
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}, "
-        f"median of {args.repeats} runs after 1 warm-up, methods interleaved.",
+        f"median of {args.repeats} runs after 1 warm-up, methods interleaved"
+        + (f", {args.compete} competing matmul processes running." if args.compete else "."),
         f"Load average (1/5/15 min) before: {load_before}; after: LOAD_AFTER "
         "(the benchmark's own threads add about 2 to it).",
         "",
         "Ratios are this row's median over the named reference's median from the same run;",
         "floor = the fastest of the expert-only rows (no routing, gather or combine).",
         "page faults: minor page faults of the process during one run (median); each is a",
-        "fresh 4 KiB page the kernel maps and zero-fills.",
+        "fresh 4 KiB page the kernel maps and zero-fills. CPU s: CPU time of the process",
+        "during one run (median), all its threads.",
         "",
     ]
-    for shape in SHAPES:
+    for shape in shapes:
         d_model, d_hidden, n_experts, top_k, n_tokens = shape
         print(
             f"shape d_model={d_model} d_hidden={d_hidden} E={n_experts} top-{top_k} "
@@ -206,7 +252,7 @@ def main(argv=None) -> None:
             flush=True,
         )
         med, auto_impl, padding = bench_shape(*shape, args.repeats)
-        seconds = {name: t for name, (t, _) in med.items()}
+        seconds = {name: t for name, (t, _, _) in med.items()}
         loop = seconds["loop + index_add"]
         floor = min(t for name, t in seconds.items() if name.startswith("floor"))
         dense = seconds["dense FFN"]
@@ -215,13 +261,13 @@ def main(argv=None) -> None:
             f"{n_tokens} tokens ('auto' is {auto_impl}; padding to the largest "
             f"expert load adds {100 * padding:.0f}% rows)",
             "",
-            "| method | median s | / loop | / floor | / dense FFN | page faults |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| method | median s | / loop | / floor | / dense FFN | page faults | CPU s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for name, (t, n_faults) in med.items():
+        for name, (t, n_faults, cpu) in med.items():
             lines.append(
                 f"| {name} | {t:.3f} | {t / loop:.2f} | {t / floor:.2f} | {t / dense:.2f} "
-                f"| {n_faults / 1000:.0f}k |"
+                f"| {n_faults / 1000:.0f}k | {cpu:.2f} |"
             )
         lines.append("")
     text = "\n".join(lines).replace("LOAD_AFTER", load_average()) + "\n"

@@ -15,11 +15,12 @@ def expert_ffn(bank, e, x_row):
     return h @ bank.w_out[e]
 
 
-def reference_moe(layer, x, routing, capacity=None):
+def reference_moe(layer, x, routing, capacity=None, priority="choice"):
     """The MoE output for tokens ``x`` (T, d) under ``routing``, token by token.
 
-    Token choice with a capacity keeps, for each expert, the first ``capacity``
-    assignments in batch order.
+    Token choice with a capacity lets each expert take ``capacity`` assignments,
+    visiting all first choices (in token order, or by decreasing weight with
+    ``priority='weight'``), then all second choices, and so on.
     """
     n_tokens = x.shape[0]
     out = [x.new_zeros(x.shape[-1]) for _ in range(n_tokens)]
@@ -32,8 +33,11 @@ def reference_moe(layer, x, routing, capacity=None):
                 out[t] = out[t] + routing.weights[e, c].to(x.dtype) * expert_ffn(bank, e, x[t])
     else:
         used = [0] * layer.n_experts
-        for t in range(n_tokens):
-            for j in range(routing.indices.shape[1]):
+        for j in range(routing.indices.shape[1]):
+            tokens = list(range(n_tokens))
+            if priority == "weight":
+                tokens.sort(key=lambda t: -float(routing.weights[t, j].detach()))
+            for t in tokens:
                 e = int(routing.indices[t, j])
                 if capacity is not None and used[e] >= capacity:
                     continue

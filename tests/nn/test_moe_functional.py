@@ -115,3 +115,57 @@ def test_losses_of_an_empty_batch_are_zero():
     empty = torch.zeros(0, E)
     assert float(MF.router_z_loss(empty)) == 0.0
     assert float(MF.load_balancing_loss(empty, torch.zeros(0, 2, dtype=torch.long), E)) == 0.0
+
+
+def test_expert_counts_match_bincount():
+    indices = torch.randint(0, E, (T, 3))
+    expected = torch.bincount(indices.flatten(), minlength=E)
+    assert torch.equal(MF.expert_counts(indices, E), expected)
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    assert torch.equal(MF.expert_counts(empty, E), torch.zeros(E, dtype=torch.long))
+
+
+# Two experts with room for one assignment each. Token 0 wants expert 0 first (0.9) and
+# expert 1 second (0.1); token 1 wants expert 1 first (0.8) and expert 0 second (0.2).
+# In token order expert 1 would take token 0's spare choice and turn away token 1's
+# main one.
+HAND_INDICES = torch.tensor([[0, 1], [1, 0]])
+HAND_WEIGHTS = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+
+
+@pytest.mark.parametrize("priority", ["choice", "weight"])
+def test_capacity_keeps_first_choices_before_second_choices(priority):
+    keep = MF.capacity_keep(HAND_INDICES, HAND_WEIGHTS, 2, 1, priority)
+    assert keep.tolist() == [[True, False], [True, False]]
+
+
+def test_capacity_priority_by_weight_within_one_choice_rank():
+    # four tokens all put expert 0 first; with room for two, 'choice' keeps the first two
+    # tokens and 'weight' the two with the largest weights; the second choices (expert 1,
+    # room for two) fit either way
+    indices = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 2]])
+    weights = torch.tensor([[0.5, 0.3], [0.6, 0.2], [0.9, 0.05], [0.7, 0.2]])
+    by_choice = MF.capacity_keep(indices, weights, 3, 2, "choice")
+    by_weight = MF.capacity_keep(indices, weights, 3, 2, "weight")
+    assert by_choice[:, 0].tolist() == [True, True, False, False]
+    assert by_weight[:, 0].tolist() == [False, False, True, True]
+    # expert 1 gets three second choices and keeps two: the two heaviest with 'weight'
+    assert by_choice[:, 1].tolist() == [True, True, False, True]
+    assert by_weight[:, 1].tolist() == [True, True, False, True]
+
+
+def test_capacity_keep_against_a_queue_per_expert():
+    torch.manual_seed(3)
+    probs = torch.randn(40, E).softmax(-1)
+    weights, indices = MF.top_k_routing(probs, 3)
+    for priority in ("choice", "weight"):
+        keep = MF.capacity_keep(indices, weights, E, 5, priority)
+        used, expected = [0] * E, torch.zeros(40, 3, dtype=torch.bool)
+        for j in range(3):
+            tokens = sorted(range(40), key=lambda t: -float(weights[t, j]))
+            for t in tokens if priority == "weight" else range(40):
+                e = int(indices[t, j])
+                if used[e] < 5:
+                    used[e] += 1
+                    expected[t, j] = True
+        assert torch.equal(keep, expected), priority

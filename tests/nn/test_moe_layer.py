@@ -91,19 +91,38 @@ def test_dispatch_equals_per_token_loop(router, top_k, impl, dtype):
 
 @pytest.mark.parametrize("impl, dtype", IMPLS)
 @pytest.mark.parametrize("router, top_k", TOKEN_CHOICE)
-@pytest.mark.parametrize("factor", [0.5, 1.0])
-def test_capacity_drops_the_overflow_like_the_loop(router, top_k, factor, impl, dtype):
-    layer = make_layer(router, top_k, dtype, capacity_factor=factor, expert_impl=impl)
+@pytest.mark.parametrize("factor, priority", [(0.5, "choice"), (0.5, "weight"), (1.0, "choice")])
+def test_capacity_drops_the_overflow_like_the_loop(router, top_k, factor, priority, impl, dtype):
+    layer = make_layer(
+        router, top_k, dtype, capacity_factor=factor, expert_impl=impl, capacity_priority=priority
+    )
     x = torch.randn(20, D, dtype=dtype) + 0.5  # skewed routing: some experts overflow
     y = layer(x)
     capacity = -(-int(factor * 20 * top_k) // E)
     routing = layer.router(x)
-    torch.testing.assert_close(y, reference_moe(layer, x, routing, capacity), **tolerances(dtype))
+    expected = reference_moe(layer, x, routing, capacity, priority)
+    torch.testing.assert_close(y, expected, **tolerances(dtype))
     routed = torch.bincount(routing.indices.flatten(), minlength=E)
     dropped = int((routed - capacity).clamp(min=0).sum())
     assert layer.stats.dropped_fraction == pytest.approx(dropped / (20 * top_k))
     assert torch.equal(layer.stats.tokens_per_expert, routed)
     assert dropped > 0 or factor == 1.0  # factor 0.5 must drop something
+
+
+def test_dispatch_keeps_a_first_choice_over_another_tokens_second_choice():
+    from moekit.nn import Routing
+    from moekit.nn.dispatch import plan_dispatch
+
+    # token 0: expert 0 (0.9), then expert 1 (0.1); token 1: expert 1 (0.8), then expert
+    # 0 (0.2); one place per expert. Kept in token order, expert 1 would serve token 0's
+    # spare choice and drop token 1's main one.
+    indices = torch.tensor([[0, 1], [1, 0]])
+    weights = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+    routing = Routing(weights, indices, torch.zeros(2, 2), torch.zeros(()))
+    plan = plan_dispatch(routing, 2, 2, capacity=1)
+    assert plan.token.tolist() == [0, 1]  # expert 0 serves token 0, expert 1 token 1
+    assert plan.weight.tolist() == pytest.approx([0.9, 0.8])
+    assert plan.counts == [1, 1] and plan.dropped_fraction == 0.5
 
 
 def test_fully_dropped_tokens_get_zero_output():

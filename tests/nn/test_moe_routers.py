@@ -78,17 +78,41 @@ def test_sigmoid_bias_router_selects_with_bias_and_weights_without(x):
 
 def test_sigmoid_bias_update_rule():
     router = SigmoidBiasRouter(D, 4, 1, bias_update_rate=0.5)
-    indices = torch.tensor([[0], [0], [0], [1], [2], [2]])  # loads 3, 1, 2, 0; mean 1.5
-    router.update_bias(indices)
+    router.record_load(torch.tensor([[0], [0], [0], [1], [2], [2]]))  # loads 3, 1, 2, 0
+    router.update_bias()  # mean 1.5: down for experts 0 and 2, up for 1 and 3
     torch.testing.assert_close(router.bias, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
-    # no update in eval mode
-    router.eval()
+    assert router.pending_load.sum() == 0  # the update clears what it applied
+    router.update_bias()  # nothing recorded since: no step
+    torch.testing.assert_close(router.bias, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
+
+
+def test_sigmoid_bias_moves_only_in_update_bias_never_in_forward():
+    router = SigmoidBiasRouter(D, 4, 2, bias_update_rate=0.5)
     before = router.bias.clone()
+    router.eval()
     router(torch.randn(T, D))
-    assert torch.equal(router.bias, before)
+    assert router.pending_load.sum() == 0  # evaluation forwards are not counted
     router.train()
-    router(torch.randn(T, D))
-    assert not torch.equal(router.bias, before)
+    indices = [router(torch.randn(T, D)).indices for _ in range(3)]
+    assert torch.equal(router.bias, before)  # three training forwards: bias unchanged
+    load = torch.bincount(torch.cat(indices).flatten(), minlength=4)
+    assert torch.equal(router.pending_load, load)
+    router.update_bias()
+    expected = 0.5 * torch.sign(load.float().mean() - load.float())
+    torch.testing.assert_close(router.bias, before + expected)
+
+
+def test_center_bias_keeps_the_mean_at_zero_and_the_ranking_of_the_plain_rule():
+    plain = SigmoidBiasRouter(D, 4, 1, bias_update_rate=0.25)
+    centred = SigmoidBiasRouter(D, 4, 1, bias_update_rate=0.25, center_bias=True)
+    for router in (plain, centred):
+        for _ in range(3):  # one expert takes everything: three experts move up, one down
+            router.record_load(torch.zeros(6, 1, dtype=torch.long))
+            router.update_bias()
+    torch.testing.assert_close(plain.bias, torch.tensor([-0.75, 0.75, 0.75, 0.75]))
+    torch.testing.assert_close(centred.bias.mean(), torch.tensor(0.0))
+    # the same biases up to one common shift: no top-k choice differs
+    torch.testing.assert_close(centred.bias, plain.bias - plain.bias.mean())
 
 
 def test_router_instance_can_be_passed_to_the_layer():
@@ -118,3 +142,53 @@ def test_router_arguments_are_checked(make, match):
 
     with pytest.raises(InvalidParameterError, match=match):
         make()
+
+
+LAYER_ROUTERS = [  # (router, top_k): every router with one expert per token and with two
+    ("topk", 1),
+    ("topk", 2),
+    ("noisy_topk", 1),
+    ("noisy_topk", 2),
+    ("switch", 1),
+    ("expert_choice", 1),
+    ("expert_choice", 2),
+    ("sigmoid_bias", 1),
+    ("sigmoid_bias", 2),
+]
+
+
+@pytest.mark.parametrize("router, top_k", LAYER_ROUTERS)
+def test_every_router_learns_from_the_task_loss(router, top_k):
+    # no auxiliary loss: the router's gradient can only come through the combine weights.
+    # Renormalising a single kept weight makes it exactly 1 and this gradient zero (up to
+    # rounding: measured 1e-8 of the expert gradient, against 0.4 for 'switch')
+    from moekit.nn import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(D, 16, E, top_k, router=router, aux_loss_coef=0.0).double()
+    x = torch.randn(64, D, dtype=torch.float64)
+    target = torch.randn(64, D, dtype=torch.float64)
+    (layer(x) - target).square().mean().backward()
+    router_grad = layer.router.weight.grad.norm()
+    expert_grad = layer.experts.w_in.grad.norm()
+    assert router_grad > 1e-3 * expert_grad, float(router_grad / expert_grad)
+
+
+@pytest.mark.parametrize("make", [TopKRouter, NoisyTopKRouter, SigmoidBiasRouter])
+def test_top_1_keeps_the_raw_weight_unless_told_otherwise(make, x):
+    router = make(D, E, 1).double().eval()
+    assert not router.normalize and make(D, E, 2).normalize
+    r = router(x)
+    assert (r.weights < 1).all()  # the raw probability (score), not 1
+    with pytest.warns(UserWarning, match="no gradient"):
+        told = make(D, E, 1, normalize=True).double()
+    assert told.normalize
+    told.load_state_dict(router.state_dict())
+    torch.testing.assert_close(told.eval()(x).weights, torch.ones(T, 1, dtype=torch.float64))
+
+
+def test_noisy_router_without_renormalising_weights_by_the_softmax_over_all_experts(x):
+    router = NoisyTopKRouter(D, E, 2, normalize=False).double().eval()
+    r = router(x)
+    probs = router.logits(x).softmax(-1)
+    torch.testing.assert_close(r.weights, probs.gather(1, r.indices))

@@ -8,7 +8,7 @@ their own.
 from moekit.nn.config import MoEConfig
 from moekit.nn.experts import ExpertBank, FeedForward
 from moekit.nn.functional import importance_loss, load_balancing_loss, router_z_loss
-from moekit.nn.layer import MoE, MoEStats
+from moekit.nn.layer import MoE, MoEStats, update_router_biases
 from moekit.nn.routers import (
     ExpertChoiceRouter,
     NoisyTopKRouter,
@@ -41,4 +41,5 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "train_lm",
+    "update_router_biases",
 ]

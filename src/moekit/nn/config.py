@@ -10,6 +10,7 @@ from typing import Any
 
 from moekit._core.validation import Interval, InvalidParameterError, Options, validate_params
 from moekit.nn.experts import ACTIVATIONS
+from moekit.nn.functional import CAPACITY_PRIORITIES
 from moekit.nn.routers import Router
 
 __all__ = ["ROUTERS", "MoEConfig", "validate_moe_params"]
@@ -27,11 +28,14 @@ MOE_CONSTRAINTS: dict[str, list] = {
     "top_k": [_POSITIVE_INT],
     "router": [Options(ROUTERS), Router],
     "capacity_factor": [None, Interval(numbers.Real, 0, None, closed="neither")],
+    "capacity_priority": [Options(CAPACITY_PRIORITIES)],
+    "normalize_weights": [None, "boolean"],
     "n_shared_experts": [Interval(numbers.Integral, 0, None, closed="left")],
     "activation": [Options(ACTIVATIONS)],
     "aux_loss_coef": [_NON_NEGATIVE],
     "z_loss_coef": [_NON_NEGATIVE],
     "bias_update_rate": [_NON_NEGATIVE],
+    "center_bias": ["boolean"],
     "expert_impl": [Options(("auto", "fused", "grouped_mm", "bmm", "mm"))],
 }
 
@@ -60,6 +64,17 @@ def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
         _reject(owner, "top_k", f"an int in the range [1, n_experts={n_experts}]", top_k)
     if router == "switch" and top_k != 1:
         _reject(owner, "top_k", "1 with router='switch' (Switch routing is top-1)", top_k)
+    normalize = params.get("normalize_weights")
+    if normalize and router in ("switch", "expert_choice"):
+        # Switch is defined by its raw weight; expert choice has no per-token top-k
+        _reject(owner, "normalize_weights", f"None or False with router={router!r}", normalize)
+    if normalize is not None and isinstance(router, Router):
+        _reject(
+            owner,
+            "normalize_weights",
+            "None with a router module (set normalize on the router)",
+            normalize,
+        )
     if isinstance(router, Router):
         for name in ("d_model", "n_experts", "top_k"):
             if getattr(router, name) != params[name]:
@@ -90,6 +105,18 @@ class MoEConfig:
     capacity_factor : float or None, default=None
         None is dropless. A number ``f`` lets each expert take
         :math:`\\lceil f T k / E \\rceil` tokens and drops the rest.
+    capacity_priority : {'choice', 'weight'}, default='choice'
+        Which assignments an expert over capacity keeps (token-choice routers):
+        ``'choice'`` every token's first choice before any second choice, in token
+        order (GShard); ``'weight'`` the same, with larger combine weights first within
+        one choice rank (batch prioritized routing). See
+        :func:`~moekit.nn.functional.capacity_keep`.
+    normalize_weights : bool or None, default=None
+        Renormalise each token's kept weights to sum to one ('topk', 'noisy_topk',
+        'sigmoid_bias'). None: for ``top_k > 1`` only; with ``top_k = 1`` the one weight
+        would always be 1 and the task loss would send the router no gradient, so the
+        raw probability is kept, as in the Switch Transformer. True with ``top_k = 1``
+        is honoured with a warning. 'switch' and 'expert_choice' never renormalise.
     n_shared_experts : int, default=0
         Always-on experts of width ``d_hidden`` (DeepSeek-MoE), added to the output.
     activation : {'swiglu', 'gelu'}, default='swiglu'
@@ -98,9 +125,17 @@ class MoEConfig:
     z_loss_coef : float, default=0.0
         Weight of the router z-loss in ``layer.aux_loss``.
     bias_update_rate : float, default=1e-3
-        Bias step of the 'sigmoid_bias' router.
+        Bias step of the 'sigmoid_bias' router, taken by :meth:`MoE.update_bias
+        <moekit.nn.MoE.update_bias>` once per optimiser step.
+    center_bias : bool, default=False
+        Keep the 'sigmoid_bias' router's biases at mean zero (torchtitan does, the
+        DeepSeek-V3 paper does not); no routing decision changes, see
+        :class:`~moekit.nn.SigmoidBiasRouter`.
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
         Expert matmul implementation, see :class:`~moekit.nn.experts.ExpertBank`.
+        Where the chosen one cannot serve (torch.func transforms, forward-mode AD,
+        torch.compile, double backward) the layer falls back by itself, see
+        :meth:`MoE.execution_path <moekit.nn.MoE.execution_path>`.
     """
 
     d_model: int
@@ -115,6 +150,9 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     bias_update_rate: float = 1e-3
     expert_impl: str = "auto"
+    capacity_priority: str = "choice"
+    normalize_weights: bool | None = None
+    center_bias: bool = False
 
     def __post_init__(self) -> None:
         validate_moe_params(type(self).__name__, self.as_dict())

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "ExpertBank", "FeedForward"]
+__all__ = ["ACTIVATIONS", "ExpertBank", "FeedForward", "masked_experts", "sorted_experts_mm"]
 
 ACTIVATIONS = {"swiglu": 2, "gelu": 1}
 """Activation name -> number of input projections it needs."""
@@ -73,17 +73,103 @@ class _ContiguousGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate, as torch.func requires
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return grad.contiguous()
 
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return tangent.view_as(tangent)
+
 
 def _aligned(t: Tensor) -> bool:
     # grouped_mm wants 16-byte aligned row strides and data pointers
-    return (t.stride(-2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    if (t.stride(-2) * t.element_size()) % 16:
+        return False
+    if torch.compiler.is_compiling():
+        return True  # a traced tensor has no data yet; the compiler's buffers are aligned
+    try:
+        return t.data_ptr() % 16 == 0
+    except RuntimeError:  # a torch.func wrapper has no storage of its own
+        return True
+
+
+def sorted_experts_mm(
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    counts: list[int],
+    scale: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """Expert ``e`` on its slice of the sorted rows ``x``, in plain differentiable ops.
+
+    Parameters
+    ----------
+    x : Tensor of shape (A, d)
+        Rows sorted by expert.
+    w_in : Tensor of shape (E, d, n*H)
+    w_out : Tensor of shape (E, H, d)
+    counts : list of int
+        Rows of each expert, summing to ``A``.
+    scale : Tensor of shape (A,) or None
+        Combine weight of each row, applied to the narrower of the hidden activation
+        and the output (the same result with less memory traffic).
+    activation : {'swiglu', 'gelu'}
+
+    Returns
+    -------
+    Tensor of shape (A, d)
+    """
+    n_hidden, d_model = w_out.shape[-2:]
+    scale_hidden = n_hidden <= d_model
+    # unbind once: indexing w[e] in the loop would make the backward pass build one
+    # full-size zero gradient per expert
+    w_ins, w_outs = w_in.unbind(0), w_out.unbind(0)
+    scales = scale.split(counts) if scale is not None else [None] * len(counts)
+    outs = []
+    for e, (xe, se) in enumerate(zip(x.split(counts), scales, strict=True)):
+        h = activate(xe @ w_ins[e], activation)  # (A_e, H)
+        if se is not None and scale_hidden:
+            h = h * se[:, None]
+        y = h @ w_outs[e]  # (A_e, d)
+        if se is not None and not scale_hidden:
+            y = y * se[:, None]
+        outs.append(y)
+    return torch.cat(outs) if outs else x.new_zeros(0, d_model)
+
+
+def masked_experts(
+    x: Tensor, w_in: Tensor, w_out: Tensor, gates: Tensor, activation: str
+) -> Tensor:
+    """Every expert on every token, combined with dense gates: :math:`\\sum_e G_{te} f_e(x_t)`.
+
+    ``E / k`` times the work of the sorted dispatch, but no step depends on the data
+    for its shape: the path for ``vmap``, which cannot batch a data-dependent split.
+
+    Parameters
+    ----------
+    x : Tensor of shape (T, d)
+    w_in : Tensor of shape (E, d, n*H)
+    w_out : Tensor of shape (E, H, d)
+    gates : Tensor of shape (T, E)
+        Zero where a token does not use an expert.
+    activation : {'swiglu', 'gelu'}
+
+    Returns
+    -------
+    Tensor of shape (T, d)
+    """
+    h = activate(torch.einsum("td,edn->etn", x, w_in), activation)  # (E, T, H)
+    y = torch.einsum("eth,ehd->etd", h, w_out)  # (E, T, d)
+    return torch.einsum("te,etd->td", gates.to(y.dtype), y)  # (T, d)
 
 
 class ExpertBank(nn.Module):
@@ -205,20 +291,14 @@ class ExpertBank(nn.Module):
         return y  # (A, d_model)
 
     def _mm(self, x: Tensor, counts: list[int], scale: Tensor | None) -> Tensor:
-        # unbind once: indexing w[e] in the loop would make the backward pass build one
-        # full-size zero gradient per expert
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        scales = scale.split(counts) if scale is not None else [None] * self.n_experts
-        outs = []
-        for e, (xe, se) in enumerate(zip(x.split(counts), scales, strict=True)):
-            h = activate(xe @ w_in[e], self.activation)  # (A_e, H)
-            if se is not None and self._scale_hidden():
-                h = h * se[:, None]
-            y = h @ w_out[e]  # (A_e, d_model)
-            if se is not None and not self._scale_hidden():
-                y = y * se[:, None]
-            outs.append(y)
-        return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+        return sorted_experts_mm(x, self.w_in, self.w_out, counts, scale, self.activation)
+
+    def masked(self, x: Tensor, gates: Tensor) -> Tensor:
+        """Every expert on every token ``x`` of shape (T, d), weighted by ``gates`` (T, E).
+
+        See :func:`masked_experts`.
+        """
+        return masked_experts(x, self.w_in, self.w_out, gates, self.activation)
 
     def _bmm(self, x: Tensor, counts: list[int], scale: Tensor | None) -> Tensor:
         n_rows, width = max(counts, default=0), x.shape[-1]

@@ -16,8 +16,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CAPACITY_PRIORITIES",
+    "capacity_keep",
     "expert_capacity",
     "expert_choice",
+    "expert_counts",
     "gates_from_top_k",
     "importance_loss",
     "load_balancing_loss",
@@ -56,6 +59,29 @@ def top_k_routing(probs: Tensor, top_k: int, *, normalize: bool = True) -> tuple
     return weights, indices
 
 
+def expert_counts(indices: Tensor, n_experts: int) -> Tensor:
+    """Assignments per expert, :math:`c_e = \\sum_{t, j} [\\, e_{tj} = e \\,]`.
+
+    ``torch.bincount`` gives the same numbers, but the length of its output depends on
+    the largest index, so ``torch.compile`` cannot trace it without a graph break and
+    ``vmap`` has no rule for it; a scatter-add into ``E`` zeros has a fixed shape.
+
+    Parameters
+    ----------
+    indices : Tensor of shape (...,)
+        Expert indices in ``[0, E)``, any shape.
+    n_experts : int
+        ``E``.
+
+    Returns
+    -------
+    Tensor of shape (E,)
+        int64 counts.
+    """
+    flat = indices.reshape(-1).long()  # (N,)
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_capacity(
     n_tokens: int, n_experts: int, top_k: int, capacity_factor: float | None
 ) -> int | None:
@@ -79,6 +105,71 @@ def expert_capacity(
     if capacity_factor is None:
         return None
     return min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+CAPACITY_PRIORITIES = ("choice", "weight")
+"""Orders in which :func:`capacity_keep` fills the experts."""
+
+
+def capacity_keep(
+    indices: Tensor, weights: Tensor, n_experts: int, capacity: int, priority: str = "choice"
+) -> Tensor:
+    """Which token-choice assignments fit in their expert's capacity.
+
+    Each expert takes at most ``C`` assignments; the order in which they are taken is
+    the *priority*:
+
+    - ``'choice'``: every token's first choice before any token's second choice, and
+      so on; within one choice rank, in token order. This is GShard's order (Lepikhin
+      et al. 2020, algorithm 1, which fills the top-1 slots, then the top-2 slots):
+      a token's main expert is never displaced by another token's spare one.
+    - ``'weight'``: choice ranks as above, but within one rank the assignments with
+      the larger combine weight go first, so that when an expert overflows it drops
+      the tokens it matters least to. This is the batch prioritized routing of
+      Riquelme et al. (2021, section 3.1), ordered by each assignment's own weight
+      (for the first choices of the softmax routers, the token's largest weight:
+      the paper's priority score).
+
+    With ``k = 1`` and ``'choice'`` this is the token order of the Switch Transformer.
+    Every step has a fixed shape (no data-dependent sizes), so the function also runs
+    under ``vmap`` and ``torch.compile``.
+
+    Parameters
+    ----------
+    indices : Tensor of shape (T, k)
+        Expert of each token's ``j``-th choice (``j = 0`` the first).
+    weights : Tensor of shape (T, k)
+        Their combine weights (used by ``'weight'`` only; no gradient flows here).
+    n_experts : int
+        ``E``.
+    capacity : int
+        ``C``.
+    priority : {'choice', 'weight'}, default='choice'
+
+    Returns
+    -------
+    Tensor of shape (T, k)
+        True where the assignment is kept.
+    """
+    n_tokens, top_k = indices.shape
+    rank = torch.arange(top_k, device=indices.device)  # (k,)
+    if priority == "weight":
+        # per choice rank, tokens by decreasing weight (stable: ties in token order)
+        by_weight = weights.detach().t().sort(dim=1, descending=True, stable=True).indices
+        order = (by_weight * top_k + rank[:, None]).reshape(-1)  # (k*T,) assignment ids
+    else:
+        tokens = torch.arange(n_tokens, device=indices.device)  # (T,)
+        order = (tokens[None, :] * top_k + rank[:, None]).reshape(-1)  # (k*T,) rank-major
+    expert = indices.reshape(-1)[order]  # (k*T,) expert of each assignment, by priority
+    # group by expert keeping the priority order; an assignment's place in its group
+    # is its place in the expert's queue
+    grouped = torch.argsort(expert, stable=True)  # (k*T,)
+    counts = expert_counts(expert, n_experts)  # (E,)
+    start = torch.cumsum(counts, 0) - counts  # (E,) first slot of each expert
+    place = torch.arange(expert.numel(), device=expert.device) - start[expert[grouped]]
+    keep = torch.zeros(n_tokens * top_k, dtype=torch.bool, device=indices.device)
+    keep = keep.scatter(0, order[grouped], place < capacity)  # back to assignment ids
+    return keep.reshape(n_tokens, top_k)
 
 
 def expert_choice(probs: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
@@ -137,7 +228,7 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, n_experts: int) -> Tenso
     """
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    counts = torch.bincount(indices.flatten(), minlength=n_experts)  # (E,)
+    counts = expert_counts(indices, n_experts)  # (E,)
     f = counts.to(probs.dtype) / indices.numel()  # (E,)
     p = probs.mean(dim=0)  # (E,)
     return n_experts * (f * p).sum()

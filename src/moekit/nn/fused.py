@@ -37,10 +37,21 @@ allocates one for every step in both directions. Here
   reaches the router) is a batched row dot product, so the elementwise steps
   allocate nothing beyond what the backward pass keeps.
 
+With several intra-op threads the blocks run as tasks on helper threads, one
+intra-op thread each, rather than one after another with every small operation split
+over the threads: under CPU contention the per-operation barriers made this path
+several times slower (:mod:`moekit.nn.threads` gives the cause and the measurements).
+
 With ``grouped=True`` all experts form one block computed with
 :func:`torch.nn.functional.grouped_mm` (one kernel per projection where a grouped
 kernel exists, as on recent GPUs). Tensors saved for backward are never modified,
 so ``retain_graph=True`` stays correct.
+
+The hand-written backward writes into buffers, which autograd cannot differentiate
+again: a backward with ``create_graph=True`` (a double backward) recomputes the
+layer in plain differentiable ops instead. Under ``torch.compile`` the same
+computation runs as one registered operator; the layer chooses between them and the
+plain paths in :meth:`moekit.nn.MoE.execution_path`.
 """
 
 from __future__ import annotations
@@ -52,6 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.nn.experts import sorted_experts_mm
+from moekit.nn.threads import run_blocks
+
 __all__ = ["fused_moe"]
 
 
@@ -60,8 +74,8 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _block_forward(x, token, scale, w_in, w_out, mm, activation, out):
-    """One block of rows: experts on ``x[token]``, weighted, added into ``out``."""
+def _block_hidden(x, token, w_in, mm, activation):
+    """One block's rows ``x[token]``, input projection and hidden activation."""
     xs = x.index_select(0, token)  # (R, d)
     hin = mm(xs, w_in)  # (R, n*H)
     if activation == "swiglu":
@@ -71,10 +85,15 @@ def _block_forward(x, token, scale, w_in, w_out, mm, activation, out):
     else:
         silu_gate = None
         h = F.gelu(hin)  # (R, H)
+    return xs, hin, silu_gate, h
+
+
+def _block_forward(x, token, scale, w_in, w_out, mm, activation):
+    """One block of rows: experts on ``x[token]``, weighted; the saved tensors and ``y``."""
+    xs, hin, silu_gate, h = _block_hidden(x, token, w_in, mm, activation)
     y = mm(h, w_out)  # (R, d)
     y.mul_(scale[:, None].to(y.dtype))  # combine weights, in place
-    out.index_add_(0, token, y)
-    return xs, hin, silu_gate, h
+    return (xs, hin, silu_gate, h), y
 
 
 def _block_backward(grad_out, token, scale, hin, silu_gate, h, w_in, w_out, mm, activation):
@@ -98,49 +117,130 @@ def _block_backward(grad_out, token, scale, hin, silu_gate, h, w_in, w_out, mm, 
     return grad_scale, gy, ghin, gxs
 
 
+def _forward(x, w_in, w_out, scale, token, counts, grouped, activation, keep):
+    """The fused forward; ``keep`` collects each block's tensors for the backward
+    (None: keep nothing, the backward recomputes them)."""
+    out = x.new_zeros(x.shape)  # (T, d)
+    blocks = _blocks(counts, grouped, w_in, w_out, x.device)
+    saved: list = [None] * len(blocks)
+
+    def work(i):
+        span, wi, wo, mm = blocks[i]
+        rows = span.rows
+        saved[i], y = _block_forward(x, token[rows], scale[rows], wi, wo, mm, activation)
+        return y
+
+    def add(i, y):  # in block order, so that the sums do not depend on timing
+        out.index_add_(0, token[blocks[i][0].rows], y)
+
+    run_blocks(len(blocks), work, add, _block_size(token, w_in, len(blocks)))
+    if keep is not None:
+        for block in saved:
+            keep.extend(t if t is not None else torch.empty(0) for t in block)
+    return out
+
+
+def _backward(grad_out, x, w_in, w_out, scale, token, counts, grouped, activation, saved):
+    """The fused backward: gradients of ``x``, ``w_in``, ``w_out`` and ``scale``.
+
+    ``saved`` holds the forward's block tensors, or is None to recompute each block's
+    hidden activation from ``x`` just before its gradient (one more input matmul per
+    block, and nothing kept between forward and backward).
+    """
+    grad_x = grad_out.new_zeros(grad_out.shape)  # (T, d)
+    grad_scale = torch.empty_like(scale)  # (A,)
+    grad_w_in = torch.empty_like(w_in)  # (E, d, n*H), each expert written once below
+    grad_w_out = torch.empty_like(w_out)  # (E, H, d)
+    for e, count in enumerate(counts):
+        if count == 0 and not grouped:  # no block writes these experts
+            grad_w_in[e].zero_()
+            grad_w_out[e].zero_()
+    blocks = _blocks(counts, grouped, w_in, w_out, grad_out.device)
+    grouped_grads = []
+
+    def work(i):
+        span, wi, wo, mm = blocks[i]
+        rows = span.rows
+        if saved is None:
+            xs, hin, silu_gate, h = _block_hidden(x, token[rows], wi, mm, activation)
+        else:
+            xs, hin, silu_gate, h = saved[4 * i : 4 * i + 4]
+            silu_gate = silu_gate if activation == "swiglu" else None
+        g_scale, gy, ghin, gxs = _block_backward(
+            grad_out, token[rows], scale[rows], hin, silu_gate, h, wi, wo, mm, activation
+        )
+        grad_scale[rows] = g_scale  # blocks write disjoint rows and experts
+        if grouped:  # one block: every expert's weight gradient at once
+            offs = mm.keywords["offs"]
+            grouped_grads.append(F.grouped_mm(h.t(), gy, offs=offs))  # (E, H, d)
+            grouped_grads.append(F.grouped_mm(xs.t(), ghin, offs=offs))  # (E, d, n*H)
+        else:
+            e = span.expert
+            torch.mm(h.t(), gy, out=grad_w_out[e])  # (H, d)
+            torch.mm(xs.t(), ghin, out=grad_w_in[e])  # (d, n*H)
+        return gxs
+
+    def add(i, gxs):  # in block order, so that the sums do not depend on timing
+        grad_x.index_add_(0, token[blocks[i][0].rows], gxs)
+
+    run_blocks(len(blocks), work, add, _block_size(token, w_in, len(blocks)))
+    if grouped_grads:
+        grad_w_out, grad_w_in = grouped_grads
+    return grad_x, grad_w_in, grad_w_out, grad_scale
+
+
+def _block_size(token, w_in, n_blocks):
+    """Elements of a block's input projection, (R, n*H), on average."""
+    return token.numel() * w_in.shape[-1] // max(1, n_blocks)
+
+
+def _differentiable_backward(ctx, grad_out, x, w_in, w_out, scale, token):
+    """The backward in plain autograd ops, so that it can itself be differentiated.
+
+    Used when the caller asked for ``create_graph=True`` (a Hessian-vector product, a
+    gradient penalty): the hand-written backward above writes into buffers with
+    ``out=`` and in place, which autograd cannot differentiate. It recomputes the
+    layer as :func:`~moekit.nn.experts.sorted_experts_mm` from the saved inputs and
+    lets autograd take its gradient with ``create_graph=True``.
+    """
+    # fresh aliases: a gradient taken with respect to ``x`` itself would be the total
+    # derivative, and also run through ``scale``, which the router computed from ``x``;
+    # the aliases feed this recomputation only, and stay differentiable in the inputs
+    x, w_in, w_out, scale = (t.view_as(t) for t in (x, w_in, w_out, scale))
+    inputs = (x, w_in, w_out, scale)
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad[:4]) if need]
+    xs = x.index_select(0, token)  # (A, d)
+    y = sorted_experts_mm(xs, w_in, w_out, ctx.counts, scale.to(x.dtype), ctx.activation)
+    out = x.new_zeros(x.shape).index_add(0, token, y)  # (T, d)
+    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True)
+    result: list[Tensor | None] = [None] * 4
+    for i, g in zip(wanted, grads, strict=True):
+        result[i] = g
+    return result
+
+
 class _FusedMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_in, w_out, scale, token, counts, grouped, activation):  # type: ignore[override]
-        out = x.new_zeros(x.shape)  # (T, d)
-        saved = []
-        for span, wi, wo, mm in _blocks(counts, grouped, w_in, w_out, x.device):
-            rows = span.rows
-            block = _block_forward(x, token[rows], scale[rows], wi, wo, mm, activation, out)
-            saved.extend(t if t is not None else torch.empty(0) for t in block)
+        saved: list[Tensor] = []
+        out = _forward(x, w_in, w_out, scale, token, counts, grouped, activation, saved)
         ctx.counts, ctx.grouped, ctx.activation = counts, grouped, activation
-        ctx.save_for_backward(w_in, w_out, scale, token, *saved)
+        # x is saved for the differentiable backward only; it is alive anyway, since
+        # the router keeps it for its own gradient
+        ctx.save_for_backward(x, w_in, w_out, scale, token, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        w_in, w_out, scale, token, *saved = ctx.saved_tensors
-        grad_x = grad_out.new_zeros(grad_out.shape)  # (T, d)
-        grad_scale = torch.empty_like(scale)  # (A,)
-        grad_w_in = torch.empty_like(w_in)  # (E, d, n*H), each expert written once below
-        grad_w_out = torch.empty_like(w_out)  # (E, H, d)
-        for e, count in enumerate(ctx.counts):
-            if count == 0 and not ctx.grouped:  # no block writes these experts
-                grad_w_in[e].zero_()
-                grad_w_out[e].zero_()
-        blocks = _blocks(ctx.counts, ctx.grouped, w_in, w_out, grad_out.device)
-        for i, (span, wi, wo, mm) in enumerate(blocks):
-            rows = span.rows
-            xs, hin, silu_gate, h = saved[4 * i : 4 * i + 4]
-            silu_gate = silu_gate if ctx.activation == "swiglu" else None
-            g_scale, gy, ghin, gxs = _block_backward(
-                grad_out, token[rows], scale[rows], hin, silu_gate, h, wi, wo, mm, ctx.activation
-            )
-            grad_scale[rows] = g_scale
-            grad_x.index_add_(0, token[rows], gxs)
-            if ctx.grouped:  # one block: every expert's weight gradient at once
-                offs = mm.keywords["offs"]
-                grad_w_out = F.grouped_mm(h.t(), gy, offs=offs)  # (E, H, d)
-                grad_w_in = F.grouped_mm(xs.t(), ghin, offs=offs)  # (E, d, n*H)
-            else:
-                e = span.expert
-                torch.mm(h.t(), gy, out=grad_w_out[e])  # (H, d)
-                torch.mm(xs.t(), ghin, out=grad_w_in[e])  # (d, n*H)
-        return grad_x, grad_w_in, grad_w_out, grad_scale, None, None, None, None
+        x, w_in, w_out, scale, token, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): a double backward follows
+            grads = _differentiable_backward(ctx, grad_out, x, w_in, w_out, scale, token)
+        else:
+            grads = _backward(
+                grad_out, x, w_in, w_out, scale, token, ctx.counts, ctx.grouped,
+                ctx.activation, saved,
+            )  # fmt: skip
+        return (*grads, None, None, None, None)
 
 
 class _Span(NamedTuple):
@@ -168,13 +268,80 @@ def _blocks(counts, grouped, w_in, w_out, device):
     return blocks
 
 
+# Under torch.compile the Function above cannot be traced: its loop over experts needs
+# the counts as Python ints, which are data. The same computation registered as an
+# operator is opaque to the compiler, which only needs the shape of its output. An
+# operator cannot hand per-block tensors to its backward (their number is data too),
+# so the compiled backward recomputes each block's hidden activation instead.
+
+
+@torch.library.custom_op("moekit::fused_moe", mutates_args=())
+def _fused_moe_op(
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    scale: Tensor,
+    token: Tensor,
+    counts: Tensor,
+    grouped: bool,
+    activation: str,
+) -> Tensor:
+    return _forward(x, w_in, w_out, scale, token, counts.tolist(), grouped, activation, None)
+
+
+@_fused_moe_op.register_fake
+def _(x, w_in, w_out, scale, token, counts, grouped, activation):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("moekit::fused_moe_backward", mutates_args=())
+def _fused_moe_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    scale: Tensor,
+    token: Tensor,
+    counts: Tensor,
+    grouped: bool,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward(
+        grad_out.contiguous(), x, w_in, w_out, scale, token, counts.tolist(), grouped,
+        activation, None,
+    )  # fmt: skip
+
+
+@_fused_moe_backward_op.register_fake
+def _(grad_out, x, w_in, w_out, scale, token, counts, grouped, activation):
+    return (x.new_empty(x.shape), torch.empty_like(w_in), torch.empty_like(w_out),
+            torch.empty_like(scale))  # fmt: skip
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, w_in, w_out, scale, token, counts, grouped, activation = inputs
+    ctx.save_for_backward(x, w_in, w_out, scale, token, counts)
+    ctx.grouped, ctx.activation = grouped, activation
+
+
+def _op_backward(ctx, grad_out):
+    x, w_in, w_out, scale, token, counts = ctx.saved_tensors
+    grads = _fused_moe_backward_op(
+        grad_out, x, w_in, w_out, scale, token, counts, ctx.grouped, ctx.activation
+    )
+    return (*grads, None, None, None, None)
+
+
+_fused_moe_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
 def fused_moe(
     x: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     scale: Tensor,
     token: Tensor,
-    counts: list[int],
+    counts: list[int] | Tensor,
     activation: str,
     grouped: bool = False,
 ) -> Tensor:
@@ -191,8 +358,9 @@ def fused_moe(
         Combine weight of each kept assignment.
     token : Tensor of shape (A,)
         Token of each kept assignment, grouped by expert.
-    counts : list of int
-        Assignments per expert, summing to ``A``.
+    counts : list of int, or Tensor of shape (E,)
+        Assignments per expert, summing to ``A``. A tensor selects the operator form
+        for ``torch.compile`` (the counts stay on the device until the operator runs).
     activation : {'swiglu', 'gelu'}
     grouped : bool, default=False
         One block computed with ``grouped_mm`` instead of one block per expert.
@@ -204,10 +372,11 @@ def fused_moe(
         lower-precision list), else in the dtype of ``x``.
     """
     device = x.device.type
+    fn = _fused_moe_op if isinstance(counts, Tensor) else _FusedMoE.apply
     if torch.is_autocast_enabled(device):
         # run the whole Function in the autocast dtype, as autocast would run each matmul
         dtype = torch.get_autocast_dtype(device)
         x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
         with torch.autocast(device, enabled=False):
-            return _FusedMoE.apply(x, w_in, w_out, scale, token, counts, grouped, activation)
-    return _FusedMoE.apply(x, w_in, w_out, scale, token, counts, grouped, activation)
+            return fn(x, w_in, w_out, scale, token, counts, grouped, activation)
+    return fn(x, w_in, w_out, scale, token, counts, grouped, activation)

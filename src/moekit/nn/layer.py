@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from moekit.nn import functional as MF
 from moekit.nn.config import MoEConfig, validate_moe_params
-from moekit.nn.dispatch import DispatchPlan, combine, plan_dispatch
-from moekit.nn.experts import ExpertBank, FeedForward
+from moekit.nn.dispatch import combine, dense_gates, plan_dispatch
+from moekit.nn.experts import ExpertBank, FeedForward, sorted_experts_mm
 from moekit.nn.fused import fused_moe
 from moekit.nn.routers import (
     ExpertChoiceRouter,
@@ -20,19 +21,28 @@ from moekit.nn.routers import (
     SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
+    _under_vmap,
 )
 
-__all__ = ["MoE", "MoEStats", "make_router"]
+__all__ = ["MoE", "MoEStats", "make_router", "update_router_biases"]
+
+PATHS = ("fused", "compiled", "sorted", "masked")
+"""How :class:`MoE` runs its experts; see :meth:`MoE.execution_path`."""
 
 
 @dataclass
 class MoEStats:
     """Routing statistics of the last forward pass.
 
+    The numbers stay tensors until they are read, so that a forward pass neither
+    waits for the device nor breaks a ``torch.compile`` graph to compute them.
+
     Attributes
     ----------
     tokens_per_expert : Tensor of shape (E,)
         Assignments the router sent to each expert (before any capacity drop).
+    dropped : Tensor or float
+        See :attr:`dropped_fraction`.
     dropped_fraction : float
         Token choice: fraction of the ``T * k`` assignments dropped for capacity;
         expert choice: fraction of tokens no expert picked. 0.0 when dropless.
@@ -42,8 +52,17 @@ class MoEStats:
     """
 
     tokens_per_expert: Tensor
-    dropped_fraction: float
-    balance: float
+    dropped: Tensor | float = 0.0
+
+    @property
+    def dropped_fraction(self) -> float:
+        return float(self.dropped)
+
+    @property
+    def balance(self) -> float:
+        counts = self.tokens_per_expert.float()
+        mean = float(counts.mean()) if counts.numel() else 0.0
+        return float(counts.max()) / mean if mean > 0 else 1.0
 
 
 def make_router(config: MoEConfig) -> Router:
@@ -51,13 +70,19 @@ def make_router(config: MoEConfig) -> Router:
     if isinstance(config.router, Router):
         return config.router
     d, e, k = config.d_model, config.n_experts, config.top_k
+    normalize = config.normalize_weights
     factories = {
-        "topk": lambda: TopKRouter(d, e, k),
-        "noisy_topk": lambda: NoisyTopKRouter(d, e, k),
+        "topk": lambda: TopKRouter(d, e, k, normalize=normalize),
+        "noisy_topk": lambda: NoisyTopKRouter(d, e, k, normalize=normalize),
         "switch": lambda: SwitchRouter(d, e, k),
         "expert_choice": lambda: ExpertChoiceRouter(d, e, k, config.capacity_factor),
         "sigmoid_bias": lambda: SigmoidBiasRouter(
-            d, e, k, bias_update_rate=config.bias_update_rate
+            d,
+            e,
+            k,
+            bias_update_rate=config.bias_update_rate,
+            center_bias=config.center_bias,
+            normalize=normalize,
         ),
     }
     return factories[config.router]()
@@ -102,9 +127,22 @@ class MoE(nn.Module):
     z_loss_coef : float, default=0.0
         Weight of the router z-loss.
     bias_update_rate : float, default=1e-3
-        Step of the bias update of the 'sigmoid_bias' router.
+        Step of the bias update of the 'sigmoid_bias' router (see :meth:`update_bias`).
     expert_impl : {'auto', 'fused', 'grouped_mm', 'bmm', 'mm'}, default='auto'
-        Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`).
+        Expert matmul implementation (see :class:`~moekit.nn.experts.ExpertBank`), and
+        :meth:`execution_path` for where the layer falls back from it.
+    capacity_priority : {'choice', 'weight'}, default='choice'
+        Which assignments an expert over capacity keeps: every first choice before any
+        second choice (GShard), within one choice rank in token order ('choice') or by
+        decreasing weight ('weight'). See :func:`~moekit.nn.functional.capacity_keep`.
+    normalize_weights : bool or None, default=None
+        Renormalise each token's kept weights to sum to one. None: for ``top_k > 1``
+        only, since with one expert the weight would always be 1 and the router would
+        learn nothing from the task loss (the Switch Transformer keeps the raw
+        probability for the same reason). See :mod:`moekit.nn.routers`.
+    center_bias : bool, default=False
+        Keep the biases of the 'sigmoid_bias' router at mean zero (torchtitan does;
+        the DeepSeek-V3 paper does not). It changes no routing decision.
 
     Attributes
     ----------
@@ -113,7 +151,14 @@ class MoE(nn.Module):
         z_loss``; add it to the training loss. A constant zero when both coefficients
         are zero (or the router balances without a loss and ``z_loss_coef`` is zero).
     stats : MoEStats or None
-        Routing statistics of the last forward.
+        Routing statistics of the last forward; None after a forward under ``vmap``
+        (whose ``aux_loss`` must also be read inside the vmapped function).
+
+    Notes
+    -----
+    The 'sigmoid_bias' router moves its bias only when :meth:`update_bias` is called:
+    call it once per optimiser step, after ``optimizer.step()``, or call
+    :func:`update_router_biases` on the whole model.
 
     Examples
     --------
@@ -142,6 +187,9 @@ class MoE(nn.Module):
         z_loss_coef: float = 0.0,
         bias_update_rate: float = 1e-3,
         expert_impl: str = "auto",
+        capacity_priority: str = "choice",
+        normalize_weights: bool | None = None,
+        center_bias: bool = False,
     ) -> None:
         super().__init__()
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -191,6 +239,53 @@ class MoE(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point input; got {x.dtype}.")
 
+    def execution_path(self, x: Tensor, scale: Tensor | None = None) -> str:
+        """How the layer runs its experts on tokens ``x``; one of :data:`PATHS`.
+
+        - ``'fused'``: the fused dispatch of :mod:`moekit.nn.fused`, when the expert
+          implementation is 'fused' or 'grouped_mm' (the CPU default) and nothing below
+          applies. Its hand-written backward cannot itself be differentiated, so a
+          backward with ``create_graph=True`` recomputes the gradient in plain autograd
+          ops instead (double backward works on every path).
+        - ``'compiled'``: the same computation as one opaque operator, under
+          ``torch.compile``, whose tracer cannot run the fused loop (its split sizes
+          are data); the operator recomputes each expert's hidden activation in the
+          backward instead of keeping it. Dropless layers compile to one graph; with a
+          capacity, how many assignments are kept is data, and the graph breaks there.
+        - ``'sorted'``: the sorted dispatch through plain autograd, with the bank's
+          implementation ('mm' or 'bmm'); also the fallback of the fused choices
+          under ``torch.func`` transforms (grad, jacrev, jvp, ...) and forward-mode
+          AD, which an autograd Function with a hand-written backward does not serve
+          (then with 'mm', the one whose every operation has forward-mode and
+          batching rules; grouped_mm has no forward-mode rule).
+        - ``'masked'``: every expert on every token, multiplied by dense gates (zero
+          where unused), ``E / k`` times the work; under ``vmap``, which cannot batch
+          the data-dependent split of the sorted paths.
+
+        Parameters
+        ----------
+        x : Tensor of shape (T, d_model)
+        scale : Tensor, optional
+            The combine weights; a forward-mode tangent on them also rules out the
+            fused dispatch.
+
+        Returns
+        -------
+        str
+        """
+        if _under_vmap():
+            return "masked"
+        if self.experts.resolve_impl(x) not in ("fused", "grouped_mm"):
+            return "sorted"
+        if torch.compiler.is_compiling():
+            return "compiled"
+        if torch._C._are_functorch_transforms_active():
+            return "sorted"
+        tensors = (x, self.experts.w_in, self.experts.w_out, scale)
+        if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+            return "sorted"
+        return "fused"
+
     def forward(self, x: Tensor) -> Tensor:
         """Route, run the experts, combine.
 
@@ -207,34 +302,59 @@ class MoE(nn.Module):
         x = x.reshape(-1, self.d_model)  # (T, d)
         n_tokens = x.shape[0]
         routing = self.router(x)  # weights, indices (T, k) or (E, C); logits (T, E)
-        capacity = MF.expert_capacity(
-            n_tokens, self.n_experts, self.top_k, self.config.capacity_factor
-        )
-        plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity)
+        cfg = self.config
+        capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
         bank = self.experts
         impl = bank.resolve_impl(x)
-        if impl in ("fused", "grouped_mm") and plan.token.numel() > 0:
-            # the maths of the branch below in one autograd Function (moekit.nn.fused)
-            y = fused_moe(
-                x,
-                bank.w_in,
-                bank.w_out,
-                plan.weight,
-                plan.token,
-                plan.counts,
-                bank.activation,
-                grouped=impl == "grouped_mm",
-            )  # (T, d)
+        path = self.execution_path(x, routing.weights)
+        if path == "masked":
+            gates, routed, dropped = dense_gates(
+                routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority
+            )  # (T, E)
+            y = bank.masked(x, gates)  # (T, d)
         else:
-            x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
-            scale = plan.weight.to(x_sorted.dtype)  # (A,)
-            y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
-            y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
+            plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
+            routed, dropped = plan.routed, plan.dropped
+            grouped = impl == "grouped_mm"
+            if path == "fused" and plan.token.numel() > 0:
+                # the maths of the 'sorted' branch in one autograd Function
+                y = fused_moe(
+                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.counts,
+                    bank.activation, grouped=grouped,
+                )  # fmt: skip
+            elif path == "compiled":  # counts stay a tensor: no graph break
+                y = fused_moe(
+                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.kept,
+                    bank.activation, grouped=grouped,
+                )  # fmt: skip
+            else:
+                x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
+                scale = plan.weight.to(x_sorted.dtype)  # (A,)
+                if impl in ("fused", "grouped_mm"):  # falling back: plain ops
+                    y_sorted = sorted_experts_mm(
+                        x_sorted, bank.w_in, bank.w_out, plan.counts, scale, bank.activation
+                    )  # (A, d), already weighted
+                else:
+                    y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
+                y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)  # (T, d)
         self.aux_loss = self._aux_loss(routing)
-        self.stats = _stats(plan)
+        # under vmap the counts differ per sample and could not be read outside it
+        self.stats = None if path == "masked" else MoEStats(routed.detach(), dropped)
         return y.reshape(shape)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply the router's load statistics gathered since the last call, then clear them.
+
+        For the 'sigmoid_bias' router: one step of the DeepSeek-V3 bias rule from the
+        tokens each expert got in the training forwards since the last call (summed
+        over the default process group when :mod:`torch.distributed` is initialised;
+        every process must then call it). A no-op for routers without a bias. Call it
+        once per optimiser step, after ``optimizer.step()``.
+        """
+        self.router.update_bias()
 
     def _aux_loss(self, routing: Routing) -> Tensor:
         cfg = self.config
@@ -253,8 +373,18 @@ class MoE(nn.Module):
         )
 
 
-def _stats(plan: DispatchPlan) -> MoEStats:
-    routed = plan.routed.detach()
-    mean = routed.float().mean()
-    balance = float(routed.max() / mean) if routed.numel() and mean > 0 else 1.0
-    return MoEStats(routed, plan.dropped_fraction, balance)
+def update_router_biases(model: nn.Module) -> None:
+    """Call :meth:`MoE.update_bias` on every :class:`MoE` inside ``model``.
+
+    Call it once per optimiser step, after ``optimizer.step()``: the 'sigmoid_bias'
+    routers then take one bias step from the loads of all the micro-batches of the
+    step. Under :mod:`torch.distributed` every process must call it (it all-reduces).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module; ``MoE`` layers are found with ``model.modules()``.
+    """
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_bias()

@@ -8,15 +8,25 @@ Token-choice routers (``topk``, ``noisy_topk``, ``switch``, ``sigmoid_bias``) gi
 each token ``k`` experts: ``weights`` and ``indices`` have shape (T, k). The
 expert-choice router gives each expert ``C`` tokens: ``weights`` and ``indices``
 have shape (E, C), and ``indices`` holds token positions.
+
+The combine weights of a token are what its router learns from: the task loss reaches
+the router only through them. Renormalising the kept weights to sum to one (Mixtral)
+leaves that signal with ``k > 1``, since the weights still share the token between its
+experts, but with ``k = 1`` it makes the one weight exactly 1 and the router learns
+from the auxiliary losses alone. So ``normalize=None``, the default, renormalises for
+``k > 1`` only and keeps the raw probability for ``k = 1``, as the Switch Transformer
+does.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -112,28 +122,55 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def update_bias(self) -> None:
+        """Apply the load statistics gathered since the last call; routers without a
+        bias have none, and this does nothing (see :class:`SigmoidBiasRouter`)."""
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
+
+
+def resolve_normalize(normalize: bool | None, top_k: int, owner: str) -> bool:
+    """Whether a router renormalises its kept weights: ``normalize``, or for None,
+    ``top_k > 1`` (see the module notes). An explicit True with ``top_k = 1`` is
+    honoured, with a warning, since it leaves the router no gradient from the task.
+    """
+    if normalize is None:
+        return top_k > 1
+    if normalize and top_k == 1:
+        warnings.warn(
+            f"{owner} with normalize=True and top_k=1 gives every token the weight 1, so "
+            "the task loss sends the router no gradient (it learns from the auxiliary "
+            "losses only); leave normalize=None to use the raw probability.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return bool(normalize)
 
 
 class TopKRouter(Router):
     """Softmax over experts, keep the top ``k``, renormalise (Mixtral, GShard).
 
     :math:`p_t = \\mathrm{softmax}(x_t W_r^T)`; token ``t`` goes to the ``k`` experts
-    with largest :math:`p_{te}` with weights :math:`p_{te} / \\sum_{top-k} p_{te'}`.
+    with largest :math:`p_{te}` with weights :math:`p_{te} / \\sum_{top-k} p_{te'}`
+    (for ``k > 1``) or :math:`p_{te}` (for ``k = 1``, or ``normalize=False``).
     Balancing loss: :func:`~moekit.nn.functional.load_balancing_loss`.
 
     Parameters
     ----------
     d_model, n_experts, top_k : int
         See :class:`Router`.
-    normalize : bool, default=True
-        Renormalise the kept weights to sum to one.
+    normalize : bool or None, default=None
+        Renormalise the kept weights to sum to one. None: for ``k > 1`` only (with
+        ``k = 1`` the weight would always be 1 and the router would get no gradient
+        from the task loss; see the module notes).
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, *, normalize: bool = True):
+    def __init__(
+        self, d_model: int, n_experts: int, top_k: int, *, normalize: bool | None = None
+    ) -> None:
         super().__init__(d_model, n_experts, top_k)
-        self.normalize = normalize
+        self.normalize = resolve_normalize(normalize, top_k, type(self).__name__)
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (T, E)
@@ -141,6 +178,9 @@ class TopKRouter(Router):
         weights, indices = MF.top_k_routing(probs, self.top_k, normalize=self.normalize)
         balance = MF.load_balancing_loss(probs, indices, self.n_experts)
         return Routing(weights, indices, logits, balance)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, normalize={self.normalize}"
 
 
 class SwitchRouter(TopKRouter):
@@ -164,12 +204,25 @@ class NoisyTopKRouter(Router):
 
     :math:`H(x) = x W_g + \\varepsilon \\cdot \\mathrm{softplus}(x W_{noise})` with
     :math:`\\varepsilon \\sim N(0, 1)` in training only; the gates are the softmax over
-    the ``k`` largest entries of ``H`` (zero elsewhere). Balancing loss: the
+    the ``k`` largest entries of ``H`` (zero elsewhere), which is
+    :math:`\\mathrm{softmax}(H)` renormalised over the top ``k``. Without
+    renormalisation (the default for ``k = 1``, where the paper's gate would always be
+    1) the gates are :math:`\\mathrm{softmax}(H)_{te}` itself. Balancing loss: the
     importance loss plus the load loss of the paper (eqs. 6-10).
+
+    Parameters
+    ----------
+    d_model, n_experts, top_k : int
+        See :class:`Router`.
+    normalize : bool or None, default=None
+        Renormalise over the kept experts; None: for ``k > 1`` only.
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int):
+    def __init__(
+        self, d_model: int, n_experts: int, top_k: int, *, normalize: bool | None = None
+    ) -> None:
         super().__init__(d_model, n_experts, top_k)
+        self.normalize = resolve_normalize(normalize, top_k, type(self).__name__)
         # the noise weights start at zero, as in the paper's code: softplus(0) ~ 0.69
         self.noise_weight = nn.Parameter(torch.zeros(n_experts, d_model))
 
@@ -180,12 +233,18 @@ class NoisyTopKRouter(Router):
         noise_std = F.softplus(raw) + 1e-2  # (T, E), positive
         noisy = logits + torch.randn_like(logits) * noise_std if self.training else logits
         top, indices = noisy.topk(self.top_k, dim=-1)  # (T, k)
-        weights = top.softmax(dim=-1)  # (T, k) softmax over the kept logits only
+        if self.normalize:
+            weights = top.softmax(dim=-1)  # (T, k) softmax over the kept logits only
+        else:
+            weights = noisy.softmax(dim=-1).gather(1, indices)  # (T, k) over all experts
         gates = MF.gates_from_top_k(weights, indices, self.n_experts)  # (T, E)
         balance = MF.importance_loss(gates) + MF.noisy_top_k_load(
             logits, noisy, noise_std, self.top_k
         )
         return Routing(weights, indices, logits, balance)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, normalize={self.normalize}"
 
 
 class ExpertChoiceRouter(Router):
@@ -221,11 +280,28 @@ class SigmoidBiasRouter(Router):
 
     Scores :math:`s_{te} = \\sigma(x_t W_r^T)`; the top ``k`` experts are chosen on
     :math:`s_{te} + b_e`, but weighted by the bias-free scores, normalised:
-    :math:`w_{te} = s_{te} / \\sum_{top-k} s_{te'}`. The bias ``b`` is not learnt by
-    gradient: after each training forward, :math:`b_e \\leftarrow b_e + \\gamma\\,
-    \\mathrm{sign}(\\bar c - c_e)` where :math:`c_e` is the number of tokens expert
-    ``e`` got and :math:`\\bar c` the mean, so overloaded experts become less
-    attractive. There is no balancing loss.
+    :math:`w_{te} = s_{te} / \\sum_{top-k} s_{te'}` (for ``k = 1`` the raw score, unless
+    ``normalize=True``). The bias ``b`` is not learnt by gradient. Training forwards
+    count the tokens each expert gets; :meth:`update_bias`, called once per optimiser
+    step (after ``optimizer.step()``; :func:`~moekit.nn.update_router_biases` calls it
+    for every layer of a model), applies
+
+    .. math::
+
+        b_e \\leftarrow b_e + \\gamma\\, \\mathrm{sign}(\\bar c - c_e),
+
+    where :math:`c_e` is the count of expert ``e`` since the last update (summed over the
+    processes of the default group when :mod:`torch.distributed` is initialised) and
+    :math:`\\bar c` the mean, so overloaded experts become less attractive. There is
+    no balancing loss.
+
+    Why not in ``forward``: a forward that moved the bias would route differently when
+    activation checkpointing recomputes it (torch refuses the mismatch with a
+    ``CheckpointError``), and it would move the bias once per micro-batch under
+    gradient accumulation. The counts gathered in forward stay harmless: a recomputed
+    forward counts its tokens again, but when every forward of the step is recomputed
+    alike all counts double, and the update depends only on the sign of
+    :math:`\\bar c - c_e`, which doubling does not change.
 
     The step must stay small next to the gaps between the scores of one token: with
     ``gamma = 1e-2`` on a small task the scores shrank below the step during
@@ -238,12 +314,42 @@ class SigmoidBiasRouter(Router):
         See :class:`Router`.
     bias_update_rate : float, default=1e-3
         ``gamma``.
+    center_bias : bool, default=False
+        Subtract the mean of the step from every expert, so that the biases keep mean
+        zero. Adding one number to every bias changes no top-k choice, so this changes
+        no routing decision; it only stops the biases drifting together (when more
+        experts are under- than overloaded every step moves them all up), which keeps
+        them where a low-precision buffer still resolves a step of ``gamma``.
+        torchtitan centres; the DeepSeek-V3 paper does not, hence the default.
+    normalize : bool or None, default=None
+        Renormalise the kept scores to sum to one; None: for ``k > 1`` only.
+
+    Attributes
+    ----------
+    bias : Tensor of shape (E,)
+        :math:`b`, saved with the model.
+    pending_load : Tensor of shape (E,)
+        int64 counts since the last update (not saved with the model).
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, *, bias_update_rate: float = 1e-3):
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        bias_update_rate: float = 1e-3,
+        center_bias: bool = False,
+        normalize: bool | None = None,
+    ) -> None:
         super().__init__(d_model, n_experts, top_k)
-        self.bias_update_rate = bias_update_rate
+        self.bias_update_rate, self.center_bias = bias_update_rate, center_bias
+        self.normalize = resolve_normalize(normalize, top_k, type(self).__name__)
         self.register_buffer("bias", torch.zeros(n_experts))
+        # an integer buffer: Module.to(dtype) leaves it exact whatever the model's dtype
+        self.register_buffer(
+            "pending_load", torch.zeros(n_experts, dtype=torch.long), persistent=False
+        )
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (T, E)
@@ -251,13 +357,55 @@ class SigmoidBiasRouter(Router):
         chosen = (scores.detach() + self.bias.to(scores.dtype)).topk(self.top_k, dim=-1)
         indices = chosen.indices  # (T, k)
         weights = scores.gather(1, indices)  # (T, k)
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if self.training and self.bias_update_rate > 0 and x.shape[0] > 0:
-            self.update_bias(indices)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.training and self.bias_update_rate > 0:
+            self.record_load(indices)
         return Routing(weights, indices, logits, logits.new_zeros(()))
 
     @torch.no_grad()
-    def update_bias(self, indices: Tensor) -> None:
-        """One step of the bias rule from the loads in ``indices`` of shape (T, k)."""
-        load = torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.bias.dtype)
-        self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+    def record_load(self, indices: Tensor) -> None:
+        """Add the loads of ``indices`` of shape (T, k) to :attr:`pending_load`.
+
+        Skipped under ``vmap``, where ``indices`` holds one routing per vmapped sample
+        and no single count exists to add.
+        """
+        if not _under_vmap():
+            self.pending_load += MF.expert_counts(indices, self.n_experts)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """One step of the bias rule from the loads recorded since the last call.
+
+        All-reduces the counts over the default process group when
+        :mod:`torch.distributed` is initialised, so every process takes the same step
+        (every process must call it, as with any collective); then clears them. A
+        step with no recorded tokens leaves the bias as it is.
+        """
+        load = self.pending_load
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)  # sum over processes, in place
+        # sign(mean - c_e) = sign(sum - E c_e), exact in integers
+        step = self.bias_update_rate * torch.sign(load.sum() - self.n_experts * load)  # (E,)
+        if self.center_bias:
+            step = step - step.mean()
+        self.bias += step.to(self.bias.dtype)
+        load.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, bias_update_rate={self.bias_update_rate}, "
+            f"center_bias={self.center_bias}, normalize={self.normalize}"
+        )
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is running (its tensors hold one value per sample)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    # private API, the only way to name the active transforms; unknown means assume vmap
+    try:
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+    except AttributeError:  # pragma: no cover - depends on the torch version
+        return True
