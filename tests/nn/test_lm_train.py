@@ -72,7 +72,7 @@ def test_accumulated_micro_batches_make_the_same_step_as_one_batch():
 
 def test_router_biases_are_updated_once_per_optimiser_step(monkeypatch):
     calls = []
-    monkeypatch.setattr(moekit.nn, "update_router_biases", calls.append, raising=False)
+    monkeypatch.setattr(moekit.nn.layer, "update_router_biases", calls.append)
     torch.manual_seed(0)
     model = MoETransformer(**SMALL)
     train_lm(model, TEXT, TrainConfig(steps=3, batch_size=2, grad_accum=3), verbose=0)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit._core.validation import Interval, InvalidParameterError, validate_params
+from moekit.nn import layer as moe_layer
 from moekit.nn.checkpoint import Checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from moekit.nn.transformer import MoETransformer
 
@@ -349,9 +350,7 @@ class _Run:
         block = model.config.block_size
         layers = model.moe_layers()
         # one call per optimiser step, whatever the gradient accumulation
-        import moekit.nn
-
-        update_biases = getattr(moekit.nn, "update_router_biases", None)
+        update_biases = moe_layer.update_router_biases
         model.train()
         bar = _progress(start, cfg.steps, verbose)
         tokens = cfg.grad_accum * cfg.batch_size * block
@@ -371,8 +370,7 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if update_biases is not None:
-                update_biases(model)
+            update_biases(model)
             log.step.append(step)
             log.train_loss.append(lm_loss)
             log.aux_loss.append(aux_loss)
