@@ -32,7 +32,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     Each expert is a multinomial logistic regression; the gate decides which expert
     speaks for which region of the input space. EM alternates responsibilities
     r_ik = p(z_i = k | x_i, y_i) with weighted logistic fits of the experts
-    (L-BFGS) and a multinomial-logit fit of the gate on the soft targets.
+    (Newton-type steps, see :mod:`moekit.experts.logistic`) and a multinomial-logit
+    fit of the gate on the soft targets.
 
     Parameters
     ----------

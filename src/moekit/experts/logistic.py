@@ -1,13 +1,67 @@
 """Multinomial-logistic experts: p_k(y = c | x) = softmax(W_k x)_c.
 
-The M-step maximises, for every expert at once,
+W_k has one row of class scores per class, all free (the symmetric parametrisation,
+as the softmax gate's): adding the same vector to every row leaves p_k unchanged,
+and the L2 penalty on the slopes picks the solution whose slopes sum to zero over
+classes. The M-step increases, for every expert at once,
 
 .. math::  Q(W) = \\sum_k \\sum_i r_{ik} \\log \\operatorname{softmax}(W_k x_i)_{y_i}
-                 - \\frac{\\alpha}{2} \\sum_k \\lVert W_{k,\\text{slopes}} \\rVert^2,
+                 - \\frac{\\alpha}{2} \\sum_k \\lVert W_k P \\rVert^2,
 
-a concave function, with L-BFGS (strong-Wolfe line search) started from the
-current parameters. A few iterations per EM step suffice (generalised EM); a step
-that would not increase Q is refused, so the EM objective never decreases.
+a concave function; P = diag(1, ..., 1, 0) leaves the intercept unpenalised. With
+p_ik = softmax(W_k x_i), its gradient and negative Hessian in W_k are
+
+.. math::  g_k = \\sum_i r_{ik} (e_{y_i} - p_{ik}) x_i^T - \\alpha W_k P, \\qquad
+           A_k = \\sum_i r_{ik} (\\operatorname{diag} p_{ik} - p_{ik} p_{ik}^T)
+                 \\otimes x_i x_i^T + \\alpha I \\otimes P.
+
+The E-step has just computed p_ik, so both are sums over rows that ``chunk_stats``
+gathers in the same pass: one EM iteration takes one step on Q and reads the data
+once. Q splits into a part in the class-centred rows of W_k and a part in their
+mean row, on which only the penalty acts. Newton's step treats both at once; the
+other two set the slopes' mean over classes to zero, exactly, and work on the
+centred rows.
+
+**newton**: W_k += A_k^{-1} g_k. Building A_k takes C (C + 1) / 2 weighted Gram
+matrices per expert, O(n (C p)^2), and solving it O((C p)^3).
+
+**diagonal**: A_k with each row's class curvature diag p - p p^T replaced by the
+diagonal of its absolute row sums, diag(2 p_c (1 - p_c)), which lies above it (the
+difference is diagonally dominant): the model's curvature is at least Q's at W in
+every direction, as in a damped Newton step. It takes C weighted Gram matrices per
+expert, O(n C p^2), and C solves of p x p. With the blocks
+D_c = X^T diag(2 r_k p_kc (1 - p_kc)) X + alpha P, the step that maximises the
+model over class-centred steps is
+
+.. math::  \\Delta_c = D_c^{-1} (g_c + \\lambda), \\qquad
+           \\lambda = -\\Big(\\sum_c D_c^{-1}\\Big)^{-1} \\sum_c D_c^{-1} g_c.
+
+For two classes the bound is exact on the centred rows and this is Newton's step.
+
+**bohning**: every block X^T R_k X / 2 + alpha P, from Bohning's (1992) bound
+B = 1/2 (I - 11^T / C) (x) X^T R_k X + alpha I (x) P, which lies above A_k at every
+W: the step never lowers Q (a minorise-maximise step, ``monotone``), for one Gram
+matrix per expert. As Q lies above the bound's quadratic minoriser, a step omega
+in (0, 2) times as long still increases Q, by at least
+omega (1 - omega / 2) g^T B^{-1} g; the step taken is ``OVER_RELAXATION`` times as
+long.
+
+The newton and diagonal steps are not guaranteed to increase Q; the EM loop checks
+the likelihood and shortens a step that lowers it (in the runs below, once in 167
+Newton iterations on digits and never with diagonal steps). ``solver="auto"`` takes
+newton while C p is at most ``NEWTON_MAX_PARAMS`` and C > 2, diagonal otherwise.
+Measured on all rows from one k-means start (n_init=1) run to convergence, on one
+thread, EM needed as many iterations with either step on iris, wine and breast
+cancer (142 and 150, 248 and 254, the same 1003) and on digits (C = 10, p = 65: 167
+and 168, Newton's iterations costing five times as much); on synthetic mixtures with
+C = 5 and 10 Newton needed 2.6 to 3.5 times fewer, at 1.4 to 2.1 times the cost per
+iteration below C p = 256 (3.6 at C p = 330). Bohning needed 848 on digits: where
+the experts are confident the bound lies far above the curvature and its steps are
+short. A Kronecker curvature, each row's 2 max_c p_c (1 - p_c) times I - 11^T / C
+(one Gram matrix per expert), needed 223 on digits at a tenth of the diagonal step's
+Gram cost (a whole fit with the default starts about twice as fast), but on a C = 10
+mixture it crept so slowly that EM stopped at ``tol`` 0.09 per sample below its
+optimum.
 """
 
 from __future__ import annotations
@@ -17,8 +71,16 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData
-from moekit._core.optim import lbfgs_minimise
+from moekit._core.linalg import solve_psd, unpack_triu
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+
+SOLVERS = ("auto", "newton", "diagonal", "bohning")
+
+NEWTON_MAX_PARAMS = 256
+"""``solver="auto"`` uses Newton up to this many parameters per expert, C p."""
+
+OVER_RELAXATION = 1.5
+"""Length of the Bohning step relative to the bound's maximiser; monotone in (0, 2)."""
 
 
 @dataclass
@@ -26,6 +88,55 @@ class LogisticParams:
     """coef of shape (K, C, p): class scores per expert, last column the intercept."""
 
     coef: torch.Tensor
+
+
+def _grams(xt: torch.Tensor, w: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """sum_i w_ji x_i x_i^T for every row j of w (J, c): packed (p(p+1)/2, J) or (J, p, p)."""
+    if xt.shape[0] <= 24:
+        return chunk.products("e") @ w.T
+    return torch.stack([(xt * wj) @ xt.T for wj in w])
+
+
+def _unpack(grams: torch.Tensor, p: int) -> torch.Tensor:
+    return unpack_triu(grams.T, p) if grams.ndim == 2 else grams  # (J, p, p)
+
+
+def _solve_pd(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """A^{-1} rhs by Cholesky; the minimum-norm solution where some A is singular."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool(info.any()):  # an expert or class without weight: not determined
+        return solve_psd(A, rhs)
+    return torch.cholesky_solve(rhs, L)
+
+
+def _inverse_pd(A: torch.Tensor) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool(info.any()):
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        return solve_psd(A, eye.expand_as(A))  # the pseudo-inverse
+    return torch.cholesky_inverse(L)
+
+
+def centred_block_step(g: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """argmax of g . Delta - sum_c Delta_c^T D_c Delta_c / 2 over Delta with rows summing to 0.
+
+    See the module docstring for the solution.
+
+    Parameters
+    ----------
+    g : Tensor of shape (K, C, p)
+    blocks : Tensor of shape (K, C, p, p) or (K, 1, p, p)
+        D_c, or one D for every class.
+
+    Returns
+    -------
+    Tensor of shape (K, C, p)
+    """
+    K, C, p = g.shape
+    inv = _inverse_pd(blocks).expand(K, C, p, p)
+    ig = inv @ g.unsqueeze(-1)  # (K, C, p, 1)
+    lam = _solve_pd(inv.sum(1), -ig.sum(1))  # (K, p, 1)
+    return (ig + inv @ lam.unsqueeze(1)).squeeze(-1)
 
 
 class LogisticExperts:
@@ -38,24 +149,40 @@ class LogisticExperts:
     alpha : float
         L2 penalty on the slopes, on the scale of the summed log-likelihood (as
         scikit-learn's ``1 / C``).
-    max_iter : int
-        L-BFGS iterations per M-step (the first M-step uses five times as many).
+    solver : {'auto', 'newton', 'diagonal', 'bohning'}
+        The M-step (see the module docstring).
     """
 
     report_name = "multinomial logistic"
-    monotone = True
-    needs_resp = True
+    needs_resp = False
     params_type = LogisticParams
 
-    def __init__(self, n_experts: int, n_classes: int, alpha: float = 1.0, max_iter: int = 10):
+    def __init__(
+        self, n_experts: int, n_classes: int, alpha: float = 1.0, solver: str = "auto"
+    ) -> None:
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
         self.n_experts = n_experts
         self.n_classes = n_classes
         self.alpha = alpha
-        self.max_iter = max_iter
+        self.solver = solver
+        self._step = "bohning" if solver == "bohning" else "newton"
+
+    @property
+    def monotone(self) -> bool:
+        return self._step == "bohning"
 
     def prepare(self, data: EMData) -> None:
-        pass
+        C, p = self.n_classes, data.XeT.shape[0]
+        self._step = self.solver
+        if self.solver == "auto":
+            self._step = "newton" if C > 2 and C * p <= NEWTON_MAX_PARAMS else "diagonal"
 
+    def init_params(self, data: EMData) -> LogisticParams:
+        p = data.XeT.shape[0]
+        return LogisticParams(data.XeT.new_zeros((self.n_experts, self.n_classes, p)))
+
+    # ------------------------------------------------------------ E-step
     def _log_probs(self, coef: torch.Tensor, XT: torch.Tensor) -> torch.Tensor:
         K, C, p = coef.shape
         logits = (coef.reshape(K * C, p) @ XT).reshape(K, C, -1)  # (K, C, n)
@@ -63,6 +190,7 @@ class LogisticExperts:
 
     def log_prob(self, params: LogisticParams, chunk: Chunk) -> torch.Tensor:
         logp = self._log_probs(params.coef, chunk.XeT)  # (K, C, c)
+        chunk.scratch["logistic_logp"] = logp
         idx = chunk.y.view(1, 1, -1).expand(self.n_experts, 1, -1)
         return logp.gather(1, idx).squeeze(1)  # (K, c)
 
@@ -70,38 +198,75 @@ class LogisticExperts:
         """p_k(y = c | x) of shape (K, C, n)."""
         return torch.exp(self._log_probs(params.coef, XT))
 
-    def chunk_stats(self, params, chunk, resp):
-        return None
+    # ------------------------------------------------------------ M-step
+    def chunk_stats(self, params: LogisticParams, chunk: Chunk, resp: torch.Tensor):
+        """Each expert's weight (K,), the gradient's data part (K, C, p), the curvature's Grams."""
+        logp = chunk.scratch.get("logistic_logp")
+        if logp is None:
+            logp = self._log_probs(params.coef, chunk.XeT)
+        K, C = self.n_experts, self.n_classes
+        xt = chunk.XeT  # (p, c)
+        p, c = xt.shape
+        prob = torch.exp(logp)  # (K, C, c)
+        rp = prob * resp.unsqueeze(1)  # r_ik p_ikc
+        # r_ik (e_{y_i} - p_ik), then its products with x_i
+        w = rp.neg().scatter_add_(1, chunk.y.view(1, 1, -1).expand(K, 1, -1), resp.unsqueeze(1))
+        grad = (w.reshape(K * C, c) @ xt.T).reshape(K, C, p)
+        nk = resp.sum(1)
+        if self._step == "bohning":
+            return nk, grad, _grams(xt, 0.5 * resp, chunk)
+        if self._step == "diagonal":
+            d = rp.mul_(1.0 - prob).mul_(2.0)  # 2 r_ik p_ikc (1 - p_ikc), (K, C, c)
+            return nk, grad, _grams(xt, d.reshape(K * C, c), chunk)
+        # newton: weights r_ik p_ika (delta_ab - p_ikb) of the class blocks a <= b
+        rows, cols = torch.triu_indices(C, C)
+        hw = rp[:, rows] * prob[:, cols].neg()  # (K, T, c)
+        hw[:, rows == cols] += rp
+        return nk, grad, _grams(xt, hw.reshape(-1, c), chunk)
 
-    def _penalty(self, coef: torch.Tensor) -> torch.Tensor:
-        return 0.5 * self.alpha * (coef[..., :-1] ** 2).sum()
-
-    def _objective(self, coef: torch.Tensor, data: EMData, resp: torch.Tensor) -> torch.Tensor:
-        # negative Q, divided by n so that L-BFGS's tolerances do not depend on n
-        logp = self._log_probs(coef, data.XeT)
-        idx = data.y.view(1, 1, -1).expand(self.n_experts, 1, -1)
-        ll = (resp * logp.gather(1, idx).squeeze(1)).sum()
-        return -(ll - self._penalty(coef)) / data.n
-
-    def m_step(self, params, stats, data: EMData, resp: torch.Tensor) -> LogisticParams:
-        p = data.XeT.shape[0]
+    def m_step(self, params, stats, data: EMData, resp=None) -> LogisticParams:
         if params is None:
-            start = data.XeT.new_zeros((self.n_experts, self.n_classes, p))
-            iters = 5 * self.max_iter
+            params = self.init_params(data)
+        nk, grad, curv = stats
+        W = params.coef  # (K, C, p)
+        K, p = W.shape[0], W.shape[2]
+        pen = W.new_ones(p)
+        pen[-1] = 0.0  # no penalty on the intercept
+        g = grad - self.alpha * W * pen  # gradient of Q, (K, C, p)
+        if self._step == "newton":
+            step = self._newton_step(g, curv, pen)
         else:
-            start, iters = params.coef, self.max_iter
-        resp = resp.detach()
-        (coef,) = lbfgs_minimise((start,), lambda c: self._objective(c, data, resp), iters)
-        with torch.no_grad():
-            before = float(self._objective(start, data, resp))
-            after = float(self._objective(coef, data, resp))
-        if not after <= before:  # also refuses NaN
-            return LogisticParams(start)
-        return LogisticParams(coef)
+            blocks = _unpack(curv, p).reshape(K, -1, p, p) + self.alpha * torch.diag(pen)
+            step = centred_block_step(g, blocks)
+            if self._step == "bohning":
+                step *= OVER_RELAXATION
+            step -= W.mean(1, keepdim=True) * pen  # the mean row's exact step
+        # an expert with no weight at all is not determined by the data: keep it as it was
+        empty = nk <= 1e-12 * max(float(nk.sum()), 1.0)
+        return LogisticParams(W + step.masked_fill_(empty[:, None, None], 0.0))
+
+    def _newton_step(self, g, hess, pen) -> torch.Tensor:
+        K, C, p = g.shape
+        rows, cols = torch.triu_indices(C, C)
+        blocks = _unpack(hess, p).reshape(K, -1, p, p)  # (K, T, p, p), class pairs a <= b
+        A = g.new_zeros((K, C, C, p, p))
+        A[:, rows, cols] = blocks
+        A[:, cols, rows] = blocks
+        A = A.transpose(2, 3).reshape(K, C * p, C * p) + self.alpha * torch.diag(pen.repeat(C))
+        # A is singular along the intercepts' common shift u, where g has no part:
+        # adding u u^T makes it definite and leaves the step without a part along u
+        u = g.new_zeros((C, p))
+        u[:, -1] = C**-0.5
+        u = u.reshape(-1)
+        A = A + torch.outer(u, u)
+        return _solve_pd(A, g.reshape(K, C * p, 1)).reshape(K, C, p)
 
     def select(self, params: LogisticParams, perm: torch.Tensor) -> LogisticParams:
         """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
         return LogisticParams(params.coef[perm].contiguous())
+
+    def _penalty(self, coef: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.alpha * (coef[..., :-1] ** 2).sum()
 
     def residuals(self, params: LogisticParams, chunk: Chunk) -> torch.Tensor:
         """Residuals onehot(y) - p_k(. | x) of the class probabilities, shape (K, C, c)."""
