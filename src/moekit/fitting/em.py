@@ -137,7 +137,10 @@ def run_em(
         model.prepare(sub)
 
     def fit_nested(small: EMModel, d: EMData, n: int) -> Params:
-        res = run_em(small, d, init="auto", n_init=n, max_iter=max(max_iter, 1), tol=tol,
+        # a starting point, not an answer: its best starts get one more short run, and
+        # this model's own short run and final run take it the rest of the way
+        budget = max(min(max_iter, 2 * init_max_iter), 1)
+        res = run_em(small, d, init="auto", n_init=n, max_iter=budget, tol=tol,
                      init_max_iter=init_max_iter, init_sample_size=None, generator=generator,
                      warn=False)  # fmt: skip
         model.prepare(d)  # the nested fit may have prepared shared families on other widths
