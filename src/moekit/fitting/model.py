@@ -86,6 +86,19 @@ def _add(acc, new):
     return acc + new
 
 
+#: EM's observed linear rate (ratio of successive changes of the objective) above
+#: which iterations are accelerated: at 0.5 plain EM gains a digit in ~3 steps.
+SLOW_RATE = 0.5
+
+
+def _slow(history: list[float], rate: float) -> bool:
+    """Whether the last two changes of ``history`` shrink slower than ``rate``."""
+    if len(history) < 3:
+        return False
+    d1, d2 = history[-2] - history[-3], history[-1] - history[-2]
+    return d1 > 0 and d2 > rate * d1
+
+
 class EMModel:
     """An expert family and a gate, with the pass and step they share."""
 
@@ -174,6 +187,21 @@ class EMModel:
         g = new.gate if self.gate.monotone else lerp_params(old.gate, new.gate, t)
         return Params(e, g)
 
+    @property
+    def can_accelerate(self) -> bool:
+        """Whether both families offer free tensors, which SQUAREM extrapolates in."""
+        return all(
+            hasattr(f, "to_free") and hasattr(f, "from_free") for f in (self.expert, self.gate)
+        )
+
+    def step(self, params: Params, cur: PassResult, data: EMData) -> tuple[Params, PassResult]:
+        """One EM iteration from ``params`` (whose E-step is ``cur``), safeguarded."""
+        new_params = self.m_step(params, cur, data)
+        new = self.e_pass(new_params, data)
+        if not (self.expert.monotone and self.gate.monotone):
+            new_params, new = self._safeguard(params, cur, new_params, new, data)
+        return new_params, new
+
     def iterate(
         self,
         params: Params,
@@ -182,31 +210,95 @@ class EMModel:
         tol: float,
         progress: Progress | None = None,
         current: PassResult | None = None,
+        accelerate: bool | None = None,
     ) -> tuple[Params, PassResult, list[float], bool]:
         """Run up to ``max_iter`` EM iterations from ``params``.
 
+        Where the families allow it (``accelerate=None``) and EM creeps (the last
+        two changes of the objective shrink by a factor above ``SLOW_RATE``, EM's
+        linear rate), iterations go in SQUAREM cycles (:meth:`_squarem`): two EM
+        steps, an extrapolation along them and one more EM step, kept only if it
+        ends above the two plain steps, so the objective still never decreases.
+        While EM converges fast, plain steps are cheaper: a cycle costs one extra
+        E-step. Each EM step counts as one iteration.
+
         Returns the parameters, the pass at them (the final E-step), the objective
-        history (starting with the objective at the given parameters) and whether
-        the change fell below ``tol``.
+        history (starting with the objective at the given parameters, then one entry
+        per EM step) and whether the change of one EM step fell below ``tol``.
         """
         cur = current if current is not None else self.e_pass(params, data)
         history = [cur.objective]
         converged = False
-        monotone = self.expert.monotone and self.gate.monotone
-        for it in range(1, max_iter + 1):
-            new_params = self.m_step(params, cur, data)
-            new = self.e_pass(new_params, data)
-            if not monotone:
-                new_params, new = self._safeguard(params, cur, new_params, new, data)
-            change = new.objective - cur.objective
-            params, cur = new_params, new
-            history.append(cur.objective)
-            if progress is not None:
-                progress.iteration(it, cur.objective, change)
-            if abs(change) < tol:
-                converged = True
-                break
+        accelerate = self.can_accelerate if accelerate is None else accelerate
+        while len(history) - 1 < max_iter and not converged:
+            if (
+                accelerate
+                and max_iter - (len(history) - 1) >= 3
+                and _slow(history, SLOW_RATE)
+            ):
+                params, cur, objectives, converged = self._squarem(params, cur, data, tol)
+            else:
+                prev = cur.objective
+                params, cur = self.step(params, cur, data)
+                objectives, converged = [cur.objective], abs(cur.objective - prev) < tol
+            for value in objectives:
+                if progress is not None:
+                    progress.iteration(len(history), value, value - history[-1])
+                history.append(value)
         return params, cur, history, converged
+
+    def _squarem(self, p0: Params, c0: PassResult, data: EMData, tol: float):
+        """One SQUAREM cycle (Varadhan and Roland 2008, scheme S3) in the free parameters.
+
+        With r = theta_1 - theta_0 and v = theta_2 - 2 theta_1 + theta_0 from two EM
+        steps, the extrapolation theta_0 - 2 a r + a^2 v with a = -|r| / |v| jumps
+        along the path EM creeps on; one EM step from there stabilises it. It is kept
+        only if its objective is at least the second EM step's, with a shortened
+        towards a = -1 (the plain steps) otherwise. Free tensors keep every
+        extrapolated point a valid model (variances positive, weights normalised).
+        """
+        p1, c1 = self.step(p0, c0, data)
+        if abs(c1.objective - c0.objective) < tol:
+            return p1, c1, [c1.objective], True
+        p2, c2 = self.step(p1, c1, data)
+        if abs(c2.objective - c1.objective) < tol:
+            return p2, c2, [c1.objective, c2.objective], True
+        f0, f1, f2 = (self._flat(p) for p in (p0, p1, p2))
+        r, v = f1 - f0, f2 - 2.0 * f1 + f0
+        rn, vn = float(r.norm()), float(v.norm())
+        alpha = -rn / vn if vn > 0 else -1.0
+        for _ in range(3):
+            if alpha > -1.0 + 1e-3:
+                break
+            try:
+                px = self._unflat(f0 - 2.0 * alpha * r + alpha**2 * v, p0)
+                cx = self.e_pass(px, data)
+                if math.isfinite(cx.objective):
+                    p3, c3 = self.step(px, cx, data)
+                    if math.isfinite(c3.objective) and c3.objective >= c2.objective:
+                        done = abs(c3.objective - cx.objective) < tol
+                        return p3, c3, [c1.objective, c2.objective, c3.objective], done
+            except (RuntimeError, ValueError):  # a singular system at a far point
+                pass
+            alpha = 0.5 * (alpha - 1.0)
+        return p2, c2, [c1.objective, c2.objective], False
+
+    def _flat(self, params: Params) -> torch.Tensor:
+        parts = [
+            *self.expert.to_free(params.expert).values(),
+            *self.gate.to_free(params.gate).values(),
+        ]
+        return torch.cat([t.reshape(-1) for t in parts])
+
+    def _unflat(self, flat: torch.Tensor, like: Params) -> Params:
+        out, i = [], 0
+        for family, params in ((self.expert, like.expert), (self.gate, like.gate)):
+            free = {}
+            for name, t in family.to_free(params).items():
+                free[name] = flat[i : i + t.numel()].reshape(t.shape)
+                i += t.numel()
+            out.append(family.from_free(free))
+        return Params(*out)
 
     def _safeguard(self, old, cur, new_params, new, data):
         slack = 1e-12 * (1.0 + abs(cur.objective))
