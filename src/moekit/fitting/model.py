@@ -231,11 +231,7 @@ class EMModel:
         converged = False
         accelerate = self.can_accelerate if accelerate is None else accelerate
         while len(history) - 1 < max_iter and not converged:
-            if (
-                accelerate
-                and max_iter - (len(history) - 1) >= 3
-                and _slow(history, SLOW_RATE)
-            ):
+            if accelerate and max_iter - (len(history) - 1) >= 3 and _slow(history, SLOW_RATE):
                 params, cur, objectives, converged = self._squarem(params, cur, data, tol)
             else:
                 prev = cur.objective
