@@ -7,8 +7,9 @@ The M-step is weighted least squares per expert and output,
                                      {\\sum_i r_{ik}}, \\; \\text{floor}\\Big),
 
 with R_k = diag(r_{1k}, ..., r_{nk}). Everything it needs is a sum over rows of
-r_ik times a product of two of (x_1, ..., x_p, y_1, ..., y_m), so one matrix
-product per chunk, ``resp @ products.T``, gathers all of it in the E-step's pass.
+r_ik times a product of two of (x_1, ..., x_p, y_1, ..., y_m): the weighted Gram
+matrices of [x, y], which :meth:`~moekit._core.data.Chunk.weighted_grams` gathers
+in the E-step's pass (one matrix product per chunk, or per expert for wide x).
 The variance floor is the constrained maximiser, so the step stays exact and the
 likelihood stays bounded when an expert sits on a few points.
 """
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.data import Chunk, EMData
-from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.linalg import solve_psd
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 
@@ -73,16 +74,12 @@ class GaussianExperts:
 
     # ------------------------------------------------------------ M-step
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
-        # (f, c) @ (c, K) -> (f, K): every weighted Gram, X^T R y and y^T R y at once
-        return chunk.products("e", with_target=True) @ resp.T
+        # every X^T R_k X, X^T R_k y and y^T R_k y of the chunk
+        return chunk.weighted_grams(resp, "e", with_target=True)
 
     def m_step(self, params, stats: torch.Tensor, data: EMData, resp=None) -> GaussianParams:
-        p, m, K = data.XeT.shape[0], self.n_outputs, self.n_experts
-        n_pairs = p * (p + 1) // 2
-        S = stats.T  # (K, f)
-        gram = unpack_triu(S[:, :n_pairs], p)  # (K, p, p)
-        xty = S[:, n_pairs : n_pairs + p * m].reshape(K, m, p)  # (K, m, p)
-        yty = S[:, n_pairs + p * m :]  # (K, m)
+        p, m = data.XeT.shape[0], self.n_outputs
+        gram, xty, yty = unpack_grams(stats, p, m)  # (K, p, p), (K, m, p), (K, m)
         nk = gram[:, -1, -1]  # the intercept's product with itself: sum_i r_ik
         coef = solve_psd(gram, xty.transpose(1, 2)).transpose(1, 2)  # (K, m, p)
         # RSS_kj = y^T R y - 2 b^T X^T R y + b^T X^T R X b

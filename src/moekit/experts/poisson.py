@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.data import Chunk, EMData
-from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 
 
@@ -77,11 +77,7 @@ class PoissonExperts:
             rate = chunk.scratch["poisson_rate"]
         wr = resp * rate  # (K, c)
         grad = (resp * chunk.y[0] - wr) @ chunk.XeT.T  # (K, p)
-        p = chunk.XeT.shape[0]
-        if p <= 24:
-            hess = chunk.products("e") @ wr.T  # (p(p+1)/2, K)
-        else:
-            hess = torch.stack([(chunk.XeT * w) @ chunk.XeT.T for w in wr])  # (K, p, p)
+        hess = chunk.weighted_grams(wr, "e")  # every X^T diag(r_k lambda_k) X
         return grad, hess
 
     def m_step(self, params, stats, data: EMData, resp=None) -> PoissonParams:
@@ -89,7 +85,7 @@ class PoissonExperts:
             params = self.init_params(data)
         grad, hess = stats
         p = grad.shape[1]
-        H = unpack_triu(hess.T, p) if hess.ndim == 2 else hess  # (K, p, p)
+        H = unpack_grams(hess, p)[0]  # (K, p, p)
         pen = grad.new_ones(p)
         pen[-1] = 0.0
         H = H + self.alpha * torch.diag(pen)

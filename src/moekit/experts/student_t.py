@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.data import Chunk, EMData
-from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.linalg import solve_psd
 from moekit._core.logspace import student_t_logpdf
 from moekit._core.reporting import Report, Scaling
 from moekit.experts.gaussian import GaussianExperts, GaussianParams, _variance
@@ -102,7 +102,7 @@ class StudentTExperts:
         nu = params.df.unsqueeze(1)
         u = (nu + self.n_outputs) / (nu + d2)  # expected precision weights (K, c)
         ru = resp * u
-        weighted = chunk.products("e", with_target=True) @ ru.T  # (f, K)
+        weighted = chunk.weighted_grams(ru, "e", with_target=True)  # Grams of [x, y]
         nk = resp.sum(1)  # (K,)
         nu_stat = (resp * (torch.log(u) - u)).sum(1)  # (K,)
         return weighted, nk, nu_stat
@@ -111,12 +111,8 @@ class StudentTExperts:
         if params is None:
             params = self.init_params(data)
         weighted, nk, nu_stat = stats
-        p, m, K = data.XeT.shape[0], self.n_outputs, self.n_experts
-        n_pairs = p * (p + 1) // 2
-        S = weighted.T  # (K, f)
-        gram = unpack_triu(S[:, :n_pairs], p)
-        xty = S[:, n_pairs : n_pairs + p * m].reshape(K, m, p)
-        yty = S[:, n_pairs + p * m :]
+        p, m = data.XeT.shape[0], self.n_outputs
+        gram, xty, yty = unpack_grams(weighted, p, m)  # (K, p, p), (K, m, p), (K, m)
         coef = solve_psd(gram, xty.transpose(1, 2)).transpose(1, 2)
         rss = yty - 2.0 * (coef * xty).sum(-1) + torch.einsum("kmp,kpq,kmq->km", coef, gram, coef)
         var = torch.clamp(rss / nk.clamp(min=1e-300).unsqueeze(1), min=self.var_floor)

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.data import Chunk, EMData
-from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit.gates.constant import ConstantGate, ConstantGateParams
 
@@ -128,7 +128,7 @@ class SoftmaxGate:
         grad = (resp - g) @ xt.T  # (K, p)
         if not self._use_newton:
             return grad, None
-        K, (p, c) = self.n_experts, xt.shape
+        K, c = self.n_experts, xt.shape[1]
         # weights g_k (delta_kl - g_l) for the pairs k <= l: (T, c)
         w = chunk.data.workspace("gate_hess_w", K * (K + 1) // 2, c)[:, :c]
         t = 0
@@ -136,12 +136,8 @@ class SoftmaxGate:
             torch.mul(g[k : k + 1], g[k:], out=w[t : t + K - k]).neg_()
             w[t].add_(g[k])
             t += K - k
-        if p <= 24:
-            # all weighted Grams in one product with the packed row products
-            hess = chunk.products("g") @ w.T  # (p(p+1)/2, T)
-        else:
-            hess = torch.stack([(xt * wi) @ xt.T for wi in w])  # (T, p, p)
-        return grad, hess
+        # narrow designs: one product with the row products the experts share
+        return grad, chunk.weighted_grams(w, "g")
 
     def m_step(self, params, stats, data: EMData, resp=None) -> SoftmaxGateParams:
         K = self.n_experts
@@ -155,7 +151,7 @@ class SoftmaxGate:
         pen = self._pen
         g = (grad - self.alpha * V * pen).reshape(-1)  # gradient of Q_g, K p
         if self._use_newton:
-            blocks = unpack_triu(hess.T, p) if hess.ndim == 2 else hess  # (T, p, p)
+            blocks = unpack_grams(hess, p)[0]  # (T, p, p)
             A = V.new_zeros((K, p, K, p))
             rows, cols = torch.triu_indices(K, K)
             for t, (k, l) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):

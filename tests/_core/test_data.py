@@ -1,0 +1,82 @@
+"""Chunks and their weighted Gram matrices: both paths against a direct sum."""
+
+import itertools
+
+import pytest
+import torch
+
+import moekit._core.data as data_mod
+from moekit._core.data import EMData, unpack_grams
+
+PACKED, PER_WEIGHT = 10**6, 0  # values of PACKED_MAX_P that force each path
+
+
+def _data(n, p, m, shared=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    XeT = torch.randn(p, n, generator=gen, dtype=torch.float64)
+    XeT[-1] = 1.0
+    XgT = XeT if shared else torch.randn(p - 2, n, generator=gen, dtype=torch.float64)
+    y = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return EMData(XeT, XgT, y)
+
+
+def _summed(data, weights, which, with_target):
+    total = None
+    for chunk in data.chunks(1000):  # several chunks, the last one shorter
+        part = chunk.weighted_grams(weights[:, chunk.start : chunk.stop], which, with_target)
+        total = part if total is None else total + part
+    return total
+
+
+@pytest.mark.parametrize("path", [PACKED, PER_WEIGHT])
+@pytest.mark.parametrize("m", [1, 2])
+def test_weighted_grams_are_the_weighted_sums(monkeypatch, path, m):
+    monkeypatch.setattr(data_mod, "PACKED_MAX_P", path)
+    n, p = 2500, 6
+    data = _data(n, p, m)
+    w = torch.rand(4, n, dtype=torch.float64) - 0.3  # some weights negative, as the gate's
+    X, y = data.XeT.T, data.y.T  # (n, p), (n, m)
+    gram, xty, yty = unpack_grams(_summed(data, w, "e", True), p, m)
+    torch.testing.assert_close(gram, torch.einsum("tn,na,nb->tab", w, X, X), rtol=1e-12, atol=0)
+    torch.testing.assert_close(xty, torch.einsum("tn,nj,na->tja", w, y, X), rtol=1e-12, atol=0)
+    torch.testing.assert_close(yty, torch.einsum("tn,nj->tj", w, y * y), rtol=1e-12, atol=0)
+    assert torch.equal(gram, gram.transpose(1, 2))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_both_paths_give_the_same_gate_and_expert_grams(monkeypatch, shared):
+    data = _data(3000, 8, 1, shared=shared)
+    w = torch.rand(3, 3000, dtype=torch.float64)
+    out = {}
+    for path in (PACKED, PER_WEIGHT):
+        monkeypatch.setattr(data_mod, "PACKED_MAX_P", path)
+        data._work.clear()
+        e = unpack_grams(_summed(data, w, "e", True), 8, 1)
+        g = unpack_grams(_summed(data, w, "g", False), data.XgT.shape[0])[0]
+        out[path] = (*e, g)
+    for a, b in zip(out[PACKED], out[PER_WEIGHT], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_chunks_keep_their_scratch_bounded_and_cover_the_rows():
+    narrow = _data(200_000, 6, 1)
+    assert narrow.chunk_rows() == data_mod.DEFAULT_CHUNK  # narrow data: chunks as before
+    wide = _data(5000, 201, 1)
+    rows = wide.chunk_rows()
+    scratch = rows * data_mod.gram_scratch_rows(201, 1) * 8
+    assert data_mod.MIN_CHUNK <= rows < data_mod.DEFAULT_CHUNK
+    assert scratch <= data_mod.CHUNK_SCRATCH_BYTES
+    spans = [(c.start, c.stop) for c in wide.chunks()]
+    assert spans[0][0] == 0 and spans[-1][1] == 5000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    # the gate's own design, when it differs, counts too
+    assert _data(5000, 201, 1, shared=False).chunk_rows() < rows
+
+
+def test_wide_designs_use_no_packed_products():
+    data = _data(4000, 40, 1)
+    assert not data_mod.packed(40)
+    w = torch.rand(3, 4000, dtype=torch.float64)
+    for chunk in data.chunks():
+        assert chunk.weighted_grams(w[:, chunk.start : chunk.stop], "e", True).shape == (3, 41, 41)
+    assert not any(key.startswith("prod") for key in data._work)
