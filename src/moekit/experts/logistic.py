@@ -70,8 +70,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.data import Chunk, EMData
-from moekit._core.linalg import solve_psd, unpack_triu
+from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 
 SOLVERS = ("auto", "newton", "diagonal", "bohning")
@@ -90,15 +90,13 @@ class LogisticParams:
     coef: torch.Tensor
 
 
-def _grams(xt: torch.Tensor, w: torch.Tensor, chunk: Chunk) -> torch.Tensor:
-    """sum_i w_ji x_i x_i^T for every row j of w (J, c): packed (p(p+1)/2, J) or (J, p, p)."""
-    if xt.shape[0] <= 24:
-        return chunk.products("e") @ w.T
-    return torch.stack([(xt * wj) @ xt.T for wj in w])
+def _grams(w: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """sum_i w_ji x_i x_i^T for every row j of w (J, c), as :meth:`Chunk.weighted_grams`."""
+    return chunk.weighted_grams(w, "e")
 
 
 def _unpack(grams: torch.Tensor, p: int) -> torch.Tensor:
-    return unpack_triu(grams.T, p) if grams.ndim == 2 else grams  # (J, p, p)
+    return unpack_grams(grams, p)[0]  # (J, p, p)
 
 
 def _solve_pd(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -214,15 +212,15 @@ class LogisticExperts:
         grad = (w.reshape(K * C, c) @ xt.T).reshape(K, C, p)
         nk = resp.sum(1)
         if self._step == "bohning":
-            return nk, grad, _grams(xt, 0.5 * resp, chunk)
+            return nk, grad, _grams(0.5 * resp, chunk)
         if self._step == "diagonal":
             d = rp.mul_(1.0 - prob).mul_(2.0)  # 2 r_ik p_ikc (1 - p_ikc), (K, C, c)
-            return nk, grad, _grams(xt, d.reshape(K * C, c), chunk)
+            return nk, grad, _grams(d.reshape(K * C, c), chunk)
         # newton: weights r_ik p_ika (delta_ab - p_ikb) of the class blocks a <= b
         rows, cols = torch.triu_indices(C, C)
         hw = rp[:, rows] * prob[:, cols].neg()  # (K, T, c)
         hw[:, rows == cols] += rp
-        return nk, grad, _grams(xt, hw.reshape(-1, c), chunk)
+        return nk, grad, _grams(hw.reshape(-1, c), chunk)
 
     def m_step(self, params, stats, data: EMData, resp=None) -> LogisticParams:
         if params is None:
