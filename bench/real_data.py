@@ -15,7 +15,7 @@ is one model fitted by both tools:
   the table says how many components were left.
 - **moekit**: ``MoERegressor(n_experts=K, gate=..., expert=..., expert_features=...,
   gate_features=..., random_state=0)`` with every other setting at its default,
-  once with the default single start and once with ``n_init=10``.
+  and the same with ``n_init=10`` (the table states the defaults it ran with).
 
 R formulas become explicit columns built here from the exported data
 (``I(x^2)`` is x squared, ``log(Length)`` the log of Length); a concomitant
@@ -375,6 +375,14 @@ def main() -> int:
 
 
 # ---------------------------------------------------------------------------- report
+DEFAULTS = MoERegressor().get_params()
+
+
+def defaults_text() -> str:
+    names = ("n_init", "init", "max_iter", "tol", "gate_alpha")
+    return ", ".join(f"{k}={DEFAULTS[k]!r}" for k in names)
+
+
 def verdict(row: dict) -> tuple[float | None, str]:
     if "flex" not in row:
         return None, "n/a (no R)"
@@ -397,7 +405,7 @@ def render(rows: list[dict], header: dict, have_r: bool) -> str:
         "",
         f"flexmix: `stepFlexmix(..., k=K, nrep={NREP})`, default control. moekit: "
         f"`MoERegressor(n_experts=K, random_state=0)` with the case's gate, expert and "
-        f"feature selection, defaults otherwise (n_init=1, max_iter=200), and the same with "
+        f"feature selection, defaults otherwise ({defaults_text()}), and the same with "
         f"`n_init={NREP}`. Total log-likelihoods (higher is better); df = parameter count; "
         f"wall seconds are medians of {header['repeats']} runs. gap = moekit (n_init={NREP}) "
         f"− flexmix; target: gap ≥ −{TOL} and moekit (n_init={NREP}, torch's default "
@@ -471,7 +479,8 @@ def diagnostics(rows: list[dict]) -> list[str]:
         "EM holds flexmix's optimum, so a shortfall in the first table comes from its "
         "starts. flexmix's Gaussian M-step divides the weighted residual sum of squares by "
         "(n − rank) n / sum(w) instead of sum(w), so the exact M-step ends a little higher. "
-        "Below zero with the default `gate_alpha=1e-3` but not with 0: the gate's penalty "
+        f"Below zero with the default `gate_alpha={DEFAULTS['gate_alpha']:g}` but not with 0: "
+        "the gate's penalty "
         "pulls a steep gate back, so that moekit's penalised optimum is not flexmix's.",
         "- *moekit warnings*: warning classes raised by the n_init=10 fit.",
         "",
