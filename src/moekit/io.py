@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from moekit._core.files import write_safetensors
 
 FORMAT_VERSION = "1"
 MAX_FILE_BYTES = 16 * 2**30
@@ -77,8 +78,6 @@ def save_model(model: Any, path: str | os.PathLike) -> Path:
     Path
         The path written.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     name = type(model).__name__
     if name not in _REGISTRY:
@@ -94,21 +93,7 @@ def save_model(model: Any, path: str | os.PathLike) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"path: folder {str(folder)!r} does not exist.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp makes a private file; give the model file the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors(tensors, path, metadata)
 
 
 # ------------------------------------------------------------------ reading

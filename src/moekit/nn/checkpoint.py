@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from moekit._core.files import write_safetensors
 from moekit.nn.transformer import MoETransformer, TransformerConfig, check_state, expected_state
 
 __all__ = ["MAX_FILE_BYTES", "Checkpoint", "load_checkpoint", "load_lm", "save_checkpoint"]
@@ -75,8 +75,6 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, ck: Checkpoint) -> Path:
     """Write ``ck`` to ``path`` whole or not at all (temporary file, fsync, rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {f"model.{k}": v for k, v in ck.model._to_state()[2].items()}
     for name, state in ck.optimizer.items():
@@ -92,27 +90,7 @@ def save_checkpoint(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "step": json.dumps(ck.step),
         "corpus_sha256": json.dumps(ck.corpus_sha256),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)  # mkstemp makes a private file; give it the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def remove_partial_writes(path: str | os.PathLike) -> None:
-    """Delete temporary files a write to ``path`` left when it was killed mid-way."""
-    path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    return write_safetensors(tensors, path, metadata)
 
 
 def load_checkpoint(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Checkpoint:

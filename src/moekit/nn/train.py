@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit._core.files import remove_partial_writes
 from moekit._core.validation import Interval, InvalidParameterError, validate_params
 from moekit.nn import layer as moe_layer
-from moekit.nn.checkpoint import Checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
+from moekit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from moekit.nn.transformer import MoETransformer
 
 __all__ = [
