@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "HierarchicalMoEClassifier": "moekit.estimators",
+    "HierarchicalMoERegressor": "moekit.estimators",
     "MDNRegressor": "moekit.estimators",
     "MixturePrediction": "moekit.prediction",
     "MoEClassifier": "moekit.estimators",
@@ -21,6 +23,8 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "HierarchicalMoEClassifier",
+    "HierarchicalMoERegressor",
     "MDNRegressor",
     "MixturePrediction",
     "MoEClassifier",
@@ -30,7 +34,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from moekit.estimators import MDNRegressor, MoEClassifier, MoERegressor, select_n_experts
+    from moekit.estimators import (
+        HierarchicalMoEClassifier,
+        HierarchicalMoERegressor,
+        MDNRegressor,
+        MoEClassifier,
+        MoERegressor,
+        select_n_experts,
+    )
     from moekit.io import load
     from moekit.prediction import MixturePrediction
 

@@ -169,3 +169,84 @@ def plot_lm_training(log: dict, title: str | None = None):
         axl.legend()
     fig.tight_layout()
     return fig
+
+
+def _subtree_colors(b: int, depth: int) -> list:
+    """Colors of the b^depth nodes of one level: the hue of their ancestor below the
+    root, lightened along the rest of their path, so a subtree reads as one hue."""
+    from matplotlib.colors import to_rgb
+
+    base = expert_colors(b)
+    per = b ** (depth - 1)  # nodes of this level below each child of the root
+    out = []
+    for j in range(b**depth):
+        mix = 0.55 * (j % per) / per if per > 1 else 0.0
+        out.append(tuple((1 - mix) * c + mix for c in to_rgb(base[j // per])))
+    return out
+
+
+def plot_hme_tree(
+    model: Any,
+    X,
+    *,
+    feature: int = 0,
+    xlabel: str | None = None,
+    title: str | None = None,
+):
+    """Which region of x every node of a hierarchical MoE handles, level by level.
+
+    One panel per level of the tree (root's children at the top, the leaves at the
+    bottom), each stacking the probabilities P(node | x) of reaching that level's
+    nodes along one feature (the others at their means): the products of the gate
+    probabilities along the nodes' paths, which partition 1 on every level. A node
+    of level l splits its band into its children's bands on level l + 1.
+
+    Parameters
+    ----------
+    model : fitted HierarchicalMoERegressor or HierarchicalMoEClassifier
+    X : array-like of shape (n_samples, n_features)
+        Data giving the range of the feature and the other features' means.
+    feature : int, default=0
+    xlabel, title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    plt = _pyplot()
+    X = np.asarray(X, dtype=float)
+    if not 0 <= feature < X.shape[1]:
+        raise ValueError(f"feature must be a column of X in [0, {X.shape[1]}); got {feature}.")
+    x = X[:, feature]
+    grid_x = np.linspace(x.min(), x.max(), 400)
+    grid = np.tile(X.mean(0), (len(grid_x), 1))
+    grid[:, feature] = grid_x
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None:
+        import pandas as pd
+
+        grid = pd.DataFrame(grid, columns=names)
+    levels = model.node_weights(grid)
+    b = model.branching
+    fig, axes = plt.subplots(
+        len(levels), 1, figsize=(8, 1.9 * len(levels) + 0.8), sharex=True, squeeze=False
+    )
+    for depth, (ax, w) in enumerate(zip(axes[:, 0], levels, strict=True), start=1):
+        n_nodes = w.shape[1]
+        colors = _subtree_colors(b, depth)
+        paths = [
+            ".".join(str((j // b**i) % b) for i in reversed(range(depth))) for j in range(n_nodes)
+        ]
+        kind = "leaf" if depth == len(levels) else "node"
+        labels = [
+            f"{kind} {j} ({p})" if kind == "leaf" else f"node {p}" for j, p in enumerate(paths)
+        ]
+        ax.stackplot(grid_x, w.T, colors=colors, labels=labels, alpha=0.85)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"level {depth}\nP(node | x)")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    axes[-1, 0].set_xlabel(xlabel or f"x[{feature}]")
+    if title:
+        axes[0, 0].set_title(title)
+    fig.tight_layout()
+    return fig

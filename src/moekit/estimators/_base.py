@@ -276,6 +276,8 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
             perm = torch.argsort(means[..., 0].mean(0), stable=True)
         else:
             perm = torch.argsort(-result.nk, stable=True)
+        if hasattr(gate, "representable_order"):  # a tree reorders children within nodes only
+            perm = gate.representable_order(perm)
         params = Params(expert.select(result.params.expert, perm),
                         gate.select(result.params.gate, perm))  # fmt: skip
         nk = result.nk[perm]

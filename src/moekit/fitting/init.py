@@ -135,3 +135,34 @@ def split_resp(resp: torch.Tensor, resid: torch.Tensor, j: int) -> torch.Tensor:
     up = (split_direction(resid, resp[j]) > 0).to(resp.dtype)
     keep = torch.cat([resp[:j], resp[j + 1 :]])
     return torch.cat([keep, (resp[j] * up).unsqueeze(0), (resp[j] * (1 - up)).unsqueeze(0)])
+
+
+def band_resp(weight: torch.Tensor, resid: torch.Tensor, n_bands: int) -> torch.Tensor:
+    """Split one expert's rows into ``n_bands`` bands of its residuals.
+
+    The rows are ordered along the split direction (:func:`split_direction`) and cut
+    at the weighted quantiles 1/n_bands, 2/n_bands, ... of ``weight``, so every band
+    holds about the same total weight.
+
+    Parameters
+    ----------
+    weight : Tensor of shape (n,)
+        The expert's responsibilities.
+    resid : Tensor of shape (r, n)
+        Its residuals (see the families' ``residuals``).
+    n_bands : int
+
+    Returns
+    -------
+    Tensor of shape (n_bands, n)
+        ``weight`` on the rows of each band, zero elsewhere; the bands sum to ``weight``.
+    """
+    score = split_direction(resid, weight)
+    order = torch.argsort(score)
+    cum = torch.cumsum(weight[order], 0)
+    frac = (cum - 0.5 * weight[order]) / cum[-1].clamp(min=1e-300)  # mid-point of each row
+    band = torch.empty_like(order)
+    band[order] = (frac * n_bands).long().clamp(0, n_bands - 1)
+    out = weight.new_zeros((n_bands, weight.shape[0]))
+    out[band, torch.arange(weight.shape[0], device=weight.device)] = weight
+    return out

@@ -99,6 +99,16 @@ def _slow(history: list[float], rate: float) -> bool:
     return d1 > 0 and d2 > rate * d1
 
 
+def resized_family(family, n_experts: int):
+    """``family`` with ``n_experts`` experts (see :meth:`EMModel.resized`)."""
+    resized = getattr(family, "resized", None)
+    if resized is not None:
+        return resized(n_experts)
+    family = copy.copy(family)
+    family.n_experts = n_experts
+    return family
+
+
 class EMModel:
     """An expert family and a gate, with the pass and step they share."""
 
@@ -115,11 +125,11 @@ class EMModel:
         """The same families with another number of experts (for nested starts).
 
         Families keep ``n_experts`` as their only setting that depends on K and build
-        anything else that does in ``prepare``, so a shallow copy is enough.
+        anything else that does in ``prepare``, so a shallow copy is enough; a family
+        whose size is tied to its shape (a tree gate) answers ``resized`` itself.
         """
-        expert, gate = copy.copy(self.expert), copy.copy(self.gate)
-        expert.n_experts = gate.n_experts = n_experts
-        return EMModel(expert, gate, self.chunk_size)
+        return EMModel(resized_family(self.expert, n_experts), resized_family(self.gate, n_experts),
+                       self.chunk_size)  # fmt: skip
 
     @property
     def needs_resp(self) -> bool:

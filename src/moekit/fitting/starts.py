@@ -33,13 +33,14 @@ import torch
 
 from moekit._core.data import EMData
 from moekit.fitting.init import (
+    band_resp,
     dirichlet_resp,
     kmeans_resp,
     random_resp,
     residual_resp,
     split_resp,
 )
-from moekit.fitting.model import EMModel, Params
+from moekit.fitting.model import EMModel, Params, resized_family
 
 AUTO = ("kmeans", "nested", "residuals", "random", "sem", "dirichlet", "random", "cem",
         "nested", "dirichlet")  # fmt: skip
@@ -75,13 +76,17 @@ class Simpler:
     model: EMModel
     split: bool  # K - 1 experts: carried over by splitting an expert
     embed: Callable[[Params, EMData], Params] | None = None
+    origin: torch.Tensor | None = None  # fewer experts: the one each expert copies, (K,)
 
 
 def simpler_models(model: EMModel) -> list[Simpler]:
     """The simpler models ``model`` contains, asked of its families.
 
     A family offers ``simpler()`` (a family it contains, or None) and ``embed(params,
-    data)`` (a fit of that family as its own parameters, at the same likelihood).
+    data)`` (a fit of that family as its own parameters, at the same likelihood). A
+    gate whose simpler gate has fewer experts (a tree one level shallower) also says,
+    with ``expert_origin()``, which of them each of its experts copies; and a gate
+    that cannot drop one expert (``resizable`` false) offers no K - 1 model.
     """
     out = []
     expert, gate = model.expert, model.gate
@@ -92,10 +97,16 @@ def simpler_models(model: EMModel) -> list[Simpler]:
                            lambda p, d: Params(expert.embed(p.expert, d), p.gate)))  # fmt: skip
     simpler = getattr(gate, "simpler", None)
     fam = simpler() if simpler is not None else None
-    if fam is not None:
+    if fam is not None and fam.n_experts != model.n_experts:
+        origin = gate.expert_origin()
+        small = EMModel(resized_family(expert, fam.n_experts), fam, model.chunk_size)
+        out.append(Simpler(f"{fam.n_experts} experts ({type(fam).__name__})", small, False,
+                           lambda p, d: Params(expert.select(p.expert, origin),
+                                               gate.embed(p.gate, d)), origin))  # fmt: skip
+    elif fam is not None:
         out.append(Simpler(f"{type(fam).__name__}", EMModel(expert, fam, model.chunk_size), False,
                            lambda p, d: Params(p.expert, gate.embed(p.gate, d))))  # fmt: skip
-    if model.n_experts > 1:
+    if model.n_experts > 1 and getattr(gate, "resizable", True):
         out.append(Simpler(f"{model.n_experts - 1} experts", model.resized(model.n_experts - 1),
                            True))  # fmt: skip
     return out
@@ -139,6 +150,29 @@ def split_starts(model: EMModel, small: EMModel, params: Params, data: EMData) -
         [small.expert.residuals(params.expert, c) for c in data.chunks(small.chunk_size)], -1
     )  # (K - 1, r, n)
     return [model.init_from_resp(data, split_resp(resp, resid[j], j)) for j in order]
+
+
+def grow_starts(model: EMModel, option: Simpler, params: Params, data: EMData) -> list[Params]:
+    """Starts of ``model`` from a fit of ``option.model``, whose expert j becomes the
+    experts k with ``option.origin[k] == j``: each expert's rows shared among its
+    copies in bands of its residuals (weighted quantiles along its split direction),
+    one M-step, and the fitted gate carried over (:meth:`Simpler.embed`); then the
+    exact embedding, which starts at the simpler fit's likelihood (and stays there,
+    by symmetry): the floor under the richer fit.
+    """
+    small = option.model
+    res = small.e_pass(params, data, stats=False, keep_resp=True)
+    resid = torch.cat(
+        [small.expert.residuals(params.expert, c) for c in data.chunks(small.chunk_size)], -1
+    )  # (K', r, n)
+    resp = res.resp.new_zeros((model.n_experts, data.n))
+    origin = option.origin.to(resp.device)
+    for j in range(small.n_experts):
+        copies = torch.nonzero(origin == j).flatten()
+        resp[copies] = band_resp(res.resp[j], resid[j], len(copies))
+    exact = option.embed(params, data)
+    split = model.init_from_resp(data, resp)
+    return [Params(split.expert, exact.gate), exact]
 
 
 # ---------------------------------------------------------------------------- the starts
@@ -205,6 +239,8 @@ class StartMaker:
             small = self.fit_nested(option.model, self.data, n_sub)
             if option.split:
                 self._nested[i] = split_starts(self.model, option.model, small, self.data)
+            elif option.origin is not None:
+                self._nested[i] = grow_starts(self.model, option, small, self.data)
             else:
                 self._nested[i] = [option.embed(small, self.data)]
         starts = self._nested[i]
@@ -267,5 +303,8 @@ def carry_over(model: EMModel, small: EMModel, params: Params, data: EMData) -> 
             starts = split_starts(model, small, params, data)
             _, order = expert_fit_order(small, params, data)
             return [*starts, duplicate_expert(model, params, order[0])]
+        if option.origin is not None:
+            return grow_starts(model, Simpler(option.label, small, False, option.embed,
+                                              option.origin), params, data)  # fmt: skip
         return [option.embed(params, data)]
     return []
