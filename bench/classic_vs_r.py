@@ -33,43 +33,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from _common import em_iteration_vs_gram, ensure_r
 from moekit import MoERegressor
 from moekit.datasets import MoETruth, make_moe_truth
 
 HERE = Path(__file__).resolve().parent
 R_SCRIPT = HERE / "r" / "fit_mixture.R"
-R_PACKAGES = ["r-base-core", "r-cran-flexmix", "r-cran-mixtools", "r-cran-mass"]
 K, D, N_TEST = 3, 5, 100_000
 
 
 # ---------------------------------------------------------------------------- R
-def r_available() -> bool:
-    if shutil.which("Rscript") is None:
-        return False
-    probe = subprocess.run(
-        ["Rscript", "-e", "suppressMessages({library(flexmix); library(mixtools)})"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
-def ensure_r() -> bool:
-    """R with flexmix and mixtools, installing Debian's packages if they are missing."""
-    if r_available():
-        return True
-    print(f"R's flexmix/mixtools not found: installing {' '.join(R_PACKAGES)} with apt-get ...")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *R_PACKAGES]):
-        res = subprocess.run(sudo + cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"  apt-get failed ({res.stderr.strip()[-300:]}); R rows will be skipped.")
-            return False
-    ok = r_available()
-    print("  installed." if ok else "  R still unavailable; R rows will be skipped.")
-    return ok
-
-
 def run_r(tool: str, gate: str, train_csv: Path, n_init: int, workdir: Path) -> dict:
     out = workdir / f"{tool}_{gate}_{train_csv.stem}.csv"
     cmd = ["Rscript", str(R_SCRIPT), str(train_csv), str(K), str(n_init), gate, tool, str(out)]
@@ -108,39 +81,6 @@ def fit_moekit(gate: str, X, y, n_init: int, threads: int) -> tuple[MoERegressor
         return m, time.perf_counter() - t0
     finally:
         torch.set_num_threads(old)
-
-
-def median_time(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def em_iteration_vs_gram(X: np.ndarray, y: np.ndarray) -> dict:
-    """One EM iteration (E-step pass + M-step) at its fit's parameters vs one Gram."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = MoERegressor(K, random_state=0, max_iter=5).fit(X, y)
-    from moekit.fitting.em import EMModel
-
-    data = m._em_data(X, y)
-    model = EMModel(m._expert_family, m._gate_family)
-    model.prepare(data)
-    params = m._params
-
-    def iteration():
-        model.m_step(params, model.e_pass(params, data), data)
-
-    Xt = torch.as_tensor(X)
-    w = torch.rand(len(X), dtype=torch.float64)
-    gram = median_time(lambda: (Xt * w[:, None]).T @ Xt)
-    it = median_time(iteration)
-    gram2 = median_time(lambda: (Xt * w[:, None]).T @ Xt)
-    return {"gram": min(gram, gram2), "iteration": it}
 
 
 # ---------------------------------------------------------------------------- main
@@ -213,7 +153,7 @@ def main() -> int:
                     }
                 )
                 print(f"  {rows[-1]['tool']}: {res['seconds']:.2f} s", flush=True)
-    big = em_iteration_vs_gram(*truths["softmax"].sample(1_000_000, random_state=7))
+    big = em_iteration_vs_gram(*truths["softmax"].sample(1_000_000, random_state=7), K)
     report = render(rows, big, args, threads, load, have_r)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)

@@ -33,15 +33,12 @@ import pandas as pd
 import torch
 from scipy.special import expit, logsumexp
 
+from _common import load_line
 from moekit import HierarchicalMoERegressor, MoERegressor
 
 HERE = Path(__file__).resolve().parent
 R_SCRIPT = HERE / "r" / "fit_hmeem.R"
 HMEEM_REFERENCE = 142.848  # hmeEM's tonedata log-likelihood, mixtools 2.0.0
-
-
-def load_line() -> str:
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def timed(fit, repeats: int = 3):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from _common import ensure_r
 from moekit import MoERegressor
 from moekit._core.engine import EM_DTYPE, to_numpy
 from moekit.datasets import mcycle_path
@@ -69,7 +69,6 @@ DATA_DIR = HERE / ".data" / "real_data"
 EXPORT_R = HERE / "r" / "export_datasets.R"
 FIT_R = HERE / "r" / "fit_flexmix.R"
 RESULTS = HERE / "results" / "real_data.md"
-R_PACKAGES = ["r-base-core", "r-cran-flexmix", "r-cran-mixtools", "r-cran-mass"]
 NREP = 10
 TOL = 0.05
 
@@ -161,35 +160,6 @@ def make_moekit(case: Case, X: pd.DataFrame, **settings) -> MoERegressor:
 
 
 # ---------------------------------------------------------------------------- R
-def r_available() -> bool:
-    if shutil.which("Rscript") is None:
-        return False
-    probe = subprocess.run(
-        ["Rscript", "-e", "suppressMessages({library(flexmix); library(mixtools); library(MASS)})"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
-def ensure_r() -> bool:
-    """R with flexmix, mixtools and MASS, installing Debian's packages if they are missing."""
-    if r_available():
-        return True
-    print(
-        f"R's flexmix/mixtools/MASS not found: installing {' '.join(R_PACKAGES)} with apt-get ..."
-    )
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *R_PACKAGES]):
-        res = subprocess.run(sudo + cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"  apt-get failed ({res.stderr.strip()[-300:]}); R rows will be skipped.")
-            return False
-    ok = r_available()
-    print("  installed." if ok else "  R still unavailable; R rows will be skipped.")
-    return ok
-
-
 def r_versions() -> str:
     code = (
         "cat(R.version$major, '.', R.version$minor, ' flexmix ', "

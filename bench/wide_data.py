@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import em_iteration_vs_gram, load_line
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
@@ -72,54 +74,15 @@ def child_memory(d: int, n: int) -> dict:
     }
 
 
-def median_times(fn, repeats: int = 7) -> tuple[float, float]:
-    """Median wall-clock and CPU seconds of ``fn()`` after one warm-up call."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
-
-
 def child_speed(threads: int) -> dict:
-    """``em_iteration_vs_gram`` of bench/classic_vs_r.py, on its data."""
-    import warnings
-
+    """One EM iteration against one weighted Gram, on bench/classic_vs_r.py's data."""
     import torch
 
     torch.set_num_threads(threads)
-
-    from moekit import MoERegressor
     from moekit.datasets import make_moe_truth
-    from moekit.fitting.em import EMModel
 
     X, y = make_moe_truth(5, 3, gate="softmax", random_state=0).sample(1_000_000, random_state=7)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = MoERegressor(3, random_state=0, max_iter=5).fit(X, y)
-    data = m._em_data(X, y)
-    model = EMModel(m._expert_family, m._gate_family)
-    model.prepare(data)
-    params = m._params
-
-    def iteration():
-        model.m_step(params, model.e_pass(params, data), data)
-
-    Xt = torch.as_tensor(X)
-    w = torch.rand(len(X), dtype=torch.float64)
-    gram = median_times(lambda: (Xt * w[:, None]).T @ Xt)
-    it = median_times(iteration)
-    gram2 = median_times(lambda: (Xt * w[:, None]).T @ Xt)
-    return {
-        "gram": min(gram[0], gram2[0]),
-        "iteration": it[0],
-        "gram_cpu": min(gram[1], gram2[1]),
-        "iteration_cpu": it[1],
-        "threads": torch.get_num_threads(),
-    }
+    return em_iteration_vs_gram(X, y, 3)
 
 
 # ---------------------------------------------------------------------------- parent
@@ -171,10 +134,6 @@ def export_revision(rev: str, into: Path) -> tuple[Path, str]:
     return into / "src", commit
 
 
-def loadavg() -> str:
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dims", default="5,50,150,200")
@@ -193,7 +152,7 @@ def main() -> int:
         if args.against:
             src, commit = export_revision(args.against, tmp)
             trees.insert(0, (f"{args.against} ({commit})", src, commit))
-        load_start = loadavg()
+        load_start = load_line()
         memory = []
         for label, src, _ in trees:
             dims = args.against_dims if src is not SRC else args.dims
@@ -208,7 +167,7 @@ def main() -> int:
                     res = run_child(src, ["speed", str(threads)], cap_mb)
                     speed.append({"code": label, "round": r + 1, **res})
                     print(label, r + 1, res, flush=True)
-        load_end = loadavg()
+        load_end = load_line()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = render(memory, speed, args, trees, load_start, load_end)
