@@ -31,6 +31,7 @@ from moekit._core.validation import (
     validate_params,
 )
 from moekit.estimators._columns import resolve_columns
+from moekit.estimators._editing import Edit, EditingMixin
 from moekit.estimators._files import ModelFileMixin
 from moekit.fitting.em import EMModel, FitResult, Params, run_em
 from moekit.fitting.starts import STRATEGIES, carry_over
@@ -57,7 +58,7 @@ class _Prepared:
     warm: bool
 
 
-class BaseMoE(ModelFileMixin, BaseEstimator):
+class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
     """Shared machinery of the EM-fitted estimators (not for direct use).
 
     A fit runs in small steps, :meth:`_prepare` (check and code the data),
@@ -130,24 +131,33 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
             return SoftmaxGate(self.n_experts, alpha=self.gate_alpha)
         return GATES[self.gate](self.n_experts)
 
-    def _fit(self, X, y, *, parent: BaseMoE | None = None) -> BaseMoE:
+    def _fit(self, X, y, *, parent: BaseMoE | None = None, edit: Edit | None = None) -> BaseMoE:
         """Fit, setting the fitted attributes only once everything has succeeded.
 
         ``parent`` is a fitted model of the same data whose fit carries over into
         extra starts (one expert fewer: its experts split; a simpler family: embedded).
+        ``edit`` continues the current fit from edited parameters (see ``_editing``).
         """
         before = dict(self.__dict__)
         try:
+            if edit is not None and edit.n_experts != self.n_experts:
+                self.n_experts = edit.n_experts  # restored with the rest if the fit fails
             self._validate_params()
             seed = int(
                 torch.randint(0, 2**31 - 1, (1,), generator=torch_generator(self.random_state))
             )
-            prepared = self._prepare(X, y)
+            prepared = self._prepare(X, y, warm=True if edit is not None else None)
             coding = {**vars(self), **prepared.state}
             model = EMModel(self._make_expert(coding, seed), self._make_gate(seed))
+            if edit is not None:
+                model.frozen_experts, model.gate_frozen = edit.frozen, edit.gate_frozen
+            elif prepared.warm:
+                model.frozen_experts = getattr(self, "frozen_experts_", ())
             with em_threads(prepared.data):
-                result = self._run(model, prepared, parent)
-            state = {**prepared.state, **self._fitted_state(model, result, prepared, coding)}
+                result = self._run(model, prepared, parent, edit)
+            kept = model.frozen_experts if edit is None else edit.kept_frozen
+            fitted = self._fitted_state(model, result, prepared, coding, kept)
+            state = {**prepared.state, **fitted}
         except BaseException:
             # scikit-learn's validate_data writes n_features_in_ as it checks: undo that too
             self.__dict__.clear()
@@ -156,9 +166,13 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
         self.__dict__.update(state)
         return self
 
-    def _prepare(self, X, y) -> _Prepared:
-        """Check X and y and build the EM data; returns the state that describes them."""
-        warm = self._warm_fit_possible()
+    def _prepare(self, X, y, warm: bool | None = None) -> _Prepared:
+        """Check X and y and build the EM data; returns the state that describes them.
+
+        A warm fit (``warm_start``, or ``warm=True`` for an edit) keeps the fitted
+        scalings and coding, in which the current parameters are expressed.
+        """
+        warm = self._warm_fit_possible() if warm is None else warm
         if warm:
             d = np.shape(X)[1] if np.ndim(X) == 2 else None
             if d is not None and d != self.n_features_in_:
@@ -210,7 +224,17 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
             return False  # a different number of experts starts afresh (documented)
         return True
 
-    def _run(self, model: EMModel, prepared: _Prepared, parent) -> FitResult:
+    def _run(self, model: EMModel, prepared: _Prepared, parent, edit=None) -> FitResult:
+        if edit is not None:  # from each edited start; the best one kept
+            results = [
+                run_em(model, prepared.data, n_init=1, max_iter=self.max_iter, tol=self.tol,
+                       init_max_iter=self.init_max_iter, init_sample_size=None,
+                       generator=torch_generator(self.random_state), warm_params=start,
+                       verbose=int(self.verbose), verbose_interval=self.verbose_interval,
+                       loglik_offset=self._target_log_jacobian(prepared.state))
+                for start in edit.starts
+            ]  # fmt: skip
+            return max(results, key=lambda r: r.objective)
         common = {
             "n_init": 1 if prepared.warm else self.n_init,
             "max_iter": self.max_iter,
@@ -268,8 +292,12 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
             )
         return starts
 
-    def _fitted_state(self, model: EMModel, result: FitResult, prepared: _Prepared, coding):
-        """The fitted attributes of a successful fit: parameters in documented order."""
+    def _fitted_state(self, model: EMModel, result: FitResult, prepared: _Prepared, coding,
+                      frozen: tuple[int, ...] = ()):  # fmt: skip
+        """The fitted attributes of a successful fit: parameters in documented order.
+
+        ``frozen``: the experts (numbered as in the fit) that stay frozen after it.
+        """
         expert, gate = model.expert, model.gate
         if self._order_by_mean:  # increasing mean prediction over the training inputs
             means, _ = expert.moments(result.params.expert, prepared.data.XeT)
@@ -281,6 +309,8 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
         params = Params(expert.select(result.params.expert, perm),
                         gate.select(result.params.gate, perm))  # fmt: skip
         nk = result.nk[perm]
+        place = torch.argsort(perm)  # where each expert of the fit ends up
+        frozen = tuple(sorted(int(place[k]) for k in frozen))
         jac = self._target_log_jacobian(coding)
         state = {
             "_expert_family": expert,
@@ -292,6 +322,7 @@ class BaseMoE(ModelFileMixin, BaseEstimator):
             "log_likelihood_": result.loglik + jac,
             "expert_sizes_": to_numpy(nk),
             "_n_optima": result.n_optima,
+            "frozen_experts_": frozen,
             # a reference (not a copy) for summary(); dropped when pickled or saved
             "_summary_data": (prepared.X, prepared.y),
         }

@@ -166,6 +166,7 @@ class ModelFileMixin:
             "log_likelihood_": float(self.log_likelihood_),
             "log_likelihood_history_": [float(v) for v in self.log_likelihood_history_],
             "n_experts_fitted": int(self._n_experts_fitted),
+            "frozen_experts": [int(k) for k in getattr(self, "frozen_experts_", ())],
             "expert_family": type(self._expert_family).__name__,
             "gate_family": type(self._gate_family).__name__,
         }
@@ -203,6 +204,13 @@ class ModelFileMixin:
             raise ValueError(
                 f"setting 'n_experts_fitted' is {state['n_experts_fitted']}, but n_experts={K}"
             )
+        model._n_experts_fitted = K
+        frozen = state.get("frozen_experts", [])
+        model.frozen_experts_ = (
+            ()
+            if frozen == []
+            else tuple(int(k) for k in columns_setting(state, "frozen_experts", K))
+        )
         names = feature_names(state, d)
         if names is not None:
             model.feature_names_in_ = names

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -109,6 +109,25 @@ def resized_family(family, n_experts: int):
     return family
 
 
+def keep_experts(old: Any, new: Any, experts: tuple[int, ...]) -> Any:
+    """``new`` expert parameters with those of ``experts`` taken from ``old``.
+
+    Every field of an expert family's parameters is indexed by expert first (a
+    tensor of shape (K, ...) or a list of K fitted estimators).
+    """
+    idx = list(experts)
+    values = {}
+    for f in fields(new):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if isinstance(b, torch.Tensor):
+            b = b.clone()
+            b[idx] = a[idx].to(b)
+        elif isinstance(b, list):
+            b = [a[k] if k in experts else v for k, v in enumerate(b)]
+        values[f.name] = b
+    return type(new)(**values)
+
+
 class EMModel:
     """An expert family and a gate, with the pass and step they share."""
 
@@ -116,6 +135,10 @@ class EMModel:
         self.expert = expert
         self.gate = gate
         self.chunk_size = chunk_size
+        #: experts whose parameters the M-step keeps as they are
+        self.frozen_experts: tuple[int, ...] = ()
+        #: whether the M-step keeps the gate as it is
+        self.gate_frozen = False
 
     @property
     def n_experts(self) -> int:
@@ -180,10 +203,17 @@ class EMModel:
         return PassResult(-math.inf, -math.inf, es, gs, resp, resp.sum(1))
 
     def m_step(self, params: Params, res: PassResult, data: EMData) -> Params:
-        return Params(
-            self.expert.m_step(params.expert, res.expert_stats, data, res.resp),
-            self.gate.m_step(params.gate, res.gate_stats, data, res.resp),
-        )
+        """Each family's M-step, but for frozen parts, which keep their parameters.
+
+        Holding some blocks fixed while the others take their maximising step is
+        still a (generalised) EM step, so the objective keeps increasing.
+        """
+        expert = self.expert.m_step(params.expert, res.expert_stats, data, res.resp)
+        if self.frozen_experts and params.expert is not None:
+            expert = keep_experts(params.expert, expert, self.frozen_experts)
+        if self.gate_frozen and params.gate is not None:
+            return Params(expert, params.gate)
+        return Params(expert, self.gate.m_step(params.gate, res.gate_stats, data, res.resp))
 
     def init_from_resp(self, data: EMData, resp: torch.Tensor) -> Params:
         """The first M-step, from initial responsibilities (K, n)."""
