@@ -2,13 +2,15 @@
 
 ``MoE`` is the layer and ``MoETransformer`` a small language model built from it; the
 routers, the expert bank and the balancing losses are exported for users who build
-their own.
+their own. ``MultiGateMoE`` (with ``SharedBottom`` beside it) is the dense multi-task
+mixture of experts of recommender systems: one gate and one tower per task.
 """
 
 from moekit.nn.config import MoEConfig
 from moekit.nn.experts import ExpertBank, FeedForward
 from moekit.nn.functional import importance_loss, load_balancing_loss, router_z_loss
 from moekit.nn.layer import MoE, MoEStats, update_router_biases
+from moekit.nn.multitask import MultiGateMoE, MultiTaskStats, SharedBottom, StackedMLP
 from moekit.nn.routers import (
     ExpertChoiceRouter,
     NoisyTopKRouter,
@@ -29,10 +31,14 @@ __all__ = [
     "MoEConfig",
     "MoEStats",
     "MoETransformer",
+    "MultiGateMoE",
+    "MultiTaskStats",
     "NoisyTopKRouter",
     "Router",
     "Routing",
+    "SharedBottom",
     "SigmoidBiasRouter",
+    "StackedMLP",
     "SwitchRouter",
     "TopKRouter",
     "TrainConfig",
