@@ -34,6 +34,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from moekit._core.data import EMData
+from moekit._core.engine import em_threads
 from moekit.fitting.model import EMModel, FitResult, Params, PassResult
 from moekit.fitting.progress import Progress
 from moekit.fitting.starts import StartMaker, strategy_sequence
@@ -146,30 +147,32 @@ def run_em(
         model.prepare(d)  # the nested fit may have prepared shared families on other widths
         return res.params
 
-    # 1. short runs of every start
-    maker = StartMaker(model, sub, generator, fit_nested, n_init)
-    first_iter = min(init_max_iter, max_iter)
-    runs: list[_Run] = []
-    for s, strategy in enumerate(strategy_sequence(init, n_init)):
-        progress.start_init(s, n_init, first_iter, on_subset=use_subset)
-        label, p = maker.make(strategy)
-        p, cur, hist, conv = model.iterate(p, sub, first_iter, tol, progress)
-        runs.append(_Run(label, p, cur, hist, conv))
-        progress.end_init(s, cur.objective, conv, label)
-    short_gap = max(1e-4, 10 * tol)
-    n_short = _distinct([r.current.objective for r in runs], short_gap)
+    # 1-2 run on the subset: on one thread when it is small, whatever the full data
+    with em_threads(sub):
+        # 1. short runs of every start
+        maker = StartMaker(model, sub, generator, fit_nested, n_init)
+        first_iter = min(init_max_iter, max_iter)
+        runs: list[_Run] = []
+        for s, strategy in enumerate(strategy_sequence(init, n_init)):
+            progress.start_init(s, n_init, first_iter, on_subset=use_subset)
+            label, p = maker.make(strategy)
+            p, cur, hist, conv = model.iterate(p, sub, first_iter, tol, progress)
+            runs.append(_Run(label, p, cur, hist, conv))
+            progress.end_init(s, cur.objective, conv, label)
+        short_gap = max(1e-4, 10 * tol)
+        n_short = _distinct([r.current.objective for r in runs], short_gap)
 
-    # 2. the few best distinct ones to convergence on the subset
-    finals: list[_Run] = []
-    for run in sorted(runs, key=lambda r: -r.current.objective):
-        if len(finals) == FINAL_STARTS:
-            break
-        if any(abs(run.current.objective - f.current.objective) < short_gap for f in finals):
-            continue  # the same basin as a run already chosen
-        finals.append(run)
-    finals = [_continue(model, sub, f, max_iter, tol, progress, "best starts") for f in finals]
-    optima = [f.current.objective for f in finals]
-    best = max(finals, key=lambda r: r.current.objective)
+        # 2. the few best distinct ones to convergence on the subset
+        finals: list[_Run] = []
+        for run in sorted(runs, key=lambda r: -r.current.objective):
+            if len(finals) == FINAL_STARTS:
+                break
+            if any(abs(run.current.objective - f.current.objective) < short_gap for f in finals):
+                continue  # the same basin as a run already chosen
+            finals.append(run)
+        finals = [_continue(model, sub, f, max_iter, tol, progress, "best starts") for f in finals]
+        optima = [f.current.objective for f in finals]
+        best = max(finals, key=lambda r: r.current.objective)
 
     # 3. on all the data: the best, and the starts from a fitted simpler model
     if use_subset:
