@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "BayesianMoERegressor": "moekit.estimators",
     "MDNRegressor": "moekit.estimators",
     "MixturePrediction": "moekit.prediction",
     "MoEClassifier": "moekit.estimators",
@@ -21,6 +22,7 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "BayesianMoERegressor",
     "MDNRegressor",
     "MixturePrediction",
     "MoEClassifier",
@@ -30,7 +32,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from moekit.estimators import MDNRegressor, MoEClassifier, MoERegressor, select_n_experts
+    from moekit.estimators import (
+        BayesianMoERegressor,
+        MDNRegressor,
+        MoEClassifier,
+        MoERegressor,
+        select_n_experts,
+    )
     from moekit.io import load
     from moekit.prediction import MixturePrediction
 
