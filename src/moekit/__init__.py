@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "BayesianMoERegressor": "moekit.estimators",
     "HierarchicalMoEClassifier": "moekit.estimators",
     "HierarchicalMoERegressor": "moekit.estimators",
     "MDNRegressor": "moekit.estimators",
@@ -23,6 +24,7 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "BayesianMoERegressor",
     "HierarchicalMoEClassifier",
     "HierarchicalMoERegressor",
     "MDNRegressor",
@@ -35,6 +37,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from moekit.estimators import (
+        BayesianMoERegressor,
         HierarchicalMoEClassifier,
         HierarchicalMoERegressor,
         MDNRegressor,

@@ -120,7 +120,8 @@ def plot_criterion(table, criterion: str = "bic", ax=None):
         fig, ax = plt.subplots(figsize=(5, 3.5))
     ks, vals = np.asarray(table["n_experts"]), np.asarray(table[criterion])
     ax.plot(ks, vals, "o-", color="tab:blue")
-    best = int(np.argmin(vals))
+    # select_n_experts marks its choice; lower is better but for the ELBO
+    best = int(np.flatnonzero(table["best"])[0]) if "best" in table else int(np.argmin(vals))
     ax.plot(
         ks[best],
         vals[best],

@@ -1,5 +1,6 @@
 """The scikit-learn estimators of moekit."""
 
+from moekit.estimators.bayesian import BayesianMoERegressor
 from moekit.estimators.classifier import MoEClassifier
 from moekit.estimators.hierarchical import HierarchicalMoEClassifier, HierarchicalMoERegressor
 from moekit.estimators.mdn import MDNRegressor
@@ -7,6 +8,7 @@ from moekit.estimators.model_selection import select_n_experts
 from moekit.estimators.regressor import MoERegressor
 
 __all__ = [
+    "BayesianMoERegressor",
     "HierarchicalMoEClassifier",
     "HierarchicalMoERegressor",
     "MDNRegressor",

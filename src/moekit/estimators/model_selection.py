@@ -11,7 +11,8 @@ from sklearn.base import clone
 
 from moekit._core.validation import Options, validate_params
 
-CRITERIA = ("bic", "aic", "icl")
+CRITERIA = ("bic", "aic", "icl", "elbo")
+HIGHER_IS_BETTER = ("elbo",)
 
 
 def icl(model, X, y) -> float:
@@ -45,13 +46,15 @@ def select_n_experts(
 
     Parameters
     ----------
-    estimator : MoERegressor or MoEClassifier
+    estimator : MoERegressor, MoEClassifier or BayesianMoERegressor
         A template; it is cloned for every K with ``n_experts=K`` (and ``n_init``).
     X : array-like of shape (n_samples, n_features)
     y : array-like of shape (n_samples,) or (n_samples, n_outputs)
     n_experts : iterable of int, default=range(1, 8)
-    criterion : {'bic', 'aic', 'icl'}, default='bic'
-        Lower is better for all three (``-2 log L`` plus a penalty).
+    criterion : {'bic', 'aic', 'icl', 'elbo'}, default='bic'
+        Lower is better for the first three (``-2 log L`` plus a penalty). ``'elbo'``
+        (a :class:`BayesianMoERegressor` only) takes the K of the highest evidence
+        lower bound: the total ELBO of the training data, in the data's units.
     n_init : int or None, default=None
         Starts per K; None keeps the estimator's own ``n_init``.
     verbose : int, default=0
@@ -60,10 +63,11 @@ def select_n_experts(
     Returns
     -------
     best : estimator
-        The fitted estimator with the lowest criterion.
+        The fitted estimator with the best criterion (lowest; highest ELBO).
     table : pandas.DataFrame
         One row per K: ``n_experts``, ``log_likelihood`` (total), ``n_parameters``,
-        ``bic``, ``aic``, ``icl``, ``n_iter``, ``converged``; ``best`` marks the choice.
+        ``bic``, ``aic``, ``icl``, (``elbo``,) ``n_iter``, ``converged``; ``best`` marks
+        the choice.
         ``moekit.plotting.plot_criterion(table, criterion)`` draws it.
 
     Examples
@@ -78,6 +82,11 @@ def select_n_experts(
     validate_params(
         "select_n_experts", {"criterion": criterion}, {"criterion": [Options(CRITERIA)]}
     )
+    if criterion == "elbo" and not hasattr(type(estimator), "elbo_"):
+        raise ValueError(
+            "criterion='elbo' needs an estimator fitted by variational EM "
+            f"(BayesianMoERegressor); got {type(estimator).__name__}."
+        )
     ks = [int(k) for k in n_experts]
     if not ks or min(ks) < 1:
         raise ValueError(f"n_experts must hold positive ints; got {ks}.")
@@ -102,6 +111,7 @@ def select_n_experts(
                 "bic": model.bic(X, y),
                 "aic": model.aic(X, y),
                 "icl": icl(model, X, y),
+                **({"elbo": model.elbo_ * n} if hasattr(model, "elbo_") else {}),
                 "n_iter": model.n_iter_,
                 "converged": model.converged_,
             }
@@ -111,6 +121,7 @@ def select_n_experts(
             r = rows[-1]
             print(f"K = {k}: log-likelihood {ll:.2f}, {criterion.upper()} {r[criterion]:.2f}")
     table = pd.DataFrame(rows)
-    best_k = int(table.loc[table[criterion].idxmin(), "n_experts"])
+    pick = table[criterion].idxmax() if criterion in HIGHER_IS_BETTER else table[criterion].idxmin()
+    best_k = int(table.loc[pick, "n_experts"])
     table["best"] = table["n_experts"] == best_k
     return models[best_k], table

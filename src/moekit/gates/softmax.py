@@ -199,7 +199,9 @@ class SoftmaxGate:
     def embed(self, params: ConstantGateParams, data: EMData) -> SoftmaxGateParams:
         """Constant weights pi as a softmax gate: intercepts log pi, slopes zero (exact)."""
         coef = params.log_pi.new_zeros((params.log_pi.shape[0], data.XgT.shape[0]))
-        coef[:, -1] = params.log_pi
+        # an expert the constant gate emptied has log pi = -inf, which the penalty mask
+        # would turn into NaN (0 * inf): a weight of e^-700 is zero in every sum
+        coef[:, -1] = params.log_pi.clamp(min=-700.0)
         return SoftmaxGateParams(coef)
 
     # ------------------------------------------------------------ differentiable view
