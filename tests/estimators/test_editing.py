@@ -179,3 +179,20 @@ def test_tree_leaves_cannot_be_added_or_removed(data):
     with pytest.raises(ValueError, match="depth and branching"):
         m.remove_expert(0)
     m.freeze_experts([0]).refit(X, y)  # freezing a leaf is fine
+
+
+def test_bayesian_edits_keep_the_elbo_climbing(data):
+    from moekit import BayesianMoERegressor
+
+    X, y = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = BayesianMoERegressor(3, noise="per_expert", random_state=0, max_iter=5).fit(X, y)
+        before, coef = m.elbo_, m.coef_[0].copy()
+        m.freeze_experts(0).refit(X, y)
+        np.testing.assert_array_equal(m.coef_[m.frozen_experts_[0]], coef)
+        assert m.elbo_ >= before - 1e-12
+        assert np.diff(m.elbo_history_).min() >= -1e-10
+        shared = BayesianMoERegressor(2, random_state=0, max_iter=5).fit(X, y)
+    with pytest.raises(ValueError, match="share hyper-parameters"):
+        shared.freeze_experts(0)

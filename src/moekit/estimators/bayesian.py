@@ -249,8 +249,24 @@ gate_options
             return DirichletGate(self.n_experts, 1.0 / self.n_experts if mu is None else mu)
         return super()._make_gate(seed)
 
-    def _fitted_state(self, model, result, prepared, coding):
-        state = super()._fitted_state(model, result, prepared, coding)
+    def freeze_experts(self, experts) -> BayesianMoERegressor:
+        """Keep ``experts`` fixed in later refits: only where nothing ties them to the rest.
+
+        With ``noise='shared'`` or ``prior_mean='shared'`` the experts share
+        hyper-parameters, and an expert held apart from their update would leave a
+        step that is no coordinate maximiser of the ELBO; such models refuse.
+        ``refit(part='gate')`` (every expert held) is always offered.
+        """
+        if self.noise == "shared" or self.prior_mean == "shared":
+            raise ValueError(
+                "freeze_experts: these experts share hyper-parameters (noise="
+                f"{self.noise!r}, prior_mean={self.prior_mean!r}), so one cannot be held "
+                "apart; fit with noise='per_expert' and prior_mean='zero' to freeze some."
+            )
+        return super().freeze_experts(experts)
+
+    def _fitted_state(self, model, result, prepared, coding, frozen=()):
+        state = super()._fitted_state(model, result, prepared, coding, frozen)
         # log_likelihood_: the posterior predictive density of the training rows, not
         # the E-step's expected log-density the ELBO is built from
         joint = predictive_log_joint(model.expert, model.gate, state["_params"], prepared.data)
