@@ -35,6 +35,7 @@ from scipy.special import expit, logsumexp
 
 from _common import load_line
 from moekit import HierarchicalMoERegressor, MoERegressor
+from moekit.plotting import plot_hme_tree
 
 HERE = Path(__file__).resolve().parent
 R_SCRIPT = HERE / "r" / "fit_hmeem.R"
@@ -160,6 +161,10 @@ def nested_rows(n: int, n_test: int) -> list[dict]:
     for name, fit in specs:
         m, secs = timed(fit)
         fits[name] = m
+        if name == "HierarchicalMoERegressor(depth=2)":
+            for j in (0, 1):  # the root splits on x0, the nodes below on x1
+                fig = plot_hme_tree(m, X, feature=j, xlabel=f"x{j} (the other at its mean)")
+                fig.savefig(HERE / "results" / f"hme_tree_x{j}.png", dpi=110)
         rows.append(
             {
                 "model": name,
