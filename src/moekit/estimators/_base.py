@@ -81,6 +81,7 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         "init_max_iter": [Interval(numbers.Integral, 0, None, closed="left")],
         "init_sample_size": [None, Interval(numbers.Integral, 1, None, closed="left")],
         "gate_alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "gate_balance": [Interval(numbers.Real, 0, None, closed="left")],
         "warm_start": ["boolean"],
         "random_state": ["random_state"],
         "verbose": [Interval(numbers.Integral, 0, None, closed="left"), "boolean"],
@@ -149,6 +150,12 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             prepared = self._prepare(X, y, warm=True if edit is not None else None)
             coding = {**vars(self), **prepared.state}
             model = EMModel(self._make_expert(coding, seed), self._make_gate(seed))
+            model.gate_balance = float(getattr(self, "gate_balance", 0.0))
+            if model.gate_balance and not getattr(model.gate, "supports_balance", False):
+                raise ValueError(
+                    "gate_balance is for the softmax, constant and tree gates; got "
+                    f"{type(model.gate).__name__}."
+                )
             if edit is not None:
                 model.frozen_experts, model.gate_frozen = edit.frozen, edit.gate_frozen
             elif prepared.warm:

@@ -99,6 +99,18 @@ default='auto'
         features standardised). It only keeps the slopes finite where the experts'
         regions separate perfectly; larger values visibly lower the likelihood of
         sharp gates (0.16 nats on mcycle at 1e-3).
+    gate_balance : float, default=0.0
+        Strength lambda >= 0 of a penalty towards equal gate weights, (lambda / K)
+        sum_i sum_k log g_k(x_i) added to the objective: each row's cross-entropy to
+        equal weights. It keeps every expert's gate weight away from zero (on
+        average at least lambda / (K (1 + lambda))), so that one expert cannot take
+        all the data, and it softens the gate in every row: small values (0.01 to
+        0.1) already blur sharp boundaries (``examples/gate_balance.py``). The
+        gate's M-step then fits the soft
+        targets (r_ik + lambda / K) / (1 + lambda) with row weight 1 + lambda (for the
+        constant gate, lambda n / K pseudo-counts per expert: a symmetric Dirichlet
+        prior). The log-likelihood no longer climbs alone; the penalised objective
+        does. Softmax, constant and tree gates.
     warm_start : bool, default=False
         Continue from the previous fit's parameters (one start, no initialisation).
     random_state : int, RandomState or None, default=None
@@ -196,6 +208,7 @@ default='auto'
         reg_var: float = 1e-6,
         df: float | None = None,
         gate_alpha: float = 1e-5,
+        gate_balance: float = 0.0,
         warm_start: bool = False,
         random_state=None,
         verbose: int = 0,
@@ -221,6 +234,7 @@ default='auto'
         self.reg_var = reg_var
         self.df = df
         self.gate_alpha = gate_alpha
+        self.gate_balance = gate_balance
         self.warm_start = warm_start
         self.random_state = random_state
         self.verbose = verbose

@@ -76,6 +76,15 @@ class FitResult:
     start: str = ""
 
 
+def _scale(stats, factor: float):
+    """Statistics (a tensor, a tuple of them, or None) times ``factor``."""
+    if factor == 1.0 or stats is None:
+        return stats
+    if isinstance(stats, tuple):
+        return tuple(_scale(s, factor) for s in stats)
+    return stats * factor
+
+
 def _add(acc, new):
     if acc is None:
         return new
@@ -139,6 +148,8 @@ class EMModel:
         self.frozen_experts: tuple[int, ...] = ()
         #: whether the M-step keeps the gate as it is
         self.gate_frozen = False
+        #: strength lambda of the gate's balance penalty (see :meth:`e_pass`)
+        self.gate_balance = 0.0
 
     @property
     def n_experts(self) -> int:
@@ -172,9 +183,13 @@ class EMModel:
         total = data.XeT.new_zeros(())
         nk = data.XeT.new_zeros(K)
         es = gs = None
+        lam, balance = self.gate_balance, data.XeT.new_zeros(())
         for chunk in data.chunks(self.chunk_size):
             joint = self.expert.log_prob(params.expert, chunk)  # (K, c)
-            joint.add_(self.gate.log_prob(params.gate, chunk))
+            log_gate = self.gate.log_prob(params.gate, chunk)
+            if lam:
+                balance += log_gate.sum()
+            joint.add_(log_gate)
             top = joint.amax(0, keepdim=True)
             resp = joint.sub_(top).exp_()  # unnormalised, in place
             s = resp.sum(0, keepdim=True)
@@ -185,10 +200,25 @@ class EMModel:
                 resp_all[:, chunk.start : chunk.stop] = resp
             if stats:
                 es = _add(es, self.expert.chunk_stats(params.expert, chunk, resp))
-                gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, resp))
+                gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, self._gate_targets(resp)))
         loglik = float(total) / data.n
         prior = self.expert.log_prior(params.expert) + self.gate.log_prior(params.gate)
-        return PassResult(loglik + prior / data.n, loglik, es, gs, resp_all, nk)
+        prior += lam / K * float(balance)
+        return PassResult(loglik + prior / data.n, loglik, es, _scale(gs, 1.0 + lam), resp_all, nk)
+
+    def _gate_targets(self, resp: torch.Tensor) -> torch.Tensor:
+        """The gate's soft targets: r_ik, or (r_ik + lambda / K) / (1 + lambda) when balanced.
+
+        With the balance penalty (lambda / K) sum_i sum_k log g_k(x_i) (the gate's
+        cross-entropy to uniform weights, largest when every expert keeps weight),
+        the gate's part of the objective is (1 + lambda) sum_i sum_k t_ik log g_k(x_i)
+        with these targets t: the gate's own M-step on t, with its statistics (linear
+        in the targets) scaled by 1 + lambda, maximises it exactly.
+        """
+        lam = self.gate_balance
+        if not lam:
+            return resp
+        return resp.add(lam / resp.shape[0]).div_(1.0 + lam)
 
     def stats_from_resp(self, params: Params, data: EMData, resp: torch.Tensor) -> PassResult:
         """Statistics for given responsibilities (K, n), as for the first M-step."""
@@ -199,7 +229,8 @@ class EMModel:
             if params.expert is not None:
                 self.expert.log_prob(params.expert, chunk)
             es = _add(es, self.expert.chunk_stats(params.expert, chunk, r))
-            gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, r))
+            gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, self._gate_targets(r)))
+        gs = _scale(gs, 1.0 + self.gate_balance)
         return PassResult(-math.inf, -math.inf, es, gs, resp, resp.sum(1))
 
     def m_step(self, params: Params, res: PassResult, data: EMData) -> Params:
@@ -224,8 +255,14 @@ class EMModel:
     def interpolate(self, old: Params, new: Params, t: float) -> Params:
         """Shorten the step of the non-monotone components to a fraction t."""
         e = new.expert if self.expert.monotone else lerp_params(old.expert, new.expert, t)
-        g = new.gate if self.gate.monotone else lerp_params(old.gate, new.gate, t)
+        g = new.gate if self._gate_monotone else lerp_params(old.gate, new.gate, t)
         return Params(e, g)
+
+    @property
+    def _gate_monotone(self) -> bool:
+        # a bound-based (MM) gate step is built for unit row weights: with the balance
+        # penalty's weights 1 + lambda it may overshoot, so the loop checks it
+        return self.gate.monotone and not self.gate_balance
 
     @property
     def can_accelerate(self) -> bool:
@@ -238,7 +275,7 @@ class EMModel:
         """One EM iteration from ``params`` (whose E-step is ``cur``), safeguarded."""
         new_params = self.m_step(params, cur, data)
         new = self.e_pass(new_params, data)
-        if not (self.expert.monotone and self.gate.monotone):
+        if not (self.expert.monotone and self._gate_monotone):
             new_params, new = self._safeguard(params, cur, new_params, new, data)
         return new_params, new
 

@@ -23,6 +23,8 @@ class ConstantGateParams:
 class ConstantGate:
     """Input-independent mixing weights pi_k (flexmix's default, mixtools' regmixEM)."""
 
+    supports_balance = True  # its statistics are linear in the soft targets (EMModel)
+
     report_name = "constant"
     monotone = True
     needs_resp = False

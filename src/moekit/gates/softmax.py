@@ -75,6 +75,8 @@ class SoftmaxGate:
     solver : {'auto', 'newton', 'bohning'}
     """
 
+    supports_balance = True  # its statistics are linear in the soft targets (EMModel)
+
     report_name = "softmax"
     needs_resp = False
     params_type = SoftmaxGateParams

@@ -133,6 +133,8 @@ class TreeGate:
         The nodes' step; ``'auto'`` uses Newton while b p is small.
     """
 
+    supports_balance = True  # its statistics are linear in the soft targets (EMModel)
+
     report_name = "tree of softmax"
     needs_resp = False
     params_type = TreeGateParams
