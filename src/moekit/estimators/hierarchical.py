@@ -185,9 +185,10 @@ class HierarchicalMoERegressor(_TreeMixin, MoERegressor):
     expert : {'linear', 'student_t', 'poisson', 'mlp'} or regressor, default='linear'
         The leaves' family, as in :class:`MoERegressor`.
     init, n_init, max_iter, tol, init_max_iter, init_sample_size, reg_var, df, \
-gate_alpha, warm_start, random_state, verbose, verbose_interval, device, \
+gate_alpha, gate_balance, warm_start, random_state, verbose, verbose_interval, device, \
 expert_features, gate_features, expert_options
-        As in :class:`MoERegressor`; ``gate_alpha`` penalises every node's slopes.
+        As in :class:`MoERegressor`; ``gate_alpha`` penalises every node's slopes,
+        ``gate_balance`` pulls the leaves' weights towards equal ones.
         With ``init='auto'`` some starts split the leaves of a fitted tree one level
         shallower (and one is that tree itself, exactly embedded).
 
@@ -248,6 +249,7 @@ n_features_in_, feature_names_in_
         reg_var: float = 1e-6,
         df: float | None = None,
         gate_alpha: float = 1e-5,
+        gate_balance: float = 0.0,
         warm_start: bool = False,
         random_state=None,
         verbose: int = 0,
@@ -270,6 +272,7 @@ n_features_in_, feature_names_in_
         self.reg_var = reg_var
         self.df = df
         self.gate_alpha = gate_alpha
+        self.gate_balance = gate_balance
         self.warm_start = warm_start
         self.random_state = random_state
         self.verbose = verbose
@@ -317,7 +320,7 @@ class HierarchicalMoEClassifier(_TreeMixin, MoEClassifier):
     gate : {'softmax'}, default='softmax'
     expert : {'logistic'} or classifier, default='logistic'
     init, n_init, max_iter, tol, init_max_iter, init_sample_size, alpha, gate_alpha, \
-warm_start, random_state, verbose, verbose_interval, device, expert_features, \
+gate_balance, warm_start, random_state, verbose, verbose_interval, device, expert_features, \
 gate_features
         As in :class:`MoEClassifier` (``alpha=None`` is 1 / K over the K leaves).
 
@@ -360,6 +363,7 @@ expert_sizes_, gate_coef_, gate_intercept_
         init_sample_size: int | None = 20_000,
         alpha: float | None = None,
         gate_alpha: float = 1.0,
+        gate_balance: float = 0.0,
         warm_start: bool = False,
         random_state=None,
         verbose: int = 0,
@@ -380,6 +384,7 @@ expert_sizes_, gate_coef_, gate_intercept_
         self.init_sample_size = init_sample_size
         self.alpha = alpha
         self.gate_alpha = gate_alpha
+        self.gate_balance = gate_balance
         self.warm_start = warm_start
         self.random_state = random_state
         self.verbose = verbose
