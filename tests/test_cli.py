@@ -170,3 +170,26 @@ def test_lm_generate_refuses_a_model_that_is_not_a_language_model(tmp_path, caps
     MoERegressor(2, random_state=0).fit(X, X[:, 0]).save(tmp_path / "r.moe")
     assert main(["lm", "generate", str(tmp_path / "r.moe"), "--prompt", "a"]) == 2
     assert "not a valid language model" in capsys.readouterr().err
+
+
+def test_a_language_model_checkpoint_given_to_predict_gets_one_clear_line(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "checkpoint.safetensors"
+    save_file({"model.w": torch.zeros(2)}, str(ckpt), metadata={"moekit_checkpoint": "1"})
+    data = tmp_path / "x.csv"
+    data.write_text("x\n1\n")
+    assert main(["predict", str(ckpt), str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "language-model checkpoint" in err[0] and "lm generate" in err[0]
+
+
+def test_the_command_starts_without_pandas_or_torch():
+    import subprocess
+    import sys
+
+    heavy = "{'pandas', 'torch', 'sklearn'}"
+    code = f"import sys, moekit.cli; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

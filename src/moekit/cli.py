@@ -16,8 +16,6 @@ import math
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 
 def regression_report(model, X, y) -> str:
     """A plain-text summary of a fitted MoERegressor: fit statistics and coefficients."""
@@ -66,6 +64,8 @@ def cmd_demo(args) -> int:
 
 
 def _read_table(path: str, target: str | None):
+    import pandas as pd  # here, not at the top: `moekit --help` should not wait for it
+
     frame = pd.read_csv(path)
     if target is not None and target not in frame.columns:
         raise SystemExit(
@@ -76,6 +76,8 @@ def _read_table(path: str, target: str | None):
 
 
 def cmd_fit(args) -> int:
+    import pandas as pd
+
     from moekit import MoEClassifier, MoERegressor
     from moekit.plotting import plot_regression_fit
 
@@ -114,6 +116,8 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import pandas as pd
+
     from moekit import load
 
     model = load(args.model)

@@ -303,6 +303,11 @@ def load(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> Any:
             "max_bytes to load it."
         )
     metadata, specs = _read_header(path, size)
+    if "moekit_checkpoint" in metadata:
+        raise ValueError(
+            f"{str(path)!r} is a moekit language-model checkpoint, not a statistical model "
+            "file: load it with moekit.nn.checkpoint.load_lm (or `moekit lm generate`)."
+        )
     if metadata.get("moekit_format") != FORMAT_VERSION:
         raise ValueError(
             f"{str(path)!r} is not a moekit model file (format "
