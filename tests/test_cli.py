@@ -96,10 +96,10 @@ def test_classification_is_detected_from_the_target(tmp_path):
 
 def test_bad_target_and_bad_model_file_are_clear(tmp_path, capsys):
     pd.DataFrame({"a": [1.0, 2.0]}).to_csv(tmp_path / "d.csv", index=False)
-    with pytest.raises(SystemExit, match="--target 'y' is not a column"):
-        main(["fit", str(tmp_path / "d.csv"), "--target", "y"])
+    assert main(["fit", str(tmp_path / "d.csv"), "--target", "y"]) == 2
+    assert "--target 'y' is not a column" in capsys.readouterr().err
     (tmp_path / "junk.moe").write_text("junk")
-    assert main(["predict", str(tmp_path / "junk.moe"), str(tmp_path / "d.csv")]) == 2
+    assert main(["predict", str(tmp_path / "junk.moe"), str(tmp_path / "d.csv")]) == 1
     assert "not a readable moekit model file" in capsys.readouterr().err
 
 
@@ -180,7 +180,7 @@ def test_a_language_model_checkpoint_given_to_predict_gets_one_clear_line(tmp_pa
     save_file({"model.w": torch.zeros(2)}, str(ckpt), metadata={"moekit_checkpoint": "1"})
     data = tmp_path / "x.csv"
     data.write_text("x\n1\n")
-    assert main(["predict", str(ckpt), str(data)]) == 2
+    assert main(["predict", str(ckpt), str(data)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "language-model checkpoint" in err[0] and "lm generate" in err[0]
 
@@ -193,3 +193,52 @@ def test_the_command_starts_without_pandas_or_torch():
     code = f"import sys, moekit.cli; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _fit_cli(tmp_path, frame, *flags):
+    path = tmp_path / "data.csv"
+    if isinstance(frame, str):
+        path.write_text(frame)
+    else:
+        frame.to_csv(path, index=False)
+    return main(["fit", str(path), *flags, "--out", str(tmp_path / "out"), "--n-init", "1"])
+
+
+def _table(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    return pd.DataFrame({"x": x, "z": rng.normal(size=n), "y": 2 * x + rng.normal(size=n)})
+
+
+@pytest.mark.parametrize(
+    "make, flags, status, message",
+    [
+        (lambda t: t, ["--target", "yy"], 2, "did you mean 'y'"),
+        (lambda t: "", ["--target", "y"], 1, "is empty"),
+        (lambda t: "x,y\n", ["--target", "y"], 1, "no rows"),
+        (lambda t: t.assign(z=t.z.astype(str).where(t.index != 7, "6,5")), ["--target", "y"], 1,
+         "column 'z' is numeric but row 8 (line 9"),
+        (lambda t: t.assign(y=3.0), ["--target", "y"], 1, "is constant"),
+        (lambda t: t.head(5), ["--target", "y", "--experts", "3"], 1, "too few for 3 experts"),
+        (lambda t: t.assign(y=[f"w{i}" for i in range(len(t))]), ["--target", "y"], 1,
+         "60 distinct values"),
+    ],
+)  # fmt: skip
+def test_errors_a_person_meets_are_one_line_with_their_status(
+    tmp_path, capsys, make, flags, status, message
+):
+    assert _fit_cli(tmp_path, make(_table()), *flags) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_a_missing_file_is_named(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "absent.csv"), "--target", "y"]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_counts_are_a_regression_and_every_column_is_accounted_for(tmp_path, capsys):
+    t = _table().assign(y=lambda d: np.round(np.exp(d.x)).astype(int), name="a")
+    assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "2") == 0
+    out = capsys.readouterr().out
+    assert "regression of 'y' on x, z" in out and "not used (not numeric): name" in out

@@ -63,32 +63,123 @@ def cmd_demo(args) -> int:
     return 0
 
 
+MAX_CLASSES = 20
+"""Most distinct values a text, category or boolean target may take as classes."""
+
+
+class DataError(SystemExit):
+    """A problem with the data: one line, exit status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+
+class UsageError(SystemExit):
+    """A problem with the command line: one line, exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 def _read_table(path: str, target: str | None):
+    """Read a CSV or Parquet table; every column numeric-looking must be numeric.
+
+    A column whose cells mostly read as numbers but a few do not (``6,5`` with a
+    decimal comma, ``n/a`` typed by hand) is an error naming the column, the first
+    bad row and its value: dropping it, or reading it as text, would change the
+    model without a word.
+    """
     import pandas as pd  # here, not at the top: `moekit --help` should not wait for it
 
-    frame = pd.read_csv(path)
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"moekit: no such file: {path}")
+    try:
+        if file.suffix.lower() in (".parquet", ".pq"):
+            frame = pd.read_parquet(file)
+        else:
+            frame = pd.read_csv(file)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"moekit: {path} is empty.") from None
+    except (ValueError, ImportError, pd.errors.ParserError) as exc:
+        raise DataError(f"moekit: cannot read {path}: {exc}") from None
+    if frame.shape[0] == 0:
+        raise DataError(f"moekit: {path} has a header but no rows.")
     if target is not None and target not in frame.columns:
-        raise SystemExit(
-            f"moekit: --target {target!r} is not a column of {path}; columns: "
-            f"{', '.join(map(str, frame.columns))}"
+        import difflib
+
+        close = difflib.get_close_matches(str(target), [str(c) for c in frame.columns], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(
+            f"moekit: --target {target!r} is not a column of {path}{hint} (columns: "
+            f"{', '.join(map(str, frame.columns))})"
         )
+    for col in frame.columns:
+        kind = frame[col].dtype
+        if not (pd.api.types.is_object_dtype(kind) or pd.api.types.is_string_dtype(kind)):
+            continue
+        cells = frame[col].dropna()
+        numbers = pd.to_numeric(cells, errors="coerce")
+        bad = numbers.isna()
+        if 0 < bad.sum() and bad.mean() < 0.5:  # mostly numbers: a few bad cells
+            row = cells.index[bad.to_numpy()][0]
+            raise DataError(
+                f"moekit: column {col!r} is numeric but row {row + 1} (line {row + 2} of "
+                f"{path}) holds {cells[row]!r}; fix the cell (a decimal comma?) or remove it."
+            )
     return frame
 
 
-def cmd_fit(args) -> int:
+def _task(y, requested: str, expert: str | None = None) -> str:
+    """Regression for a numeric target, classification for a few text/bool classes."""
     import pandas as pd
 
+    if requested != "auto":
+        return requested
+    if pd.api.types.is_bool_dtype(y):
+        return "classification"
+    if pd.api.types.is_numeric_dtype(y):
+        return "regression"
+    n_classes = y.nunique()
+    if n_classes > MAX_CLASSES:
+        raise DataError(
+            f"moekit: the target {y.name!r} is text with {n_classes} distinct values, too "
+            f"many for classes (at most {MAX_CLASSES}); pass --task classification to fit "
+            "them anyway."
+        )
+    return "classification"
+
+
+def cmd_fit(args) -> int:
     from moekit import MoEClassifier, MoERegressor
     from moekit.plotting import plot_regression_fit
 
     frame = _read_table(args.data, args.target)
     y = frame[args.target]
-    X = frame.drop(columns=[args.target]).select_dtypes("number")
+    rest = frame.drop(columns=[args.target])
+    X = rest.select_dtypes("number")
+    unused = [str(c) for c in rest.columns if c not in X.columns]
     if X.shape[1] == 0:
-        raise SystemExit("moekit: no numeric feature columns besides the target.")
-    task = args.task
-    if task == "auto":
-        task = "regression" if pd.api.types.is_float_dtype(y) else "classification"
+        raise DataError("moekit: no numeric feature columns besides the target.")
+    if y.isna().any():
+        row = int(y.index[y.isna().to_numpy()][0])
+        raise DataError(f"moekit: the target {args.target!r} is missing in row {row + 1}.")
+    task = _task(y, args.task)
+    if y.nunique() < 2:
+        raise DataError(
+            f"moekit: the target {args.target!r} is constant ({y.iloc[0]!r} in every row): "
+            "there is nothing to fit."
+        )
+    if len(y) < 2 * args.experts:
+        raise DataError(
+            f"moekit: {len(y)} rows are too few for {args.experts} experts; use fewer experts."
+        )
+    print(f"moekit fit: {task} of {args.target!r} on {', '.join(map(str, X.columns))} "
+          f"({len(y)} rows)")  # fmt: skip
+    if unused:
+        print(f"  not used (not numeric): {', '.join(unused)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     est = MoERegressor if task == "regression" else MoEClassifier
@@ -120,13 +211,16 @@ def cmd_predict(args) -> int:
 
     from moekit import load
 
-    model = load(args.model)
-    frame = pd.read_csv(args.data)
+    try:
+        model = load(args.model)
+    except (ValueError, FileNotFoundError) as exc:  # a file, not the command line
+        raise DataError(f"moekit: error: {exc}") from None
+    frame = _read_table(args.data, None)
     names = getattr(model, "feature_names_in_", None)
     if names is not None:
         missing = [c for c in names if c not in frame.columns]
         if missing:
-            raise SystemExit(f"moekit: {args.data} lacks the model's columns {missing}")
+            raise DataError(f"moekit: {args.data} lacks the model's columns {missing}")
         X = frame[list(names)]
     else:
         X = frame.select_dtypes("number").to_numpy()
@@ -325,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except (DataError, UsageError) as exc:
+        print(exc.message, file=sys.stderr)
+        return exc.code
     except (ValueError, FileNotFoundError) as exc:
         print(f"moekit: error: {exc}", file=sys.stderr)
         return 2
