@@ -241,4 +241,50 @@ def test_counts_are_a_regression_and_every_column_is_accounted_for(tmp_path, cap
     t = _table().assign(y=lambda d: np.round(np.exp(d.x)).astype(int), name="a")
     assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "2") == 0
     out = capsys.readouterr().out
-    assert "regression of 'y' on x, z" in out and "not used (not numeric): name" in out
+    assert "regression of 'y' on x, z" in out and "not used: name" in out
+
+
+def test_classic_models_are_expressible(tmp_path, capsys):
+    """A Poisson mixture with a concomitant gate on another column, as flexmix fits it."""
+    rng = np.random.default_rng(1)
+    n = 400
+    x, z = rng.uniform(0, 2, n), rng.normal(size=n)
+    k = (z > 0).astype(int)
+    y = rng.poisson(np.exp(np.where(k == 1, 0.5 + 1.0 * x, 2.0 - 0.5 * x)))
+    t = pd.DataFrame({"x": x, "z": z, "y": y, "other": rng.normal(size=n)})
+    flags = ["--target", "y", "--features", "x", "--gate-features", "z",
+             "--expert", "poisson", "--experts", "2"]  # fmt: skip
+    assert _fit_cli(tmp_path, t, *flags) == 0
+    out = capsys.readouterr().out
+    assert "the gate sees z" in out and "not used: other" in out
+    m = load(tmp_path / "out" / "model.moe")
+    assert m.expert == "poisson" and list(m.feature_names_in_) == ["x", "z"]
+    assert list(m.gate_features) == ["z"] and list(m.expert_features) == ["x"]
+    # the gate splits on z, where the regimes were drawn
+    assert abs(np.corrcoef(m.gate_weights(t[["x", "z"]])[:, 0], z)[0, 1]) > 0.8
+
+
+def test_k_chosen_over_a_range_with_a_constant_gate(tmp_path, capsys):
+    X, y, _ = make_moe_regression(300, n_features=1, n_experts=2, random_state=0)
+    t = pd.DataFrame({"x": X[:, 0], "y": y})
+    assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "1-3", "--gate", "constant") == 0
+    assert "BIC picks K = " in capsys.readouterr().out
+    assert (tmp_path / "out" / "bic.png").exists()
+    assert len(pd.read_csv(tmp_path / "out" / "criterion.csv")) == 3
+    assert load(tmp_path / "out" / "model.moe").gate == "constant"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--features", "x,nope"], "'nope' is not a feature column"),
+        (["--experts", "0"], "positive numbers of experts"),
+        (["--experts", "a-b"], "expected K or a range"),
+    ],
+)
+def test_bad_model_options_are_usage_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        status = _fit_cli(tmp_path, _table(), "--target", "y", *flags)
+        raise SystemExit(status)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

@@ -153,13 +153,27 @@ def _task(y, requested: str, expert: str | None = None) -> str:
 
 
 def cmd_fit(args) -> int:
+    import pandas as pd
+
     from moekit import MoEClassifier, MoERegressor
     from moekit.plotting import plot_regression_fit
 
     frame = _read_table(args.data, args.target)
     y = frame[args.target]
     rest = frame.drop(columns=[args.target])
-    X = rest.select_dtypes("number")
+    for flag, names in (("--features", args.features), ("--gate-features", args.gate_features)):
+        for name in names or ():
+            if name not in rest.columns:
+                raise UsageError(f"moekit: {flag}: {name!r} is not a feature column of "
+                                 f"{args.data}")  # fmt: skip
+    if args.features:
+        chosen = list(dict.fromkeys([*args.features, *(args.gate_features or ())]))
+        X = rest[chosen]
+        text = [c for c in chosen if not pd.api.types.is_numeric_dtype(X[c])]
+        if text:
+            raise DataError(f"moekit: feature columns must be numeric; {text} are not.")
+    else:
+        X = rest.select_dtypes("number")
     unused = [str(c) for c in rest.columns if c not in X.columns]
     if X.shape[1] == 0:
         raise DataError("moekit: no numeric feature columns besides the target.")
@@ -172,20 +186,41 @@ def cmd_fit(args) -> int:
             f"moekit: the target {args.target!r} is constant ({y.iloc[0]!r} in every row): "
             "there is nothing to fit."
         )
-    if len(y) < 2 * args.experts:
+    if len(y) < 2 * max(args.experts):
         raise DataError(
-            f"moekit: {len(y)} rows are too few for {args.experts} experts; use fewer experts."
+            f"moekit: {len(y)} rows are too few for {max(args.experts)} experts; use fewer experts."
         )
+    if task == "classification" and (args.expert != "linear" or args.gate != "softmax"):
+        raise UsageError("moekit: --expert and --gate are for regressions; a classification "
+                         "uses logistic experts under a softmax gate.")  # fmt: skip
+    experts = (args.features or list(X.columns)) if args.gate_features else None
     print(f"moekit fit: {task} of {args.target!r} on {', '.join(map(str, X.columns))} "
-          f"({len(y)} rows)")  # fmt: skip
+          f"({len(y)} rows)" + (f"; the gate sees {', '.join(args.gate_features)}"
+                                if args.gate_features else ""))  # fmt: skip
     if unused:
-        print(f"  not used (not numeric): {', '.join(unused)}")
+        print(f"  not used: {', '.join(unused)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    est = MoERegressor if task == "regression" else MoEClassifier
-    model = est(
-        args.experts, n_init=args.n_init, random_state=args.random_state, verbose=args.verbose
-    ).fit(X, y)
+    settings = {"n_init": args.n_init, "random_state": args.random_state,
+                "verbose": args.verbose, "gate_features": args.gate_features,
+                "expert_features": experts}  # fmt: skip
+    if task == "regression":
+        template = MoERegressor(expert=args.expert, gate=args.gate, **settings)
+    else:
+        template = MoEClassifier(**settings)
+    if len(args.experts) == 1:
+        model = template.set_params(n_experts=args.experts[0]).fit(X, y)
+    else:
+        from moekit import select_n_experts
+
+        print(f"  choosing K in {args.experts[0]}-{args.experts[-1]} by BIC")
+        model, table = select_n_experts(template, X, y, args.experts, "bic",
+                                        verbose=max(1, args.verbose))  # fmt: skip
+        print(f"  BIC picks K = {model.n_experts}")
+        from moekit.plotting import plot_criterion
+
+        table.to_csv(out / "criterion.csv", index=False)
+        plot_criterion(table, "bic").savefig(out / "bic.png", dpi=120)
     model.save(out / "model.moe")
     if task == "regression":
         report = regression_report(model, X, y)
@@ -196,7 +231,7 @@ def cmd_fit(args) -> int:
             fig.savefig(out / "fit.png", dpi=120)
     else:
         report = (
-            f"MoEClassifier: K = {args.experts}, classes {list(model.classes_)}, "
+            f"MoEClassifier: K = {model.n_experts}, classes {list(model.classes_)}, "
             f"training accuracy {model.score(X, y):.4f}, mean log-likelihood "
             f"{model.log_likelihood(X, y):.4f}, {model.n_iter_} EM iterations"
         )
@@ -357,6 +392,25 @@ def cmd_lm_generate(args) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated column names")
+    return names
+
+
+def _experts(text: str) -> tuple[int, ...]:
+    """'3' -> (3,); '1-8' -> (1, ..., 8)."""
+    try:
+        lo, _, hi = text.partition("-")
+        ks = tuple(range(int(lo), int(hi) + 1)) if hi else (int(lo),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K or a range A-B, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers of experts, got {text!r}")
+    return ks
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,7 +422,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a mixture of experts to a CSV file")
     p.add_argument("data", help="CSV file with a header row")
     p.add_argument("--target", required=True, help="name of the target column")
-    p.add_argument("--experts", type=int, default=3, help="number of experts (default: 3)")
+    p.add_argument(
+        "--features",
+        type=_names,
+        help="comma-separated feature columns (default: every numeric column)",
+    )
+    p.add_argument(
+        "--gate-features",
+        type=_names,
+        help="comma-separated columns the gate sees (default: the features)",
+    )
+    p.add_argument(
+        "--experts",
+        type=_experts,
+        default=(3,),
+        help="number of experts K, or a range such as 1-8 chosen by BIC (default: 3)",
+    )
+    p.add_argument(
+        "--expert",
+        choices=["linear", "poisson", "student_t", "mlp"],
+        default="linear",
+        help="regression experts (default: linear)",
+    )
+    p.add_argument(
+        "--gate",
+        choices=["softmax", "constant", "mlp"],
+        default="softmax",
+        help="softmax (default), constant (a mixture of regressions) or mlp",
+    )
     p.add_argument("--task", choices=["auto", "regression", "classification"], default="auto")
     p.add_argument("--n-init", type=int, default=5, help="EM starts (default: 5)")
     p.add_argument("--random-state", type=int, default=0)
