@@ -288,3 +288,60 @@ def test_bad_model_options_are_usage_errors(tmp_path, capsys, flags, message):
         raise SystemExit(status)
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _report_sections(page: str) -> list[str]:
+    import re
+
+    return re.findall(r'<h2 id="(\w+)"', page)
+
+
+def test_fit_writes_a_self_contained_report(tmp_path, capsys):
+    import base64
+    import re
+
+    X, y, _ = make_moe_regression(300, n_features=3, n_experts=2, random_state=0)
+    t = pd.DataFrame({"a": X[:, 0], "b": X[:, 1], "c": X[:, 2], "y": y})
+    assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "1-3") == 0
+    assert "60 random rows held out" in capsys.readouterr().out
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert _report_sections(page) == [
+        "summary",
+        "formula",
+        "fit",
+        "gate",
+        "coverage",
+        "convergence",
+        "criterion",
+        "coefficients",
+        "sizes",
+    ]
+    assert "60 held-out rows" in page and 'src="http' not in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 5  # fit, gate, convergence, criterion, sizes: every one a PNG
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_headless_browser(tmp_path):
+    """Every section and image loads in Chromium (Debian's package); skipped without it."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    X, y, _ = make_moe_regression(200, n_features=1, n_experts=2, random_state=0)
+    t = pd.DataFrame({"x": X[:, 0], "y": y})
+    assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "2") == 0
+    page = tmp_path / "out" / "report.html"
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert _report_sections(dom) == _report_sections(page.read_text())
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                    f"--screenshot={shot}", "--window-size=1000,3000", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    assert shot.stat().st_size > 10_000

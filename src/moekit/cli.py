@@ -153,6 +153,7 @@ def _task(y, requested: str, expert: str | None = None) -> str:
 
 
 def cmd_fit(args) -> int:
+    import numpy as np
     import pandas as pd
 
     from moekit import MoEClassifier, MoERegressor
@@ -199,6 +200,15 @@ def cmd_fit(args) -> int:
                                 if args.gate_features else ""))  # fmt: skip
     if unused:
         print(f"  not used: {', '.join(unused)}")
+    if not 0.0 <= args.holdout < 1.0:
+        raise UsageError(f"moekit: --holdout must be in [0, 1); got {args.holdout}.")
+    n_test = round(args.holdout * len(y))
+    X_test, y_test = None, None
+    if n_test >= 10 and len(y) - n_test >= 2 * max(args.experts):
+        order = np.random.default_rng(args.random_state).permutation(len(y))
+        X, X_test = X.iloc[order[n_test:]], X.iloc[order[:n_test]]
+        y, y_test = y.iloc[order[n_test:]], y.iloc[order[:n_test]]
+        print(f"  fitted on {len(y)} rows; {n_test} random rows held out for the report")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n_init": args.n_init, "random_state": args.random_state,
@@ -208,6 +218,7 @@ def cmd_fit(args) -> int:
         template = MoERegressor(expert=args.expert, gate=args.gate, **settings)
     else:
         template = MoEClassifier(**settings)
+    table = None
     if len(args.experts) == 1:
         model = template.set_params(n_experts=args.experts[0]).fit(X, y)
     else:
@@ -236,8 +247,13 @@ def cmd_fit(args) -> int:
             f"{model.log_likelihood(X, y):.4f}, {model.n_iter_} EM iterations"
         )
     (out / "report.txt").write_text(report + "\n")
+    from moekit.report import html_report
+
+    page = html_report(model, X, y, X_test=X_test, y_test=y_test, table=table,
+                       target=str(args.target), source=str(args.data))  # fmt: skip
+    (out / "report.html").write_text(page, encoding="utf-8")
     print(report)
-    print(f"\nWrote {out / 'model.moe'}")
+    print(f"\nWrote {out / 'model.moe'} and {out / 'report.html'}")
     return 0
 
 
@@ -451,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="softmax (default), constant (a mixture of regressions) or mlp",
     )
     p.add_argument("--task", choices=["auto", "regression", "classification"], default="auto")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of rows held out for the report's checks; the model is fitted "
+                        "on the rest (0: fit on every row; default: 0.2)")  # fmt: skip
     p.add_argument("--n-init", type=int, default=5, help="EM starts (default: 5)")
     p.add_argument("--random-state", type=int, default=0)
     p.add_argument("--verbose", type=int, default=0)

@@ -1,0 +1,258 @@
+"""A fitted mixture of experts as one HTML page that opens offline.
+
+:func:`html_report` draws what a reader should see rather than read: the data with
+each expert's fit, where the gate hands the input space to each expert, how well
+the predictive intervals cover held-out rows, how EM climbed, the criterion against
+K when K was chosen, the coefficients with their standard errors, how much data
+each expert handles, and the model written as a formula. Figures are PNGs embedded
+as data URIs, so the file needs nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import numpy as np
+
+from moekit.plotting import _pyplot, expert_colors, plot_criterion, plot_regression_fit
+
+LEVELS = (0.5, 0.8, 0.9, 0.95)
+"""Nominal levels of the central predictive intervals whose coverage is reported."""
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }
+th { background: #f4f4f4; } img { max-width: 100%; } .note { color: #666; }
+pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; }
+"""
+
+
+def _png(fig) -> str:
+    """The figure as an <img> with its PNG inline (a data URI); the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _feature_names(model, X) -> list[str]:
+    names = getattr(model, "feature_names_in_", None)
+    return [str(n) for n in names] if names is not None else [f"x{j}" for j in range(X.shape[1])]
+
+
+def _formula(model, names: list[str], target: str) -> str:
+    """The fitted regression mixture written out, in the data's units."""
+    K = model.n_experts
+    lines = [f"p({target} | x) = sum over k = 1..{K} of g_k(x) p_k({target} | x), where"]
+    coef, icpt = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
+    cols = getattr(model, "_expert_cols", None)
+    enames = names if cols is None else [names[c] for c in cols]
+    sd = getattr(model, "noise_std_", None)
+    for k in range(K):
+        c = np.ravel(coef[k])
+        mean = f"{float(np.ravel(icpt[k])[0]):.4g}" + "".join(
+            f" {'-' if b < 0 else '+'} {abs(b):.4g}·{n}" for b, n in zip(c, enames, strict=False)
+        )
+        if model.expert == "poisson":
+            lines.append(f"  expert {k}: Poisson with log mean = {mean}")
+        elif sd is not None:
+            lines.append(f"  expert {k}: N(mean = {mean}, sd = {float(np.ravel(sd[k])[0]):.4g})")
+        else:
+            lines.append(f"  expert {k}: mean = {mean}")
+    if model.gate == "constant" or K == 1:
+        w = model.gate_weights(np.zeros((1, len(names))))[0]
+        lines.append("  g(x) = (" + ", ".join(f"{v:.3f}" for v in w) + "), whatever x")
+    elif model.gate == "softmax":
+        gc, gi = np.atleast_2d(model.gate_coef_), np.ravel(model.gate_intercept_)
+        gcols = getattr(model, "_gate_cols", None)
+        gnames = names if gcols is None else [names[c] for c in gcols]
+        lines.append("  g(x) = softmax over k of s_k(x), with")
+        for k in range(K):
+            s = f"{gi[k]:.4g}" + "".join(
+                f" {'-' if b < 0 else '+'} {abs(b):.4g}·{n}"
+                for b, n in zip(gc[k], gnames, strict=False)
+            )
+            lines.append(f"    s_{k}(x) = {s}")
+    else:
+        lines.append(f"  g(x): a {model.gate} gate (a network; no closed form to print)")
+    return "\n".join(lines)
+
+
+def _fit_figure(model, X, y, names, target):
+    plt = _pyplot()
+    if X.shape[1] == 1:
+        return plot_regression_fit(model, X, y, xlabel=names[0], ylabel=target)
+    owner = model.predict_distribution(X).weights.argmax(1)
+    resp = model.responsibilities(X, y).argmax(1) if y is not None else owner
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colors = expert_colors(model.n_experts)
+    pred = model.predict(X)
+    for k in range(model.n_experts):
+        sel = resp == k
+        ax.scatter(pred[sel], y[sel], s=8, color=colors[k], label=f"expert {k}", alpha=0.7)
+    lo, hi = np.nanmin([pred.min(), y.min()]), np.nanmax([pred.max(), y.max()])
+    ax.plot([lo, hi], [lo, hi], color="k", lw=1)
+    ax.set_xlabel(f"predicted {target} (E[y|x])")
+    ax.set_ylabel(f"observed {target}")
+    ax.set_title("observed against predicted, coloured by the most responsible expert")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _gate_figure(model, X, names):
+    """argmax_k g_k(x) over the two gate features whose slopes spread the most."""
+    gcols = getattr(model, "_gate_cols", None)
+    cols = list(range(X.shape[1])) if gcols is None else list(gcols)
+    if model.gate != "softmax" or len(cols) < 2 or model.n_experts < 2:
+        return None
+    spread = np.ptp(np.atleast_2d(model.gate_coef_), axis=0) * X[:, cols].std(0)
+    a, b = (cols[i] for i in np.argsort(-spread)[:2])
+    plt = _pyplot()
+    ga = np.linspace(X[:, a].min(), X[:, a].max(), 150)
+    gb = np.linspace(X[:, b].min(), X[:, b].max(), 150)
+    A, B = np.meshgrid(ga, gb)
+    grid = np.tile(X.mean(0), (A.size, 1))
+    grid[:, a], grid[:, b] = A.ravel(), B.ravel()
+    owner = model.gate_weights(grid).argmax(1).reshape(A.shape)
+    from matplotlib.colors import ListedColormap
+
+    colors = expert_colors(model.n_experts)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.pcolormesh(A, B, owner, cmap=ListedColormap(colors), vmin=-0.5,
+                  vmax=model.n_experts - 0.5, alpha=0.35, shading="auto")  # fmt: skip
+    ax.scatter(X[:, a], X[:, b], s=5, color="k", alpha=0.4)
+    ax.set_xlabel(names[a])
+    ax.set_ylabel(names[b])
+    ax.set_title("the gate's choice, argmax_k g_k(x) (other features at their means)")
+    return fig
+
+
+def _coverage(model, X, y) -> list[list[Any]]:
+    d = model.predict_distribution(X)
+    rows = []
+    for level in LEVELS:
+        lo, hi = d.interval(level)
+        inside = (y >= lo) & (y <= hi)
+        rows.append([f"{level:.0%}", float(inside.mean()), float(np.mean(hi - lo))])
+    return rows
+
+
+def html_report(
+    model: Any,
+    X,
+    y,
+    *,
+    X_test=None,
+    y_test=None,
+    table=None,
+    criterion: str = "bic",
+    target: str = "y",
+    source: str = "",
+) -> str:
+    """The report of a fitted ``MoERegressor`` (or ``MoEClassifier``) as HTML.
+
+    Parameters
+    ----------
+    model : fitted estimator
+    X, y : array-like
+        The rows it was fitted on.
+    X_test, y_test : array-like, optional
+        Held-out rows: the coverage of the predictive intervals and the held-out
+        log-likelihood are computed on them (on the training rows, said so, if absent).
+    table : pandas.DataFrame, optional
+        ``select_n_experts``'s table when K was chosen: the criterion against K.
+    criterion, target, source : str
+        The criterion's name, the target's name, where the data came from.
+
+    Returns
+    -------
+    str
+        A whole HTML document; every figure is inline.
+    """
+    X = np.asarray(getattr(X, "values", X), dtype=float)
+    y = np.asarray(getattr(y, "values", y))
+    names = _feature_names(model, X)
+    kind = type(model).__name__
+    regression = not hasattr(model, "predict_proba")
+    if regression:
+        y = y.astype(float)
+    held = X_test is not None
+    Xh = np.asarray(getattr(X_test, "values", X_test), dtype=float) if held else X
+    yh = np.asarray(getattr(y_test, "values", y_test)) if held else y
+    if regression:
+        yh = yh.astype(float)
+    where = f"{len(yh)} held-out rows" if held else "the training rows (nothing was held out)"
+    parts = [f"<h1>{html.escape(kind)}: {html.escape(target)}</h1>"]
+    facts = [
+        ["data", source or "arrays"],
+        ["rows fitted", len(y)],
+        ["features", ", ".join(names)],
+        ["experts", model.n_experts],
+        ["expert / gate", f"{getattr(model, 'expert', '?')} / {getattr(model, 'gate', '?')}"],
+        ["log-likelihood per row (fitted rows)", float(model.log_likelihood(X, y))],
+        [f"log-likelihood per row ({where})", float(model.log_likelihood(Xh, yh))],
+        ["BIC", float(model.bic(X, y))],
+        ["EM", f"{model.n_iter_} iterations, "
+               f"{'converged' if model.converged_ else 'NOT converged'}"],
+    ]  # fmt: skip
+    parts += ['<h2 id="summary">Summary</h2>', _table(facts, ["", ""])]
+    if regression:
+        parts += ['<h2 id="formula">The model</h2>',
+                  f"<pre>{html.escape(_formula(model, names, target))}</pre>"]  # fmt: skip
+        parts += ['<h2 id="fit">The data and each expert\'s fit</h2>',
+                  _png(_fit_figure(model, X, y, names, target))]  # fmt: skip
+    gate_fig = _gate_figure(model, X, names)
+    parts.append('<h2 id="gate">Where the gate sends each input</h2>')
+    parts.append(_png(gate_fig) if gate_fig is not None else
+                 '<p class="note">The gate sees fewer than two features (or is constant): '
+                 "its weights are in the figure and the formula above.</p>")  # fmt: skip
+    if regression:
+        cover = _table(_coverage(model, Xh, yh), ["nominal", "covered", "mean width"])
+        parts += [f'<h2 id="coverage">Predictive intervals on {where}</h2>', cover]
+    else:
+        acc = float(np.mean(model.predict(Xh) == yh))
+        parts += [f'<h2 id="coverage">Accuracy on {where}</h2>',
+                  _table([["accuracy", acc]], ["", ""])]  # fmt: skip
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    hist = np.asarray(model.log_likelihood_history_)
+    ax.plot(np.arange(len(hist)), hist, marker=".")
+    ax.set_xlabel("EM iteration (final run)")
+    ax.set_ylabel("objective per row")
+    parts += ['<h2 id="convergence">How EM climbed</h2>', _png(fig)]
+    if table is not None:
+        parts += [f'<h2 id="criterion">{criterion.upper()} against K</h2>',
+                  _png(plot_criterion(table, criterion))]  # fmt: skip
+    parts.append('<h2 id="coefficients">Coefficients</h2>')
+    try:
+        parts.append(f"<pre>{html.escape(str(model.summary(X, y)))}</pre>")
+    except ValueError as exc:  # no coefficients to report (MLP parts)
+        parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
+    sizes = np.asarray(model.expert_sizes_, dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.bar(np.arange(len(sizes)), sizes, color=expert_colors(len(sizes)))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("rows (sum of responsibilities)")
+    shares = [[k, float(s), float(s / sizes.sum())] for k, s in enumerate(sizes)]
+    parts += ['<h2 id="sizes">How much data each expert handles</h2>', _png(fig),
+              _table(shares, ["expert", "rows", "share"])]  # fmt: skip
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(kind)}"
+            f"</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")  # fmt: skip
