@@ -19,6 +19,9 @@ import numpy as np
 
 from moekit.plotting import _pyplot, expert_colors, plot_criterion, plot_regression_fit
 
+PLOT_ROWS = 5000
+"""Most rows drawn in a scatter plot (a random subset of larger data)."""
+
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 """Nominal levels of the central predictive intervals whose coverage is reported."""
 
@@ -199,6 +202,10 @@ def html_report(
     if regression:
         yh = yh.astype(float)
     where = f"{len(yh)} held-out rows" if held else "the training rows (nothing was held out)"
+    show = np.arange(len(y))
+    if len(y) > PLOT_ROWS:  # the figures draw a random subset; the numbers use every row
+        show = np.sort(np.random.default_rng(0).choice(len(y), PLOT_ROWS, replace=False))
+    Xs, ys = X[show], y[show]
     parts = [f"<h1>{html.escape(kind)}: {html.escape(target)}</h1>"]
     facts = [
         ["data", source or "arrays"],
@@ -217,8 +224,8 @@ def html_report(
         parts += ['<h2 id="formula">The model</h2>',
                   f"<pre>{html.escape(_formula(model, names, target))}</pre>"]  # fmt: skip
         parts += ['<h2 id="fit">The data and each expert\'s fit</h2>',
-                  _png(_fit_figure(model, X, y, names, target))]  # fmt: skip
-    gate_fig = _gate_figure(model, X, names)
+                  _png(_fit_figure(model, Xs, ys, names, target))]  # fmt: skip
+    gate_fig = _gate_figure(model, Xs, names)
     parts.append('<h2 id="gate">Where the gate sends each input</h2>')
     parts.append(_png(gate_fig) if gate_fig is not None else
                  '<p class="note">The gate sees fewer than two features (or is constant): '
