@@ -53,7 +53,7 @@ def test_fit_then_predict_round_trip(tmp_path, capsys):
         == 0
     )
     pred = pd.read_csv(tmp_path / "pred.csv")
-    assert list(pred.columns) == ["mean", "std", "q05", "q95"]
+    assert list(pred.columns) == ["mean", "std", "q05", "q95", "expert"]
     model = load(tmp_path / "fit" / "model.moe")
     np.testing.assert_allclose(pred["mean"], model.predict(pd.DataFrame(X, columns=["a", "b"])))
     assert (pred["q05"] < pred["mean"]).all() and (pred["mean"] < pred["q95"]).all()
@@ -345,3 +345,25 @@ def test_report_renders_in_a_headless_browser(tmp_path):
                     f"--screenshot={shot}", "--window-size=1000,3000", page.as_uri()],
                    capture_output=True, timeout=120, check=True)  # fmt: skip
     assert shot.stat().st_size > 10_000
+
+
+def test_predict_intervals_samples_and_experts_then_inspect(tmp_path, capsys):
+    X, y, _ = make_moe_regression(200, n_features=1, n_experts=2, random_state=0)
+    t = pd.DataFrame({"x": X[:, 0], "y": y})
+    assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "2") == 0
+    model, data, out = tmp_path / "out" / "model.moe", tmp_path / "data.csv", tmp_path / "p.csv"
+    flags = ["--interval", "0.5", "--samples", "3", "--out", str(out)]
+    assert main(["predict", str(model), str(data), *flags]) == 0
+    pred = pd.read_csv(out)
+    assert list(pred.columns) == ["mean", "std", "q25", "q75", "sample_0", "sample_1",
+                                  "sample_2", "expert"]  # fmt: skip
+    assert set(pred["expert"]) <= {0, 1} and (pred["q25"] < pred["q75"]).all()
+    inside = (pred[["sample_0", "sample_1", "sample_2"]].to_numpy() >= pred[["q25"]].to_numpy()) & (
+        pred[["sample_0", "sample_1", "sample_2"]].to_numpy() <= pred[["q75"]].to_numpy()
+    )
+    assert 0.3 < inside.mean() < 0.7  # half the draws fall in the central 50% interval
+    capsys.readouterr()
+    assert main(["inspect", str(model)]) == 0
+    said = capsys.readouterr().out
+    assert "a fitted MoERegressor" in said and "n_experts: 2" in said and "features (1): x" in said
+    assert main(["predict", str(model), str(data), "--interval", "1.5"]) == 2

@@ -4,7 +4,8 @@
 
     moekit demo [--out DIR]                       fit the bundled mcycle data, write a report
     moekit fit DATA.csv --target COL [--experts K] [--out DIR]
-    moekit predict MODEL DATA.csv [--out FILE]
+    moekit predict MODEL DATA.csv [--out FILE] [--interval 0.9] [--samples N]
+    moekit inspect MODEL
     moekit lm train [--corpus FILE] [--config tiny|small] [--steps N] [--out DIR] [--resume]
     moekit lm generate CHECKPOINT --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
 """
@@ -258,6 +259,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
     import pandas as pd
 
     from moekit import load
@@ -281,16 +283,52 @@ def cmd_predict(args) -> int:
         for c, col in zip(model.classes_, model.predict_proba(X).T, strict=True):
             result[f"p[{c}]"] = col
     else:
+        if not 0.0 < args.interval < 1.0:
+            raise UsageError(f"moekit: --interval must be in (0, 1); got {args.interval}.")
+        if args.samples < 0:
+            raise UsageError(f"moekit: --samples must be >= 0; got {args.samples}.")
         d = model.predict_distribution(X)
         result["mean"] = d.mean()
         result["std"] = d.std()
-        lo, hi = d.interval(0.9)
-        result["q05"], result["q95"] = lo, hi
+        lo, hi = d.interval(args.interval)
+        tail = 100 * (1 - args.interval) / 2
+        result[f"q{tail:02g}"], result[f"q{100 - tail:02g}"] = lo, hi
+        if args.samples:
+            draws = np.asarray(d.sample(args.samples, args.random_state))
+            for j in range(args.samples):
+                result[f"sample_{j}"] = draws[:, j]
+    # the most likely expert given x alone (the gate's choice; y is what is predicted)
+    result["expert"] = model.gate_weights(X).argmax(1)
     if args.out:
         result.to_csv(args.out, index=False)
         print(f"Wrote {len(result)} predictions to {args.out}")
     else:
         result.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from moekit import load
+
+    try:
+        model = load(args.model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise DataError(f"moekit: error: {exc}") from None
+    names = getattr(model, "feature_names_in_", None)
+    print(f"{args.model}: a fitted {type(model).__name__}")
+    settings = {k: v for k, v in model.get_params().items() if v is not None}
+    for key in ("n_experts", "expert", "gate", "expert_features", "gate_features"):
+        if key in settings:
+            print(f"  {key}: {settings[key]}")
+    n = model.n_features_in_
+    print(f"  features ({n}): {', '.join(map(str, names)) if names is not None else 'unnamed'}")
+    if hasattr(model, "classes_"):
+        print(f"  classes: {', '.join(map(str, model.classes_))}")
+    print(f"  fit: {model.n_iter_} EM iterations, "
+          f"{'converged' if model.converged_ else 'not converged'}, mean log-likelihood "
+          f"{model.log_likelihood_:.4f} per row")  # fmt: skip
+    print(f"  experts' shares of the data: "
+          f"{', '.join(f'{v:.1f}' for v in model.expert_sizes_)}")  # fmt: skip
     return 0
 
 
@@ -510,7 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by `moekit fit` or model.save()")
     p.add_argument("data", help="CSV file with the model's feature columns")
     p.add_argument("--out", help="output CSV (default: standard output)")
+    p.add_argument("--interval", type=float, default=0.9,
+                   help="central probability of the interval (default: 0.9)")  # fmt: skip
+    p.add_argument("--samples", type=int, default=0,
+                   help="also draw this many values of y per row from p(y|x)")  # fmt: skip
+    p.add_argument("--random-state", type=int, default=0, help="seed of --samples")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("inspect", help="say what a model file holds")
+    p.add_argument("model", help="model file written by `moekit fit` or model.save()")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 
@@ -522,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, UsageError) as exc:
         print(exc.message, file=sys.stderr)
         return exc.code
+    except BrokenPipeError:  # the reader left (`moekit predict ... | head`): end quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError) as exc:
         print(f"moekit: error: {exc}", file=sys.stderr)
         return 2
