@@ -212,8 +212,9 @@ def cmd_fit(args) -> int:
         print(f"  fitted on {len(y)} rows; {n_test} random rows held out for the report")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    verbose = args.verbose if args.verbose is not None else int(sys.stderr.isatty())
     settings = {"n_init": args.n_init, "random_state": args.random_state,
-                "verbose": args.verbose, "gate_features": args.gate_features,
+                "verbose": verbose, "gate_features": args.gate_features,
                 "expert_features": experts}  # fmt: skip
     if task == "regression":
         template = MoERegressor(expert=args.expert, gate=args.gate, **settings)
@@ -227,7 +228,7 @@ def cmd_fit(args) -> int:
 
         print(f"  choosing K in {args.experts[0]}-{args.experts[-1]} by BIC")
         model, table = select_n_experts(template, X, y, args.experts, "bic",
-                                        verbose=max(1, args.verbose))  # fmt: skip
+                                        verbose=max(1, verbose))  # fmt: skip
         print(f"  BIC picks K = {model.n_experts}")
         from moekit.plotting import plot_criterion
 
@@ -510,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the rest (0: fit on every row; default: 0.2)")  # fmt: skip
     p.add_argument("--n-init", type=int, default=5, help="EM starts (default: 5)")
     p.add_argument("--random-state", type=int, default=0)
-    p.add_argument("--verbose", type=int, default=0)
+    p.add_argument("--verbose", type=int, default=None,
+                   help="0: quiet; 1: a progress bar per fit (default where stderr is a "
+                        "terminal); 2: a line every few EM iterations too")  # fmt: skip
     p.add_argument("--out", default="moekit_fit", help="output folder (default: moekit_fit)")
     p.set_defaults(func=cmd_fit)
 
