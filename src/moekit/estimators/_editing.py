@@ -24,7 +24,6 @@ experts), and round-trips through ``save``/``load``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from moekit.fitting.model import EMModel, Params, keep_experts
+from moekit.fitting.starts import duplicate_expert, expert_fit_order
 
 PARTS = ("all", "gate", "experts")
 
@@ -159,8 +159,10 @@ class EditingMixin:
         big = model.resized(K + 1)
         big.prepare(data)
         fresh = big.init_from_resp(data, resp)
-        _, order = _fit_order(model, params, data, res.resp, self.frozen_experts_)
-        copy = _copy_expert(big, params, order)
+        _, order = expert_fit_order(model, params, data)  # worst fit first
+        frozen = set(self.frozen_experts_)
+        worst = next((k for k in order if k not in frozen), order[0])
+        copy = duplicate_expert(big, params, worst)
         if self.frozen_experts_:  # frozen experts start, and stay, where they are
             fresh = Params(keep_experts(copy.expert, fresh.expert, self.frozen_experts_),
                            fresh.gate)  # fmt: skip
@@ -231,25 +233,3 @@ class EditingMixin:
     def _row_loglik(model: EMModel, params: Params, chunk) -> torch.Tensor:
         logp = model.expert.log_prob(params.expert, chunk) + model.gate.log_prob(params.gate, chunk)
         return torch.logsumexp(logp, 0)
-
-
-def _fit_order(model, params, data, resp, frozen) -> tuple[torch.Tensor, list[int]]:
-    """Experts from worst fit to best (weighted mean log-density), frozen ones last."""
-    score = torch.zeros(model.n_experts, dtype=resp.dtype)
-    for chunk in data.chunks(model.chunk_size):
-        logp = model.expert.log_prob(params.expert, chunk)
-        score += (resp[:, chunk.start : chunk.stop] * logp).sum(1).cpu()
-    score /= resp.sum(1).cpu().clamp(min=1e-12)
-    order = torch.argsort(score).tolist()
-    return score, [k for k in order if k not in frozen] + [k for k in order if k in frozen]
-
-
-def _copy_expert(big: EMModel, params: Params, order: list[int]) -> Params:
-    """The K-expert fit as K + 1 experts: expert ``order[0]`` copied to the end, its
-    gate weight halved between the two, so the mixture density is unchanged."""
-    j, K = order[0], big.n_experts - 1
-    idx = torch.tensor([*range(K), j])
-    delta = torch.zeros(K + 1, dtype=torch.float64)
-    delta[[j, K]] = -math.log(2.0)
-    gate = big.gate.shift(big.gate.select(params.gate, idx), delta)
-    return Params(big.expert.select(params.expert, idx), gate)

@@ -120,9 +120,9 @@ def duplicate_expert(model: EMModel, params: Params, j: int) -> Params:
     makes a richer fit never worse than the nested one.
     """
     K1 = model.n_experts - 1
-    idx = torch.tensor([k for k in range(K1) if k != j] + [j, j])
+    idx = torch.tensor([*range(K1), j])  # the experts where they were, the copy last
     delta = torch.zeros(K1 + 1, dtype=torch.float64)
-    delta[-2:] = -math.log(2.0)
+    delta[[j, K1]] = -math.log(2.0)
     gate = model.gate.shift(model.gate.select(params.gate, idx), delta)
     return Params(model.expert.select(params.expert, idx), gate)
 
