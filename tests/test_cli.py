@@ -19,6 +19,8 @@ def test_demo_writes_its_report(tmp_path, capsys, recwarn):
     assert (tmp_path / "mcycle_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = load(tmp_path / "mcycle.moe")
     assert model.n_features_in_ == 1
+    page = (tmp_path / "report.html").read_text()
+    assert _report_sections(page)[:3] == ["summary", "formula", "fit"] and "criterion" in page
 
 
 def test_fit_then_predict_round_trip(tmp_path, capsys):

@@ -60,7 +60,12 @@ def cmd_demo(args) -> int:
     fig2.savefig(out / "mcycle_bic.png", dpi=120)
     model.save(out / "mcycle.moe")
     table.to_csv(out / "mcycle_bic.csv", index=False)
-    print(f"\nWrote {out / 'mcycle_fit.png'}, {out / 'mcycle_bic.png'} and {out / 'mcycle.moe'}")
+    from moekit.report import html_report
+
+    page = html_report(model, X, y, table=table, target="accel", source="mcycle (R's MASS)")
+    (out / "report.html").write_text(page, encoding="utf-8")
+    print(f"\nWrote {out / 'mcycle_fit.png'}, {out / 'mcycle_bic.png'}, {out / 'mcycle.moe'} "
+          f"and {out / 'report.html'}")  # fmt: skip
     return 0
 
 

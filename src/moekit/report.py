@@ -55,6 +55,16 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _named(model, A: np.ndarray):
+    """Rows as the model was fitted on them: a frame with its column names, if it had any."""
+    names = getattr(model, "feature_names_in_", None)
+    if names is None:
+        return A
+    import pandas as pd
+
+    return pd.DataFrame(A, columns=names)
+
+
 def _feature_names(model, X) -> list[str]:
     names = getattr(model, "feature_names_in_", None)
     return [str(n) for n in names] if names is not None else [f"x{j}" for j in range(X.shape[1])]
@@ -80,7 +90,7 @@ def _formula(model, names: list[str], target: str) -> str:
         else:
             lines.append(f"  expert {k}: mean = {mean}")
     if model.gate == "constant" or K == 1:
-        w = model.gate_weights(np.zeros((1, len(names))))[0]
+        w = model.gate_weights(_named(model, np.zeros((1, len(names)))))[0]
         lines.append("  g(x) = (" + ", ".join(f"{v:.3f}" for v in w) + "), whatever x")
     elif model.gate == "softmax":
         gc, gi = np.atleast_2d(model.gate_coef_), np.ravel(model.gate_intercept_)
@@ -102,11 +112,10 @@ def _fit_figure(model, X, y, names, target):
     plt = _pyplot()
     if X.shape[1] == 1:
         return plot_regression_fit(model, X, y, xlabel=names[0], ylabel=target)
-    owner = model.predict_distribution(X).weights.argmax(1)
-    resp = model.responsibilities(X, y).argmax(1) if y is not None else owner
+    resp = model.responsibilities(_named(model, X), y).argmax(1)
     fig, ax = plt.subplots(figsize=(6, 5))
     colors = expert_colors(model.n_experts)
-    pred = model.predict(X)
+    pred = model.predict(_named(model, X))
     for k in range(model.n_experts):
         sel = resp == k
         ax.scatter(pred[sel], y[sel], s=8, color=colors[k], label=f"expert {k}", alpha=0.7)
@@ -133,7 +142,7 @@ def _gate_figure(model, X, names):
     A, B = np.meshgrid(ga, gb)
     grid = np.tile(X.mean(0), (A.size, 1))
     grid[:, a], grid[:, b] = A.ravel(), B.ravel()
-    owner = model.gate_weights(grid).argmax(1).reshape(A.shape)
+    owner = model.gate_weights(_named(model, grid)).argmax(1).reshape(A.shape)
     from matplotlib.colors import ListedColormap
 
     colors = expert_colors(model.n_experts)
@@ -148,7 +157,7 @@ def _gate_figure(model, X, names):
 
 
 def _coverage(model, X, y) -> list[list[Any]]:
-    d = model.predict_distribution(X)
+    d = model.predict_distribution(_named(model, X))
     rows = []
     for level in LEVELS:
         lo, hi = d.interval(level)
@@ -213,9 +222,9 @@ def html_report(
         ["features", ", ".join(names)],
         ["experts", model.n_experts],
         ["expert / gate", f"{getattr(model, 'expert', '?')} / {getattr(model, 'gate', '?')}"],
-        ["log-likelihood per row (fitted rows)", float(model.log_likelihood(X, y))],
-        [f"log-likelihood per row ({where})", float(model.log_likelihood(Xh, yh))],
-        ["BIC", float(model.bic(X, y))],
+        ["log-likelihood per row (fitted rows)", float(model.log_likelihood(_named(model, X), y))],
+        [f"log-likelihood per row ({where})", float(model.log_likelihood(_named(model, Xh), yh))],
+        ["BIC", float(model.bic(_named(model, X), y))],
         ["EM", f"{model.n_iter_} iterations, "
                f"{'converged' if model.converged_ else 'NOT converged'}"],
     ]  # fmt: skip
@@ -234,7 +243,7 @@ def html_report(
         cover = _table(_coverage(model, Xh, yh), ["nominal", "covered", "mean width"])
         parts += [f'<h2 id="coverage">Predictive intervals on {where}</h2>', cover]
     else:
-        acc = float(np.mean(model.predict(Xh) == yh))
+        acc = float(np.mean(model.predict(_named(model, Xh)) == yh))
         parts += [f'<h2 id="coverage">Accuracy on {where}</h2>',
                   _table([["accuracy", acc]], ["", ""])]  # fmt: skip
     plt = _pyplot()
@@ -249,7 +258,7 @@ def html_report(
                   _png(plot_criterion(table, criterion))]  # fmt: skip
     parts.append('<h2 id="coefficients">Coefficients</h2>')
     try:
-        parts.append(f"<pre>{html.escape(str(model.summary(X, y)))}</pre>")
+        parts.append(f"<pre>{html.escape(str(model.summary(_named(model, X), y)))}</pre>")
     except ValueError as exc:  # no coefficients to report (MLP parts)
         parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
     sizes = np.asarray(model.expert_sizes_, dtype=float)
