@@ -26,6 +26,15 @@ def load_line() -> str:
     return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def vm_hwm_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux's VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def r_available(libraries=R_LIBRARIES) -> bool:
     """Whether ``Rscript`` runs and loads ``libraries``."""
     if shutil.which("Rscript") is None:

@@ -38,22 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import load_line, vm_hwm_mb
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
-
-
-def loadavg() -> str:
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def vm_hwm_mb() -> float:
-    """Peak resident memory of this process so far, MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ---------------------------------------------------------------------------- 1. coverage
@@ -301,7 +290,7 @@ def main() -> int:
     if args.draws is None:
         args.draws = 10 if args.quick else 50
     t0 = time.perf_counter()
-    load_start = loadavg()
+    load_start = load_line()
     print(f"load average {load_start}", flush=True)
     sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
     times = fit_times(sizes, args.threads)
@@ -311,7 +300,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_curve(curve, out.parent / "bayes_elbo_robot_arm.png")
-    report = render(cov, curve, times, args, load_start, loadavg(), time.perf_counter() - t0)
+    report = render(cov, curve, times, args, load_start, load_line(), time.perf_counter() - t0)
     out.write_text(report)
     print(report)
     return 0

@@ -35,22 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import em_iteration_vs_gram, load_line
+from _common import em_iteration_vs_gram, load_line, vm_hwm_mb
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 
 # ---------------------------------------------------------------------------- children
-def vm_hwm_mb() -> float:
-    """Peak resident memory of this process so far, MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def child_memory(d: int, n: int) -> dict:
     import warnings
 
