@@ -369,3 +369,73 @@ def test_predict_intervals_samples_and_experts_then_inspect(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "a fitted MoERegressor" in said and "n_experts: 2" in said and "features (1): x" in said
     assert main(["predict", str(model), str(data), "--interval", "1.5"]) == 2
+
+
+def _grouped(n=120, seed=0):
+    t = _table(n, seed)
+    return t.assign(group=np.where(np.arange(n) % 3 == 0, "a", "b"))
+
+
+@pytest.mark.parametrize(
+    "make, flags, status, message",
+    [
+        (_grouped, ["--formula", "y ~ xx"], 2, "--formula: 'xx' is not a column of the data; "
+         "did you mean 'x'?"),
+        (_grouped, ["--formula", "y ~ x", "--gate-formula", "~ open('f')"], 2,
+         "--gate-formula: the term \"open('f')\" calls open()"),
+        (_grouped, ["--formula", "y ~ x +"], 2, "--formula: cannot read"),
+        (_grouped, ["--formula", "y ~ x", "--target", "y"], 2, "not both"),
+        (_grouped, [], 2, "give either --target COL or --formula"),
+        (_grouped, ["--gate-formula", "~ z", "--target", "y"], 2, "goes with --formula"),
+        (lambda: _grouped().assign(z=lambda t: t.z.where(t.index != 4)),
+         ["--formula", "y ~ x", "--gate-formula", "~ z"], 1,
+         "column 'z' has a missing value in row 5"),
+        (lambda: _grouped().assign(y=2.0), ["--formula", "y ~ x"], 1, "is constant"),
+    ],
+)  # fmt: skip
+def test_formula_errors_are_one_line_with_their_status(tmp_path, capsys, make, flags, status,
+                                                       message):  # fmt: skip
+    assert _fit_cli(tmp_path, make(), *flags) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_formula_fit_predicts_new_rows_through_its_formula(tmp_path, capsys):
+    t = _grouped(150)
+    flags = ["--formula", "y ~ x + I(x**2) + C(group)", "--gate-formula", "~ z", "--experts", "2"]
+    assert _fit_cli(tmp_path, t, *flags) == 0
+    out = capsys.readouterr().out
+    assert "on x, I(x ** 2), C(group)[T.b], z" in out and "the gate sees z" in out
+    assert "formula: y ~ x + I(x**2) + C(group); gate: ~ z" in out
+    model = load(tmp_path / "out" / "model.moe")
+    assert model.formula_.gate_columns == ["z"]
+    # raw columns in, in another order, one level only: the model's formula builds the design
+    new = t[["group", "z", "x"]].iloc[3:9].assign(group="b")
+    new.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["predict", str(tmp_path / "out" / "model.moe"), str(tmp_path / "new.csv"),
+                 "--out", str(tmp_path / "p.csv")]) == 0  # fmt: skip
+    got = pd.read_csv(tmp_path / "p.csv")
+    np.testing.assert_allclose(got["mean"], model.predict(model.formula_.transform(new)))
+    assert "y ~ x + I(x**2) + C(group); gate: ~ z" in (tmp_path / "out" / "report.html").read_text()
+    # a level the model never saw is a data error naming it
+    new.assign(group="c").to_csv(tmp_path / "bad.csv", index=False)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "out" / "model.moe"), str(tmp_path / "bad.csv")]) == 1
+    assert "{'c'}" in capsys.readouterr().err
+
+
+def test_a_constant_gate_formula(tmp_path, capsys):
+    assert _fit_cli(tmp_path, _grouped(), "--formula", "y ~ x", "--gate-formula", "~ 1",
+                    "--experts", "2") == 0  # fmt: skip
+    assert "constant gate" in capsys.readouterr().out
+    assert load(tmp_path / "out" / "model.moe").gate == "constant"
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    _table().to_csv(tmp_path / "d.csv", index=False)
+    args = ["fit", str(tmp_path / "d.csv"), "--target", "yy", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["--debug", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "did you mean 'y'" in err

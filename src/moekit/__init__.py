@@ -17,8 +17,10 @@ _PUBLIC = {
     "HierarchicalMoERegressor": "moekit.estimators",
     "MDNRegressor": "moekit.estimators",
     "MixturePrediction": "moekit.prediction",
+    "ModelFormula": "moekit.formula",
     "MoEClassifier": "moekit.estimators",
     "MoERegressor": "moekit.estimators",
+    "fit_formula": "moekit.formula",
     "load": "moekit.io",
     "select_n_experts": "moekit.estimators",
 }
@@ -29,8 +31,10 @@ __all__ = [
     "HierarchicalMoERegressor",
     "MDNRegressor",
     "MixturePrediction",
+    "ModelFormula",
     "MoEClassifier",
     "MoERegressor",
+    "fit_formula",
     "load",
     "select_n_experts",
 ]
@@ -45,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         MoERegressor,
         select_n_experts,
     )
+    from moekit.formula import ModelFormula, fit_formula
     from moekit.io import load
     from moekit.prediction import MixturePrediction
 

@@ -158,14 +158,10 @@ def _task(y, requested: str, expert: str | None = None) -> str:
     return "classification"
 
 
-def cmd_fit(args) -> int:
-    import numpy as np
+def _columns_design(args, frame):
+    """``--target`` with ``--features`` / ``--gate-features``: the columns as they are."""
     import pandas as pd
 
-    from moekit import MoEClassifier, MoERegressor
-    from moekit.plotting import plot_regression_fit
-
-    frame = _read_table(args.data, args.target)
     y = frame[args.target]
     rest = frame.drop(columns=[args.target])
     for flag, names in (("--features", args.features), ("--gate-features", args.gate_features)):
@@ -178,32 +174,80 @@ def cmd_fit(args) -> int:
         X = rest[chosen]
         text = [c for c in chosen if not pd.api.types.is_numeric_dtype(X[c])]
         if text:
-            raise DataError(f"moekit: feature columns must be numeric; {text} are not.")
+            raise DataError(f"moekit: feature columns must be numeric; {text} are not (use "
+                            "--formula with C(column) for a categorical one).")  # fmt: skip
     else:
         X = rest.select_dtypes("number")
-    unused = [str(c) for c in rest.columns if c not in X.columns]
     if X.shape[1] == 0:
         raise DataError("moekit: no numeric feature columns besides the target.")
+    experts = (args.features or list(X.columns)) if args.gate_features else None
+    unused = [str(c) for c in rest.columns if c not in X.columns]
+    return X, y, str(args.target), experts, args.gate_features, args.gate, unused, None
+
+
+def _formula_design(args, frame):
+    """``--formula`` (and ``--gate-formula``): the design matrices formulaic builds."""
+    from moekit.formula import FormulaError, ModelFormula
+
+    try:
+        formula = ModelFormula(args.formula, args.gate_formula)
+        X, y = formula.fit_transform(frame)
+    except FormulaError as exc:
+        raise UsageError(
+            "moekit: --" + str(exc).replace("gate_formula:", "gate-formula:", 1)
+        ) from None
+    except ValueError as exc:
+        raise DataError(f"moekit: {exc}") from None
+    settings = formula.estimator_settings()
+    gate = settings.pop("gate", args.gate)
+    if formula.constant_gate and args.gate not in ("softmax", "constant"):
+        raise UsageError(f"moekit: --gate-formula '~ 1' is a constant gate; it contradicts "
+                         f"--gate {args.gate}.")  # fmt: skip
+    experts, gates = settings["expert_features"], settings["gate_features"]
+    unused = [str(c) for c in frame.columns if str(c) not in formula.variables]
+    return X, y, formula.response, experts, gates, gate, unused, formula
+
+
+def cmd_fit(args) -> int:
+    import numpy as np
+
+    from moekit import MoEClassifier, MoERegressor
+    from moekit.plotting import plot_regression_fit
+
+    if (args.target is None) == (args.formula is None):
+        raise UsageError("moekit fit: give either --target COL or --formula 'y ~ x1 + x2'"
+                         + (", not both." if args.target else "."))  # fmt: skip
+    if args.formula is not None and (args.features or args.gate_features):
+        raise UsageError(
+            "moekit fit: --features and --gate-features go with --target; with --formula, "
+            "name the terms there and the gate's in --gate-formula."
+        )
+    if args.gate_formula is not None and args.formula is None:
+        raise UsageError("moekit fit: --gate-formula goes with --formula.")
+    frame = _read_table(args.data, args.target)
+    design = _columns_design if args.formula is None else _formula_design
+    X, y, target, experts, gates, gate, unused, formula = design(args, frame)
     if y.isna().any():
-        row = int(y.index[y.isna().to_numpy()][0])
-        raise DataError(f"moekit: the target {args.target!r} is missing in row {row + 1}.")
+        row = int(np.flatnonzero(y.isna().to_numpy())[0])
+        raise DataError(f"moekit: the target {target!r} is missing in row {row + 1}.")
     task = _task(y, args.task)
     if y.nunique() < 2:
         raise DataError(
-            f"moekit: the target {args.target!r} is constant ({y.iloc[0]!r} in every row): "
+            f"moekit: the target {target!r} is constant ({y.iloc[0]!r} in every row): "
             "there is nothing to fit."
         )
     if len(y) < 2 * max(args.experts):
         raise DataError(
             f"moekit: {len(y)} rows are too few for {max(args.experts)} experts; use fewer experts."
         )
-    if task == "classification" and (args.expert != "linear" or args.gate != "softmax"):
+    if task == "classification" and (args.expert != "linear" or gate != "softmax"):
         raise UsageError("moekit: --expert and --gate are for regressions; a classification "
                          "uses logistic experts under a softmax gate.")  # fmt: skip
-    experts = (args.features or list(X.columns)) if args.gate_features else None
-    print(f"moekit fit: {task} of {args.target!r} on {', '.join(map(str, X.columns))} "
-          f"({len(y)} rows)" + (f"; the gate sees {', '.join(args.gate_features)}"
-                                if args.gate_features else ""))  # fmt: skip
+    print(f"moekit fit: {task} of {target!r} on {', '.join(map(str, X.columns))} "
+          f"({len(y)} rows)" + (f"; the gate sees {', '.join(gates)}" if gates else "")
+          + ("; constant gate" if gate == "constant" else ""))  # fmt: skip
+    if formula is not None:
+        print(f"  formula: {formula}")
     if unused:
         print(f"  not used: {', '.join(unused)}")
     if not 0.0 <= args.holdout < 1.0:
@@ -219,10 +263,9 @@ def cmd_fit(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     verbose = args.verbose if args.verbose is not None else int(sys.stderr.isatty())
     settings = {"n_init": args.n_init, "random_state": args.random_state,
-                "verbose": verbose, "gate_features": args.gate_features,
-                "expert_features": experts}  # fmt: skip
+                "verbose": verbose, "gate_features": gates, "expert_features": experts}  # fmt: skip
     if task == "regression":
-        template = MoERegressor(expert=args.expert, gate=args.gate, **settings)
+        template = MoERegressor(expert=args.expert, gate=gate, **settings)
     else:
         template = MoEClassifier(**settings)
     table = None
@@ -239,12 +282,14 @@ def cmd_fit(args) -> int:
 
         table.to_csv(out / "criterion.csv", index=False)
         plot_criterion(table, "bic").savefig(out / "bic.png", dpi=120)
+    if formula is not None:  # predict applies it to new data
+        model.formula_ = formula
     model.save(out / "model.moe")
     if task == "regression":
         report = regression_report(model, X, y)
         if X.shape[1] == 1:
             fig = plot_regression_fit(
-                model, X.to_numpy(), y.to_numpy(), xlabel=X.columns[0], ylabel=args.target
+                model, X.to_numpy(), y.to_numpy(), xlabel=X.columns[0], ylabel=target
             )
             fig.savefig(out / "fit.png", dpi=120)
     else:
@@ -257,7 +302,7 @@ def cmd_fit(args) -> int:
     from moekit.report import html_report
 
     page = html_report(model, X, y, X_test=X_test, y_test=y_test, table=table,
-                       target=str(args.target), source=str(args.data))  # fmt: skip
+                       target=target, source=str(args.data))  # fmt: skip
     (out / "report.html").write_text(page, encoding="utf-8")
     print(report)
     print(f"\nWrote {out / 'model.moe'} and {out / 'report.html'}")
@@ -276,7 +321,13 @@ def cmd_predict(args) -> int:
         raise DataError(f"moekit: error: {exc}") from None
     frame = _read_table(args.data, None)
     names = getattr(model, "feature_names_in_", None)
-    if names is not None:
+    formula = getattr(model, "formula_", None)
+    if formula is not None:  # the model's own columns, levels and centres
+        try:
+            X = formula.transform(frame)
+        except ValueError as exc:
+            raise DataError(f"moekit: {args.data}: {exc}") from None
+    elif names is not None:
         missing = [c for c in names if c not in frame.columns]
         if missing:
             raise DataError(f"moekit: {args.data} lacks the model's columns {missing}")
@@ -473,6 +524,8 @@ def _experts(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the whole traceback, not one line")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="fit the bundled motorcycle data and write a report")
     p.add_argument("--out", default="moekit_demo", help="output folder (default: moekit_demo)")
@@ -480,8 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("fit", help="fit a mixture of experts to a CSV file")
-    p.add_argument("data", help="CSV file with a header row")
-    p.add_argument("--target", required=True, help="name of the target column")
+    p.add_argument("data", help="CSV or Parquet file with a header row")
+    p.add_argument("--target", help="name of the target column (or give --formula)")
+    p.add_argument("--formula",
+                   help="Wilkinson formula of the target and the experts' terms, such as "
+                        "\"y ~ x + I(x**2) + C(group)\"")  # fmt: skip
+    p.add_argument("--gate-formula",
+                   help="the gate's terms, such as \"~ z1 + z2\" (default: the experts'); "
+                        "\"~ 1\" is a constant gate")  # fmt: skip
     p.add_argument(
         "--features",
         type=_names,
@@ -574,17 +633,32 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, UsageError) as exc:
-        print(exc.message, file=sys.stderr)
-        return exc.code
+    except (DataError, UsageError, ValueError, FileNotFoundError):
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        return _one_line(sys.exc_info()[1])
     except BrokenPipeError:  # the reader left (`moekit predict ... | head`): end quietly
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"moekit: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # a failure moekit did not foresee: still one line
+        if args.debug:
+            raise
+        print(f"moekit: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _one_line(exc: BaseException) -> int:
+    """Print an error as one line on stderr; its exit status (1: data, 2: usage)."""
+    if isinstance(exc, (DataError, UsageError)):
+        print(exc.message, file=sys.stderr)
+        return exc.code
+    print(f"moekit: error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

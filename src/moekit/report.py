@@ -219,6 +219,7 @@ def html_report(
     facts = [
         ["data", source or "arrays"],
         ["rows fitted", len(y)],
+        *([["formula", str(model.formula_)]] if getattr(model, "formula_", None) else []),
         ["features", ", ".join(names)],
         ["experts", model.n_experts],
         ["expert / gate", f"{getattr(model, 'expert', '?')} / {getattr(model, 'gate', '?')}"],

@@ -170,6 +170,10 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
+        if edit is None and not prepared.warm:
+            # a fresh fit is of whatever columns X now holds: a formula (set by
+            # moekit.formula.fit_formula after its fit) no longer describes them
+            self.__dict__.pop("formula_", None)
         self.__dict__.update(state)
         return self
 

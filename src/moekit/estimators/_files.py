@@ -172,6 +172,8 @@ class ModelFileMixin:
         }
         if hasattr(self, "feature_names_in_"):
             state["feature_names_in_"] = [str(v) for v in self.feature_names_in_]
+        if getattr(self, "formula_", None) is not None:
+            state["formula"] = self.formula_.to_state()
         for name in ("expert_features", "gate_features"):
             value = params.get(name)
             if value is not None:
@@ -214,6 +216,13 @@ class ModelFileMixin:
         names = feature_names(state, d)
         if names is not None:
             model.feature_names_in_ = names
+        if "formula" in state:
+            from moekit.formula import ModelFormula
+
+            formula = ModelFormula.from_state(state["formula"])
+            if names is None or formula.columns != [str(v) for v in names]:
+                raise ValueError("the stored formula's columns are not the model's features")
+            model.formula_ = formula
         model.n_iter_ = int_setting(state, "n_iter_")
         model.converged_ = bool_setting(state, "converged_")
         model.log_likelihood_ = real_setting(state, "log_likelihood_")
