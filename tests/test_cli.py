@@ -1,5 +1,7 @@
 """The ``moekit`` command: demo, fit and predict on files."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,8 +21,18 @@ def test_demo_writes_its_report(tmp_path, capsys, recwarn):
     assert (tmp_path / "mcycle_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = load(tmp_path / "mcycle.moe")
     assert model.n_features_in_ == 1
+    # the tour: three chapters in one page, each with its own sections
     page = (tmp_path / "report.html").read_text()
-    assert _report_sections(page)[:3] == ["summary", "formula", "fit"] and "criterion" in page
+    chapters = re.findall(r'<h2 id="(\w+)" class="chapter"', page)
+    assert chapters == ["mcycle", "digits", "bishop"]
+    sections = re.findall(r'<h3 id="(\w+)"', page)
+    assert sections[:3] == ["mcycle_summary", "mcycle_formula", "mcycle_fit"]
+    assert {"mcycle_criterion", "digits_coverage", "digits_division", "bishop_density",
+            "bishop_coverage"} <= set(sections)  # fmt: skip
+    assert page.count("<img") >= 10 and page.count("data:image/png;base64,") == page.count("<img")
+    assert load(tmp_path / "digits.moe").classes_.tolist() == list(range(10))
+    assert load(tmp_path / "bishop_mdn.moe").n_components == 3
+    assert "held-out accuracy" in out and "held-out log-likelihood" in out
 
 
 def test_fit_then_predict_round_trip(tmp_path, capsys):

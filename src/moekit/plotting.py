@@ -106,6 +106,71 @@ def plot_regression_fit(
     return fig
 
 
+def plot_conditional_density(
+    model: Any,
+    x,
+    y,
+    *,
+    grid: int = 200,
+    truth=None,
+    xlabel: str = "x",
+    ylabel: str = "y",
+    title: str | None = None,
+    ax=None,
+):
+    """The predictive density p(y | x) of a one-input model as a heat map.
+
+    Drawn over the data's range, with the modes of p(y | x) at a few dozen inputs
+    (white dots; modes whose density is under 2% of the highest at that input are
+    left out, as a far component still makes a negligible local maximum), the
+    conditional mean E[y | x] (dashed) and, where given, ``truth``: (x, y) points of
+    the true branches (dotted). Where several y fit one x (an inverse problem), the
+    density keeps every branch while the mean falls between them.
+
+    Parameters
+    ----------
+    model : fitted one-input moekit estimator with ``predict_distribution``
+    x, y : array-like of shape (n,)
+        The data, which set the ranges.
+    grid : int, default=200
+        Grid points along each axis.
+    truth : tuple of arrays (x, y), optional
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    plt = _pyplot()
+    x, y = np.ravel(np.asarray(x, float)), np.ravel(np.asarray(y, float))
+    pad_x, pad_y = 0.05 * np.ptp(x), 0.05 * np.ptp(y)
+    xs = np.linspace(x.min() - pad_x, x.max() + pad_x, grid)
+    ys = np.linspace(y.min() - pad_y, y.max() + pad_y, grid)
+    d = model.predict_distribution(xs[:, None])
+    dens = np.stack([np.exp(d.logpdf(np.full(len(xs), t))) for t in ys])
+    fig = ax.figure if ax is not None else plt.subplots(figsize=(7, 5))[0]
+    ax = ax if ax is not None else fig.axes[0]
+    mesh = ax.pcolormesh(xs, ys, dens, shading="auto", cmap="magma",
+                         vmax=float(np.quantile(dens, 0.99)))  # fmt: skip
+    if truth is not None:
+        ax.plot(*truth, color="cyan", lw=1, ls=":", label="truth")
+    xm = xs[:: max(1, grid // 36)]
+    found = model.predict_distribution(xm[:, None]).modes(return_density=True)
+    for i, (modes, at) in enumerate(found):
+        modes = modes[at >= 0.02 * at.max()]
+        ax.scatter(np.full(len(modes), xm[i]), modes, s=10, color="white",
+                   label="modes of p(y | x)" if i == 0 else None)  # fmt: skip
+    ax.plot(xs, d.mean(), color="lime", lw=1.5, ls="--", label="E[y | x]")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(ys[0], ys[-1])
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
+    if title:
+        ax.set_title(title)
+    fig.colorbar(mesh, ax=ax, label="p(y | x)")
+    return fig
+
+
 def plot_criterion(table, criterion: str = "bic", ax=None):
     """A model-choice criterion against the number of experts, best marked.
 

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from moekit.plotting import _pyplot, expert_colors, plot_criterion, plot_regression_fit
+from moekit.plotting import (
+    _pyplot,
+    expert_colors,
+    plot_conditional_density,
+    plot_criterion,
+    plot_regression_fit,
+)
 
 PLOT_ROWS = 5000
 """Most rows drawn in a scatter plot (a random subset of larger data)."""
@@ -166,6 +172,16 @@ def _coverage(model, X, y) -> list[list[Any]]:
     return rows
 
 
+def _heading(level: int, prefix: str, key: str, title: str) -> str:
+    return f'<h{level} id="{prefix}{key}">{html.escape(title)}</h{level}>'
+
+
+def _page(title: str, parts: list[str]) -> str:
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")  # fmt: skip
+
+
 def html_report(
     model: Any,
     X,
@@ -198,10 +214,39 @@ def html_report(
     str
         A whole HTML document; every figure is inline.
     """
+    kind = type(model).__name__
+    parts = [f"<h1>{html.escape(kind)}: {html.escape(target)}</h1>"]
+    parts += report_sections(model, X, y, X_test=X_test, y_test=y_test, table=table,
+                             criterion=criterion, target=target, source=source)  # fmt: skip
+    return _page(kind, parts)
+
+
+MAX_TABLE_PARAMETERS = 400
+"""Most parameters whose standard errors a report lists; larger models get a note."""
+
+
+def report_sections(
+    model: Any,
+    X,
+    y,
+    *,
+    X_test=None,
+    y_test=None,
+    table=None,
+    criterion: str = "bic",
+    target: str = "y",
+    source: str = "",
+    prefix: str = "",
+    level: int = 2,
+) -> list[str]:
+    """The sections of :func:`html_report`, as HTML fragments.
+
+    ``prefix`` starts every section's id and ``level`` sets its heading level, so
+    that several models' sections share one page (``moekit demo``'s tour).
+    """
     X = np.asarray(getattr(X, "values", X), dtype=float)
     y = np.asarray(getattr(y, "values", y))
     names = _feature_names(model, X)
-    kind = type(model).__name__
     regression = not hasattr(model, "predict_proba")
     if regression:
         y = y.astype(float)
@@ -215,12 +260,15 @@ def html_report(
     if len(y) > PLOT_ROWS:  # the figures draw a random subset; the numbers use every row
         show = np.sort(np.random.default_rng(0).choice(len(y), PLOT_ROWS, replace=False))
     Xs, ys = X[show], y[show]
-    parts = [f"<h1>{html.escape(kind)}: {html.escape(target)}</h1>"]
+
+    def h(key: str, title: str) -> str:
+        return _heading(level, prefix, key, title)
+
     facts = [
         ["data", source or "arrays"],
         ["rows fitted", len(y)],
         *([["formula", str(model.formula_)]] if getattr(model, "formula_", None) else []),
-        ["features", ", ".join(names)],
+        ["features", _short_list(names)],
         ["experts", model.n_experts],
         ["expert / gate", f"{getattr(model, 'expert', '?')} / {getattr(model, 'gate', '?')}"],
         ["log-likelihood per row (fitted rows)", float(model.log_likelihood(_named(model, X), y))],
@@ -229,47 +277,160 @@ def html_report(
         ["EM", f"{model.n_iter_} iterations, "
                f"{'converged' if model.converged_ else 'NOT converged'}"],
     ]  # fmt: skip
-    parts += ['<h2 id="summary">Summary</h2>', _table(facts, ["", ""])]
+    parts = [h("summary", "Summary"), _table(facts, ["", ""])]
     if regression:
-        parts += ['<h2 id="formula">The model</h2>',
+        parts += [h("formula", "The model"),
                   f"<pre>{html.escape(_formula(model, names, target))}</pre>"]  # fmt: skip
-        parts += ['<h2 id="fit">The data and each expert\'s fit</h2>',
+        parts += [h("fit", "The data and each expert's fit"),
                   _png(_fit_figure(model, Xs, ys, names, target))]  # fmt: skip
     gate_fig = _gate_figure(model, Xs, names)
-    parts.append('<h2 id="gate">Where the gate sends each input</h2>')
+    parts.append(h("gate", "Where the gate sends each input"))
     parts.append(_png(gate_fig) if gate_fig is not None else
                  '<p class="note">The gate sees fewer than two features (or is constant): '
                  "its weights are in the figure and the formula above.</p>")  # fmt: skip
     if regression:
         cover = _table(_coverage(model, Xh, yh), ["nominal", "covered", "mean width"])
-        parts += [f'<h2 id="coverage">Predictive intervals on {where}</h2>', cover]
+        parts += [h("coverage", f"Predictive intervals on {where}"), cover]
     else:
-        acc = float(np.mean(model.predict(_named(model, Xh)) == yh))
-        parts += [f'<h2 id="coverage">Accuracy on {where}</h2>',
-                  _table([["accuracy", acc]], ["", ""])]  # fmt: skip
+        pred = model.predict(_named(model, Xh))
+        acc = float(np.mean(pred == yh))
+        parts += [h("coverage", f"Accuracy on {where}"), _table([["accuracy", acc]], ["", ""]),
+                  _png(_confusion_figure(model.classes_, yh, pred)),
+                  h("division", "Which expert takes which class"),
+                  _png(_class_expert_figure(model, Xh, yh))]  # fmt: skip
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     hist = np.asarray(model.log_likelihood_history_)
     ax.plot(np.arange(len(hist)), hist, marker=".")
     ax.set_xlabel("EM iteration (final run)")
     ax.set_ylabel("objective per row")
-    parts += ['<h2 id="convergence">How EM climbed</h2>', _png(fig)]
+    parts += [h("convergence", "How EM climbed"), _png(fig)]
     if table is not None:
-        parts += [f'<h2 id="criterion">{criterion.upper()} against K</h2>',
+        parts += [h("criterion", f"{criterion.upper()} against K"),
                   _png(plot_criterion(table, criterion))]  # fmt: skip
-    parts.append('<h2 id="coefficients">Coefficients</h2>')
-    try:
-        parts.append(f"<pre>{html.escape(str(model.summary(_named(model, X), y)))}</pre>")
-    except ValueError as exc:  # no coefficients to report (MLP parts)
-        parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
+    parts.append(h("coefficients", "Coefficients"))
+    n_params = int(model.n_parameters()) if hasattr(model, "n_parameters") else 0
+    if n_params > MAX_TABLE_PARAMETERS:
+        parts.append(f'<p class="note">{n_params} parameters: too many to list here; '
+                     "<code>model.summary(X, y)</code> gives them with their standard "
+                     "errors.</p>")  # fmt: skip
+    else:
+        try:
+            parts.append(f"<pre>{html.escape(str(model.summary(_named(model, X), y)))}</pre>")
+        except ValueError as exc:  # no coefficients to report (MLP parts)
+            parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
     sizes = np.asarray(model.expert_sizes_, dtype=float)
     fig, ax = plt.subplots(figsize=(6, 2.5))
     ax.bar(np.arange(len(sizes)), sizes, color=expert_colors(len(sizes)))
+    ax.set_xticks(np.arange(len(sizes)))
     ax.set_xlabel("expert")
     ax.set_ylabel("rows (sum of responsibilities)")
     shares = [[k, float(s), float(s / sizes.sum())] for k, s in enumerate(sizes)]
-    parts += ['<h2 id="sizes">How much data each expert handles</h2>', _png(fig),
+    parts += [h("sizes", "How much data each expert handles"), _png(fig),
               _table(shares, ["expert", "rows", "share"])]  # fmt: skip
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(kind)}"
-            f"</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")  # fmt: skip
+    return parts
+
+
+def _short_list(names: list[str], most: int = 12) -> str:
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:most])}, ... ({len(names)} in all)"
+
+
+def _confusion_figure(classes, y, pred):
+    plt = _pyplot()
+    C = len(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    counts = np.zeros((C, C))
+    for a, b in zip(y, pred, strict=True):
+        counts[index[a], index[b]] += 1
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * C, 1.2 + 0.45 * C))
+    ax.imshow(counts, cmap="Blues")
+    for i in range(C):
+        for j in range(C):
+            if counts[i, j]:
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if counts[i, j] > counts.max() / 2 else "black")  # fmt: skip
+    ax.set_xticks(range(C), [str(c) for c in classes])
+    ax.set_yticks(range(C), [str(c) for c in classes])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("confusion matrix")
+    return fig
+
+
+def _class_expert_figure(model, X, y):
+    """Mean gate weight g_k(x) of each expert over the rows of each true class."""
+    plt = _pyplot()
+    g = model.gate_weights(_named(model, X))
+    classes = list(model.classes_)
+    share = np.stack([g[y == c].mean(0) if np.any(y == c) else np.zeros(g.shape[1])
+                      for c in classes])  # fmt: skip
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(classes), 1.2 + 0.5 * g.shape[1]))
+    im = ax.imshow(share.T, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_yticks(range(g.shape[1]), [f"expert {k}" for k in range(g.shape[1])])
+    ax.set_xlabel("true class")
+    ax.set_title("mean gate weight per class")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def mdn_sections(
+    model: Any,
+    X,
+    y,
+    *,
+    X_test,
+    y_test,
+    target: str = "y",
+    source: str = "",
+    prefix: str = "",
+    level: int = 2,
+    truth=None,
+) -> list[str]:
+    """Sections for a fitted one-input :class:`~moekit.MDNRegressor`: the facts, the
+    conditional density p(y | x) with its modes and mean, interval coverage on held-out
+    rows, and the training curve. ``truth``: optional (x, y) points of the true
+    branches, drawn over the density."""
+    X = np.asarray(X, dtype=float).reshape(len(X), -1)
+    Xh = np.asarray(X_test, dtype=float).reshape(len(X_test), -1)
+    y, yh = np.ravel(np.asarray(y, float)), np.ravel(np.asarray(y_test, float))
+
+    def h(key: str, title: str) -> str:
+        return _heading(level, prefix, key, title)
+
+    facts = [
+        ["data", source or "arrays"],
+        ["rows fitted / held out", f"{len(y)} / {len(yh)}"],
+        ["mixture components", model.n_components],
+        ["hidden layers", str(tuple(model.hidden_layer_sizes))],
+        ["epochs", f"{model.n_iter_} ({'stopped early' if model.converged_ else 'max_iter'})"],
+        ["log-likelihood per row (fitted rows)", float(model.log_likelihood(X, y))],
+        ["log-likelihood per row (held-out rows)", float(model.log_likelihood(Xh, yh))],
+    ]
+    parts = [h("summary", "Summary"), _table(facts, ["", ""])]
+    if X.shape[1] == 1:
+        parts += [h("density", f"p({target} | x): every branch, not their average"),
+                  _png(plot_conditional_density(model, X[:, 0], y, truth=truth,
+                                                ylabel=target))]  # fmt: skip
+    cover = _table(_coverage(model, Xh, yh), ["nominal", "covered", "mean width"])
+    parts += [h("coverage", f"Predictive intervals on {len(yh)} held-out rows"), cover]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    hist = np.asarray(model.log_likelihood_history_)
+    ax.plot(np.arange(1, len(hist) + 1), hist)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training log-likelihood per row")
+    parts += [h("convergence", "How training climbed"), _png(fig)]
+    return parts
+
+
+def tour_report(title: str, intro: str, chapters: list[tuple[str, str, str, list[str]]]) -> str:
+    """One page of several chapters: (id, title, introduction HTML, sections)."""
+    toc = "".join(f'<li><a href="#{key}">{html.escape(name)}</a></li>'
+                  for key, name, _, _ in chapters)  # fmt: skip
+    parts = [f"<h1>{html.escape(title)}</h1>", intro, f"<ol>{toc}</ol>"]
+    for key, name, text, sections in chapters:
+        parts += [f'<h2 id="{key}" class="chapter">{html.escape(name)}</h2>', text, *sections]
+    return _page(title, parts)
