@@ -17,8 +17,12 @@ import math
 import sys
 from pathlib import Path
 
+INFORMATION_ROWS = 50_000
+"""Rows on which `moekit fit` estimates the observed information of larger data (the
+standard errors; see ``summary(information_rows=)``)."""
 
-def regression_report(model, X, y) -> str:
+
+def regression_report(model, X, y, summary=None) -> str:
     """A plain-text summary of a fitted MoERegressor: fit statistics and coefficients."""
     head = [
         f"  mean log-likelihood {model.log_likelihood(X, y):.4f} per sample, "
@@ -26,7 +30,8 @@ def regression_report(model, X, y) -> str:
         f"  EM: {model.n_iter_} iterations, {'converged' if model.converged_ else 'NOT converged'}",
         "",
     ]
-    return "\n".join([*head, str(model.summary(X, y))])
+    summary = model.summary(X, y) if summary is None else summary
+    return "\n".join([*head, str(summary)])
 
 
 _TOUR_INTRO = (
@@ -368,8 +373,10 @@ def cmd_fit(args) -> int:
     if formula is not None:  # predict applies it to new data
         model.formula_ = formula
     model.save(out / "model.moe")
+    summary = None
     if task == "regression":
-        report = regression_report(model, X, y)
+        summary = model.summary(X, y, information_rows=INFORMATION_ROWS)
+        report = regression_report(model, X, y, summary)
         if X.shape[1] == 1:
             fig = plot_regression_fit(
                 model, X.to_numpy(), y.to_numpy(), xlabel=X.columns[0], ylabel=target
@@ -385,7 +392,7 @@ def cmd_fit(args) -> int:
     from moekit.report import html_report
 
     page = html_report(model, X, y, X_test=X_test, y_test=y_test, table=table,
-                       target=target, source=str(args.data))  # fmt: skip
+                       target=target, source=str(args.data), summary=summary)  # fmt: skip
     (out / "report.html").write_text(page, encoding="utf-8")
     print(report)
     print(f"\nWrote {out / 'model.moe'} and {out / 'report.html'}")

@@ -331,7 +331,8 @@ gate_options
         return cov if self._y_2d else cov[:, 0]
 
     # ------------------------------------------------------------------ summary
-    def summary(self, X=None, y=None, *, gate_reference: int = 0):
+    def summary(self, X=None, y=None, *, gate_reference: int = 0,
+                information_rows: int | None = None):  # fmt: skip
         """Posterior means and standard deviations of the coefficients, in the data's units.
 
         A variational Bayesian fit has a posterior q(w) = N(m, B) instead of an
@@ -347,6 +348,8 @@ gate_options
             needs no data.
         gate_reference : int, default=0
             Ignored (the Dirichlet weights are reported directly).
+        information_rows : int, optional
+            Ignored (there is no observed information to estimate).
 
         Returns
         -------
