@@ -59,6 +59,12 @@ def case_layer(s: dict, rank: int, out: Path) -> None:
     counts = layer.stats.tokens_per_expert
     results = {"y": y.detach(), "x_grad": x.grad, "tokens_per_expert": counts, **grads}
     save_file(results, out / f"rank{rank}.safetensors")
+    try:  # 3 experts over 2 processes
+        MoE(s["d"], s["h"], 3, 1, expert_parallel_group=dist.group.WORLD)
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    (out / f"rank{rank}.json").write_text(json.dumps({"refused": refused}))
 
 
 def case_train(s: dict, rank: int, out: Path) -> None:

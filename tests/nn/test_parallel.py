@@ -127,11 +127,23 @@ def _compare_layer(s: dict, out: Path) -> None:
 BASE = dict(seed=3, d=8, h=12, E=4, k=2, router="topk")
 
 
+def test_expert_parallel_group_is_checked_before_anything_is_built():
+    from moekit._core.validation import InvalidParameterError
+    from moekit.nn import MoE
+
+    # torch.distributed is not initialised in the test process
+    with pytest.raises(InvalidParameterError, match=r"'expert_parallel_group'.*initialised"):
+        MoE(8, 12, 4, expert_parallel_group=object())
+
+
 def test_two_processes_equal_one_uneven_loads(tmp_path):
     # uneven token counts per process, and uneven loads per expert from the routing
     s = {**BASE, "sizes": [7, 13]}
     _check_ok(launch(2, "layer", s, tmp_path))
     _compare_layer(s, tmp_path)
+    # and 3 experts cannot be shared out over 2 processes
+    refused = json.loads((tmp_path / "rank0.json").read_text())["refused"]
+    assert "'expert_parallel_group' parameter of MoE must be a group whose size divides" in refused
 
 
 @pytest.mark.slow
@@ -234,3 +246,20 @@ def test_a_failed_process_makes_the_others_fail_in_time(tmp_path, hang):
     report = json.loads((tmp_path / "rank0.json").read_text())
     assert "another process of the group died or stopped responding" in report["error"]
     assert report["seconds"] < 30.0
+
+
+@pytest.mark.slow
+def test_lm_train_command_under_torchrun(tmp_path):
+    """``moekit lm train`` under torchrun: one report (process 0), the files written."""
+    port = str(_free_port())
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": _loopback()}  # fmt: skip
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", port, "-m", "moekit.cli", "lm",
+            "train", "--corpus", str(_corpus(tmp_path)), "--steps", "2", "--batch-size", "2",
+            "--eval-every", "1", "--out", str(tmp_path / "lm")]  # fmt: skip
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Training the 'tiny'") == 1
+    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == [
+        "checkpoint.safetensors", "lm.moe", "lm_training.png"]  # fmt: skip
