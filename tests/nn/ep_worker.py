@@ -119,6 +119,12 @@ def _logits(model, s: dict, rank: int, out: Path) -> None:
     with torch.no_grad():
         logits, _ = model.eval()(part)
     save_file({"logits": logits}, out / f"rank{rank}.safetensors")
+    try:  # a model file must hold every expert
+        model.save(out / f"rank{rank}.moe")
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    (out / f"rank{rank}.save.json").write_text(json.dumps({"refused": refused}))
 
 
 def case_load(s: dict, rank: int, out: Path) -> None:

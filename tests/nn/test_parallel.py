@@ -231,6 +231,8 @@ def test_checkpoint_from_four_processes_loads_on_one_and_two(tmp_path):
     out.mkdir()
     _check_ok(launch(2, "load", {**s, "checkpoint": str(tmp_path / "checkpoint.safetensors")}, out))
     _logits_match(model, out, 2)
+    refused = json.loads((out / "rank1.save.json").read_text())["refused"]
+    assert "gather_experts(model) on every process first" in refused
 
 
 @pytest.mark.slow
