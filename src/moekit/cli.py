@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import math
 import sys
 from pathlib import Path
@@ -504,6 +505,14 @@ def _lm_corpus(path: str | None) -> tuple[str, str]:
 
 
 def cmd_lm_train(args) -> int:
+    # under torchrun: data + expert parallel over the processes, process 0 reports
+    from moekit.nn.parallel import distributed_from_env
+
+    with distributed_from_env() as (rank, _):
+        return _lm_train(args, rank)
+
+
+def _lm_train(args, rank: int) -> int:
     import torch
 
     from moekit.nn import MoETransformer, TransformerConfig
@@ -516,6 +525,7 @@ def cmd_lm_train(args) -> int:
         train_lm,
     )
 
+    print = builtins.print if rank == 0 else _quiet  # process 0 reports
     text, source = _lm_corpus(args.corpus)
     out = Path(args.out)
     checkpoint = out / "checkpoint.safetensors"
@@ -548,6 +558,8 @@ def cmd_lm_train(args) -> int:
             f"{config.steps} steps on {source}: {len(text):,} bytes"
         )
         log = train_lm(model, text, config, verbose=1, checkpoint=checkpoint)
+    if rank != 0:  # the others hold the same model: process 0 writes it
+        return 0
     model.save(out / "lm.moe")
     plot_training(log, title="MoE language model").savefig(out / "lm_training.png", dpi=120)
     val = log.val_loss[-1]
@@ -561,6 +573,10 @@ def cmd_lm_train(args) -> int:
     print("A sample (temperature 0.8):\n" + decode_bytes(sample[0].tolist()))
     print(f"\nWrote {checkpoint}, {out / 'lm.moe'} and {out / 'lm_training.png'}")
     return 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def _prompt_ids(prompt: str):

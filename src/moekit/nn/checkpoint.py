@@ -14,6 +14,12 @@ a limit, the header, the stored model settings (validated as
 those settings imply (on the meta device). Then it reads the tensors and refuses
 NaN, infinities and negative second moments. Any failure is a ``ValueError``
 naming the file and the problem.
+
+A model trained expert parallel (:mod:`moekit.nn.parallel`) is saved whole: the
+processes gather the expert shards of the weights and of AdamW's moments, and
+process 0 writes the file. The file is therefore the same whatever the number of
+processes that wrote it, and loads on any number (one process, or ``W`` that slice it
+again).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from torch import Tensor
 
 from moekit._core.files import write_safetensors
+from moekit.nn.parallel import gathered_state, sharded_parameters
 from moekit.nn.transformer import MoETransformer, TransformerConfig, check_state, expected_state
 
 __all__ = ["MAX_FILE_BYTES", "Checkpoint", "load_checkpoint", "load_lm", "save_checkpoint"]
@@ -74,11 +81,20 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | os.PathLike, ck: Checkpoint) -> Path:
-    """Write ``ck`` to ``path`` whole or not at all (temporary file, fsync, rename)."""
+    """Write ``ck`` to ``path`` whole or not at all (temporary file, fsync, rename).
+
+    For an expert-parallel model it is a collective: every process calls it, the
+    expert shards are gathered, and only process 0 of the default group writes.
+    """
     path = Path(path)
     tensors = {f"model.{k}": v for k, v in ck.model._to_state()[2].items()}
     for name, state in ck.optimizer.items():
         tensors.update({f"optim.{name}.{key}": state[key] for key in _ADAM_KEYS})
+    if sharded_parameters(ck.model):
+        tensors = gathered_state(ck.model, tensors, "model.")
+        tensors = gathered_state(ck.model, tensors, "optim.")
+        if torch.distributed.get_rank() != 0:
+            return path
     tensors["rng.torch"] = ck.rng
     tensors["expert_load"] = ck.expert_load
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -13,6 +13,7 @@ from moekit.nn.config import MoEConfig, validate_moe_params
 from moekit.nn.dispatch import combine, dense_gates, plan_dispatch
 from moekit.nn.experts import ExpertBank, FeedForward, sorted_experts_mm
 from moekit.nn.fused import fused_moe
+from moekit.nn.parallel import ExpertShard, expert_parallel_experts, make_shard, shard_bank
 from moekit.nn.routers import (
     ExpertChoiceRouter,
     NoisyTopKRouter,
@@ -143,6 +144,15 @@ class MoE(nn.Module):
     center_bias : bool, default=False
         Keep the biases of the 'sigmoid_bias' router at mean zero (torchtitan does;
         the DeepSeek-V3 paper does not). It changes no routing decision.
+    expert_parallel_group : torch.distributed.ProcessGroup, optional
+        Expert parallelism over this group of ``W`` processes: each holds
+        ``n_experts / W`` experts (``W`` must divide ``n_experts``) and tokens travel to
+        their experts by all-to-all (:mod:`moekit.nn.parallel`). The weights are made
+        in full from the seed and sliced, so one seed gives the same model at any
+        ``W``. The forward equals the single-process layer on each process's tokens;
+        with a capacity factor, capacity is counted per process (over its own
+        tokens). Not under ``vmap`` or ``torch.compile``. Every process of the group
+        must run each forward and backward.
 
     Attributes
     ----------
@@ -152,7 +162,10 @@ class MoE(nn.Module):
         are zero (or the router balances without a loss and ``z_loss_coef`` is zero).
     stats : MoEStats or None
         Routing statistics of the last forward; None after a forward under ``vmap``
-        (whose ``aux_loss`` must also be read inside the vmapped function).
+        (whose ``aux_loss`` must also be read inside the vmapped function). Under
+        expert parallelism, those of this process's tokens.
+    expert_parallel : ExpertShard or None
+        Which experts this process holds; None when it holds all of them.
 
     Notes
     -----
@@ -190,21 +203,25 @@ class MoE(nn.Module):
         capacity_priority: str = "choice",
         normalize_weights: bool | None = None,
         center_bias: bool = False,
+        expert_parallel_group: object = None,
     ) -> None:
         super().__init__()
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        del params["expert_parallel_group"]  # a runtime setting, not part of the model
         validate_moe_params(type(self).__name__, params)
-        self._setup(MoEConfig(**params))
+        self._setup(MoEConfig(**params), expert_parallel_group)
 
     @classmethod
-    def from_config(cls, config: MoEConfig) -> MoE:
-        """Build the layer from a :class:`MoEConfig`."""
+    def from_config(cls, config: MoEConfig, expert_parallel_group: object = None) -> MoE:
+        """Build the layer from a :class:`MoEConfig` (and optionally a group, as in ``MoE``)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(config)
+        layer._setup(config, expert_parallel_group)
         return layer
 
-    def _setup(self, config: MoEConfig) -> None:
+    def _setup(self, config: MoEConfig, group: object = None) -> None:
+        # checked before anything is built, so that a bad group leaves nothing behind
+        shard = None if group is None else make_shard(group, config.n_experts, "MoE")
         self.config = config
         self.d_model, self.n_experts, self.top_k = config.d_model, config.n_experts, config.top_k
         self.router = make_router(config)
@@ -215,6 +232,11 @@ class MoE(nn.Module):
             config.activation,
             impl=config.expert_impl,
         )
+        # all E experts are drawn first, then sliced: the same seed gives the same model
+        # at every parallel degree (the generator advances alike)
+        self.expert_parallel: ExpertShard | None = shard
+        if shard is not None:
+            shard_bank(self.experts, shard)
         n_shared = config.n_shared_experts
         # S shared experts of width H are one FFN of width S*H: the sum splits by columns
         self.shared = (
@@ -307,7 +329,16 @@ class MoE(nn.Module):
         bank = self.experts
         impl = bank.resolve_impl(x)
         path = self.execution_path(x, routing.weights)
-        if path == "masked":
+        if self.expert_parallel is not None:
+            if path in ("masked", "compiled"):
+                raise RuntimeError(
+                    "An expert-parallel MoE layer runs eagerly only: its all-to-all has "
+                    "data-dependent sizes, which vmap and torch.compile cannot trace."
+                )
+            plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
+            routed, dropped = plan.routed, plan.dropped
+            y = expert_parallel_experts(x, plan, bank, self.expert_parallel)  # (T, d)
+        elif path == "masked":
             gates, routed, dropped = dense_gates(
                 routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority
             )  # (T, E)
@@ -367,9 +398,16 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.config
+        shard = self.expert_parallel
+        parallel = (
+            ""
+            if shard is None
+            else f", expert_parallel=experts {shard.first}-{shard.first + shard.n_local - 1} "
+            f"of {shard.n_experts} on rank {shard.rank}/{shard.world_size}"
+        )
         return (
             f"capacity_factor={cfg.capacity_factor}, aux_loss_coef={cfg.aux_loss_coef}, "
-            f"z_loss_coef={cfg.z_loss_coef}"
+            f"z_loss_coef={cfg.z_loss_coef}{parallel}"
         )
 
 

@@ -13,6 +13,12 @@ weights, AdamW's moments, the global RNG state and the log, and are renamed into
 place, so that a run killed at any moment leaves the previous checkpoint whole. The
 batch of step ``s`` is drawn from a generator seeded with ``(seed, s)``, so a
 resumed run reads the same batches as an uninterrupted one without any data state.
+
+Under ``torchrun`` (an initialised process group of ``W`` processes) training is
+data plus expert parallel (:mod:`moekit.nn.parallel_train`): each process takes its
+``batch_size`` rows of the step's ``W * batch_size`` windows and holds ``E / W``
+experts of each MoE layer; process 0 writes the checkpoints (whole, the experts
+gathered, so that any number of processes can resume them) and the progress bar.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from moekit._core.files import remove_partial_writes
 from moekit._core.validation import Interval, InvalidParameterError, validate_params
 from moekit.nn import layer as moe_layer
 from moekit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from moekit.nn.parallel import slice_expert_state
+from moekit.nn.parallel_train import DataParallel
 from moekit.nn.transformer import MoETransformer
 
 __all__ = [
@@ -152,13 +160,19 @@ def _split(text: str, cfg: TrainConfig, block: int) -> tuple[Tensor, Tensor, str
     return train, val, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _batch(data: Tensor, block: int, cfg: TrainConfig, step: int) -> tuple[Tensor, Tensor]:
-    # the batch depends on (seed, step) only: a resumed run reads the same batches
+def _batch(
+    data: Tensor, block: int, cfg: TrainConfig, step: int, dp: DataParallel | None = None
+) -> tuple[Tensor, Tensor]:
+    # the batch depends on (seed, step) only: a resumed run reads the same batches;
+    # W processes draw the same W*B windows per micro-batch and take B each
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    n = cfg.grad_accum * cfg.batch_size
+    world = 1 if dp is None else dp.world_size
+    n = cfg.grad_accum * world * cfg.batch_size
     start = torch.randint(0, len(data) - block - 1, (n,), generator=gen)
-    rows = torch.stack([data[s : s + block + 1] for s in start.tolist()])  # (A*B, T + 1)
-    rows = rows.view(cfg.grad_accum, cfg.batch_size, block + 1)  # (A, B, T + 1)
+    rows = torch.stack([data[s : s + block + 1] for s in start.tolist()])  # (A*W*B, T + 1)
+    rows = rows.view(cfg.grad_accum, world * cfg.batch_size, block + 1)  # (A, W*B, T + 1)
+    if dp is not None:
+        rows = dp.rows(rows)  # (A, B, T + 1)
     return rows[..., :-1], rows[..., 1:]
 
 
@@ -254,6 +268,14 @@ def train_lm(
     -------
     TrainLog
         Also stored on the model as ``model.training_log`` (a dict).
+
+    Notes
+    -----
+    Inside an initialised process group of ``W > 1`` processes (``torchrun``), every
+    process calls it with the same model settings and corpus: process 0's weights are
+    broadcast, the experts are sharded over the processes and gathered again at the
+    end, so that every process returns the whole trained model. Only process 0 shows
+    progress and writes the checkpoint. ``batch_size`` is per process.
     """
     cfg = config or TrainConfig()
     if model.config.vocab_size != 256:
@@ -267,10 +289,13 @@ def train_lm(
             raise FileNotFoundError(f"checkpoint: folder {str(Path(checkpoint).parent)!r} does "
                                     "not exist.")  # fmt: skip
         remove_partial_writes(checkpoint)  # left by an earlier run that was killed
-    torch.manual_seed(cfg.seed)  # dropout and noisy routers draw from the global generator
+    dp = DataParallel.setup(model)  # None outside a process group
+    rank = 0 if dp is None else dp.rank
+    # dropout and noisy routers draw from the global generator, differently per process
+    torch.manual_seed(cfg.seed + rank)
     opt = _optimizer(model, cfg)
     load = torch.zeros(len(model.moe_layers()), model.config.n_experts, dtype=torch.float64)
-    run = _Run(model, opt, cfg, train, val, digest, TrainLog(), load, checkpoint)
+    run = _Run(model, opt, cfg, train, val, digest, TrainLog(), load, checkpoint, dp)
     return run.loop(0, verbose)
 
 
@@ -323,12 +348,17 @@ def resume_lm(
             f"{ck.corpus_sha256[:12]}..., this one {digest[:12]}...); resume with the same text."
         )
     remove_partial_writes(checkpoint)  # a write cut short by the kill
+    dp = DataParallel.setup(model)  # the file holds whole experts: any W resumes it
     opt = _optimizer(model, cfg)
     for name, p in model.named_parameters():
         if name in ck.optimizer:  # AdamW's step and moments; the rates come from cfg
-            opt.state[p] = ck.optimizer[name]
+            state = {f"{name}.{k}": v for k, v in ck.optimizer[name].items()}
+            state = slice_expert_state(model, state) if dp is not None else state
+            opt.state[p] = {k: state[f"{name}.{k}"] for k in ck.optimizer[name]}
     torch.set_rng_state(ck.rng)
-    run = _Run(model, opt, cfg, train, val, digest, log, ck.expert_load, checkpoint)
+    if dp is not None and dp.rank > 0:  # the file holds process 0's generator only
+        torch.manual_seed(cfg.seed * 1_000_003 + ck.step + dp.rank)
+    run = _Run(model, opt, cfg, train, val, digest, log, ck.expert_load, checkpoint, dp)
     return model, run.loop(ck.step + 1, verbose)
 
 
@@ -345,30 +375,44 @@ class _Run:
     log: TrainLog
     load: Tensor  # (layers, experts) assignments since the last evaluation
     checkpoint: str | os.PathLike | None
+    dp: DataParallel | None = None  # data + expert parallel, under torchrun
 
     def loop(self, start: int, verbose: int) -> TrainLog:
-        model, opt, cfg, log = self.model, self.opt, self.cfg, self.log
+        model, opt, cfg, log, dp = self.model, self.opt, self.cfg, self.log, self.dp
+        if dp is not None and dp.rank != 0:
+            verbose = 0  # process 0 reports
         block = model.config.block_size
         layers = model.moe_layers()
         # one call per optimiser step, whatever the gradient accumulation
         update_biases = moe_layer.update_router_biases
         model.train()
         bar = _progress(start, cfg.steps, verbose)
-        tokens = cfg.grad_accum * cfg.batch_size * block
+        tokens = cfg.grad_accum * cfg.batch_size * block * (1 if dp is None else dp.world_size)
         tick = time.perf_counter()
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
-            x, y = _batch(self.train, block, cfg, step)  # (A, B, T), (A, B, T)
-            lm_loss = aux_loss = 0.0
+            x, y = _batch(self.train, block, cfg, step, dp)  # (A, B, T), (A, B, T)
+            # this step's losses and loads, summed over micro-batches (and processes)
+            stats = torch.zeros(2 + self.load.numel(), dtype=torch.float64)
             for micro in range(cfg.grad_accum):
                 ce, aux = _lm_loss(model, x[micro], y[micro])
                 ((ce + aux) / cfg.grad_accum).backward()
-                lm_loss += ce.item() / cfg.grad_accum
-                aux_loss += aux.item() / cfg.grad_accum
+                stats[0] += ce.item() / cfg.grad_accum
+                stats[1] += aux.item() / cfg.grad_accum
                 for i, layer in enumerate(layers):
-                    self.load[i] += layer.stats.tokens_per_expert.to(self.load.dtype)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    stats[2 + i * self.load.shape[1] : 2 + (i + 1) * self.load.shape[1]] += (
+                        layer.stats.tokens_per_expert.to(stats.dtype)
+                    )
+            if dp is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            else:
+                dp.sync_gradients(model)
+                dp.clip_grad_norm(model, cfg.grad_clip)
+                dp.all_reduce(stats)  # once per step: losses and loads together
+                stats[:2] /= dp.world_size  # the losses' mean over processes
+            lm_loss, aux_loss = float(stats[0]), float(stats[1])
+            self.load += stats[2:].view_as(self.load)
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_biases(model)
@@ -389,6 +433,8 @@ class _Run:
                 self._save(step)
                 tick = time.perf_counter()
         bar.close()
+        if dp is not None:
+            dp.finish(model)
         model.eval()
         model.training_log = log.as_dict()
         return log
@@ -398,12 +444,18 @@ class _Run:
         optimizer = {names[p]: state for p, state in self.opt.state.items()}
         ck = Checkpoint(self.model, optimizer, torch.get_rng_state(), self.load, step,
                         dataclasses.asdict(self.cfg), self.log.as_dict(), self.digest)  # fmt: skip
-        save_checkpoint(self.checkpoint, ck)
+        save_checkpoint(self.checkpoint, ck)  # under torchrun: gathered, process 0 writes
 
     def _evaluate(self, step: int, bar) -> None:
         cfg, log = self.cfg, self.log
-        val_loss = evaluate_lm(self.model, self.val, cfg.batch_size,
-                               cfg.eval_batches * cfg.batch_size)  # fmt: skip
+        if self.dp is None:
+            val_loss = evaluate_lm(self.model, self.val, cfg.batch_size,
+                                   cfg.eval_batches * cfg.batch_size)  # fmt: skip
+        else:
+            # the same windows as one process with the global batch of W * batch_size
+            world = self.dp.world_size
+            val_loss = self.dp.evaluate(self.model, self.val, cfg.batch_size,
+                                        cfg.eval_batches * world * cfg.batch_size)  # fmt: skip
         log.eval_step.append(step)
         log.val_loss.append(val_loss)
         log.tokens_per_expert.append(self.load.tolist())

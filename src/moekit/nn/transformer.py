@@ -243,6 +243,14 @@ class MoETransformer(nn.Module):
     def save(self, path) -> None:
         """Write the model to ``path`` (safetensors + JSON config, no pickle)."""
         from moekit.io import save_model
+        from moekit.nn.parallel import sharded_parameters
+
+        if sharded_parameters(self):  # the file must hold every expert
+            raise ValueError(
+                "This model is expert parallel: each process holds part of the experts. "
+                "Call moekit.nn.parallel.gather_experts(model) on every process first, then "
+                "save from one."
+            )
 
         save_model(self, path)
 
