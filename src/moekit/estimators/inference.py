@@ -186,20 +186,22 @@ def observed_information_summary(
     sum over all rows at m / n of the cost (the exact sum costs about as much as P
     passes over the data, P parameters). The note says so.
     """
-    lik = ReportedLikelihood(model, X, y, gate_reference)
-    n = lik.n
+    n = len(y)
     if information_rows is not None and n > information_rows:
         rows = np.sort(np.random.default_rng(0).choice(n, information_rows, replace=False))
         X_rows = X.iloc[rows] if hasattr(X, "iloc") else np.asarray(X)[rows]
         y_rows = y.iloc[rows] if hasattr(y, "iloc") else np.asarray(y)[rows]
-        part = ReportedLikelihood(model, X_rows, y_rows, gate_reference)
-        se, note = _standard_errors(-part.hessian() * (n / information_rows))
+        lik = ReportedLikelihood(model, X_rows, y_rows, gate_reference)
+        se, note = _standard_errors(-lik.hessian() * (n / information_rows))
         note = (f"The observed information is estimated from {information_rows:,} random rows "
                 f"of {n:,}, scaled by n / m. " + note).strip()  # fmt: skip
+        # the total over every row, without building the designs of all of them at once
+        total = float(np.sum(model.log_likelihood_samples(X, y)))
     else:
+        lik = ReportedLikelihood(model, X, y, gate_reference)
         se, note = _standard_errors(-lik.hessian())
-    with torch.no_grad():
-        total = float(lik.loglik())
+        with torch.no_grad():
+            total = float(lik.loglik())
     report = lik.report
     est = to_numpy(lik.theta)
     tested = np.asarray(report.tested)
@@ -215,7 +217,7 @@ def observed_information_summary(
         f"{type(model).__name__}: {lik.K} experts ({_kind(expert)} experts, "
         f"{_kind(gate) if lik.K > 1 else 'no'} gate)"
     )
-    return Summary(table, total, lik.n, title, note)
+    return Summary(table, total, n, title, note)
 
 
 def _standard_errors(info: torch.Tensor) -> tuple[np.ndarray, str]:
