@@ -1,4 +1,5 @@
 """A two-link robot arm: which joint angles put the hand at a target point?
+========================================================================
 
 The forward map (angles to hand position) is easy; its inverse has two answers for
 most points, elbow up and elbow down. A mixture density network learns the
@@ -117,7 +118,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "moekit example").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/output"),
                         help="folder for the figure (default: examples/output/)")  # fmt: skip
     main(parser.parse_args().out)

@@ -1,4 +1,5 @@
-"""A sparse MoE layer in place of a feed-forward block, trained on a toy task.
+"""A sparse MoE layer in place of a feed-forward block, trained on a toy task
+==========================================================================
 
 The target is a different linear map in each quadrant of the first two inputs.
 Four experts with a learned router split the quadrants between them; the script

@@ -1,4 +1,5 @@
-"""Train a tiny byte-level MoE language model on a paragraph and sample from it.
+"""Train a tiny byte-level MoE language model on a paragraph and sample from it
+============================================================================
 
 Each feed-forward block of the transformer is a sparse MoE layer (8 experts, top-2).
 ``train_lm`` prints the training and held-out loss; the script then shows how evenly
