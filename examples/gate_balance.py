@@ -10,7 +10,7 @@ each, the data coloured by the most responsible expert with the experts' lines, 
 the gate weights g_k(x) below; it prints each fit's log-likelihood and the experts'
 shares.
 
-Run: python examples/gate_balance.py [--out examples/output/]
+Run: ``python examples/gate_balance.py [--out examples/output/]``
 """
 
 import argparse

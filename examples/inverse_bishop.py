@@ -10,7 +10,7 @@ The script fits both, prints their held-out log-likelihoods next to the best any
 single Gaussian can do, and draws p(t | x) as a heat map with its modes, the
 conditional mean and the true branches.
 
-Run: python examples/inverse_bishop.py [--out examples/output/]
+Run: ``python examples/inverse_bishop.py [--out examples/output/]``
 """
 
 import argparse

@@ -11,7 +11,7 @@ The script fits the MDN, prints how far the sampled and the mean angles put the
 hand from held-out targets, and draws, for one target, sampled arm
 configurations beside the predictive density of the angles with its modes.
 
-Run: python examples/inverse_robot_arm.py [--out examples/output/]
+Run: ``python examples/inverse_robot_arm.py [--out examples/output/]``
 """
 
 import argparse

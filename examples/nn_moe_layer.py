@@ -6,7 +6,7 @@ Four experts with a learned router split the quadrants between them; the script
 prints the loss, the auxiliary balancing loss and the routing statistics the layer
 keeps after each forward pass, then which expert each quadrant ended up with.
 
-Run: python examples/nn_moe_layer.py
+Run: ``python examples/nn_moe_layer.py``
 """
 
 import torch

@@ -6,7 +6,7 @@ Each feed-forward block of the transformer is a sparse MoE layer (8 experts, top
 the experts of the first layer share the tokens and a greedy sample. Runs in about
 20 seconds on two CPU cores. (`moekit lm train` does the same on a whole file.)
 
-Run: python examples/nn_tiny_lm.py
+Run: ``python examples/nn_tiny_lm.py``
 """
 
 import torch

@@ -11,7 +11,7 @@ patches of each digit class go to.
 
 Takes about three and a half minutes of one CPU core (three seeds, both models).
 
-Run: python examples/vision_moe_digits.py [--out DIR] [--seeds N]
+Run: ``python examples/vision_moe_digits.py [--out DIR] [--seeds N]``
 """
 
 from __future__ import annotations
