@@ -83,7 +83,14 @@ _mathjax = os.environ.get("MOEKIT_DOCS_MATHJAX")
 if _mathjax:
     if _mathjax.endswith("MathJax.js"):  # version 2 needs its configuration named
         mathjax_path = _mathjax + "?config=TeX-AMS-MML_HTMLorMML"
-        mathjax2_config = {"tex2jax": {"inlineMath": [["\\(", "\\)"]]}}
+        # MyST marks each page's body ignored and its formulas "math" (MathJax 3's way)
+        mathjax2_config = {
+            "tex2jax": {
+                "inlineMath": [["\\(", "\\)"]],
+                "processClass": "tex2jax_process|mathjax_process|math|output_area",
+                "ignoreClass": "tex2jax_ignore|mathjax_ignore",
+            }
+        }
     else:
         mathjax_path = _mathjax
 
