@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parent.parent
 # the command-line arguments each gets in the build: figures go to the build folder,
 # and the long runs take their small settings (the full ones are the scripts' defaults).
 _OUT = DOCS / "_build" / "example_output"
-_SMALL = {"vision_moe_digits.py": ["--seeds", "1", "--epochs", "6"]}
+_SMALL = {"vision_moe_digits.py": ["--seeds", "1", "--epochs", "15"]}
 _WITH_OUT = ("gate_balance.py", "inverse_bishop.py", "inverse_robot_arm.py", "vision_moe_digits.py")
 
 
@@ -33,10 +33,9 @@ def gallery_argv(_gallery_conf: dict, script_vars: dict) -> list[str]:
 
 
 def _distributed_page(app, docname: str, source: list[str]) -> None:
-    """Show docs/distributed.md on the distributed-fitting page where it exists.
+    """Show docs/distributed.md on the distributed-fitting page where that file exists.
 
-    That page is written with the data-parallel fit; until it is, the user guide's
-    page keeps its short account of the two switches.
+    Otherwise the page keeps its own short account of the two switches.
     """
     if docname == "user_guide/distributed" and (DOCS / "distributed.md").is_file():
         source[0] = "```{include} ../distributed.md\n```\n"
