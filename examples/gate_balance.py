@@ -1,4 +1,5 @@
-"""The gate's balance penalty: how it keeps every expert in play.
+"""The gate's balance penalty: how it keeps every expert in play
+=============================================================
 
 On the motorcycle data, a mixture of four linear experts with a softmax gate lets
 some experts shrink to a sliver of the data. ``gate_balance=lambda`` adds
@@ -9,7 +10,7 @@ each, the data coloured by the most responsible expert with the experts' lines, 
 the gate weights g_k(x) below; it prints each fit's log-likelihood and the experts'
 shares.
 
-Run: python examples/gate_balance.py [--out examples/output/]
+Run: ``python examples/gate_balance.py [--out examples/output/]``
 """
 
 import argparse
@@ -26,7 +27,7 @@ LAMBDAS = (0.0, 0.01, 0.1, 1.0)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "moekit example").splitlines()[0])
     ap.add_argument("--out", default="examples/output/")
     args = ap.parse_args()
     X, y = load_mcycle()

@@ -1,4 +1,5 @@
-"""Bishop's inverse problem: learn t from x = t + 0.3 sin(2 pi t) + noise.
+"""Bishop's inverse problem: learn t from x = t + 0.3 sin(2 pi t) + noise
+======================================================================
 
 For x between about 0.35 and 0.65, three values of t give the same x. A regressor
 of the mean answers with an average of the three, which is itself no answer; a
@@ -9,7 +10,7 @@ The script fits both, prints their held-out log-likelihoods next to the best any
 single Gaussian can do, and draws p(t | x) as a heat map with its modes, the
 conditional mean and the true branches.
 
-Run: python examples/inverse_bishop.py [--out examples/output/]
+Run: ``python examples/inverse_bishop.py [--out examples/output/]``
 """
 
 import argparse
@@ -93,7 +94,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "moekit example").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/output"),
                         help="folder for the figure (default: examples/output/)")  # fmt: skip
     main(parser.parse_args().out)

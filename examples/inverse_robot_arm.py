@@ -1,4 +1,5 @@
 """A two-link robot arm: which joint angles put the hand at a target point?
+========================================================================
 
 The forward map (angles to hand position) is easy; its inverse has two answers for
 most points, elbow up and elbow down. A mixture density network learns the
@@ -10,7 +11,7 @@ The script fits the MDN, prints how far the sampled and the mean angles put the
 hand from held-out targets, and draws, for one target, sampled arm
 configurations beside the predictive density of the angles with its modes.
 
-Run: python examples/inverse_robot_arm.py [--out examples/output/]
+Run: ``python examples/inverse_robot_arm.py [--out examples/output/]``
 """
 
 import argparse
@@ -117,7 +118,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "moekit example").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/output"),
                         help="folder for the figure (default: examples/output/)")  # fmt: skip
     main(parser.parse_args().out)

@@ -1,11 +1,12 @@
-"""A sparse MoE layer in place of a feed-forward block, trained on a toy task.
+"""A sparse MoE layer in place of a feed-forward block, trained on a toy task
+==========================================================================
 
 The target is a different linear map in each quadrant of the first two inputs.
 Four experts with a learned router split the quadrants between them; the script
 prints the loss, the auxiliary balancing loss and the routing statistics the layer
 keeps after each forward pass, then which expert each quadrant ended up with.
 
-Run: python examples/nn_moe_layer.py
+Run: ``python examples/nn_moe_layer.py``
 """
 
 import torch

@@ -1,4 +1,5 @@
-"""A small vision transformer with MoE blocks (V-MoE style) on scikit-learn's 8x8 digits.
+"""A small vision transformer with MoE blocks (V-MoE style) on scikit-learn's 8x8 digits
+=====================================================================================
 
 Each 8x8 image becomes 16 tokens of 2x2 pixels. As in V-MoE (Riquelme et al., 2021),
 every other block's MLP is a sparse MoE layer (8 experts, top-2): each *patch* is
@@ -10,7 +11,7 @@ patches of each digit class go to.
 
 Takes about three and a half minutes of one CPU core (three seeds, both models).
 
-Run: python examples/vision_moe_digits.py [--out DIR] [--seeds N]
+Run: ``python examples/vision_moe_digits.py [--out DIR] [--seeds N]``
 """
 
 from __future__ import annotations

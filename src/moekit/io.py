@@ -290,6 +290,21 @@ def load(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> Any:
         class that is not a moekit model, or holds arrays of another dtype or shape
         than its settings imply, or values (NaN, infinities, negative variances, ...)
         no fit gives. The message names the file and what was wrong.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from moekit import MoERegressor, load
+    >>> X = np.linspace(-1, 1, 200)[:, None]
+    >>> y = np.abs(X[:, 0]) + 0.01 * np.random.default_rng(0).normal(size=200)
+    >>> model = MoERegressor(n_experts=2, n_init=2, random_state=0).fit(X, y)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     model.save(Path(tmp) / "model.moe")
+    ...     again = load(Path(tmp) / "model.moe")
+    >>> bool(np.allclose(again.predict(X), model.predict(X)))
+    True
     """
     from safetensors import SafetensorError, safe_open
 

@@ -130,7 +130,7 @@ class MDNRegressor(RegressorMixin, BaseEstimator):
         Mean held-out log-likelihood after every epoch (early stopping only).
     best_validation_score_ : float or None
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Only when X had string column names.
 
     Notes

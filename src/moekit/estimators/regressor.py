@@ -159,7 +159,7 @@ default='auto'
     expert_sizes_ : ndarray of shape (n_experts,)
         Total responsibility of each expert on the training data.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Only when X had string column names.
 
     See Also

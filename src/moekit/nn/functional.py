@@ -225,6 +225,19 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, n_experts: int) -> Tenso
     -------
     Tensor
         Scalar.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from moekit.nn import load_balancing_loss
+    >>> uniform = torch.full((8, 4), 0.25)  # every expert equally likely
+    >>> each_twice = torch.arange(8).remainder(4).unsqueeze(1)  # (8, 1)
+    >>> float(load_balancing_loss(uniform, each_twice, 4))
+    1.0
+    >>> collapsed = torch.zeros(8, 4)
+    >>> collapsed[:, 0] = 1.0  # every token certain of expert 0
+    >>> float(load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long), 4))
+    4.0
     """
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
@@ -248,6 +261,14 @@ def router_z_loss(logits: Tensor) -> Tensor:
     -------
     Tensor
         Scalar.
+
+    Examples
+    --------
+    >>> import math, torch
+    >>> from moekit.nn import router_z_loss
+    >>> loss = router_z_loss(torch.zeros(3, 4))  # logsumexp = log 4 for every token
+    >>> math.isclose(float(loss), math.log(4) ** 2, rel_tol=1e-6)
+    True
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
@@ -277,6 +298,15 @@ def importance_loss(gates: Tensor) -> Tensor:
     -------
     Tensor
         Scalar.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from moekit.nn import importance_loss
+    >>> float(importance_loss(torch.full((6, 3), 1 / 3)))  # equal importance
+    0.0
+    >>> float(importance_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # all on one
+    1.0
     """
     return _cv_squared(gates.sum(dim=0))
 

@@ -164,6 +164,17 @@ class TopKRouter(Router):
         Renormalise the kept weights to sum to one. None: for ``k > 1`` only (with
         ``k = 1`` the weight would always be 1 and the router would get no gradient
         from the task loss; see the module notes).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from moekit.nn import TopKRouter
+    >>> router = TopKRouter(d_model=8, n_experts=4, top_k=2)
+    >>> routing = router(torch.randn(5, 8))
+    >>> routing.weights.shape, routing.indices.shape
+    (torch.Size([5, 2]), torch.Size([5, 2]))
+    >>> torch.allclose(routing.weights.sum(dim=-1), torch.ones(5))
+    True
     """
 
     def __init__(
@@ -255,6 +266,14 @@ class ExpertChoiceRouter(Router):
     balancing loss is needed; a token may be picked by several experts or by none.
     The choice depends on the whole batch, so unlike token choice the output of a
     token depends on the other tokens (and it is not causal).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from moekit.nn import ExpertChoiceRouter
+    >>> router = ExpertChoiceRouter(d_model=8, n_experts=4, top_k=2)
+    >>> router(torch.randn(6, 8)).indices.shape  # each expert picks C = 6 * 2 / 4 tokens
+    torch.Size([4, 3])
     """
 
     expert_choice = True
