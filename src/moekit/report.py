@@ -287,6 +287,7 @@ def report_sections(
     def h(key: str, title: str) -> str:
         return _heading(level, prefix, key, title)
 
+    ll_fit = float(model.log_likelihood(_named(model, X), y))
     facts = [
         ["data", source or "arrays"],
         ["rows fitted", len(y)],
@@ -294,9 +295,9 @@ def report_sections(
         ["features", _short_list(names)],
         ["experts", model.n_experts],
         ["expert / gate", f"{getattr(model, 'expert', '?')} / {getattr(model, 'gate', '?')}"],
-        ["log-likelihood per row (fitted rows)", float(model.log_likelihood(_named(model, X), y))],
+        ["log-likelihood per row (fitted rows)", ll_fit],
         [f"log-likelihood per row ({where})", float(model.log_likelihood(_named(model, Xh), yh))],
-        ["BIC", float(model.bic(_named(model, X), y))],
+        ["BIC", -2.0 * len(y) * ll_fit + model.n_parameters() * np.log(len(y))],
         ["EM", f"{model.n_iter_} iterations, "
                f"{'converged' if model.converged_ else 'NOT converged'}"],
     ]  # fmt: skip

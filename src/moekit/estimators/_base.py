@@ -43,6 +43,17 @@ GATES = {"softmax": SoftmaxGate, "constant": ConstantGate, "mlp": MLPGate}
 GRADIENT_OPTIONS = {"optimizer": "lbfgs", "learning_rate": None, "batch_size": None}
 
 
+SCORE_BLOCK_ROWS = 2**17
+"""Rows per block when scoring large data (see ``log_likelihood_samples``)."""
+
+
+def _rows(A, rows: slice):
+    """Rows of a DataFrame, Series, array or list, keeping a frame's column names."""
+    if hasattr(A, "iloc"):
+        return A.iloc[rows]
+    return np.asarray(A)[rows]
+
+
 class CollapsedExpertWarning(UserWarning):
     """An expert ended the fit with fewer effective samples than parameters."""
 
@@ -482,7 +493,18 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         return to_numpy(torch.softmax(self._log_joint(X, y), dim=0).T)
 
     def log_likelihood_samples(self, X, y) -> np.ndarray:
-        """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,)."""
+        """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,).
+
+        Rows go through in blocks of ``SCORE_BLOCK_ROWS``, so that the designs built
+        for them never take more memory than a block's.
+        """
+        n = len(X) if hasattr(X, "__len__") else np.shape(X)[0]
+        if n > SCORE_BLOCK_ROWS and np.ndim(X) == 2:
+            return np.concatenate([
+                self.log_likelihood_samples(_rows(X, slice(i, i + SCORE_BLOCK_ROWS)),
+                                            _rows(y, slice(i, i + SCORE_BLOCK_ROWS)))
+                for i in range(0, n, SCORE_BLOCK_ROWS)
+            ])  # fmt: skip
         lse = torch.logsumexp(self._log_joint(X, y), dim=0)
         return to_numpy(lse) + self._target_log_jacobian(vars(self))
 
