@@ -21,10 +21,12 @@ chunk; and every chunk is sized so that its scratch stays under
 
 Small data. The products depend on the data alone, so where the whole data is one
 chunk they are built once per fit and kept (while they take at most
-``KEPT_PRODUCTS_BYTES``): every later pass then forms all its weighted Grams in one
-matrix product with half the flops of one product per weight, whatever the width.
-Measured on one thread at breast cancer's size (455 rows, 31 columns, 12 weights)
-that is 4 times faster; on digits' (1,437 rows, 65 columns, 30 weights) twice.
+``KEPT_PRODUCTS_BYTES``): a later pass then forms its weighted Grams in one matrix
+product, with half the flops of one product per weight, where the products stay in
+cache or the weights are many (``KEPT_MIN_WEIGHTS``); reading products from memory
+costs more than a few products per weight. Measured on one thread at breast
+cancer's size (455 rows, 31 columns, 12 weights) 4 times faster; at digits' (1,437
+rows, 65 columns, 30 weights) twice.
 
 Layout: designs are stored feature-major, ``XeT`` of shape (p, n), and every
 per-chunk quantity is expert-major, (K, n_chunk). With K a handful, reductions over
