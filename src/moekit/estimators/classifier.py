@@ -231,7 +231,11 @@ default='auto'
         XeT, XgT = self._designs(X)
         w = torch.exp(self._gate_family.log_weights(self._params.gate, XgT))  # (K, n)
         probs = self._expert_family.class_probs(self._params.expert, XeT)  # (K, C, n)
-        return to_numpy(torch.einsum("kn,kcn->nc", w, probs))
+        proba = torch.einsum("kn,kcn->nc", w, probs)
+        # the sum rounds a confident row to 1 + 2e-16, which scikit-learn's log_loss
+        # refuses: rows are renormalised and held in [0, 1]
+        proba /= proba.sum(1, keepdim=True)
+        return to_numpy(proba.clamp_(0.0, 1.0))
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Logarithm of :meth:`predict_proba`."""
