@@ -80,3 +80,31 @@ def test_wide_designs_use_no_packed_products():
     for chunk in data.chunks():
         assert chunk.weighted_grams(w[:, chunk.start : chunk.stop], "e", True).shape == (3, 41, 41)
     assert not any(key.startswith("prod") for key in data._work)
+
+
+def test_one_chunk_keeps_its_products_and_gives_the_same_grams(monkeypatch):
+    # 40 columns: per-weight Grams, unless the data are one chunk whose products are
+    # kept for the fit; both give the same sums, and the kept products are built once
+    n, p = 600, 40
+    data = _data(n, p, 1)
+    w = torch.rand(20, n, dtype=torch.float64)
+    X = data.XeT.T
+    want = torch.einsum("tn,na,nb->tab", w, X, X)
+    muls = []
+    real_mul = torch.mul
+    monkeypatch.setattr(torch, "mul", lambda *a, **k: muls.append(1) or real_mul(*a, **k))
+    for _ in range(3):  # three passes over one chunk
+        (chunk,) = data.chunks()
+        stats = chunk.weighted_grams(w, "e")
+        assert stats.ndim == 2  # packed layout
+        torch.testing.assert_close(unpack_grams(stats, p)[0], want, rtol=1e-12, atol=1e-12)
+    assert len(muls) == p  # one product row block per column, in the first pass only
+    # other rows' products overwrite the buffer: the whole chunk's are built again
+    torch.testing.assert_close(unpack_grams(_summed(data, w, "e", False), p)[0], want,
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    (chunk,) = data.chunks()
+    torch.testing.assert_close(unpack_grams(chunk.weighted_grams(w, "e"), p)[0], want,
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    # few weights on products that leave the cache: one product per weight
+    monkeypatch.setattr(data_mod, "CACHED_PRODUCTS_BYTES", 0)
+    assert chunk.weighted_grams(w[:3], "e").shape == (3, p, p)

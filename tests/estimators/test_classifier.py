@@ -85,3 +85,22 @@ def test_one_expert_is_a_logistic_regression():
     np.testing.assert_allclose(m.intercept_[0, 1] - m.intercept_[0, 0], lr.intercept_, rtol=1e-4)
     np.testing.assert_allclose(m.predict_proba(X), lr.predict_proba(X), atol=1e-5)
     assert m.gate_coef_.shape == (1, 2)
+
+
+def test_probabilities_stay_in_the_unit_interval_and_sum_to_one():
+    # a confident fit on breast cancer summed a row's mixture to 1 + 2e-16, which
+    # scikit-learn's log_loss refused
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
+
+    X, y = load_breast_cancer(return_X_y=True)
+    tr, te = list(StratifiedKFold(5, shuffle=True, random_state=0).split(X, y))[1]
+    mean, sd = X[tr].mean(0), X[tr].std(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = MoEClassifier(3, n_init=1, random_state=0).fit((X[tr] - mean) / sd, y[tr])
+    P = m.predict_proba((X[te] - mean) / sd)
+    assert P.min() >= 0.0 and P.max() <= 1.0
+    np.testing.assert_allclose(P.sum(1), 1.0, rtol=0, atol=1e-15)
+    assert log_loss(y[te], P) < 0.3

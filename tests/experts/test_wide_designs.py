@@ -15,6 +15,12 @@ from moekit.fitting.model import EMModel
 PACKED, PER_WEIGHT = 10**6, 0  # values of PACKED_MAX_P that force each path
 
 
+def _force(monkeypatch, path):
+    monkeypatch.setattr(data_mod, "PACKED_MAX_P", path)
+    # data of one chunk would otherwise keep packed products on either path
+    monkeypatch.setattr(data_mod, "KEPT_PRODUCTS_BYTES", path)
+
+
 def _problem(expert, n=6000, d=6, seed=0):
     X, y, _ = make_moe_regression(n, n_features=d, n_experts=3, random_state=seed)
     rng = np.random.default_rng(seed)
@@ -57,7 +63,7 @@ def test_statistics_and_m_step_are_the_same_on_both_paths(monkeypatch, expert):
     assert m._gate_family._use_newton  # the gate's Hessian goes through the Grams too
     out = {}
     for path in (PACKED, PER_WEIGHT):
-        monkeypatch.setattr(data_mod, "PACKED_MAX_P", path)
+        _force(monkeypatch, path)
         out[path] = _stats_and_step(m, X, y)
     for a, b in zip(out[PACKED][0], out[PER_WEIGHT][0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(a.abs().max()))
@@ -71,7 +77,7 @@ def test_fit_is_the_same_on_both_paths(monkeypatch, expert):
     X, y = _problem(expert, n=4000, d=4, seed=1)
     fits = {}
     for path in (PACKED, PER_WEIGHT):
-        monkeypatch.setattr(data_mod, "PACKED_MAX_P", path)
+        _force(monkeypatch, path)
         fits[path] = _fit(expert, X, y, max_iter=20, tol=0.0)
     a, b = fits[PACKED], fits[PER_WEIGHT]
     # the same optimum (which of two nearly tied starts leads there may differ)

@@ -128,3 +128,61 @@ def test_start_from_must_be_a_simpler_model_of_the_same_data():
         MoERegressor(3, n_init=1).fit(X[:200], y[:200], start_from=small)
     with pytest.raises(ValueError, match="is not a simpler model"):
         MoERegressor(4, n_init=1).fit(X, y, start_from=small)
+
+
+def test_cutoff_is_the_last_of_the_distinct_runs_continued():
+    from moekit.fitting.em import FINAL_STARTS, _cutoff
+
+    assert FINAL_STARTS == 3
+    assert _cutoff([-1.0, -2.0], 0.1) is None  # fewer runs than are continued
+    # -1.05 is the same basin as -1.0; the third distinct run ends at -3
+    assert _cutoff([-1.0, -1.05, -2.0, -3.0, -4.0], 0.1) == -3.0
+    assert _cutoff([-1.0, -1.05, -1.08], 0.1) is None
+
+
+def test_short_runs_behind_the_best_end_early_and_change_nothing(monkeypatch):
+    # iris: some short runs fall clearly behind; ending them early saves EM steps
+    # and the fit is the very same as when every short run goes its full length
+    from sklearn.datasets import load_iris
+
+    import moekit.fitting.em as em
+    from moekit.fitting.model import EMModel
+
+    X, y = load_iris(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    passes = []
+    e_pass = EMModel.e_pass
+    monkeypatch.setattr(EMModel, "e_pass", lambda *a, **k: passes.append(1) or e_pass(*a, **k))
+    fits, default = {}, em.BEHIND_FACTOR
+    for factor in (default, float("inf")):
+        monkeypatch.setattr(em, "BEHIND_FACTOR", factor)
+        passes.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits[factor] = (MoEClassifier(3, random_state=0).fit(X, y), len(passes))
+    (early, n_early), (full, n_full) = fits[default], fits[float("inf")]
+    assert n_early < 0.9 * n_full
+    assert early.log_likelihood_history_ == full.log_likelihood_history_
+    np.testing.assert_array_equal(early.predict_proba(X), full.predict_proba(X))
+
+
+def test_a_simpler_model_reached_by_two_routes_is_fitted_once(monkeypatch):
+    # K = 3 softmax contains K = 2 constant through K = 2 softmax and K = 3 constant
+    import moekit.fitting.em as em
+
+    fitted = []
+    run_em = em.run_em
+
+    def spy(model, data, **kw):
+        key = (em._family_key(model.expert), em._family_key(model.gate), kw["n_init"], id(data))
+        fitted.append(key)
+        return run_em(model, data, **kw)
+
+    monkeypatch.setattr(em, "run_em", spy)
+    X, y, _ = make_moe_regression(300, n_features=2, n_experts=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MoERegressor(3, n_init=8, random_state=0).fit(X, y)
+    # the estimator calls run_em through its own import: every call seen is nested
+    assert len(fitted) >= 3
+    assert len(set(fitted)) == len(fitted)

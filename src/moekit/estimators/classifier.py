@@ -54,9 +54,15 @@ default='auto'
     init_sample_size : int or None, default=20_000
     alpha : float or None, default=None
         L2 penalty on each expert's slopes, as ``1 / C`` in scikit-learn's
-        LogisticRegression (on the summed log-likelihood scale). None uses
-        ``1 / n_experts``: the experts' penalties then add up to that of one
-        ``LogisticRegression(C=1)``.
+        LogisticRegression (on the summed log-likelihood scale). None uses 1: every
+        expert's slopes get the Gaussian prior N(0, I) that
+        ``LogisticRegression(C=1)`` puts on its one model's, whatever the number of
+        experts. (A penalty of ``1 / n_experts`` would loosen each expert's prior as
+        experts are added, the richer model regularised less: on breast cancer,
+        5-fold CV, K = 3 overfitted, log-loss 0.088 against 0.074 with 1. With 1,
+        iris' log-loss rose from 0.096 to 0.125 (LogisticRegression 0.155), wine's
+        from 0.053 to 0.0627 (LogisticRegression's, to three digits), digits' from
+        0.083 to 0.094 (0.108), and every digits fold converged.)
     gate_alpha : float, default=1.0
         L2 penalty on the gate's slopes, as ``1 / C`` of the gate's multinomial logit.
     gate_balance : float, default=0.0
@@ -193,7 +199,7 @@ default='auto'
         n_classes = len(coding["classes_"])
         if not isinstance(self.expert, str):
             return WrappedExperts(self.expert, self.n_experts, classes=n_classes)
-        alpha = 1.0 / self.n_experts if self.alpha is None else self.alpha
+        alpha = 1.0 if self.alpha is None else self.alpha
         return EXPERTS[self.expert](self.n_experts, n_classes, alpha=alpha)
 
     # ------------------------------------------------------------------ API
@@ -225,7 +231,11 @@ default='auto'
         XeT, XgT = self._designs(X)
         w = torch.exp(self._gate_family.log_weights(self._params.gate, XgT))  # (K, n)
         probs = self._expert_family.class_probs(self._params.expert, XeT)  # (K, C, n)
-        return to_numpy(torch.einsum("kn,kcn->nc", w, probs))
+        proba = torch.einsum("kn,kcn->nc", w, probs)
+        # the sum rounds a confident row to 1 + 2e-16, which scikit-learn's log_loss
+        # refuses: rows are renormalised and held in [0, 1]
+        proba /= proba.sum(1, keepdim=True)
+        return to_numpy(proba.clamp_(0.0, 1.0))
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Logarithm of :meth:`predict_proba`."""

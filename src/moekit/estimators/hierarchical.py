@@ -322,7 +322,7 @@ class HierarchicalMoEClassifier(_TreeMixin, MoEClassifier):
     init, n_init, max_iter, tol, init_max_iter, init_sample_size, alpha, gate_alpha, \
 gate_balance, warm_start, random_state, verbose, verbose_interval, device, expert_features, \
 gate_features
-        As in :class:`MoEClassifier` (``alpha=None`` is 1 / K over the K leaves).
+        As in :class:`MoEClassifier` (``alpha=None`` is 1 on every leaf).
 
     Attributes
     ----------

@@ -165,6 +165,37 @@ class LogisticExperts:
         self.alpha = alpha
         self.solver = solver
         self._step = "bohning" if solver == "bohning" else "newton"
+        self._consts: dict | None = None
+
+    def _constants(self, p: int, like: torch.Tensor) -> dict:
+        """Tensors every M-step of a p-column design uses, built once per width.
+
+        An EM iteration on a small data set is a few dozen small tensor operations,
+        each costing microseconds of overhead: rebuilding these every step was a
+        tenth of the step.
+        """
+        c = self._consts
+        if (
+            c is not None
+            and c["p"] == p
+            and c["alpha"] == self.alpha
+            and c["pen"].dtype == like.dtype
+            and c["pen"].device == like.device
+        ):
+            return c
+        C = self.n_classes
+        pen = like.new_ones(p)
+        pen[-1] = 0.0  # no penalty on the intercept
+        rows, cols = torch.triu_indices(C, C, device=like.device)
+        # the intercepts' common shift u, along which the Newton system is singular
+        u = like.new_zeros((C, p))
+        u[:, -1] = C**-0.5
+        u = u.reshape(-1)
+        ridge_newton = self.alpha * torch.diag(pen.repeat(C)) + torch.outer(u, u)
+        self._consts = {"p": p, "alpha": self.alpha, "pen": pen, "rows": rows, "cols": cols,
+                        "diag": rows == cols, "ridge": self.alpha * torch.diag(pen),
+                        "ridge_newton": ridge_newton}  # fmt: skip
+        return self._consts
 
     @property
     def monotone(self) -> bool:
@@ -175,6 +206,7 @@ class LogisticExperts:
         self._step = self.solver
         if self.solver == "auto":
             self._step = "newton" if C > 2 and C * p <= NEWTON_MAX_PARAMS else "diagonal"
+        self._constants(p, data.XeT)
 
     def init_params(self, data: EMData) -> LogisticParams:
         p = data.XeT.shape[0]
@@ -217,9 +249,9 @@ class LogisticExperts:
             d = rp.mul_(1.0 - prob).mul_(2.0)  # 2 r_ik p_ikc (1 - p_ikc), (K, C, c)
             return nk, grad, _grams(d.reshape(K * C, c), chunk)
         # newton: weights r_ik p_ika (delta_ab - p_ikb) of the class blocks a <= b
-        rows, cols = torch.triu_indices(C, C)
-        hw = rp[:, rows] * prob[:, cols].neg()  # (K, T, c)
-        hw[:, rows == cols] += rp
+        consts = self._constants(p, xt)
+        hw = rp[:, consts["rows"]] * prob[:, consts["cols"]].neg()  # (K, T, c)
+        hw[:, consts["diag"]] += rp
         return nk, grad, _grams(hw.reshape(-1, c), chunk)
 
     def m_step(self, params, stats, data: EMData, resp=None) -> LogisticParams:
@@ -228,13 +260,13 @@ class LogisticExperts:
         nk, grad, curv = stats
         W = params.coef  # (K, C, p)
         K, p = W.shape[0], W.shape[2]
-        pen = W.new_ones(p)
-        pen[-1] = 0.0  # no penalty on the intercept
+        consts = self._constants(p, W)
+        pen = consts["pen"]
         g = grad - self.alpha * W * pen  # gradient of Q, (K, C, p)
         if self._step == "newton":
-            step = self._newton_step(g, curv, pen)
+            step = self._newton_step(g, curv, consts)
         else:
-            blocks = _unpack(curv, p).reshape(K, -1, p, p) + self.alpha * torch.diag(pen)
+            blocks = _unpack(curv, p).reshape(K, -1, p, p) + consts["ridge"]
             step = centred_block_step(g, blocks)
             if self._step == "bohning":
                 step *= OVER_RELAXATION
@@ -243,20 +275,17 @@ class LogisticExperts:
         empty = nk <= 1e-12 * max(float(nk.sum()), 1.0)
         return LogisticParams(W + step.masked_fill_(empty[:, None, None], 0.0))
 
-    def _newton_step(self, g, hess, pen) -> torch.Tensor:
+    def _newton_step(self, g, hess, consts) -> torch.Tensor:
         K, C, p = g.shape
-        rows, cols = torch.triu_indices(C, C)
+        rows, cols = consts["rows"], consts["cols"]
         blocks = _unpack(hess, p).reshape(K, -1, p, p)  # (K, T, p, p), class pairs a <= b
         A = g.new_zeros((K, C, C, p, p))
         A[:, rows, cols] = blocks
         A[:, cols, rows] = blocks
-        A = A.transpose(2, 3).reshape(K, C * p, C * p) + self.alpha * torch.diag(pen.repeat(C))
         # A is singular along the intercepts' common shift u, where g has no part:
-        # adding u u^T makes it definite and leaves the step without a part along u
-        u = g.new_zeros((C, p))
-        u[:, -1] = C**-0.5
-        u = u.reshape(-1)
-        A = A + torch.outer(u, u)
+        # adding u u^T (in "ridge_newton", with the penalty) makes it definite and
+        # leaves the step without a part along u
+        A = A.transpose(2, 3).reshape(K, C * p, C * p) + consts["ridge_newton"]
         return _solve_pd(A, g.reshape(K, C * p, 1)).reshape(K, C, p)
 
     def select(self, params: LogisticParams, perm: torch.Tensor) -> LogisticParams:

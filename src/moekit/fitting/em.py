@@ -44,6 +44,51 @@ __all__ = ["EMModel", "FitResult", "Params", "PassResult", "run_em"]
 FINAL_STARTS = 3
 """How many of the best short runs continue to convergence."""
 
+BEHIND_FACTOR = 2.0
+"""Safety factor on the linear bound of a short run's remaining gain (see _behind)."""
+
+
+def _cutoff(values: list[float], gap: float) -> float | None:
+    """The objective a short run must beat to be among the runs continued.
+
+    The runs continued are the ``FINAL_STARTS`` best whose objectives lie at least
+    ``gap`` apart, picked greedily from the top. Greedy picking is the largest such
+    packing of points on a line, and a packing only grows with more points, so once
+    ``FINAL_STARTS`` runs ending at or above this value are picked, a run ending
+    below it is never continued, whatever the later runs do.
+    """
+    picked: list[float] = []
+    for v in sorted(values, reverse=True):
+        if all(abs(v - w) >= gap for w in picked):
+            picked.append(v)
+            if len(picked) == FINAL_STARTS:
+                return v
+    return None
+
+
+def _behind(cutoff: float | None, max_iter: int):
+    """Whether a short run is clearly behind: it cannot end above ``cutoff``.
+
+    While the objective's increments shrink, a run of ``max_iter`` iterations
+    gains at most its last increment times the iterations left; the check asks
+    for ``BEHIND_FACTOR`` times that (SQUAREM's extrapolations can gain more
+    than one step's increment) and ends the run only when even that stays below
+    the cutoff. Where increments grow (EM leaving a saddle), the run goes on.
+    """
+    if cutoff is None:
+        return None
+
+    def stop(history: list[float]) -> bool:
+        if len(history) < 4:
+            return False
+        d = [b - a for a, b in zip(history[-4:-1], history[-3:], strict=True)]
+        if not d[2] <= d[1] <= d[0]:
+            return False
+        left = max_iter - (len(history) - 1)
+        return history[-1] + BEHIND_FACTOR * max(d[0], 0.0) * left < cutoff
+
+    return stop
+
 
 @dataclass
 class _Run:
@@ -64,6 +109,12 @@ def _distinct(values: list[float], gap: float) -> int:
     return groups
 
 
+def _family_key(family) -> tuple:
+    """A family's kind and public settings (n_experts among them), to recognise it."""
+    settings = sorted((k, repr(v)) for k, v in vars(family).items() if not k.startswith("_"))
+    return (type(family).__qualname__, tuple(settings))
+
+
 def run_em(
     model: EMModel,
     data: EMData,
@@ -81,6 +132,7 @@ def run_em(
     verbose_interval: int = 10,
     loglik_offset: float = 0.0,
     warn: bool = True,
+    _nested_fits: dict | None = None,
 ) -> FitResult:
     """Fit a mixture of experts by EM with restarts.
 
@@ -114,6 +166,9 @@ def run_em(
         target, so that they read in the target's units).
     warn : bool, default=True
         Whether to warn when the returned fit did not converge.
+    _nested_fits : dict or None
+        Fits of simpler models already made on these rows, shared by the nested
+        fits of one fit (internal).
 
     Returns
     -------
@@ -137,15 +192,22 @@ def run_em(
         sub = data.subset(rows.to(data.XeT.device))
         model.prepare(sub)
 
+    nested_fits = {} if _nested_fits is None else _nested_fits
+
     def fit_nested(small: EMModel, d: EMData, n: int) -> Params:
         # a starting point, not an answer: its best starts get one more short run, and
-        # this model's own short run and final run take it the rest of the way
-        budget = max(min(max_iter, 2 * init_max_iter), 1)
-        res = run_em(small, d, init="auto", n_init=n, max_iter=budget, tol=tol,
-                     init_max_iter=init_max_iter, init_sample_size=None, generator=generator,
-                     warn=False)  # fmt: skip
+        # this model's own short run and final run take it the rest of the way.
+        # Different routes reach the same simpler model (K = 3 softmax contains K = 2
+        # constant through K = 2 softmax and through K = 3 constant): it is fitted once
+        key = (_family_key(small.expert), _family_key(small.gate), n, id(d))
+        if key not in nested_fits:
+            budget = max(min(max_iter, 2 * init_max_iter), 1)
+            nested_fits[key] = run_em(
+                small, d, init="auto", n_init=n, max_iter=budget, tol=tol,
+                init_max_iter=init_max_iter, init_sample_size=None, generator=generator,
+                warn=False, _nested_fits=nested_fits).params  # fmt: skip
         model.prepare(d)  # the nested fit may have prepared shared families on other widths
-        return res.params
+        return nested_fits[key]
 
     # 1-2 run on the subset: on one thread when it is small, whatever the full data
     with em_threads(sub):
@@ -153,14 +215,24 @@ def run_em(
         maker = StartMaker(model, sub, generator, fit_nested, n_init)
         first_iter = min(init_max_iter, max_iter)
         runs: list[_Run] = []
+        short_gap = max(1e-4, 10 * tol)
+        stopped: set[int] = set()
         for s, strategy in enumerate(strategy_sequence(init, n_init)):
             progress.start_init(s, n_init, first_iter, on_subset=use_subset)
             label, p = maker.make(strategy)
-            p, cur, hist, conv = model.iterate(p, sub, first_iter, tol, progress)
+            # a run that cannot reach the runs continued stops early: it would not
+            # be continued anyway (see _cutoff), so the fit is the same, for fewer steps
+            stop = _behind(_cutoff([r.current.objective for r in runs], short_gap), first_iter)
+            p, cur, hist, conv = model.iterate(p, sub, first_iter, tol, progress, stop=stop)
+            behind = not conv and len(hist) - 1 < first_iter
+            if behind:
+                stopped.add(s)
             runs.append(_Run(label, p, cur, hist, conv))
-            progress.end_init(s, cur.objective, conv, label)
-        short_gap = max(1e-4, 10 * tol)
-        n_short = _distinct([r.current.objective for r in runs], short_gap)
+            progress.end_init(
+                s, cur.objective, conv, label + "; behind the best, ended early" * behind
+            )
+        n_short = _distinct([r.current.objective for i, r in enumerate(runs) if i not in stopped],
+                            short_gap)  # fmt: skip
 
         # 2. the few best distinct ones to convergence on the subset
         finals: list[_Run] = []

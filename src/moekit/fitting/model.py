@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -288,6 +289,7 @@ class EMModel:
         progress: Progress | None = None,
         current: PassResult | None = None,
         accelerate: bool | None = None,
+        stop: Callable[[list[float]], bool] | None = None,
     ) -> tuple[Params, PassResult, list[float], bool]:
         """Run up to ``max_iter`` EM iterations from ``params``.
 
@@ -298,6 +300,9 @@ class EMModel:
         ends above the two plain steps, so the objective still never decreases.
         While EM converges fast, plain steps are cheaper: a cycle costs one extra
         E-step. Each EM step counts as one iteration.
+
+        ``stop(history)``, asked after every iteration (or cycle), ends the run
+        early, not converged, when it answers True.
 
         Returns the parameters, the pass at them (the final E-step), the objective
         history (starting with the objective at the given parameters, then one entry
@@ -318,6 +323,8 @@ class EMModel:
                 if progress is not None:
                     progress.iteration(len(history), value, value - history[-1])
                 history.append(value)
+            if stop is not None and not converged and stop(history):
+                break
         return params, cur, history, converged
 
     def _squarem(self, p0: Params, c0: PassResult, data: EMData, tol: float):

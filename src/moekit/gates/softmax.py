@@ -103,6 +103,15 @@ class SoftmaxGate:
             self.solver == "auto" and K * p <= NEWTON_MAX_PARAMS
         )
         self._pen = self._penalty_mask(p, data.XgT)
+        # per-fit constants of the Newton system (see m_step), built once: on small
+        # data an EM step is a few dozen small tensor operations, and these were a
+        # tenth of the gate's
+        rows, cols = torch.triu_indices(K, K, device=data.XgT.device)
+        u = data.XgT.new_zeros((K, p))
+        u[:, -1] = K**-0.5  # the intercepts' common shift
+        u = u.reshape(-1)
+        self._newton_consts = (rows, cols, self.alpha * torch.diag(self._pen.repeat(K))
+                               + torch.outer(u, u))  # fmt: skip
         if not self._use_newton and K > 1:
             # Bohning's bound B = 1/2 (I - 11^T/K) (x) X^T X: fixed for the whole fit
             gram = data.XgT @ data.XgT.T  # (p, p)
@@ -132,7 +141,9 @@ class SoftmaxGate:
             return grad, None
         K, c = self.n_experts, xt.shape[1]
         # weights g_k (delta_kl - g_l) for the pairs k <= l: (T, c)
-        w = chunk.data.workspace("gate_hess_w", K * (K + 1) // 2, c)[:, :c]
+        T = K * (K + 1) // 2
+        # the buffer may be larger (a fit with more experts made it): take T rows
+        w = chunk.data.workspace("gate_hess_w", T, c)[:T, :c]
         t = 0
         for k in range(K):
             torch.mul(g[k : k + 1], g[k:], out=w[t : t + K - k]).neg_()
@@ -154,13 +165,20 @@ class SoftmaxGate:
         g = (grad - self.alpha * V * pen).reshape(-1)  # gradient of Q_g, K p
         if self._use_newton:
             blocks = unpack_grams(hess, p)[0]  # (T, p, p)
-            A = V.new_zeros((K, p, K, p))
-            rows, cols = torch.triu_indices(K, K)
-            for t, (k, l) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
-                A[k, :, l, :] = blocks[t]
-                A[l, :, k, :] = blocks[t]
-            A = A.reshape(K * p, K * p) + self.alpha * torch.diag(pen.repeat(K))
-            step = solve_psd(A, g.unsqueeze(1)).squeeze(1)
+            rows, cols, ridge = self._newton_consts
+            A = V.new_zeros((K, K, p, p))
+            A[rows, cols] = blocks
+            A[cols, rows] = blocks
+            # A is singular along the intercepts' common shift u, where g has no part:
+            # A + u u^T (in ridge) is definite where the data determine V, and its
+            # solution is then the minimum-norm one, by Cholesky; the eigen-solve is
+            # the fallback where it is not
+            A = A.transpose(1, 2).reshape(K * p, K * p) + ridge
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) == 0:
+                step = torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+            else:
+                step = solve_psd(A, g.unsqueeze(1)).squeeze(1)
         else:
             inv = torch.where(
                 self._bound_evals > 1e-12 * self._bound_evals.amax(),
