@@ -213,6 +213,13 @@ class DataGroup:
     def size(self) -> int:
         return torch.distributed.get_world_size(self.group)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this group's tensors must be: NCCL exchanges CUDA tensors only."""
+        if torch.distributed.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def sum(self, nest: Any) -> Any:
         """See :func:`all_reduce_sum`."""
         return all_reduce_sum(nest, self.group)
@@ -228,20 +235,15 @@ class DataGroup:
     def row_counts(self, n_local: int) -> list[int]:
         """Every process's number of rows, in rank order."""
         dist = torch.distributed
-        n = torch.tensor([n_local], dtype=torch.int64)
+        n = torch.tensor([n_local], dtype=torch.int64, device=self.device)
         counts = [torch.zeros_like(n) for _ in range(self.size)]
-        if dist.get_backend(self.group) == "nccl":  # NCCL exchanges device tensors only
-            n = n.cuda()
-            counts = [c.cuda() for c in counts]
         _collective("all_gather", 8, lambda: dist.all_gather(counts, n, group=self.group),
                     self.group)  # fmt: skip
         return [int(c) for c in counts]
 
     def broadcast_int(self, value: int) -> int:
         """Process 0's ``value`` (a seed, say), on every process."""
-        t = torch.tensor([int(value)], dtype=torch.int64)
-        if torch.distributed.get_backend(self.group) == "nccl":
-            t = t.cuda()
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
         return int(self.broadcast(t))
 
     def agree(self, error: BaseException | None) -> None:

@@ -597,8 +597,9 @@ def _moments(Xt: torch.Tensor, comm: DataGroup | None, n: int):
     """
     if comm is None:
         return Xt.mean(0), Xt.std(0, correction=0)
+    Xt = Xt.to(comm.device)
     mean = comm.sum(Xt.sum(0)) / n
-    return mean, torch.sqrt(comm.sum(((Xt - mean) ** 2).sum(0)) / n)
+    return mean.cpu(), torch.sqrt(comm.sum(((Xt - mean) ** 2).sum(0)) / n).cpu()
 
 
 def _designs(Xt: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
