@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from moekit._core.distributed import DataGroup
 from moekit._core.linalg import unpack_triu
 
 DEFAULT_CHUNK = 65536
@@ -109,12 +110,20 @@ class EMData:
         counts, or int64 class codes.
     cache : dict
         Per-fit precomputations, keyed by their owner.
+    comm : DataGroup or None
+        For a data-parallel fit, the processes whose rows together make the data;
+        these rows are this process's shard. Sums over rows that a family forms
+        outside the E-step's statistics go through :meth:`reduce`.
+    n_global : int or None
+        Rows over all processes (a data-parallel fit); None: ``n``.
     """
 
     XeT: torch.Tensor
     XgT: torch.Tensor
     y: torch.Tensor
     cache: dict[str, Any] = field(default_factory=dict)
+    comm: DataGroup | None = None
+    n_global: int | None = None
     _work: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: per buffer of products: the rows (start, stop) it holds, and how many are filled
     _filled: dict[str, tuple[int, int, int]] = field(default_factory=dict, repr=False)
@@ -131,6 +140,15 @@ class EMData:
     @property
     def n(self) -> int:
         return int(self.XeT.shape[1])
+
+    @property
+    def n_total(self) -> int:
+        """Rows of the whole data: over every process of a data-parallel fit."""
+        return self.n if self.n_global is None else self.n_global
+
+    def reduce(self, nest: Any) -> Any:
+        """Sums over this process's rows -> sums over all rows (the identity alone)."""
+        return nest if self.comm is None else self.comm.sum(nest)
 
     @property
     def shared_design(self) -> bool:
@@ -162,10 +180,43 @@ class EMData:
             yield Chunk(start, min(start + size, self.n), self)
 
     def subset(self, rows: torch.Tensor) -> EMData:
-        """The fit data restricted to ``rows`` (used for short restarts)."""
+        """This process's rows ``rows`` (for short restarts), as data of their own."""
         XeT = self.XeT[:, rows].contiguous()
         XgT = XeT if self.shared_design else self.XgT[:, rows].contiguous()
         return EMData(XeT, XgT, self.y[..., rows].contiguous())
+
+    def gathered(self, rows: torch.Tensor | None = None) -> EMData:
+        """Rows ``rows`` of the whole data, in that order, on every process.
+
+        ``rows`` are global indices (the shards of processes 0, 1, ... laid end to
+        end), the same tensor on every process; None takes every row, in rank order.
+        Each process sends the rows it holds, so the exchange is the size of the
+        result. Without ``comm``, :meth:`subset` (or the data itself).
+        """
+        if self.comm is None:
+            return self if rows is None else self.subset(rows)
+        counts = self.comm.row_counts(self.n)
+        rank = self.comm.rank
+        offset = sum(counts[:rank])
+        if rows is None:
+            local, order = self, None
+        else:
+            rows = rows.cpu()
+            starts = torch.tensor([0, *counts]).cumsum(0)
+            owner = torch.bucketize(rows, starts[1:], right=True)  # the rank holding each row
+            mine = rows[owner == rank] - offset
+            local = self.subset(mine.to(self.XeT.device))
+            # rows arrive grouped by rank; where each one goes in the order of ``rows``
+            order = torch.cat([torch.nonzero(owner == r).flatten() for r in range(len(counts))])
+        XeT = self.comm.gather_rows(local.XeT)
+        XgT = XeT if self.shared_design else self.comm.gather_rows(local.XgT)
+        y = self.comm.gather_rows(local.y)
+        if order is not None:
+            inv = torch.argsort(order).to(XeT.device)
+            XeT = XeT[:, inv].contiguous()
+            XgT = XeT if self.shared_design else XgT[:, inv].contiguous()
+            y = y[..., inv].contiguous()
+        return EMData(XeT, XgT, y)
 
 
 class Chunk:

@@ -22,6 +22,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.distributed import DataGroup
 from moekit._core.engine import EM_DTYPE, em_threads, resolve_device, to_numpy, torch_generator
 from moekit._core.validation import (
     HasMethods,
@@ -102,6 +103,7 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         "gate_features": [None, "array-like"],
         "expert_options": [None, dict],
         "gate_options": [None, dict],
+        "distributed": ["boolean"],
     }
     _order_by_mean = False  # documented expert order: by mean prediction, else by size
     _y_validation: ClassVar[dict] = {}  # validate_data's arguments for y
@@ -124,6 +126,39 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
     def _target_log_jacobian(self, coding) -> float:
         """log |d y_encoded / d y| per row: converts likelihoods to the user's units."""
         return 0.0
+
+    def _code_shard(self, y) -> tuple[np.ndarray, dict[str, Any]]:
+        """:meth:`_code_target` for one process's shard of a data-parallel fit: the
+        checks a shard can make alone (no collective: any may fail on one shard)."""
+        return self._code_target(y)
+
+    def _reduce_coding(self, y, coding: dict, comm: DataGroup, n: int) -> dict:
+        """The coding of the whole target from the shards' (collectives, same on all)."""
+        return coding
+
+    # ------------------------------------------------------------------ data-parallel
+    def _data_group(self) -> DataGroup | None:
+        """The processes of a data-parallel fit (``distributed=True``), else None."""
+        if not getattr(self, "distributed", False):
+            return None
+        if getattr(self, "fit_method", "em") != "em":
+            raise ValueError(
+                "distributed=True fits by EM, whose statistics sum over rows; got "
+                f"fit_method={self.fit_method!r}."
+            )
+        return DataGroup.default()
+
+    @staticmethod
+    def _check_distributable(model: EMModel) -> None:
+        """Refuse families whose M-step needs every row's responsibilities."""
+        for family in (model.expert, model.gate):
+            if family.needs_resp:
+                raise ValueError(
+                    f"distributed=True: the {type(family).__name__} family's M-step needs "
+                    "every row's responsibilities (needs_resp), not sums over rows that "
+                    "processes can all-reduce. Use linear, Student-t or Poisson experts with "
+                    "a softmax or constant gate, or fit on one process."
+                )
 
     # ------------------------------------------------------------------ fit
     def _validate_params(self) -> None:
@@ -155,12 +190,28 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             if edit is not None and edit.n_experts != self.n_experts:
                 self.n_experts = edit.n_experts  # restored with the rest if the fit fails
             self._validate_params()
-            seed = int(
-                torch.randint(0, 2**31 - 1, (1,), generator=torch_generator(self.random_state))
-            )
-            prepared = self._prepare(X, y, warm=True if edit is not None else None)
+            comm = self._data_group()
+            random_state = self.random_state
+            if comm is not None:
+                if parent is not None or edit is not None:
+                    raise ValueError(
+                        "distributed=True fits afresh or continues (warm_start); start_from "
+                        "and the editing methods (add_expert, remove_expert, refit) run on "
+                        "one process's data."
+                    )
+                # one stream of random draws for every process: process 0's seed
+                if not isinstance(random_state, (int, np.integer)) or isinstance(
+                    random_state, bool
+                ):
+                    gen = torch_generator(random_state)
+                    random_state = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+                random_state = comm.broadcast_int(int(random_state))
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch_generator(random_state)))
+            prepared = self._prepare(X, y, warm=True if edit is not None else None, comm=comm)
             coding = {**vars(self), **prepared.state}
             model = EMModel(self._make_expert(coding, seed), self._make_gate(seed))
+            if comm is not None:
+                self._check_distributable(model)
             model.gate_balance = float(getattr(self, "gate_balance", 0.0))
             if model.gate_balance and not getattr(model.gate, "supports_balance", False):
                 raise ValueError(
@@ -172,7 +223,7 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             elif prepared.warm:
                 model.frozen_experts = getattr(self, "frozen_experts_", ())
             with em_threads(prepared.data):
-                result = self._run(model, prepared, parent, edit)
+                result = self._run(model, prepared, parent, edit, random_state)
             kept = model.frozen_experts if edit is None else edit.kept_frozen
             fitted = self._fitted_state(model, result, prepared, coding, kept)
             state = {**prepared.state, **fitted}
@@ -188,13 +239,70 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         self.__dict__.update(state)
         return self
 
-    def _prepare(self, X, y, warm: bool | None = None) -> _Prepared:
+    def _prepare(self, X, y, warm: bool | None = None, comm: DataGroup | None = None) -> _Prepared:
         """Check X and y and build the EM data; returns the state that describes them.
 
         A warm fit (``warm_start``, or ``warm=True`` for an edit) keeps the fitted
         scalings and coding, in which the current parameters are expressed.
+
+        With ``comm`` (a data-parallel fit) X and y are this process's shard: each
+        process checks its own, and all fail together if any fails; the row count,
+        the standardisation and the target's coding are those of all the shards.
         """
         warm = self._warm_fit_possible() if warm is None else warm
+        error = None
+        try:
+            X, y, coding = self._check_shard(X, y, warm, local_n_check=comm is None)
+        except Exception as err:
+            if comm is None:
+                raise
+            error = err
+        n = X.shape[0] if comm is None else None
+        if comm is not None:
+            comm.agree(error)
+            shapes = comm.gather_objects((X.shape[1], y.shape[1:]))
+            if len(set(shapes)) > 1:
+                raise ValueError(
+                    "distributed=True: the processes' shards differ in shape (features, "
+                    f"target columns per process: {shapes}); every shard needs the same columns."
+                )
+            counts = comm.row_counts(X.shape[0])
+            n = sum(counts)
+            if n < self.n_experts:
+                raise ValueError(
+                    f"Expected n_samples >= n_experts but got n_experts = {self.n_experts}, "
+                    f"n_samples = {n} over {len(counts)} processes."
+                )
+        state: dict[str, Any] = {"n_features_in_": self.n_features_in_}
+        names = getattr(self, "feature_names_in_", None)
+        if names is not None:
+            state["feature_names_in_"] = names
+        if warm:
+            keep = ("_x_mean", "_x_scale", "_expert_cols", "_gate_cols", *self._coding_attrs)
+            state.update({k: getattr(self, k) for k in keep})
+        else:
+            if comm is not None:
+                coding = self._reduce_coding(y, coding, comm, n)
+            state.update(coding)
+            Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE)
+            mean, scale = _moments(Xt, comm, n)
+            state["_x_mean"] = mean
+            state["_x_scale"] = torch.where(scale > 0, scale, torch.ones_like(scale))
+            d, names = X.shape[1], state.get("feature_names_in_")
+            state["_expert_cols"] = resolve_columns(self.expert_features, "expert_features", d,
+                                                    names)  # fmt: skip
+            state["_gate_cols"] = resolve_columns(self.gate_features, "gate_features", d, names)
+        device = resolve_device(self.device)
+        state["_x_mean"] = state["_x_mean"].to(device)
+        state["_x_scale"] = state["_x_scale"].to(device)
+        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE, device=device)
+        XeT, XgT = _designs(Xt, state)
+        data = EMData(XeT, XgT, self._encode_target(y, device, state), comm=comm,
+                      n_global=None if comm is None else n)  # fmt: skip
+        return _Prepared(X, y, state, data, warm)
+
+    def _check_shard(self, X, y, warm: bool, local_n_check: bool = True):
+        """The checks of X and y that need no other process: (X, y, coding or None)."""
         if warm:
             d = np.shape(X)[1] if np.ndim(X) == 2 else None
             if d is not None and d != self.n_features_in_:
@@ -207,37 +315,16 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2,
                              **self._y_validation)  # fmt: skip
         n = X.shape[0]
-        if n < self.n_experts:
+        if local_n_check and n < self.n_experts:
             raise ValueError(
                 f"Expected n_samples >= n_experts but got n_experts = {self.n_experts}, "
                 f"n_samples = {n}."
             )
-        state: dict[str, Any] = {"n_features_in_": self.n_features_in_}
-        names = getattr(self, "feature_names_in_", None)
-        if names is not None:
-            state["feature_names_in_"] = names
         if warm:
             keep = ("_x_mean", "_x_scale", "_expert_cols", "_gate_cols", *self._coding_attrs)
-            state.update({k: getattr(self, k) for k in keep})
-            y = self._check_target(y, state)
-        else:
-            y, coding = self._code_target(y)
-            state.update(coding)
-            Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE)
-            scale = Xt.std(0, correction=0)
-            state["_x_mean"] = Xt.mean(0)
-            state["_x_scale"] = torch.where(scale > 0, scale, torch.ones_like(scale))
-            d, names = X.shape[1], state.get("feature_names_in_")
-            state["_expert_cols"] = resolve_columns(self.expert_features, "expert_features", d,
-                                                    names)  # fmt: skip
-            state["_gate_cols"] = resolve_columns(self.gate_features, "gate_features", d, names)
-        device = resolve_device(self.device)
-        state["_x_mean"] = state["_x_mean"].to(device)
-        state["_x_scale"] = state["_x_scale"].to(device)
-        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE, device=device)
-        XeT, XgT = _designs(Xt, state)
-        data = EMData(XeT, XgT, self._encode_target(y, device, state))
-        return _Prepared(X, y, state, data, warm)
+            return X, self._check_target(y, {k: getattr(self, k) for k in keep}), None
+        y, coding = self._code_target(y) if local_n_check else self._code_shard(y)
+        return X, y, coding
 
     def _warm_fit_possible(self) -> bool:
         if not (self.warm_start and hasattr(self, "_params")):
@@ -246,24 +333,28 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             return False  # a different number of experts starts afresh (documented)
         return True
 
-    def _run(self, model: EMModel, prepared: _Prepared, parent, edit=None) -> FitResult:
+    def _run(self, model: EMModel, prepared: _Prepared, parent, edit=None,
+             random_state=None) -> FitResult:  # fmt: skip
+        """EM (or gradient fitting) of ``model``; ``random_state`` seeds its draws."""
         if edit is not None:  # from each edited start; the best one kept
             results = [
                 run_em(model, prepared.data, n_init=1, max_iter=self.max_iter, tol=self.tol,
                        init_max_iter=self.init_max_iter, init_sample_size=None,
-                       generator=torch_generator(self.random_state), warm_params=start,
+                       generator=torch_generator(random_state), warm_params=start,
                        verbose=int(self.verbose), verbose_interval=self.verbose_interval,
                        loglik_offset=self._target_log_jacobian(prepared.state))
                 for start in edit.starts
             ]  # fmt: skip
             return max(results, key=lambda r: r.objective)
+        comm = prepared.data.comm
         common = {
             "n_init": 1 if prepared.warm else self.n_init,
             "max_iter": self.max_iter,
             "tol": self.tol,
-            "generator": torch_generator(self.random_state),
+            "generator": torch_generator(random_state),
             "warm_params": self._params if prepared.warm else None,
-            "verbose": int(self.verbose),
+            # one process reports a data-parallel fit: the others would print the same
+            "verbose": 0 if comm is not None and comm.rank != 0 else int(self.verbose),
         }
         if getattr(self, "fit_method", "em") == "gradient":
             from moekit.fitting.gradient import run_gradient
@@ -323,7 +414,9 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         expert, gate = model.expert, model.gate
         if self._order_by_mean:  # increasing mean prediction over the training inputs
             means, _ = expert.moments(result.params.expert, prepared.data.XeT)
-            perm = torch.argsort(means[..., 0].mean(0), stable=True)
+            data = prepared.data
+            mean = data.reduce(means[..., 0].sum(0)) / data.n_total  # over every process
+            perm = torch.argsort(mean, stable=True)
         else:
             perm = torch.argsort(-result.nk, stable=True)
         if hasattr(gate, "representable_order"):  # a tree reorders children within nodes only
@@ -345,8 +438,9 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             "expert_sizes_": to_numpy(nk),
             "_n_optima": result.n_optima,
             "frozen_experts_": frozen,
-            # a reference (not a copy) for summary(); dropped when pickled or saved
-            "_summary_data": (prepared.X, prepared.y),
+            # a reference (not a copy) for summary(); dropped when pickled or saved, and
+            # not kept by a data-parallel fit, whose rows are spread over processes
+            "_summary_data": None if prepared.data.comm else (prepared.X, prepared.y),
         }
         if getattr(self, "objective", "competitive") == "cooperative":
             # the minimised loss is a squared error, not a log-likelihood: keep it apart
@@ -392,7 +486,8 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             if getattr(self, "_summary_data", None) is None:
                 raise ValueError(
                     "summary() needs X and y: the training data is not kept after pickling "
-                    "or loading a model file."
+                    "or loading a model file, nor by a data-parallel fit (distributed=True), "
+                    "whose standard errors summary(X, y) computes on the rows it is given."
                 )
             X, y = self._summary_data
         if information_rows is not None and (
@@ -529,6 +624,19 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         """Akaike information criterion, -2 log L + 2 n_parameters (lower is better)."""
         n = len(X)
         return -2.0 * n * self.log_likelihood(X, y) + 2.0 * self.n_parameters()
+
+
+def _moments(Xt: torch.Tensor, comm: DataGroup | None, n: int):
+    """Column means and standard deviations (n in the denominator) of all the rows.
+
+    Data-parallel: two all-reduces, the sums and then the centred sums of squares,
+    which round as one process's two-pass formula does.
+    """
+    if comm is None:
+        return Xt.mean(0), Xt.std(0, correction=0)
+    Xt = Xt.to(comm.device)
+    mean = comm.sum(Xt.sum(0)) / n
+    return mean.cpu(), torch.sqrt(comm.sum(((Xt - mean) ** 2).sum(0)) / n).cpu()
 
 
 def _designs(Xt: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,6 +109,9 @@ random_state, verbose, verbose_interval, device, expert_features, gate_features,
 gate_options
         As in :class:`MoERegressor`; ``tol`` bounds the change of the mean per-sample
         ELBO, and ``max_iter`` defaults to 500 since experts empty out slowly.
+    distributed : bool, default=False
+        Data-parallel EM over a :mod:`torch.distributed` process group, as in
+        :class:`MoERegressor`.
     reg_var : float, default=1e-6
         Smallest noise variance 1 / beta, relative to the target's variance.
     gate_alpha : float, default=1.0
@@ -207,6 +210,7 @@ gate_options
         expert_features=None,
         gate_features=None,
         gate_options: dict | None = None,
+        distributed: bool = False,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -231,6 +235,7 @@ gate_options
         self.expert_features = expert_features
         self.gate_features = gate_features
         self.gate_options = gate_options
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ families
     def _expert_class(self):
@@ -269,8 +274,10 @@ gate_options
         state = super()._fitted_state(model, result, prepared, coding, frozen)
         # log_likelihood_: the posterior predictive density of the training rows, not
         # the E-step's expected log-density the ELBO is built from
-        joint = predictive_log_joint(model.expert, model.gate, state["_params"], prepared.data)
-        state["log_likelihood_"] = float(torch.logsumexp(joint, 0).mean()) + float(
+        data = prepared.data
+        joint = predictive_log_joint(model.expert, model.gate, state["_params"], data)
+        total = data.reduce(torch.logsumexp(joint, 0).sum())  # over every process's rows
+        state["log_likelihood_"] = float(total) / data.n_total + float(
             self._target_log_jacobian(coding)
         )
         return state

@@ -84,6 +84,9 @@ default='auto'
     device : str, default='cpu'
     expert_features, gate_features : array-like or None, default=None
         Columns of X the experts and the gate see (indices, names or a mask).
+    distributed : bool, default=False
+        Data-parallel EM over a :mod:`torch.distributed` process group, as in
+        :class:`MoERegressor`.
 
     Attributes
     ----------
@@ -137,6 +140,7 @@ default='auto'
         gate_features=None,
         expert_options: dict | None = None,
         gate_options: dict | None = None,
+        distributed: bool = False,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -159,6 +163,7 @@ default='auto'
         self.gate_features = gate_features
         self.expert_options = expert_options
         self.gate_options = gate_options
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ target
     _y_validation: ClassVar[dict] = {}
@@ -173,6 +178,20 @@ default='auto'
                 f"contains only one class: {enc.classes_[0]!r}."
             )
         return y, {"classes_": enc.classes_}
+
+    def _code_shard(self, y):
+        # one shard may hold a single class: the check of two classes waits for all
+        check_classification_targets(y)
+        return y, {"classes_": np.unique(y)}
+
+    def _reduce_coding(self, y, coding, comm, n):
+        classes = np.unique(np.concatenate(comm.gather_objects(coding["classes_"])))
+        if len(classes) < 2:
+            raise ValueError(
+                "MoEClassifier needs samples of at least 2 classes in the data, but the data "
+                f"of every process contains only one class: {classes[0]!r}."
+            )
+        return {"classes_": classes}
 
     def _check_target(self, y, coding) -> np.ndarray:
         y = np.asarray(y)

@@ -186,7 +186,7 @@ class HierarchicalMoERegressor(_TreeMixin, MoERegressor):
         The leaves' family, as in :class:`MoERegressor`.
     init, n_init, max_iter, tol, init_max_iter, init_sample_size, reg_var, df, \
 gate_alpha, gate_balance, warm_start, random_state, verbose, verbose_interval, device, \
-expert_features, gate_features, expert_options
+expert_features, gate_features, expert_options, distributed
         As in :class:`MoERegressor`; ``gate_alpha`` penalises every node's slopes,
         ``gate_balance`` pulls the leaves' weights towards equal ones.
         With ``init='auto'`` some starts split the leaves of a fitted tree one level
@@ -258,6 +258,7 @@ n_features_in_, feature_names_in_
         expert_features=None,
         gate_features=None,
         expert_options: dict | None = None,
+        distributed: bool = False,
     ) -> None:
         self.depth = depth
         self.branching = branching
@@ -281,6 +282,7 @@ n_features_in_, feature_names_in_
         self.expert_features = expert_features
         self.gate_features = gate_features
         self.expert_options = expert_options
+        self.distributed = distributed
 
     def fit(self, X, y, *, start_from=None) -> HierarchicalMoERegressor:
         """Fit the hierarchical mixture of experts by EM.
@@ -321,7 +323,7 @@ class HierarchicalMoEClassifier(_TreeMixin, MoEClassifier):
     expert : {'logistic'} or classifier, default='logistic'
     init, n_init, max_iter, tol, init_max_iter, init_sample_size, alpha, gate_alpha, \
 gate_balance, warm_start, random_state, verbose, verbose_interval, device, expert_features, \
-gate_features
+gate_features, distributed
         As in :class:`MoEClassifier` (``alpha=None`` is 1 on every leaf).
 
     Attributes
@@ -371,6 +373,7 @@ expert_sizes_, gate_coef_, gate_intercept_
         device: str = "cpu",
         expert_features=None,
         gate_features=None,
+        distributed: bool = False,
     ) -> None:
         self.depth = depth
         self.branching = branching
@@ -392,6 +395,7 @@ expert_sizes_, gate_coef_, gate_intercept_
         self.device = device
         self.expert_features = expert_features
         self.gate_features = gate_features
+        self.distributed = distributed
 
     def fit(self, X, y, *, start_from=None) -> HierarchicalMoEClassifier:
         """Fit by EM; ``start_from`` as in :meth:`HierarchicalMoERegressor.fit`

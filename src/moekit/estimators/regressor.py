@@ -14,7 +14,7 @@ from sklearn.base import RegressorMixin
 
 from moekit._core.engine import EM_DTYPE, to_numpy
 from moekit._core.validation import HasMethods, Interval, Options
-from moekit.estimators._base import BaseMoE
+from moekit.estimators._base import BaseMoE, _moments
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.experts.poisson import PoissonExperts
@@ -140,6 +140,17 @@ default='auto'
     fit_options : dict or None, default=None
         With ``fit_method='gradient'``: ``optimizer`` ('lbfgs' or 'adam'),
         ``learning_rate``, ``batch_size`` (Adam's mini-batches).
+    distributed : bool, default=False
+        Data-parallel EM inside an initialised :mod:`torch.distributed` process group
+        (for instance under ``torchrun``): every process calls ``fit`` with its own
+        rows, the E-step runs on them and its sufficient statistics are all-reduced,
+        so every process ends with the same model, the fit of all the rows laid end
+        to end in rank order. An iteration exchanges O(K p^2) floats for linear
+        experts, whatever n; the starts gather at most ``init_sample_size`` rows onto
+        every process, once (``docs/distributed.md``). Linear, Student-t and Poisson
+        experts with the softmax, constant or tree gate; not MLP or scikit-learn
+        experts nor the MLP gate, whose M-steps need every row. Queries (``score``,
+        ``log_likelihood``, ``summary``...) answer for the rows they are given.
 
     Notes
     -----
@@ -221,6 +232,7 @@ default='auto'
         fit_method: str = "em",
         objective: str = "competitive",
         fit_options: dict | None = None,
+        distributed: bool = False,
     ) -> None:
         self.n_experts = n_experts
         self.gate = gate
@@ -247,6 +259,7 @@ default='auto'
         self.fit_method = fit_method
         self.objective = objective
         self.fit_options = fit_options
+        self.distributed = distributed
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -285,6 +298,15 @@ default='auto'
             coding = {"_y_mean": np.zeros(y2.shape[1]), "_y_scale": np.ones(y2.shape[1])}
         coding["_y_2d"] = y.ndim == 2
         return y, coding
+
+    def _reduce_coding(self, y, coding, comm, n):
+        # the standardisation of all the shards' targets, as one process computes it
+        if not self._expert_class().standardize_target:
+            return coding
+        y2 = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
+        mean, sd = _moments(y2, comm, n)
+        sd = sd.numpy()
+        return {**coding, "_y_mean": mean.numpy(), "_y_scale": np.where(sd > 0, sd, 1.0)}
 
     def _check_target(self, y, coding) -> np.ndarray:
         y = np.asarray(y, dtype=np.float64)

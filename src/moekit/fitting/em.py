@@ -22,6 +22,16 @@ rows; the few best distinct ones then run to convergence on that subset, and the
 best of those continues on all the data. Starts from a fitted simpler model (say,
 the same model with one expert fewer) run to convergence on all the data and
 compete too, so that a richer model never ends below the one it contains.
+
+Data-parallel EM. When the data are one process's shard of rows (``data.comm``, see
+:mod:`moekit._core.distributed`), each E-step runs on the local rows and its sums
+are all-reduced (:meth:`EMModel.e_pass`), so every process takes the same M-step.
+The starts are decided as one process would: every process draws the same subset's
+global row indices with the same generator, the rows are gathered onto every
+process (all of them when n <= ``init_sample_size``: the starts' exchange is
+O(init_sample_size) rows, once per fit), every process runs the same starts on them,
+and process 0's winner is broadcast before the run on all rows. The fit then equals
+one process's fit on the shards laid end to end in rank order, up to rounding.
 """
 
 from __future__ import annotations
@@ -185,11 +195,16 @@ def run_em(
         best = _continue(model, data, best, max_iter, tol, progress)
         return _result(best, max_iter, tol, 0, progress, t0, warn)
 
-    use_subset = init_sample_size is not None and data.n > init_sample_size
+    n = data.n_total
+    use_subset = init_sample_size is not None and n > init_sample_size
     sub = data
     if use_subset:
-        rows = torch.randperm(data.n, generator=generator, device="cpu")[:init_sample_size]
-        sub = data.subset(rows.to(data.XeT.device))
+        rows = torch.randperm(n, generator=generator, device="cpu")[:init_sample_size]
+        local = data.comm is None
+        sub = data.subset(rows.to(data.XeT.device)) if local else data.gathered(rows)
+        model.prepare(sub)
+    elif data.comm is not None:
+        sub = data.gathered()  # the subset is all the data: every row, on every process
         model.prepare(sub)
 
     nested_fits = {} if _nested_fits is None else _nested_fits
@@ -245,6 +260,10 @@ def run_em(
         finals = [_continue(model, sub, f, max_iter, tol, progress, "best starts") for f in finals]
         optima = [f.current.objective for f in finals]
         best = max(finals, key=lambda r: r.current.objective)
+    if data.comm is not None:
+        # the starts ran alike on every process; process 0's winner makes sure that
+        # last-bit differences between machines cannot leave two models
+        best.params = data.comm.broadcast(best.params)
 
     # 3. on all the data: the best, and the starts from a fitted simpler model
     if use_subset:

@@ -114,7 +114,7 @@ class SoftmaxGate:
                                + torch.outer(u, u))  # fmt: skip
         if not self._use_newton and K > 1:
             # Bohning's bound B = 1/2 (I - 11^T/K) (x) X^T X: fixed for the whole fit
-            gram = data.XgT @ data.XgT.T  # (p, p)
+            gram = data.reduce(data.XgT @ data.XgT.T)  # (p, p), over every process's rows
             a = 0.5 * (torch.eye(K, dtype=gram.dtype, device=gram.device) - 1.0 / K)
             bound = torch.kron(a, gram) + self.alpha * torch.diag(self._pen.repeat(K))
             self._bound_evals, self._bound_evecs = torch.linalg.eigh(bound)

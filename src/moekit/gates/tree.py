@@ -191,7 +191,7 @@ class TreeGate:
         self._pen[-1] = 0.0  # no penalty on the intercept
         if not self._use_newton and b > 1:
             # the root's bound is fixed for the whole fit (R_i(root) = 1), as the softmax's
-            self._root_gram = data.XgT @ data.XgT.T  # (p, p)
+            self._root_gram = data.reduce(data.XgT @ data.XgT.T)  # (p, p), every process's rows
             self._bound_evals, self._bound_evecs = torch.linalg.eigh(self._bound(self._root_gram))
 
     def _bound(self, gram: torch.Tensor) -> torch.Tensor:
