@@ -421,6 +421,8 @@ def test_a_formula_fit_predicts_new_rows_through_its_formula(tmp_path, capsys):
     assert "formula: y ~ x + I(x**2) + C(group); gate: ~ z" in out
     model = load(tmp_path / "out" / "model.moe")
     assert model.formula_.gate_columns == ["z"]
+    assert main(["inspect", str(tmp_path / "out" / "model.moe")]) == 0
+    assert "formula: y ~ x + I(x**2) + C(group); gate: ~ z" in capsys.readouterr().out
     # raw columns in, in another order, one level only: the model's formula builds the design
     new = t[["group", "z", "x"]].iloc[3:9].assign(group="b")
     new.to_csv(tmp_path / "new.csv", index=False)

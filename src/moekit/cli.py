@@ -477,6 +477,8 @@ def cmd_inspect(args) -> int:
     for key in ("n_experts", "expert", "gate", "expert_features", "gate_features"):
         if key in settings:
             print(f"  {key}: {settings[key]}")
+    if getattr(model, "formula_", None) is not None:
+        print(f"  formula: {model.formula_}")
     n = model.n_features_in_
     print(f"  features ({n}): {', '.join(map(str, names)) if names is not None else 'unnamed'}")
     if hasattr(model, "classes_"):
