@@ -23,12 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from moekit import MDNRegressor, MoERegressor
 from moekit.datasets import make_bishop_inverse
-
-
-def density_grid(model, xs, ts):
-    """p(t | x) on a grid: rows t, columns x."""
-    d = model.predict_distribution(xs[:, None])
-    return np.stack([d.pdf(np.full(len(xs), t)) for t in ts])
+from moekit.plotting import plot_conditional_density
 
 
 def best_single_gaussian_ll(prob, X, t_true):
@@ -62,31 +57,14 @@ def main(out: Path) -> None:
     for name, model in models.items():
         print(f"  {name:38s}{model.log_likelihood(test.X, test.y):.3f}")
 
-    xs = np.linspace(-0.05, 1.05, 221)
-    ts = np.linspace(-0.05, 1.05, 221)
     branch_t = np.linspace(0, 1, 400)
+    truth = (train.forward(branch_t)[:, 0], branch_t)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True, constrained_layout=True)
     for ax, (name, model) in zip(axes, models.items(), strict=True):
-        dens = density_grid(model, xs, ts)
-        mesh = ax.pcolormesh(
-            xs, ts, dens, shading="auto", cmap="magma", vmax=np.quantile(dens, 0.99)
-        )
-        ax.plot(train.forward(branch_t)[:, 0], branch_t, color="cyan", lw=1, ls=":",
-                label="true branches: x = f(t)")  # fmt: skip
-        xm = xs[::6]
-        found = model.predict_distribution(xm[:, None]).modes(return_density=True)
-        for i, (modes, dens_at) in enumerate(found):
-            # a component far from its region still makes a (negligible) local maximum
-            modes = modes[dens_at >= 0.02 * dens_at.max()]
-            ax.scatter(np.full(len(modes), xm[i]), modes, s=10, color="white",
-                       label="modes of p(t | x)" if i == 0 else None)  # fmt: skip
-        ax.plot(xs, model.predict(xs[:, None]), color="lime", lw=1.5, ls="--",
-                label="conditional mean E[t | x]")  # fmt: skip
-        ax.set_title(name)
-        ax.set_xlabel("x (observed)")
-        fig.colorbar(mesh, ax=ax, label="p(t | x)")
+        plot_conditional_density(model, train.X[:, 0], train.y, grid=221, truth=truth,
+                                 xlabel="x (observed)", title=name, ax=ax)  # fmt: skip
     axes[0].set_ylabel("t (to recover)")
-    axes[0].legend(loc="upper left", fontsize=8, framealpha=0.8)
+    axes[1].set_ylabel("")
     fig.suptitle("Bishop's inverse problem: the predictive density keeps all three branches")
     path = out / "inverse_bishop.png"
     fig.savefig(path, dpi=110)
