@@ -283,7 +283,8 @@ def test_k_chosen_over_a_range_with_a_constant_gate(tmp_path, capsys):
     t = pd.DataFrame({"x": X[:, 0], "y": y})
     assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "1-3", "--gate", "constant") == 0
     assert "BIC picks K = " in capsys.readouterr().out
-    assert (tmp_path / "out" / "bic.png").exists()
+    for figure in ("bic.png", "fit.png"):  # the report's figures, also as files
+        assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(tmp_path / "out" / "criterion.csv")) == 3
     assert load(tmp_path / "out" / "model.moe").gate == "constant"
 

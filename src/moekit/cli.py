@@ -305,11 +305,35 @@ def _formula_design(args, frame):
     return X, y, formula.response, experts, gates, gate, unused, formula
 
 
+def _split_rows(X, y, n_test: int, seed: int | None):
+    """(X, y, X_test, y_test): ``n_test`` random rows held out, None where none are.
+
+    The features are copied once, column by column, into one float64 block whose
+    first ``n_test`` rows are the held-out ones; both frames are views of it, so the
+    split, the fit (which reads X without copying a read-only view) and the report
+    share one copy of the data.
+    """
+    import numpy as np
+    import pandas as pd
+
+    n = len(y)
+    order = np.random.default_rng(seed).permutation(n) if n_test else None
+    block = np.empty((n, X.shape[1]))
+    for j, col in enumerate(X.columns):
+        values = X[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        block[:, j] = values if order is None else values[order]
+    frame = pd.DataFrame(block, columns=X.columns, copy=False)
+    if order is not None:
+        y = y.iloc[order].reset_index(drop=True)
+    if not n_test:
+        return frame, y, None, None
+    return frame.iloc[n_test:], y.iloc[n_test:], frame.iloc[:n_test], y.iloc[:n_test]
+
+
 def cmd_fit(args) -> int:
     import numpy as np
 
     from moekit import MoEClassifier, MoERegressor
-    from moekit.plotting import plot_regression_fit
 
     if (args.target is None) == (args.formula is None):
         raise UsageError("moekit fit: give either --target COL or --formula 'y ~ x1 + x2'"
@@ -351,11 +375,10 @@ def cmd_fit(args) -> int:
     if not 0.0 <= args.holdout < 1.0:
         raise UsageError(f"moekit: --holdout must be in [0, 1); got {args.holdout}.")
     n_test = round(args.holdout * len(y))
-    X_test, y_test = None, None
-    if n_test >= 10 and len(y) - n_test >= 2 * max(args.experts):
-        order = np.random.default_rng(args.random_state).permutation(len(y))
-        X, X_test = X.iloc[order[n_test:]], X.iloc[order[:n_test]]
-        y, y_test = y.iloc[order[n_test:]], y.iloc[order[:n_test]]
+    if n_test < 10 or len(y) - n_test < 2 * max(args.experts):
+        n_test = 0
+    X, y, X_test, y_test = _split_rows(X, y, n_test, args.random_state)
+    if n_test:
         print(f"  fitted on {len(y)} rows; {n_test} random rows held out for the report")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -376,10 +399,7 @@ def cmd_fit(args) -> int:
         model, table = select_n_experts(template, X, y, args.experts, "bic",
                                         verbose=max(1, verbose))  # fmt: skip
         print(f"  BIC picks K = {model.n_experts}")
-        from moekit.plotting import plot_criterion
-
         table.to_csv(out / "criterion.csv", index=False)
-        plot_criterion(table, "bic").savefig(out / "bic.png", dpi=120)
     if formula is not None:  # predict applies it to new data
         model.formula_ = formula
     model.save(out / "model.moe")
@@ -387,11 +407,6 @@ def cmd_fit(args) -> int:
     if task == "regression":
         summary = model.summary(X, y, information_rows=INFORMATION_ROWS)
         report = regression_report(model, X, y, summary)
-        if X.shape[1] == 1:
-            fig = plot_regression_fit(
-                model, X.to_numpy(), y.to_numpy(), xlabel=X.columns[0], ylabel=target
-            )
-            fig.savefig(out / "fit.png", dpi=120)
     else:
         report = (
             f"MoEClassifier: K = {model.n_experts}, classes {list(model.classes_)}, "
@@ -401,9 +416,16 @@ def cmd_fit(args) -> int:
     (out / "report.txt").write_text(report + "\n")
     from moekit.report import html_report
 
+    figures: dict[str, bytes] = {}
     page = html_report(model, X, y, X_test=X_test, y_test=y_test, table=table,
-                       target=target, source=str(args.data), summary=summary)  # fmt: skip
+                       target=target, source=str(args.data), summary=summary,
+                       figures=figures)  # fmt: skip
     (out / "report.html").write_text(page, encoding="utf-8")
+    # the report's figures that stand on their own as files, drawn once
+    if task == "regression" and X.shape[1] == 1:
+        (out / "fit.png").write_bytes(figures["fit"])
+    if table is not None:
+        (out / "bic.png").write_bytes(figures["criterion"])
     print(report)
     print(f"\nWrote {out / 'model.moe'} and {out / 'report.html'}")
     return 0

@@ -41,11 +41,16 @@ pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; }
 """
 
 
-def _png(fig) -> str:
-    """The figure as an <img> with its PNG inline (a data URI); the figure is closed."""
+def _png(fig, key: str | None = None, figures: dict | None = None) -> str:
+    """The figure as an <img> with its PNG inline (a data URI); the figure is closed.
+
+    With ``figures``, the PNG's bytes are also kept there under ``key``.
+    """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     _pyplot().close(fig)
+    if figures is not None and key is not None:
+        figures[key] = buf.getvalue()
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img alt="figure" src="data:image/png;base64,{data}">'
 
@@ -68,7 +73,7 @@ def _named(model, A: np.ndarray):
         return A
     import pandas as pd
 
-    return pd.DataFrame(A, columns=names)
+    return pd.DataFrame(A, columns=names, copy=False)  # a view: the report reads it
 
 
 def _feature_names(model, X) -> list[str]:
@@ -212,6 +217,7 @@ def html_report(
     target: str = "y",
     source: str = "",
     summary=None,
+    figures: dict | None = None,
 ) -> str:
     """The report of a fitted ``MoERegressor`` (or ``MoEClassifier``) as HTML.
 
@@ -229,6 +235,9 @@ def html_report(
         The criterion's name, the target's name, where the data came from.
     summary : Summary, optional
         ``model.summary(X, y)`` when already computed (it is the costly part).
+    figures : dict, optional
+        Filled with each figure's PNG bytes under its section's key ("fit", "gate",
+        "convergence", ...), for a caller that also writes them to files.
 
     Returns
     -------
@@ -239,7 +248,7 @@ def html_report(
     parts = [f"<h1>{html.escape(kind)}: {html.escape(target)}</h1>"]
     parts += report_sections(model, X, y, X_test=X_test, y_test=y_test, table=table,
                              criterion=criterion, target=target, source=source,
-                             summary=summary)  # fmt: skip
+                             summary=summary, figures=figures)  # fmt: skip
     return _page(kind, parts)
 
 
@@ -261,6 +270,7 @@ def report_sections(
     prefix: str = "",
     level: int = 2,
     summary=None,
+    figures: dict | None = None,
 ) -> list[str]:
     """The sections of :func:`html_report`, as HTML fragments.
 
@@ -306,10 +316,10 @@ def report_sections(
         parts += [h("formula", "The model"),
                   f"<pre>{html.escape(_formula(model, names, target))}</pre>"]  # fmt: skip
         parts += [h("fit", "The data and each expert's fit"),
-                  _png(_fit_figure(model, Xs, ys, names, target))]  # fmt: skip
+                  _png(_fit_figure(model, Xs, ys, names, target), "fit", figures)]  # fmt: skip
     gate_fig = _gate_figure(model, Xs, names)
     parts.append(h("gate", "Where the gate sends each input"))
-    parts.append(_png(gate_fig) if gate_fig is not None else
+    parts.append(_png(gate_fig, "gate", figures) if gate_fig is not None else
                  '<p class="note">The gate sees fewer than two features (or is constant): '
                  "its weights are in the figure and the formula above.</p>")  # fmt: skip
     if regression:
@@ -322,19 +332,19 @@ def report_sections(
         pred = model.predict(_named(model, Xh))
         acc = float(np.mean(pred == yh))
         parts += [h("coverage", f"Accuracy on {where}"), _table([["accuracy", acc]], ["", ""]),
-                  _png(_confusion_figure(model.classes_, yh, pred)),
+                  _png(_confusion_figure(model.classes_, yh, pred), "confusion", figures),
                   h("division", "Which expert takes which class"),
-                  _png(_class_expert_figure(model, Xh, yh))]  # fmt: skip
+                  _png(_class_expert_figure(model, Xh, yh), "division", figures)]  # fmt: skip
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     hist = np.asarray(model.log_likelihood_history_)
     ax.plot(np.arange(len(hist)), hist, marker=".")
     ax.set_xlabel("EM iteration (final run)")
     ax.set_ylabel("objective per row")
-    parts += [h("convergence", "How EM climbed"), _png(fig)]
+    parts += [h("convergence", "How EM climbed"), _png(fig, "convergence", figures)]
     if table is not None:
         parts += [h("criterion", f"{criterion.upper()} against K"),
-                  _png(plot_criterion(table, criterion))]  # fmt: skip
+                  _png(plot_criterion(table, criterion), "criterion", figures)]  # fmt: skip
     parts.append(h("coefficients", "Coefficients"))
     n_params = int(model.n_parameters()) if hasattr(model, "n_parameters") else 0
     if n_params > MAX_TABLE_PARAMETERS:
@@ -354,7 +364,7 @@ def report_sections(
     ax.set_xlabel("expert")
     ax.set_ylabel("rows (sum of responsibilities)")
     shares = [[k, float(s), float(s / sizes.sum())] for k, s in enumerate(sizes)]
-    parts += [h("sizes", "How much data each expert handles"), _png(fig),
+    parts += [h("sizes", "How much data each expert handles"), _png(fig, "sizes", figures),
               _table(shares, ["expert", "rows", "share"])]  # fmt: skip
     return parts
 

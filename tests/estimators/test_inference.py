@@ -154,7 +154,7 @@ def test_information_summed_over_chunks_equals_one_pass(monkeypatch):
     X, y, _ = make_moe_regression(3000, n_features=2, n_experts=2, random_state=5)
     m = MoERegressor(2, random_state=0).fit(X, y)
     whole = m.summary().table["std_error"].to_numpy()
-    monkeypatch.setattr(inference, "HESSIAN_BUDGET", 64 * 20)  # chunks of 64 rows
+    monkeypatch.setattr(inference, "HESSIAN_BUDGET", 64 * 2 * 3)  # chunks of 64 rows (K = 2, p = 3)
     assert ReportedLikelihood(m, X, y).chunk_rows() == 64
     np.testing.assert_allclose(m.summary().table["std_error"], whole, rtol=1e-10)
 
@@ -249,3 +249,27 @@ def test_standard_errors_agree_with_flexmix_refit(tmp_path):
     for rname, ours_name in (("(Intercept)", "intercept"), ("x1", "x1"), ("x2", "x2")):
         ours_se = table.loc[(gate_block, ours_name), "std_error"]
         assert ours_se == pytest.approx(r[f"se_gate_2_{rname}"], rel=0.05), rname
+
+
+def test_summary_of_a_frame_fit_takes_no_compiler_and_warns_nothing():
+    """summary() after a fit on a frame: no feature-name warning from its own rows, and
+    the Hessian by plain autograd (the compiler stack costs a second and tens of MB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "import pandas as pd\n"
+        "from moekit import MoERegressor\n"
+        "from moekit.datasets import make_moe_regression\n"
+        "X, y, _ = make_moe_regression(400, n_features=2, n_experts=2, random_state=1)\n"
+        "frame = pd.DataFrame(X, columns=['a', 'b'])\n"
+        "m = MoERegressor(2, n_init=2, random_state=0).fit(frame, y)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error')\n"
+        "    s = m.summary()\n"
+        "assert s.table['std_error'].notna().all()\n"
+        "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -203,3 +203,20 @@ def test_gradient_fitting_asks_the_family_so_student_t_experts_join():
     grad = MoERegressor(2, expert="student_t", fit_method="gradient", random_state=0,
                         n_init=3, max_iter=500).fit(X, y)  # fmt: skip
     assert grad.log_likelihood(X, y) == pytest.approx(em.log_likelihood(X, y), abs=2e-3)
+
+
+def test_a_read_only_frame_view_is_fitted_without_a_copy(monkeypatch):
+    """A frame over a float64 block (pandas hands out read-only views of it) is read in
+    place: the designs are built from the block itself, not from a writable copy."""
+    from moekit.estimators import _base
+
+    seen = []
+    build = _base._designs
+    monkeypatch.setattr(_base, "_designs", lambda Xt, state: seen.append(Xt) or build(Xt, state))
+    X, y, _ = make_moe_regression(600, n_features=3, n_experts=2, random_state=0)
+    block = np.ascontiguousarray(X)
+    frame = pd.DataFrame(block, columns=["a", "b", "c"], copy=False).iloc[100:]
+    m = MoERegressor(2, n_init=2, random_state=0).fit(frame, y[100:])
+    assert seen and all(np.shares_memory(Xt.numpy(), block) for Xt in seen)
+    ref = MoERegressor(2, n_init=2, random_state=0).fit(X[100:].copy(), y[100:])
+    np.testing.assert_allclose(m.predict(frame), ref.predict(X[100:]), rtol=1e-12)

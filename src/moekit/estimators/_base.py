@@ -284,7 +284,7 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
             if comm is not None:
                 coding = self._reduce_coding(y, coding, comm, n)
             state.update(coding)
-            Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE)
+            Xt = _shared_tensor(X)
             mean, scale = _moments(Xt, comm, n)
             state["_x_mean"] = mean
             state["_x_scale"] = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -295,7 +295,7 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
         device = resolve_device(self.device)
         state["_x_mean"] = state["_x_mean"].to(device)
         state["_x_scale"] = state["_x_scale"].to(device)
-        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE, device=device)
+        Xt = _shared_tensor(X, device)
         XeT, XgT = _designs(Xt, state)
         data = EMData(XeT, XgT, self._encode_target(y, device, state), comm=comm,
                       n_global=None if comm is None else n)  # fmt: skip
@@ -489,12 +489,27 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
                     "or loading a model file, nor by a data-parallel fit (distributed=True), "
                     "whose standard errors summary(X, y) computes on the rows it is given."
                 )
-            X, y = self._summary_data
+            X, y = self._held_rows()
         if information_rows is not None and (
             not isinstance(information_rows, int) or information_rows < 1
         ):
             raise ValueError(f"information_rows must be a positive int; got {information_rows!r}")
         return observed_information_summary(self, X, y, gate_reference, information_rows)
+
+    def _held_rows(self):
+        """The rows the model was fitted on, as the fit validated them, under their names.
+
+        The fit keeps a reference to its validated X (no copy); a frame's column names
+        are given back (again without a copy) so that its own checks see the frame
+        it was fitted on.
+        """
+        X, y = self._summary_data
+        names = getattr(self, "feature_names_in_", None)
+        if names is not None and not hasattr(X, "columns"):
+            import pandas as pd
+
+            X = pd.DataFrame(X, columns=names, copy=False)
+        return X, y
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -518,8 +533,7 @@ class BaseMoE(EditingMixin, ModelFileMixin, BaseEstimator):
     def _designs(self, X) -> tuple[torch.Tensor, torch.Tensor]:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        Xt = torch.as_tensor(np.require(X, requirements="W"), dtype=EM_DTYPE,
-                             device=self._x_mean.device)  # fmt: skip
+        Xt = _shared_tensor(X, self._x_mean.device)
         return _designs(Xt, vars(self))
 
     def _em_data(self, X, y) -> EMData:
@@ -637,6 +651,17 @@ def _moments(Xt: torch.Tensor, comm: DataGroup | None, n: int):
     Xt = Xt.to(comm.device)
     mean = comm.sum(Xt.sum(0)) / n
     return mean.cpu(), torch.sqrt(comm.sum(((Xt - mean) ** 2).sum(0)) / n).cpu()
+
+
+def _shared_tensor(X: np.ndarray, device=None) -> torch.Tensor:
+    """X as an EM_DTYPE tensor that shares X's memory where it can, read-only or not.
+
+    A pandas frame's values are a read-only view (copy-on-write), and the designs only
+    read X: copying it to make it writable would add the whole data to a fit's peak.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.as_tensor(X, dtype=EM_DTYPE, device=device)
 
 
 def _designs(Xt: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:

@@ -196,7 +196,7 @@ class EditingMixin:
                     "remove_expert: pass X and y to refit on; this model no longer holds "
                     "the data it was fitted on (it was loaded from a file)."
                 )
-            X, y = held
+            X, y = self._held_rows()
         model, _ = self._edit_model(None, None, "remove_expert")
         keep = torch.tensor([j for j in range(K) if j != k])
         gate = model.gate.select(self._params.gate, keep)

@@ -14,7 +14,7 @@ summary says so.
 
 Each family states its reporting parametrisation in its own module (``report``,
 in the data's units) and maps it back to its log-density (``from_report``), so the
-Hessian is taken by torch autograd (``torch.func.hessian``) directly in the reported
+Hessian is taken by torch autograd (reverse over reverse) directly in the reported
 coordinates, summed over chunks of rows:
 
 * expert k: intercept and slopes (per output), then its noise scale ``sigma`` (and
@@ -94,8 +94,8 @@ def _stars(p: float) -> str:
 
 
 HESSIAN_BUDGET = 2**24
-"""Rows per chunk of the observed information are chosen so that one chunk's forward-
-over-reverse Hessian holds about this many numbers (P tangents x rows x experts)."""
+"""Rows per chunk of the observed information are chosen so that one chunk's autograd
+graph holds about this many numbers per tensor of the graph (rows x experts x width)."""
 
 
 class ReportedLikelihood:
@@ -150,9 +150,9 @@ class ReportedLikelihood:
         return torch.logsumexp(logp, 0).sum() + self._jacobian * y.shape[-1]
 
     def chunk_rows(self) -> int:
-        """Rows per chunk, so that one chunk's Hessian holds about HESSIAN_BUDGET numbers."""
-        P, width = self.theta.numel(), max(self.data.XeT.shape[0], self.data.XgT.shape[0])
-        return max(64, HESSIAN_BUDGET // max(P * self.K * width, 1))
+        """Rows per chunk, so that one chunk's autograd graph holds about HESSIAN_BUDGET numbers."""
+        width = max(self.data.XeT.shape[0], self.data.XgT.shape[0])
+        return max(64, HESSIAN_BUDGET // max(self.K * width, 1))
 
     def loglik(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Total log-likelihood in the data's units at ``theta`` (default: the fit)."""
@@ -164,11 +164,24 @@ class ReportedLikelihood:
 
     def hessian(self) -> torch.Tensor:
         """Hessian (P, P) of the total log-likelihood at the fit, summed over row chunks."""
-        hess = self.theta.new_zeros((self.theta.numel(),) * 2)
+        P = self.theta.numel()
+        hess = self.theta.new_zeros((P, P))
+        # reverse over reverse, one second backward pass per parameter (P is small):
+        # neither a forward-mode transform nor a tensor of output gradients, whose first
+        # use imports the compiler stack, seconds and tens of MB for a summary that
+        # takes milliseconds
         for chunk in self.data.chunks(self.chunk_rows()):
-            hess += torch.func.hessian(self._chunk_loglik)(
-                self.theta, chunk.XeT, chunk.XgT, chunk.y
-            )
+            theta = self.theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
+                (grad,) = torch.autograd.grad(value, theta, create_graph=True)
+                for i in range(P):
+                    if not grad[i].requires_grad:  # constant in theta: its row is zero
+                        continue
+                    (row,) = torch.autograd.grad(
+                        grad[i], theta, retain_graph=True, allow_unused=True,
+                        materialize_grads=True)  # fmt: skip
+                    hess[i] += row
         return (hess + hess.T) / 2
 
 
