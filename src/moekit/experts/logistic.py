@@ -99,20 +99,43 @@ def _unpack(grams: torch.Tensor, p: int) -> torch.Tensor:
     return unpack_grams(grams, p)[0]  # (J, p, p)
 
 
-def _solve_pd(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """A^{-1} rhs by Cholesky; the minimum-norm solution where some A is singular."""
+def _cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cholesky factors of a batch, and a mask of the matrices that have none (or None).
+
+    The failed factors are replaced by the identity, so that solving with the whole
+    batch stays finite (and cannot raise) before those matrices are solved apart.
+    """
     L, info = torch.linalg.cholesky_ex(A)
-    if bool(info.any()):  # an expert or class without weight: not determined
-        return solve_psd(A, rhs)
-    return torch.cholesky_solve(rhs, L)
+    bad = info != 0
+    if not bool(bad.any()):
+        return L, None
+    L[bad] = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return L, bad
+
+
+def _solve_pd(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """A^{-1} rhs by Cholesky; the minimum-norm solution where some A is singular.
+
+    Only the singular matrices of the batch take the (eigendecomposition's)
+    pseudo-inverse: on digits (K C = 30 blocks of 65 x 65) a class that an expert
+    never sees leaves its block singular along the intercept in most M-steps, and
+    decomposing all 30 blocks then was a quarter of a fit's time.
+    """
+    L, bad = _cholesky(A)
+    out = torch.cholesky_solve(rhs, L)
+    if bad is not None:  # an expert or class without weight: not determined
+        out[bad] = solve_psd(A[bad], rhs[bad])
+    return out
 
 
 def _inverse_pd(A: torch.Tensor) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(A)
-    if bool(info.any()):
+    """A^{-1} by Cholesky; the pseudo-inverse for the singular matrices of the batch."""
+    L, bad = _cholesky(A)
+    out = torch.cholesky_inverse(L)
+    if bad is not None:
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        return solve_psd(A, eye.expand_as(A))  # the pseudo-inverse
-    return torch.cholesky_inverse(L)
+        out[bad] = solve_psd(A[bad], eye.expand(int(bad.sum()), -1, -1))
+    return out
 
 
 def centred_block_step(g: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
