@@ -108,3 +108,27 @@ def test_one_chunk_keeps_its_products_and_gives_the_same_grams(monkeypatch):
     # few weights on products that leave the cache: one product per weight
     monkeypatch.setattr(data_mod, "CACHED_PRODUCTS_BYTES", 0)
     assert chunk.weighted_grams(w[:3], "e").shape == (3, p, p)
+
+
+@pytest.mark.parametrize("case", ["packed", "kept", "per weight"])
+def test_curvature_grams_are_the_weighted_grams_to_float32_rounding(monkeypatch, case):
+    n, p = 600, 40
+    if case == "packed":
+        monkeypatch.setattr(data_mod, "PACKED_MAX_P", PACKED)
+    if case == "per weight":
+        monkeypatch.setattr(data_mod, "KEPT_PRODUCTS_BYTES", 0)
+    data = _data(n, p, 1)
+    w = torch.rand(20, n, dtype=torch.float64)
+    want = torch.einsum("tn,na,nb->tab", w, data.XeT.T, data.XeT.T)
+    for _ in range(2):  # the kept float32 products serve the second pass too
+        (chunk,) = data.chunks()
+        got = chunk.curvature_grams(w, "e")
+        assert got.dtype == torch.float64
+        assert got.shape == chunk.weighted_grams(w, "e").shape
+        gram = unpack_grams(got, p)[0]
+        if case == "packed":  # narrow designs keep float64
+            torch.testing.assert_close(gram, want, rtol=1e-12, atol=1e-12)
+        else:
+            torch.testing.assert_close(gram, want, rtol=1e-5, atol=1e-4)
+            assert not torch.equal(gram, want)  # float32 products, not a float64 fallback
+    assert ("prod:e:float32" in data._work) == (case == "kept")

@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from moekit import MoEClassifier
 from moekit._core.data import EMData
+from moekit._core.linalg import solve_psd
 from moekit.estimators import classifier
 from moekit.experts import logistic
 from moekit.experts.logistic import LogisticExperts, LogisticParams
@@ -169,6 +170,22 @@ def test_an_expert_without_weight_is_kept():
         new = _step(_fam(solver, 2, 3, data), coef, data, resp)
         assert torch.isfinite(new).all()
         torch.testing.assert_close(new[1], coef[1])
+
+
+def test_solves_with_singular_blocks_take_the_pseudo_inverse_of_those_alone():
+    # a class an expert never sees leaves its block singular along the intercept:
+    # that block gets the minimum-norm answer, the others their Cholesky solve
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64)
+    A = B @ B.transpose(-1, -2) + 0.1 * torch.eye(5, dtype=torch.float64)
+    A[1, 0, -1, :] = 0.0
+    A[1, 0, :, -1] = 0.0  # singular along the last coordinate
+    A[2, 1] = 0.0  # no weight at all
+    rhs = torch.randn(3, 2, 5, 1, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(logistic._solve_pd(A, rhs), solve_psd(A, rhs))
+    eye = torch.eye(5, dtype=torch.float64).expand_as(A)
+    torch.testing.assert_close(logistic._inverse_pd(A), solve_psd(A, eye))
+    assert torch.isfinite(logistic._inverse_pd(A)).all()
 
 
 def test_auto_takes_newton_for_few_parameters_and_diagonal_otherwise():

@@ -332,6 +332,52 @@ class Chunk:
             torch.mm(zw, z.T, out=out[t])
         return out
 
+    def curvature_grams(self, weights: torch.Tensor, which: str = "e") -> torch.Tensor:
+        """:meth:`weighted_grams` (without target) formed in float32 where the design is wide.
+
+        For a curvature that only shapes a Newton-type step: the gradient and the
+        objective stay in the data's precision, so the step's fixed point (gradient
+        zero) and the loop's monotone check are as exact as before, and a relative
+        rounding of 1e-7 in the curvature changes the step by as little. At
+        digits' size (1,437 rows, 65 columns, 30 weights, kept products) the one
+        matrix product took 9 ms against 26 ms in float64 on one thread. Narrow
+        designs (p <= ``PACKED_MAX_P``) and data already in float32 take
+        :meth:`weighted_grams` as it is: their products are cheap.
+
+        Parameters
+        ----------
+        weights : Tensor of shape (T, c)
+        which : {'e', 'g'}
+
+        Returns
+        -------
+        Tensor
+            As :meth:`weighted_grams` returns it (layout and the data's dtype).
+        """
+        gate_only = which == "g" and not self.data.shared_design
+        xt = self.XgT if gate_only else self.XeT
+        p = xt.shape[0]
+        low = torch.float32
+        if packed(p) or xt.dtype == low:
+            return self.weighted_grams(weights, which)
+        if self._keeps_products(p, False, weights.shape[0]):
+            prods = self.products(which)  # (f, c), built once per fit
+            key = ("prod:g" if gate_only else "prod:e") + ":float32"
+            tag = (self.start, self.stop, prods.shape[0])
+            low_prods = self.data._work.get(key)
+            if low_prods is None or self.data._filled.get(key) != tag:
+                low_prods = prods.to(low)  # kept beside the float64 products, half their size
+                self.data._work[key], self.data._filled[key] = low_prods, tag
+            return (weights.to(low) @ low_prods.T).T.to(xt.dtype)  # (f, T)
+        z = xt.to(low)  # (p, c)
+        w = weights.to(low)
+        zw = torch.empty_like(z)
+        out = z.new_empty((w.shape[0], p, p))
+        for t in range(w.shape[0]):
+            torch.mul(z, w[t : t + 1], out=zw)
+            torch.mm(zw, z.T, out=out[t])
+        return out.to(xt.dtype)
+
 
 def unpack_grams(
     stats: torch.Tensor, p: int, m: int = 0

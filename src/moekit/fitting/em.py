@@ -210,13 +210,14 @@ def run_em(
     nested_fits = {} if _nested_fits is None else _nested_fits
 
     def fit_nested(small: EMModel, d: EMData, n: int) -> Params:
-        # a starting point, not an answer: its best starts get one more short run, and
-        # this model's own short run and final run take it the rest of the way.
+        # a starting point, not an answer: its starts get their short runs only (the
+        # best of them is the start), and this model's own short run and final run
+        # take it the rest of the way.
         # Different routes reach the same simpler model (K = 3 softmax contains K = 2
         # constant through K = 2 softmax and through K = 3 constant): it is fitted once
         key = (_family_key(small.expert), _family_key(small.gate), n, id(d))
         if key not in nested_fits:
-            budget = max(min(max_iter, 2 * init_max_iter), 1)
+            budget = max(min(max_iter, init_max_iter), 1)
             nested_fits[key] = run_em(
                 small, d, init="auto", n_init=n, max_iter=budget, tol=tol,
                 init_max_iter=init_max_iter, init_sample_size=None, generator=generator,
