@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moekit._core.engine import EM_DTYPE, to_numpy
+from moekit._core.engine import EM_DTYPE, em_threads, to_numpy
 from moekit._core.reporting import Scaling
 
 
@@ -166,23 +166,30 @@ class ReportedLikelihood:
         """Hessian (P, P) of the total log-likelihood at the fit, summed over row chunks."""
         P = self.theta.numel()
         hess = self.theta.new_zeros((P, P))
-        # reverse over reverse, one second backward pass per parameter (P is small):
-        # neither a forward-mode transform nor a tensor of output gradients, whose first
-        # use imports the compiler stack, seconds and tens of MB for a summary that
-        # takes milliseconds
-        for chunk in self.data.chunks(self.chunk_rows()):
-            theta = self.theta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                value = self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
-                (grad,) = torch.autograd.grad(value, theta, create_graph=True)
-                for i in range(P):
-                    if not grad[i].requires_grad:  # constant in theta: its row is zero
-                        continue
-                    (row,) = torch.autograd.grad(
-                        grad[i], theta, retain_graph=True, allow_unused=True,
-                        materialize_grads=True)  # fmt: skip
-                    hess[i] += row
+        # its passes are as small as EM's, and run on as many threads (see em_threads)
+        with em_threads(self.data):
+            for chunk in self.data.chunks(self.chunk_rows()):
+                self._add_chunk_hessian(hess, chunk)
         return (hess + hess.T) / 2
+
+    def _add_chunk_hessian(self, hess: torch.Tensor, chunk) -> None:
+        """Add the chunk's Hessian to ``hess``: reverse over reverse, one row at a time.
+
+        P second backward passes (P is small), not a forward-mode transform nor a batch
+        of output gradients: the first use of either imports torch's compiler stack,
+        over a second and tens of MB for a summary that otherwise takes milliseconds.
+        """
+        P = hess.shape[0]
+        theta = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
+            (grad,) = torch.autograd.grad(value, theta, create_graph=True)
+            for i in range(P):
+                if not grad[i].requires_grad:  # constant in theta: its row is zero
+                    continue
+                (row,) = torch.autograd.grad(grad[i], theta, retain_graph=True,
+                                             allow_unused=True, materialize_grads=True)  # fmt: skip
+                hess[i] += row
 
 
 def observed_information_summary(
