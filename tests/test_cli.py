@@ -236,6 +236,10 @@ def _table(n=60, seed=0):
         (lambda t: t.head(5), ["--target", "y", "--experts", "3"], 1, "too few for 3 experts"),
         (lambda t: t.assign(y=[f"w{i}" for i in range(len(t))]), ["--target", "y"], 1,
          "60 distinct values"),
+        (lambda t: t.assign(z=t.z.where(t.index != 4)), ["--target", "y"], 1,
+         "the feature 'z' is missing in row 5"),
+        (lambda t: t.assign(x=t.x.where(t.index != 9, np.inf)), ["--target", "y"], 1,
+         "the feature 'x' holds inf in row 10"),
     ],
 )  # fmt: skip
 def test_errors_a_person_meets_are_one_line_with_their_status(

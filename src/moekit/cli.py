@@ -321,6 +321,12 @@ def _split_rows(X, y, n_test: int, seed: int | None):
     block = np.empty((n, X.shape[1]))
     for j, col in enumerate(X.columns):
         values = X[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            what = "is missing" if np.isnan(values[row]) else f"holds {values[row]}"
+            raise DataError(f"moekit: the feature {str(col)!r} {what} in row {row + 1}; "
+                            "fill the cell or drop the row.")  # fmt: skip
         block[:, j] = values if order is None else values[order]
     frame = pd.DataFrame(block, columns=X.columns, copy=False)
     if order is not None:
