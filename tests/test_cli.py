@@ -458,3 +458,14 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", *args]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "did you mean 'y'" in err
+
+
+def test_predict_names_a_missing_feature_cell(tmp_path, capsys):
+    assert _fit_cli(tmp_path, _table(), "--target", "y", "--experts", "2") == 0
+    new = _table(seed=1).drop(columns="y")
+    new.loc[3, "z"] = np.nan
+    new.to_csv(tmp_path / "new.csv", index=False)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "out" / "model.moe"), str(tmp_path / "new.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moekit: the feature 'z' is missing in row 4; fill the cell or drop the row."]

@@ -305,6 +305,21 @@ def _formula_design(args, frame):
     return X, y, formula.response, experts, gates, gate, unused, formula
 
 
+def _finite_feature(X, col):
+    """Column ``col`` of the frame X as float64; a missing or infinite cell is a data
+    error naming the column and its row (the estimator's own message is a paragraph)."""
+    import numpy as np
+
+    values = X[col].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        what = "is missing" if np.isnan(values[row]) else f"holds {values[row]}"
+        raise DataError(f"moekit: the feature {str(col)!r} {what} in row {row + 1}; fill "
+                        "the cell or drop the row.")  # fmt: skip
+    return values
+
+
 def _split_rows(X, y, n_test: int, seed: int | None):
     """(X, y, X_test, y_test): ``n_test`` random rows held out, None where none are.
 
@@ -320,13 +335,7 @@ def _split_rows(X, y, n_test: int, seed: int | None):
     order = np.random.default_rng(seed).permutation(n) if n_test else None
     block = np.empty((n, X.shape[1]))
     for j, col in enumerate(X.columns):
-        values = X[col].to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            what = "is missing" if np.isnan(values[row]) else f"holds {values[row]}"
-            raise DataError(f"moekit: the feature {str(col)!r} {what} in row {row + 1}; "
-                            "fill the cell or drop the row.")  # fmt: skip
+        values = _finite_feature(X, col)
         block[:, j] = values if order is None else values[order]
     frame = pd.DataFrame(block, columns=X.columns, copy=False)
     if order is not None:
@@ -461,7 +470,11 @@ def cmd_predict(args) -> int:
             raise DataError(f"moekit: {args.data} lacks the model's columns {missing}")
         X = frame[list(names)]
     else:
-        X = frame.select_dtypes("number").to_numpy()
+        X = frame.select_dtypes("number")
+    for col in X.columns:
+        _finite_feature(X, col)
+    if names is None and formula is None:
+        X = X.to_numpy()
     result = pd.DataFrame(index=frame.index)
     if hasattr(model, "predict_proba"):
         result["prediction"] = model.predict(X)
