@@ -11,10 +11,10 @@ from moekit.cli import main
 from moekit.datasets import make_moe_regression
 
 
-def test_demo_writes_its_report(tmp_path, capsys, recwarn):
+def test_demo_writes_its_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--n-init", "2"]) == 0
-    assert not [w for w in recwarn if "feature names" in str(w.message)]
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "feature names" not in err
     assert "BIC picks K =" in out and "std_error" in out and "gate: expert 1 vs 0" in out
     for name in ("mcycle_fit.png", "mcycle_bic.png", "mcycle.moe", "mcycle_bic.csv"):
         assert (tmp_path / name).stat().st_size > 0
@@ -469,3 +469,13 @@ def test_predict_names_a_missing_feature_cell(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "out" / "model.moe"), str(tmp_path / "new.csv")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["moekit: the feature 'z' is missing in row 4; fill the cell or drop the row."]
+
+
+def test_a_warning_is_one_line(tmp_path, capsys):
+    # six experts for one line on 40 rows: some collapse, and the command says so
+    t = _table(40)
+    assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "6") == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    warned = [ln for ln in err if "warning" in ln.lower()]
+    assert warned and all(ln.startswith("moekit: warning: ") for ln in warned)
+    assert not [ln for ln in err if ".py:" in ln], err

@@ -788,7 +788,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moekit`` command."""
+    import warnings
+
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        if not args.debug:  # a warning is one line too, without moekit's source line
+            warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"moekit: warning: {message}", file=sys.stderr)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except (DataError, UsageError, ValueError, FileNotFoundError):
