@@ -211,8 +211,10 @@ def test_a_read_only_frame_view_is_fitted_without_a_copy(monkeypatch):
     from moekit.estimators import _base
 
     seen = []
-    build = _base._designs
-    monkeypatch.setattr(_base, "_designs", lambda Xt, state: seen.append(Xt) or build(Xt, state))
+    build = _base.build_designs
+    monkeypatch.setattr(
+        _base, "build_designs", lambda Xt, state: seen.append(Xt) or build(Xt, state)
+    )
     X, y, _ = make_moe_regression(600, n_features=3, n_experts=2, random_state=0)
     block = np.ascontiguousarray(X)
     frame = pd.DataFrame(block, columns=["a", "b", "c"], copy=False).iloc[100:]

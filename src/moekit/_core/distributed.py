@@ -23,6 +23,7 @@ exchanges.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -278,3 +279,50 @@ class DataGroup:
                     lambda: dist.all_gather_object(out, obj, group=self.group),
                     self.group)  # fmt: skip
         return out
+
+    # ------------------------------------------------- a data-parallel fit's set-up
+    def shared_seed(self, random_state: Any) -> int:
+        """One seed for every process: process 0's draw from its ``random_state``.
+
+        An int is used as it is; a RandomState, a Generator or None draws one. Every
+        process then makes the same random choices (starts, subsets).
+        """
+        from moekit._core.engine import torch_generator
+
+        if not isinstance(random_state, numbers.Integral) or isinstance(random_state, bool):
+            gen = torch_generator(random_state)
+            random_state = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        return self.broadcast_int(int(random_state))
+
+    def total_rows(self, n_local: int, shape: tuple, n_min: int, what: str = "n_experts") -> int:
+        """The number of rows of all the shards, once they agree on their shapes.
+
+        ``shape`` is what must be the same on every process (features, target
+        columns); ``n_min`` is the fewest rows the fit needs over all the shards,
+        named ``what`` in the error. Call :meth:`agree` on the shards' validation
+        first: a shard that failed may have no shape to compare.
+        """
+        shapes = self.gather_objects(shape)
+        if len(set(shapes)) > 1:
+            raise ValueError(
+                "distributed=True: the processes' shards differ in shape (features, "
+                f"target columns per process: {shapes}); every shard needs the same columns."
+            )
+        counts = self.row_counts(n_local)
+        n = sum(counts)
+        if n < n_min:
+            raise ValueError(
+                f"Expected n_samples >= {what} but got {what} = {n_min}, "
+                f"n_samples = {n} over {len(counts)} processes."
+            )
+        return n
+
+    def moments(self, Xt: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column means and standard deviations (n in the denominator) of all the rows.
+
+        Two all-reduces, the sums and then the centred sums of squares, which round
+        as one process's two-pass formula does.
+        """
+        Xt = Xt.to(self.device)
+        mean = self.sum(Xt.sum(0)) / n
+        return mean.cpu(), torch.sqrt(self.sum(((Xt - mean) ** 2).sum(0)) / n).cpu()

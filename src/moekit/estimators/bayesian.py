@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from moekit._core.data import EMData
 from moekit._core.engine import to_numpy
 from moekit._core.validation import Interval, Options
+from moekit.estimators._base import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators.regressor import MoERegressor
 from moekit.experts.bayesian_gaussian import (
     NOISE_KINDS,
@@ -184,58 +185,22 @@ gate_options
     }
     _order_by_mean = False  # by size: surplus experts last
 
-    def __init__(
-        self,
-        n_experts: int = 3,
-        *,
-        gate="softmax",
-        prior: str = "ard",
-        noise: str = "shared",
-        prior_mean: str = "zero",
-        dirichlet_concentration: float | None = None,
-        effective_threshold: float = 0.01,
-        init: str = "auto",
-        n_init: int = 10,
-        max_iter: int = 500,
-        tol: float = 1e-6,
-        init_max_iter: int = 30,
-        init_sample_size: int | None = 20_000,
-        reg_var: float = 1e-6,
-        gate_alpha: float = 1.0,
-        warm_start: bool = False,
-        random_state=None,
-        verbose: int = 0,
-        verbose_interval: int = 10,
-        device: str = "cpu",
-        expert_features=None,
-        gate_features=None,
-        gate_options: dict | None = None,
-        distributed: bool = False,
-    ) -> None:
-        self.n_experts = n_experts
-        self.gate = gate
-        self.prior = prior
-        self.noise = noise
-        self.prior_mean = prior_mean
-        self.dirichlet_concentration = dirichlet_concentration
-        self.effective_threshold = effective_threshold
-        self.init = init
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.init_max_iter = init_max_iter
-        self.init_sample_size = init_sample_size
-        self.reg_var = reg_var
-        self.gate_alpha = gate_alpha
-        self.warm_start = warm_start
-        self.random_state = random_state
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.expert_features = expert_features
-        self.gate_features = gate_features
-        self.gate_options = gate_options
-        self.distributed = distributed
+    _defaults: ClassVar[dict] = {
+        "n_experts": 3,
+        "gate": "softmax",
+        "prior": "ard",
+        "noise": "shared",
+        "prior_mean": "zero",
+        "dirichlet_concentration": None,
+        "effective_threshold": 0.01,
+        **EM_DEFAULTS,
+        "max_iter": 500,
+        "reg_var": 1e-6,
+        "gate_alpha": 1.0,
+        **RUN_DEFAULTS,
+        "gate_options": None,
+        "distributed": False,
+    }
 
     # ------------------------------------------------------------------ families
     def _expert_class(self):
@@ -270,16 +235,15 @@ gate_options
             )
         return super().freeze_experts(experts)
 
-    def _fitted_state(self, model, result, prepared, coding, frozen=()):
-        state = super()._fitted_state(model, result, prepared, coding, frozen)
+    def _fitted_state(self, model, result, prepared, frozen=()):
+        state = super()._fitted_state(model, result, prepared, frozen)
         # log_likelihood_: the posterior predictive density of the training rows, not
         # the E-step's expected log-density the ELBO is built from
         data = prepared.data
         joint = predictive_log_joint(model.expert, model.gate, state["_params"], data)
         total = data.reduce(torch.logsumexp(joint, 0).sum())  # over every process's rows
-        state["log_likelihood_"] = float(total) / data.n_total + float(
-            self._target_log_jacobian(coding)
-        )
+        jac = self._target().log_jacobian(prepared.state)
+        state["log_likelihood_"] = float(total) / data.n_total + jac
         return state
 
     # ------------------------------------------------------------------ queries

@@ -8,13 +8,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 from sklearn.base import ClassifierMixin
-from sklearn.preprocessing import LabelEncoder
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from moekit._core.engine import to_numpy
 from moekit._core.validation import HasMethods, Interval, Options
-from moekit.estimators._base import BaseMoE
+from moekit.estimators._base import EM_DEFAULTS, RUN_DEFAULTS, BaseMoE
+from moekit.estimators._targets import ClassTarget
 from moekit.experts.logistic import LogisticExperts
 from moekit.experts.wrapped import WrappedExperts
 from moekit.io import array_from_json, json_array, register_model
@@ -116,101 +115,24 @@ default='auto'
         "alpha": [None, Interval(numbers.Real, 0, None, closed="left")],
     }
 
-    def __init__(
-        self,
-        n_experts: int = 3,
-        *,
-        gate="softmax",
-        expert="logistic",
-        init: str = "auto",
-        n_init: int = 10,
-        max_iter: int = 200,
-        tol: float = 1e-6,
-        init_max_iter: int = 30,
-        init_sample_size: int | None = 20_000,
-        alpha: float | None = None,
-        gate_alpha: float = 1.0,
-        gate_balance: float = 0.0,
-        warm_start: bool = False,
-        random_state=None,
-        verbose: int = 0,
-        verbose_interval: int = 10,
-        device: str = "cpu",
-        expert_features=None,
-        gate_features=None,
-        expert_options: dict | None = None,
-        gate_options: dict | None = None,
-        distributed: bool = False,
-    ) -> None:
-        self.n_experts = n_experts
-        self.gate = gate
-        self.expert = expert
-        self.init = init
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.init_max_iter = init_max_iter
-        self.init_sample_size = init_sample_size
-        self.alpha = alpha
-        self.gate_alpha = gate_alpha
-        self.gate_balance = gate_balance
-        self.warm_start = warm_start
-        self.random_state = random_state
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.expert_features = expert_features
-        self.gate_features = gate_features
-        self.expert_options = expert_options
-        self.gate_options = gate_options
-        self.distributed = distributed
+    _defaults: ClassVar[dict] = {
+        "n_experts": 3,
+        "gate": "softmax",
+        "expert": "logistic",
+        **EM_DEFAULTS,
+        "alpha": None,
+        "gate_alpha": 1.0,
+        "gate_balance": 0.0,
+        **RUN_DEFAULTS,
+        "expert_options": None,
+        "gate_options": None,
+        "distributed": False,
+    }
+    _target_coding = ClassTarget
 
-    # ------------------------------------------------------------------ target
-    _y_validation: ClassVar[dict] = {}
-    _coding_attrs = ("classes_",)
-
-    def _code_target(self, y):
-        check_classification_targets(y)
-        enc = LabelEncoder().fit(y)
-        if len(enc.classes_) < 2:
-            raise ValueError(
-                "MoEClassifier needs samples of at least 2 classes in the data, but the data "
-                f"contains only one class: {enc.classes_[0]!r}."
-            )
-        return y, {"classes_": enc.classes_}
-
-    def _code_shard(self, y):
-        # one shard may hold a single class: the check of two classes waits for all
-        check_classification_targets(y)
-        return y, {"classes_": np.unique(y)}
-
-    def _reduce_coding(self, y, coding, comm, n):
-        classes = np.unique(np.concatenate(comm.gather_objects(coding["classes_"])))
-        if len(classes) < 2:
-            raise ValueError(
-                "MoEClassifier needs samples of at least 2 classes in the data, but the data "
-                f"of every process contains only one class: {classes[0]!r}."
-            )
-        return {"classes_": classes}
-
-    def _check_target(self, y, coding) -> np.ndarray:
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.ndim != 1:
-            raise ValueError(f"y must be one-dimensional; got shape {y.shape}.")
-        return y
-
-    def _encode_target(self, y, device, coding) -> torch.Tensor:
-        y = self._check_target(y, coding)
-        classes = coding["classes_"]
-        codes = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
-        unknown = classes[codes] != y
-        if unknown.any():
-            raise ValueError(
-                f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}."
-            )
-        return torch.as_tensor(codes, dtype=torch.long, device=device)
+    # ------------------------------------------------------------------ families
+    def _expert_class(self):
+        return WrappedExperts if not isinstance(self.expert, str) else EXPERTS[self.expert]
 
     def _make_expert(self, coding, seed: int):
         if self.expert_options:
@@ -264,7 +186,7 @@ default='auto'
     def predict(self, X) -> np.ndarray:
         """The most probable class of every row, shape (n_samples,)."""
         check_is_fitted(self)
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        return ClassTarget.decode(np.argmax(self.predict_proba(X), axis=1), vars(self))
 
     # ------------------------------------------------------------------ coefficients
     @property

@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from moekit._core.engine import to_numpy
 from moekit._core.validation import Interval, Options
-from moekit.estimators._base import _same
+from moekit.estimators._design import same_data
 from moekit.estimators.classifier import MoEClassifier
 from moekit.estimators.regressor import MoERegressor
 from moekit.fitting.em import EMModel, Params
@@ -33,6 +33,12 @@ _TREE_CONSTRAINTS = {
     "branching": [Interval(numbers.Integral, 2, None, closed="left")],
     "gate": [Options({"softmax"})],
 }
+
+
+# the flat estimators' parameters a tree has not: K follows from its shape, its nodes
+# are softmax gates, and its classifier's experts take no options
+_NOT_TREE_REGRESSOR = {"n_experts", "gate_options", "fit_method", "objective", "fit_options"}
+_NOT_TREE_CLASSIFIER = {"n_experts", "expert_options", "gate_options"}
 
 
 class _TreeMixin:
@@ -90,11 +96,8 @@ class _TreeMixin:
         params = parent._params
         if depth0 == 1 and type(parent) is self._flat_class:  # the flat gate as a tree's root
             params = Params(params.expert, TreeGateParams(params.gate.coef[None]))
-        keys = ("_x_mean", "_x_scale", "_expert_cols", "_gate_cols", *self._coding_attrs)
-        same = (
-            type(parent._expert_family) is type(model.expert)
-            and parent.n_features_in_ == prepared.state["n_features_in_"]
-            and all(_same(getattr(parent, k, None), prepared.state.get(k)) for k in keys)
+        same = type(parent._expert_family) is type(model.expert) and same_data(
+            parent, prepared.state, self._data_attrs()
         )
         if not same:
             raise ValueError(
@@ -233,56 +236,11 @@ n_features_in_, feature_names_in_
     }
     _flat_class = MoERegressor
 
-    def __init__(
-        self,
-        depth: int = 2,
-        *,
-        branching: int = 2,
-        gate="softmax",
-        expert="linear",
-        init: str = "auto",
-        n_init: int = 10,
-        max_iter: int = 200,
-        tol: float = 1e-6,
-        init_max_iter: int = 30,
-        init_sample_size: int | None = 20_000,
-        reg_var: float = 1e-6,
-        df: float | None = None,
-        gate_alpha: float = 1e-5,
-        gate_balance: float = 0.0,
-        warm_start: bool = False,
-        random_state=None,
-        verbose: int = 0,
-        verbose_interval: int = 10,
-        device: str = "cpu",
-        expert_features=None,
-        gate_features=None,
-        expert_options: dict | None = None,
-        distributed: bool = False,
-    ) -> None:
-        self.depth = depth
-        self.branching = branching
-        self.gate = gate
-        self.expert = expert
-        self.init = init
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.init_max_iter = init_max_iter
-        self.init_sample_size = init_sample_size
-        self.reg_var = reg_var
-        self.df = df
-        self.gate_alpha = gate_alpha
-        self.gate_balance = gate_balance
-        self.warm_start = warm_start
-        self.random_state = random_state
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.expert_features = expert_features
-        self.gate_features = gate_features
-        self.expert_options = expert_options
-        self.distributed = distributed
+    _defaults: ClassVar[dict] = {
+        "depth": 2,
+        "branching": 2,
+        **{k: v for k, v in MoERegressor._defaults.items() if k not in _NOT_TREE_REGRESSOR},
+    }
 
     def fit(self, X, y, *, start_from=None) -> HierarchicalMoERegressor:
         """Fit the hierarchical mixture of experts by EM.
@@ -348,54 +306,12 @@ expert_sizes_, gate_coef_, gate_intercept_
         **_TREE_CONSTRAINTS,
     }
     _flat_class = MoEClassifier
-    expert_options = None  # MoEClassifier's experts take none; not a parameter here
 
-    def __init__(
-        self,
-        depth: int = 2,
-        *,
-        branching: int = 2,
-        gate="softmax",
-        expert="logistic",
-        init: str = "auto",
-        n_init: int = 10,
-        max_iter: int = 200,
-        tol: float = 1e-6,
-        init_max_iter: int = 30,
-        init_sample_size: int | None = 20_000,
-        alpha: float | None = None,
-        gate_alpha: float = 1.0,
-        gate_balance: float = 0.0,
-        warm_start: bool = False,
-        random_state=None,
-        verbose: int = 0,
-        verbose_interval: int = 10,
-        device: str = "cpu",
-        expert_features=None,
-        gate_features=None,
-        distributed: bool = False,
-    ) -> None:
-        self.depth = depth
-        self.branching = branching
-        self.gate = gate
-        self.expert = expert
-        self.init = init
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.init_max_iter = init_max_iter
-        self.init_sample_size = init_sample_size
-        self.alpha = alpha
-        self.gate_alpha = gate_alpha
-        self.gate_balance = gate_balance
-        self.warm_start = warm_start
-        self.random_state = random_state
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.expert_features = expert_features
-        self.gate_features = gate_features
-        self.distributed = distributed
+    _defaults: ClassVar[dict] = {
+        "depth": 2,
+        "branching": 2,
+        **{k: v for k, v in MoEClassifier._defaults.items() if k not in _NOT_TREE_CLASSIFIER},
+    }
 
     def fit(self, X, y, *, start_from=None) -> HierarchicalMoEClassifier:
         """Fit by EM; ``start_from`` as in :meth:`HierarchicalMoERegressor.fit`

@@ -137,7 +137,7 @@ class ReportedLikelihood:
         if K > 1:
             self.report.extend(gate.report(model._params.gate, self._gscale, gate_reference))
         self.theta = self.report.flat()
-        self._jacobian = model._target_log_jacobian(vars(model))
+        self._jacobian = model._log_jacobian()
 
     def _chunk_loglik(self, theta, XeT, XgT, y) -> torch.Tensor:
         expert, gate = self.model._expert_family, self.model._gate_family

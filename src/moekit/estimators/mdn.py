@@ -12,17 +12,13 @@ mini-batches. Unlike the EM-fitted MoE, gate and experts here are one network.
 
 from __future__ import annotations
 
-import math
 import numbers
-import warnings
 from typing import ClassVar
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
-from tqdm.auto import tqdm
 
 from moekit._core.engine import resolve_device, to_numpy, torch_generator
 from moekit._core.validation import Interval, Options, validate_params
@@ -34,14 +30,17 @@ from moekit.estimators._files import (
     real_setting,
     reals_setting,
 )
+from moekit.estimators._params import DeclaredParams
 from moekit.fitting.mdn import (
     ACTIVATIONS,
+    TRAIN_SETTINGS,
     _init_weights,
     _MDNNet,
     _standardiser,
     mdn_log_prob,
     mdn_param_shapes,
     mdn_split,
+    train_mdn,
 )
 from moekit.io import register_model
 from moekit.prediction import MixturePrediction
@@ -67,7 +66,7 @@ class _LayerSizes:
 
 
 @register_model
-class MDNRegressor(RegressorMixin, BaseEstimator):
+class MDNRegressor(RegressorMixin, DeclaredParams, BaseEstimator):
     """Mixture density network (Bishop 1994) for multimodal regression.
 
     A multilayer perceptron outputs, for every x, the weights pi_k(x), means
@@ -175,40 +174,23 @@ class MDNRegressor(RegressorMixin, BaseEstimator):
         "device": [str, torch.device],
     }
 
-    def __init__(
-        self,
-        n_components: int = 5,
-        *,
-        hidden_layer_sizes: tuple[int, ...] = (64, 64),
-        activation: str = "tanh",
-        learning_rate: float = 1e-3,
-        batch_size: int = 128,
-        max_iter: int = 1000,
-        early_stopping: bool = True,
-        validation_fraction: float = 0.1,
-        n_iter_no_change: int = 30,
-        tol: float = 1e-4,
-        weight_decay: float = 0.0,
-        min_std: float = 1e-3,
-        random_state=None,
-        verbose: int = 0,
-        device: str = "cpu",
-    ) -> None:
-        self.n_components = n_components
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.learning_rate = learning_rate
-        self.batch_size = batch_size
-        self.max_iter = max_iter
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.n_iter_no_change = n_iter_no_change
-        self.tol = tol
-        self.weight_decay = weight_decay
-        self.min_std = min_std
-        self.random_state = random_state
-        self.verbose = verbose
-        self.device = device
+    _defaults: ClassVar[dict] = {
+        "n_components": 5,
+        "hidden_layer_sizes": (64, 64),
+        "activation": "tanh",
+        "learning_rate": 1e-3,
+        "batch_size": 128,
+        "max_iter": 1000,
+        "early_stopping": True,
+        "validation_fraction": 0.1,
+        "n_iter_no_change": 30,
+        "tol": 1e-4,
+        "weight_decay": 0.0,
+        "min_std": 1e-3,
+        "random_state": None,
+        "verbose": 0,
+        "device": "cpu",
+    }
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -252,7 +234,10 @@ class MDNRegressor(RegressorMixin, BaseEstimator):
         _init_weights(net, T[train], K, m, self.min_std, gen)
         net = net.to(device=device, dtype=TRAIN_DTYPE)
         Z, T = Z.to(device), T.to(device)
-        history, val_scores, n_iter, converged = self._train(net, Z, T, train, val, K, m, gen)
+        settings = {k: getattr(self, k) for k in TRAIN_SETTINGS}
+        history, val_scores, n_iter, converged = train_mdn(
+            net, Z, T, train, val, K, m, gen, **settings
+        )
 
         # fitted state: only now, so that a failed fit leaves nothing half-set
         self._net = net.to(dtype=PREDICT_DTYPE).eval()
@@ -267,70 +252,6 @@ class MDNRegressor(RegressorMixin, BaseEstimator):
         # on the validated arrays: no second validation, no feature-name warning
         self.log_likelihood_ = float(np.mean(self._log_density(*self._mixture_of_array(X), y2)))
         return self
-
-    def _train(self, net, Z, T, train, val, K, m, gen):
-        params = list(net.parameters())
-        try:  # the fused step is about a third faster on CPUs and GPUs alike
-            opt = torch.optim.Adam(
-                params, lr=self.learning_rate, weight_decay=self.weight_decay, fused=True
-            )
-        except (RuntimeError, TypeError):  # pragma: no cover - a device without it
-            opt = torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-        bs = min(self.batch_size, len(train))
-        min_std = self.min_std
-        best, best_state, stall = math.inf, None, 0
-        history: list[float] = []
-        val_scores: list[float] = []
-        converged = False
-        bar = tqdm(range(self.max_iter), desc="MDN", disable=not self.verbose, leave=False)
-        epoch = 0
-        for epoch in bar:  # noqa: B007  (epoch is read after the loop)
-            net.train()
-            order = train[torch.randperm(len(train), generator=gen)].to(Z.device)
-            total = Z.new_zeros(())  # summed on the device: no host sync per batch
-            for start in range(0, len(order), bs):
-                idx = order[start : start + bs]
-                loss = -mdn_log_prob(*mdn_split(net(Z[idx]), K, m, min_std), T[idx]).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach() * len(idx)
-            train_nll = float(total) / len(order)
-            if not math.isfinite(train_nll):
-                raise FloatingPointError(
-                    "MDN training diverged (non-finite loss); try a smaller learning_rate "
-                    "or a larger min_std."
-                )
-            history.append(-train_nll)
-            if len(val):
-                net.eval()
-                with torch.no_grad():
-                    iv = val.to(Z.device)
-                    nll = -float(mdn_log_prob(*mdn_split(net(Z[iv]), K, m, min_std), T[iv]).mean())
-                val_scores.append(-nll)
-            else:
-                nll = train_nll
-            bar.set_postfix(train_nll=f"{train_nll:.4f}", monitored=f"{nll:.4f}", refresh=False)
-            if nll < best - self.tol:
-                best, stall = nll, 0
-                if len(val):
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                stall += 1
-            if stall >= self.n_iter_no_change:
-                converged = True
-                break
-        bar.close()
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        if not converged:
-            warnings.warn(
-                f"MDN training stopped at max_iter={self.max_iter} epochs before the loss "
-                f"stopped improving by tol={self.tol:g}; increase max_iter or learning_rate.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        return history, val_scores, epoch + 1, converged
 
     # ------------------------------------------------------------------ queries
     def _mixture(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

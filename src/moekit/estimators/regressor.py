@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from sklearn.base import RegressorMixin
 
-from moekit._core.engine import EM_DTYPE, to_numpy
+from moekit._core.engine import to_numpy
 from moekit._core.validation import HasMethods, Interval, Options
-from moekit.estimators._base import BaseMoE, _moments
+from moekit.estimators._base import EM_DEFAULTS, RUN_DEFAULTS, BaseMoE
+from moekit.estimators._targets import RealTarget
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.experts.poisson import PoissonExperts
@@ -204,130 +205,36 @@ default='auto'
         "fit_options": [None, dict],
     }
 
-    def __init__(
-        self,
-        n_experts: int = 3,
-        *,
-        gate="softmax",
-        expert="linear",
-        init: str = "auto",
-        n_init: int = 10,
-        max_iter: int = 200,
-        tol: float = 1e-6,
-        init_max_iter: int = 30,
-        init_sample_size: int | None = 20_000,
-        reg_var: float = 1e-6,
-        df: float | None = None,
-        gate_alpha: float = 1e-5,
-        gate_balance: float = 0.0,
-        warm_start: bool = False,
-        random_state=None,
-        verbose: int = 0,
-        verbose_interval: int = 10,
-        device: str = "cpu",
-        expert_features=None,
-        gate_features=None,
-        expert_options: dict | None = None,
-        gate_options: dict | None = None,
-        fit_method: str = "em",
-        objective: str = "competitive",
-        fit_options: dict | None = None,
-        distributed: bool = False,
-    ) -> None:
-        self.n_experts = n_experts
-        self.gate = gate
-        self.expert = expert
-        self.init = init
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.init_max_iter = init_max_iter
-        self.init_sample_size = init_sample_size
-        self.reg_var = reg_var
-        self.df = df
-        self.gate_alpha = gate_alpha
-        self.gate_balance = gate_balance
-        self.warm_start = warm_start
-        self.random_state = random_state
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.expert_features = expert_features
-        self.gate_features = gate_features
-        self.expert_options = expert_options
-        self.gate_options = gate_options
-        self.fit_method = fit_method
-        self.objective = objective
-        self.fit_options = fit_options
-        self.distributed = distributed
+    _defaults: ClassVar[dict] = {
+        "n_experts": 3,
+        "gate": "softmax",
+        "expert": "linear",
+        **EM_DEFAULTS,
+        "reg_var": 1e-6,
+        "df": None,
+        "gate_alpha": 1e-5,
+        "gate_balance": 0.0,
+        **RUN_DEFAULTS,
+        "expert_options": None,
+        "gate_options": None,
+        "fit_method": "em",
+        "objective": "competitive",
+        "fit_options": None,
+        "distributed": False,
+    }
+    _target_coding = RealTarget
+    _order_by_mean = True  # documented order: increasing mean prediction
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
 
-    # ------------------------------------------------------------------ target
-    _y_validation: ClassVar[dict] = {"multi_output": True, "y_numeric": True}
-    _coding_attrs = ("_y_mean", "_y_scale", "_y_2d")
-    _order_by_mean = True  # documented order: increasing mean prediction
-
+    # ------------------------------------------------------------------ families
     def _expert_class(self):
         if not isinstance(self.expert, str):
             return WrappedExperts
         return EXPERTS[self.expert]
-
-    def _code_target(self, y):
-        y = np.asarray(y, dtype=np.float64)
-        y2 = y.reshape(len(y), -1)
-        family = self._expert_class()
-        if family is WrappedExperts and y2.shape[1] != 1:
-            raise ValueError(
-                f"an estimator as expert models one target; y has {y2.shape[1]} columns."
-            )
-        if family is PoissonExperts:
-            if y2.shape[1] != 1:
-                raise ValueError(
-                    f"expert='poisson' models one count target; y has {y2.shape[1]} columns."
-                )
-            if (y2 < 0).any() or (y2 != np.round(y2)).any():
-                raise ValueError("expert='poisson' needs y of non-negative integer counts.")
-        if family.standardize_target:
-            sd = y2.std(0)
-            coding = {"_y_mean": y2.mean(0), "_y_scale": np.where(sd > 0, sd, 1.0)}
-        else:
-            coding = {"_y_mean": np.zeros(y2.shape[1]), "_y_scale": np.ones(y2.shape[1])}
-        coding["_y_2d"] = y.ndim == 2
-        return y, coding
-
-    def _reduce_coding(self, y, coding, comm, n):
-        # the standardisation of all the shards' targets, as one process computes it
-        if not self._expert_class().standardize_target:
-            return coding
-        y2 = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
-        mean, sd = _moments(y2, comm, n)
-        sd = sd.numpy()
-        return {**coding, "_y_mean": mean.numpy(), "_y_scale": np.where(sd > 0, sd, 1.0)}
-
-    def _check_target(self, y, coding) -> np.ndarray:
-        y = np.asarray(y, dtype=np.float64)
-        m = len(coding["_y_mean"])
-        if y.ndim == 1 and m == 1:
-            y = y.reshape(-1, 1)
-        if y.ndim != 2 or y.shape[1] != m:
-            raise ValueError(f"y must have {m} output(s); got an array of shape {y.shape}.")
-        if not np.isfinite(y).all():
-            raise ValueError("Input y contains NaN or infinity.")
-        if self._expert_class() is PoissonExperts and ((y < 0) | (y != np.round(y))).any():
-            raise ValueError("expert='poisson' needs y of non-negative integer counts.")
-        return y
-
-    def _encode_target(self, y, device, coding) -> torch.Tensor:
-        y = self._check_target(y, coding)
-        z = (y - coding["_y_mean"]) / coding["_y_scale"]
-        return torch.as_tensor(z.T.copy(), dtype=EM_DTYPE, device=device)  # (m, n)
-
-    def _target_log_jacobian(self, coding) -> float:
-        return -float(np.log(coding["_y_scale"]).sum())
 
     def _make_expert(self, coding, seed: int):
         K, m = self.n_experts, len(coding["_y_mean"])
@@ -374,13 +281,10 @@ default='auto'
         XeT, XgT = self._designs(X)
         w = torch.exp(self._gate_family.log_weights(self._params.gate, XgT)).T  # (n, K)
         means, stds = self._expert_family.moments(self._params.expert, XeT)  # (n, K, m)
-        scale = torch.as_tensor(self._y_scale, dtype=means.dtype, device=means.device)
-        shift = torch.as_tensor(self._y_mean, dtype=means.dtype, device=means.device)
-        return w, means * scale + shift, stds * scale
+        return (w, *RealTarget.decode(means, stds, vars(self)))
 
     def _shape_y(self, t: torch.Tensor) -> np.ndarray:
-        a = to_numpy(t)
-        return a if self._y_2d else a[..., 0]
+        return RealTarget.shape(t, vars(self))
 
     def predict(self, X) -> np.ndarray:
         """Conditional mean E[y | x] = sum_k g_k(x) mu_k(x).

@@ -8,10 +8,13 @@ standardised y: K mixing logits, K m means and K m scales (softplus plus a floor
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
+from tqdm.auto import tqdm
 
 from moekit._core.logspace import LOG_2PI
 
@@ -118,3 +121,90 @@ def _init_weights(net: _MDNNet, T: torch.Tensor, K: int, m: int, min_std: float,
         # softplus^{-1}(0.3 - min_std) = log(expm1(.)), for the scales' biases
         target = max(0.3 - min_std, 1e-3)
         head.bias[K + K * m :] = math.log(math.expm1(target))
+
+
+# ------------------------------------------------------------------ training
+TRAIN_SETTINGS = ("learning_rate", "weight_decay", "batch_size", "min_std", "max_iter", "tol",
+                  "n_iter_no_change", "verbose")  # fmt: skip
+"""The estimator's settings that :func:`train_mdn` takes."""
+
+
+def train_mdn(net, Z, T, train, val, K: int, m: int, gen, *, learning_rate: float,
+              weight_decay: float, batch_size: int, min_std: float, max_iter: int, tol: float,
+              n_iter_no_change: int, verbose: int):  # fmt: skip
+    """Train the network by Adam on the negative log-likelihood, with early stopping.
+
+    Each epoch takes mini-batches of the rows ``train`` in a random order; the
+    monitored loss is the mean negative log-likelihood of the rows ``val`` (of the
+    training rows when ``val`` is empty). Training stops after ``n_iter_no_change``
+    epochs without an improvement larger than ``tol``, and the network is set back
+    to its best validation state.
+
+    Returns
+    -------
+    history : list of float
+        The training rows' mean log-likelihood after each epoch (standardised units).
+    val_scores : list of float
+        The validation rows' mean log-likelihood after each epoch (empty without).
+    n_iter : int
+    converged : bool
+    """
+    params = list(net.parameters())
+    try:  # the fused step is about a third faster on CPUs and GPUs alike
+        opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - a device without it
+        opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+    bs = min(batch_size, len(train))
+    best, best_state, stall = math.inf, None, 0
+    history: list[float] = []
+    val_scores: list[float] = []
+    converged = False
+    bar = tqdm(range(max_iter), desc="MDN", disable=not verbose, leave=False)
+    epoch = 0
+    for epoch in bar:  # noqa: B007  (epoch is read after the loop)
+        net.train()
+        order = train[torch.randperm(len(train), generator=gen)].to(Z.device)
+        total = Z.new_zeros(())  # summed on the device: no host sync per batch
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            loss = -mdn_log_prob(*mdn_split(net(Z[idx]), K, m, min_std), T[idx]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+        train_nll = float(total) / len(order)
+        if not math.isfinite(train_nll):
+            raise FloatingPointError(
+                "MDN training diverged (non-finite loss); try a smaller learning_rate "
+                "or a larger min_std."
+            )
+        history.append(-train_nll)
+        if len(val):
+            net.eval()
+            with torch.no_grad():
+                iv = val.to(Z.device)
+                nll = -float(mdn_log_prob(*mdn_split(net(Z[iv]), K, m, min_std), T[iv]).mean())
+            val_scores.append(-nll)
+        else:
+            nll = train_nll
+        bar.set_postfix(train_nll=f"{train_nll:.4f}", monitored=f"{nll:.4f}", refresh=False)
+        if nll < best - tol:
+            best, stall = nll, 0
+            if len(val):
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            stall += 1
+        if stall >= n_iter_no_change:
+            converged = True
+            break
+    bar.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    if not converged:
+        warnings.warn(
+            f"MDN training stopped at max_iter={max_iter} epochs before the loss "
+            f"stopped improving by tol={tol:g}; increase max_iter or learning_rate.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return history, val_scores, epoch + 1, converged
