@@ -8,20 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from moekit.plotting import _named as named
 from moekit.plotting import _pyplot, expert_colors, plot_regression_fit
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 """Nominal levels of the central predictive intervals whose coverage is reported."""
-
-
-def named(model, A: np.ndarray):
-    """Rows as the model was fitted on them: a frame with its column names, if it had any."""
-    names = getattr(model, "feature_names_in_", None)
-    if names is None:
-        return A
-    import pandas as pd
-
-    return pd.DataFrame(A, columns=names, copy=False)  # a view: the report reads it
 
 
 def feature_names(model, X) -> list[str]:
