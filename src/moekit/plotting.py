@@ -23,6 +23,17 @@ def _pyplot():
     return plt
 
 
+def _named(model, A: np.ndarray):
+    """Rows as the model was fitted on them: a frame with its column names, if it had any
+    (a model fitted on a frame warns when it is given bare arrays)."""
+    names = getattr(model, "feature_names_in_", None)
+    if names is None:
+        return A
+    import pandas as pd
+
+    return pd.DataFrame(A, columns=names, copy=False)
+
+
 def expert_colors(n: int) -> list:
     """One distinct color per expert (tab10, then tab20)."""
     plt = _pyplot()
@@ -60,12 +71,7 @@ def plot_regression_fit(
     grid_x = np.linspace(x.min(), x.max(), 400)
     grid = np.tile(X.mean(0), (len(grid_x), 1))
     grid[:, feature] = grid_x
-    names = getattr(model, "feature_names_in_", None)
-    if names is not None:  # keep the names the model was fitted with
-        import pandas as pd
-
-        grid = pd.DataFrame(grid, columns=names)
-    d = model.predict_distribution(grid)
+    d = model.predict_distribution(_named(model, grid))
     w, means = d.weights, d.means
     lo, hi = d.interval(alpha)
     K = w.shape[1]
@@ -146,7 +152,7 @@ def plot_conditional_density(
     pad_x, pad_y = 0.05 * np.ptp(x), 0.05 * np.ptp(y)
     xs = np.linspace(x.min() - pad_x, x.max() + pad_x, grid)
     ys = np.linspace(y.min() - pad_y, y.max() + pad_y, grid)
-    d = model.predict_distribution(xs[:, None])
+    d = model.predict_distribution(_named(model, xs[:, None]))
     dens = np.stack([np.exp(d.logpdf(np.full(len(xs), t))) for t in ys])
     fig = ax.figure if ax is not None else plt.subplots(figsize=(7, 5))[0]
     ax = ax if ax is not None else fig.axes[0]
@@ -155,7 +161,7 @@ def plot_conditional_density(
     if truth is not None:
         ax.plot(*truth, color="cyan", lw=1, ls=":", label="truth")
     xm = xs[:: max(1, grid // 36)]
-    found = model.predict_distribution(xm[:, None]).modes(return_density=True)
+    found = model.predict_distribution(_named(model, xm[:, None])).modes(return_density=True)
     for i, (modes, at) in enumerate(found):
         modes = modes[at >= 0.02 * at.max()]
         ax.scatter(np.full(len(modes), xm[i]), modes, s=10, color="white",
@@ -213,7 +219,8 @@ def plot_lm_training(log: dict, title: str | None = None):
     ----------
     log : dict
         ``TrainLog.as_dict()``: ``step``, ``train_loss``, ``eval_step``, ``val_loss``,
-        ``tokens_per_expert``.
+        ``tokens_per_expert`` (per evaluation, per MoE layer, per expert; a flat list
+        per evaluation is one layer's).
     """
     plt = _pyplot()
     fig, (ax, axl) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
@@ -227,6 +234,8 @@ def plot_lm_training(log: dict, title: str | None = None):
     loads = log.get("tokens_per_expert") or []
     if loads:
         last = np.asarray(loads[-1], dtype=float)
+        if last.ndim == 2:  # TrainLog: one row per MoE layer; the first is drawn
+            last = last[0]
         axl.bar(np.arange(len(last)), last / max(last.sum(), 1.0), color=expert_colors(len(last)))
         axl.axhline(1.0 / len(last), color="black", ls="--", lw=1, label="uniform")
         axl.set_xlabel("expert")
@@ -287,12 +296,7 @@ def plot_hme_tree(
     grid_x = np.linspace(x.min(), x.max(), 400)
     grid = np.tile(X.mean(0), (len(grid_x), 1))
     grid[:, feature] = grid_x
-    names = getattr(model, "feature_names_in_", None)
-    if names is not None:
-        import pandas as pd
-
-        grid = pd.DataFrame(grid, columns=names)
-    levels = model.node_weights(grid)
+    levels = model.node_weights(_named(model, grid))
     b = model.branching
     fig, axes = plt.subplots(
         len(levels), 1, figsize=(8, 1.9 * len(levels) + 0.8), sharex=True, squeeze=False
