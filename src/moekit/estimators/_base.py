@@ -57,27 +57,6 @@ GATES = {"softmax": SoftmaxGate, "constant": ConstantGate, "mlp": MLPGate}
 _COLUMN_SETTINGS = {"_expert_cols": "expert_features", "_gate_cols": "gate_features"}
 GRADIENT_OPTIONS = {"optimizer": "lbfgs", "learning_rate": None, "batch_size": None}
 
-EM_DEFAULTS = {
-    "init": "auto",
-    "n_init": 10,
-    "max_iter": 200,
-    "tol": 1e-6,
-    "init_max_iter": 30,
-    "init_sample_size": 20_000,
-}
-"""The EM loop's settings, the same default in every EM-fitted estimator."""
-
-RUN_DEFAULTS = {
-    "warm_start": False,
-    "random_state": None,
-    "verbose": 0,
-    "verbose_interval": 10,
-    "device": "cpu",
-    "expert_features": None,
-    "gate_features": None,
-}
-"""Where and how a fit runs, and which columns its experts and gate see."""
-
 
 class CollapsedExpertWarning(UserWarning):
     """An expert ended the fit with fewer effective samples than parameters."""

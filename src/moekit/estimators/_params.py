@@ -13,6 +13,27 @@ from __future__ import annotations
 import inspect
 from typing import Any, ClassVar
 
+EM_DEFAULTS = {
+    "init": "auto",
+    "n_init": 10,
+    "max_iter": 200,
+    "tol": 1e-6,
+    "init_max_iter": 30,
+    "init_sample_size": 20_000,
+}
+"""The EM loop's settings, the same default in every EM-fitted estimator."""
+
+RUN_DEFAULTS = {
+    "warm_start": False,
+    "random_state": None,
+    "verbose": 0,
+    "verbose_interval": 10,
+    "device": "cpu",
+    "expert_features": None,
+    "gate_features": None,
+}
+"""Where and how a fit runs, and which columns its experts and gate see."""
+
 _POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
 _KEYWORD = inspect.Parameter.KEYWORD_ONLY
 

@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from moekit._core.data import EMData
 from moekit._core.engine import to_numpy
 from moekit._core.validation import Interval, Options
-from moekit.estimators._base import EM_DEFAULTS, RUN_DEFAULTS
+from moekit.estimators._params import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators.regressor import MoERegressor
 from moekit.experts.bayesian_gaussian import (
     NOISE_KINDS,

@@ -12,7 +12,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from moekit._core.engine import to_numpy
 from moekit._core.validation import HasMethods, Interval, Options
-from moekit.estimators._base import EM_DEFAULTS, RUN_DEFAULTS, BaseMoE
+from moekit.estimators._base import BaseMoE
+from moekit.estimators._params import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators._targets import ClassTarget
 from moekit.experts.logistic import LogisticExperts
 from moekit.experts.wrapped import WrappedExperts

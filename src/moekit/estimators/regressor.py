@@ -14,7 +14,8 @@ from sklearn.base import RegressorMixin
 
 from moekit._core.engine import to_numpy
 from moekit._core.validation import HasMethods, Interval, Options
-from moekit.estimators._base import EM_DEFAULTS, RUN_DEFAULTS, BaseMoE
+from moekit.estimators._base import BaseMoE
+from moekit.estimators._params import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators._targets import RealTarget
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.mlp import MLPExperts
