@@ -24,6 +24,7 @@ from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+from moekit._core.validation import check_finite
 
 
 @dataclass
@@ -195,8 +196,7 @@ class GaussianExperts:
         ValueError
             Naming the field (after ``prefix``) and what is wrong with it.
         """
-        if not bool(torch.isfinite(params.coef).all()):
-            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        check_finite(prefix + "coef", params.coef)
         if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
             raise ValueError(f"{prefix + 'var'!r} holds variances that are not positive and finite")
 

@@ -22,7 +22,7 @@ import torch
 from moekit._core.data import Chunk, EMData
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.optim import lbfgs_minimise
-from moekit._core.validation import check_options
+from moekit._core.validation import check_finite, check_options
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-4}
 
@@ -212,7 +212,6 @@ class MLPExperts:
             Naming the field (after ``prefix``) and what is wrong with it.
         """
         for name in ("w1", "b1", "w2", "b2"):
-            if not bool(torch.isfinite(getattr(params, name)).all()):
-                raise ValueError(f"{prefix + name!r} holds NaN or infinite values")
+            check_finite(prefix + name, getattr(params, name))
         if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
             raise ValueError(f"{prefix + 'var'!r} holds variances that are not positive and finite")

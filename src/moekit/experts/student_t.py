@@ -29,6 +29,7 @@ from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.logspace import student_t_logpdf
 from moekit._core.reporting import Report, Scaling
+from moekit._core.validation import check_finite
 from moekit.experts.gaussian import GaussianExperts, GaussianParams, _variance
 
 NU_MIN, NU_MAX = 0.5, 1e6
@@ -267,8 +268,7 @@ class StudentTExperts:
         ValueError
             Naming the field (after ``prefix``) and what is wrong with it.
         """
-        if not bool(torch.isfinite(params.coef).all()):
-            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        check_finite(prefix + "coef", params.coef)
         if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
             raise ValueError(f"{prefix + 'var'!r} holds scales that are not positive and finite")
         df = params.df
