@@ -51,7 +51,12 @@ from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 from moekit.gates.constant import ConstantGate, ConstantGateParams
-from moekit.gates.softmax import NEWTON_MAX_PARAMS
+from moekit.gates.softmax import (
+    NEWTON_MAX_PARAMS,
+    bohning_bound,
+    bound_step,
+    log_softmax_rows,
+)
 
 
 @dataclass
@@ -74,11 +79,7 @@ def node_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Elementwise over b rows, as :func:`moekit.gates.softmax.log_softmax_rows`, so that
     a tree of depth 1 computes exactly what the softmax gate computes.
     """
-    top = logits.amax(1, keepdim=True)
-    shifted = logits - top
-    e = torch.exp(shifted)
-    s = e.sum(1, keepdim=True)
-    return shifted.sub_(torch.log(s)), e.div_(s)
+    return log_softmax_rows(logits, dim=1)
 
 
 def path_log_probs(logg: torch.Tensor, branching: int) -> list[torch.Tensor]:
@@ -196,12 +197,8 @@ class TreeGate:
             self._bound_evals, self._bound_evecs = torch.linalg.eigh(self._bound(self._root_gram))
 
     def _bound(self, gram: torch.Tensor) -> torch.Tensor:
-        """Bohning's bound 1/2 (I - 11^T / b) (x) gram + alpha P, batched over grams."""
-        b = self.branching
-        a = 0.5 * (torch.eye(b, dtype=gram.dtype, device=gram.device) - 1.0 / b)
-        kron = torch.einsum("kl,...pq->...kplq", a, gram)
-        kron = kron.reshape(*gram.shape[:-2], b * gram.shape[-1], b * gram.shape[-1])
-        return kron + self.alpha * torch.diag(self._pen.repeat(b))
+        """Bohning's bound of every node, batched over their grams (..., p, p)."""
+        return bohning_bound(gram, self.alpha, self._pen, self.branching)
 
     def init_params(self, data: EMData) -> TreeGateParams:
         p = data.XgT.shape[0]
@@ -279,19 +276,11 @@ class TreeGate:
             step = solve_psd(A, g.unsqueeze(2)).squeeze(2)
         else:
             step = torch.empty_like(g)
-            step[0] = self._bound_step(self._bound_evals, self._bound_evecs, g[0])
+            step[0] = bound_step(self._bound_evals, self._bound_evecs, g[0])
             if N > 1:
                 evals, evecs = torch.linalg.eigh(self._bound(unpack_grams(curv, p)[0]))
-                step[1:] = self._bound_step(evals, evecs, g[1:])
+                step[1:] = bound_step(evals, evecs, g[1:])
         return TreeGateParams(V + step.reshape(N, b, p))
-
-    @staticmethod
-    def _bound_step(evals, evecs, g):
-        inv = torch.where(
-            evals > 1e-12 * evals.amax(-1, keepdim=True), 1.0 / evals, torch.zeros_like(evals)
-        )
-        proj = (evecs.transpose(-1, -2) @ g.unsqueeze(-1)).squeeze(-1)
-        return (evecs @ (inv * proj).unsqueeze(-1)).squeeze(-1)
 
     def log_prior(self, params: TreeGateParams) -> float:
         V = params.coef
