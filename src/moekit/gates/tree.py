@@ -36,7 +36,8 @@ Layout: internal nodes are numbered level by level from the root (node 0); node 
 children are nodes b t + 1, ..., b t + b, the coefficients ``coef[t]`` of shape
 (b, p) give their logits, and leaf k is the k-th node of level D. The leaves below a
 node are consecutive, so leaf k's parent-leaf in the tree one level shallower is
-k // b.
+k // b. The pure functions of that shape (paths, node posteriors, the leaf orders a
+tree can take) are in :mod:`moekit.gates.tree_structure`.
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 from moekit.gates.constant import ConstantGate, ConstantGateParams
-from moekit.gates.softmax import (
-    NEWTON_MAX_PARAMS,
-    bohning_bound,
-    bound_step,
-    log_softmax_rows,
+from moekit.gates.softmax import NEWTON_MAX_PARAMS, bohning_bound, bound_step
+from moekit.gates.tree_structure import (
+    child_rows,
+    n_internal,
+    node_log_softmax,
+    node_names,
+    node_posteriors,
+    path_log_probs,
+    representable_order,
 )
 
 
@@ -65,57 +70,6 @@ class TreeGateParams:
     nodes (level by level from the root); the last column is the intercept."""
 
     coef: torch.Tensor
-
-
-# ---------------------------------------------------------------------------- pure maths
-def n_internal(depth: int, branching: int) -> int:
-    """Internal nodes of a full tree: 1 + b + ... + b^(D-1)."""
-    return sum(branching**level for level in range(depth))
-
-
-def node_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-softmax over the children (axis 1) of (N, b, c) logits, and the probabilities.
-
-    Elementwise over b rows, as :func:`moekit.gates.softmax.log_softmax_rows`, so that
-    a tree of depth 1 computes exactly what the softmax gate computes.
-    """
-    return log_softmax_rows(logits, dim=1)
-
-
-def path_log_probs(logg: torch.Tensor, branching: int) -> list[torch.Tensor]:
-    """Log-probabilities of reaching every node, level by level.
-
-    Parameters
-    ----------
-    logg : Tensor of shape (N, b, c)
-        log g_{n,c}(x) of every internal node's children.
-
-    Returns
-    -------
-    list of Tensor
-        Entry l - 1 has shape (b^l, c): log P(node j of level l | x), l = 1, ..., D.
-    """
-    path = logg[0]  # (b, c)
-    levels, start = [path], 1
-    while start < logg.shape[0]:
-        width = path.shape[0]  # internal nodes on this level
-        path = (path.unsqueeze(1) + logg[start : start + width]).reshape(width * branching, -1)
-        levels.append(path)
-        start += width
-    return levels
-
-
-def node_posteriors(resp: torch.Tensor, depth: int, branching: int) -> list[torch.Tensor]:
-    """R_i(n) for the nodes of every level, from the leaves' responsibilities (K, c).
-
-    Returns a list whose entry l has shape (b^l, c), l = 0, ..., D (entry 0 is the
-    root's, the sum of every row's responsibilities, which is 1).
-    """
-    levels = [resp]
-    for _ in range(depth):
-        r = levels[0]
-        levels.insert(0, r.reshape(r.shape[0] // branching, branching, -1).sum(1))
-    return levels
 
 
 # ---------------------------------------------------------------------------- the family
@@ -290,28 +244,6 @@ class TreeGate:
         return self.n_nodes * (self.branching - 1) * params.coef.shape[2]
 
     # ------------------------------------------------------------ renumbering
-    def _level_orders(self, perm: torch.Tensor) -> list[torch.Tensor]:
-        """The node order of every level 1..D that a leaf order ``perm`` implies.
-
-        Raises ValueError unless ``perm`` only reorders children within their nodes
-        (every other leaf order breaks the tree).
-        """
-        b, D, K = self.branching, self.depth, self.n_experts
-        perm = perm.to("cpu", torch.long)
-        if perm.shape != (K,) or not torch.equal(torch.sort(perm).values, torch.arange(K)):
-            raise ValueError(f"a tree's leaves can only be reordered, not {perm.tolist()}")
-        orders = []
-        for level in range(1, D + 1):
-            size = b ** (D - level)  # leaves below a node of this level
-            blocks = (perm // size).reshape(b**level, size)
-            if not bool((blocks == blocks[:, :1]).all()):
-                raise ValueError(
-                    f"leaf order {perm.tolist()} mixes the subtrees of level {level}: only "
-                    "the children of a node may be reordered"
-                )
-            orders.append(blocks[:, 0])
-        return orders
-
     def select(self, params: TreeGateParams, perm: torch.Tensor) -> TreeGateParams:
         """The gate with its leaves in the order ``perm``.
 
@@ -323,27 +255,13 @@ class TreeGate:
         if self.depth == 1:
             return TreeGateParams(coef[:, perm.to(coef.device)].contiguous())
         N, b, p = coef.shape
-        # row of node j of level l in coef.reshape(N b, p): (b^l - b) / (b - 1) + j
-        rows = torch.cat(
-            [(b**lv - b) // (b - 1) + o for lv, o in enumerate(self._level_orders(perm), 1)]
-        )
-        return TreeGateParams(coef.reshape(N * b, p)[rows.to(coef.device)].reshape(N, b, p))
+        rows = child_rows(perm, self.depth, b).to(coef.device)
+        return TreeGateParams(coef.reshape(N * b, p)[rows].reshape(N, b, p))
 
     def representable_order(self, perm: torch.Tensor) -> torch.Tensor:
-        """The leaf order nearest to ``perm`` that only reorders children within nodes.
-
-        Every node's children are sorted by the mean position in ``perm`` of the
-        leaves below them; at depth 1 this is ``perm`` itself.
-        """
-        b, D = self.branching, self.depth
-        rank = torch.empty(self.n_experts, dtype=torch.float64)
-        rank[perm.cpu()] = torch.arange(len(perm), dtype=torch.float64)
-        order = [0]  # nodes of the current level, in their new order
-        for level in range(1, D + 1):
-            score = rank.reshape(b**level, -1).mean(1).tolist()  # mean rank below each node
-            by_score = score.__getitem__
-            order = [c for n in order for c in sorted(range(n * b, n * b + b), key=by_score)]
-        return torch.tensor(order)
+        """The leaf order nearest to ``perm`` that only reorders children within nodes
+        (see :func:`~moekit.gates.tree_structure.representable_order`)."""
+        return representable_order(perm, self.depth, self.branching)
 
     def shift(self, params: TreeGateParams, delta: torch.Tensor) -> TreeGateParams:
         """Depth 1: the gate with log g_k(x) + delta_k, when the shifted weights sum to one."""
@@ -402,12 +320,7 @@ class TreeGate:
     # ------------------------------------------------------------ reporting
     def node_names(self) -> list[str]:
         """Names of the internal nodes: "root", then their paths ("1", "0.1", ...)."""
-        names = ["root"]
-        for level in range(1, self.depth):
-            for j in range(self.branching**level):
-                digits = [(j // self.branching**i) % self.branching for i in range(level)]
-                names.append(".".join(str(d) for d in reversed(digits)))
-        return names
+        return node_names(self.depth, self.branching)
 
     def report(self, params: TreeGateParams, scaling: Scaling, reference: int = 0) -> Report:
         """Per node, intercept and slopes of its children c != reference against child
