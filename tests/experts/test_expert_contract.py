@@ -62,9 +62,9 @@ CAPABILITIES = [
 ]  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------- building blocks
 def _load(path: Path):
-    """A helper module of the tests by its path (the test folders are not packages)."""
+    """A module of the tests, by its path (the test folders are not packages)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
