@@ -110,7 +110,7 @@ def case_train(s: dict, rank: int, out: Path) -> None:
 
 def _logits(model, s: dict, rank: int, out: Path) -> None:
     """The model, sharded over the processes, on fixed inputs (each process its rows)."""
-    from moekit.nn.parallel import shard_experts
+    from moekit.nn.sharding import shard_experts
 
     shard_experts(model)
     idx = torch.randint(0, 256, (4, s["model"]["block_size"]),

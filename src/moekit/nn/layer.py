@@ -10,9 +10,8 @@ from torch import Tensor, nn
 
 from moekit.nn import functional as MF
 from moekit.nn.config import MoEConfig, validate_moe_params
-from moekit.nn.dispatch import combine, dense_gates, plan_dispatch
-from moekit.nn.experts import ExpertBank, FeedForward, sorted_experts_mm
-from moekit.nn.fused import fused_moe
+from moekit.nn.dispatch import dense_gates, plan_dispatch, run_experts
+from moekit.nn.experts import ExpertBank, FeedForward
 from moekit.nn.parallel import ExpertShard, expert_parallel_experts, make_shard, shard_bank
 from moekit.nn.routers import (
     ExpertChoiceRouter,
@@ -327,18 +326,13 @@ class MoE(nn.Module):
         cfg = self.config
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
         bank = self.experts
-        impl = bank.resolve_impl(x)
         path = self.execution_path(x, routing.weights)
-        if self.expert_parallel is not None:
-            if path in ("masked", "compiled"):
-                raise RuntimeError(
-                    "An expert-parallel MoE layer runs eagerly only: its all-to-all has "
-                    "data-dependent sizes, which vmap and torch.compile cannot trace."
-                )
-            plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
-            routed, dropped = plan.routed, plan.dropped
-            y = expert_parallel_experts(x, plan, bank, self.expert_parallel)  # (T, d)
-        elif path == "masked":
+        if self.expert_parallel is not None and path in ("masked", "compiled"):
+            raise RuntimeError(
+                "An expert-parallel MoE layer runs eagerly only: its all-to-all has "
+                "data-dependent sizes, which vmap and torch.compile cannot trace."
+            )
+        if path == "masked":
             gates, routed, dropped = dense_gates(
                 routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority
             )  # (T, E)
@@ -346,28 +340,10 @@ class MoE(nn.Module):
         else:
             plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
             routed, dropped = plan.routed, plan.dropped
-            grouped = impl == "grouped_mm"
-            if path == "fused" and plan.token.numel() > 0:
-                # the maths of the 'sorted' branch in one autograd Function
-                y = fused_moe(
-                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.counts,
-                    bank.activation, grouped=grouped,
-                )  # fmt: skip
-            elif path == "compiled":  # counts stay a tensor: no graph break
-                y = fused_moe(
-                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.kept,
-                    bank.activation, grouped=grouped,
-                )  # fmt: skip
+            if self.expert_parallel is None:
+                y = run_experts(x, plan, bank, path)  # (T, d)
             else:
-                x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
-                scale = plan.weight.to(x_sorted.dtype)  # (A,)
-                if impl in ("fused", "grouped_mm"):  # falling back: plain ops
-                    y_sorted = sorted_experts_mm(
-                        x_sorted, bank.w_in, bank.w_out, plan.counts, scale, bank.activation
-                    )  # (A, d), already weighted
-                else:
-                    y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
-                y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
+                y = expert_parallel_experts(x, plan, bank, self.expert_parallel, path)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)  # (T, d)
         self.aux_loss = self._aux_loss(routing)

@@ -41,8 +41,8 @@ from moekit._core.files import remove_partial_writes
 from moekit._core.validation import Interval, InvalidParameterError, validate_params
 from moekit.nn import layer as moe_layer
 from moekit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from moekit.nn.parallel import slice_expert_state
 from moekit.nn.parallel_train import DataParallel
+from moekit.nn.sharding import slice_expert_state
 from moekit.nn.transformer import MoETransformer
 
 __all__ = [

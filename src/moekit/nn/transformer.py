@@ -23,6 +23,7 @@ from moekit.io import register_model
 from moekit.nn.config import ROUTERS
 from moekit.nn.experts import ACTIVATIONS, FeedForward
 from moekit.nn.layer import MoE
+from moekit.nn.sharding import sharded_parameters
 
 __all__ = ["MoETransformer", "TransformerConfig", "check_state", "expected_state"]
 
@@ -243,12 +244,11 @@ class MoETransformer(nn.Module):
     def save(self, path) -> None:
         """Write the model to ``path`` (safetensors + JSON config, no pickle)."""
         from moekit.io import save_model
-        from moekit.nn.parallel import sharded_parameters
 
         if sharded_parameters(self):  # the file must hold every expert
             raise ValueError(
                 "This model is expert parallel: each process holds part of the experts. "
-                "Call moekit.nn.parallel.gather_experts(model) on every process first, then "
+                "Call moekit.nn.sharding.gather_experts(model) on every process first, then "
                 "save from one."
             )
 
