@@ -9,6 +9,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from moekit.nn import functional as MF
+from moekit.nn._checks import check_features
 from moekit.nn.config import MoEConfig, validate_moe_params
 from moekit.nn.dispatch import dense_gates, plan_dispatch, run_experts
 from moekit.nn.experts import ExpertBank, FeedForward
@@ -246,20 +247,6 @@ class MoE(nn.Module):
         self.aux_loss: Tensor = torch.zeros(())
         self.stats: MoEStats | None = None
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(
-                f"{type(self).__name__} expects a torch.Tensor of shape (..., d_model); "
-                f"got {type(x).__name__}."
-            )
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"{type(self).__name__} expects input of shape (..., d_model) with "
-                f"d_model={self.d_model}; got shape {tuple(x.shape)}."
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a floating-point input; got {x.dtype}.")
-
     def execution_path(self, x: Tensor, scale: Tensor | None = None) -> str:
         """How the layer runs its experts on tokens ``x``; one of :data:`PATHS`.
 
@@ -318,7 +305,7 @@ class MoE(nn.Module):
         -------
         Tensor of the same shape as ``x``
         """
-        self._check_input(x)
+        check_features(type(self).__name__, x, self.d_model, "d_model")
         shape = x.shape
         x = x.reshape(-1, self.d_model)  # (T, d)
         n_tokens = x.shape[0]

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit._core.distributed import collective, get_world_size, nbytes
@@ -140,31 +139,6 @@ class DataParallel:
         """Sum ``t`` over the processes, in place; returns it."""
         collective("all-reduce of the training statistics", dist.all_reduce, t, n_bytes=nbytes(t))
         return t
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, tokens: Tensor, batch_size: int, n_windows: int) -> float:
-        """:func:`~moekit.nn.train.evaluate_lm` with the windows shared out.
-
-        Each forward takes ``W * batch_size`` windows, every process its part (maybe
-        none: the last one can be short); all run the same number of forwards, since
-        the expert-parallel layers exchange tokens in each. The cross-entropy sums are
-        all-reduced, so every process gets the mean over all windows.
-        """
-        block = model.config.block_size
-        last = len(tokens) - block - 1
-        starts = torch.linspace(0, last, n_windows).long()
-        was_training = model.training
-        model.eval()
-        total = torch.zeros((), dtype=torch.float64)
-        for chunk in starts.split(batch_size * self.world_size):
-            part = chunk.tensor_split(self.world_size)[self.rank]
-            rows = torch.stack([tokens[s : s + block + 1] for s in part.tolist()]) if len(part) \
-                else tokens.new_zeros(0, block + 1)  # fmt: skip
-            logits, _ = model(rows[:, :-1])  # (b, T, vocab)
-            ce = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
-            total += ce.double()
-        model.train(was_training)
-        return float(self.all_reduce(total)) / (len(starts) * block)
 
 
 def _squared_norm(grads: list[Tensor]) -> Tensor:

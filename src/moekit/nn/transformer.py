@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from moekit._core.validation import Interval, InvalidParameterError, Options, validate_params
 from moekit.io import register_model
+from moekit.nn._checks import POSITIVE_INT
 from moekit.nn.config import ROUTERS
 from moekit.nn.experts import ACTIVATIONS, FeedForward
 from moekit.nn.layer import MoE
@@ -27,17 +28,16 @@ from moekit.nn.sharding import sharded_parameters
 
 __all__ = ["MoETransformer", "TransformerConfig", "check_state", "expected_state"]
 
-_POSITIVE_INT = [Interval(numbers.Integral, 1, None, closed="left")]
 _CONSTRAINTS = {
-    "vocab_size": _POSITIVE_INT,
-    "block_size": _POSITIVE_INT,
-    "n_layer": _POSITIVE_INT,
-    "n_head": _POSITIVE_INT,
-    "d_model": _POSITIVE_INT,
-    "d_hidden": _POSITIVE_INT,
-    "n_experts": _POSITIVE_INT,
-    "top_k": _POSITIVE_INT,
-    "moe_every": _POSITIVE_INT,
+    "vocab_size": [POSITIVE_INT],
+    "block_size": [POSITIVE_INT],
+    "n_layer": [POSITIVE_INT],
+    "n_head": [POSITIVE_INT],
+    "d_model": [POSITIVE_INT],
+    "d_hidden": [POSITIVE_INT],
+    "n_experts": [POSITIVE_INT],
+    "top_k": [POSITIVE_INT],
+    "moe_every": [POSITIVE_INT],
     # expert choice looks at the whole batch, so a token would see later tokens
     "router": [Options(r for r in ROUTERS if r != "expert_choice")],
     "activation": [Options(ACTIVATIONS)],
