@@ -5,6 +5,8 @@ depend on the peers: structure and values kept, the bytes counted, the rank help
 and a failing collective turned into the one error that names it.
 """
 
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -112,3 +114,31 @@ def test_the_wrapper_passes_results_and_counts_calls(group):
     calls, sent = bytes_exchanged()
     assert collective("no-op", lambda x, *, k: x + k, 1, k=2, n_bytes=5) == 3
     assert bytes_exchanged() == (calls + 1, sent + 5)
+
+
+def test_a_failed_collective_returns_once_the_backend_let_go_of_its_tensors():
+    # a backend thread that still holds the tensor for a while after the failure, as
+    # gloo's worker holds its failed operation; releasing it needs the GIL, which must
+    # not happen after the interpreter has begun to finalise (see _await_release)
+    t, held = torch.ones(3), []
+
+    def backend(x):
+        held.append(x)
+        threading.Timer(0.3, held.clear).start()
+        raise RuntimeError("Connection closed by peer")
+
+    tick = time.monotonic()
+    with pytest.raises(DistributedError, match="Connection closed by peer"):
+        collective("test", backend, t)
+    assert not held and time.monotonic() - tick >= 0.3
+
+
+def test_a_failed_collective_that_holds_nothing_raises_at_once():
+    def backend(x, parts):
+        local = [x, *parts]  # references in the failed frames do not count
+        raise ValueError(f"refused {len(local)}")
+
+    tick = time.monotonic()
+    with pytest.raises(DistributedError, match="refused 3"):
+        collective("test", backend, torch.ones(2), [torch.ones(1), torch.ones(1)])
+    assert time.monotonic() - tick < 1.0

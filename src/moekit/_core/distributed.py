@@ -29,6 +29,9 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import sys
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -129,14 +132,18 @@ def collective(
         When the backend fails. gloo fails at once with ``Connection closed by peer``
         when a peer process dies, and with a timeout error when one stops answering;
         NCCL raises (or aborts the process, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING``)
-        after the group's timeout.
+        after the group's timeout. It is raised only once the backend has let go of
+        the tensors it was handed (see :func:`_await_release`).
     """
     _TRAFFIC.calls += 1
     _TRAFFIC.bytes += int(n_bytes)
+    handed = _tensors(args)
+    refs = _refcounts(handed)
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ValueError) as err:  # DistBackendError and gloo's errors subclass them
         group = kwargs.get("group")
+        _await_release(err, handed, refs)
         raise DistributedError(
             f"process {get_rank()} of {get_world_size(group)}: the collective {what} failed, "
             "most likely because another process of the group died or stopped responding "
@@ -144,6 +151,53 @@ def collective(
             "timeout=...)); every process must make the same collective calls in the same "
             f"order. See the other processes' logs. Backend error: {err}"
         ) from err
+
+
+RELEASE_WAIT_S = 5.0
+"""Longest wait, after a failed collective, for the backend to let go of its tensors."""
+
+
+def _tensors(args: tuple) -> list[torch.Tensor]:
+    """The tensors among ``args``, and inside the lists and tuples among them."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _refcounts(tensors: list[torch.Tensor]) -> list[int]:
+    return [sys.getrefcount(t) for t in tensors]
+
+
+def _await_release(err: BaseException, tensors: list[torch.Tensor], refs: list[int]) -> None:
+    """Wait until the backend's threads have dropped the failed collective's ``tensors``.
+
+    Why: a collective runs on a backend thread (gloo's worker threads), which keeps
+    the failed operation and its tensors until it gets round to releasing them, and
+    releasing a tensor that Python created takes the GIL. If the program ends first
+    (it usually does, after such an error), that thread asks for the GIL while the
+    interpreter is finalising; Python then ends the thread with ``pthread_exit``,
+    whose unwinding through the operation's ``noexcept`` destructor calls
+    ``std::terminate``: ``terminate called without an active exception``, and the
+    process aborts. ``torch.distributed.destroy_process_group`` does not prevent it
+    when anything else still holds the group, since only the group's destructor
+    joins its threads.
+
+    While a C++ object holds a tensor, torch keeps one extra reference to its Python
+    object; so the backend has let go once every tensor's reference count is back to
+    ``refs``, counted before the call. The traceback's frames hold references of
+    their own, which are cleared first (their lines stay). Sleeping releases the
+    GIL for the backend's thread; the wait is bounded by :data:`RELEASE_WAIT_S`.
+    """
+    traceback.clear_frames(err.__traceback__)
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while time.monotonic() < deadline:
+        if all(now <= r for now, r in zip(_refcounts(tensors), refs, strict=True)):
+            return
+        time.sleep(0.001)
 
 
 def init_distributed(
