@@ -232,3 +232,14 @@ def test_gate_coefficients_of_a_nonlinear_gate_are_a_clear_attribute_error():
     for name in ("gate_coef_", "gate_intercept_"):
         with pytest.raises(AttributeError, match=f"{name} exists for gates linear in x"):
             getattr(m, name)
+
+
+def test_frame_columns_picked_out_of_order_are_fitted():
+    """``frame[["x", "z"]]`` of a frame holding z before x comes as a view with a
+    negative stride; it is fitted as the same columns in a fresh array are."""
+    rng = np.random.default_rng(0)
+    t = pd.DataFrame({"z": rng.normal(size=80), "x": rng.normal(size=80)})
+    y = 2 * t["x"].to_numpy() + 0.1 * rng.normal(size=80)
+    m = MoERegressor(2, n_init=1, random_state=0).fit(t[["x", "z"]], y)
+    ref = MoERegressor(2, n_init=1, random_state=0).fit(t[["x", "z"]].to_numpy().copy(), y)
+    np.testing.assert_allclose(m.predict(t[["x", "z"]]), ref.predict(t[["x", "z"]].to_numpy()))

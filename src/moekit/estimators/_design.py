@@ -53,6 +53,10 @@ def shared_tensor(X: np.ndarray, device=None) -> torch.Tensor:
     A pandas frame's values are a read-only view (copy-on-write), and the designs only
     read X: copying it to make it writable would add the whole data to a fit's peak.
     """
+    if any(step < 0 for step in X.strides):
+        # a frame's columns picked out of order can come as a view with a negative
+        # stride, which torch cannot share: copy that one
+        X = np.array(X, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
         return torch.as_tensor(X, dtype=EM_DTYPE, device=device)

@@ -48,7 +48,8 @@ class NestingMixin:
         if removed:
             warnings.warn(
                 f"{removed} of {K} experts held less than min_share={self.min_share:g} of the "
-                f"rows and were removed during EM; the model has {model.n_experts} experts.",
+                f"rows and were removed during EM; the model has {model.n_experts} "
+                f"expert{'s' * (model.n_experts != 1)}.",
                 SmallExpertsRemovedWarning,
                 stacklevel=3,
             )

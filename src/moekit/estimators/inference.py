@@ -234,8 +234,8 @@ def observed_information_summary(
                           "std_error": se, "z_value": z, "p_value": p})  # fmt: skip
     expert, gate = model._expert_family, model._gate_family
     title = (
-        f"{type(model).__name__}: {lik.K} experts ({_kind(expert)} experts, "
-        f"{_kind(gate) if lik.K > 1 else 'no'} gate)"
+        f"{type(model).__name__}: {lik.K} expert{'s' * (lik.K != 1)} ({_kind(expert)} "
+        f"expert{'s' * (lik.K != 1)}, {_kind(gate) if lik.K > 1 else 'no'} gate)"
     )
     return Summary(table, total, n, title, note)
 
