@@ -53,7 +53,7 @@ def test_fit_then_predict_round_trip(tmp_path, capsys):
         )
         == 0
     )
-    assert "mean log-likelihood" in (tmp_path / "fit" / "report.txt").read_text()
+    assert "log-likelihood per row (fitted rows): " in (tmp_path / "fit" / "report.txt").read_text()
     assert (
         main(
             [

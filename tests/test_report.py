@@ -29,6 +29,7 @@ from moekit.report import (
     tour_page,
     tour_report,
 )
+from moekit.report.headline import wilson_interval
 from moekit.report.page import html_table
 from moekit.report.regression import coverage, model_formula
 
@@ -131,11 +132,13 @@ def test_the_coverage_is_the_share_of_rows_inside_each_interval(regression):
     rows = coverage(model, Xt.to_numpy(), yt)
     assert [r[0] for r in rows] == [f"{level:.0%}" for level in LEVELS]
     d = model.predict_distribution(Xt)
-    for (_, covered, width), level in zip(rows, LEVELS, strict=True):
+    for (_, covered, interval, width), level in zip(rows, LEVELS, strict=True):
         lo, hi = d.interval(level)
         assert covered == pytest.approx(np.mean((lo <= yt) & (yt <= hi)))
         assert width == pytest.approx(np.mean(hi - lo), rel=1e-6)
-    assert np.all(np.diff([r[2] for r in rows]) > 0)  # wider intervals at higher levels
+        k_lo, k_hi = wilson_interval(round(covered * len(yt)), len(yt))
+        assert interval == f"{k_lo:.3f}-{k_hi:.3f}" and k_lo <= covered <= k_hi
+    assert np.all(np.diff([r[3] for r in rows]) > 0)  # wider intervals at higher levels
 
 
 def test_sections_take_a_prefix_and_a_level_and_skip_the_criterion_without_a_table(regression):
