@@ -27,7 +27,8 @@ class UsageError(SystemExit):
         self.message = message
 
 
-FLAG_NAMES = {"max_iter or tol": "--max-iter", "max_iter": "--max-iter", "(n_init)": "(--n-init)"}
+FLAG_NAMES = {"max_iter or tol": "--max-iter", "max_iter": "--max-iter", "(n_init)": "(--n-init)",
+              "(n_experts)": "(--experts)"}  # fmt: skip
 """Estimator parameters that a warning's advice names, and the command's flags for them."""
 
 
