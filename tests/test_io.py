@@ -269,7 +269,9 @@ def test_shapes_are_checked_against_the_settings_before_reading(tmp_path, saved,
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"state": {"n_experts_fitted": 2}}, "'n_experts_fitted' is 2, but n_experts=3"),
+        # fewer fitted experts than n_experts is legal (min_share), but not these tensors
+        ({"state": {"n_experts_fitted": 2}}, r"'expert_sizes' has shape \(3,\), expected \(2,\)"),
+        ({"state": {"n_experts_fitted": 4}}, "'n_experts_fitted' is 4, but n_experts=3"),
         ({"params": {"n_experts": 2}}, "'n_experts_fitted' is 3, but n_experts=2"),
         ({"state": {"n_features_in_": "3"}}, "'n_features_in_' must be an int >= 1"),
         ({"state": {"n_iter_": -1}}, "'n_iter_' must be an int >= 0"),
@@ -475,3 +477,19 @@ def test_classifier_labels_must_match_the_coefficients(tmp_path, small_data):
     nested = {"classes_": {"dtype": "object", "values": [["a"], "b", "c"]}}
     with pytest.raises(ValueError, match="only strings and numbers"):
         load(_rewrite(tmp_path / "c.moe", tmp_path / "c3.moe", state=nested))
+
+
+def test_a_model_that_shed_experts_round_trips(tmp_path):
+    """A fit that removed experts below min_share has fewer experts than n_experts; its
+    file stores and restores that model, and the count of removed experts."""
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (300, 1))
+    y = np.where(X[:, 0] < 0, -2 * X[:, 0], 3 * X[:, 0]) + 0.05 * rng.normal(size=300)
+    with pytest.warns(UserWarning, match="removed during EM"):
+        m = MoERegressor(8, min_share=0.2, n_init=2, random_state=0).fit(X, y)
+    assert m.n_experts_removed_ > 0 and len(m.expert_sizes_) == 8 - m.n_experts_removed_
+    m.save(tmp_path / "small.moe")
+    back = moekit.load(tmp_path / "small.moe")
+    assert back.n_experts_removed_ == m.n_experts_removed_
+    np.testing.assert_allclose(back.predict(X), m.predict(X), rtol=1e-12)
+    assert back.gate_weights(X).shape == (300, len(m.expert_sizes_))

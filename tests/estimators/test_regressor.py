@@ -222,3 +222,13 @@ def test_a_read_only_frame_view_is_fitted_without_a_copy(monkeypatch):
     assert seen and all(np.shares_memory(Xt.numpy(), block) for Xt in seen)
     ref = MoERegressor(2, n_init=2, random_state=0).fit(X[100:].copy(), y[100:])
     np.testing.assert_allclose(m.predict(frame), ref.predict(X[100:]), rtol=1e-12)
+
+
+def test_gate_coefficients_of_a_nonlinear_gate_are_a_clear_attribute_error():
+    X, y, _ = make_moe_regression(200, n_features=1, n_experts=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = MoERegressor(2, gate="mlp", n_init=1, random_state=0).fit(X, y)
+    for name in ("gate_coef_", "gate_intercept_"):
+        with pytest.raises(AttributeError, match=f"{name} exists for gates linear in x"):
+            getattr(m, name)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 class InvalidParameterError(ValueError, TypeError):
@@ -200,3 +201,28 @@ def check_options(
             f"{owner}: unknown option(s) {unknown}; known options are {sorted(defaults)}."
         )
     return {**defaults, **options}
+
+
+def check_finite(name: str, values: torch.Tensor | np.ndarray) -> None:
+    """Refuse values that hold NaN or infinities.
+
+    The one wording of this check wherever a family checks its parameters (model
+    files call it on every field they read).
+
+    Parameters
+    ----------
+    name : str
+        The field, as the message names it (quoted: ``'expert.coef'``).
+    values : Tensor or ndarray
+
+    Raises
+    ------
+    ValueError
+        ``{name!r} holds NaN or infinite values``.
+    """
+    if isinstance(values, torch.Tensor):
+        finite = bool(torch.isfinite(values).all())
+    else:
+        finite = bool(np.isfinite(np.asarray(values)).all())
+    if not finite:
+        raise ValueError(f"{name!r} holds NaN or infinite values")

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 
 from moekit._core.data import EMData
 from moekit._core.distributed import DataGroup
@@ -34,24 +33,25 @@ from moekit._core.validation import (
 from moekit.estimators._columns import resolve_columns
 from moekit.estimators._design import (
     DESIGN_ATTRS,
+    Prepared,
     build_designs,
     column_moments,
-    same_data,
     shared_tensor,
 )
 from moekit.estimators._editing import Edit, EditingMixin
 from moekit.estimators._files import ModelFileMixin
+from moekit.estimators._nesting import NestingMixin, SmallExpertsRemovedWarning
 from moekit.estimators._params import DeclaredParams
 from moekit.estimators._scoring import SCORE_BLOCK_ROWS, CoefficientsMixin, ScoringMixin
 from moekit.estimators._summary import SummaryMixin
 from moekit.estimators._targets import TargetCoding
 from moekit.fitting.em import EMModel, FitResult, Params, run_em
-from moekit.fitting.starts import STRATEGIES, carry_over
+from moekit.fitting.starts import STRATEGIES
 from moekit.gates.constant import ConstantGate
 from moekit.gates.mlp import MLPGate
 from moekit.gates.softmax import SoftmaxGate
 
-__all__ = ["SCORE_BLOCK_ROWS", "BaseMoE", "CollapsedExpertWarning"]
+__all__ = ["SCORE_BLOCK_ROWS", "BaseMoE", "CollapsedExpertWarning", "SmallExpertsRemovedWarning"]
 
 GATES = {"softmax": SoftmaxGate, "constant": ConstantGate, "mlp": MLPGate}
 _COLUMN_SETTINGS = {"_expert_cols": "expert_features", "_gate_cols": "gate_features"}
@@ -62,19 +62,8 @@ class CollapsedExpertWarning(UserWarning):
     """An expert ended the fit with fewer effective samples than parameters."""
 
 
-@dataclass
-class _Prepared:
-    """What a fit derives from X and y before EM: the data and the state to set."""
-
-    X: np.ndarray
-    y: np.ndarray
-    state: dict[str, Any]  # fitted attributes that describe the data (scalings, coding)
-    data: EMData
-    warm: bool
-
-
-class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, ModelFileMixin,
-              DeclaredParams, BaseEstimator):  # fmt: skip
+class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, EditingMixin,
+              ModelFileMixin, DeclaredParams, BaseEstimator):  # fmt: skip
     """Shared machinery of the EM-fitted estimators (not for direct use).
 
     A fit is four steps: validate the parameters; build the data (check X and y,
@@ -110,6 +99,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
         "expert_options": [None, dict],
         "gate_options": [None, dict],
         "distributed": ["boolean"],
+        "min_share": [Interval(numbers.Real, 0, 1, closed="left")],
     }
     _target_coding: ClassVar[type[TargetCoding]] = TargetCoding
     _order_by_mean = False  # documented expert order: by mean prediction, else by size
@@ -122,6 +112,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
     gate_options = None
     gate_balance = 0.0
     distributed = False
+    min_share = 0.0
 
     # ------------------------------------------------------------------ declarations
     def _expert_class(self) -> type | None:
@@ -176,8 +167,10 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
             model = self._em_model(prepared, seed, edit)
             with em_threads(prepared.data):
                 result = self._run(model, prepared, parent, edit, seed)
+                model, result, removed = self._drop_small_experts(model, prepared, result, edit)
             kept = model.frozen_experts if edit is None else edit.kept_frozen
-            state = {**prepared.state, **self._fitted_state(model, result, prepared, kept)}
+            state = {**prepared.state, **self._fitted_state(model, result, prepared, kept),
+                     "n_experts_removed_": removed}  # fmt: skip
         except BaseException:
             # scikit-learn's validate_data writes n_features_in_ as it checks: undo that too
             self.__dict__.clear()
@@ -207,7 +200,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
             )
         return DataGroup.default()
 
-    def _em_model(self, prepared: _Prepared, random_state, edit: Edit | None) -> EMModel:
+    def _em_model(self, prepared: Prepared, random_state, edit: Edit | None) -> EMModel:
         """The expert family and gate for the prepared data, with the fit's settings."""
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch_generator(random_state)))
         model = EMModel(self._make_expert(prepared.state, seed), self._make_gate(seed))
@@ -232,7 +225,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
             model.frozen_experts = getattr(self, "frozen_experts_", ())
         return model
 
-    def _prepare(self, X, y, warm: bool | None = None, comm: DataGroup | None = None) -> _Prepared:
+    def _prepare(self, X, y, warm: bool | None = None, comm: DataGroup | None = None) -> Prepared:
         """Check X and y and build the EM data; returns the state that describes them.
 
         A warm fit (``warm_start``, or ``warm=True`` for an edit) keeps the fitted
@@ -276,7 +269,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
         XeT, XgT = build_designs(shared_tensor(X, device), state)
         data = EMData(XeT, XgT, coder.encode(y, state, device), comm=comm,
                       n_global=None if comm is None else n)  # fmt: skip
-        return _Prepared(X, y, state, data, warm)
+        return Prepared(X, y, state, data, warm)
 
     def _check_shard(self, X, y, warm: bool, coder: TargetCoding, local: bool = True):
         """The checks of X and y that need no other process: (X, y, coding or None)."""
@@ -307,7 +300,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
         # a different number of experts starts afresh (documented)
         return self._n_experts_fitted == self.n_experts
 
-    def _run(self, model: EMModel, prepared: _Prepared, parent, edit=None,
+    def _run(self, model: EMModel, prepared: Prepared, parent, edit=None,
              random_state=None) -> FitResult:  # fmt: skip
         """EM (or gradient fitting) of ``model``; ``random_state`` seeds its draws."""
         comm = prepared.data.comm
@@ -353,29 +346,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
             extra = tuple(self._carried_over(model, parent, prepared))
         return run_em(model, prepared.data, extra_starts=extra, **em)
 
-    def _carried_over(self, model: EMModel, parent: BaseMoE, prepared: _Prepared) -> list:
-        """Starts from a fitted simpler model of the same data (see ``carry_over``)."""
-        check_is_fitted(parent)
-        same = type(parent) is type(self)
-        if not (same and same_data(parent, prepared.state, self._data_attrs())):
-            raise ValueError(
-                f"start_from: expected a {type(self).__name__} fitted on the same X and y "
-                "(and the same expert and gate columns)."
-            )
-        small = EMModel(parent._expert_family, parent._gate_family)
-        small.prepare(prepared.data)
-        model.prepare(prepared.data)
-        starts = carry_over(model, small, parent._params, prepared.data)
-        if not starts:
-            raise ValueError(
-                f"start_from: a model with {small.n_experts} experts "
-                f"({type(small.expert).__name__}, {type(small.gate).__name__}) is not a "
-                f"simpler model that this one ({model.n_experts} experts, "
-                f"{type(model.expert).__name__}, {type(model.gate).__name__}) contains."
-            )
-        return starts
-
-    def _fitted_state(self, model: EMModel, result: FitResult, prepared: _Prepared,
+    def _fitted_state(self, model: EMModel, result: FitResult, prepared: Prepared,
                       frozen: tuple[int, ...] = ()):  # fmt: skip
         """The fitted attributes of a successful fit: parameters in documented order.
 
@@ -401,7 +372,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, EditingMixin, Model
             "_expert_family": expert,
             "_gate_family": gate,
             "_params": params,
-            "_n_experts_fitted": self.n_experts,
+            "_n_experts_fitted": model.n_experts,
             "n_iter_": result.n_iter,
             "converged_": result.converged,
             "log_likelihood_": result.loglik + jac,

@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from moekit._core.data import EMData
 from moekit._core.engine import EM_DTYPE
+
+
+@dataclass
+class Prepared:
+    """What a fit derives from X and y before EM: the data and the state to set."""
+
+    X: np.ndarray
+    y: np.ndarray
+    state: dict[str, Any]  # fitted attributes that describe the data (scalings, coding)
+    data: EMData
+    warm: bool
+
 
 DESIGN_ATTRS = ("_x_mean", "_x_scale", "_expert_cols", "_gate_cols")
 """The fitted attributes that say how a design is built from X."""

@@ -24,6 +24,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from moekit._core.engine import resolve_device, to_numpy
 from moekit.fitting.em import Params
+from moekit.fitting.model import resized_family
 
 _OWN = ("x_mean", "x_scale", "expert_sizes")  # the base's tensors; expert.*, gate.*; the rest
 
@@ -166,6 +167,7 @@ class ModelFileMixin:
             "log_likelihood_": float(self.log_likelihood_),
             "log_likelihood_history_": [float(v) for v in self.log_likelihood_history_],
             "n_experts_fitted": int(self._n_experts_fitted),
+            "n_experts_removed": int(getattr(self, "n_experts_removed_", 0)),
             "frozen_experts": [int(k) for k in getattr(self, "frozen_experts_", ())],
             "expert_family": type(self._expert_family).__name__,
             "gate_family": type(self._gate_family).__name__,
@@ -201,12 +203,14 @@ class ModelFileMixin:
         device = resolve_device(model.device if torch.cuda.is_available() else "cpu")
         # settings first: every expected shape follows from them
         d = model.n_features_in_ = int_setting(state, "n_features_in_", 1)
-        K = model.n_experts
-        if int_setting(state, "n_experts_fitted", 1) != K:
-            raise ValueError(
-                f"setting 'n_experts_fitted' is {state['n_experts_fitted']}, but n_experts={K}"
-            )
+        # a fit may end with fewer experts than n_experts (min_share), never more
+        K = int_setting(state, "n_experts_fitted", 1)
+        if K > model.n_experts:
+            raise ValueError(f"setting 'n_experts_fitted' is {K}, but n_experts={model.n_experts}")
         model._n_experts_fitted = K
+        model.n_experts_removed_ = (
+            int_setting(state, "n_experts_removed") if "n_experts_removed" in state else 0
+        )
         frozen = state.get("frozen_experts", [])
         model.frozen_experts_ = (
             ()
@@ -248,8 +252,9 @@ class ModelFileMixin:
             _check_classes(model.classes_)
 
         # the families state their parameters' shapes; checked before they are read
-        expert = model._make_expert(vars(model), seed=0)
-        gate = model._make_gate(seed=0)
+        expert, gate = model._make_expert(vars(model), seed=0), model._make_gate(seed=0)
+        if K != model.n_experts:
+            expert, gate = resized_family(expert, K), resized_family(gate, K)
         if type(expert).__name__ != state.get("expert_family") or (
             type(gate).__name__ != state.get("gate_family")
         ):

@@ -123,6 +123,14 @@ class CoefficientsMixin:
         ratio = to_numpy(self._x_mean / self._x_scale)[cols]
         return -(coef * ratio).sum(-1)
 
+    def _check_linear_gate(self, name: str) -> None:
+        gate = self._params.gate
+        if not (hasattr(gate, "coef") or hasattr(gate, "log_pi")):
+            raise AttributeError(
+                f"{name} exists for gates linear in x (softmax, constant, tree); the "
+                f"{type(self._gate_family).__name__} has no such coefficients."
+            )
+
     @property
     def gate_coef_(self) -> np.ndarray:
         """Gate slopes V in g(x) = softmax(V x + v), shape (K, n_features).
@@ -132,6 +140,7 @@ class CoefficientsMixin:
         see (``gate_features``) are zero, and so is everything for a constant gate.
         """
         gate = self._params.gate
+        self._check_linear_gate("gate_coef_")
         if not hasattr(gate, "coef"):
             return np.zeros((self._n_experts_fitted, self.n_features_in_))
         return self._scatter(to_numpy(gate.coef)[:, :-1], self._gate_cols)
@@ -140,6 +149,7 @@ class CoefficientsMixin:
     def gate_intercept_(self) -> np.ndarray:
         """Gate intercepts v, shape (K,), centred to sum to zero; log pi_k for a constant gate."""
         gate = self._params.gate
+        self._check_linear_gate("gate_intercept_")
         if not hasattr(gate, "coef"):
             return to_numpy(gate.log_pi)
         coef = to_numpy(gate.coef)

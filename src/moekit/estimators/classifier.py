@@ -52,6 +52,14 @@ default='auto'
     tol : float, default=1e-6
     init_max_iter : int, default=30
     init_sample_size : int or None, default=20_000
+    min_share : float, default=0.05
+        Experts whose share of the rows (total responsibility / n) falls below this
+        are removed during EM, which continues without them, as flexmix's
+        ``minprior`` does: an expert on a handful of rows can fit them almost
+        exactly, a spurious maximum of the likelihood. A
+        ``SmallExpertsRemovedWarning`` says how many went (``n_experts_removed_``);
+        the fitted model then has fewer experts than ``n_experts``. 0 keeps every
+        expert.
     alpha : float or None, default=None
         L2 penalty on each expert's slopes, as ``1 / C`` in scikit-learn's
         LogisticRegression (on the summed log-likelihood scale). None uses 1: every
@@ -121,6 +129,7 @@ default='auto'
         "gate": "softmax",
         "expert": "logistic",
         **EM_DEFAULTS,
+        "min_share": 0.05,
         "alpha": None,
         "gate_alpha": 1.0,
         "gate_balance": 0.0,

@@ -36,9 +36,11 @@ _TREE_CONSTRAINTS = {
 
 
 # the flat estimators' parameters a tree has not: K follows from its shape, its nodes
-# are softmax gates, and its classifier's experts take no options
-_NOT_TREE_REGRESSOR = {"n_experts", "gate_options", "fit_method", "objective", "fit_options"}
-_NOT_TREE_CLASSIFIER = {"n_experts", "expert_options", "gate_options"}
+# are softmax gates whose leaves stay (no min_share), and its classifier's experts take no
+# options
+_NOT_TREE_REGRESSOR = {"n_experts", "min_share", "gate_options", "fit_method", "objective",
+                       "fit_options"}  # fmt: skip
+_NOT_TREE_CLASSIFIER = {"n_experts", "min_share", "expert_options", "gate_options"}
 
 
 class _TreeMixin:

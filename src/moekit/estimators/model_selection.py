@@ -29,6 +29,18 @@ def icl(model, X, y) -> float:
     return model.bic(X, y) + 2.0 * entropy
 
 
+def _fitted_experts(model) -> int:
+    """The number of experts the fitted model has (fewer than asked after min_share)."""
+    return len(model.expert_sizes_)
+
+
+def _parent(model, k: int):
+    """The K - 1 fit as a start of the K fit, when it kept its K - 1 experts."""
+    if model is None or _fitted_experts(model) != k - 1:
+        return None
+    return model
+
+
 def select_n_experts(
     estimator,
     X,
@@ -42,7 +54,8 @@ def select_n_experts(
 
     The numbers of experts are fitted in increasing order, and each fit also starts
     from the fit with one expert fewer (``fit(..., start_from=...)``), so the
-    log-likelihood in the table never decreases as K grows.
+    log-likelihood in the table never decreases as K grows, among the fits that kept
+    every expert (see ``min_share``).
 
     Parameters
     ----------
@@ -65,7 +78,9 @@ def select_n_experts(
     best : estimator
         The fitted estimator with the best criterion (lowest; highest ELBO).
     table : pandas.DataFrame
-        One row per K: ``n_experts``, ``log_likelihood`` (total), ``n_parameters``,
+        One row per K: ``n_experts``, ``n_experts_fitted`` (fewer when experts below
+        ``min_share`` were removed; such rows are not chosen while a fit that kept
+        every expert is), ``log_likelihood`` (total), ``n_parameters``,
         ``bic``, ``aic``, ``icl``, (``elbo``,) ``n_iter``, ``converged``; ``best`` marks
         the choice.
         ``moekit.plotting.plot_criterion(table, criterion)`` draws it.
@@ -100,12 +115,13 @@ def select_n_experts(
             warnings.simplefilter("ignore")  # convergence and collapse are in the table
             # K + 1 experts start (besides their own starts) from the K fit with one
             # expert split, so the log-likelihood never drops as K grows
-            model.fit(X, y, start_from=models.get(k - 1))
+            model.fit(X, y, start_from=_parent(models.get(k - 1), k))
         n = len(X)
         ll = model.log_likelihood(X, y) * n
         rows.append(
             {
                 "n_experts": k,
+                "n_experts_fitted": _fitted_experts(model),
                 "log_likelihood": ll,
                 "n_parameters": model.n_parameters(),
                 "bic": model.bic(X, y),
@@ -121,7 +137,13 @@ def select_n_experts(
             r = rows[-1]
             print(f"K = {k}: log-likelihood {ll:.2f}, {criterion.upper()} {r[criterion]:.2f}")
     table = pd.DataFrame(rows)
-    pick = table[criterion].idxmax() if criterion in HIGHER_IS_BETTER else table[criterion].idxmin()
+    # a K fit that shed experts below min_share is a smaller model, which its own K
+    # fits too: only fits that kept every expert compete, so that model choice never
+    # picks a K whose extra experts sat on a handful of rows (a spurious maximum)
+    whole = table[table["n_experts_fitted"] == table["n_experts"]]
+    whole = whole if len(whole) else table
+    scores = whole[criterion]
+    pick = scores.idxmax() if criterion in HIGHER_IS_BETTER else scores.idxmin()
     best_k = int(table.loc[pick, "n_experts"])
     table["best"] = table["n_experts"] == best_k
     return models[best_k], table

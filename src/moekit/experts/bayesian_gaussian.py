@@ -55,6 +55,7 @@ import torch
 
 from moekit._core.data import Chunk, EMData, packed, unpack_grams
 from moekit._core.logspace import LOG_2PI
+from moekit._core.validation import check_finite
 
 MAX_PRECISION = 1e8
 """Largest prior precision of a slope (standardised units): a prior sd of 1e-4."""
@@ -382,8 +383,7 @@ class BayesianGaussianExperts:
             Naming the field (after ``prefix``) and what is wrong with it.
         """
         for name in self.param_shapes(1):
-            if not bool(torch.isfinite(getattr(params, name)).all()):
-                raise ValueError(f"{prefix + name!r} holds NaN or infinite values")
+            check_finite(prefix + name, getattr(params, name))
         if not bool((params.beta > 0).all()):
             raise ValueError(f"{prefix + 'beta'!r} holds noise precisions that are not positive")
         for name in ("cov", "prior_prec"):

@@ -24,6 +24,59 @@ from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+from moekit._core.validation import check_finite
+
+
+# ---------------------------------------------------------------------- linear experts
+# The maths every linear expert with a diagonal (squared) scale shares: the
+# Student-t experts use it too, with their precision-weighted Grams.
+def weighted_least_squares(
+    gram: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor, nk: torch.Tensor, var_floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B_k = (X^T W_k X)^{-1} X^T W_k y and sigma_kj^2 = max(RSS_kj / n_k, floor).
+
+    Parameters
+    ----------
+    gram, xty, yty : Tensor of shapes (K, p, p), (K, m, p), (K, m)
+        The weighted Grams X^T W_k X, X^T W_k y and y^T W_k y (:func:`unpack_grams`).
+    nk : Tensor of shape (K,)
+        sum_i r_ik, the denominator of the variances.
+    var_floor : float
+
+    Returns
+    -------
+    coef : Tensor of shape (K, m, p)
+    var : Tensor of shape (K, m)
+    """
+    coef = solve_psd(gram, xty.transpose(1, 2)).transpose(1, 2)  # (K, m, p)
+    # RSS_kj = y^T W y - 2 b^T X^T W y + b^T X^T W X b
+    rss = yty - 2.0 * (coef * xty).sum(-1) + torch.einsum("kmp,kpq,kmq->km", coef, gram, coef)
+    var = torch.clamp(rss / nk.clamp(min=1e-300).unsqueeze(1), min=var_floor)
+    return coef, var
+
+
+def linear_means(coef: torch.Tensor, XT: torch.Tensor) -> torch.Tensor:
+    """B_k x of shape (K, m, n) for coef (K, m, p) and a design XT (p, n)."""
+    K, m, p = coef.shape
+    # one (K m, p) @ (p, n) product: several times faster than einsum at this size
+    return (coef.reshape(K * m, p) @ XT).reshape(K, m, -1)
+
+
+def scaled_residuals(coef: torch.Tensor, var: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """(y - B_k x) / sigma_k of every expert and row of the chunk, shape (K, m, c)."""
+    mean = torch.einsum("kmp,pc->kmc", coef, chunk.XeT)
+    return (chunk.y.unsqueeze(0) - mean) / var.sqrt().unsqueeze(-1)
+
+
+def linear_moments(coef: torch.Tensor, var: torch.Tensor, XT: torch.Tensor):
+    """Locations B_k x and scales sigma_k, each of shape (n, K, m)."""
+    loc = torch.einsum("kmp,pn->nkm", coef, XT)
+    return loc, torch.sqrt(var).unsqueeze(0).expand_as(loc)
+
+
+def log_excess_var(var: torch.Tensor, var_floor: float) -> torch.Tensor:
+    """The free form of variances above a floor: log(var - floor), var = floor + exp(s)."""
+    return torch.log((var - var_floor).clamp(min=1e-6 * var_floor + 1e-300))
 
 
 @dataclass
@@ -81,10 +134,7 @@ class GaussianExperts:
         p, m = data.XeT.shape[0], self.n_outputs
         gram, xty, yty = unpack_grams(stats, p, m)  # (K, p, p), (K, m, p), (K, m)
         nk = gram[:, -1, -1]  # the intercept's product with itself: sum_i r_ik
-        coef = solve_psd(gram, xty.transpose(1, 2)).transpose(1, 2)  # (K, m, p)
-        # RSS_kj = y^T R y - 2 b^T X^T R y + b^T X^T R X b
-        rss = yty - 2.0 * (coef * xty).sum(-1) + torch.einsum("kmp,kpq,kmq->km", coef, gram, coef)
-        var = torch.clamp(rss / nk.clamp(min=1e-300).unsqueeze(1), min=self.var_floor)
+        coef, var = weighted_least_squares(gram, xty, yty, nk, self.var_floor)
         # an expert with no weight at all is not determined by the data: keep it as it was
         empty = nk <= 1e-12 * max(float(nk.sum()), 1.0)
         if params is not None and bool(empty.any()):
@@ -100,8 +150,7 @@ class GaussianExperts:
 
     def residuals(self, params: GaussianParams, chunk: Chunk) -> torch.Tensor:
         """Standardised residuals (y - B_k x) / sigma_k of every expert, shape (K, m, c)."""
-        mean = torch.einsum("kmp,pc->kmc", params.coef, chunk.XeT)
-        return (chunk.y.unsqueeze(0) - mean) / params.var.sqrt().unsqueeze(-1)
+        return scaled_residuals(params.coef, params.var, chunk)
 
     def log_prior(self, params: GaussianParams) -> float:
         return 0.0
@@ -119,17 +168,14 @@ class GaussianExperts:
     # (unconstrained) tensors, var = var_floor + exp(log_excess_var), and an
     # out-of-place log-density autograd can follow.
     def to_free(self, params: GaussianParams) -> dict[str, torch.Tensor]:
-        excess = (params.var - self.var_floor).clamp(min=1e-6 * self.var_floor + 1e-300)
-        return {"coef": params.coef, "log_excess_var": torch.log(excess)}
+        return {"coef": params.coef, "log_excess_var": log_excess_var(params.var, self.var_floor)}
 
     def from_free(self, free: dict[str, torch.Tensor]) -> GaussianParams:
         return GaussianParams(free["coef"], _variance(self, free))
 
     def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
         """Expert means (K, m, n) for a design XT (p, n)."""
-        K, m, p = free["coef"].shape
-        # one (K m, p) @ (p, n) product: several times faster than einsum at this size
-        return (free["coef"].reshape(K * m, p) @ XT).reshape(K, m, -1)
+        return linear_means(free["coef"], XT)
 
     def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
         """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
@@ -174,9 +220,7 @@ class GaussianExperts:
         self, params: GaussianParams, XT: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert predictive means and standard deviations, each (n, K, m)."""
-        means = torch.einsum("kmp,pn->nkm", params.coef, XT)
-        stds = torch.sqrt(params.var).unsqueeze(0).expand_as(means)
-        return means, stds
+        return linear_moments(params.coef, params.var, XT)
 
     def predictive_extra(self, params: GaussianParams) -> dict:
         return {}
@@ -195,8 +239,7 @@ class GaussianExperts:
         ValueError
             Naming the field (after ``prefix``) and what is wrong with it.
         """
-        if not bool(torch.isfinite(params.coef).all()):
-            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        check_finite(prefix + "coef", params.coef)
         if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
             raise ValueError(f"{prefix + 'var'!r} holds variances that are not positive and finite")
 

@@ -22,7 +22,8 @@ import torch
 from moekit._core.data import Chunk, EMData
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.optim import lbfgs_minimise
-from moekit._core.validation import check_options
+from moekit._core.validation import check_finite, check_options
+from moekit.experts.gaussian import log_excess_var
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-4}
 
@@ -165,9 +166,8 @@ class MLPExperts:
 
     # ------------------------------------------------------------ differentiable view
     def to_free(self, params: MLPParams) -> dict[str, torch.Tensor]:
-        excess = (params.var - self.var_floor).clamp(min=1e-6 * self.var_floor + 1e-300)
         free = {f: getattr(params, f) for f in ("w1", "b1", "w2", "b2")}
-        free["log_excess_var"] = torch.log(excess)
+        free["log_excess_var"] = log_excess_var(params.var, self.var_floor)
         return free
 
     def from_free(self, free: dict[str, torch.Tensor]) -> MLPParams:
@@ -212,7 +212,6 @@ class MLPExperts:
             Naming the field (after ``prefix``) and what is wrong with it.
         """
         for name in ("w1", "b1", "w2", "b2"):
-            if not bool(torch.isfinite(getattr(params, name)).all()):
-                raise ValueError(f"{prefix + name!r} holds NaN or infinite values")
+            check_finite(prefix + name, getattr(params, name))
         if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
             raise ValueError(f"{prefix + 'var'!r} holds variances that are not positive and finite")

@@ -22,6 +22,7 @@ import torch
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+from moekit._core.validation import check_finite
 
 
 @dataclass
@@ -165,5 +166,4 @@ class PoissonExperts:
 
     def check_params(self, params: PoissonParams, prefix: str = "") -> None:
         """Refuse non-finite coefficients (ValueError naming the field)."""
-        if not bool(torch.isfinite(params.coef).all()):
-            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        check_finite(prefix + "coef", params.coef)

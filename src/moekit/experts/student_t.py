@@ -26,10 +26,19 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
-from moekit._core.linalg import solve_psd
 from moekit._core.logspace import student_t_logpdf
 from moekit._core.reporting import Report, Scaling
-from moekit.experts.gaussian import GaussianExperts, GaussianParams, _variance
+from moekit._core.validation import check_finite
+from moekit.experts.gaussian import (
+    GaussianExperts,
+    GaussianParams,
+    _variance,
+    linear_means,
+    linear_moments,
+    log_excess_var,
+    scaled_residuals,
+    weighted_least_squares,
+)
 
 NU_MIN, NU_MAX = 0.5, 1e6
 """Range of fitted degrees of freedom. The upper end is far enough that a t expert
@@ -113,9 +122,7 @@ class StudentTExperts:
         weighted, nk, nu_stat = stats
         p, m = data.XeT.shape[0], self.n_outputs
         gram, xty, yty = unpack_grams(weighted, p, m)  # (K, p, p), (K, m, p), (K, m)
-        coef = solve_psd(gram, xty.transpose(1, 2)).transpose(1, 2)
-        rss = yty - 2.0 * (coef * xty).sum(-1) + torch.einsum("kmp,kpq,kmq->km", coef, gram, coef)
-        var = torch.clamp(rss / nk.clamp(min=1e-300).unsqueeze(1), min=self.var_floor)
+        coef, var = weighted_least_squares(gram, xty, yty, nk, self.var_floor)
         df = params.df
         if self.df is None:
             df = self._update_df(params.df, nu_stat / nk.clamp(min=1e-300))
@@ -160,8 +167,7 @@ class StudentTExperts:
 
     def residuals(self, params: StudentTParams, chunk: Chunk) -> torch.Tensor:
         """Residuals in units of each expert's scale, (y - B_k x) / sigma_k, shape (K, m, c)."""
-        mean = torch.einsum("kmp,pc->kmc", params.coef, chunk.XeT)
-        return (chunk.y.unsqueeze(0) - mean) / params.var.sqrt().unsqueeze(-1)
+        return scaled_residuals(params.coef, params.var, chunk)
 
     # ------------------------------------------------------------ nesting
     def simpler(self) -> GaussianExperts | None:
@@ -177,8 +183,7 @@ class StudentTExperts:
 
     # ------------------------------------------------------------ differentiable view
     def to_free(self, params: StudentTParams) -> dict[str, torch.Tensor]:
-        excess = (params.var - self.var_floor).clamp(min=1e-6 * self.var_floor + 1e-300)
-        free = {"coef": params.coef, "log_excess_var": torch.log(excess)}
+        free = {"coef": params.coef, "log_excess_var": log_excess_var(params.var, self.var_floor)}
         if self.df is None:
             # df = NU_MIN + exp(s): unconstrained above the lower end of the range
             free["log_excess_df"] = torch.log((params.df - NU_MIN).clamp(min=1e-12))
@@ -196,8 +201,7 @@ class StudentTExperts:
 
     def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
         """Expert locations (K, m, n) for a design XT (p, n)."""
-        K, m, p = free["coef"].shape
-        return (free["coef"].reshape(K * m, p) @ XT).reshape(K, m, -1)
+        return linear_means(free["coef"], XT)
 
     def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
         """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
@@ -245,8 +249,7 @@ class StudentTExperts:
     # ------------------------------------------------------------ prediction
     def moments(self, params: StudentTParams, XT: torch.Tensor):
         """Locations and scales, each (n, K, m) (scales, not standard deviations)."""
-        loc = torch.einsum("kmp,pn->nkm", params.coef, XT)
-        return loc, torch.sqrt(params.var).unsqueeze(0).expand_as(loc)
+        return linear_moments(params.coef, params.var, XT)
 
     def predictive_extra(self, params: StudentTParams) -> dict:
         return {"df": params.df}
@@ -267,8 +270,7 @@ class StudentTExperts:
         ValueError
             Naming the field (after ``prefix``) and what is wrong with it.
         """
-        if not bool(torch.isfinite(params.coef).all()):
-            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        check_finite(prefix + "coef", params.coef)
         if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
             raise ValueError(f"{prefix + 'var'!r} holds scales that are not positive and finite")
         df = params.df

@@ -138,6 +138,22 @@ def keep_experts(old: Any, new: Any, experts: tuple[int, ...]) -> Any:
     return type(new)(**values)
 
 
+def without_experts(model: EMModel, params: Params, keep: torch.Tensor,
+                    gate_row: torch.Tensor) -> tuple[EMModel, Params]:  # fmt: skip
+    """The model and parameters with only the experts ``keep`` (indices, increasing).
+
+    The gate is renormalised over the experts kept, so that log sum_k g_k(x) = 0 at
+    the gate design ``gate_row`` (one column): exact at every x for a softmax gate,
+    whose weights renormalise by themselves, and for a constant gate.
+    """
+    small = model.resized(len(keep))
+    gate = model.gate.select(params.gate, keep)
+    lse = torch.logsumexp(small.gate.log_weights(gate, gate_row), 0)
+    gate = small.gate.shift(gate, -lse.reshape(1).expand(len(keep)))
+    small.gate_balance = model.gate_balance
+    return small, Params(model.expert.select(params.expert, keep), gate)
+
+
 class EMModel:
     """An expert family and a gate, with the pass and step they share."""
 

@@ -26,7 +26,7 @@ import torch
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.optim import lbfgs_minimise
-from moekit._core.validation import check_options
+from moekit._core.validation import check_finite, check_options
 from moekit.gates.softmax import SoftmaxGate, SoftmaxGateParams
 
 DEFAULTS = {"hidden": 16, "steps": 20, "weight_decay": 1e-3}
@@ -178,5 +178,4 @@ class MLPGate:
     def check_params(self, params: MLPGateParams, prefix: str = "") -> None:
         """Refuse non-finite weights (ValueError naming the field)."""
         for name in ("v0", "v1", "v2"):
-            if not bool(torch.isfinite(getattr(params, name)).all()):
-                raise ValueError(f"{prefix + name!r} holds NaN or infinite values")
+            check_finite(prefix + name, getattr(params, name))

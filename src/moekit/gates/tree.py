@@ -36,7 +36,8 @@ Layout: internal nodes are numbered level by level from the root (node 0); node 
 children are nodes b t + 1, ..., b t + b, the coefficients ``coef[t]`` of shape
 (b, p) give their logits, and leaf k is the k-th node of level D. The leaves below a
 node are consecutive, so leaf k's parent-leaf in the tree one level shallower is
-k // b.
+k // b. The pure functions of that shape (paths, node posteriors, the leaf orders a
+tree can take) are in :mod:`moekit.gates.tree_structure`.
 """
 
 from __future__ import annotations
@@ -49,8 +50,18 @@ import torch
 from moekit._core.data import CHUNK_SCRATCH_BYTES, Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+from moekit._core.validation import check_finite
 from moekit.gates.constant import ConstantGate, ConstantGateParams
-from moekit.gates.softmax import NEWTON_MAX_PARAMS
+from moekit.gates.softmax import NEWTON_MAX_PARAMS, bohning_bound, bound_step
+from moekit.gates.tree_structure import (
+    child_rows,
+    n_internal,
+    node_log_softmax,
+    node_names,
+    node_posteriors,
+    path_log_probs,
+    representable_order,
+)
 
 
 @dataclass
@@ -59,61 +70,6 @@ class TreeGateParams:
     nodes (level by level from the root); the last column is the intercept."""
 
     coef: torch.Tensor
-
-
-# ---------------------------------------------------------------------------- pure maths
-def n_internal(depth: int, branching: int) -> int:
-    """Internal nodes of a full tree: 1 + b + ... + b^(D-1)."""
-    return sum(branching**level for level in range(depth))
-
-
-def node_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-softmax over the children (axis 1) of (N, b, c) logits, and the probabilities.
-
-    Elementwise over b rows, as :func:`moekit.gates.softmax.log_softmax_rows`, so that
-    a tree of depth 1 computes exactly what the softmax gate computes.
-    """
-    top = logits.amax(1, keepdim=True)
-    shifted = logits - top
-    e = torch.exp(shifted)
-    s = e.sum(1, keepdim=True)
-    return shifted.sub_(torch.log(s)), e.div_(s)
-
-
-def path_log_probs(logg: torch.Tensor, branching: int) -> list[torch.Tensor]:
-    """Log-probabilities of reaching every node, level by level.
-
-    Parameters
-    ----------
-    logg : Tensor of shape (N, b, c)
-        log g_{n,c}(x) of every internal node's children.
-
-    Returns
-    -------
-    list of Tensor
-        Entry l - 1 has shape (b^l, c): log P(node j of level l | x), l = 1, ..., D.
-    """
-    path = logg[0]  # (b, c)
-    levels, start = [path], 1
-    while start < logg.shape[0]:
-        width = path.shape[0]  # internal nodes on this level
-        path = (path.unsqueeze(1) + logg[start : start + width]).reshape(width * branching, -1)
-        levels.append(path)
-        start += width
-    return levels
-
-
-def node_posteriors(resp: torch.Tensor, depth: int, branching: int) -> list[torch.Tensor]:
-    """R_i(n) for the nodes of every level, from the leaves' responsibilities (K, c).
-
-    Returns a list whose entry l has shape (b^l, c), l = 0, ..., D (entry 0 is the
-    root's, the sum of every row's responsibilities, which is 1).
-    """
-    levels = [resp]
-    for _ in range(depth):
-        r = levels[0]
-        levels.insert(0, r.reshape(r.shape[0] // branching, branching, -1).sum(1))
-    return levels
 
 
 # ---------------------------------------------------------------------------- the family
@@ -195,12 +151,8 @@ class TreeGate:
             self._bound_evals, self._bound_evecs = torch.linalg.eigh(self._bound(self._root_gram))
 
     def _bound(self, gram: torch.Tensor) -> torch.Tensor:
-        """Bohning's bound 1/2 (I - 11^T / b) (x) gram + alpha P, batched over grams."""
-        b = self.branching
-        a = 0.5 * (torch.eye(b, dtype=gram.dtype, device=gram.device) - 1.0 / b)
-        kron = torch.einsum("kl,...pq->...kplq", a, gram)
-        kron = kron.reshape(*gram.shape[:-2], b * gram.shape[-1], b * gram.shape[-1])
-        return kron + self.alpha * torch.diag(self._pen.repeat(b))
+        """Bohning's bound of every node, batched over their grams (..., p, p)."""
+        return bohning_bound(gram, self.alpha, self._pen, self.branching)
 
     def init_params(self, data: EMData) -> TreeGateParams:
         p = data.XgT.shape[0]
@@ -278,19 +230,11 @@ class TreeGate:
             step = solve_psd(A, g.unsqueeze(2)).squeeze(2)
         else:
             step = torch.empty_like(g)
-            step[0] = self._bound_step(self._bound_evals, self._bound_evecs, g[0])
+            step[0] = bound_step(self._bound_evals, self._bound_evecs, g[0])
             if N > 1:
                 evals, evecs = torch.linalg.eigh(self._bound(unpack_grams(curv, p)[0]))
-                step[1:] = self._bound_step(evals, evecs, g[1:])
+                step[1:] = bound_step(evals, evecs, g[1:])
         return TreeGateParams(V + step.reshape(N, b, p))
-
-    @staticmethod
-    def _bound_step(evals, evecs, g):
-        inv = torch.where(
-            evals > 1e-12 * evals.amax(-1, keepdim=True), 1.0 / evals, torch.zeros_like(evals)
-        )
-        proj = (evecs.transpose(-1, -2) @ g.unsqueeze(-1)).squeeze(-1)
-        return (evecs @ (inv * proj).unsqueeze(-1)).squeeze(-1)
 
     def log_prior(self, params: TreeGateParams) -> float:
         V = params.coef
@@ -300,28 +244,6 @@ class TreeGate:
         return self.n_nodes * (self.branching - 1) * params.coef.shape[2]
 
     # ------------------------------------------------------------ renumbering
-    def _level_orders(self, perm: torch.Tensor) -> list[torch.Tensor]:
-        """The node order of every level 1..D that a leaf order ``perm`` implies.
-
-        Raises ValueError unless ``perm`` only reorders children within their nodes
-        (every other leaf order breaks the tree).
-        """
-        b, D, K = self.branching, self.depth, self.n_experts
-        perm = perm.to("cpu", torch.long)
-        if perm.shape != (K,) or not torch.equal(torch.sort(perm).values, torch.arange(K)):
-            raise ValueError(f"a tree's leaves can only be reordered, not {perm.tolist()}")
-        orders = []
-        for level in range(1, D + 1):
-            size = b ** (D - level)  # leaves below a node of this level
-            blocks = (perm // size).reshape(b**level, size)
-            if not bool((blocks == blocks[:, :1]).all()):
-                raise ValueError(
-                    f"leaf order {perm.tolist()} mixes the subtrees of level {level}: only "
-                    "the children of a node may be reordered"
-                )
-            orders.append(blocks[:, 0])
-        return orders
-
     def select(self, params: TreeGateParams, perm: torch.Tensor) -> TreeGateParams:
         """The gate with its leaves in the order ``perm``.
 
@@ -333,27 +255,13 @@ class TreeGate:
         if self.depth == 1:
             return TreeGateParams(coef[:, perm.to(coef.device)].contiguous())
         N, b, p = coef.shape
-        # row of node j of level l in coef.reshape(N b, p): (b^l - b) / (b - 1) + j
-        rows = torch.cat(
-            [(b**lv - b) // (b - 1) + o for lv, o in enumerate(self._level_orders(perm), 1)]
-        )
-        return TreeGateParams(coef.reshape(N * b, p)[rows.to(coef.device)].reshape(N, b, p))
+        rows = child_rows(perm, self.depth, b).to(coef.device)
+        return TreeGateParams(coef.reshape(N * b, p)[rows].reshape(N, b, p))
 
     def representable_order(self, perm: torch.Tensor) -> torch.Tensor:
-        """The leaf order nearest to ``perm`` that only reorders children within nodes.
-
-        Every node's children are sorted by the mean position in ``perm`` of the
-        leaves below them; at depth 1 this is ``perm`` itself.
-        """
-        b, D = self.branching, self.depth
-        rank = torch.empty(self.n_experts, dtype=torch.float64)
-        rank[perm.cpu()] = torch.arange(len(perm), dtype=torch.float64)
-        order = [0]  # nodes of the current level, in their new order
-        for level in range(1, D + 1):
-            score = rank.reshape(b**level, -1).mean(1).tolist()  # mean rank below each node
-            by_score = score.__getitem__
-            order = [c for n in order for c in sorted(range(n * b, n * b + b), key=by_score)]
-        return torch.tensor(order)
+        """The leaf order nearest to ``perm`` that only reorders children within nodes
+        (see :func:`~moekit.gates.tree_structure.representable_order`)."""
+        return representable_order(perm, self.depth, self.branching)
 
     def shift(self, params: TreeGateParams, delta: torch.Tensor) -> TreeGateParams:
         """Depth 1: the gate with log g_k(x) + delta_k, when the shifted weights sum to one."""
@@ -412,12 +320,7 @@ class TreeGate:
     # ------------------------------------------------------------ reporting
     def node_names(self) -> list[str]:
         """Names of the internal nodes: "root", then their paths ("1", "0.1", ...)."""
-        names = ["root"]
-        for level in range(1, self.depth):
-            for j in range(self.branching**level):
-                digits = [(j // self.branching**i) % self.branching for i in range(level)]
-                names.append(".".join(str(d) for d in reversed(digits)))
-        return names
+        return node_names(self.depth, self.branching)
 
     def report(self, params: TreeGateParams, scaling: Scaling, reference: int = 0) -> Report:
         """Per node, intercept and slopes of its children c != reference against child
@@ -451,5 +354,4 @@ class TreeGate:
 
     def check_params(self, params: TreeGateParams, prefix: str = "") -> None:
         """Refuse non-finite coefficients (ValueError naming the field)."""
-        if not bool(torch.isfinite(params.coef).all()):
-            raise ValueError(f"{prefix + 'coef'!r} holds NaN or infinite values")
+        check_finite(prefix + "coef", params.coef)
