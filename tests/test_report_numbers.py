@@ -271,3 +271,19 @@ def test_the_headline_says_when_the_mixture_does_worse_than_one_expert():
     assert check.baseline_log_likelihood < check.log_likelihood and check.verdict() == ""
     lo, hi = model.predict_distribution(_X(t, ["x", "z"])[240:]).interval(0.9)
     assert check.covered == int(np.sum((lo <= t.y[240:]) & (t.y[240:] <= hi)))
+
+
+def test_experts_removed_during_em_are_counted_not_hidden():
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame({"x": rng.normal(size=48)})
+    y = rng.standard_t(3, size=48)
+    model = MoERegressor(8, n_init=1, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(X, y)
+    removed = model.n_experts_removed_
+    assert removed > 0  # this data cannot carry eight experts
+    K = len(model.expert_sizes_)
+    said = f"{K} ({removed} of the 8 asked for were removed during EM"
+    assert said in text_report(model, X, y) and said in html_report(model, X, y)
+    assert f"sum over k = 1..{K} of" in model_formula(model)

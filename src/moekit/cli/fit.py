@@ -127,7 +127,7 @@ def cmd_fit(args) -> int:
         print(f"  choosing K in {ks[0]}-{ks[-1]} by BIC{default}")
         model, table = select_n_experts(template, X, y, ks, "bic",
                                         verbose=max(1, verbose))  # fmt: skip
-        print(f"  BIC picks K = {model.n_experts}")
+        print(f"  BIC picks K = {len(model.expert_sizes_)}")
         table.to_csv(out / "criterion.csv", index=False)
     if formula is not None:  # predict applies it to new data
         model.formula_ = formula
@@ -138,7 +138,7 @@ def cmd_fit(args) -> int:
     summary, reason = coefficient_summary(model, X, y, INFORMATION_ROWS)
     report = regression_report(model, X, y, summary, reason, target)
     if task == "classification":
-        report = (f"MoEClassifier: K = {model.n_experts}, classes {list(model.classes_)}, "
+        report = (f"MoEClassifier: K = {len(model.expert_sizes_)}, classes {list(model.classes_)}, "
                   f"training accuracy {model.score(X, y):.4f}\n" + report)  # fmt: skip
     baseline = None
     if n_test:

@@ -194,6 +194,24 @@ def model_formula(model: Any, names: list[str] | None = None, target: str = "y")
     return "\n".join([*lines, *expert_lines(model, names, target), *gate_lines(model, names)])
 
 
+def fitted_experts(model: Any) -> int:
+    """The experts the fitted model has: ``n_experts`` less those EM removed."""
+    return len(np.atleast_1d(model.expert_sizes_))
+
+
+def experts_text(model: Any) -> str:
+    """``"4"``, or ``"6 (2 of the 8 asked for were removed during EM: under
+    min_share of the rows)"``."""
+    K, removed = fitted_experts(model), int(getattr(model, "n_experts_removed_", 0) or 0)
+    if not removed:
+        return str(K)
+    share = getattr(model, "min_share", None)
+    return (
+        f"{K} ({removed} of the {K + removed} asked for were removed during EM: they held "
+        f"under {f'{share:.0%}' if share is not None else 'the minimum share'} of the rows)"
+    )
+
+
 def expert_shares(model: Any) -> np.ndarray:
     """Each expert's share of the data, sum_i r_ik / n: fractions that sum to 1."""
     sizes = np.asarray(model.expert_sizes_, dtype=float)
@@ -243,11 +261,13 @@ def _cell(v: float) -> str:
 
 
 def fit_facts(model: Any, X, y) -> list[tuple[str, Any]]:
-    """The fit's statistics on its rows: log-likelihood per row, BIC, AIC and EM's run."""
+    """The fit's statistics on its rows: its experts, log-likelihood per row, BIC, AIC
+    and EM's run."""
     n = len(y)
     ll = float(model.log_likelihood(X, y))
     p = int(model.n_parameters())
     return [
+        ("experts", experts_text(model)),
         ("log-likelihood per row (fitted rows)", ll),
         ("BIC", -2.0 * n * ll + p * np.log(n)),
         ("AIC", -2.0 * n * ll + 2.0 * p),

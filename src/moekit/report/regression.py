@@ -27,9 +27,10 @@ def fit_figure(model, X, y, names, target):
         return plot_regression_fit(model, X, y, xlabel=names[0], ylabel=target)
     resp = model.responsibilities(named(model, X), y).argmax(1)
     fig, ax = plt.subplots(figsize=(6, 5))
-    colors = expert_colors(model.n_experts)
+    K = len(np.atleast_1d(model.expert_sizes_))  # less any that EM removed
+    colors = expert_colors(K)
     pred = model.predict(named(model, X))
-    for k in range(model.n_experts):
+    for k in range(K):
         sel = resp == k
         ax.scatter(pred[sel], y[sel], s=8, color=colors[k], label=f"expert {k}", alpha=0.7)
     lo, hi = np.nanmin([pred.min(), y.min()]), np.nanmax([pred.max(), y.max()])

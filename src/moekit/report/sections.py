@@ -137,14 +137,15 @@ def report_sections(
     if held and baseline is None:
         baseline = fit_baseline(model, named(model, X), y)
     check = held_out_check(model, Xh, yh, baseline)
+    stats = fit_facts(model, named(model, X), y)  # the experts first, then the fit's numbers
     facts = [
         ["data", source or "arrays"],
         ["rows fitted", len(y)],
         *([["formula", str(model.formula_)]] if getattr(model, "formula_", None) else []),
         ["features", _short_list(names)],
-        ["experts", model.n_experts],
+        *([label, value] for label, value in stats[:1]),
         ["expert / gate", f"{getattr(model, 'expert', '?')} / {getattr(model, 'gate', '?')}"],
-        *([label, value] for label, value in fit_facts(model, named(model, X), y)),
+        *([label, value] for label, value in stats[1:]),
         [f"log-likelihood per row ({where})", check.log_likelihood],
     ]  # fmt: skip
     if baseline is not None:
