@@ -46,9 +46,8 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 templates_path = ["_templates"]
-# distributed.md is written beside the user guide and included by its page;
 # the R script is shown, not built
-exclude_patterns = ["_build", "distributed.md", "r", "images/*.md", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "r", "images/*.md", "Thumbs.db", ".DS_Store"]
 
 # -- MyST: the Markdown pages -------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]

@@ -82,3 +82,108 @@ def test_nn_imports_without_the_statistical_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# ------------------------------------------------------------------ the import graph
+MAX_MODULE_LINES = 450
+# which rooms a room may import: every arrow points down, towards the floor
+LAYERS = {
+    "_core": set(),
+    "prediction": {"_core"},
+    "experts": {"_core", "prediction"},
+    "gates": {"_core", "prediction"},
+    "fitting": {"_core", "prediction", "experts", "gates"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the moekit modules it imports (anywhere in its body), packages'
+    ``__init__`` re-exports left out: a package importing its children is no circle."""
+    paths = {_module_name(p): p for p in SRC.rglob("*.py")}
+    packages = {m for m, p in paths.items() if p.name == "__init__.py"}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for mod, path in paths.items():
+        if mod in packages:
+            continue
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = mod.split(".")[: -node.level]
+                    base = ".".join([*pkg, base] if base else pkg)
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)
+        resolved = {resolve(t) for t in targets if t.startswith("moekit")}
+        graph[mod] = {r for r in resolved if r and r != mod and r not in packages}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle_anywhere():
+    assert _cycles(_import_graph()) == []
+
+
+@pytest.mark.parametrize("room", sorted(LAYERS))
+def test_every_arrow_points_down(room):
+    allowed = LAYERS[room] | {room}
+    for mod, targets in _import_graph().items():
+        if _room_of(mod) != room:
+            continue
+        bad = {t for t in targets if _room_of(t) not in allowed}
+        assert not bad, f"{mod} imports {bad}"
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {p.relative_to(SRC): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
+    big = {str(p): n for p, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"

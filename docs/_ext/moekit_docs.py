@@ -32,15 +32,6 @@ def gallery_argv(_gallery_conf: dict, script_vars: dict) -> list[str]:
     return args
 
 
-def _distributed_page(app, docname: str, source: list[str]) -> None:
-    """Show docs/distributed.md on the distributed-fitting page where that file exists.
-
-    Otherwise the page keeps its own short account of the two switches.
-    """
-    if docname == "user_guide/distributed" and (DOCS / "distributed.md").is_file():
-        source[0] = "```{include} ../distributed.md\n```\n"
-
-
 def page_examples(text: str, name: str) -> doctest.DocTest:
     """The ``>>>`` examples of a Markdown page as one doctest.
 
@@ -82,7 +73,6 @@ def _skip_member(app, what, name, obj, skip, options):
 
 
 def setup(app):
-    app.connect("source-read", _distributed_page)
     app.connect("source-read", _run_examples)
     app.connect("autodoc-skip-member", _skip_member)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

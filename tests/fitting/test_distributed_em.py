@@ -294,7 +294,7 @@ def test_one_process_group_gives_the_plain_fit(one_process_group):
 
 @pytest.mark.parametrize("d", [5, 20])
 def test_an_e_step_sends_the_documented_bytes(one_process_group, d):
-    # the count docs/distributed.md and EMModel.e_pass give for linear experts under a
+    # the count docs/user_guide/distributed.md and EMModel.e_pass give for linear experts under a
     # softmax gate with Newton steps: 2 + K + K (p(p+1)/2 + p m + m) + K p + K(K+1)/2 p(p+1)/2
     K, m, n = 3, 1, 500
     p = d + 1

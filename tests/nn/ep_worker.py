@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from moekit._core.distributed import close_group
 from moekit.nn import MoE
 from moekit.nn.parallel import CollectiveError, init_distributed
 
@@ -110,7 +111,7 @@ def case_train(s: dict, rank: int, out: Path) -> None:
 
 def _logits(model, s: dict, rank: int, out: Path) -> None:
     """The model, sharded over the processes, on fixed inputs (each process its rows)."""
-    from moekit.nn.parallel import shard_experts
+    from moekit.nn.sharding import shard_experts
 
     shard_experts(model)
     idx = torch.randint(0, 256, (4, s["model"]["block_size"]),
@@ -138,8 +139,10 @@ def main() -> None:
     case, out, settings = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     torch.set_num_threads(1)  # the processes share the machine's cores
     rank, _ = init_distributed(timeout_s=settings.get("timeout", 30.0))
-    {"layer": case_layer, "train": case_train, "load": case_load}[case](settings, rank, out)
-    dist.destroy_process_group()
+    try:
+        {"layer": case_layer, "train": case_train, "load": case_load}[case](settings, rank, out)
+    finally:  # on every path, before the interpreter finalises
+        close_group()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
-"""Small helpers over :mod:`torch.distributed` for data-parallel fits.
+"""The one place moekit talks to :mod:`torch.distributed`.
 
-Data-parallel EM keeps each process's rows where they are and exchanges only sums:
-every E-step's sufficient statistics are all-reduced, so every process takes the
-same M-step and holds the same model. These helpers are that exchange and the few
-others a fit needs (row counts and offsets, a seed, the rows of the starts' subset,
-a consensus on validation errors). They use the process group the caller set up
-(``torch.distributed.init_process_group``, usually under ``torchrun``); nothing here
-opens connections or launches processes.
+Both rooms use it: data-parallel EM (:class:`DataGroup`: each process keeps its rows
+and exchanges only sums of them), and the sparse layers (the expert-parallel
+all-to-all, the routers' load counts, data-parallel training). It holds
 
-Every collective goes through :func:`_collective`, which counts the bytes each
-process contributes (:func:`bytes_exchanged`, for benchmarks) and turns a failure
-(a peer that died, a timeout set by ``init_process_group(timeout=...)``) into one
-:class:`DistributedError` that names the operation and the group's size.
+- :func:`is_initialized`, :func:`get_rank` and :func:`get_world_size`: whether a
+  process group is running, and this process's place in it (0 of 1 without one);
+- :func:`collective`, the one wrapper every collective call goes through: it counts
+  the bytes each process contributes (:func:`bytes_exchanged`, for benchmarks) and
+  turns a backend failure (a peer that died, a timeout set by
+  ``init_process_group(timeout=...)``) into one :class:`DistributedError` that
+  names the operation, this process and the group's size;
+- :func:`init_distributed` and :func:`distributed_from_env`, which join the group
+  ``torchrun`` describes in the environment, and :func:`close_group`, which leaves it
+  (written in :mod:`moekit._core.process_group`, with the three queries above).
+
+Nothing here launches processes; a group is opened only on request.
 
 Nests. Statistics are tensors, ``None`` or tuples, lists and dataclasses of them.
 :func:`all_reduce_sum` and :func:`broadcast` flatten every tensor of a nest into one
@@ -24,25 +28,51 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import sys
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from moekit._core.process_group import (
+    DEFAULT_TIMEOUT_S,
+    close_group,
+    distributed_from_env,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_initialized,
+)
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "CollectiveError",
     "DataGroup",
     "DistributedError",
     "all_reduce_sum",
     "broadcast",
     "bytes_exchanged",
+    "close_group",
+    "collective",
+    "distributed_from_env",
     "gather_rows",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
     "is_initialized",
 ]
 
 
 class DistributedError(RuntimeError):
-    """A collective operation failed: a peer process died, hung or disagreed."""
+    """A collective failed: another process of the group died, hung or left early."""
+
+
+CollectiveError = DistributedError
+"""The name :mod:`moekit.nn.parallel` documents for :class:`DistributedError`."""
 
 
 @dataclass
@@ -65,25 +95,99 @@ def bytes_exchanged() -> tuple[int, int]:
     return _TRAFFIC.calls, _TRAFFIC.bytes
 
 
-def is_initialized() -> bool:
-    """Whether :mod:`torch.distributed` is available and a process group is set up."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized()
+# ---------------------------------------------------------------------------- the group
+def nbytes(t: torch.Tensor) -> int:
+    """The payload of tensor ``t`` in bytes (what :func:`bytes_exchanged` counts)."""
+    return t.numel() * t.element_size()
 
 
-def _collective(name: str, n_bytes: int, op: Callable[[], Any], group=None) -> Any:
+def collective(
+    what: str, fn: Callable[..., Any], *args: Any, n_bytes: int = 0, **kwargs: Any
+) -> Any:
+    """Run the collective ``fn(*args, **kwargs)``, counted in :func:`bytes_exchanged`.
+
+    Parameters
+    ----------
+    what : str
+        The operation, for the error message ("all-reduce of the gradients").
+    fn : callable
+        A :mod:`torch.distributed` collective, called synchronously; its ``group``
+        keyword, if any, names the group in the message.
+    n_bytes : int, default=0
+        This process's payload, for :func:`bytes_exchanged`.
+
+    Raises
+    ------
+    DistributedError
+        When the backend fails. gloo fails at once with ``Connection closed by peer``
+        when a peer process dies, and with a timeout error when one stops answering;
+        NCCL raises (or aborts the process, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING``)
+        after the group's timeout. It is raised only once the backend has let go of
+        the tensors it was handed (see :func:`_await_release`).
+    """
     _TRAFFIC.calls += 1
     _TRAFFIC.bytes += int(n_bytes)
+    handed = _tensors(args)
+    refs = _refcounts(handed)
     try:
-        return op()
-    except (RuntimeError, ValueError) as err:  # gloo and NCCL report failures as these
-        size = torch.distributed.get_world_size(group)
+        return fn(*args, **kwargs)
+    except (RuntimeError, ValueError) as err:  # DistBackendError and gloo's errors subclass them
+        group = kwargs.get("group")
+        _await_release(err, handed, refs)
         raise DistributedError(
-            f"data-parallel fit: the collective {name} over {size} processes failed ({err}). "
-            "A process of the group died, timed out or left the fit early; every process "
-            "must call fit with its shard at the same time. The time to wait is set by "
-            "torch.distributed.init_process_group(timeout=...)."
+            f"process {get_rank()} of {get_world_size(group)}: the collective {what} failed, "
+            "most likely because another process of the group died or stopped responding "
+            "within the process group's timeout (torch.distributed.init_process_group("
+            "timeout=...)); every process must make the same collective calls in the same "
+            f"order. See the other processes' logs. Backend error: {err}"
         ) from err
+
+
+RELEASE_WAIT_S = 5.0
+"""Longest wait, after a failed collective, for the backend to let go of its tensors."""
+
+
+def _tensors(args: tuple) -> list[torch.Tensor]:
+    """The tensors among ``args``, and inside the lists and tuples among them."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _refcounts(tensors: list[torch.Tensor]) -> list[int]:
+    return [sys.getrefcount(t) for t in tensors]
+
+
+def _await_release(err: BaseException, tensors: list[torch.Tensor], refs: list[int]) -> None:
+    """Wait until the backend's threads have dropped the failed collective's ``tensors``.
+
+    Why: a collective runs on a backend thread (gloo's worker threads), which keeps
+    the failed operation and its tensors until it gets round to releasing them, and
+    releasing a tensor that Python created takes the GIL. If the program ends first
+    (it usually does, after such an error), that thread asks for the GIL while the
+    interpreter is finalising; Python then ends the thread with ``pthread_exit``,
+    whose unwinding through the operation's ``noexcept`` destructor calls
+    ``std::terminate``: ``terminate called without an active exception``, and the
+    process aborts. ``torch.distributed.destroy_process_group`` does not prevent it
+    when anything else still holds the group, since only the group's destructor
+    joins its threads.
+
+    While a C++ object holds a tensor, torch keeps one extra reference to its Python
+    object; so the backend has let go once every tensor's reference count is back to
+    ``refs``, counted before the call. The traceback's frames hold references of
+    their own, which are cleared first (their lines stay). Sleeping releases the
+    GIL for the backend's thread; the wait is bounded by :data:`RELEASE_WAIT_S`.
+    """
+    traceback.clear_frames(err.__traceback__)
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while time.monotonic() < deadline:
+        if all(now <= r for now, r in zip(_refcounts(tensors), refs, strict=True)):
+            return
+        time.sleep(0.001)
 
 
 # ---------------------------------------------------------------------------- nests
@@ -114,7 +218,7 @@ def _rebuild(nest: Any, new: list[torch.Tensor]) -> Any:
     return type(nest)(**values)
 
 
-def _flat_exchange(nest: Any, name: str, run: Callable[[torch.Tensor], None], group) -> Any:
+def _flat_exchange(nest: Any, run: Callable[[torch.Tensor], None]) -> Any:
     """Apply the in-place collective ``run`` to one flat buffer per (dtype, device)."""
     leaves: list[torch.Tensor] = []
     _leaves(nest, leaves)
@@ -125,7 +229,7 @@ def _flat_exchange(nest: Any, name: str, run: Callable[[torch.Tensor], None], gr
     for key in dict.fromkeys(keys):  # first-seen order, the same on every process
         idx = [i for i, k in enumerate(keys) if k == key]
         buf = torch.cat([leaves[i].reshape(-1) for i in idx])
-        _collective(name, buf.numel() * buf.element_size(), lambda b=buf: run(b), group)
+        run(buf)
         start = 0
         for i in idx:
             size = leaves[i].numel()
@@ -148,16 +252,20 @@ def all_reduce_sum(nest: Any, group=None) -> Any:
     -------
     The same structure, with new tensors holding the sums (the inputs are kept).
     """
-    dist = torch.distributed
-    return _flat_exchange(nest, "all_reduce", lambda b: dist.all_reduce(b, group=group), group)
+
+    def run(b: torch.Tensor) -> None:
+        collective("all_reduce", dist.all_reduce, b, group=group, n_bytes=nbytes(b))
+
+    return _flat_exchange(nest, run)
 
 
 def broadcast(nest: Any, src: int = 0, group=None) -> Any:
     """Every tensor of ``nest`` as process ``src`` holds it (same structure everywhere)."""
-    dist = torch.distributed
-    return _flat_exchange(
-        nest, "broadcast", lambda b: dist.broadcast(b, src=src, group=group), group
-    )
+
+    def run(b: torch.Tensor) -> None:
+        collective("broadcast", dist.broadcast, b, src=src, group=group, n_bytes=nbytes(b))
+
+    return _flat_exchange(nest, run)
 
 
 def gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -166,19 +274,17 @@ def gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
     The row counts n_r may differ (one may be 0): they are exchanged first, and each
     block is padded to the largest for the all-gather, which wants equal sizes.
     """
-    dist = torch.distributed
     size = dist.get_world_size(group)
     n = torch.tensor([t.shape[-1]], dtype=torch.int64, device=t.device)
     counts = [torch.zeros_like(n) for _ in range(size)]
-    _collective("all_gather", 8, lambda: dist.all_gather(counts, n, group=group), group)
+    collective("all_gather", dist.all_gather, counts, n, group=group, n_bytes=nbytes(n))
     counts = [int(c) for c in counts]
     top = max(counts)
     padded = t.new_zeros((*t.shape[:-1], top))
     padded[..., : t.shape[-1]] = t
     blocks = [torch.empty_like(padded) for _ in range(size)]
-    nbytes = padded.numel() * padded.element_size()
-    _collective("all_gather", nbytes, lambda: dist.all_gather(blocks, padded.contiguous(),
-                                                               group=group), group)  # fmt: skip
+    collective("all_gather", dist.all_gather, blocks, padded.contiguous(), group=group,
+               n_bytes=nbytes(padded))  # fmt: skip
     return torch.cat([b[..., :c] for b, c in zip(blocks, counts, strict=True)], -1)
 
 
@@ -208,16 +314,16 @@ class DataGroup:
 
     @property
     def rank(self) -> int:
-        return torch.distributed.get_rank(self.group)
+        return dist.get_rank(self.group)
 
     @property
     def size(self) -> int:
-        return torch.distributed.get_world_size(self.group)
+        return dist.get_world_size(self.group)
 
     @property
     def device(self) -> torch.device:
         """Where this group's tensors must be: NCCL exchanges CUDA tensors only."""
-        if torch.distributed.get_backend(self.group) == "nccl":
+        if dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
@@ -235,11 +341,9 @@ class DataGroup:
 
     def row_counts(self, n_local: int) -> list[int]:
         """Every process's number of rows, in rank order."""
-        dist = torch.distributed
         n = torch.tensor([n_local], dtype=torch.int64, device=self.device)
         counts = [torch.zeros_like(n) for _ in range(self.size)]
-        _collective("all_gather", 8, lambda: dist.all_gather(counts, n, group=self.group),
-                    self.group)  # fmt: skip
+        collective("all_gather", dist.all_gather, counts, n, group=self.group, n_bytes=nbytes(n))
         return [int(c) for c in counts]
 
     def broadcast_int(self, value: int) -> int:
@@ -255,12 +359,10 @@ class DataGroup:
         timeout. The failing process re-raises its own error; the others raise a
         ValueError that names the process and repeats its message.
         """
-        dist = torch.distributed
         message = None if error is None else f"{type(error).__name__}: {error}"
         messages: list[Any] = [None] * self.size
-        _collective("all_gather_object", len(message or ""),
-                    lambda: dist.all_gather_object(messages, message, group=self.group),
-                    self.group)  # fmt: skip
+        collective("all_gather_object", dist.all_gather_object, messages, message,
+                   group=self.group, n_bytes=len(message or ""))  # fmt: skip
         if error is not None:
             raise error
         for rank, msg in enumerate(messages):
@@ -273,11 +375,8 @@ class DataGroup:
         Uses :func:`torch.distributed.all_gather_object`, which pickles: only between
         the processes of one fit, never for files.
         """
-        dist = torch.distributed
         out: list[Any] = [None] * self.size
-        _collective("all_gather_object", 0,
-                    lambda: dist.all_gather_object(out, obj, group=self.group),
-                    self.group)  # fmt: skip
+        collective("all_gather_object", dist.all_gather_object, out, obj, group=self.group)
         return out
 
     # ------------------------------------------------- a data-parallel fit's set-up

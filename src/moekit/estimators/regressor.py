@@ -161,7 +161,7 @@ default='auto'
         so every process ends with the same model, the fit of all the rows laid end
         to end in rank order. An iteration exchanges O(K p^2) floats for linear
         experts, whatever n; the starts gather at most ``init_sample_size`` rows onto
-        every process, once (``docs/distributed.md``). Linear, Student-t and Poisson
+        every process, once (``docs/user_guide/distributed.md``). Linear, Student-t and Poisson
         experts with the softmax, constant or tree gate; not MLP or scikit-learn
         experts nor the MLP gate, whose M-steps need every row. Queries (``score``,
         ``log_likelihood``, ``summary``...) answer for the rows they are given.

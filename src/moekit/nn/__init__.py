@@ -20,7 +20,8 @@ from moekit.nn.routers import (
     SwitchRouter,
     TopKRouter,
 )
-from moekit.nn.train import TrainConfig, train_lm
+from moekit.nn.train import train_lm
+from moekit.nn.train_config import TrainConfig
 from moekit.nn.transformer import MoETransformer, TransformerConfig
 
 __all__ = [

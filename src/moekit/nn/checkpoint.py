@@ -15,7 +15,7 @@ those settings imply (on the meta device). Then it reads the tensors and refuses
 NaN, infinities and negative second moments. Any failure is a ``ValueError``
 naming the file and the problem.
 
-A model trained expert parallel (:mod:`moekit.nn.parallel`) is saved whole: the
+A model trained expert parallel (:mod:`moekit.nn.sharding`) is saved whole: the
 processes gather the expert shards of the weights and of AdamW's moments, and
 process 0 writes the file. The file is therefore the same whatever the number of
 processes that wrote it, and loads on any number (one process, or ``W`` that slice it
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from moekit._core.files import write_safetensors
-from moekit.nn.parallel import gathered_state, sharded_parameters
+from moekit.nn.sharding import gathered_state, sharded_parameters
 from moekit.nn.transformer import MoETransformer, TransformerConfig, check_state, expected_state
 
 __all__ = ["MAX_FILE_BYTES", "Checkpoint", "load_checkpoint", "load_lm", "save_checkpoint"]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from moekit._core.validation import Interval, InvalidParameterError, Options, validate_params
+from moekit._core.validation import Interval, Options, validate_params
+from moekit.nn._checks import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    check_finite_params,
+    reject,
+)
 from moekit.nn.experts import ACTIVATIONS
 from moekit.nn.functional import CAPACITY_PRIORITIES
 from moekit.nn.routers import Router
@@ -18,32 +24,23 @@ __all__ = ["ROUTERS", "MoEConfig", "validate_moe_params"]
 ROUTERS = ("topk", "noisy_topk", "switch", "expert_choice", "sigmoid_bias")
 """Router names the layer understands (see :mod:`moekit.nn.routers`)."""
 
-_POSITIVE_INT = Interval(numbers.Integral, 1, None, closed="left")
-_NON_NEGATIVE = Interval(numbers.Real, 0, None, closed="left")
-
 MOE_CONSTRAINTS: dict[str, list] = {
-    "d_model": [_POSITIVE_INT],
-    "d_hidden": [_POSITIVE_INT],
-    "n_experts": [_POSITIVE_INT],
-    "top_k": [_POSITIVE_INT],
+    "d_model": [POSITIVE_INT],
+    "d_hidden": [POSITIVE_INT],
+    "n_experts": [POSITIVE_INT],
+    "top_k": [POSITIVE_INT],
     "router": [Options(ROUTERS), Router],
     "capacity_factor": [None, Interval(numbers.Real, 0, None, closed="neither")],
     "capacity_priority": [Options(CAPACITY_PRIORITIES)],
     "normalize_weights": [None, "boolean"],
-    "n_shared_experts": [Interval(numbers.Integral, 0, None, closed="left")],
+    "n_shared_experts": [NON_NEGATIVE_INT],
     "activation": [Options(ACTIVATIONS)],
-    "aux_loss_coef": [_NON_NEGATIVE],
-    "z_loss_coef": [_NON_NEGATIVE],
-    "bias_update_rate": [_NON_NEGATIVE],
+    "aux_loss_coef": [NON_NEGATIVE],
+    "z_loss_coef": [NON_NEGATIVE],
+    "bias_update_rate": [NON_NEGATIVE],
     "center_bias": ["boolean"],
     "expert_impl": [Options(("auto", "fused", "grouped_mm", "bmm", "mm"))],
 }
-
-
-def _reject(owner: str, name: str, must: str, value: Any) -> None:
-    raise InvalidParameterError(
-        f"The {name!r} parameter of {owner} must be {must}. Got {value!r} instead."
-    )
 
 
 def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
@@ -55,21 +52,19 @@ def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
         ``The {name!r} parameter of {owner} must be ... Got ... instead.``
     """
     validate_params(owner, params, MOE_CONSTRAINTS)
-    for name in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-        value = params.get(name)
-        if value is not None and not math.isfinite(value):
-            _reject(owner, name, "finite", value)
+    finite = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+    check_finite_params(owner, params, finite)
     n_experts, top_k, router = params["n_experts"], params["top_k"], params["router"]
     if top_k > n_experts:
-        _reject(owner, "top_k", f"an int in the range [1, n_experts={n_experts}]", top_k)
+        reject(owner, "top_k", f"an int in the range [1, n_experts={n_experts}]", top_k)
     if router == "switch" and top_k != 1:
-        _reject(owner, "top_k", "1 with router='switch' (Switch routing is top-1)", top_k)
+        reject(owner, "top_k", "1 with router='switch' (Switch routing is top-1)", top_k)
     normalize = params.get("normalize_weights")
     if normalize and router in ("switch", "expert_choice"):
         # Switch is defined by its raw weight; expert choice has no per-token top-k
-        _reject(owner, "normalize_weights", f"None or False with router={router!r}", normalize)
+        reject(owner, "normalize_weights", f"None or False with router={router!r}", normalize)
     if normalize is not None and isinstance(router, Router):
-        _reject(
+        reject(
             owner,
             "normalize_weights",
             "None with a router module (set normalize on the router)",
@@ -78,7 +73,7 @@ def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
     if isinstance(router, Router):
         for name in ("d_model", "n_experts", "top_k"):
             if getattr(router, name) != params[name]:
-                _reject(
+                reject(
                     owner,
                     "router",
                     f"a router with {name}={params[name]} like the layer",

@@ -19,9 +19,11 @@ import torch
 from torch import Tensor
 
 from moekit.nn import functional as MF
+from moekit.nn.experts import ExpertBank, sorted_experts_mm
+from moekit.nn.fused import fused_moe
 from moekit.nn.routers import Routing
 
-__all__ = ["DispatchPlan", "combine", "dense_gates", "plan_dispatch"]
+__all__ = ["DispatchPlan", "combine", "dense_gates", "plan_dispatch", "run_experts"]
 
 
 @dataclass
@@ -190,3 +192,47 @@ def combine(y: Tensor, token: Tensor, n_tokens: int) -> Tensor:
     """
     out = y.new_zeros(n_tokens, y.shape[-1])  # (T, d)
     return out.index_add_(0, token, y)
+
+
+def run_experts(x: Tensor, plan: DispatchPlan, bank: ExpertBank, path: str = "fused") -> Tensor:
+    """The kept assignments through their experts, weighted and added into their tokens.
+
+    .. math:: \\mathrm{out}_t = \\sum_{a : t_a = t} s_a \\, f_{e_a}(x_t)
+
+    for the assignments ``a`` of ``plan`` (token :math:`t_a`, expert :math:`e_a`,
+    weight :math:`s_a`). One computation for the layer and for the local experts of
+    an expert-parallel layer, so that both run the bank the same way.
+
+    Parameters
+    ----------
+    x : Tensor of shape (T, d)
+    plan : DispatchPlan
+    bank : ExpertBank
+    path : {'fused', 'compiled', 'sorted'}, default='fused'
+        As :meth:`MoE.execution_path <moekit.nn.MoE.execution_path>` chose it.
+        'fused' and 'compiled' run :func:`~moekit.nn.fused.fused_moe` where the bank's
+        implementation is 'fused' or 'grouped_mm' (a plan without assignments takes
+        the sorted path); 'sorted' runs plain autograd ops, the bank's own 'mm' or
+        'bmm', or :func:`~moekit.nn.experts.sorted_experts_mm` in place of the fused
+        implementations.
+
+    Returns
+    -------
+    Tensor of shape (T, d)
+    """
+    impl = bank.resolve_impl(x)
+    fused, grouped = impl in ("fused", "grouped_mm"), impl == "grouped_mm"
+    if fused and path == "fused" and plan.token.numel() > 0:
+        return fused_moe(x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.counts,
+                         bank.activation, grouped=grouped)  # fmt: skip
+    if fused and path == "compiled":  # counts stay a tensor: no graph break
+        return fused_moe(x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.kept,
+                         bank.activation, grouped=grouped)  # fmt: skip
+    x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
+    scale = plan.weight.to(x_sorted.dtype)  # (A,)
+    if fused:  # falling back: plain ops
+        y_sorted = sorted_experts_mm(x_sorted, bank.w_in, bank.w_out, plan.counts, scale,
+                                     bank.activation)  # fmt: skip
+    else:
+        y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
+    return combine(y_sorted, plan.token, x.shape[0])  # (T, d)

@@ -9,10 +9,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from moekit.nn import functional as MF
+from moekit.nn._checks import check_features
 from moekit.nn.config import MoEConfig, validate_moe_params
-from moekit.nn.dispatch import combine, dense_gates, plan_dispatch
-from moekit.nn.experts import ExpertBank, FeedForward, sorted_experts_mm
-from moekit.nn.fused import fused_moe
+from moekit.nn.dispatch import dense_gates, plan_dispatch, run_experts
+from moekit.nn.experts import ExpertBank, FeedForward
 from moekit.nn.parallel import ExpertShard, expert_parallel_experts, make_shard, shard_bank
 from moekit.nn.routers import (
     ExpertChoiceRouter,
@@ -247,20 +247,6 @@ class MoE(nn.Module):
         self.aux_loss: Tensor = torch.zeros(())
         self.stats: MoEStats | None = None
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(
-                f"{type(self).__name__} expects a torch.Tensor of shape (..., d_model); "
-                f"got {type(x).__name__}."
-            )
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"{type(self).__name__} expects input of shape (..., d_model) with "
-                f"d_model={self.d_model}; got shape {tuple(x.shape)}."
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a floating-point input; got {x.dtype}.")
-
     def execution_path(self, x: Tensor, scale: Tensor | None = None) -> str:
         """How the layer runs its experts on tokens ``x``; one of :data:`PATHS`.
 
@@ -319,7 +305,7 @@ class MoE(nn.Module):
         -------
         Tensor of the same shape as ``x``
         """
-        self._check_input(x)
+        check_features(type(self).__name__, x, self.d_model, "d_model")
         shape = x.shape
         x = x.reshape(-1, self.d_model)  # (T, d)
         n_tokens = x.shape[0]
@@ -327,18 +313,13 @@ class MoE(nn.Module):
         cfg = self.config
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
         bank = self.experts
-        impl = bank.resolve_impl(x)
         path = self.execution_path(x, routing.weights)
-        if self.expert_parallel is not None:
-            if path in ("masked", "compiled"):
-                raise RuntimeError(
-                    "An expert-parallel MoE layer runs eagerly only: its all-to-all has "
-                    "data-dependent sizes, which vmap and torch.compile cannot trace."
-                )
-            plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
-            routed, dropped = plan.routed, plan.dropped
-            y = expert_parallel_experts(x, plan, bank, self.expert_parallel)  # (T, d)
-        elif path == "masked":
+        if self.expert_parallel is not None and path in ("masked", "compiled"):
+            raise RuntimeError(
+                "An expert-parallel MoE layer runs eagerly only: its all-to-all has "
+                "data-dependent sizes, which vmap and torch.compile cannot trace."
+            )
+        if path == "masked":
             gates, routed, dropped = dense_gates(
                 routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority
             )  # (T, E)
@@ -346,28 +327,10 @@ class MoE(nn.Module):
         else:
             plan = plan_dispatch(routing, n_tokens, self.n_experts, capacity, cfg.capacity_priority)
             routed, dropped = plan.routed, plan.dropped
-            grouped = impl == "grouped_mm"
-            if path == "fused" and plan.token.numel() > 0:
-                # the maths of the 'sorted' branch in one autograd Function
-                y = fused_moe(
-                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.counts,
-                    bank.activation, grouped=grouped,
-                )  # fmt: skip
-            elif path == "compiled":  # counts stay a tensor: no graph break
-                y = fused_moe(
-                    x, bank.w_in, bank.w_out, plan.weight, plan.token, plan.kept,
-                    bank.activation, grouped=grouped,
-                )  # fmt: skip
+            if self.expert_parallel is None:
+                y = run_experts(x, plan, bank, path)  # (T, d)
             else:
-                x_sorted = x.index_select(0, plan.token)  # (A, d) grouped by expert
-                scale = plan.weight.to(x_sorted.dtype)  # (A,)
-                if impl in ("fused", "grouped_mm"):  # falling back: plain ops
-                    y_sorted = sorted_experts_mm(
-                        x_sorted, bank.w_in, bank.w_out, plan.counts, scale, bank.activation
-                    )  # (A, d), already weighted
-                else:
-                    y_sorted = bank(x_sorted, plan.counts, scale)  # (A, d), already weighted
-                y = combine(y_sorted, plan.token, n_tokens)  # (T, d)
+                y = expert_parallel_experts(x, plan, bank, self.expert_parallel, path)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)  # (T, d)
         self.aux_loss = self._aux_loss(routing)

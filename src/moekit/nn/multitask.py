@@ -52,29 +52,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit._core.validation import Interval, InvalidParameterError, validate_params
+from moekit._core.validation import validate_params
+from moekit.nn._checks import NON_NEGATIVE_INT, POSITIVE_INT, check_features, reject
 from moekit.nn.routers import _under_vmap
 
 __all__ = ["MultiGateMoE", "MultiTaskStats", "SharedBottom", "StackedMLP", "mix_experts"]
 
-_POSITIVE_INT = Interval(numbers.Integral, 1, None, closed="left")
-_COUNT = Interval(numbers.Integral, 0, None, closed="left")
 
 _CONSTRAINTS: dict[str, list] = {
-    "d_in": [_POSITIVE_INT],
-    "n_experts": [_COUNT],
-    "n_tasks": [_POSITIVE_INT],
-    "d_out": [_POSITIVE_INT],
-    "n_shared_experts": [_COUNT],
-    "n_task_experts": [_COUNT],
-    "n_gates": [None, _POSITIVE_INT],
+    "d_in": [POSITIVE_INT],
+    "n_experts": [NON_NEGATIVE_INT],
+    "n_tasks": [POSITIVE_INT],
+    "d_out": [POSITIVE_INT],
+    "n_shared_experts": [NON_NEGATIVE_INT],
+    "n_task_experts": [NON_NEGATIVE_INT],
+    "n_gates": [None, POSITIVE_INT],
 }
-
-
-def _reject(owner: str, name: str, must: str, value: Any) -> None:
-    raise InvalidParameterError(
-        f"The {name!r} parameter of {owner} must be {must}. Got {value!r} instead."
-    )
 
 
 def _widths(owner: str, name: str, value: Any, *, allow_empty: bool) -> tuple[int, ...]:
@@ -82,12 +75,12 @@ def _widths(owner: str, name: str, value: Any, *, allow_empty: bool) -> tuple[in
     must = "a positive int or a sequence of positive ints" + ("" if allow_empty else " (not empty)")
     items = (value,) if isinstance(value, numbers.Integral) else value
     if isinstance(value, (str, bytes)) or not isinstance(items, Sequence):
-        _reject(owner, name, must, value)
+        reject(owner, name, must, value)
     if not items and not allow_empty:
-        _reject(owner, name, must, value)
+        reject(owner, name, must, value)
     for w in items:
         if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1:
-            _reject(owner, name, must, value)
+            reject(owner, name, must, value)
     return tuple(int(w) for w in items)
 
 
@@ -272,13 +265,13 @@ class MultiGateMoE(nn.Module):
         expert_widths = _widths(owner, "expert_hidden", expert_hidden, allow_empty=False)
         tower_widths = _widths(owner, "tower_hidden", tower_hidden, allow_empty=True)
         if n_experts + n_task_experts < 1:
-            _reject(owner, "n_experts", "at least 1 when n_task_experts=0", n_experts)
+            reject(owner, "n_experts", "at least 1 when n_task_experts=0", n_experts)
         n_gates = n_tasks if n_gates is None else n_gates
         if n_gates not in (1, n_tasks):
-            _reject(owner, "n_gates", f"None, 1 (OMoE) or n_tasks={n_tasks} (MMoE)", n_gates)
+            reject(owner, "n_gates", f"None, 1 (OMoE) or n_tasks={n_tasks} (MMoE)", n_gates)
         if n_task_experts > 0 and n_gates != n_tasks:
             must = f"n_tasks={n_tasks} (or None) with n_task_experts > 0"
-            _reject(owner, "n_gates", must, n_gates)
+            reject(owner, "n_gates", must, n_gates)
 
         self.d_in, self.n_tasks, self.n_gates, self.d_out = d_in, n_tasks, n_gates, d_out
         self.n_experts, self.n_shared_experts = n_experts, n_shared_experts
@@ -331,7 +324,7 @@ class MultiGateMoE(nn.Module):
         -------
         list of n_tasks Tensors of shape (..., d_out)
         """
-        _check_input(self, x, self.d_in, self.gate_weight.dtype)
+        check_features(type(self).__name__, x, self.d_in, "d_in", self.gate_weight.dtype)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.d_in)  # (B, d_in)
         gates = self.gate_weights(x)  # (G, B, J)
@@ -409,26 +402,8 @@ class SharedBottom(nn.Module):
         -------
         list of n_tasks Tensors of shape (..., d_out)
         """
-        _check_input(self, x, self.d_in, self.towers.weights[0].dtype)
+        check_features(type(self).__name__, x, self.d_in, "d_in", self.towers.weights[0].dtype)
         lead = x.shape[:-1]
         shared = self.bottom(x.reshape(-1, self.d_in))  # (1, B, h)
         out = self.towers(shared.expand(self.n_tasks, -1, -1))  # (T, B, d_out)
         return [y.reshape(*lead, self.d_out) for y in out.unbind(0)]
-
-
-def _check_input(module: nn.Module, x: Any, d_in: int, dtype: torch.dtype) -> None:
-    name = type(module).__name__
-    if not isinstance(x, Tensor):
-        raise TypeError(
-            f"{name} expects a torch.Tensor of shape (..., d_in); got {type(x).__name__}."
-        )
-    if x.dim() < 1 or x.shape[-1] != d_in:
-        raise ValueError(
-            f"{name} expects input of shape (..., d_in) with d_in={d_in}; "
-            f"got shape {tuple(x.shape)}."
-        )
-    if x.dtype != dtype:
-        raise TypeError(
-            f"{name} expects input of dtype {dtype} like its parameters; got {x.dtype} "
-            "(convert the input, or the model with .to(dtype))."
-        )

@@ -2,8 +2,8 @@
 
 Every process of the default group holds a full copy of the dense parameters
 (embeddings, attention, norms, routers, shared experts) and ``E / W`` experts of each
-MoE layer (:mod:`moekit.nn.parallel`), and trains on its own rows of each step's
-batch. Per optimiser step:
+MoE layer (:mod:`moekit.nn.parallel`, sharded by :mod:`moekit.nn.sharding`), and
+trains on its own rows of each step's batch. Per optimiser step:
 
 - the dense gradients are all-reduced (one flat all-reduce) and divided by ``W``:
   each process's loss is the mean over its own rows, so the mean of the processes'
@@ -31,16 +31,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.nn.parallel import (
-    ExpertShard,
-    checked_collective,
-    gather_experts,
-    shard_experts,
-    sharded_parameters,
-)
+from moekit._core.distributed import collective, get_world_size, nbytes
+from moekit.nn.parallel import ExpertShard
+from moekit.nn.sharding import gather_experts, shard_experts, sharded_parameters
 
 __all__ = ["DataParallel"]
 
@@ -70,7 +65,7 @@ class DataParallel:
 
         A collective: every process calls it with a model of the same configuration.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if get_world_size() == 1:  # no group, or one process
             return None
         world = dist.get_world_size()
         owns = not sharded_parameters(model)
@@ -85,7 +80,8 @@ class DataParallel:
         with torch.no_grad():  # rank 0's weights are the model, as DDP does
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 if name not in skip:
-                    checked_collective("broadcast of the model", dist.broadcast, t.data, 0)
+                    collective("broadcast of the model", dist.broadcast, t.data, 0,
+                               n_bytes=nbytes(t))  # fmt: skip
         if owns:
             shard_experts(model)
         return cls(dist.get_rank(), world, sharded_parameters(model), owns)
@@ -118,7 +114,7 @@ class DataParallel:
                 dense.append(p.grad)
         if dense:
             flat = torch.cat([g.reshape(-1) for g in dense])
-            checked_collective("all-reduce of the gradients", dist.all_reduce, flat)
+            collective("all-reduce of the gradients", dist.all_reduce, flat, n_bytes=nbytes(flat))
             flat.div_(self.world_size)
             for g, part in zip(dense, flat.split([g.numel() for g in dense]), strict=True):
                 g.copy_(part.view_as(g))
@@ -130,7 +126,8 @@ class DataParallel:
             if p.grad is not None:
                 (expert if name in self.sharded else dense).append(p.grad)
         expert_sq = _squared_norm(expert)
-        checked_collective("all-reduce of the gradient norm", dist.all_reduce, expert_sq)
+        collective("all-reduce of the gradient norm", dist.all_reduce, expert_sq,
+                   n_bytes=nbytes(expert_sq))  # fmt: skip
         norm = math.sqrt(float(_squared_norm(dense) + expert_sq))
         scale = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
         if scale < 1.0:
@@ -140,33 +137,8 @@ class DataParallel:
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` over the processes, in place; returns it."""
-        checked_collective("all-reduce of the training statistics", dist.all_reduce, t)
+        collective("all-reduce of the training statistics", dist.all_reduce, t, n_bytes=nbytes(t))
         return t
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, tokens: Tensor, batch_size: int, n_windows: int) -> float:
-        """:func:`~moekit.nn.train.evaluate_lm` with the windows shared out.
-
-        Each forward takes ``W * batch_size`` windows, every process its part (maybe
-        none: the last one can be short); all run the same number of forwards, since
-        the expert-parallel layers exchange tokens in each. The cross-entropy sums are
-        all-reduced, so every process gets the mean over all windows.
-        """
-        block = model.config.block_size
-        last = len(tokens) - block - 1
-        starts = torch.linspace(0, last, n_windows).long()
-        was_training = model.training
-        model.eval()
-        total = torch.zeros((), dtype=torch.float64)
-        for chunk in starts.split(batch_size * self.world_size):
-            part = chunk.tensor_split(self.world_size)[self.rank]
-            rows = torch.stack([tokens[s : s + block + 1] for s in part.tolist()]) if len(part) \
-                else tokens.new_zeros(0, block + 1)  # fmt: skip
-            logits, _ = model(rows[:, :-1])  # (b, T, vocab)
-            ce = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
-            total += ce.double()
-        model.train(was_training)
-        return float(self.all_reduce(total)) / (len(starts) * block)
 
 
 def _squared_norm(grads: list[Tensor]) -> Tensor:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit._core.distributed import collective, is_initialized, nbytes
 from moekit._core.validation import Interval, InvalidParameterError, validate_params
 from moekit.nn import functional as MF
 
@@ -402,8 +403,9 @@ class SigmoidBiasRouter(Router):
         step with no recorded tokens leaves the bias as it is.
         """
         load = self.pending_load
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)  # sum over processes, in place
+        if is_initialized():  # sum over processes, in place
+            collective("all-reduce of the router loads", dist.all_reduce, load,
+                       n_bytes=nbytes(load))  # fmt: skip
         # sign(mean - c_e) = sign(sum - E c_e), exact in integers
         step = self.bias_update_rate * torch.sign(load.sum() - self.n_experts * load)  # (E,)
         if self.center_bias:

@@ -19,6 +19,9 @@ data plus expert parallel (:mod:`moekit.nn.parallel_train`): each process takes 
 ``batch_size`` rows of the step's ``W * batch_size`` windows and holds ``E / W``
 experts of each MoE layer; process 0 writes the checkpoints (whole, the experts
 gathered, so that any number of processes can resume them) and the progress bar.
+
+The settings and the log are :mod:`moekit.nn.train_config`'s, the figure of a run
+:mod:`moekit.nn.train_plot`'s; both are importable from here too.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import numbers
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,11 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit._core.files import remove_partial_writes
-from moekit._core.validation import Interval, InvalidParameterError, validate_params
 from moekit.nn import layer as moe_layer
 from moekit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from moekit.nn.parallel import slice_expert_state
 from moekit.nn.parallel_train import DataParallel
+from moekit.nn.sharding import slice_expert_state
+from moekit.nn.train_config import PRESETS, TrainConfig, TrainLog
+from moekit.nn.train_plot import plot_training
 from moekit.nn.transformer import MoETransformer
 
 __all__ = [
@@ -56,84 +59,6 @@ __all__ = [
     "resume_lm",
     "train_lm",
 ]
-
-PRESETS: dict[str, tuple[dict, dict]] = {
-    # (TransformerConfig fields, TrainConfig fields). 'tiny' trains in minutes on two
-    # CPU cores; 'small' is the same recipe four times wider in tokens and width.
-    "tiny": (
-        dict(block_size=64, n_layer=2, n_head=4, d_model=64, d_hidden=128, n_experts=8, top_k=2),
-        dict(steps=1000, batch_size=16, learning_rate=3e-3, warmup=50, eval_every=100),
-    ),
-    "small": (
-        dict(block_size=128, n_layer=4, n_head=4, d_model=128, d_hidden=256, n_experts=8, top_k=2),
-        dict(steps=5000, batch_size=32, learning_rate=2e-3, warmup=200, eval_every=250),
-    ),
-}
-
-_POSITIVE_INT = [Interval(numbers.Integral, 1, None, closed="left")]
-_NON_NEGATIVE_INT = [Interval(numbers.Integral, 0, None, closed="left")]
-_CONSTRAINTS = {
-    "steps": _POSITIVE_INT,
-    "batch_size": _POSITIVE_INT,
-    "grad_accum": _POSITIVE_INT,
-    "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
-    "weight_decay": [Interval(numbers.Real, 0, None, closed="left")],
-    "warmup": _NON_NEGATIVE_INT,
-    "grad_clip": [Interval(numbers.Real, 0, None, closed="neither")],
-    "eval_every": _POSITIVE_INT,
-    "eval_batches": _POSITIVE_INT,
-    "val_fraction": [Interval(numbers.Real, 0, 0.5, closed="neither")],
-    "checkpoint_every": _POSITIVE_INT,
-    "seed": _NON_NEGATIVE_INT,
-}
-
-
-@dataclass
-class TrainConfig:
-    """Settings of :func:`train_lm`, checked with the one error template."""
-
-    steps: int = 1000  # optimiser steps
-    batch_size: int = 16  # windows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    learning_rate: float = 3e-3  # peak; the cosine decays it to a tenth
-    weight_decay: float = 0.1
-    warmup: int = 50  # steps of linear warm-up
-    grad_clip: float = 1.0  # on the global gradient norm
-    eval_every: int = 100
-    eval_batches: int = 8  # held-out batches per evaluation, at fixed places
-    val_fraction: float = 0.1  # the corpus's last bytes, never trained on
-    checkpoint_every: int = 100
-    seed: int = 0  # batch order (and dropout); the caller seeds the initial weights
-
-    def __post_init__(self) -> None:
-        validate_params(type(self).__name__, dataclasses.asdict(self), _CONSTRAINTS)
-        for name in ("learning_rate", "weight_decay", "grad_clip"):
-            if not math.isfinite(getattr(self, name)):
-                raise InvalidParameterError(
-                    f"The {name!r} parameter of {type(self).__name__} must be finite. "
-                    f"Got {getattr(self, name)!r} instead."
-                )
-
-
-@dataclass
-class TrainLog:
-    """What happened during training.
-
-    ``train_loss`` and ``val_loss`` are the language-model cross-entropy in nats per
-    byte, without the auxiliary losses, which ``aux_loss`` holds apart (training).
-    ``tokens_per_expert[i][l][e]`` counts the assignments of MoE layer ``l`` to
-    expert ``e`` during the training steps up to evaluation ``i``, since the one before.
-    """
-
-    step: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    aux_loss: list[float] = field(default_factory=list)
-    eval_step: list[int] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    tokens_per_expert: list[list[list[float]]] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def byte_tokens(text: str) -> Tensor:
@@ -191,15 +116,23 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _lm_loss(model: MoETransformer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _cross_entropy(model: MoETransformer, x: Tensor, y: Tensor) -> Tensor:
     logits, _ = model(x)  # (B, T, vocab); sets model.aux_loss
-    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-    return ce, model.aux_loss
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def _lm_loss(model: MoETransformer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return _cross_entropy(model, x, y), model.aux_loss
 
 
 @torch.no_grad()
 def evaluate_lm(
-    model: MoETransformer, tokens: Tensor, batch_size: int = 16, n_windows: int | None = None
+    model: MoETransformer,
+    tokens: Tensor,
+    batch_size: int = 16,
+    n_windows: int | None = None,
+    *,
+    dp: DataParallel | None = None,
 ) -> float:
     """Mean next-byte cross-entropy (nats) of ``model`` on ``tokens``, without aux losses.
 
@@ -212,6 +145,12 @@ def evaluate_lm(
     n_windows : int, optional
         Windows of ``block_size`` at evenly spaced places; None reads all of
         ``tokens`` in windows that do not overlap. Divide by ``ln 2`` for bits per byte.
+    dp : DataParallel, optional
+        Under data + expert parallelism (``W`` processes): each forward takes
+        ``W * batch_size`` windows, every process its part (maybe none: the last one
+        can be short); all run the same number of forwards, since the
+        expert-parallel layers exchange tokens in each. The sums are all-reduced, so
+        every process gets the mean over all windows. A collective then.
 
     Returns
     -------
@@ -227,13 +166,20 @@ def evaluate_lm(
         starts = torch.arange(0, last + 1, block)
     else:
         starts = torch.linspace(0, last, n_windows).long()
+    world, rank = (1, 0) if dp is None else (dp.world_size, dp.rank)
     was_training = model.training
     model.eval()
     total = 0.0
-    for chunk in starts.split(batch_size):
-        rows = torch.stack([tokens[s : s + block + 1] for s in chunk.tolist()])  # (B, T + 1)
-        total += float(_lm_loss(model, rows[:, :-1], rows[:, 1:])[0]) * len(chunk)
+    for chunk in starts.split(batch_size * world):
+        part = chunk.tensor_split(world)[rank]  # the whole chunk on one process
+        rows = torch.stack([tokens[s : s + block + 1] for s in part.tolist()]) if len(part) \
+            else tokens.new_zeros(0, block + 1)  # fmt: skip
+        ce = _cross_entropy(model, rows[:, :-1], rows[:, 1:])  # (B, T + 1) rows
+        if len(part):  # the mean over no rows is NaN
+            total += float(ce) * len(part)
     model.train(was_training)
+    if dp is not None:
+        total = float(dp.all_reduce(torch.tensor(total, dtype=torch.float64)))
     return total / len(starts)
 
 
@@ -447,15 +393,11 @@ class _Run:
         save_checkpoint(self.checkpoint, ck)  # under torchrun: gathered, process 0 writes
 
     def _evaluate(self, step: int, bar) -> None:
-        cfg, log = self.cfg, self.log
-        if self.dp is None:
-            val_loss = evaluate_lm(self.model, self.val, cfg.batch_size,
-                                   cfg.eval_batches * cfg.batch_size)  # fmt: skip
-        else:
-            # the same windows as one process with the global batch of W * batch_size
-            world = self.dp.world_size
-            val_loss = self.dp.evaluate(self.model, self.val, cfg.batch_size,
-                                        cfg.eval_batches * world * cfg.batch_size)  # fmt: skip
+        cfg, log, dp = self.cfg, self.log, self.dp
+        # W processes: the same windows as one process with the global batch W * batch_size
+        world = 1 if dp is None else dp.world_size
+        val_loss = evaluate_lm(self.model, self.val, cfg.batch_size,
+                               cfg.eval_batches * world * cfg.batch_size, dp=dp)  # fmt: skip
         log.eval_step.append(step)
         log.val_loss.append(val_loss)
         log.tokens_per_expert.append(self.load.tolist())
@@ -471,51 +413,3 @@ def _progress(start: int, total: int, verbose: int):
 
     return tqdm(total=total, initial=start, desc="training", unit="step",
                 disable=verbose < 1, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-
-
-# ------------------------------------------------------------------ figure
-def plot_training(log: TrainLog | dict, title: str | None = None):
-    """Training and held-out loss, the auxiliary loss, and each MoE layer's expert load.
-
-    Left: the language-model loss (nats per byte, without auxiliary losses) per
-    step and at each evaluation, and below it the auxiliary loss. Right, one panel per
-    MoE layer: the share of the routed tokens each expert took between evaluations,
-    stacked; even bands are a balanced layer.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    import matplotlib.pyplot as plt  # after expert_colors, which picks a headless backend
-
-    from moekit.plotting import expert_colors
-
-    log = log if isinstance(log, dict) else log.as_dict()
-    loads = torch.tensor(log["tokens_per_expert"], dtype=torch.float64)  # (evals, L, E)
-    n_layers = max(loads.shape[1] if loads.dim() == 3 else 0, 1)
-    fig = plt.figure(figsize=(11, max(4.0, 1.8 * n_layers)), layout="constrained")
-    left, right = fig.subfigures(1, 2, width_ratios=[1.6, 1])
-    ax, ax_aux = left.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    ax.plot(log["step"], log["train_loss"], color="0.65", lw=0.8, label="train")
-    ax.plot(log["eval_step"], log["val_loss"], "o-", color="tab:red", ms=3, label="held out")
-    ax.set_ylabel("language-model loss\n(nats per byte)")
-    ax.legend()
-    ax.set_title(title or "training")
-    ax_aux.plot(log["step"], log["aux_loss"], color="tab:blue", lw=0.8)
-    ax_aux.set_ylabel("auxiliary loss")
-    ax_aux.set_xlabel("step")
-    axes = right.subplots(n_layers, 1, sharex=True, squeeze=False)[:, 0]
-    if loads.dim() == 3 and loads.shape[1] > 0:
-        share = loads / loads.sum(-1, keepdim=True).clamp_min(1.0)  # (evals, L, E)
-        colors = expert_colors(share.shape[2])
-        for layer, axl in enumerate(axes):
-            axl.stackplot(log["eval_step"], share[:, layer].T.numpy(), colors=colors, lw=0)
-            axl.set_ylim(0, 1)
-            axl.set_ylabel(f"MoE layer {layer}")
-        right.suptitle(f"share of the routed tokens per expert\n(experts 0-{share.shape[2] - 1}, "
-                       "bottom to top)", fontsize="medium")  # fmt: skip
-        axes[-1].set_xlabel("step")
-    else:
-        axes[0].set_axis_off()
-        axes[0].text(0.5, 0.5, "no MoE layer", ha="center", va="center")
-    return fig

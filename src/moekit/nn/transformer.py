@@ -20,23 +20,24 @@ from torch import Tensor, nn
 
 from moekit._core.validation import Interval, InvalidParameterError, Options, validate_params
 from moekit.io import register_model
+from moekit.nn._checks import POSITIVE_INT
 from moekit.nn.config import ROUTERS
 from moekit.nn.experts import ACTIVATIONS, FeedForward
 from moekit.nn.layer import MoE
+from moekit.nn.sharding import sharded_parameters
 
 __all__ = ["MoETransformer", "TransformerConfig", "check_state", "expected_state"]
 
-_POSITIVE_INT = [Interval(numbers.Integral, 1, None, closed="left")]
 _CONSTRAINTS = {
-    "vocab_size": _POSITIVE_INT,
-    "block_size": _POSITIVE_INT,
-    "n_layer": _POSITIVE_INT,
-    "n_head": _POSITIVE_INT,
-    "d_model": _POSITIVE_INT,
-    "d_hidden": _POSITIVE_INT,
-    "n_experts": _POSITIVE_INT,
-    "top_k": _POSITIVE_INT,
-    "moe_every": _POSITIVE_INT,
+    "vocab_size": [POSITIVE_INT],
+    "block_size": [POSITIVE_INT],
+    "n_layer": [POSITIVE_INT],
+    "n_head": [POSITIVE_INT],
+    "d_model": [POSITIVE_INT],
+    "d_hidden": [POSITIVE_INT],
+    "n_experts": [POSITIVE_INT],
+    "top_k": [POSITIVE_INT],
+    "moe_every": [POSITIVE_INT],
     # expert choice looks at the whole batch, so a token would see later tokens
     "router": [Options(r for r in ROUTERS if r != "expert_choice")],
     "activation": [Options(ACTIVATIONS)],
@@ -243,12 +244,11 @@ class MoETransformer(nn.Module):
     def save(self, path) -> None:
         """Write the model to ``path`` (safetensors + JSON config, no pickle)."""
         from moekit.io import save_model
-        from moekit.nn.parallel import sharded_parameters
 
         if sharded_parameters(self):  # the file must hold every expert
             raise ValueError(
                 "This model is expert parallel: each process holds part of the experts. "
-                "Call moekit.nn.parallel.gather_experts(model) on every process first, then "
+                "Call moekit.nn.sharding.gather_experts(model) on every process first, then "
                 "save from one."
             )
 
