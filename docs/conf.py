@@ -2,9 +2,12 @@
 
 Build with ``make docs`` (or ``sphinx-build -W --keep-going -b html docs docs/_build/html``).
 The build needs no network: intersphinx is off, and the examples of the gallery run
-on the CPU in their small settings. Formulas are typeset in the browser by MathJax,
-fetched from its CDN unless ``MOEKIT_DOCS_MATHJAX`` names a local copy (a path or URL
-of ``MathJax.js`` (version 2) or ``tex-chtml.js`` (version 3)), for reading offline.
+on the CPU in their small settings. Reading needs none either: formulas are typeset
+in the browser by MathJax 3, served from the site's own ``_static/mathjax`` (copied
+there by the ``sphinx-mathjax-offline`` extension of the docs extra), never from a
+CDN. ``MOEKIT_DOCS_MATHJAX`` may name another local copy instead (a path of
+``MathJax.js`` (version 2, such as Debian's ``libjs-mathjax``) or ``tex-chtml.js``
+(version 3)).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax 3 in _static: formulas render without a network
     "sphinx.ext.viewcode",
     "numpydoc",
     "myst_parser",
@@ -80,6 +84,10 @@ warnings.filterwarnings("ignore", category=UserWarning, message=".*non-GUI backe
 # -- Math --------------------------------------------------------------------------------
 _mathjax = os.environ.get("MOEKIT_DOCS_MATHJAX")
 if _mathjax:
+    if _mathjax.startswith(("http:", "https:", "//")):
+        raise ValueError("MOEKIT_DOCS_MATHJAX must name a local copy of MathJax, not a URL")
+    # a local copy of one's own replaces the bundled one (whose setup sets mathjax_path)
+    extensions.remove("sphinx-mathjax-offline")
     if _mathjax.endswith("MathJax.js"):  # version 2 needs its configuration named
         mathjax_path = _mathjax + "?config=TeX-AMS-MML_HTMLorMML"
         # MyST marks each page's body ignored and its formulas "math" (MathJax 3's way)

@@ -53,7 +53,7 @@ def test_fit_then_predict_round_trip(tmp_path, capsys):
         )
         == 0
     )
-    assert "mean log-likelihood" in (tmp_path / "fit" / "report.txt").read_text()
+    assert "log-likelihood per row (fitted rows): " in (tmp_path / "fit" / "report.txt").read_text()
     assert (
         main(
             [
@@ -342,8 +342,11 @@ def test_fit_writes_a_self_contained_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_report_renders_in_a_headless_browser(tmp_path):
-    """Every section and image loads in Chromium (Debian's package); skipped without it."""
+def test_report_renders_in_a_headless_browser(tmp_path, capsys):
+    """Every section and image loads in Chromium (Debian's package), and the page the
+    browser shows holds the gate that `moekit inspect` prints and the model file holds;
+    skipped without Chromium."""
+    import html
     import shutil
     import subprocess
 
@@ -351,14 +354,30 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     if browser is None:
         pytest.skip("no chromium on this machine (apt-get install chromium)")
     X, y, _ = make_moe_regression(200, n_features=1, n_experts=2, random_state=0)
-    t = pd.DataFrame({"x": X[:, 0], "y": y})
-    assert _fit_cli(tmp_path, t, "--target", "y", "--experts", "2") == 0
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=200)
+    t = pd.DataFrame({"z": z, "x": X[:, 0], "y": np.where(z > 0, y, -y)})
+    flags = ["--formula", "y ~ x", "--gate-formula", "~ z", "--experts", "2"]
+    assert _fit_cli(tmp_path, t, *flags) == 0
     page = tmp_path / "out" / "report.html"
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert _report_sections(dom) == _report_sections(page.read_text())
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out" / "model.moe")]) == 0
+    inspected = capsys.readouterr().out
+    model = load(tmp_path / "out" / "model.moe")
+    shown = html.unescape(dom)
+    z_col = list(model.feature_names_in_).index("z")
+    for k in range(2):
+        line = re.search(rf"s_{k}\(x\) = [^\n]*", inspected).group(0)
+        assert line in shown  # the browser shows the line inspect prints
+        sign, value = re.search(r"([+-]) (\S+)·z", line).groups()
+        slope = float(value) * (-1 if sign == "-" else 1)
+        assert slope == pytest.approx(model.gate_coef_[k, z_col], rel=1e-3)
+        assert abs(slope) > 0.1  # the gate's real slope, not the 0 of a mispaired column
     shot = tmp_path / "report.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                     f"--screenshot={shot}", "--window-size=1000,3000", page.as_uri()],

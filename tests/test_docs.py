@@ -75,3 +75,16 @@ def test_pages_are_built(site):
         assert (site / f"{page}.html").is_file(), page
     r_page = (site / "coming_from_r.html").read_text(encoding="utf-8")
     assert "-580.5261" in r_page and "-578.134" in r_page  # R's and moekit's fits side by side
+
+
+@pytest.mark.slow
+def test_maths_is_typeset_from_the_site_itself(site):
+    """No page loads MathJax (or anything) from a CDN: the site reads offline."""
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    remote = re.compile(r'<script[^>]+src="(?:https?:)?//', re.IGNORECASE)
+    pages = sorted(site.rglob("*.html"))
+    assert pages
+    offenders = [p.name for p in pages if remote.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"pages loading scripts from the network: {offenders[:5]}"
+    maths = (site / "user_guide" / "statistical_moe.html").read_text(encoding="utf-8")
+    assert '_static/mathjax/tex-chtml.js"' in maths

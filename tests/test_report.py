@@ -29,6 +29,7 @@ from moekit.report import (
     tour_page,
     tour_report,
 )
+from moekit.report.headline import wilson_interval
 from moekit.report.page import html_table
 from moekit.report.regression import coverage, model_formula
 
@@ -131,11 +132,13 @@ def test_the_coverage_is_the_share_of_rows_inside_each_interval(regression):
     rows = coverage(model, Xt.to_numpy(), yt)
     assert [r[0] for r in rows] == [f"{level:.0%}" for level in LEVELS]
     d = model.predict_distribution(Xt)
-    for (_, covered, width), level in zip(rows, LEVELS, strict=True):
+    for (_, covered, interval, width), level in zip(rows, LEVELS, strict=True):
         lo, hi = d.interval(level)
         assert covered == pytest.approx(np.mean((lo <= yt) & (yt <= hi)))
         assert width == pytest.approx(np.mean(hi - lo), rel=1e-6)
-    assert np.all(np.diff([r[2] for r in rows]) > 0)  # wider intervals at higher levels
+        k_lo, k_hi = wilson_interval(round(covered * len(yt)), len(yt))
+        assert interval == f"{k_lo:.3f}-{k_hi:.3f}" and k_lo <= covered <= k_hi
+    assert np.all(np.diff([r[3] for r in rows]) > 0)  # wider intervals at higher levels
 
 
 def test_sections_take_a_prefix_and_a_level_and_skip_the_criterion_without_a_table(regression):
@@ -216,3 +219,40 @@ def test_tables_escape_text_and_round_floats():
     table = html_table([["<b>", 1.23456789, 7]], ["name", "value", "n"])
     assert "<td>&lt;b&gt;</td><td>1.235</td><td>7</td>" in table
     assert table.startswith("<table><tr><th>name</th><th>value</th><th>n</th></tr>")
+
+
+def test_the_gate_map_has_a_legend_naming_each_experts_colour(regression):
+    from matplotlib.colors import to_rgba
+
+    from moekit.plotting import expert_colors
+    from moekit.report.regression import gate_figure
+
+    model, X, *_ = regression
+    fig = gate_figure(model, X.to_numpy(), ["a", "b"])
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["expert 0", "expert 1"]
+    for patch, color in zip(legend.get_patches(), expert_colors(2), strict=True):
+        assert patch.get_facecolor()[:3] == pytest.approx(to_rgba(color)[:3])
+
+
+def test_a_gate_of_one_other_feature_is_drawn_and_a_constant_one_is_said():
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"x": rng.uniform(-2, 2, 200), "z": rng.normal(size=200)})
+    y = np.where(X.z > 0, 2 * X.x, -X.x) + 0.2 * rng.normal(size=200)
+    model = MoERegressor(2, expert_features=["x"], gate_features=["z"], n_init=1,
+                         random_state=0).fit(X, y)  # fmt: skip
+    parts = "".join(report_sections(model, X, y))
+    gate = parts[parts.index('id="gate"') : parts.index('id="coverage"')]
+    assert "<img" in gate and "formula above" not in gate  # the gate's own figure
+    constant = MoERegressor(2, gate="constant", n_init=1, random_state=0).fit(X, y)
+    parts = "".join(report_sections(constant, X, y))
+    gate = parts[parts.index('id="gate"') : parts.index('id="coverage"')]
+    weights = constant.gate_weights(X.iloc[:1])[0]
+    assert "<img" not in gate and "figure" not in gate
+    assert f"the same weights g = ({weights[0]:.3f}, {weights[1]:.3f})" in gate
+
+
+def test_the_summary_table_has_no_empty_header_row(regression_page):
+    page = regression_page[0]
+    summary = page[page.index('id="summary"') : page.index('id="formula"')]
+    assert "<th>" not in summary and "<th></th>" not in page

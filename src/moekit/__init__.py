@@ -22,6 +22,7 @@ _PUBLIC = {
     "MoERegressor": "moekit.estimators",
     "fit_formula": "moekit.formula",
     "load": "moekit.io",
+    "predict_distribution": "moekit.pipeline",
     "select_n_experts": "moekit.estimators",
 }
 
@@ -36,6 +37,7 @@ __all__ = [
     "ModelFormula",
     "fit_formula",
     "load",
+    "predict_distribution",
     "select_n_experts",
 ]
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from moekit.formula import ModelFormula, fit_formula
     from moekit.io import load
+    from moekit.pipeline import predict_distribution
     from moekit.prediction import MixturePrediction
 
 

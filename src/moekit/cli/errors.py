@@ -27,9 +27,18 @@ class UsageError(SystemExit):
         self.message = message
 
 
+FLAG_NAMES = {"max_iter or tol": "--max-iter", "max_iter": "--max-iter", "(n_init)": "(--n-init)",
+              "(n_experts)": "(--experts)"}  # fmt: skip
+"""Estimator parameters that a warning's advice names, and the command's flags for them."""
+
+
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` of the command: one line, without moekit's source line."""
-    print(f"moekit: warning: {message}", file=sys.stderr)
+    """``warnings.showwarning`` of the command: one line, without moekit's source line,
+    its advice in the command's flags (``--max-iter`` where the estimator says max_iter)."""
+    text = str(message)
+    for name, flag in FLAG_NAMES.items():
+        text = text.replace(name, flag)
+    print(f"moekit: warning: {text}", file=sys.stderr)
 
 
 def run(args) -> int:

@@ -23,17 +23,30 @@ INFORMATION_ROWS = 50_000
 """Rows on which `moekit fit` estimates the observed information of larger data (the
 standard errors; see ``summary(information_rows=)``)."""
 
+DEFAULT_EXPERTS = (1, 2, 3, 4)
+"""The numbers of experts among which BIC chooses when ``--experts`` is not given."""
 
-def regression_report(model, X, y, summary=None) -> str:
-    """A plain-text summary of a fitted MoERegressor: fit statistics and coefficients."""
-    head = [
-        f"  mean log-likelihood {model.log_likelihood(X, y):.4f} per sample, "
-        f"BIC {model.bic(X, y):.1f}, AIC {model.aic(X, y):.1f}",
-        f"  EM: {model.n_iter_} iterations, {'converged' if model.converged_ else 'NOT converged'}",
-        "",
-    ]
-    summary = model.summary(X, y) if summary is None else summary
-    return "\n".join([*head, str(summary)])
+
+def regression_report(model, X, y, summary=None, reason: str = "", target: str = "y") -> str:
+    """A plain-text summary of a fitted model: fit statistics, the model written out and
+    its coefficients (:func:`moekit.report.describe.text_report`, as the report shows them)."""
+    from moekit.report.describe import text_report
+
+    return text_report(model, X, y, summary, reason, target)
+
+
+def experts_to_try(requested: tuple[int, ...] | None, n_rows: int) -> tuple[int, ...]:
+    """``--experts`` as given, else :data:`DEFAULT_EXPERTS` less those the rows cannot
+    carry (two rows per expert at least)."""
+    if requested is not None:
+        return requested
+    return tuple(k for k in DEFAULT_EXPERTS if 2 * k <= n_rows) or (1,)
+
+
+def pd_numeric(y) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y))
 
 
 def cmd_fit(args) -> int:
@@ -59,18 +72,26 @@ def cmd_fit(args) -> int:
         row = int(np.flatnonzero(y.isna().to_numpy())[0])
         raise DataError(f"moekit: the target {target!r} is missing in row {row + 1}.")
     task = task_of(y, args.task)
+    numeric = pd_numeric(y)
+    if task == "classification" and args.task == "auto" and numeric:
+        a, b = sorted(y.unique())
+        print(f"moekit fit: note: the target {target!r} takes two values ({a:g}, {b:g}): "
+              "fitted as a classification (--task regression fits it as numbers)")  # fmt: skip
     if y.nunique() < 2:
         raise DataError(
             f"moekit: the target {target!r} is constant ({y.iloc[0]!r} in every row): "
             "there is nothing to fit."
         )
-    if len(y) < 2 * max(args.experts):
+    ks = experts_to_try(args.experts, len(y))
+    if len(y) < 2 * max(ks):
         raise DataError(
-            f"moekit: {len(y)} rows are too few for {max(args.experts)} experts; use fewer experts."
+            f"moekit: {len(y)} rows are too few for {max(ks)} experts; use fewer experts."
         )
     if task == "classification" and (args.expert != "linear" or gate != "softmax"):
         raise UsageError("moekit: --expert and --gate are for regressions; a classification "
-                         "uses logistic experts under a softmax gate.")  # fmt: skip
+                         "uses logistic experts under a softmax gate"
+                         + (" (--task regression fits a numeric target as numbers)."
+                            if numeric else "."))  # fmt: skip
     print(f"moekit fit: {task} of {target!r} on {', '.join(map(str, X.columns))} "
           f"({len(y)} rows)" + (f"; the gate sees {', '.join(gates)}" if gates else "")
           + ("; constant gate" if gate == "constant" else ""))  # fmt: skip
@@ -81,7 +102,7 @@ def cmd_fit(args) -> int:
     if not 0.0 <= args.holdout < 1.0:
         raise UsageError(f"moekit: --holdout must be in [0, 1); got {args.holdout}.")
     n_test = round(args.holdout * len(y))
-    if n_test < 10 or len(y) - n_test < 2 * max(args.experts):
+    if n_test < 10 or len(y) - n_test < 2 * max(ks):
         n_test = 0
     X, y, X_test, y_test = split_rows(X, y, n_test, args.random_state)
     if n_test:
@@ -89,43 +110,55 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     verbose = args.verbose if args.verbose is not None else int(sys.stderr.isatty())
-    settings = {"n_init": args.n_init, "random_state": args.random_state,
-                "verbose": verbose, "gate_features": gates, "expert_features": experts}  # fmt: skip
+    settings = {"n_init": args.n_init, "random_state": args.random_state, "verbose": verbose,
+                "gate_features": gates, "expert_features": experts,
+                **({"max_iter": args.max_iter} if args.max_iter is not None else {})}  # fmt: skip
     if task == "regression":
         template = MoERegressor(expert=args.expert, gate=gate, **settings)
     else:
         template = MoEClassifier(**settings)
     table = None
-    if len(args.experts) == 1:
-        model = template.set_params(n_experts=args.experts[0]).fit(X, y)
+    if len(ks) == 1:
+        model = template.set_params(n_experts=ks[0]).fit(X, y)
     else:
         from moekit import select_n_experts
 
-        print(f"  choosing K in {args.experts[0]}-{args.experts[-1]} by BIC")
-        model, table = select_n_experts(template, X, y, args.experts, "bic",
+        default = " (the default; --experts K fixes it)" if args.experts is None else ""
+        print(f"  choosing K in {ks[0]}-{ks[-1]} by BIC{default}")
+        model, table = select_n_experts(template, X, y, ks, "bic",
                                         verbose=max(1, verbose))  # fmt: skip
-        print(f"  BIC picks K = {model.n_experts}")
+        print(f"  BIC picks K = {len(model.expert_sizes_)}")
         table.to_csv(out / "criterion.csv", index=False)
     if formula is not None:  # predict applies it to new data
         model.formula_ = formula
     model.save(out / "model.moe")
-    summary = None
-    if task == "regression":
-        summary = model.summary(X, y, information_rows=INFORMATION_ROWS)
-        report = regression_report(model, X, y, summary)
-    else:
-        report = (
-            f"MoEClassifier: K = {model.n_experts}, classes {list(model.classes_)}, "
-            f"training accuracy {model.score(X, y):.4f}, mean log-likelihood "
-            f"{model.log_likelihood(X, y):.4f}, {model.n_iter_} EM iterations"
-        )
+    from moekit.report.describe import coefficient_summary
+    from moekit.report.headline import fit_baseline, held_out_check
+
+    summary, reason = coefficient_summary(model, X, y, INFORMATION_ROWS)
+    report = regression_report(model, X, y, summary, reason, target)
+    if task == "classification":
+        report = (f"MoEClassifier: K = {len(model.expert_sizes_)}, classes {list(model.classes_)}, "
+                  f"training accuracy {model.score(X, y):.4f}\n" + report)  # fmt: skip
+    baseline = None
+    if n_test:
+        baseline = fit_baseline(model, X, y)
+        check = held_out_check(model, X_test, y_test, baseline)
+        said = [f"  held-out log-likelihood per row: {check.log_likelihood:.4g}"
+                + (f" (one expert: {check.baseline_log_likelihood:.4g})"
+                   if baseline is not None else "")]  # fmt: skip
+        if check.covered >= 0:
+            said.append(f"  held-out 90% intervals cover {check.coverage_text()}")
+        if check.verdict():
+            said.append(f"  warning: {check.verdict()}")
+        report = "\n".join(said) + "\n" + report
     (out / "report.txt").write_text(report + "\n")
     from moekit.report import html_report
 
     figures: dict[str, bytes] = {}
     page = html_report(model, X, y, X_test=X_test, y_test=y_test, table=table,
                        target=target, source=str(args.data), summary=summary,
-                       figures=figures)  # fmt: skip
+                       baseline=baseline, figures=figures)  # fmt: skip
     (out / "report.html").write_text(page, encoding="utf-8")
     # the report's figures that stand on their own as files, drawn once
     if task == "regression" and X.shape[1] == 1:

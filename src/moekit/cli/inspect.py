@@ -27,6 +27,15 @@ def cmd_inspect(args) -> int:
     print(f"  fit: {model.n_iter_} EM iterations, "
           f"{'converged' if model.converged_ else 'not converged'}, mean log-likelihood "
           f"{model.log_likelihood_:.4f} per row")  # fmt: skip
+    from moekit.report.describe import expert_shares, model_formula
+
     print(f"  experts' shares of the data: "
-          f"{', '.join(f'{v:.1f}' for v in model.expert_sizes_)}")  # fmt: skip
+          f"{', '.join(f'{v:.3f}' for v in expert_shares(model))} (they sum to 1)")  # fmt: skip
+    if not hasattr(model, "predict_proba") and hasattr(model, "expert_sizes_"):
+        print("\n" + model_formula(model, target=_target(model)))
     return 0
+
+
+def _target(model) -> str:
+    formula = getattr(model, "formula_", None)
+    return str(getattr(formula, "response", None) or "y")

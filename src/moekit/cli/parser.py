@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--experts",
         type=_experts,
-        default=(3,),
-        help="number of experts K, or a range such as 1-8 chosen by BIC (default: 3)",
+        default=None,
+        help="number of experts K, or a range such as 1-8 chosen by BIC (default: 1-4, "
+        "chosen by BIC)",
     )
     p.add_argument(
         "--expert",
@@ -82,11 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="softmax",
         help="softmax (default), constant (a mixture of regressions) or mlp",
     )
-    p.add_argument("--task", choices=["auto", "regression", "classification"], default="auto")
+    p.add_argument("--task", choices=["auto", "regression", "classification"], default="auto",
+                   help="auto (default): a text or boolean target, or a numeric one of two "
+                        "values, is a classification; any other numeric target a "
+                        "regression")  # fmt: skip
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share of rows held out for the report's checks; the model is fitted "
                         "on the rest (0: fit on every row; default: 0.2)")  # fmt: skip
     p.add_argument("--n-init", type=int, default=5, help="EM starts (default: 5)")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="most EM iterations per start (default: the estimator's, 200)")  # fmt: skip
     p.add_argument("--random-state", type=int, default=0)
     p.add_argument("--verbose", type=int, default=None,
                    help="0: quiet; 1: a progress bar per fit (default where stderr is a "

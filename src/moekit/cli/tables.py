@@ -76,7 +76,9 @@ def read_table(path: str, target: str | None):
 
 
 def task_of(y, requested: str, expert: str | None = None) -> str:
-    """Regression for a numeric target, classification for a few text/bool classes."""
+    """Regression for a numeric target, classification for a few text/bool classes and
+    for a numeric target of exactly two values (a 0/1 outcome: a Gaussian fitted to it
+    puts its density on two points and reports a meaningless likelihood)."""
     import pandas as pd
 
     if requested != "auto":
@@ -84,7 +86,7 @@ def task_of(y, requested: str, expert: str | None = None) -> str:
     if pd.api.types.is_bool_dtype(y):
         return "classification"
     if pd.api.types.is_numeric_dtype(y):
-        return "regression"
+        return "classification" if y.nunique() == 2 else "regression"
     n_classes = y.nunique()
     if n_classes > MAX_CLASSES:
         raise DataError(

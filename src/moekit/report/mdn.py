@@ -8,7 +8,7 @@ import numpy as np
 
 from moekit.plotting import _pyplot, plot_conditional_density
 from moekit.report.page import embed_png, heading, html_table
-from moekit.report.regression import coverage
+from moekit.report.regression import COVERAGE_HEADER, coverage
 
 
 def mdn_sections(
@@ -44,12 +44,12 @@ def mdn_sections(
         ["log-likelihood per row (fitted rows)", float(model.log_likelihood(X, y))],
         ["log-likelihood per row (held-out rows)", float(model.log_likelihood(Xh, yh))],
     ]
-    parts = [h("summary", "Summary"), html_table(facts, ["", ""])]
+    parts = [h("summary", "Summary"), html_table(facts)]
     if X.shape[1] == 1:
         parts += [h("density", f"p({target} | x): every branch, not their average"),
                   embed_png(plot_conditional_density(model, X[:, 0], y, truth=truth,
                                                 ylabel=target))]  # fmt: skip
-    cover = html_table(coverage(model, Xh, yh), ["nominal", "covered", "mean width"])
+    cover = html_table(coverage(model, Xh, yh), COVERAGE_HEADER)
     parts += [h("coverage", f"Predictive intervals on {len(yh)} held-out rows"), cover]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))

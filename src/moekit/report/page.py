@@ -12,6 +12,7 @@ import io
 from typing import Any
 
 from moekit.plotting import _pyplot
+from moekit.report.describe import format_value
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }
@@ -19,7 +20,8 @@ h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 
 table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }
 th { background: #f4f4f4; } img { max-width: 100%; } .note { color: #666; }
-pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; }
+pre { background: #f8f8f8; padding: 0.8em; white-space: pre-wrap; overflow-wrap: anywhere; }
+.warning { background: #fff4e0; border-left: 4px solid #e08a00; padding: 0.6em 0.9em; }
 """
 
 
@@ -37,17 +39,16 @@ def embed_png(fig, key: str | None = None, figures: dict | None = None) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{data}">'
 
 
-def html_table(rows: list[list[Any]], header: list[str]) -> str:
-    """A table of ``rows`` under ``header``; floats to four significant digits, text escaped."""
+def html_table(rows: list[list[Any]], header: list[str] | None = None) -> str:
+    """A table of ``rows`` under ``header`` (none: no header row); floats to four
+    significant digits, text escaped."""
 
     def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
+        return html.escape(format_value(v))
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header or ())
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
 
 
 def heading(level: int, prefix: str, key: str, title: str) -> str:

@@ -10,14 +10,22 @@ import numpy as np
 
 from moekit.plotting import _pyplot, expert_colors, plot_criterion
 from moekit.report.classification import class_expert_figure, confusion_figure
+from moekit.report.describe import (
+    coefficient_summary,
+    expert_shares,
+    feature_names,
+    fit_facts,
+    model_formula,
+    summary_text,
+)
+from moekit.report.headline import HEADLINE_LEVEL, fit_baseline, held_out_check
 from moekit.report.page import embed_png, heading, html_page, html_table
 from moekit.report.regression import (
+    COVERAGE_HEADER,
     WIDTH_ROWS,
     coverage,
-    feature_names,
     fit_figure,
     gate_figure,
-    model_formula,
     named,
 )
 
@@ -37,6 +45,7 @@ def html_report(
     target: str = "y",
     source: str = "",
     summary=None,
+    baseline=None,
     figures: dict | None = None,
 ) -> str:
     """The report of a fitted ``MoERegressor`` (or ``MoEClassifier``) as HTML.
@@ -47,14 +56,19 @@ def html_report(
     X, y : array-like
         The rows it was fitted on.
     X_test, y_test : array-like, optional
-        Held-out rows: the coverage of the predictive intervals and the held-out
-        log-likelihood are computed on them (on the training rows, said so, if absent).
+        Held-out rows: the coverage of the predictive intervals (with its binomial
+        interval) and the held-out log-likelihood are computed on them, and compared
+        with one expert's (on the training rows, said so, if absent).
     table : pandas.DataFrame, optional
         ``select_n_experts``'s table when K was chosen: the criterion against K.
     criterion, target, source : str
         The criterion's name, the target's name, where the data came from.
     summary : Summary, optional
         ``model.summary(X, y)`` when already computed (it is the costly part).
+    baseline : fitted estimator, optional
+        The model with one expert, fitted on the same rows, for the held-out
+        comparison; fitted here (:func:`~moekit.report.headline.fit_baseline`) when
+        absent and rows are held out.
     figures : dict, optional
         Filled with each figure's PNG bytes under its section's key ("fit", "gate",
         "convergence", ...), for a caller that also writes them to files.
@@ -68,7 +82,7 @@ def html_report(
     parts = [f"<h1>{html.escape(kind)}: {html.escape(target)}</h1>"]
     parts += report_sections(model, X, y, X_test=X_test, y_test=y_test, table=table,
                              criterion=criterion, target=target, source=source,
-                             summary=summary, figures=figures)  # fmt: skip
+                             summary=summary, baseline=baseline, figures=figures)  # fmt: skip
     return html_page(kind, parts)
 
 
@@ -90,16 +104,19 @@ def report_sections(
     prefix: str = "",
     level: int = 2,
     summary=None,
+    baseline=None,
     figures: dict | None = None,
 ) -> list[str]:
     """The sections of :func:`html_report`, as HTML fragments.
 
     ``prefix`` starts every section's id and ``level`` sets its heading level, so
-    that several models' sections share one page (``moekit demo``'s tour).
+    that several models' sections share one page (``moekit demo``'s tour). Every
+    number comes from :mod:`moekit.report.describe` and
+    :mod:`moekit.report.headline`, as ``moekit fit`` and ``moekit inspect`` print them.
     """
     X = np.asarray(getattr(X, "values", X), dtype=float)
     y = np.asarray(getattr(y, "values", y))
-    names = feature_names(model, X)
+    names = feature_names(model, X.shape[1])
     regression = not hasattr(model, "predict_proba")
     if regression:
         y = y.astype(float)
@@ -117,33 +134,38 @@ def report_sections(
     def h(key: str, title: str) -> str:
         return heading(level, prefix, key, title)
 
-    ll_fit = float(model.log_likelihood(named(model, X), y))
+    if held and baseline is None:
+        baseline = fit_baseline(model, named(model, X), y)
+    check = held_out_check(model, Xh, yh, baseline)
+    stats = fit_facts(model, named(model, X), y)  # the experts first, then the fit's numbers
     facts = [
         ["data", source or "arrays"],
         ["rows fitted", len(y)],
         *([["formula", str(model.formula_)]] if getattr(model, "formula_", None) else []),
         ["features", _short_list(names)],
-        ["experts", model.n_experts],
+        *([label, value] for label, value in stats[:1]),
         ["expert / gate", f"{getattr(model, 'expert', '?')} / {getattr(model, 'gate', '?')}"],
-        ["log-likelihood per row (fitted rows)", ll_fit],
-        [f"log-likelihood per row ({where})", float(model.log_likelihood(named(model, Xh), yh))],
-        ["BIC", -2.0 * len(y) * ll_fit + model.n_parameters() * np.log(len(y))],
-        ["EM", f"{model.n_iter_} iterations, "
-               f"{'converged' if model.converged_ else 'NOT converged'}"],
+        *([label, value] for label, value in stats[1:]),
+        [f"log-likelihood per row ({where})", check.log_likelihood],
     ]  # fmt: skip
-    parts = [h("summary", "Summary"), html_table(facts, ["", ""])]
+    if baseline is not None:
+        facts.append([f"log-likelihood per row, one expert ({where})",
+                      check.baseline_log_likelihood])  # fmt: skip
+    if check.covered >= 0:
+        facts.append([f"{HEADLINE_LEVEL:.0%} intervals cover ({where})", check.coverage_text()])
+    parts = [h("summary", "Summary")]
+    if check.verdict():
+        parts.append(f'<p class="warning">{html.escape(check.verdict())}</p>')
+    parts.append(html_table(facts))
     if regression:
         parts += [h("formula", "The model"),
                   f"<pre>{html.escape(model_formula(model, names, target))}</pre>"]  # fmt: skip
         parts += [h("fit", "The data and each expert's fit"),
                   embed_png(fit_figure(model, Xs, ys, names, target), "fit", figures)]  # fmt: skip
-    gate_fig = gate_figure(model, Xs, names)
     parts.append(h("gate", "Where the gate sends each input"))
-    parts.append(embed_png(gate_fig, "gate", figures) if gate_fig is not None else
-                 '<p class="note">The gate sees fewer than two features (or is constant): '
-                 "its weights are in the figure and the formula above.</p>")  # fmt: skip
+    parts.append(_gate_part(model, Xs, names, regression, figures))
     if regression:
-        cover = html_table(coverage(model, Xh, yh), ["nominal", "covered", "mean width"])
+        cover = html_table(coverage(model, Xh, yh), COVERAGE_HEADER)
         parts += [h("coverage", f"Predictive intervals on {where}"), cover]
         if len(yh) > WIDTH_ROWS:
             parts.append(f'<p class="note">Coverage over all {len(yh):,} rows; mean width '
@@ -151,7 +173,7 @@ def report_sections(
     else:
         pred = model.predict(named(model, Xh))
         acc = float(np.mean(pred == yh))
-        parts += [h("coverage", f"Accuracy on {where}"), html_table([["accuracy", acc]], ["", ""]),
+        parts += [h("coverage", f"Accuracy on {where}"), html_table([["accuracy", acc]]),
                   embed_png(confusion_figure(model.classes_, yh, pred), "confusion", figures),
                   h("division", "Which expert takes which class"),
                   embed_png(class_expert_figure(model, Xh, yh), "division", figures)]  # fmt: skip
@@ -165,28 +187,49 @@ def report_sections(
     if table is not None:
         parts += [h("criterion", f"{criterion.upper()} against K"),
                   embed_png(plot_criterion(table, criterion), "criterion", figures)]  # fmt: skip
-    parts.append(h("coefficients", "Coefficients"))
-    n_params = int(model.n_parameters()) if hasattr(model, "n_parameters") else 0
-    if n_params > MAX_TABLE_PARAMETERS:
-        parts.append(f'<p class="note">{n_params} parameters: too many to list here; '
-                     "<code>model.summary(X, y)</code> gives them with their standard "
-                     "errors.</p>")  # fmt: skip
-    else:
-        try:
-            summary = model.summary(named(model, X), y) if summary is None else summary
-            parts.append(f"<pre>{html.escape(str(summary))}</pre>")
-        except ValueError as exc:  # no coefficients to report (MLP parts)
-            parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
+    parts += [h("coefficients", "Coefficients"), _coefficients_part(model, X, y, summary)]
     sizes = np.asarray(model.expert_sizes_, dtype=float)
     fig, ax = plt.subplots(figsize=(6, 2.5))
     ax.bar(np.arange(len(sizes)), sizes, color=expert_colors(len(sizes)))
     ax.set_xticks(np.arange(len(sizes)))
     ax.set_xlabel("expert")
     ax.set_ylabel("rows (sum of responsibilities)")
-    shares = [[k, float(s), float(s / sizes.sum())] for k, s in enumerate(sizes)]
+    shares = [[k, float(s), float(f)] for k, (s, f) in enumerate(zip(sizes, expert_shares(model),
+                                                                      strict=True))]  # fmt: skip
     parts += [h("sizes", "How much data each expert handles"), embed_png(fig, "sizes", figures),
               html_table(shares, ["expert", "rows", "share"])]  # fmt: skip
     return parts
+
+
+def _gate_part(model, X, names, regression: bool, figures) -> str:
+    """The gate's figure, or the sentence that says where the gate is shown instead."""
+    K = len(np.atleast_1d(model.expert_sizes_))
+    if K == 1:
+        return '<p class="note">One expert: there is no gate; g(x) = 1.</p>'
+    if regression and X.shape[1] == 1 and getattr(model, "gate", None) != "constant":
+        return (f'<p class="note">The gate sees one feature, {html.escape(names[0])}: its '
+                "weights g_k(x) are the lower panel of the figure above.</p>")  # fmt: skip
+    fig = gate_figure(model, X, names)
+    if fig is not None:
+        return embed_png(fig, "gate", figures)
+    weights = ", ".join(f"{w:.3f}" for w in model.gate_weights(named(model, X[:1]))[0])
+    return (f'<p class="note">The gate does not depend on x: every input goes to the experts '
+            f"with the same weights g = ({weights}).</p>")  # fmt: skip
+
+
+def _coefficients_part(model, X, y, summary) -> str:
+    """The coefficient table as ``moekit fit`` prints it, or a note saying why there is none."""
+    n_params = int(model.n_parameters()) if hasattr(model, "n_parameters") else 0
+    if n_params > MAX_TABLE_PARAMETERS:
+        return (f'<p class="note">{n_params} parameters: too many to list here; '
+                "<code>model.summary(X, y)</code> gives them with their standard "
+                "errors.</p>")  # fmt: skip
+    reason = ""
+    if summary is None:
+        summary, reason = coefficient_summary(model, named(model, X), y)
+    if summary is None:
+        return f'<p class="note">No coefficient table: {html.escape(reason)}</p>'
+    return f"<pre>{html.escape(summary_text(summary))}</pre>"
 
 
 def _short_list(names: list[str], most: int = 12) -> str:
