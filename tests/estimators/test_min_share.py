@@ -60,8 +60,8 @@ def test_min_share_applies_to_the_classifier():
     y = (X[:, 0] > 0).astype(int)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = MoEClassifier(6, min_share=0.3, n_init=2, random_state=0).fit(X, y)
-    assert m.n_experts_removed_ >= 3
+        m = MoEClassifier(3, min_share=0.3, n_init=2, random_state=0).fit(X, y)
+    assert m.n_experts_removed_ >= 1
     assert (m.expert_sizes_ >= 0.3 * len(y)).all()
     assert m.predict_proba(X).shape == (200, 2)
 
@@ -89,3 +89,10 @@ def test_model_choice_never_picks_a_fit_that_shed_experts():
     assert best.noise_std_.min() >= 0.01 * np.std(y[rows]) * (1 - 1e-9)
     assert (best.expert_sizes_ >= 0.05 * 106).all()
     assert int(chosen["n_experts"]) in (3, 4)
+
+
+def test_more_experts_than_min_share_allows_is_refused(spiky):
+    X, y = spiky
+    with pytest.raises(ValueError, match=r"n_experts=40 with min_share=0.05: at most 20 experts"):
+        MoERegressor(40).fit(X, y)
+    MoERegressor(40, min_share=0.0, n_init=1, max_iter=2).fit(X, y)  # allowed without it

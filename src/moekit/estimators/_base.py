@@ -135,6 +135,12 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         validate_params(
             type(self).__name__, self.get_params(deep=False), self._parameter_constraints
         )
+        if self.min_share * self.n_experts > 1:
+            raise ValueError(
+                f"n_experts={self.n_experts} with min_share={self.min_share:g}: at most "
+                f"{int(1 / self.min_share)} experts can each hold that share of the rows; "
+                "ask for fewer experts or a smaller min_share."
+            )
 
     def _make_gate(self, seed: int):
         if not isinstance(self.gate, str):
