@@ -272,6 +272,6 @@ def fit_facts(model: Any, X, y) -> list[tuple[str, Any]]:
         ("BIC", -2.0 * n * ll + p * np.log(n)),
         ("AIC", -2.0 * n * ll + 2.0 * p),
         ("parameters", p),
-        ("EM", f"{model.n_iter_} iterations, "
+        ("EM", f"{model.n_iter_} iteration{'s' * (model.n_iter_ != 1)}, "
                f"{'converged' if model.converged_ else 'NOT converged'}"),
     ]  # fmt: skip
