@@ -53,13 +53,8 @@ default='auto'
     init_max_iter : int, default=30
     init_sample_size : int or None, default=20_000
     min_share : float, default=0.05
-        Experts whose share of the rows (total responsibility / n) falls below this
-        are removed during EM, which continues without them, as flexmix's
-        ``minprior`` does: an expert on a handful of rows can fit them almost
-        exactly, a spurious maximum of the likelihood. A
-        ``SmallExpertsRemovedWarning`` says how many went (``n_experts_removed_``);
-        the fitted model then has fewer experts than ``n_experts``. 0 keeps every
-        expert.
+        Experts below this share of the rows are removed during EM, as in
+        :class:`MoERegressor` (flexmix's ``minprior``).
     alpha : float or None, default=None
         L2 penalty on each expert's slopes, as ``1 / C`` in scikit-learn's
         LogisticRegression (on the summed log-likelihood scale). None uses 1: every
