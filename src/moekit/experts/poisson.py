@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
+from moekit.experts._glm import check_counts
 
 
 @dataclass
@@ -48,10 +50,16 @@ class PoissonExperts:
     params_type = PoissonParams
     predictive_family = "poisson"
     standardize_target = False
+    target_columns = 1
 
     def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
         self.n_experts = n_experts
         self.alpha = alpha
+
+    @staticmethod
+    def check_target(y2: np.ndarray) -> np.ndarray:
+        """One column of non-negative integer counts (ValueError naming the option)."""
+        return check_counts(y2, "poisson")
 
     def prepare(self, data: EMData) -> None:
         # log y! once per fit
