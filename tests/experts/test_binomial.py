@@ -53,6 +53,12 @@ def test_binomial_experts_recover_known_experts():
     np.testing.assert_allclose(d.var(), d.mean() * (1 - d.mean()), rtol=1e-12)
     assert set(np.unique(d.sample(50, random_state=0))) <= {0.0, 1.0}
     assert [list(m) for m in d.modes()] == [[float(p > 0.5)] for p in d.mean()]
+    # score: R^2 of the proportions, weighted by trials
+    share, trials = y[:, 0] / y.sum(1), y.sum(1)
+    resid = share - fitted.predict(X)
+    mean = np.average(share, weights=trials)
+    r2 = 1 - (trials * resid**2).sum() / (trials * (share - mean) ** 2).sum()
+    assert fitted.score(X, y) == pytest.approx(r2, rel=1e-12)
 
 
 def test_one_binomial_expert_equals_a_direct_maximisation():

@@ -353,6 +353,22 @@ default='auto'
             to_numpy(w), to_numpy(means), to_numpy(stds), family=family, **extra
         )
 
+    def score(self, X, y, sample_weight=None) -> float:
+        """R^2 of :meth:`predict` (scikit-learn's convention).
+
+        For binomial experts, whose y is (successes, failures), the R^2 of the
+        observed proportions of successes, each row weighted by its trials (times
+        ``sample_weight``).
+        """
+        if getattr(self._expert_family, "target_columns", 1) == 1:
+            return super().score(X, y, sample_weight=sample_weight)
+        from sklearn.metrics import r2_score
+
+        y = self._target().check(np.asarray(y), vars(self))
+        trials = y.sum(1)
+        weight = trials if sample_weight is None else trials * np.asarray(sample_weight)
+        return float(r2_score(y[:, 0] / trials, self.predict(X), sample_weight=weight))
+
     # ------------------------------------------------------------------ coefficients
     def _expert_coef(self) -> np.ndarray:
         coef = to_numpy(self._params.expert.coef)
