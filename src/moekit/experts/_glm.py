@@ -129,3 +129,45 @@ def report_coef(coef: torch.Tensor, scaling: Scaling, extra: dict | None = None)
 def coef_of_report(values: dict, scaling: Scaling) -> torch.Tensor:
     """The standardised-design coefficients of reported ones (differentiable)."""
     return coef_from_data(values["coef"], scaling)
+
+
+# ---------------------------------------------------------------------- shared members
+class RidgeGLM:
+    """Members every GLM family of one target shares (not a protocol: a base to
+    inherit): K experts of coefficients ``coef`` (K, p) with a ridge ``alpha`` on
+    the slopes, fitted on the target's own scale.
+
+    Parameters
+    ----------
+    n_experts : int
+    alpha : float
+        L2 penalty on the slopes, on the summed log-likelihood scale.
+    """
+
+    needs_resp = False
+    standardize_target = False
+    target_columns = 1
+
+    def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
+        self.n_experts = n_experts
+        self.alpha = alpha
+
+    def start_coef(self, XeT: torch.Tensor, intercept: float) -> torch.Tensor:
+        """Coefficients (K, p) of every expert at a constant linear predictor."""
+        coef = XeT.new_zeros((self.n_experts, XeT.shape[0]))
+        coef[:, -1] = intercept
+        return coef
+
+    def log_prior(self, params) -> float:
+        return -0.5 * self.alpha * float((params.coef[:, :-1] ** 2).sum())
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()
+
+    def predictive_extra(self, params) -> dict:
+        return {}
+
+    @property
+    def n_outputs(self) -> int:
+        """One output (a count, an amount, a probability of success)."""
+        return 1

@@ -30,6 +30,7 @@ from moekit._core.data import Chunk, EMData
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import (
+    RidgeGLM,
     check_columns,
     coef_of_report,
     grams,
@@ -63,7 +64,7 @@ def _log_choose_of(y: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(s + f + 1.0) - torch.lgamma(s + 1.0) - torch.lgamma(f + 1.0)
 
 
-class BinomialExperts:
+class BinomialExperts(RidgeGLM):
     """K logistic regressions of successes out of trials.
 
     Parameters
@@ -76,15 +77,9 @@ class BinomialExperts:
 
     report_name = "binomial (logit link)"
     monotone = False  # a Newton step; the EM loop checks and shortens it
-    needs_resp = False
     params_type = BinomialParams
     predictive_family = "binomial"
-    standardize_target = False
-    target_columns = 2
-
-    def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
-        self.n_experts = n_experts
-        self.alpha = alpha
+    target_columns = 2  # successes and failures; one output, the probability of success
 
     @staticmethod
     def check_target(y2: np.ndarray) -> np.ndarray:
@@ -106,11 +101,9 @@ class BinomialExperts:
         data.cache["log_choose"] = _log_choose_of(data.y)
 
     def init_params(self, data: EMData) -> BinomialParams:
-        coef = data.XeT.new_zeros((self.n_experts, data.XeT.shape[0]))
         s, t = float(data.y[0].sum()), float(data.y.sum())
         share = min(max(s / t, 1e-3), 1.0 - 1e-3)
-        coef[:, -1] = math.log(share / (1.0 - share))
-        return BinomialParams(coef)
+        return BinomialParams(self.start_coef(data.XeT, math.log(share / (1.0 - share))))
 
     def log_prob(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
         eta = params.coef @ chunk.XeT  # (K, c)
@@ -135,9 +128,6 @@ class BinomialExperts:
         step = newton_step(params.coef, grad, grams(hess, grad.shape[1]), self.alpha)
         keep = has_weight(nk)
         return BinomialParams(torch.where(keep[:, None], params.coef + step, params.coef))
-
-    def log_prior(self, params: BinomialParams) -> float:
-        return -0.5 * self.alpha * float((params.coef[:, :-1] ** 2).sum())
 
     def n_parameters(self, params: BinomialParams) -> int:
         return int(params.coef.numel())
@@ -171,9 +161,6 @@ class BinomialExperts:
         s, t = y[0], y[0] + y[1]
         return binomial_logpmf(free["coef"] @ XT, s, t, _log_choose_of(y))
 
-    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
-        return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()
-
     # ------------------------------------------------------------ reporting
     def report(self, params: BinomialParams, scaling: Scaling) -> Report:
         """Intercept and slopes of every expert's log odds, in the data's units."""
@@ -188,15 +175,7 @@ class BinomialExperts:
         pi = torch.sigmoid(params.coef @ XT).T.unsqueeze(-1)
         return pi, (pi * (1.0 - pi)).sqrt().clamp(min=1e-150)
 
-    def predictive_extra(self, params: BinomialParams) -> dict:
-        return {}
-
     # ------------------------------------------------------------ model files
-    @property
-    def n_outputs(self) -> int:
-        """One output, the probability of success."""
-        return 1
-
     def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the :class:`BinomialParams` fields for a design of p columns."""
         return {"coef": (self.n_experts, p)}

@@ -34,6 +34,7 @@ from moekit._core.data import Chunk, EMData
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import (
+    RidgeGLM,
     check_positive,
     coef_of_report,
     grams,
@@ -84,7 +85,7 @@ def _log_y(chunk: Chunk) -> torch.Tensor:
     return cached[chunk.start : chunk.stop] if cached is not None else torch.log(chunk.y[0])
 
 
-class GammaExperts:
+class GammaExperts(RidgeGLM):
     """K Gamma regressions with a log link and a shape per expert.
 
     Parameters
@@ -96,15 +97,8 @@ class GammaExperts:
 
     report_name = "Gamma (log link)"
     monotone = False  # a scoring step; the EM loop checks and shortens it
-    needs_resp = False
     params_type = GammaParams
     predictive_family = "gamma"
-    standardize_target = False
-    target_columns = 1
-
-    def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
-        self.n_experts = n_experts
-        self.alpha = alpha
 
     @staticmethod
     def check_target(y2: np.ndarray) -> np.ndarray:
@@ -115,8 +109,7 @@ class GammaExperts:
         data.cache["log_y"] = torch.log(data.y[0])
 
     def init_params(self, data: EMData) -> GammaParams:
-        coef = data.XeT.new_zeros((self.n_experts, data.XeT.shape[0]))
-        coef[:, -1] = math.log(float(data.y.mean()))
+        coef = self.start_coef(data.XeT, math.log(float(data.y.mean())))
         return GammaParams(coef, data.XeT.new_ones(self.n_experts))
 
     def log_prob(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
@@ -150,9 +143,6 @@ class GammaExperts:
         coef = torch.where(keep[:, None], params.coef + step, params.coef)
         return GammaParams(coef, torch.where(keep, shape, params.shape))
 
-    def log_prior(self, params: GammaParams) -> float:
-        return -0.5 * self.alpha * float((params.coef[:, :-1] ** 2).sum())
-
     def n_parameters(self, params: GammaParams) -> int:
         return int(params.coef.numel() + params.shape.numel())
 
@@ -184,9 +174,6 @@ class GammaExperts:
         y = y.reshape(-1)
         return gamma_logpdf(free["coef"] @ XT, torch.log(y), y, _shape(free).unsqueeze(1))
 
-    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
-        return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()
-
     # ------------------------------------------------------------ reporting
     def report(self, params: GammaParams, scaling: Scaling) -> Report:
         """Intercept and slopes of every expert's log mean in the data's units, then its shape."""
@@ -201,15 +188,7 @@ class GammaExperts:
         mean = torch.exp(params.coef @ XT).T.unsqueeze(-1)
         return mean, mean / params.shape.sqrt().view(1, -1, 1)
 
-    def predictive_extra(self, params: GammaParams) -> dict:
-        return {}
-
     # ------------------------------------------------------------ model files
-    @property
-    def n_outputs(self) -> int:
-        """One positive target."""
-        return 1
-
     def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the :class:`GammaParams` fields for a design of p columns."""
         return {"coef": (self.n_experts, p), "shape": (self.n_experts,)}

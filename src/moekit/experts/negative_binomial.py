@@ -33,6 +33,7 @@ from moekit._core.data import Chunk, EMData
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import (
+    RidgeGLM,
     check_counts,
     coef_of_report,
     grams,
@@ -66,7 +67,7 @@ def _lgamma_y1(chunk: Chunk) -> torch.Tensor:
     return cached[chunk.start : chunk.stop] if cached is not None else torch.lgamma(chunk.y[0] + 1)
 
 
-class NegativeBinomialExperts:
+class NegativeBinomialExperts(RidgeGLM):
     """K negative binomial (NB2) regressions with a log link and a dispersion per expert.
 
     Parameters
@@ -78,15 +79,8 @@ class NegativeBinomialExperts:
 
     report_name = "negative binomial (NB2, log link)"
     monotone = False  # Newton steps; the EM loop checks and shortens them
-    needs_resp = False
     params_type = NegativeBinomialParams
     predictive_family = "negative_binomial"
-    standardize_target = False
-    target_columns = 1
-
-    def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
-        self.n_experts = n_experts
-        self.alpha = alpha
 
     @staticmethod
     def check_target(y2: np.ndarray) -> np.ndarray:
@@ -97,8 +91,7 @@ class NegativeBinomialExperts:
         data.cache["lgamma_y1"] = torch.lgamma(data.y[0] + 1.0)
 
     def init_params(self, data: EMData) -> NegativeBinomialParams:
-        coef = data.XeT.new_zeros((self.n_experts, data.XeT.shape[0]))
-        coef[:, -1] = math.log(max(float(data.y.mean()), 1e-3))
+        coef = self.start_coef(data.XeT, math.log(max(float(data.y.mean()), 1e-3)))
         return NegativeBinomialParams(coef, data.XeT.new_full((self.n_experts,), 0.1))
 
     def log_prob(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
@@ -138,9 +131,6 @@ class NegativeBinomialExperts:
         phi = torch.where(keep, torch.exp(log_phi), params.dispersion)
         return NegativeBinomialParams(coef, phi)
 
-    def log_prior(self, params: NegativeBinomialParams) -> float:
-        return -0.5 * self.alpha * float((params.coef[:, :-1] ** 2).sum())
-
     def n_parameters(self, params: NegativeBinomialParams) -> int:
         return int(params.coef.numel() + params.dispersion.numel())
 
@@ -175,9 +165,6 @@ class NegativeBinomialExperts:
         return nb_logpmf(free["coef"] @ XT, y, _dispersion(free).unsqueeze(1),
                          torch.lgamma(y + 1.0))  # fmt: skip
 
-    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
-        return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()
-
     # ------------------------------------------------------------ reporting
     def report(self, params: NegativeBinomialParams, scaling: Scaling) -> Report:
         """Intercept and slopes of every expert's log mean in the data's units, then its
@@ -194,15 +181,7 @@ class NegativeBinomialExperts:
         var = mean + params.dispersion.view(1, -1) * mean**2
         return mean.unsqueeze(-1), var.sqrt().unsqueeze(-1)
 
-    def predictive_extra(self, params: NegativeBinomialParams) -> dict:
-        return {}
-
     # ------------------------------------------------------------ model files
-    @property
-    def n_outputs(self) -> int:
-        """One count target."""
-        return 1
-
     def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the :class:`NegativeBinomialParams` fields for a design of p columns."""
         return {"coef": (self.n_experts, p), "dispersion": (self.n_experts,)}
