@@ -425,6 +425,34 @@ def test_poisson_and_classifier_files_round_trip(tmp_path, small_data):
     np.testing.assert_array_equal(load(tmp_path / "c.moe").predict_proba(X), c.predict_proba(X))
 
 
+def _glm_target(expert: str, X: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    mean = np.exp(0.5 * X[:, 0])
+    if expert in ("gamma", "lognormal"):
+        return mean * rng.gamma(4.0, 0.25, len(X))
+    if expert == "negative_binomial":
+        return rng.poisson(mean * rng.gamma(2.0, 0.5, len(X))).astype(float)
+    s = rng.binomial(10, 1 / (1 + np.exp(-X[:, 0])))
+    return np.c_[s, 10 - s].astype(float)
+
+
+@pytest.mark.parametrize("expert", ["binomial", "gamma", "lognormal", "negative_binomial"])
+def test_glm_expert_files_round_trip(tmp_path, small_data, expert):
+    X, _ = small_data
+    y = _glm_target(expert, X)
+    m = _fit(MoERegressor(2, expert=expert, max_iter=4, random_state=0), X, y)
+    m.save(tmp_path / "g.moe")
+    back = load(tmp_path / "g.moe")
+    np.testing.assert_array_equal(back.predict(X), m.predict(X))
+    assert back.log_likelihood(X, y) == m.log_likelihood(X, y)
+    field = {"gamma": "shape", "lognormal": "var", "negative_binomial": "dispersion"}.get(expert)
+    if field is not None:  # a scale parameter that is not positive is refused
+        with pytest.raises(ValueError, match=rf"'expert\.{field}' holds"):
+            load(
+                _rewrite(tmp_path / "g.moe", tmp_path / "g1.moe", _poke(f"expert.{field}", 0, -1.0))
+            )
+
+
 def test_family_constraints_are_checked(tmp_path, small_data):
     X, y = small_data
     t = _fit(MoERegressor(2, expert="student_t", max_iter=4, random_state=0), X, y)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moekit._core.components import FAMILIES
+from moekit._core.components import FAMILIES, POSITIVE
 from moekit._core.engine import EM_DTYPE, to_numpy, torch_generator
+from moekit._core.modes import grid_modes, integer_modes
 
 __all__ = ["MixturePrediction"]
 
@@ -31,8 +32,10 @@ class MixturePrediction:
     .. math::  p(y \\mid x_i) = \\sum_k w_{ik}\\, p(y; \\mu_{ik}, \\sigma_{ik}),
 
     with p a normal N(mu, diag sigma^2) (default), a multivariate Student-t with
-    location mu, diagonal scales sigma and ``df`` degrees of freedom, or a Poisson of
-    rate mu.
+    location mu, diagonal scales sigma and ``df`` degrees of freedom, a Poisson of
+    rate mu, or (one output) a Gamma, lognormal or negative binomial of mean mu and
+    standard deviation sigma, a one-trial binomial of success probability mu, or a
+    point mass at zero (mu = sigma = 0).
 
     Parameters
     ----------
@@ -42,7 +45,8 @@ class MixturePrediction:
         Component locations (means; rates for the Poisson).
     stds : array-like, same shape as ``means``
         Component standard deviations (scales for the t; sqrt(rate) for the Poisson).
-    family : {'normal', 'student_t', 'poisson'}, default='normal'
+    family : {'normal', 'student_t', 'poisson', 'gamma', 'lognormal', \
+'negative_binomial', 'binomial', 'zero'}, default='normal'
     df : array-like of shape (n_samples, n_components) or (n_components,), optional
         Degrees of freedom of Student-t components.
 
@@ -90,8 +94,10 @@ class MixturePrediction:
             w.sum(1), torch.ones((), dtype=w.dtype), atol=1e-6
         ):
             raise ValueError("weights must be non-negative and each row must sum to 1.")
-        if not bool((sd > 0).all() and torch.isfinite(sd).all()):
+        if not bool(((sd > 0) | (family == "zero")).all() and torch.isfinite(sd).all()):
             raise ValueError("stds must be positive and finite.")
+        if family in POSITIVE and family != "poisson" and bool((mu < 0).any()):
+            raise ValueError(f"family={family!r} needs non-negative means.")
         self._family = FAMILIES[family]
         self._df = None
         if family == "student_t":
@@ -102,9 +108,9 @@ class MixturePrediction:
             if nu.shape != w.shape or not bool((nu > 0).all()):
                 raise ValueError(f"df must be positive, of shape {tuple(w.shape)} or (K,).")
             self._df = nu.contiguous()
+        if family in POSITIVE and mu.ndim != 2:
+            raise ValueError(f"family={family!r} supports a single output only.")
         if family == "poisson":
-            if mu.ndim != 2:
-                raise ValueError("family='poisson' supports a single output only.")
             if bool((mu <= 0).any()):
                 raise ValueError("Poisson rates (means) must be positive.")
         self.n_outputs: int | None = None if mu.ndim == 2 else int(mu.shape[2])
@@ -345,7 +351,9 @@ class MixturePrediction:
                 f"min_relative_density must be in [0, 1); got {min_relative_density!r}."
             )
         if self._family.discrete:
-            return self._prune(self._integer_modes(True), min_relative_density, return_density)
+            return self._prune(self._integer_modes(), min_relative_density, return_density)
+        if not hasattr(self._family, "shift_weights"):  # no mean-shift fixed point
+            return self._prune(self._grid_modes(), min_relative_density, return_density)
         mu, sd = self._mu, self._sd
         inv_var = 1.0 / sd**2  # (n, K, m)
         scale = sd.amin(dim=(1, 2))  # (n,)
@@ -415,16 +423,15 @@ class MixturePrediction:
         top = torch.linalg.eigvalsh(hess)[..., -1]
         return top < 1e-4 / scale.view(n, 1) ** 2
 
-    def _integer_modes(self, return_density: bool = True) -> list:
-        top = int(torch.ceil((self._mu + 10 * self._mu.sqrt() + 10).max()))
-        grid = torch.arange(top + 2, dtype=EM_DTYPE)
-        pts = grid.view(1, -1, 1).expand(len(self), -1, 1)
-        logp = torch.logsumexp(self._log_joint_at(pts), dim=2)  # (n, G)
-        left = torch.cat([logp.new_full((len(self), 1), -torch.inf), logp[:, :-1]], 1)
-        peak = (logp >= left) & (logp > torch.cat([logp[:, 1:], logp[:, -1:]], 1))
-        out = []
-        for i in range(len(self)):
-            ks = torch.nonzero(peak[i]).flatten()
-            ks = ks[torch.argsort(logp[i, ks], descending=True)]
-            out.append((to_numpy(grid[ks]), to_numpy(torch.exp(logp[i, ks]))))
-        return out
+    def _integer_modes(self) -> list:
+        spread = torch.maximum(self._mu.sqrt(), self._sd)  # sqrt(rate) for the Poisson
+        top = int(torch.ceil((self._mu + 10 * spread + 10).max()))
+        return integer_modes(self._log_density, top, len(self))
+
+    def _grid_modes(self) -> list:
+        # positive variables: from just above 0 to far in every component's right tail
+        hi = (self._mu + 10 * self._sd).amax(dim=(1, 2))
+        return grid_modes(self._log_density, 1e-9 * hi, hi)
+
+    def _log_density(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self._log_joint_at(points), dim=2)

@@ -138,7 +138,10 @@ def test_collapsing_experts_are_reported_not_fatal():
     [
         ({"n_experts": 0}, "'n_experts' parameter of MoERegressor must be an int in the range"),
         ({"gate": "tree-ish"}, "'gate' parameter of MoERegressor must be one of"),
-        ({"expert": "cubic"}, "'expert' parameter of MoERegressor must be one of 'linear'"),
+        (
+            {"expert": "cubic"},
+            "'expert' parameter of MoERegressor must be one of 'binomial', 'gamma', 'linear'",
+        ),
         ({"tol": -1.0}, "'tol' parameter"),
         ({"init": "best"}, "'init' parameter"),
         ({"reg_var": 0.0}, "'reg_var' parameter"),

@@ -27,12 +27,17 @@ from moekit._core.data import Chunk, EMData
 from moekit._core.reporting import Scaling
 from moekit.experts import base
 from moekit.experts.bayesian_gaussian import BayesianGaussianExperts
+from moekit.experts.binomial import BinomialExperts
+from moekit.experts.gamma import GammaExperts
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.logistic import LogisticExperts
+from moekit.experts.lognormal import LogNormalExperts
 from moekit.experts.mlp import MLPExperts
+from moekit.experts.negative_binomial import NegativeBinomialExperts
 from moekit.experts.poisson import PoissonExperts
 from moekit.experts.student_t import StudentTExperts
 from moekit.experts.wrapped import WrappedExperts
+from moekit.experts.zero import ZeroExperts
 from moekit.fitting.model import EMModel, resized_family
 from moekit.gates.constant import ConstantGate
 
@@ -49,6 +54,11 @@ FAMILIES = {
     WrappedExperts: [(lambda: WrappedExperts(LinearRegression(), K), "real"),
                      (lambda: WrappedExperts(LogisticRegression(), K, classes=3), "class")],
     BayesianGaussianExperts: [(lambda: BayesianGaussianExperts(K, 1), "real")],
+    BinomialExperts: [(lambda: BinomialExperts(K), "binomial")],
+    GammaExperts: [(lambda: GammaExperts(K), "positive")],
+    LogNormalExperts: [(lambda: LogNormalExperts(K), "positive")],
+    NegativeBinomialExperts: [(lambda: NegativeBinomialExperts(K), "count")],
+    ZeroExperts: [(lambda: ZeroExperts(K), "zeros")],
 }  # fmt: skip
 CASES = [
     pytest.param(make, kind, id=f"{cls.__name__}-{i}")
@@ -58,7 +68,7 @@ CASES = [
 CAPABILITIES = [
     base.InitialisedExperts, base.RegressionExperts, base.ClassifierExperts,
     base.StoredExperts, base.DifferentiableExperts, base.MeanExperts, base.ReportedExperts,
-    base.NestedExperts, base.ResizableExperts,
+    base.NestedExperts, base.ResizableExperts, base.TargetExperts,
 ]  # fmt: skip
 
 
@@ -80,9 +90,15 @@ def data_for(kind: str, seed: int = 0) -> EMData:
     X = torch.randn(P - 1, N, generator=g, dtype=torch.float64)
     XeT = torch.cat([X, torch.ones(1, N, dtype=torch.float64)])
     half = X[0] > 0
-    if kind == "count":
+    if kind in ("count", "positive", "binomial"):
         rate = torch.exp(torch.where(half, 0.5 + 0.4 * X[1], 1.5 - 0.3 * X[1]))
         y = torch.poisson(rate.unsqueeze(0), generator=g)
+        if kind == "positive":
+            y = rate.unsqueeze(0) * torch.exp(0.3 * torch.randn(1, N, generator=g, dtype=X.dtype))
+        elif kind == "binomial":  # successes and failures
+            y = torch.cat([y, torch.poisson(torch.full((1, N), 3.0, dtype=X.dtype), generator=g)])
+    elif kind == "zeros":
+        y = torch.zeros(1, N, dtype=torch.float64)
     elif kind == "class":
         y = torch.where(half, (X[1] > 0).long(), 2 * (X[1] > -0.5).long())
     else:
@@ -171,7 +187,9 @@ def test_em_steps_log_prob_select_and_residuals(make, kind):
     resid = family.residuals(params, Chunk(0, data.n, data))
     assert resid.ndim == 3 and resid.shape[0] == K and resid.shape[2] == N
     assert bool(torch.isfinite(resid).all())
-    assert isinstance(family.n_parameters(params), int) and family.n_parameters(params) > 0
+    n_params = family.n_parameters(params)
+    # a point mass at zero has no parameters of its own; every other family has some
+    assert isinstance(n_params, int) and (n_params == 0 if kind == "zeros" else n_params > 0)
     assert math.isfinite(family.log_prior(params)) and family.min_samples(params) >= 0
 
 
@@ -225,8 +243,11 @@ def test_predictions(make, kind):
     params, _ = fitted(family, data)
     if hasattr(family, "moments") and kind != "class":
         means, stds = family.moments(params, data.XeT)
-        m = data.y.shape[0]
-        assert means.shape == stds.shape == (N, K, m) and bool((stds > 0).all())
+        # one output per target row, but one for a family reading several as one
+        m = 1 if getattr(family, "target_columns", 1) > 1 else data.y.shape[0]
+        assert means.shape == stds.shape == (N, K, m)
+        # a point mass at zero has no spread; every other component has some
+        assert bool((stds == 0).all() if kind == "zeros" else (stds > 0).all())
         assert family.predictive_family in PREDICTIVE
         assert isinstance(family.predictive_extra(params), dict)
     if hasattr(family, "class_probs") and kind == "class":

@@ -66,6 +66,19 @@ def _counts(n, seed=0):
     return X, rng.poisson(rate).astype(float)
 
 
+def _glm(expert, n, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (n, 1))
+    z = rng.random(n) < 0.4
+    mean = np.where(z, np.exp(0.5 + 1.5 * X[:, 0]), np.exp(2.0 - X[:, 0]))
+    if expert in ("gamma", "lognormal"):
+        return X, rng.gamma(3.0, mean / 3.0)
+    if expert == "negative_binomial":
+        return X, rng.poisson(rng.gamma(2.0, mean / 2.0)).astype(float)
+    s = rng.binomial(12, mean / (1 + mean))
+    return X, np.c_[s, 12 - s].astype(float)
+
+
 COMMON = {"n_init": 3, "init_sample_size": 300, "tol": 1e-10, "max_iter": 400, "random_state": 0}
 CASES = {
     "softmax": (lambda **kw: MoERegressor(n_experts=2, **COMMON, **kw), lambda: _regression(900)),
@@ -77,6 +90,13 @@ CASES = {
         lambda **kw: MoERegressor(n_experts=2, expert="poisson", gate="constant", **COMMON, **kw),
         lambda: _counts(900),
     ),
+    **{
+        expert: (
+            lambda expert=expert, **kw: MoERegressor(n_experts=2, expert=expert, **COMMON, **kw),
+            lambda expert=expert: _glm(expert, 900),
+        )
+        for expert in ("gamma", "lognormal", "negative_binomial", "binomial")
+    },
     "hierarchical": (
         lambda **kw: HierarchicalMoERegressor(depth=2, branching=2, **COMMON, **kw),
         lambda: _regression(900, n_experts=4, seed=1),
@@ -214,6 +234,12 @@ def test_two_processes_equal_one_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["classifier", "poisson_constant", "hierarchical", "bayesian"])
 def test_two_processes_equal_one_process_other_families(case, tmp_path):
+    _check_equal(case, 2, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["gamma", "lognormal", "negative_binomial", "binomial"])
+def test_two_processes_equal_one_process_glm_families(case, tmp_path):
     _check_equal(case, 2, tmp_path)
 
 

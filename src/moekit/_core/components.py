@@ -1,4 +1,4 @@
-"""Component distributions of predictive mixtures: normal, Student-t and Poisson.
+"""Component distributions of predictive mixtures.
 
 Each family works on tensors of shape (n, K, m): component locations ``loc``,
 scales ``scale`` (the standard deviation for the normal, the scale for the t; unused
@@ -6,6 +6,12 @@ for the Poisson, whose ``loc`` is its rate) and, for the t, degrees of freedom
 ``df`` of shape (n, K). Outputs are independent given the component, except for the
 multivariate t, whose outputs share one latent scale (the t of Student-t mixture
 regression).
+
+The families of GLM experts (Gamma, lognormal, negative binomial, binomial, a point
+mass at zero) take ``loc`` as the component's mean and ``scale`` as its standard
+deviation, from which each recovers its own parameters: the Gamma's shape
+(mean / sd)^2, the lognormal's s^2 = log(1 + (sd / mean)^2), the negative binomial's
+dispersion (sd^2 - mean) / mean^2, the one-trial binomial's probability (its mean).
 """
 
 from __future__ import annotations
@@ -114,4 +120,172 @@ class Poisson:
         return torch.poisson(loc, generator=gen)
 
 
-FAMILIES = {f.name: f for f in (Normal, StudentT, Poisson)}
+def _at_support(lp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log p where ``valid``, -inf elsewhere, summed over outputs."""
+    return torch.where(valid, lp, torch.full_like(lp, -torch.inf)).sum(-1)
+
+
+class Gamma:
+    """Gamma with mean ``loc`` and standard deviation ``scale``: shape (loc / scale)^2."""
+
+    name = "gamma"
+    discrete = False
+
+    @staticmethod
+    def _shape_rate(loc, scale):
+        a = (loc / scale) ** 2
+        return a, a / loc
+
+    @staticmethod
+    def log_prob(y, loc, scale, df=None):
+        a, rate = Gamma._shape_rate(loc, scale)
+        yp = y.clamp(min=1e-300)
+        lp = a * torch.log(rate) + (a - 1.0) * torch.log(yp) - rate * yp - torch.lgamma(a)
+        return _at_support(lp, y > 0)
+
+    @staticmethod
+    def cdf(y, loc, scale, df=None):
+        a, rate = Gamma._shape_rate(loc, scale)
+        return torch.special.gammainc(a, rate * y.clamp(min=0.0))
+
+    @staticmethod
+    def variance(loc, scale, df=None):
+        return scale**2
+
+    @staticmethod
+    def sample(loc, scale, df, gen):
+        a, rate = Gamma._shape_rate(loc, scale)
+        return torch._standard_gamma(a, generator=gen) / rate
+
+
+class LogNormal:
+    """Lognormal with mean ``loc`` and standard deviation ``scale``."""
+
+    name = "lognormal"
+    discrete = False
+
+    @staticmethod
+    def _mu_s(loc, scale):
+        s2 = torch.log1p((scale / loc) ** 2)
+        return torch.log(loc) - 0.5 * s2, s2.sqrt()
+
+    @staticmethod
+    def log_prob(y, loc, scale, df=None):
+        mu, s = LogNormal._mu_s(loc, scale)
+        log_y = torch.log(y.clamp(min=1e-300))
+        return _at_support(gaussian_logpdf(log_y - mu, s * s) - log_y, y > 0)
+
+    @staticmethod
+    def cdf(y, loc, scale, df=None):
+        mu, s = LogNormal._mu_s(loc, scale)
+        z = (torch.log(y.clamp(min=1e-300)) - mu) / s
+        return torch.where(y > 0, torch.special.ndtr(z), torch.zeros_like(z))
+
+    @staticmethod
+    def variance(loc, scale, df=None):
+        return scale**2
+
+    @staticmethod
+    def sample(loc, scale, df, gen):
+        mu, s = LogNormal._mu_s(loc, scale)
+        return torch.exp(mu + s * torch.randn(loc.shape, generator=gen, dtype=loc.dtype))
+
+
+class NegativeBinomial:
+    """NB2 with mean ``loc`` and standard deviation ``scale``: variance mu + phi mu^2."""
+
+    name = "negative_binomial"
+    discrete = True
+
+    @staticmethod
+    def _dispersion(loc, scale):
+        # at most the experts' smallest dispersion below: a Poisson to rounding
+        return ((scale**2 - loc) / loc**2).clamp(min=1e-8)
+
+    @staticmethod
+    def log_prob(y, loc, scale, df=None):
+        phi = NegativeBinomial._dispersion(loc, scale)
+        theta, k = 1.0 / phi, y.clamp(min=0)
+        lp = (torch.lgamma(k + theta) - torch.lgamma(theta) - torch.lgamma(k + 1.0)
+              - (theta + k) * torch.log1p(phi * loc) + k * torch.log(phi * loc))  # fmt: skip
+        return _at_support(lp, (y >= 0) & (y == torch.round(y)))
+
+    @staticmethod
+    def cdf(y, loc, scale, df=None):
+        from scipy.special import betainc  # P(Y <= k) = I_{theta/(theta+mu)}(theta, k + 1)
+
+        phi = NegativeBinomial._dispersion(loc, scale)
+        k, theta, mu = np.broadcast_arrays(
+            torch.floor(y).cpu().numpy(), (1.0 / phi).cpu().numpy(), loc.cpu().numpy()
+        )
+        out = np.where(k < 0, 0.0, betainc(theta, np.maximum(k, 0) + 1.0, theta / (theta + mu)))
+        return torch.as_tensor(out, dtype=y.dtype, device=y.device)
+
+    @staticmethod
+    def variance(loc, scale, df=None):
+        return scale**2
+
+    @staticmethod
+    def sample(loc, scale, df, gen):
+        # a Gamma-mixed Poisson: rate ~ Gamma(theta, mean mu)
+        theta = 1.0 / NegativeBinomial._dispersion(loc, scale)
+        rate = torch._standard_gamma(theta, generator=gen) * loc / theta
+        return torch.poisson(rate, generator=gen)
+
+
+class Binomial:
+    """One trial (Bernoulli) with success probability ``loc``; y in {0, 1}."""
+
+    name = "binomial"
+    discrete = True
+
+    @staticmethod
+    def log_prob(y, loc, scale=None, df=None):
+        p = loc.clamp(1e-300, 1.0)
+        lp = torch.where(y > 0.5, torch.log(p), torch.log1p(-p.clamp(max=1.0 - 1e-16)))
+        return _at_support(lp, (y == 0) | (y == 1))
+
+    @staticmethod
+    def cdf(y, loc, scale=None, df=None):
+        below = torch.where(y >= 0, 1.0 - loc, torch.zeros_like(loc))
+        return torch.where(y >= 1, torch.ones_like(below), below)
+
+    @staticmethod
+    def variance(loc, scale=None, df=None):
+        return loc * (1.0 - loc)
+
+    @staticmethod
+    def sample(loc, scale, df, gen):
+        return torch.bernoulli(loc, generator=gen)
+
+
+class Zero:
+    """A point mass at zero (``loc`` and ``scale`` are 0)."""
+
+    name = "zero"
+    discrete = True
+
+    @staticmethod
+    def log_prob(y, loc, scale=None, df=None):
+        lp = torch.zeros(torch.broadcast_shapes(y.shape, loc.shape), dtype=y.dtype)
+        return _at_support(lp, y == 0)
+
+    @staticmethod
+    def cdf(y, loc, scale=None, df=None):
+        return (y >= 0).to(loc.dtype).expand(torch.broadcast_shapes(y.shape, loc.shape))
+
+    @staticmethod
+    def variance(loc, scale=None, df=None):
+        return torch.zeros_like(loc)
+
+    @staticmethod
+    def sample(loc, scale, df, gen):
+        return torch.zeros_like(loc)
+
+
+FAMILIES = {
+    f.name: f
+    for f in (Normal, StudentT, Poisson, Gamma, LogNormal, NegativeBinomial, Binomial, Zero)
+}
+#: families whose locations are means of positive or non-negative variables
+POSITIVE = {"poisson", "gamma", "lognormal", "negative_binomial", "binomial", "zero"}

@@ -24,8 +24,6 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 
 from moekit._core.engine import EM_DTYPE, to_numpy
-from moekit.experts.poisson import PoissonExperts
-from moekit.experts.wrapped import WrappedExperts
 
 Coding = Mapping[str, Any]
 
@@ -77,11 +75,17 @@ class RealTarget(TargetCoding):
     expert family asks for it: z = (y - mean) / scale, so that
     log p(y) = log p(z) - sum_j log scale_j.
 
+    The family declares its target (:class:`moekit.experts.base.TargetExperts`):
+    ``standardize_target`` says whether y is standardised (a Poisson rate is
+    modelled on the counts' own scale); ``check_target``, where it has one, refuses
+    targets it cannot model (negative counts, y <= 0 for Gamma experts) and says
+    how many columns y has (two for binomial experts, successes and failures, which
+    predict one output, the probability of success).
+
     Parameters
     ----------
     family : type
-        The expert family's class; its ``standardize_target`` says whether y is
-        standardised (a Poisson rate is modelled on the counts' own scale).
+        The expert family's class.
     """
 
     attrs = ("_y_mean", "_y_scale", "_y_2d")
@@ -93,24 +97,23 @@ class RealTarget(TargetCoding):
     def fit(self, y):
         y = np.asarray(y, dtype=np.float64)
         y2 = y.reshape(len(y), -1)
-        if self.family is WrappedExperts and y2.shape[1] != 1:
-            raise ValueError(
-                f"an estimator as expert models one target; y has {y2.shape[1]} columns."
-            )
-        if self.family is PoissonExperts:
-            if y2.shape[1] != 1:
-                raise ValueError(
-                    f"expert='poisson' models one count target; y has {y2.shape[1]} columns."
-                )
-            if (y2 < 0).any() or (y2 != np.round(y2)).any():
-                raise ValueError("expert='poisson' needs y of non-negative integer counts.")
+        check = getattr(self.family, "check_target", None)
+        if check is not None:
+            y2 = check(y2)
         if self.family.standardize_target:
             sd = y2.std(0)
             coding = {"_y_mean": y2.mean(0), "_y_scale": np.where(sd > 0, sd, 1.0)}
         else:
-            coding = {"_y_mean": np.zeros(y2.shape[1]), "_y_scale": np.ones(y2.shape[1])}
-        coding["_y_2d"] = y.ndim == 2
+            m = self._n_outputs(y2)
+            coding = {"_y_mean": np.zeros(m), "_y_scale": np.ones(m)}
+        # a target of several columns that the family reads as one output (successes
+        # and failures) is predicted as a 1-d target
+        coding["_y_2d"] = y.ndim == 2 and len(coding["_y_mean"]) == y2.shape[1]
         return y, coding
+
+    def _n_outputs(self, y2: np.ndarray) -> int:
+        # the outputs predicted: one for a family reading several columns as one
+        return 1 if getattr(self.family, "target_columns", 1) > 1 else y2.shape[1]
 
     def reduce(self, y, coding, comm, n):
         # the standardisation of all the shards' targets, as one process computes it
@@ -124,15 +127,16 @@ class RealTarget(TargetCoding):
     def check(self, y, coding):
         y = np.asarray(y, dtype=np.float64)
         m = len(coding["_y_mean"])
-        if y.ndim == 1 and m == 1:
+        cols = max(m, getattr(self.family, "target_columns", 1))
+        if y.ndim == 1 and cols == 1:
             y = y.reshape(-1, 1)
-        if y.ndim != 2 or y.shape[1] != m:
-            raise ValueError(f"y must have {m} output(s); got an array of shape {y.shape}.")
+        if y.ndim != 2 or y.shape[1] != cols:
+            what = "output(s)" if cols == m else "columns"
+            raise ValueError(f"y must have {cols} {what}; got an array of shape {y.shape}.")
         if not np.isfinite(y).all():
             raise ValueError("Input y contains NaN or infinity.")
-        if self.family is PoissonExperts and ((y < 0) | (y != np.round(y))).any():
-            raise ValueError("expert='poisson' needs y of non-negative integer counts.")
-        return y
+        check = getattr(self.family, "check_target", None)
+        return y if check is None else check(y)
 
     def encode(self, y, coding, device):
         y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)

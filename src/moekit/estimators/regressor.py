@@ -17,11 +17,16 @@ from moekit._core.validation import HasMethods, Interval, Options
 from moekit.estimators._base import BaseMoE
 from moekit.estimators._params import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators._targets import RealTarget
+from moekit.experts.binomial import BinomialExperts
+from moekit.experts.gamma import GammaExperts
 from moekit.experts.gaussian import GaussianExperts
+from moekit.experts.lognormal import LogNormalExperts
 from moekit.experts.mlp import MLPExperts
+from moekit.experts.negative_binomial import NegativeBinomialExperts
 from moekit.experts.poisson import PoissonExperts
 from moekit.experts.student_t import StudentTExperts
 from moekit.experts.wrapped import WrappedExperts
+from moekit.experts.zero import ZeroExperts
 from moekit.io import register_model
 from moekit.prediction import MixturePrediction
 
@@ -30,6 +35,11 @@ EXPERTS = {
     "poisson": PoissonExperts,
     "student_t": StudentTExperts,
     "mlp": MLPExperts,
+    "binomial": BinomialExperts,
+    "gamma": GammaExperts,
+    "lognormal": LogNormalExperts,
+    "negative_binomial": NegativeBinomialExperts,
+    "zero": ZeroExperts,
 }
 
 
@@ -57,10 +67,18 @@ class MoERegressor(RegressorMixin, BaseMoE):
         pi_k (a mixture of regressions, as flexmix without concomitants); ``'mlp'``
         a two-layer gate softmax(V1 tanh(V2 x)) for curved regions (see
         ``gate_options``).
-    expert : {'linear', 'student_t', 'poisson', 'mlp'}, default='linear'
+    expert : {'linear', 'student_t', 'poisson', 'mlp', 'binomial', 'gamma', \
+'lognormal', 'negative_binomial', 'zero'}, default='linear'
         Expert family: linear-Gaussian; linear with Student-t noise (robust to
-        outliers, see ``df``); Poisson regression with a log link for counts; or a
-        small neural network per expert (see ``expert_options``). Any scikit-learn
+        outliers, see ``df``); Poisson regression with a log link for counts; a
+        small neural network per expert (see ``expert_options``); logistic
+        regression of successes out of trials, with y two columns (successes,
+        failures: R's ``cbind(s, f)``; ``predict`` gives the probability of
+        success); Gamma regression with a log link and a shape per expert, or
+        lognormal regression (linear on log y), for positive amounts; negative
+        binomial (NB2) regression with a log link and a dispersion per expert, for
+        over-dispersed counts; or a point mass at zero (for zero-inflated models
+        with count experts). Any scikit-learn
         regressor whose ``fit`` accepts ``sample_weight`` (a decision tree, gradient
         boosting...) is cloned per expert and refitted with the responsibilities as
         weights; its Gaussian noise scale comes from the weighted residuals. Such
@@ -161,10 +179,11 @@ default='auto'
         so every process ends with the same model, the fit of all the rows laid end
         to end in rank order. An iteration exchanges O(K p^2) floats for linear
         experts, whatever n; the starts gather at most ``init_sample_size`` rows onto
-        every process, once (``docs/user_guide/distributed.md``). Linear, Student-t and Poisson
-        experts with the softmax, constant or tree gate; not MLP or scikit-learn
-        experts nor the MLP gate, whose M-steps need every row. Queries (``score``,
-        ``log_likelihood``, ``summary``...) answer for the rows they are given.
+        every process, once (``docs/user_guide/distributed.md``). Linear, Student-t,
+        Poisson, binomial, Gamma, lognormal and negative binomial experts with the
+        softmax, constant or tree gate; not MLP or scikit-learn experts nor the MLP
+        gate, whose M-steps need every row. Queries (``score``, ``log_likelihood``,
+        ``summary``...) answer for the rows they are given.
 
     Notes
     -----
@@ -264,8 +283,15 @@ default='auto'
             return MLPExperts(K, m, var_floor=self.reg_var, seed=seed, options=self.expert_options)
         if self.expert_options:
             raise ValueError(f"expert_options are for expert='mlp'; got expert={self.expert!r}.")
-        if family is PoissonExperts:
-            return PoissonExperts(K)
+        if family is ZeroExperts:
+            raise ValueError(
+                "expert='zero' is a point mass at 0: it models zeros beside other experts, "
+                "in a zero-inflated model; alone it fits only a target of zeros."
+            )
+        if family is LogNormalExperts:
+            return LogNormalExperts(K, var_floor=self.reg_var)
+        if family in (PoissonExperts, GammaExperts, NegativeBinomialExperts, BinomialExperts):
+            return family(K)
         if family is StudentTExperts:
             return StudentTExperts(K, m, var_floor=self.reg_var, df=self.df)
         return GaussianExperts(K, m, var_floor=self.reg_var)
@@ -327,6 +353,22 @@ default='auto'
             to_numpy(w), to_numpy(means), to_numpy(stds), family=family, **extra
         )
 
+    def score(self, X, y, sample_weight=None) -> float:
+        """R^2 of :meth:`predict` (scikit-learn's convention).
+
+        For binomial experts, whose y is (successes, failures), the R^2 of the
+        observed proportions of successes, each row weighted by its trials (times
+        ``sample_weight``).
+        """
+        if getattr(self._expert_family, "target_columns", 1) == 1:
+            return super().score(X, y, sample_weight=sample_weight)
+        from sklearn.metrics import r2_score
+
+        y = self._target().check(np.asarray(y), vars(self))
+        trials = y.sum(1)
+        weight = trials if sample_weight is None else trials * np.asarray(sample_weight)
+        return float(r2_score(y[:, 0] / trials, self.predict(X), sample_weight=weight))
+
     # ------------------------------------------------------------------ coefficients
     def _expert_coef(self) -> np.ndarray:
         coef = to_numpy(self._params.expert.coef)
@@ -365,9 +407,14 @@ default='auto'
         The standard deviation for linear experts; the scale of the t (its standard
         deviation is scale * sqrt(df / (df - 2))) for Student-t experts.
         """
-        if not hasattr(self._params.expert, "var"):
+        if not hasattr(self._params.expert, "var") or self.expert == "lognormal":
+            if self.expert == "poisson":
+                raise AttributeError(
+                    "Poisson experts have no noise scale: their variance equals their rate."
+                )
             raise AttributeError(
-                "Poisson experts have no noise scale: their variance equals their rate."
+                f"expert={self.expert!r} has no noise scale in y's units; summary() "
+                "reports its shape, dispersion or sigma of log y."
             )
         std = np.sqrt(to_numpy(self._params.expert.var)) * self._y_scale
         return std if self._y_2d else std[:, 0]

@@ -58,7 +58,7 @@ from moekit._core.reporting import Report, Scaling
 __all__ = [
     "ClassifierExperts", "DifferentiableExperts", "ExpertFamily", "InitialisedExperts",
     "MeanExperts", "NestedExperts", "RegressionExperts", "ReportedExperts",
-    "ResizableExperts", "StoredExperts",
+    "ResizableExperts", "StoredExperts", "TargetExperts",
 ]  # fmt: skip
 
 
@@ -193,6 +193,28 @@ class RegressionExperts(Protocol):
 
     def predictive_extra(self, params: Any) -> dict[str, torch.Tensor]:
         """Further arguments of the predictive mixture (``{"df": (K,)}`` for t experts)."""
+
+
+class TargetExperts(Protocol):
+    """The targets a regression family can model, checked before the fit (optional).
+
+    The estimator's target coding (``RealTarget``) calls :meth:`check_target` on the
+    training target and on every later one; without it any real target of any
+    number of columns is accepted.
+
+    Attributes
+    ----------
+    target_columns : int
+        Columns of y. A family of one output reads 1; binomial experts read 2
+        (successes and failures, R's ``cbind(s, f)``) and predict one output, the
+        probability of success.
+    """
+
+    target_columns: int
+
+    def check_target(self, y2: Any) -> Any:
+        """y of shape (n, columns) as an array, or a one-line ValueError naming the
+        option and what is wrong (``expert='gamma' needs y > 0``)."""
 
 
 class ClassifierExperts(Protocol):

@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
+from moekit.experts._glm import RidgeGLM, check_counts
 
 
 @dataclass
@@ -32,7 +34,7 @@ class PoissonParams:
     coef: torch.Tensor
 
 
-class PoissonExperts:
+class PoissonExperts(RidgeGLM):
     """K Poisson regressions with a log link.
 
     Parameters
@@ -44,24 +46,20 @@ class PoissonExperts:
 
     report_name = "Poisson (log link)"
     monotone = False  # a Newton step; the EM loop checks and shortens it
-    needs_resp = False
     params_type = PoissonParams
     predictive_family = "poisson"
-    standardize_target = False
 
-    def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
-        self.n_experts = n_experts
-        self.alpha = alpha
+    @staticmethod
+    def check_target(y2: np.ndarray) -> np.ndarray:
+        """One column of non-negative integer counts (ValueError naming the option)."""
+        return check_counts(y2, "poisson")
 
     def prepare(self, data: EMData) -> None:
         # log y! once per fit
         data.cache["poisson_lgamma"] = torch.lgamma(data.y[0] + 1.0)
 
     def init_params(self, data: EMData) -> PoissonParams:
-        p = data.XeT.shape[0]
-        coef = data.XeT.new_zeros((self.n_experts, p))
-        coef[:, -1] = math.log(max(float(data.y.mean()), 1e-3))
-        return PoissonParams(coef)
+        return PoissonParams(self.start_coef(data.XeT, math.log(max(float(data.y.mean()), 1e-3))))
 
     def log_prob(self, params: PoissonParams, chunk: Chunk) -> torch.Tensor:
         eta = params.coef @ chunk.XeT  # (K, c)
@@ -93,9 +91,6 @@ class PoissonExperts:
         g = grad - self.alpha * params.coef * pen
         step = solve_psd(H, g.unsqueeze(-1)).squeeze(-1)
         return PoissonParams(params.coef + step)
-
-    def log_prior(self, params: PoissonParams) -> float:
-        return -0.5 * self.alpha * float((params.coef[:, :-1] ** 2).sum())
 
     def n_parameters(self, params: PoissonParams) -> int:
         return int(params.coef.numel())
@@ -129,9 +124,6 @@ class PoissonExperts:
         y = y.reshape(-1)
         return y * eta - torch.exp(eta) - torch.lgamma(y + 1.0)
 
-    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
-        return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()
-
     # ------------------------------------------------------------ reporting
     def report(self, params: PoissonParams, scaling: Scaling) -> Report:
         """Intercept and slopes of every expert's log rate, in the data's units."""
@@ -151,15 +143,7 @@ class PoissonExperts:
         rate = torch.exp(params.coef @ XT).T.unsqueeze(-1)
         return rate, rate.sqrt()
 
-    def predictive_extra(self, params: PoissonParams) -> dict:
-        return {}
-
     # ------------------------------------------------------------ model files
-    @property
-    def n_outputs(self) -> int:
-        """One count target."""
-        return 1
-
     def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the :class:`PoissonParams` fields for a design of p columns."""
         return {"coef": (self.n_experts, p)}

@@ -59,6 +59,7 @@ class WrappedExperts:
     params_type = WrappedParams
     predictive_family = "normal"
     standardize_target = True
+    target_columns = 1
 
     def __init__(
         self, template, n_experts: int, var_floor: float = 1e-6, classes: int | None = None
@@ -68,6 +69,15 @@ class WrappedExperts:
         self.var_floor = var_floor
         self.classifier = is_classifier(template)
         self.n_classes = classes
+
+    @staticmethod
+    def check_target(y2: np.ndarray) -> np.ndarray:
+        """A regressor as expert models one target column."""
+        if y2.shape[1] != 1:
+            raise ValueError(
+                f"an estimator as expert models one target; y has {y2.shape[1]} columns."
+            )
+        return y2
 
     def prepare(self, data: EMData) -> None:
         pass

@@ -1,0 +1,173 @@
+"""What the generalised-linear expert families share: target checks, the Newton
+(IRLS) step on the coefficients, a guarded 1-d Newton step on a positive shape
+parameter, and the report of their coefficients.
+
+Each family of this kind models a response through a linear predictor
+eta_k(x) = b_k . x and a link (log for counts, amounts and positive responses,
+logit for proportions). The coefficient step of every one of them is
+
+.. math::  b_k \\leftarrow b_k + (H_k + \\alpha D)^{-1} (g_k - \\alpha D b_k),
+
+with g_k = sum_i r_ik s_i x_i the gradient of the expert's part of Q and
+H_k = sum_i r_ik w_i x_i x_i^T its (observed or expected) information, D the
+identity on the slopes: a weighted Gram matrix with weights r_ik w_i, so that the
+statistics are sums over rows (data-parallel EM all-reduces them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moekit._core.data import unpack_grams
+from moekit._core.linalg import solve_psd
+from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+
+MAX_ETA_STEP = 5.0
+"""Largest change of any coefficient in one Newton step, on the standardised design.
+
+A first step from a poor start can overshoot by orders of magnitude on a log scale
+(exp(eta) then overflows); a step this long changes a fitted mean by a factor of
+e^5 per standard deviation of a feature, more than any step of a converging fit.
+"""
+
+
+# ---------------------------------------------------------------------- target checks
+def check_columns(y2: np.ndarray, option: str, columns: int, what: str) -> None:
+    if y2.shape[1] != columns:
+        raise ValueError(f"expert={option!r} models {what}; y has {y2.shape[1]} columns.")
+
+
+def check_counts(y2: np.ndarray, option: str) -> np.ndarray:
+    """One column of non-negative integer counts, else a ValueError naming ``option``."""
+    check_columns(y2, option, 1, "one count target")
+    if (y2 < 0).any() or (y2 != np.round(y2)).any():
+        raise ValueError(f"expert={option!r} needs y of non-negative integer counts.")
+    return y2
+
+
+def check_positive(y2: np.ndarray, option: str) -> np.ndarray:
+    """One column of positive values, else a ValueError naming ``option``."""
+    check_columns(y2, option, 1, "one positive target")
+    if (y2 <= 0).any():
+        raise ValueError(
+            f"expert={option!r} needs y > 0; got {int((y2 <= 0).sum())} value(s) <= 0 "
+            f"(smallest {float(y2.min())!r})."
+        )
+    return y2
+
+
+# ---------------------------------------------------------------------- steps
+def newton_step(
+    coef: torch.Tensor, grad: torch.Tensor, H: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """The penalised Newton step of every expert's coefficients, shape (K, p).
+
+    Parameters
+    ----------
+    coef : Tensor of shape (K, p)
+        Current coefficients, the intercept last.
+    grad : Tensor of shape (K, p)
+        sum_i r_ik s_i x_i, the gradient of the expert's part of Q.
+    H : Tensor of shape (K, p, p)
+        sum_i r_ik w_i x_i x_i^T (summed weighted Grams, :func:`unpack_grams`).
+    alpha : float
+        Ridge on the slopes (not the intercept), on the summed log-likelihood scale.
+
+    Returns
+    -------
+    Tensor of shape (K, p)
+        The step, shortened so that no coefficient moves more than ``MAX_ETA_STEP``.
+    """
+    p = coef.shape[1]
+    pen = coef.new_ones(p)
+    pen[-1] = 0.0
+    H = H + alpha * torch.diag(pen)
+    g = grad - alpha * coef * pen
+    step = solve_psd(H, g.unsqueeze(-1)).squeeze(-1)
+    longest = step.abs().amax(1, keepdim=True)
+    return step * (MAX_ETA_STEP / longest.clamp(min=MAX_ETA_STEP))
+
+
+def guarded_newton_1d(
+    x: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, lo: float, hi: float, cap: float = 2.0
+) -> torch.Tensor:
+    """One Newton step on a scalar per expert (a log shape), guarded, shape (K,).
+
+    Where the objective is concave there (d2 < 0) the step is -d1 / d2; elsewhere a
+    step of length ``cap`` uphill. Steps are at most ``cap`` long and stay in
+    [lo, hi]: the EM loop checks the likelihood after the step and shortens it.
+    """
+    newton = torch.where(d2 < 0, -d1 / d2.clamp(max=-1e-300), torch.sign(d1) * cap)
+    return (x + newton.clamp(-cap, cap)).clamp(lo, hi)
+
+
+def has_weight(nk: torch.Tensor) -> torch.Tensor:
+    """Whether each expert holds any weight at all (K,); an empty one keeps its parameters."""
+    return nk > 1e-12 * max(float(nk.sum()), 1.0)
+
+
+def grams(stats: torch.Tensor, p: int) -> torch.Tensor:
+    """Summed weighted Grams (either layout) as matrices (K, p, p)."""
+    return unpack_grams(stats, p)[0]
+
+
+# ---------------------------------------------------------------------- reporting
+def report_coef(coef: torch.Tensor, scaling: Scaling, extra: dict | None = None) -> Report:
+    """Every expert's intercept and slopes in the data's units, then its positive
+    parameters ``extra`` (name -> (K,) values; reported, not tested against 0)."""
+    K = coef.shape[0]
+    labels = coef_labels(scaling)
+    out = Report()
+    out.add("coef", coef_to_data(coef, scaling),
+            [f"expert {k}" for k in range(K) for _ in labels], labels * K)  # fmt: skip
+    for name, value in (extra or {}).items():
+        out.add(name, value, [f"expert {k}" for k in range(K)], [name] * K, tested=False)
+    return out
+
+
+def coef_of_report(values: dict, scaling: Scaling) -> torch.Tensor:
+    """The standardised-design coefficients of reported ones (differentiable)."""
+    return coef_from_data(values["coef"], scaling)
+
+
+# ---------------------------------------------------------------------- shared members
+class RidgeGLM:
+    """Members every GLM family of one target shares (not a protocol: a base to
+    inherit): K experts of coefficients ``coef`` (K, p) with a ridge ``alpha`` on
+    the slopes, fitted on the target's own scale.
+
+    Parameters
+    ----------
+    n_experts : int
+    alpha : float
+        L2 penalty on the slopes, on the summed log-likelihood scale.
+    """
+
+    needs_resp = False
+    standardize_target = False
+    target_columns = 1
+
+    def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
+        self.n_experts = n_experts
+        self.alpha = alpha
+
+    def start_coef(self, XeT: torch.Tensor, intercept: float) -> torch.Tensor:
+        """Coefficients (K, p) of every expert at a constant linear predictor."""
+        coef = XeT.new_zeros((self.n_experts, XeT.shape[0]))
+        coef[:, -1] = intercept
+        return coef
+
+    def log_prior(self, params) -> float:
+        return -0.5 * self.alpha * float((params.coef[:, :-1] ** 2).sum())
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()
+
+    def predictive_extra(self, params) -> dict:
+        return {}
+
+    @property
+    def n_outputs(self) -> int:
+        """One output (a count, an amount, a probability of success)."""
+        return 1

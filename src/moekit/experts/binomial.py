@@ -1,0 +1,185 @@
+"""Binomial GLM experts with a logit link, for successes out of trials.
+
+The target is two columns, successes s and failures f (R's ``cbind(s, f)``), with
+t = s + f trials; expert k has success probability pi_k(x) = sigmoid(b_k . x):
+
+.. math::  \\log p_k(s \\mid x) = \\log\\binom{t}{s} + s\\,\\eta_k - t \\log(1 + e^{\\eta_k}).
+
+The M-step is one Newton (IRLS) step, exact for the logit link (the observed and
+expected information agree):
+
+.. math::  b_k \\leftarrow b_k + \\Big(\\sum_i r_{ik} t_i \\pi_{ik} (1 - \\pi_{ik}) x_i x_i^T
+           \\Big)^{-1} \\sum_i r_{ik} (s_i - t_i \\pi_{ik}) x_i,
+
+from sums over rows at the rates the E-step has just computed; the EM loop checks the
+likelihood after the step and halves it where it would fall. Predictions are of one
+trial: the predictive mixture is of Bernoulli components, whose mean is the
+probability of success.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moekit._core.data import Chunk, EMData
+from moekit._core.reporting import Report, Scaling
+from moekit._core.validation import check_finite
+from moekit.experts._glm import (
+    RidgeGLM,
+    check_columns,
+    coef_of_report,
+    grams,
+    has_weight,
+    newton_step,
+    report_coef,
+)  # fmt: skip
+
+
+@dataclass
+class BinomialParams:
+    """coef of shape (K, p), the last column the intercept (log odds at the mean x)."""
+
+    coef: torch.Tensor
+
+
+def binomial_logpmf(eta, s, t, log_choose):
+    """log p of Binomial(t, sigmoid(eta)) at s successes, broadcast, out of place."""
+    return log_choose + s * eta - t * F.softplus(eta)
+
+
+def _log_choose(chunk: Chunk) -> torch.Tensor:
+    cached = chunk.data.cache.get("log_choose")
+    if cached is not None:
+        return cached[chunk.start : chunk.stop]
+    return _log_choose_of(chunk.y)
+
+
+def _log_choose_of(y: torch.Tensor) -> torch.Tensor:
+    s, f = y[0], y[1]
+    return torch.lgamma(s + f + 1.0) - torch.lgamma(s + 1.0) - torch.lgamma(f + 1.0)
+
+
+class BinomialExperts(RidgeGLM):
+    """K logistic regressions of successes out of trials.
+
+    Parameters
+    ----------
+    n_experts : int
+    alpha : float
+        L2 penalty on the slopes, on the summed log-likelihood scale: it keeps the
+        fit finite where an expert's rows separate perfectly.
+    """
+
+    report_name = "binomial (logit link)"
+    monotone = False  # a Newton step; the EM loop checks and shortens it
+    params_type = BinomialParams
+    predictive_family = "binomial"
+    target_columns = 2  # successes and failures; one output, the probability of success
+
+    @staticmethod
+    def check_target(y2: np.ndarray) -> np.ndarray:
+        """Two columns of non-negative integer counts with positive totals."""
+        check_columns(y2, "binomial", 2, "two columns, successes and failures (R's cbind(s, f))")
+        if (y2 < 0).any() or (y2 != np.round(y2)).any():
+            raise ValueError(
+                "expert='binomial' needs successes and failures that are non-negative "
+                "integer counts."
+            )
+        if (y2.sum(1) <= 0).any():
+            raise ValueError(
+                f"expert='binomial' needs at least one trial per row; "
+                f"{int((y2.sum(1) <= 0).sum())} row(s) have successes + failures = 0."
+            )
+        return y2
+
+    def prepare(self, data: EMData) -> None:
+        data.cache["log_choose"] = _log_choose_of(data.y)
+
+    def init_params(self, data: EMData) -> BinomialParams:
+        s, t = float(data.y[0].sum()), float(data.y.sum())
+        share = min(max(s / t, 1e-3), 1.0 - 1e-3)
+        return BinomialParams(self.start_coef(data.XeT, math.log(share / (1.0 - share))))
+
+    def log_prob(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
+        eta = params.coef @ chunk.XeT  # (K, c)
+        chunk.scratch["binomial_eta"] = eta
+        s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
+        return binomial_logpmf(eta, s, t, _log_choose(chunk))
+
+    def chunk_stats(self, params: BinomialParams, chunk: Chunk, resp: torch.Tensor):
+        eta = chunk.scratch.get("binomial_eta")
+        if eta is None:  # first M-step: at the starting parameters
+            eta = params.coef @ chunk.XeT
+        s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
+        pi = torch.sigmoid(eta)
+        grad = (resp * (s - t * pi)) @ chunk.XeT.T  # (K, p)
+        hess = chunk.weighted_grams(resp * t * pi * (1.0 - pi), "e")
+        return grad, hess, resp.sum(1)
+
+    def m_step(self, params, stats, data: EMData, resp=None) -> BinomialParams:
+        if params is None:
+            params = self.init_params(data)
+        grad, hess, nk = stats
+        step = newton_step(params.coef, grad, grams(hess, grad.shape[1]), self.alpha)
+        keep = has_weight(nk)
+        return BinomialParams(torch.where(keep[:, None], params.coef + step, params.coef))
+
+    def n_parameters(self, params: BinomialParams) -> int:
+        return int(params.coef.numel())
+
+    def min_samples(self, params: BinomialParams) -> float:
+        return float(params.coef.shape[1])
+
+    def select(self, params: BinomialParams, perm: torch.Tensor) -> BinomialParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
+        return BinomialParams(params.coef[perm].contiguous())
+
+    def residuals(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
+        """Pearson residuals (s - t pi_k) / sqrt(t pi_k (1 - pi_k)), shape (K, 1, c)."""
+        pi = torch.sigmoid(params.coef @ chunk.XeT)
+        s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
+        return ((s - t * pi) / (t * pi * (1.0 - pi)).clamp(min=1e-12).sqrt()).unsqueeze(1)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: BinomialParams) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> BinomialParams:
+        return BinomialParams(free["coef"])
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert success probabilities (K, 1, n) for a design XT (p, n)."""
+        return torch.sigmoid(free["coef"] @ XT).unsqueeze(1)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(s_i | x_i) of shape (K, n), differentiable in ``free``; y is (2, n)."""
+        s, t = y[0], y[0] + y[1]
+        return binomial_logpmf(free["coef"] @ XT, s, t, _log_choose_of(y))
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: BinomialParams, scaling: Scaling) -> Report:
+        """Intercept and slopes of every expert's log odds, in the data's units."""
+        return report_coef(params.coef, scaling)
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        return {"coef": coef_of_report(values, scaling)}
+
+    # ------------------------------------------------------------ prediction
+    def moments(self, params: BinomialParams, XT: torch.Tensor):
+        """Success probabilities pi_k(x) and sqrt(pi_k (1 - pi_k)) of one trial, (n, K, 1)."""
+        pi = torch.sigmoid(params.coef @ XT).T.unsqueeze(-1)
+        return pi, (pi * (1.0 - pi)).sqrt().clamp(min=1e-150)
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`BinomialParams` fields for a design of p columns."""
+        return {"coef": (self.n_experts, p)}
+
+    def check_params(self, params: BinomialParams, prefix: str = "") -> None:
+        """Refuse non-finite coefficients (ValueError naming the field)."""
+        check_finite(prefix + "coef", params.coef)

@@ -1,0 +1,205 @@
+"""Gamma GLM experts with a log link: y | x, z = k ~ Gamma(shape a_k, mean exp(b_k . x)).
+
+.. math::  \\log p_k(y \\mid x) = a_k \\log a_k - \\log\\Gamma(a_k) + (a_k - 1) \\log y
+           - a_k (\\eta_k + u_k), \\qquad \\eta_k = b_k^\\top x, \\; u_k = y e^{-\\eta_k}.
+
+The M-step is two conditional maximisations of Q (ECM). First the shape, by maximum
+likelihood at the current means (not by moments): with n_k = sum_i r_ik and
+c_k = (1 / n_k) sum_i r_ik (u_ik - log u_ik) - 1 >= 0, Q's shape part is
+n_k (a log a - log Gamma(a) - a c_k) + const, maximised where
+
+.. math::  \\log a_k - \\psi(a_k) = c_k,
+
+whose left side falls from infinity to 0: a 1-d Newton solve in log a from Minka's
+(2002) approximation, kept inside [``SHAPE_MIN``, ``SHAPE_MAX``]. Then one Fisher
+scoring (IRLS) step on the coefficients, as R's ``glm`` takes: the log link's
+expected information is a_k sum_i r_ik x_i x_i^T, so the step
+
+.. math::  b_k \\leftarrow b_k + \\Big(\\sum_i r_{ik} x_i x_i^T\\Big)^{-1}
+           \\sum_i r_{ik} (u_{ik} - 1) x_i
+
+does not depend on the shape. Every statistic is a sum over rows; the EM loop checks
+the likelihood after the step and shortens it where it would fall.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moekit._core.data import Chunk, EMData
+from moekit._core.reporting import Report, Scaling
+from moekit._core.validation import check_finite
+from moekit.experts._glm import (
+    RidgeGLM,
+    check_positive,
+    coef_of_report,
+    grams,
+    has_weight,
+    newton_step,
+    report_coef,
+)  # fmt: skip
+
+SHAPE_MIN, SHAPE_MAX = 1e-4, 1e8
+
+
+@dataclass
+class GammaParams:
+    """coef of shape (K, p), the last column the intercept (log mean); shape a_k, (K,)."""
+
+    coef: torch.Tensor
+    shape: torch.Tensor
+
+
+def gamma_shape_mle(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """The root a of log a - digamma(a) = c (c > 0), elementwise.
+
+    Newton's method in x = log a, where f(x) = x - psi(e^x) - c falls monotonely
+    (f'(x) = 1 - e^x psi'(e^x) < 0), started from Minka's approximation
+    a = (3 - c + sqrt((c - 3)^2 + 24 c)) / (12 c); the answer is clamped to
+    [``SHAPE_MIN``, ``SHAPE_MAX``] (c = 0: a perfect fit, the largest shape).
+    """
+    c = c.clamp(min=1e-300)
+    a = (3.0 - c + torch.sqrt((c - 3.0) ** 2 + 24.0 * c)) / (12.0 * c)
+    x = torch.log(a.clamp(SHAPE_MIN, SHAPE_MAX))
+    lo, hi = math.log(SHAPE_MIN), math.log(SHAPE_MAX)
+    for _ in range(iterations):
+        a = torch.exp(x)
+        f = x - torch.digamma(a) - c
+        df = 1.0 - a * torch.polygamma(1, a)
+        x = (x - f / df.clamp(max=-1e-300)).clamp(lo, hi)
+    return torch.exp(x)
+
+
+def gamma_logpdf(eta, log_y, y, shape):
+    """log p of Gamma(shape, mean e^eta) at y (log y given), broadcast, out of place."""
+    return (shape * torch.log(shape) - torch.lgamma(shape) + (shape - 1.0) * log_y
+            - shape * (eta + y * torch.exp(-eta)))  # fmt: skip
+
+
+def _log_y(chunk: Chunk) -> torch.Tensor:
+    cached = chunk.data.cache.get("log_y")
+    return cached[chunk.start : chunk.stop] if cached is not None else torch.log(chunk.y[0])
+
+
+class GammaExperts(RidgeGLM):
+    """K Gamma regressions with a log link and a shape per expert.
+
+    Parameters
+    ----------
+    n_experts : int
+    alpha : float
+        L2 penalty on the slopes, on the summed log-likelihood scale.
+    """
+
+    report_name = "Gamma (log link)"
+    monotone = False  # a scoring step; the EM loop checks and shortens it
+    params_type = GammaParams
+    predictive_family = "gamma"
+
+    @staticmethod
+    def check_target(y2: np.ndarray) -> np.ndarray:
+        """One column of positive amounts (ValueError naming the option otherwise)."""
+        return check_positive(y2, "gamma")
+
+    def prepare(self, data: EMData) -> None:
+        data.cache["log_y"] = torch.log(data.y[0])
+
+    def init_params(self, data: EMData) -> GammaParams:
+        coef = self.start_coef(data.XeT, math.log(float(data.y.mean())))
+        return GammaParams(coef, data.XeT.new_ones(self.n_experts))
+
+    def log_prob(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
+        eta = params.coef @ chunk.XeT  # (K, c)
+        u = chunk.y[0] * torch.exp(-eta)
+        chunk.scratch["gamma_u"] = u
+        a = params.shape.unsqueeze(1)
+        log_y = _log_y(chunk)
+        return (eta + u).mul_(-a).add_((a - 1.0) * log_y).add_(
+            a * torch.log(a) - torch.lgamma(a))  # fmt: skip
+
+    def chunk_stats(self, params: GammaParams, chunk: Chunk, resp: torch.Tensor):
+        u = chunk.scratch.get("gamma_u")
+        if u is None:  # first M-step: at the starting parameters
+            self.log_prob(params, chunk)
+            u = chunk.scratch["gamma_u"]
+        grad = (resp * (u - 1.0)) @ chunk.XeT.T  # (K, p)
+        dev = (resp * (u - torch.log(u))).sum(1)  # sum r (u - log u), (K,)
+        return grad, chunk.weighted_grams(resp, "e"), dev, resp.sum(1)
+
+    def m_step(self, params, stats, data: EMData, resp=None) -> GammaParams:
+        if params is None:
+            params = self.init_params(data)
+        grad, hess, dev, nk = stats
+        keep = has_weight(nk)
+        shape = gamma_shape_mle(dev / nk.clamp(min=1e-300) - 1.0)
+        # the ridge is on the summed log-likelihood, whose information is a_k times the Gram
+        a = shape.view(-1, 1)
+        step = newton_step(params.coef, a * grad, a.unsqueeze(-1) * grams(hess, grad.shape[1]),
+                           self.alpha)  # fmt: skip
+        coef = torch.where(keep[:, None], params.coef + step, params.coef)
+        return GammaParams(coef, torch.where(keep, shape, params.shape))
+
+    def n_parameters(self, params: GammaParams) -> int:
+        return int(params.coef.numel() + params.shape.numel())
+
+    def min_samples(self, params: GammaParams) -> float:
+        return float(params.coef.shape[1] + 1)
+
+    def select(self, params: GammaParams, perm: torch.Tensor) -> GammaParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
+        return GammaParams(params.coef[perm].contiguous(), params.shape[perm].contiguous())
+
+    def residuals(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
+        """Pearson residuals (y - mu_k) / (mu_k / sqrt(a_k)), shape (K, 1, c)."""
+        u = chunk.y[0] * torch.exp(-(params.coef @ chunk.XeT))
+        return ((u - 1.0) * params.shape.sqrt().unsqueeze(1)).unsqueeze(1)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: GammaParams) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef, "log_shape": torch.log(params.shape)}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> GammaParams:
+        return GammaParams(free["coef"], _shape(free))
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert means (K, 1, n) for a design XT (p, n)."""
+        return torch.exp(free["coef"] @ XT).unsqueeze(1)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
+        y = y.reshape(-1)
+        return gamma_logpdf(free["coef"] @ XT, torch.log(y), y, _shape(free).unsqueeze(1))
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: GammaParams, scaling: Scaling) -> Report:
+        """Intercept and slopes of every expert's log mean in the data's units, then its shape."""
+        return report_coef(params.coef, scaling, {"shape": params.shape})
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        return {"coef": coef_of_report(values, scaling), "shape": values["shape"]}
+
+    # ------------------------------------------------------------ prediction
+    def moments(self, params: GammaParams, XT: torch.Tensor):
+        """Means exp(b_k . x) and standard deviations mean / sqrt(a_k), each (n, K, 1)."""
+        mean = torch.exp(params.coef @ XT).T.unsqueeze(-1)
+        return mean, mean / params.shape.sqrt().view(1, -1, 1)
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`GammaParams` fields for a design of p columns."""
+        return {"coef": (self.n_experts, p), "shape": (self.n_experts,)}
+
+    def check_params(self, params: GammaParams, prefix: str = "") -> None:
+        """Refuse non-finite coefficients and shapes that are not positive and finite."""
+        check_finite(prefix + "coef", params.coef)
+        if not bool((torch.isfinite(params.shape) & (params.shape > 0)).all()):
+            raise ValueError(f"{prefix + 'shape'!r} holds shapes that are not positive and finite")
+
+
+def _shape(free: dict[str, torch.Tensor]) -> torch.Tensor:
+    # reported values hold the shape itself, free tensors its log
+    return free["shape"] if "shape" in free else torch.exp(free["log_shape"])

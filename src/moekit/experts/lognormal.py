@@ -1,0 +1,176 @@
+"""Lognormal experts: log y | x, z = k ~ N(b_k . x, sigma_k^2), for positive amounts.
+
+.. math::  \\log p_k(y \\mid x) = \\log N(\\log y;\\ b_k^\\top x,\\ \\sigma_k^2) - \\log y.
+
+The M-step is exact: weighted least squares on log y,
+
+.. math::  b_k = (X^T R_k X)^{-1} X^T R_k \\log y, \\qquad
+           \\sigma_k^2 = \\max\\Big(\\frac{\\sum_i r_{ik} (\\log y_i - b_k^\\top x_i)^2}
+                                   {\\sum_i r_{ik}}, \\; \\text{floor}\\Big),
+
+from the weighted Gram matrix and the sums of r_ik x_i log y_i and r_ik (log y_i)^2.
+The Jacobian term -log y does not depend on the parameters. The floor is on the
+log scale, where sigma is a relative spread: 1e-4 keeps every expert's spread above
+1% of its median.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moekit._core.data import Chunk, EMData
+from moekit._core.logspace import gaussian_logpdf
+from moekit._core.reporting import Report, Scaling
+from moekit._core.validation import check_finite
+from moekit.experts._glm import check_positive, coef_of_report, grams, has_weight, report_coef
+from moekit.experts.gaussian import log_excess_var, weighted_least_squares
+
+
+@dataclass
+class LogNormalParams:
+    """coef of shape (K, p), the last column the intercept (of log y); var (K,), on log y."""
+
+    coef: torch.Tensor
+    var: torch.Tensor
+
+
+def _log_y(chunk: Chunk) -> torch.Tensor:
+    cached = chunk.data.cache.get("log_y")
+    return cached[chunk.start : chunk.stop] if cached is not None else torch.log(chunk.y[0])
+
+
+class LogNormalExperts:
+    """K lognormal regressions (linear-Gaussian on log y).
+
+    Parameters
+    ----------
+    n_experts : int
+    var_floor : float
+        Smallest variance of log y an expert may take.
+    """
+
+    report_name = "lognormal"
+    monotone = True  # exact weighted least squares
+    needs_resp = False
+    params_type = LogNormalParams
+    predictive_family = "lognormal"
+    standardize_target = False
+    target_columns = 1
+
+    def __init__(self, n_experts: int, var_floor: float = 1e-4) -> None:
+        self.n_experts = n_experts
+        self.var_floor = var_floor
+
+    @staticmethod
+    def check_target(y2: np.ndarray) -> np.ndarray:
+        """One column of positive values (ValueError naming the option otherwise)."""
+        return check_positive(y2, "lognormal")
+
+    def prepare(self, data: EMData) -> None:
+        data.cache["log_y"] = torch.log(data.y[0])
+
+    def log_prob(self, params: LogNormalParams, chunk: Chunk) -> torch.Tensor:
+        log_y = _log_y(chunk)
+        resid = torch.addmm(log_y.unsqueeze(0), params.coef, chunk.XeT, alpha=-1.0)  # (K, c)
+        return gaussian_logpdf(resid, params.var.unsqueeze(1), inplace=True).sub_(log_y)
+
+    def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor):
+        log_y = _log_y(chunk)
+        rz = resp * log_y  # (K, c)
+        return chunk.weighted_grams(resp, "e"), rz @ chunk.XeT.T, (rz * log_y).sum(1)
+
+    def m_step(self, params, stats, data: EMData, resp=None) -> LogNormalParams:
+        hess, xtz, ztz = stats
+        gram = grams(hess, xtz.shape[1])
+        nk = gram[:, -1, -1]  # the intercept's product with itself: sum_i r_ik
+        coef, var = weighted_least_squares(gram, xtz.unsqueeze(1), ztz.unsqueeze(1), nk,
+                                           self.var_floor)  # fmt: skip
+        coef, var = coef[:, 0], var[:, 0]
+        keep = has_weight(nk)
+        if params is not None:
+            coef = torch.where(keep[:, None], coef, params.coef)
+            var = torch.where(keep, var, params.var)
+        else:
+            var = torch.where(keep, var, torch.ones_like(var))
+        return LogNormalParams(coef.contiguous(), var)
+
+    def log_prior(self, params: LogNormalParams) -> float:
+        return 0.0
+
+    def n_parameters(self, params: LogNormalParams) -> int:
+        return int(params.coef.numel() + params.var.numel())
+
+    def min_samples(self, params: LogNormalParams) -> float:
+        return float(params.coef.shape[1])
+
+    def select(self, params: LogNormalParams, perm: torch.Tensor) -> LogNormalParams:
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
+        return LogNormalParams(params.coef[perm].contiguous(), params.var[perm].contiguous())
+
+    def residuals(self, params: LogNormalParams, chunk: Chunk) -> torch.Tensor:
+        """Standardised residuals of log y, (log y - b_k . x) / sigma_k, shape (K, 1, c)."""
+        resid = _log_y(chunk).unsqueeze(0) - params.coef @ chunk.XeT
+        return (resid / params.var.sqrt().unsqueeze(1)).unsqueeze(1)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: LogNormalParams) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef, "log_excess_var": log_excess_var(params.var, self.var_floor)}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> LogNormalParams:
+        return LogNormalParams(free["coef"], self._var(free))
+
+    def _var(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "sigma" in free:  # reported values: sigma of log y itself
+            return free["sigma"] ** 2
+        return self.var_floor + torch.exp(free["log_excess_var"])
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert means exp(b_k . x + sigma_k^2 / 2), (K, 1, n), for a design XT (p, n)."""
+        return torch.exp(free["coef"] @ XT + 0.5 * self._var(free).unsqueeze(1)).unsqueeze(1)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
+        log_y = torch.log(y.reshape(-1))
+        resid = log_y.unsqueeze(0) - free["coef"] @ XT
+        return gaussian_logpdf(resid, self._var(free).unsqueeze(1)) - log_y
+
+    def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
+        return free["coef"].new_zeros(())
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: LogNormalParams, scaling: Scaling) -> Report:
+        """Intercept and slopes of every expert's mean log y in the data's units, then
+        sigma, the standard deviation of log y."""
+        return report_coef(params.coef, scaling, {"sigma": params.var.sqrt()})
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        return {"coef": coef_of_report(values, scaling), "sigma": values["sigma"]}
+
+    # ------------------------------------------------------------ prediction
+    def moments(self, params: LogNormalParams, XT: torch.Tensor):
+        """Means exp(mu + s^2 / 2) and standard deviations mean sqrt(exp(s^2) - 1), (n, K, 1)."""
+        s2 = params.var.view(1, -1)
+        mean = torch.exp((params.coef @ XT).T + 0.5 * s2)  # (n, K)
+        return mean.unsqueeze(-1), (mean * torch.sqrt(torch.expm1(s2))).unsqueeze(-1)
+
+    def predictive_extra(self, params: LogNormalParams) -> dict:
+        return {}
+
+    # ------------------------------------------------------------ model files
+    @property
+    def n_outputs(self) -> int:
+        """One positive target."""
+        return 1
+
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`LogNormalParams` fields for a design of p columns."""
+        return {"coef": (self.n_experts, p), "var": (self.n_experts,)}
+
+    def check_params(self, params: LogNormalParams, prefix: str = "") -> None:
+        """Refuse non-finite coefficients and variances that are not positive and finite."""
+        check_finite(prefix + "coef", params.coef)
+        if not bool((torch.isfinite(params.var) & (params.var > 0)).all()):
+            raise ValueError(f"{prefix + 'var'!r} holds variances that are not positive and finite")

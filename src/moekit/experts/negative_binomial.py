@@ -1,0 +1,201 @@
+"""Negative binomial (NB2) experts with a log link, for over-dispersed counts.
+
+y | x, z = k has mean mu_k = exp(b_k . x) and variance mu_k + phi_k mu_k^2; with
+theta = 1 / phi,
+
+.. math::  \\log p_k(y \\mid x) = \\log\\Gamma(y + \\theta) - \\log\\Gamma(\\theta)
+           - \\log y! - (\\theta + y) \\log(1 + \\phi\\mu) + y \\log(\\phi\\mu),
+
+the Poisson as phi -> 0 (a Gamma-mixed Poisson: MASS's ``glm.nb``). The M-step
+takes, from sums over rows at the current parameters, one Fisher scoring (IRLS)
+step on the coefficients,
+
+.. math::  b_k \\leftarrow b_k + \\Big(\\sum_i r_{ik} w_{ik} x_i x_i^T\\Big)^{-1}
+           \\sum_i r_{ik} \\frac{y_i - \\mu_{ik}}{1 + \\phi_k \\mu_{ik}} x_i, \\qquad
+           w_{ik} = \\frac{\\mu_{ik}}{1 + \\phi_k \\mu_{ik}},
+
+and one guarded Newton step on log phi_k from the first and second derivatives of
+Q's dispersion part (sums of digamma and trigamma terms), at most a factor e^2 and
+inside [``DISPERSION_MIN``, ``DISPERSION_MAX``]. The EM loop checks the likelihood
+after the step and shortens it where it would fall. At ``DISPERSION_MIN`` an
+expert is a Poisson to within about y^2 phi / 2 nats per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moekit._core.data import Chunk, EMData
+from moekit._core.reporting import Report, Scaling
+from moekit._core.validation import check_finite
+from moekit.experts._glm import (
+    RidgeGLM,
+    check_counts,
+    coef_of_report,
+    grams,
+    guarded_newton_1d,
+    has_weight,
+    newton_step,
+    report_coef,
+)  # fmt: skip
+
+DISPERSION_MIN, DISPERSION_MAX = 1e-8, 1e4
+
+
+@dataclass
+class NegativeBinomialParams:
+    """coef of shape (K, p), the last column the intercept (log mean); dispersion phi_k (K,)."""
+
+    coef: torch.Tensor
+    dispersion: torch.Tensor
+
+
+def nb_logpmf(eta, y, phi, lgamma_y1):
+    """log p of NB2(mean e^eta, dispersion phi) at the counts y, broadcast, out of place."""
+    theta = 1.0 / phi
+    l1p = torch.log1p(phi * torch.exp(eta))
+    return (torch.lgamma(y + theta) - torch.lgamma(theta) - lgamma_y1
+            - (theta + y) * l1p + y * (torch.log(phi) + eta))  # fmt: skip
+
+
+def _lgamma_y1(chunk: Chunk) -> torch.Tensor:
+    cached = chunk.data.cache.get("lgamma_y1")
+    return cached[chunk.start : chunk.stop] if cached is not None else torch.lgamma(chunk.y[0] + 1)
+
+
+class NegativeBinomialExperts(RidgeGLM):
+    """K negative binomial (NB2) regressions with a log link and a dispersion per expert.
+
+    Parameters
+    ----------
+    n_experts : int
+    alpha : float
+        L2 penalty on the slopes, on the summed log-likelihood scale.
+    """
+
+    report_name = "negative binomial (NB2, log link)"
+    monotone = False  # Newton steps; the EM loop checks and shortens them
+    params_type = NegativeBinomialParams
+    predictive_family = "negative_binomial"
+
+    @staticmethod
+    def check_target(y2: np.ndarray) -> np.ndarray:
+        """One column of non-negative integer counts (ValueError naming the option)."""
+        return check_counts(y2, "negative_binomial")
+
+    def prepare(self, data: EMData) -> None:
+        data.cache["lgamma_y1"] = torch.lgamma(data.y[0] + 1.0)
+
+    def init_params(self, data: EMData) -> NegativeBinomialParams:
+        coef = self.start_coef(data.XeT, math.log(max(float(data.y.mean()), 1e-3)))
+        return NegativeBinomialParams(coef, data.XeT.new_full((self.n_experts,), 0.1))
+
+    def log_prob(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
+        eta = params.coef @ chunk.XeT  # (K, c)
+        chunk.scratch["nb_eta"] = eta
+        phi = params.dispersion.unsqueeze(1)
+        return nb_logpmf(eta, chunk.y[0], phi, _lgamma_y1(chunk))
+
+    def chunk_stats(self, params: NegativeBinomialParams, chunk: Chunk, resp: torch.Tensor):
+        eta = chunk.scratch.get("nb_eta")
+        if eta is None:  # first M-step: at the starting parameters
+            eta = params.coef @ chunk.XeT
+        y, phi = chunk.y[0], params.dispersion.unsqueeze(1)
+        mu = torch.exp(eta)
+        denom = 1.0 + phi * mu
+        grad = (resp * (y - mu) / denom) @ chunk.XeT.T  # (K, p)
+        hess = chunk.weighted_grams(resp * mu / denom, "e")
+        # derivatives of log p in theta = 1 / phi, then in a = log phi (d theta / da = -theta)
+        theta = 1.0 / phi
+        d_theta = (torch.digamma(y + theta) - torch.digamma(theta) - torch.log1p(phi * mu)
+                   + (mu - y) / (theta + mu))  # fmt: skip
+        d2_theta = (torch.polygamma(1, y + theta) - torch.polygamma(1, theta) + 1.0 / theta
+                    - 2.0 / (theta + mu) + (theta + y) / (theta + mu) ** 2)  # fmt: skip
+        d1 = (resp * d_theta).sum(1) * -theta[:, 0]
+        d2 = (resp * d2_theta).sum(1) * theta[:, 0] ** 2 - d1
+        return grad, hess, d1, d2, resp.sum(1)
+
+    def m_step(self, params, stats, data: EMData, resp=None) -> NegativeBinomialParams:
+        if params is None:
+            params = self.init_params(data)
+        grad, hess, d1, d2, nk = stats
+        keep = has_weight(nk)
+        step = newton_step(params.coef, grad, grams(hess, grad.shape[1]), self.alpha)
+        coef = torch.where(keep[:, None], params.coef + step, params.coef)
+        log_phi = guarded_newton_1d(torch.log(params.dispersion), d1, d2,
+                                    math.log(DISPERSION_MIN), math.log(DISPERSION_MAX))  # fmt: skip
+        phi = torch.where(keep, torch.exp(log_phi), params.dispersion)
+        return NegativeBinomialParams(coef, phi)
+
+    def n_parameters(self, params: NegativeBinomialParams) -> int:
+        return int(params.coef.numel() + params.dispersion.numel())
+
+    def min_samples(self, params: NegativeBinomialParams) -> float:
+        return float(params.coef.shape[1] + 1)
+
+    def select(self, params: NegativeBinomialParams, perm: torch.Tensor):
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
+        return NegativeBinomialParams(params.coef[perm].contiguous(),
+                                      params.dispersion[perm].contiguous())  # fmt: skip
+
+    def residuals(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
+        """Pearson residuals (y - mu_k) / sqrt(mu_k + phi_k mu_k^2), shape (K, 1, c)."""
+        mu = torch.exp(params.coef @ chunk.XeT)
+        var = mu + params.dispersion.unsqueeze(1) * mu * mu
+        return ((chunk.y[0] - mu) / var.sqrt()).unsqueeze(1)
+
+    # ------------------------------------------------------------ differentiable view
+    def to_free(self, params: NegativeBinomialParams) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef, "log_dispersion": torch.log(params.dispersion)}
+
+    def from_free(self, free: dict[str, torch.Tensor]) -> NegativeBinomialParams:
+        return NegativeBinomialParams(free["coef"], _dispersion(free))
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert means (K, 1, n) for a design XT (p, n)."""
+        return torch.exp(free["coef"] @ XT).unsqueeze(1)
+
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+        """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
+        y = y.reshape(-1)
+        return nb_logpmf(free["coef"] @ XT, y, _dispersion(free).unsqueeze(1),
+                         torch.lgamma(y + 1.0))  # fmt: skip
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: NegativeBinomialParams, scaling: Scaling) -> Report:
+        """Intercept and slopes of every expert's log mean in the data's units, then its
+        dispersion phi (variance mu + phi mu^2)."""
+        return report_coef(params.coef, scaling, {"dispersion": params.dispersion})
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        return {"coef": coef_of_report(values, scaling), "dispersion": values["dispersion"]}
+
+    # ------------------------------------------------------------ prediction
+    def moments(self, params: NegativeBinomialParams, XT: torch.Tensor):
+        """Means and standard deviations sqrt(mu + phi mu^2), each (n, K, 1)."""
+        mean = torch.exp(params.coef @ XT).T  # (n, K)
+        var = mean + params.dispersion.view(1, -1) * mean**2
+        return mean.unsqueeze(-1), var.sqrt().unsqueeze(-1)
+
+    # ------------------------------------------------------------ model files
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the :class:`NegativeBinomialParams` fields for a design of p columns."""
+        return {"coef": (self.n_experts, p), "dispersion": (self.n_experts,)}
+
+    def check_params(self, params: NegativeBinomialParams, prefix: str = "") -> None:
+        """Refuse non-finite coefficients and dispersions that are not positive and finite."""
+        check_finite(prefix + "coef", params.coef)
+        d = params.dispersion
+        if not bool((torch.isfinite(d) & (d > 0)).all()):
+            raise ValueError(
+                f"{prefix + 'dispersion'!r} holds dispersions that are not positive and finite"
+            )
+
+
+def _dispersion(free: dict[str, torch.Tensor]) -> torch.Tensor:
+    # reported values hold the dispersion itself, free tensors its log
+    return free["dispersion"] if "dispersion" in free else torch.exp(free["log_dispersion"])

@@ -1,0 +1,99 @@
+"""Gamma experts (log link, a shape per expert by maximum likelihood) recover known
+experts, agree with scikit-learn's GammaRegressor for one expert, and take M-steps
+that never lower their objective."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+from scipy.stats import gamma as gamma_dist
+from sklearn.linear_model import GammaRegressor
+
+from moekit import MoERegressor
+from moekit._core.data import EMData
+from moekit.experts.gamma import GammaExperts, gamma_shape_mle
+
+
+def _load(name: str):
+    path = Path(__file__).with_name(name)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+checks = _load("glm_checks.py")
+COEF = np.array([[-0.5, -1.0], [1.0, 0.5]])  # log mean: [intercept, slope] per expert
+SHAPE = np.array([3.0, 6.0])
+
+
+def _draw(n, seed):
+    X, z, eta, rng = checks.two_experts(n, COEF, seed)
+    return X, rng.gamma(SHAPE[z], np.exp(eta) / SHAPE[z])
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y = _draw(3000, 0)
+    return MoERegressor(2, expert="gamma", n_init=3, random_state=0).fit(X, y)
+
+
+def test_gamma_experts_recover_known_experts(fitted):
+    z = checks.z_scores(fitted, COEF, {"shape": SHAPE})
+    assert max(abs(v) for v in z.values()) < 3.0, z
+
+
+def test_gamma_interval_covers_ninety_percent_of_new_draws(fitted):
+    X, y = _draw(4000, 1)
+    assert 0.87 <= checks.coverage(fitted, X, y) <= 0.93
+
+
+def test_one_gamma_expert_equals_scikit_learns_gamma_regression():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(400, 2))
+    mean = np.exp(0.5 + X @ [0.4, -0.3])
+    y = rng.gamma(2.5, mean / 2.5)
+    ours = MoERegressor(1, expert="gamma", tol=1e-12, max_iter=500, n_init=1).fit(X, y)
+    ref = GammaRegressor(alpha=0.0, tol=1e-12, max_iter=10_000).fit(X, y)
+    np.testing.assert_allclose(ours.coef_[0], ref.coef_, atol=1e-4)
+    assert ours.intercept_[0] == pytest.approx(ref.intercept_, abs=1e-4)
+    # the reference's log-likelihood at its coefficients and the shape's maximum
+    mu = ref.predict(X)
+
+    def loglik(shape):
+        return gamma_dist.logpdf(y, shape, scale=mu / shape).sum()
+
+    best = minimize_scalar(lambda s: -loglik(s), bounds=(0.01, 100.0), method="bounded",
+                           options={"xatol": 1e-10})  # fmt: skip
+    assert len(y) * ours.log_likelihood(X, y) == pytest.approx(-best.fun, abs=1e-4)
+    assert ours._params.expert.shape.item() == pytest.approx(best.x, rel=1e-4)
+
+
+def test_gamma_shape_solves_its_likelihood_equation():
+    c = torch.tensor([1e-4, 0.01, 0.3, 2.0, 10.0], dtype=torch.float64)
+    a = gamma_shape_mle(c)
+    torch.testing.assert_close(torch.log(a) - torch.digamma(a), c, rtol=1e-10, atol=0.0)
+
+
+def test_gamma_m_step_never_lowers_its_objective():
+    X, y = _draw(500, 3)
+    data = EMData(checks.design(X), checks.design(X), torch.as_tensor(y).reshape(1, -1))
+    for seed in range(3):
+        q = checks.m_step_objectives(GammaExperts(3), data, seed=seed)
+        assert checks.never_falls(q), q
+        assert q[-1] - q[-2] < 1e-6 * abs(q[-1])  # converged to the maximiser
+
+
+@pytest.mark.parametrize(
+    ("y", "match"),
+    [(np.r_[1.0, 2.0, 0.0, 3.0], r"expert='gamma' needs y > 0; got 1 value"),
+     (np.r_[1.0, -2.0, 3.0, 3.0], r"expert='gamma' needs y > 0"),
+     (np.ones((4, 2)), r"expert='gamma' models one positive target; y has 2 columns")],
+)  # fmt: skip
+def test_gamma_refuses_targets_it_cannot_model(y, match):
+    X = np.arange(4.0).reshape(-1, 1)
+    with pytest.raises(ValueError, match=match):
+        MoERegressor(1, expert="gamma").fit(X, y)
