@@ -16,10 +16,10 @@ from moekit.nn.routers import (
     NoisyTopKRouter,
     Router,
     Routing,
-    SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
 )
+from moekit.nn.sigmoid_router import SigmoidBiasRouter
 from moekit.nn.train import train_lm
 from moekit.nn.train_config import TrainConfig
 from moekit.nn.transformer import MoETransformer, TransformerConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from moekit.nn import functional as MF
-from moekit.nn._checks import check_features
+from moekit.nn._checks import _under_vmap, check_features
 from moekit.nn.config import MoEConfig, validate_moe_params
 from moekit.nn.dispatch import dense_gates, plan_dispatch, run_experts
 from moekit.nn.experts import ExpertBank, FeedForward
@@ -19,11 +20,10 @@ from moekit.nn.routers import (
     NoisyTopKRouter,
     Router,
     Routing,
-    SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
-    _under_vmap,
 )
+from moekit.nn.sigmoid_router import SigmoidBiasRouter
 
 __all__ = ["MoE", "MoEStats", "make_router", "update_router_biases"]
 
@@ -72,8 +72,9 @@ def make_router(config: MoEConfig) -> Router:
         return config.router
     d, e, k = config.d_model, config.n_experts, config.top_k
     normalize = config.normalize_weights
+    groups = {"n_group": config.n_group, "topk_group": config.topk_group}
     factories = {
-        "topk": lambda: TopKRouter(d, e, k, normalize=normalize),
+        "topk": lambda: TopKRouter(d, e, k, normalize=normalize, **groups),
         "noisy_topk": lambda: NoisyTopKRouter(d, e, k, normalize=normalize),
         "switch": lambda: SwitchRouter(d, e, k),
         "expert_choice": lambda: ExpertChoiceRouter(d, e, k, config.capacity_factor),
@@ -84,6 +85,7 @@ def make_router(config: MoEConfig) -> Router:
             bias_update_rate=config.bias_update_rate,
             center_bias=config.center_bias,
             normalize=normalize,
+            **groups,
         ),
     }
     return factories[config.router]()
@@ -97,11 +99,13 @@ class MoE(nn.Module):
 
     .. math::
 
-        y_t = \\sum_{e \\in \\mathcal{E}(t)} w_{te} \\, f_e(x_t)
-              + \\sum_{s=1}^{S} g_s(x_t),
+        y_t = \\rho \\sum_{e \\in \\mathcal{E}(t)} w_{te} \\, f_e(x_t)
+              + \\gamma(x_t) \\sum_{s=1}^{S} g_s(x_t),
 
     where :math:`\\mathcal{E}(t)` and :math:`w_{te}` come from the router, :math:`f_e`
-    are the routed experts and :math:`g_s` the ``S = n_shared_experts`` shared ones.
+    are the routed experts and :math:`g_s` the ``S = n_shared_experts`` shared ones,
+    :math:`\\rho` is ``routed_scaling_factor`` and :math:`\\gamma(x_t)` is 1, or
+    :math:`\\sigma(x_t w_s)` with ``shared_expert_gate=True``.
     Assignments past an expert's capacity are dropped (their term is zero; the
     caller's residual connection carries the token).
 
@@ -144,6 +148,16 @@ class MoE(nn.Module):
     center_bias : bool, default=False
         Keep the biases of the 'sigmoid_bias' router at mean zero (torchtitan does;
         the DeepSeek-V3 paper does not). It changes no routing decision.
+    n_group, topk_group : int or None, default=None
+        Group-limited routing for 'topk' and 'sigmoid_bias' (DeepSeek-V3): each token
+        chooses inside its best ``topk_group`` of ``n_group`` contiguous expert groups.
+    routed_scaling_factor : float, default=1.0
+        :math:`\\rho`, multiplies the routed experts' combine weights.
+    d_shared : int or None, default=None
+        Hidden width of the shared experts together (None: ``n_shared_experts *
+        d_hidden``).
+    shared_expert_gate : bool, default=False
+        Gate the shared experts by :math:`\\sigma(x_t w_s)` (Qwen2-MoE).
     expert_parallel_group : torch.distributed.ProcessGroup, optional
         Expert parallelism over this group of ``W`` processes: each holds
         ``n_experts / W`` experts (``W`` must divide ``n_experts``) and tokens travel to
@@ -203,6 +217,11 @@ class MoE(nn.Module):
         capacity_priority: str = "choice",
         normalize_weights: bool | None = None,
         center_bias: bool = False,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        routed_scaling_factor: float = 1.0,
+        d_shared: int | None = None,
+        shared_expert_gate: bool = False,
         expert_parallel_group: object = None,
     ) -> None:
         super().__init__()
@@ -239,10 +258,12 @@ class MoE(nn.Module):
             shard_bank(self.experts, shard)
         n_shared = config.n_shared_experts
         # S shared experts of width H are one FFN of width S*H: the sum splits by columns
+        d_shared = config.d_shared or n_shared * config.d_hidden
         self.shared = (
-            FeedForward(config.d_model, n_shared * config.d_hidden, config.activation)
-            if n_shared > 0
-            else None
+            FeedForward(config.d_model, d_shared, config.activation) if n_shared > 0 else None
+        )
+        self.shared_gate = (
+            nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
         )
         self.aux_loss: Tensor = torch.zeros(())
         self.stats: MoEStats | None = None
@@ -311,6 +332,10 @@ class MoE(nn.Module):
         n_tokens = x.shape[0]
         routing = self.router(x)  # weights, indices (T, k) or (E, C); logits (T, E)
         cfg = self.config
+        if cfg.routed_scaling_factor != 1.0:
+            routing = dataclasses.replace(
+                routing, weights=routing.weights * cfg.routed_scaling_factor
+            )
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
         bank = self.experts
         path = self.execution_path(x, routing.weights)
@@ -332,7 +357,10 @@ class MoE(nn.Module):
             else:
                 y = expert_parallel_experts(x, plan, bank, self.expert_parallel, path)  # (T, d)
         if self.shared is not None:
-            y = y + self.shared(x)  # (T, d)
+            shared = self.shared(x)  # (T, d)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared  # (T, 1) * (T, d)
+            y = y + shared
         self.aux_loss = self._aux_loss(routing)
         # under vmap the counts differ per sample and could not be read outside it
         self.stats = None if path == "masked" else MoEStats(routed.detach(), dropped)
