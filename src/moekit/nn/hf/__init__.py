@@ -4,8 +4,9 @@
 Qwen3-MoE, OLMoE, DeepSeek-V3) into an equal :class:`~moekit.nn.MoE`; ``patch_model``
 swaps every such block of a model for a moekit layer behind the block's interface and
 ``unpatch_model`` writes the weights back so that ``save_pretrained`` gives a standard
-checkpoint. This is the only part of moekit that imports transformers, an optional
-dependency: ``pip install moekit[hf]``.
+checkpoint; ``upcycle_model`` turns the MLPs of a dense model (Llama, Mistral, Qwen2)
+into MoE layers equal to them at init. This is the only part of moekit that imports
+transformers, an optional dependency: ``pip install moekit[hf]``.
 """
 
 try:
@@ -18,6 +19,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from moekit.nn.hf.families import FAMILIES, Family
 from moekit.nn.hf.patch import HFMoEBlock, convert_block, patch_model, unpatch_model
+from moekit.nn.hf.upcycling import upcycle_model
 
 __all__ = [
     "FAMILIES",
@@ -26,4 +28,5 @@ __all__ = [
     "convert_block",
     "patch_model",
     "unpatch_model",
+    "upcycle_model",
 ]

@@ -16,11 +16,10 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.nn.layer import MoE
+from moekit.nn.upcycle import acts_as_silu
 
 __all__ = ["FAMILIES", "Family", "family_of", "moe_settings", "resolve", "weight_pairs"]
 
@@ -97,10 +96,8 @@ def _mlp_names(mlp: nn.Module) -> tuple[str, str, str]:
 
 
 def _check_silu(owner: nn.Module) -> None:
-    # ask the activation itself: its class and the config's name differ between versions
     act = getattr(owner, "act_fn", None)
-    probe = torch.linspace(-4, 4, 9)
-    if act is None or not torch.allclose(act(probe), F.silu(probe)):
+    if not acts_as_silu(act):
         raise ValueError(
             f"convert_block supports SwiGLU experts (activation silu); {type(owner).__name__} "
             f"uses {act!r}."
