@@ -15,6 +15,7 @@ from moekit.nn._checks import (
     check_finite_params,
     reject,
 )
+from moekit.nn.balance import BALANCE_SCOPES
 from moekit.nn.experts import ACTIVATIONS
 from moekit.nn.functional import CAPACITY_PRIORITIES
 from moekit.nn.routers import Router, check_groups
@@ -45,6 +46,7 @@ MOE_CONSTRAINTS: dict[str, list] = {
     "routed_scaling_factor": [Interval(numbers.Real, 0, None, closed="neither")],
     "d_shared": [None, POSITIVE_INT],
     "shared_expert_gate": ["boolean"],
+    "balance_loss": [Options(BALANCE_SCOPES)],
 }
 
 GROUPED_ROUTERS = ("topk", "sigmoid_bias")
@@ -110,6 +112,10 @@ def _check_groups_and_shared(owner: str, params: dict[str, Any]) -> None:
                 params[name],
             )
         check_groups(owner, params["n_experts"], params["top_k"], *groups)
+    scope = params.get("balance_loss", "batch")
+    own_loss = getattr(router, "expert_choice", False) or router in ("noisy_topk", "expert_choice")
+    if scope != "batch" and own_loss:
+        reject(owner, "balance_loss", f"'batch' with router={router!r}", scope)
     if params["n_shared_experts"] == 0:
         for name in ("d_shared", "shared_expert_gate"):
             if params.get(name):
@@ -179,6 +185,8 @@ class MoEConfig:
     shared_expert_gate : bool, default=False
         Multiply the shared experts' output by a learnt token gate
         :math:`\\sigma(x_t w_s)` (Qwen2-MoE).
+    balance_loss : {'batch', 'sequence', 'global'}, default='batch'
+        Where the balancing loss counts the load, see :mod:`moekit.nn.balance`.
     """
 
     d_model: int
@@ -201,6 +209,7 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     d_shared: int | None = None
     shared_expert_gate: bool = False
+    balance_loss: str = "batch"
 
     def __post_init__(self) -> None:
         validate_moe_params(type(self).__name__, self.as_dict())

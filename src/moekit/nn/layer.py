@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from moekit.nn import balance
 from moekit.nn import functional as MF
 from moekit.nn._checks import _under_vmap, check_features
 from moekit.nn.config import MoEConfig, validate_moe_params
@@ -24,46 +24,12 @@ from moekit.nn.routers import (
     TopKRouter,
 )
 from moekit.nn.sigmoid_router import SigmoidBiasRouter
+from moekit.nn.stats import MoEStats
 
 __all__ = ["MoE", "MoEStats", "make_router", "update_router_biases"]
 
 PATHS = ("fused", "compiled", "sorted", "masked")
 """How :class:`MoE` runs its experts; see :meth:`MoE.execution_path`."""
-
-
-@dataclass
-class MoEStats:
-    """Routing statistics of the last forward pass.
-
-    The numbers stay tensors until they are read, so that a forward pass neither
-    waits for the device nor breaks a ``torch.compile`` graph to compute them.
-
-    Attributes
-    ----------
-    tokens_per_expert : Tensor of shape (E,)
-        Assignments the router sent to each expert (before any capacity drop).
-    dropped : Tensor or float
-        See :attr:`dropped_fraction`.
-    dropped_fraction : float
-        Token choice: fraction of the ``T * k`` assignments dropped for capacity;
-        expert choice: fraction of tokens no expert picked. 0.0 when dropless.
-    balance : float
-        ``max(tokens_per_expert) / mean(tokens_per_expert)``: 1.0 is perfect balance,
-        ``E / k`` means every token went to the same experts (1.0 for an empty batch).
-    """
-
-    tokens_per_expert: Tensor
-    dropped: Tensor | float = 0.0
-
-    @property
-    def dropped_fraction(self) -> float:
-        return float(self.dropped)
-
-    @property
-    def balance(self) -> float:
-        counts = self.tokens_per_expert.float()
-        mean = float(counts.mean()) if counts.numel() else 0.0
-        return float(counts.max()) / mean if mean > 0 else 1.0
 
 
 def make_router(config: MoEConfig) -> Router:
@@ -158,6 +124,11 @@ class MoE(nn.Module):
         d_hidden``).
     shared_expert_gate : bool, default=False
         Gate the shared experts by :math:`\\sigma(x_t w_s)` (Qwen2-MoE).
+    balance_loss : {'batch', 'sequence', 'global'}, default='batch'
+        Where the balancing loss counts the load (token-choice routers 'topk',
+        'switch', 'sigmoid_bias'): over the forward pass (the router's own loss), per
+        sequence (DeepSeek-V3; the input's second-last axis) or over every process
+        (Qwen's global batch). See :mod:`moekit.nn.balance`.
     expert_parallel_group : torch.distributed.ProcessGroup, optional
         Expert parallelism over this group of ``W`` processes: each holds
         ``n_experts / W`` experts (``W`` must divide ``n_experts``) and tokens travel to
@@ -222,6 +193,7 @@ class MoE(nn.Module):
         routed_scaling_factor: float = 1.0,
         d_shared: int | None = None,
         shared_expert_gate: bool = False,
+        balance_loss: str = "batch",
         expert_parallel_group: object = None,
     ) -> None:
         super().__init__()
@@ -361,9 +333,13 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared  # (T, 1) * (T, d)
             y = y + shared
-        self.aux_loss = self._aux_loss(routing)
+        self.aux_loss = self._aux_loss(routing, shape)
         # under vmap the counts differ per sample and could not be read outside it
-        self.stats = None if path == "masked" else MoEStats(routed.detach(), dropped)
+        self.stats = (
+            None
+            if path == "masked"
+            else MoEStats(routed.detach(), dropped, routing.logits.detach(), self.router.scores)
+        )
         return y.reshape(shape)
 
     @torch.no_grad()
@@ -378,14 +354,25 @@ class MoE(nn.Module):
         """
         self.router.update_bias()
 
-    def _aux_loss(self, routing: Routing) -> Tensor:
+    def _aux_loss(self, routing: Routing, shape: torch.Size) -> Tensor:
         cfg = self.config
         loss = routing.logits.new_zeros(())
         if cfg.aux_loss_coef > 0:
-            loss = loss + cfg.aux_loss_coef * routing.balance_loss
+            loss = loss + cfg.aux_loss_coef * self._balance_loss(routing, shape)
         if cfg.z_loss_coef > 0:
             loss = loss + cfg.z_loss_coef * MF.router_z_loss(routing.logits)
         return loss
+
+    def _balance_loss(self, routing: Routing, shape: torch.Size) -> Tensor:
+        scope = self.config.balance_loss
+        if scope == "batch":
+            return routing.balance_loss
+        probs = balance.score_distribution(routing.logits, self.router.scores)  # (T, E)
+        if scope == "global":
+            return balance.global_balance_loss(probs, routing.indices, self.n_experts)
+        # a sequence is the second-last axis of the input; (T, d) is one sequence
+        seq_len = shape[-2] if len(shape) >= 3 else max(1, shape[0])
+        return balance.sequence_balance_loss(probs, routing.indices, self.n_experts, seq_len)
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -101,6 +101,7 @@ class Router(nn.Module):
     """
 
     expert_choice = False
+    scores = "softmax"  # how the logits become scores (moekit.nn.balance.score_distribution)
 
     def __init__(
         self,

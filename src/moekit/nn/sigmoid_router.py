@@ -74,6 +74,8 @@ class SigmoidBiasRouter(Router):
         int64 counts since the last update (not saved with the model).
     """
 
+    scores = "sigmoid"
+
     def __init__(
         self,
         d_model: int,
