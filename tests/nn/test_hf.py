@@ -217,3 +217,21 @@ def test_moekit_nn_does_not_import_transformers():
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_convert_block_keeps_each_weights_dtype(family):
+    # a bfloat16 block; DeepSeek-V3 loads its router in float32
+    block = moe_blocks(build(family))[0]
+    randomize(block)
+    block.to(torch.bfloat16)
+    router_dtype = torch.float32 if family == "deepseek_v3" else torch.bfloat16
+    block.gate.to(router_dtype)
+    moe = hf.convert_block(block)
+    assert moe.experts.w_in.dtype == moe.shared.w_in.dtype == torch.bfloat16
+    assert moe.router.weight.dtype == router_dtype
+    x = torch.randn(1, 64, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, expected = moe(x).float(), block(x).float()
+    per_token = (got - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert float(per_token.median()) < 2e-2  # bfloat16 rounding, same routing

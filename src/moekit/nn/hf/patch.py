@@ -68,9 +68,9 @@ def convert_block(block: nn.Module, **options: Any) -> MoE:
         )
     # each parameter takes the dtype and device of the weights it receives (DeepSeek-V3
     # keeps its router in float32 under a bfloat16 model)
-    for name, view in pairs:
-        param = _owner_param(moe, view)
-        source = resolve(block, name)
+    # (owners first: moving a parameter leaves the views taken before pointing elsewhere)
+    owners = [(_owner_param(moe, view), resolve(block, name)) for name, view in pairs]
+    for param, source in owners:
         param.data = param.data.to(device=source.device, dtype=source.dtype)
     with torch.no_grad():
         for name, view in weight_pairs(block, moe):  # views of the moved parameters
