@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["moekit.nn.layer", "moekit.nn.transformer"]
+MODULES = ["moekit.nn.layer", "moekit.nn.transformer", "moekit.nn.upcycle"]
 
 
 @pytest.mark.parametrize("name", MODULES)

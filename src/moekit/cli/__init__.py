@@ -8,6 +8,7 @@
     moekit inspect MODEL
     moekit lm train [--corpus FILE] [--config tiny|small] [--steps N] [--out DIR] [--resume]
     moekit lm generate CHECKPOINT --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
+    moekit lm upcycle CHECKPOINT [--n-experts E] [--top-k K] [--granularity G] [--out FILE]
 
 One module per part: ``parser`` (the flags), ``tables`` (reading a table, the
 design, the held-out rows), ``fit``, ``predict``, ``inspect``, ``lm`` and ``demo``

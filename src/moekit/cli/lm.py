@@ -1,9 +1,10 @@
-"""``moekit lm train`` and ``moekit lm generate``: a small byte-level MoE language model.
+"""``moekit lm train``, ``generate`` and ``upcycle``: a small byte-level MoE language model.
 
 Training takes a preset (``--config tiny|small``) whose fields single flags
 override, writes a checkpoint it can ``--resume`` from, and runs data and expert
 parallel under ``torchrun`` (process 0 reports and writes). Generation continues a
-prompt from a checkpoint or ``lm.moe``.
+prompt from a checkpoint or ``lm.moe``. Upcycling turns a dense model (the dense twin
+of ``bench/lm_dense_vs_moe.py``) into a MoE model with the same predictions.
 """
 
 from __future__ import annotations
@@ -138,4 +139,29 @@ def cmd_lm_generate(args) -> int:
     out = model.generate(ids, max_new_tokens=args.tokens, temperature=args.temperature,
                          top_k=args.top_k, generator=gen)  # fmt: skip
     print(decode_bytes(out[0].tolist()))
+    return 0
+
+
+def cmd_lm_upcycle(args) -> int:
+    import torch
+
+    from moekit.nn.checkpoint import load_lm
+    from moekit.nn.upcycle import upcycle_lm
+
+    dense = load_lm(args.checkpoint)
+    gen = torch.Generator().manual_seed(args.seed)
+    model = upcycle_lm(dense, args.n_experts, args.top_k, args.granularity, args.noise,
+                       generator=gen)  # fmt: skip
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=gen)
+    with torch.no_grad():
+        gap = float((model(ids)[0] - dense(ids)[0]).abs().max())
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("lm_upcycled.moe")
+    model.save(out)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_moe = sum(p.numel() for p in model.parameters())
+    print(f"Upcycled {cfg.n_layer} blocks into {cfg.n_experts} experts of width "
+          f"{cfg.d_hidden}, top-{cfg.top_k} (granularity {args.granularity}); parameters "
+          f"{n_dense:,} -> {n_moe:,}. Largest logit change at init: {gap:.2e}.")  # fmt: skip
+    print(f"Wrote {out}")
     return 0

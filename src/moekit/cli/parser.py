@@ -12,7 +12,7 @@ import argparse
 from moekit.cli.demo import cmd_demo
 from moekit.cli.fit import cmd_fit
 from moekit.cli.inspect import cmd_inspect
-from moekit.cli.lm import cmd_lm_generate, cmd_lm_train
+from moekit.cli.lm import cmd_lm_generate, cmd_lm_train, cmd_lm_upcycle
 from moekit.cli.predict import cmd_predict
 
 
@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_lm_generate)
+    p = lm.add_parser("upcycle", help="turn a dense language model into an equal MoE one")
+    p.add_argument("checkpoint", help="a dense model's checkpoint.safetensors or .moe file")
+    p.add_argument("--n-experts", type=int, default=8, help="experts per block (default: 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="slices of the dense hidden layer per copy (default: 1)")  # fmt: skip
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="relative noise on the experts, to break their symmetry")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output file (default: lm_upcycled.moe beside CHECKPOINT)")
+    p.set_defaults(func=cmd_lm_upcycle)
 
     p = sub.add_parser("predict", help="predict with a saved model")
     p.add_argument("model", help="model file written by `moekit fit` or model.save()")

@@ -2,7 +2,8 @@
 
 ``MoE`` is the layer and ``MoETransformer`` a small language model built from it; the
 routers, the expert bank and the balancing losses are exported for users who build
-their own. ``MultiGateMoE`` (with ``SharedBottom`` beside it) is the dense multi-task
+their own, and ``upcycle`` turns a trained dense MLP into an equal MoE layer.
+``MultiGateMoE`` (with ``SharedBottom`` beside it) is the dense multi-task
 mixture of experts of recommender systems: one gate and one tower per task.
 """
 
@@ -16,13 +17,14 @@ from moekit.nn.routers import (
     NoisyTopKRouter,
     Router,
     Routing,
-    SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
 )
+from moekit.nn.sigmoid_router import SigmoidBiasRouter
 from moekit.nn.train import train_lm
 from moekit.nn.train_config import TrainConfig
 from moekit.nn.transformer import MoETransformer, TransformerConfig
+from moekit.nn.upcycle import upcycle
 
 __all__ = [
     "ExpertBank",
@@ -48,5 +50,6 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "train_lm",
+    "upcycle",
     "update_router_biases",
 ]

@@ -79,3 +79,15 @@ def check_features(
             f"{owner} expects input of dtype {dtype} like its parameters; got {x.dtype} "
             "(convert the input, or the model with .to(dtype))."
         )
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is running (its tensors hold one value per sample)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    # private API, the only way to name the active transforms; unknown means assume vmap
+    try:
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+    except AttributeError:  # pragma: no cover - depends on the torch version
+        return True

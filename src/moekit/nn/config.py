@@ -15,9 +15,10 @@ from moekit.nn._checks import (
     check_finite_params,
     reject,
 )
+from moekit.nn.balance import BALANCE_SCOPES
 from moekit.nn.experts import ACTIVATIONS
 from moekit.nn.functional import CAPACITY_PRIORITIES
-from moekit.nn.routers import Router
+from moekit.nn.routers import Router, check_groups
 
 __all__ = ["ROUTERS", "MoEConfig", "validate_moe_params"]
 
@@ -40,7 +41,16 @@ MOE_CONSTRAINTS: dict[str, list] = {
     "bias_update_rate": [NON_NEGATIVE],
     "center_bias": ["boolean"],
     "expert_impl": [Options(("auto", "fused", "grouped_mm", "bmm", "mm"))],
+    "n_group": [None, POSITIVE_INT],
+    "topk_group": [None, POSITIVE_INT],
+    "routed_scaling_factor": [Interval(numbers.Real, 0, None, closed="neither")],
+    "d_shared": [None, POSITIVE_INT],
+    "shared_expert_gate": ["boolean"],
+    "balance_loss": [Options(BALANCE_SCOPES)],
 }
+
+GROUPED_ROUTERS = ("topk", "sigmoid_bias")
+"""Routers that take ``n_group`` and ``topk_group``."""
 
 
 def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
@@ -52,7 +62,13 @@ def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
         ``The {name!r} parameter of {owner} must be ... Got ... instead.``
     """
     validate_params(owner, params, MOE_CONSTRAINTS)
-    finite = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+    finite = (
+        "capacity_factor",
+        "aux_loss_coef",
+        "z_loss_coef",
+        "bias_update_rate",
+        "routed_scaling_factor",
+    )
     check_finite_params(owner, params, finite)
     n_experts, top_k, router = params["n_experts"], params["top_k"], params["router"]
     if top_k > n_experts:
@@ -70,6 +86,7 @@ def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
             "None with a router module (set normalize on the router)",
             normalize,
         )
+    _check_groups_and_shared(owner, params)
     if isinstance(router, Router):
         for name in ("d_model", "n_experts", "top_k"):
             if getattr(router, name) != params[name]:
@@ -79,6 +96,30 @@ def validate_moe_params(owner: str, params: dict[str, Any]) -> None:
                     f"a router with {name}={params[name]} like the layer",
                     router,
                 )
+
+
+def _check_groups_and_shared(owner: str, params: dict[str, Any]) -> None:
+    router = params["router"]
+    groups = params.get("n_group"), params.get("topk_group")
+    if groups != (None, None):
+        if isinstance(router, Router) or router not in GROUPED_ROUTERS:
+            name = "n_group" if groups[0] is not None else "topk_group"
+            reject(
+                owner,
+                name,
+                f"None with router={router!r} (groups apply to {GROUPED_ROUTERS}; set them "
+                "on a router module)",
+                params[name],
+            )
+        check_groups(owner, params["n_experts"], params["top_k"], *groups)
+    scope = params.get("balance_loss", "batch")
+    own_loss = getattr(router, "expert_choice", False) or router in ("noisy_topk", "expert_choice")
+    if scope != "batch" and own_loss:
+        reject(owner, "balance_loss", f"'batch' with router={router!r}", scope)
+    if params["n_shared_experts"] == 0:
+        for name in ("d_shared", "shared_expert_gate"):
+            if params.get(name):
+                reject(owner, name, "None or False with n_shared_experts=0", params[name])
 
 
 @dataclass
@@ -131,6 +172,21 @@ class MoEConfig:
         Where the chosen one cannot serve (torch.func transforms, forward-mode AD,
         torch.compile, double backward) the layer falls back by itself, see
         :meth:`MoE.execution_path <moekit.nn.MoE.execution_path>`.
+    n_group, topk_group : int or None, default=None
+        Group-limited routing ('topk', 'sigmoid_bias'): each token chooses inside its
+        best ``topk_group`` of ``n_group`` contiguous expert groups (DeepSeek-V3), see
+        :func:`~moekit.nn.functional.group_limited_scores`.
+    routed_scaling_factor : float, default=1.0
+        Multiplies every combine weight of the routed experts (DeepSeek-V3 uses 2.5
+        with normalised sigmoid scores); the shared experts are not scaled.
+    d_shared : int or None, default=None
+        Hidden width of the shared experts together; None: ``n_shared_experts *
+        d_hidden`` (Qwen2-MoE's shared expert is wider than a routed one).
+    shared_expert_gate : bool, default=False
+        Multiply the shared experts' output by a learnt token gate
+        :math:`\\sigma(x_t w_s)` (Qwen2-MoE).
+    balance_loss : {'batch', 'sequence', 'global'}, default='batch'
+        Where the balancing loss counts the load, see :mod:`moekit.nn.balance`.
     """
 
     d_model: int
@@ -148,6 +204,12 @@ class MoEConfig:
     capacity_priority: str = "choice"
     normalize_weights: bool | None = None
     center_bias: bool = False
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    d_shared: int | None = None
+    shared_expert_gate: bool = False
+    balance_loss: str = "batch"
 
     def __post_init__(self) -> None:
         validate_moe_params(type(self).__name__, self.as_dict())

@@ -22,6 +22,7 @@ __all__ = [
     "expert_choice",
     "expert_counts",
     "gates_from_top_k",
+    "group_limited_scores",
     "importance_loss",
     "load_balancing_loss",
     "noisy_top_k_load",
@@ -57,6 +58,44 @@ def top_k_routing(probs: Tensor, top_k: int, *, normalize: bool = True) -> tuple
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return weights, indices
+
+
+def group_limited_scores(scores: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """Restrict each token's choice to its best ``topk_group`` of ``n_group`` expert groups.
+
+    The experts are cut into ``n_group`` contiguous groups of ``E / n_group``. A group's
+    score is the sum of its two largest scores (its largest when a group holds one
+    expert), :math:`\\gamma_{tg} = \\sum_{\\mathrm{top\\text{-}2}\\, e \\in g} s_{te}`;
+    each token keeps the ``topk_group`` groups with the largest :math:`\\gamma` and the
+    scores outside them become :math:`-\\infty`, so that a top-k taken afterwards picks
+    inside the kept groups only. This is DeepSeek-V3's node-limited routing (2024,
+    section 2.1.2), which bounds how many devices a token is sent to when each group
+    lives on one device.
+
+    Parameters
+    ----------
+    scores : Tensor of shape (T, E)
+        The scores the top-k is taken on (for DeepSeek-V3 the sigmoid scores plus the
+        bias).
+    n_group : int
+        Groups; must divide ``E``.
+    topk_group : int
+        Groups kept per token, ``1 <= topk_group <= n_group``.
+
+    Returns
+    -------
+    Tensor of shape (T, E)
+        ``scores`` where the expert's group is kept, ``-inf`` elsewhere (differentiable
+        through the kept entries).
+    """
+    n_tokens, n_experts = scores.shape
+    size = n_experts // n_group
+    grouped = scores.reshape(n_tokens, n_group, size)  # (T, G, E/G)
+    group_score = grouped.topk(min(2, size), dim=-1).values.sum(dim=-1)  # (T, G)
+    kept = group_score.topk(topk_group, dim=-1).indices  # (T, g)
+    mask = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, kept, True)  # (T, G)
+    mask = mask[:, :, None].expand(n_tokens, n_group, size).reshape(n_tokens, n_experts)
+    return scores.masked_fill(~mask, float("-inf"))  # (T, E)
 
 
 def expert_counts(indices: Tensor, n_experts: int) -> Tensor:

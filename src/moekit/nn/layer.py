@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from moekit.nn import balance
 from moekit.nn import functional as MF
-from moekit.nn._checks import check_features
+from moekit.nn._checks import _under_vmap, check_features
 from moekit.nn.config import MoEConfig, validate_moe_params
 from moekit.nn.dispatch import dense_gates, plan_dispatch, run_experts
 from moekit.nn.experts import ExpertBank, FeedForward
@@ -19,51 +20,16 @@ from moekit.nn.routers import (
     NoisyTopKRouter,
     Router,
     Routing,
-    SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
-    _under_vmap,
 )
+from moekit.nn.sigmoid_router import SigmoidBiasRouter
+from moekit.nn.stats import MoEStats
 
 __all__ = ["MoE", "MoEStats", "make_router", "update_router_biases"]
 
 PATHS = ("fused", "compiled", "sorted", "masked")
 """How :class:`MoE` runs its experts; see :meth:`MoE.execution_path`."""
-
-
-@dataclass
-class MoEStats:
-    """Routing statistics of the last forward pass.
-
-    The numbers stay tensors until they are read, so that a forward pass neither
-    waits for the device nor breaks a ``torch.compile`` graph to compute them.
-
-    Attributes
-    ----------
-    tokens_per_expert : Tensor of shape (E,)
-        Assignments the router sent to each expert (before any capacity drop).
-    dropped : Tensor or float
-        See :attr:`dropped_fraction`.
-    dropped_fraction : float
-        Token choice: fraction of the ``T * k`` assignments dropped for capacity;
-        expert choice: fraction of tokens no expert picked. 0.0 when dropless.
-    balance : float
-        ``max(tokens_per_expert) / mean(tokens_per_expert)``: 1.0 is perfect balance,
-        ``E / k`` means every token went to the same experts (1.0 for an empty batch).
-    """
-
-    tokens_per_expert: Tensor
-    dropped: Tensor | float = 0.0
-
-    @property
-    def dropped_fraction(self) -> float:
-        return float(self.dropped)
-
-    @property
-    def balance(self) -> float:
-        counts = self.tokens_per_expert.float()
-        mean = float(counts.mean()) if counts.numel() else 0.0
-        return float(counts.max()) / mean if mean > 0 else 1.0
 
 
 def make_router(config: MoEConfig) -> Router:
@@ -72,8 +38,9 @@ def make_router(config: MoEConfig) -> Router:
         return config.router
     d, e, k = config.d_model, config.n_experts, config.top_k
     normalize = config.normalize_weights
+    groups = {"n_group": config.n_group, "topk_group": config.topk_group}
     factories = {
-        "topk": lambda: TopKRouter(d, e, k, normalize=normalize),
+        "topk": lambda: TopKRouter(d, e, k, normalize=normalize, **groups),
         "noisy_topk": lambda: NoisyTopKRouter(d, e, k, normalize=normalize),
         "switch": lambda: SwitchRouter(d, e, k),
         "expert_choice": lambda: ExpertChoiceRouter(d, e, k, config.capacity_factor),
@@ -84,6 +51,7 @@ def make_router(config: MoEConfig) -> Router:
             bias_update_rate=config.bias_update_rate,
             center_bias=config.center_bias,
             normalize=normalize,
+            **groups,
         ),
     }
     return factories[config.router]()
@@ -97,11 +65,13 @@ class MoE(nn.Module):
 
     .. math::
 
-        y_t = \\sum_{e \\in \\mathcal{E}(t)} w_{te} \\, f_e(x_t)
-              + \\sum_{s=1}^{S} g_s(x_t),
+        y_t = \\rho \\sum_{e \\in \\mathcal{E}(t)} w_{te} \\, f_e(x_t)
+              + \\gamma(x_t) \\sum_{s=1}^{S} g_s(x_t),
 
     where :math:`\\mathcal{E}(t)` and :math:`w_{te}` come from the router, :math:`f_e`
-    are the routed experts and :math:`g_s` the ``S = n_shared_experts`` shared ones.
+    are the routed experts and :math:`g_s` the ``S = n_shared_experts`` shared ones,
+    :math:`\\rho` is ``routed_scaling_factor`` and :math:`\\gamma(x_t)` is 1, or
+    :math:`\\sigma(x_t w_s)` with ``shared_expert_gate=True``.
     Assignments past an expert's capacity are dropped (their term is zero; the
     caller's residual connection carries the token).
 
@@ -144,6 +114,21 @@ class MoE(nn.Module):
     center_bias : bool, default=False
         Keep the biases of the 'sigmoid_bias' router at mean zero (torchtitan does;
         the DeepSeek-V3 paper does not). It changes no routing decision.
+    n_group, topk_group : int or None, default=None
+        Group-limited routing for 'topk' and 'sigmoid_bias' (DeepSeek-V3): each token
+        chooses inside its best ``topk_group`` of ``n_group`` contiguous expert groups.
+    routed_scaling_factor : float, default=1.0
+        :math:`\\rho`, multiplies the routed experts' combine weights.
+    d_shared : int or None, default=None
+        Hidden width of the shared experts together (None: ``n_shared_experts *
+        d_hidden``).
+    shared_expert_gate : bool, default=False
+        Gate the shared experts by :math:`\\sigma(x_t w_s)` (Qwen2-MoE).
+    balance_loss : {'batch', 'sequence', 'global'}, default='batch'
+        Where the balancing loss counts the load (token-choice routers 'topk',
+        'switch', 'sigmoid_bias'): over the forward pass (the router's own loss), per
+        sequence (DeepSeek-V3; the input's second-last axis) or over every process
+        (Qwen's global batch). See :mod:`moekit.nn.balance`.
     expert_parallel_group : torch.distributed.ProcessGroup, optional
         Expert parallelism over this group of ``W`` processes: each holds
         ``n_experts / W`` experts (``W`` must divide ``n_experts``) and tokens travel to
@@ -203,6 +188,12 @@ class MoE(nn.Module):
         capacity_priority: str = "choice",
         normalize_weights: bool | None = None,
         center_bias: bool = False,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        routed_scaling_factor: float = 1.0,
+        d_shared: int | None = None,
+        shared_expert_gate: bool = False,
+        balance_loss: str = "batch",
         expert_parallel_group: object = None,
     ) -> None:
         super().__init__()
@@ -239,10 +230,12 @@ class MoE(nn.Module):
             shard_bank(self.experts, shard)
         n_shared = config.n_shared_experts
         # S shared experts of width H are one FFN of width S*H: the sum splits by columns
+        d_shared = config.d_shared or n_shared * config.d_hidden
         self.shared = (
-            FeedForward(config.d_model, n_shared * config.d_hidden, config.activation)
-            if n_shared > 0
-            else None
+            FeedForward(config.d_model, d_shared, config.activation) if n_shared > 0 else None
+        )
+        self.shared_gate = (
+            nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
         )
         self.aux_loss: Tensor = torch.zeros(())
         self.stats: MoEStats | None = None
@@ -311,6 +304,10 @@ class MoE(nn.Module):
         n_tokens = x.shape[0]
         routing = self.router(x)  # weights, indices (T, k) or (E, C); logits (T, E)
         cfg = self.config
+        if cfg.routed_scaling_factor != 1.0:
+            routing = dataclasses.replace(
+                routing, weights=routing.weights * cfg.routed_scaling_factor
+            )
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, cfg.capacity_factor)
         bank = self.experts
         path = self.execution_path(x, routing.weights)
@@ -332,10 +329,17 @@ class MoE(nn.Module):
             else:
                 y = expert_parallel_experts(x, plan, bank, self.expert_parallel, path)  # (T, d)
         if self.shared is not None:
-            y = y + self.shared(x)  # (T, d)
-        self.aux_loss = self._aux_loss(routing)
+            shared = self.shared(x)  # (T, d)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared  # (T, 1) * (T, d)
+            y = y + shared
+        self.aux_loss = self._aux_loss(routing, shape)
         # under vmap the counts differ per sample and could not be read outside it
-        self.stats = None if path == "masked" else MoEStats(routed.detach(), dropped)
+        self.stats = (
+            None
+            if path == "masked"
+            else MoEStats(routed.detach(), dropped, routing.logits.detach(), self.router.scores)
+        )
         return y.reshape(shape)
 
     @torch.no_grad()
@@ -350,14 +354,25 @@ class MoE(nn.Module):
         """
         self.router.update_bias()
 
-    def _aux_loss(self, routing: Routing) -> Tensor:
+    def _aux_loss(self, routing: Routing, shape: torch.Size) -> Tensor:
         cfg = self.config
         loss = routing.logits.new_zeros(())
         if cfg.aux_loss_coef > 0:
-            loss = loss + cfg.aux_loss_coef * routing.balance_loss
+            loss = loss + cfg.aux_loss_coef * self._balance_loss(routing, shape)
         if cfg.z_loss_coef > 0:
             loss = loss + cfg.z_loss_coef * MF.router_z_loss(routing.logits)
         return loss
+
+    def _balance_loss(self, routing: Routing, shape: torch.Size) -> Tensor:
+        scope = self.config.balance_loss
+        if scope == "batch":
+            return routing.balance_loss
+        probs = balance.score_distribution(routing.logits, self.router.scores)  # (T, E)
+        if scope == "global":
+            return balance.global_balance_loss(probs, routing.indices, self.n_experts)
+        # a sequence is the second-last axis of the input; (T, d) is one sequence
+        seq_len = shape[-2] if len(shape) >= 3 else max(1, shape[0])
+        return balance.sequence_balance_loss(probs, routing.indices, self.n_experts, seq_len)
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -53,8 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit._core.validation import validate_params
-from moekit.nn._checks import NON_NEGATIVE_INT, POSITIVE_INT, check_features, reject
-from moekit.nn.routers import _under_vmap
+from moekit.nn._checks import NON_NEGATIVE_INT, POSITIVE_INT, _under_vmap, check_features, reject
 
 __all__ = ["MultiGateMoE", "MultiTaskStats", "SharedBottom", "StackedMLP", "mix_experts"]
 

@@ -4,7 +4,8 @@ Every router is a small module mapping tokens ``x`` of shape (T, d_model) to a
 :class:`Routing`. Router maths runs in float32 even under bf16 autocast, since the
 softmax over experts and the top-k choice are sensitive to rounding.
 
-Token-choice routers (``topk``, ``noisy_topk``, ``switch``, ``sigmoid_bias``) give
+Token-choice routers (``topk``, ``noisy_topk``, ``switch``, and ``sigmoid_bias`` in
+:mod:`moekit.nn.sigmoid_router`) give
 each token ``k`` experts: ``weights`` and ``indices`` have shape (T, k). The
 expert-choice router gives each expert ``C`` tokens: ``weights`` and ``indices``
 have shape (E, C), and ``indices`` holds token positions.
@@ -16,6 +17,10 @@ experts, but with ``k = 1`` it makes the one weight exactly 1 and the router lea
 from the auxiliary losses alone. So ``normalize=None``, the default, renormalises for
 ``k > 1`` only and keeps the raw probability for ``k = 1``, as the Switch Transformer
 does.
+
+The 'topk' and 'sigmoid_bias' routers can also limit each token to a few groups of
+experts (``n_group``, ``topk_group``; DeepSeek-V3), see
+:func:`~moekit.nn.functional.group_limited_scores`.
 """
 
 from __future__ import annotations
@@ -26,20 +31,18 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit._core.distributed import collective, is_initialized, nbytes
 from moekit._core.validation import Interval, InvalidParameterError, validate_params
 from moekit.nn import functional as MF
+from moekit.nn._checks import reject
 
 __all__ = [
     "ExpertChoiceRouter",
     "NoisyTopKRouter",
     "Router",
     "Routing",
-    "SigmoidBiasRouter",
     "SwitchRouter",
     "TopKRouter",
 ]
@@ -90,11 +93,25 @@ class Router(nn.Module):
         ``E``.
     top_k : int
         Experts per token (for expert choice: the mean number of experts per token).
+    n_group, topk_group : int or None, default=None
+        Group-limited choice (token-choice routers that take them): the experts form
+        ``n_group`` contiguous groups and each token chooses inside its best
+        ``topk_group`` groups only (:func:`~moekit.nn.functional.group_limited_scores`).
+        Both None (the default) or both set.
     """
 
     expert_choice = False
+    scores = "softmax"  # how the logits become scores (moekit.nn.balance.score_distribution)
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+    ) -> None:
         super().__init__()
         owner = type(self).__name__
         validate_params(
@@ -105,9 +122,18 @@ class Router(nn.Module):
                 f"The 'top_k' parameter of {owner} must be an int in the range "
                 f"[1, n_experts={n_experts}]. Got {top_k!r} instead."
             )
+        check_groups(owner, n_experts, top_k, n_group, topk_group)
         self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
+        self.n_group, self.topk_group = n_group, topk_group
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         self.reset_parameters()
+
+    def limit_to_groups(self, scores: Tensor) -> Tensor:
+        """``scores`` of shape (T, E) with the experts outside each token's kept groups
+        at ``-inf``; ``scores`` itself when the router has no groups."""
+        if self.n_group is None:
+            return scores
+        return MF.group_limited_scores(scores, self.n_group, self.topk_group)
 
     def reset_parameters(self) -> None:
         # small weights give nearly uniform routing at start: Switch Transformer
@@ -128,7 +154,40 @@ class Router(nn.Module):
         bias have none, and this does nothing (see :class:`SigmoidBiasRouter`)."""
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
+        groups = (
+            ""
+            if self.n_group is None
+            else f", n_group={self.n_group}, topk_group={self.topk_group}"
+        )
+        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}{groups}"
+
+
+def check_groups(
+    owner: str, n_experts: int, top_k: int, n_group: int | None, topk_group: int | None
+) -> None:
+    """Check the group-limited routing settings of ``owner`` (see :class:`Router`)."""
+    if n_group is None and topk_group is None:
+        return
+    if n_group is None or topk_group is None:
+        name, value = ("n_group", n_group) if n_group is None else ("topk_group", topk_group)
+        reject(owner, name, "set together with n_group and topk_group (or both None)", value)
+    if isinstance(n_group, bool) or not isinstance(n_group, numbers.Integral) or n_group < 1:
+        reject(owner, "n_group", "an int >= 1", n_group)
+    if n_experts % n_group:
+        reject(owner, "n_group", f"a divisor of n_experts={n_experts}", n_group)
+    if (
+        isinstance(topk_group, bool)
+        or not isinstance(topk_group, numbers.Integral)
+        or not 1 <= topk_group <= n_group
+    ):
+        reject(owner, "topk_group", f"an int in the range [1, n_group={n_group}]", topk_group)
+    if top_k > topk_group * (n_experts // n_group):
+        reject(
+            owner,
+            "topk_group",
+            f"large enough to hold top_k={top_k} experts (groups of {n_experts // n_group})",
+            topk_group,
+        )
 
 
 def resolve_normalize(normalize: bool | None, top_k: int, owner: str) -> bool:
@@ -164,7 +223,10 @@ class TopKRouter(Router):
     normalize : bool or None, default=None
         Renormalise the kept weights to sum to one. None: for ``k > 1`` only (with
         ``k = 1`` the weight would always be 1 and the router would get no gradient
-        from the task loss; see the module notes).
+        from the task loss; see the module notes). False with ``k > 1`` is OLMoE's
+        ``norm_topk_prob=False``.
+    n_group, topk_group : int or None, default=None
+        Group-limited choice, see :class:`Router`.
 
     Examples
     --------
@@ -179,15 +241,24 @@ class TopKRouter(Router):
     """
 
     def __init__(
-        self, d_model: int, n_experts: int, top_k: int, *, normalize: bool | None = None
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        normalize: bool | None = None,
+        n_group: int | None = None,
+        topk_group: int | None = None,
     ) -> None:
-        super().__init__(d_model, n_experts, top_k)
+        super().__init__(d_model, n_experts, top_k, n_group=n_group, topk_group=topk_group)
         self.normalize = resolve_normalize(normalize, top_k, type(self).__name__)
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (T, E)
         probs = logits.softmax(dim=-1)  # (T, E)
-        weights, indices = MF.top_k_routing(probs, self.top_k, normalize=self.normalize)
+        # the kept entries of the limited scores are the probabilities themselves
+        choice = self.limit_to_groups(probs)  # (T, E)
+        weights, indices = MF.top_k_routing(choice, self.top_k, normalize=self.normalize)
         balance = MF.load_balancing_loss(probs, indices, self.n_experts)
         return Routing(weights, indices, logits, balance)
 
@@ -293,140 +364,3 @@ class ExpertChoiceRouter(Router):
         capacity = MF.expert_capacity(n_tokens, self.n_experts, self.top_k, factor)
         weights, tokens = MF.expert_choice(probs, capacity)  # (E, C), (E, C)
         return Routing(weights, tokens, logits, logits.new_zeros(()), expert_choice=True)
-
-
-class SigmoidBiasRouter(Router):
-    """Auxiliary-loss-free routing of DeepSeek-V3 (2024, section 2.1.2).
-
-    Scores :math:`s_{te} = \\sigma(x_t W_r^T)`; the top ``k`` experts are chosen on
-    :math:`s_{te} + b_e`, but weighted by the bias-free scores, normalised:
-    :math:`w_{te} = s_{te} / \\sum_{top-k} s_{te'}` (for ``k = 1`` the raw score, unless
-    ``normalize=True``). The bias ``b`` is not learnt by gradient. Training forwards
-    count the tokens each expert gets; :meth:`update_bias`, called once per optimiser
-    step (after ``optimizer.step()``; :func:`~moekit.nn.update_router_biases` calls it
-    for every layer of a model), applies
-
-    .. math::
-
-        b_e \\leftarrow b_e + \\gamma\\, \\mathrm{sign}(\\bar c - c_e),
-
-    where :math:`c_e` is the count of expert ``e`` since the last update (summed over the
-    processes of the default group when :mod:`torch.distributed` is initialised) and
-    :math:`\\bar c` the mean, so overloaded experts become less attractive. There is
-    no balancing loss.
-
-    Why not in ``forward``: a forward that moved the bias would route differently when
-    activation checkpointing recomputes it (torch refuses the mismatch with a
-    ``CheckpointError``), and it would move the bias once per micro-batch under
-    gradient accumulation. The counts gathered in forward stay harmless: a recomputed
-    forward counts its tokens again, but when every forward of the step is recomputed
-    alike all counts double, and the update depends only on the sign of
-    :math:`\\bar c - c_e`, which doubling does not change.
-
-    The step must stay small next to the gaps between the scores of one token: with
-    ``gamma = 1e-2`` on a small task the scores shrank below the step during
-    training and the choice flipped between expert groups every step, while the
-    paper's ``1e-3`` balanced the load (see ``tests/nn/test_moe_training.py``).
-
-    Parameters
-    ----------
-    d_model, n_experts, top_k : int
-        See :class:`Router`.
-    bias_update_rate : float, default=1e-3
-        ``gamma``.
-    center_bias : bool, default=False
-        Subtract the mean of the step from every expert, so that the biases keep mean
-        zero. Adding one number to every bias changes no top-k choice, so this changes
-        no routing decision; it only stops the biases drifting together (when more
-        experts are under- than overloaded every step moves them all up), which keeps
-        them where a low-precision buffer still resolves a step of ``gamma``.
-        torchtitan centres; the DeepSeek-V3 paper does not, hence the default.
-    normalize : bool or None, default=None
-        Renormalise the kept scores to sum to one; None: for ``k > 1`` only.
-
-    Attributes
-    ----------
-    bias : Tensor of shape (E,)
-        :math:`b`, saved with the model.
-    pending_load : Tensor of shape (E,)
-        int64 counts since the last update (not saved with the model).
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        top_k: int,
-        *,
-        bias_update_rate: float = 1e-3,
-        center_bias: bool = False,
-        normalize: bool | None = None,
-    ) -> None:
-        super().__init__(d_model, n_experts, top_k)
-        self.bias_update_rate, self.center_bias = bias_update_rate, center_bias
-        self.normalize = resolve_normalize(normalize, top_k, type(self).__name__)
-        self.register_buffer("bias", torch.zeros(n_experts))
-        # an integer buffer: Module.to(dtype) leaves it exact whatever the model's dtype
-        self.register_buffer(
-            "pending_load", torch.zeros(n_experts, dtype=torch.long), persistent=False
-        )
-
-    def forward(self, x: Tensor) -> Routing:
-        logits = self.logits(x)  # (T, E)
-        scores = logits.sigmoid()  # (T, E)
-        chosen = (scores.detach() + self.bias.to(scores.dtype)).topk(self.top_k, dim=-1)
-        indices = chosen.indices  # (T, k)
-        weights = scores.gather(1, indices)  # (T, k)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if self.training and self.bias_update_rate > 0:
-            self.record_load(indices)
-        return Routing(weights, indices, logits, logits.new_zeros(()))
-
-    @torch.no_grad()
-    def record_load(self, indices: Tensor) -> None:
-        """Add the loads of ``indices`` of shape (T, k) to :attr:`pending_load`.
-
-        Skipped under ``vmap``, where ``indices`` holds one routing per vmapped sample
-        and no single count exists to add.
-        """
-        if not _under_vmap():
-            self.pending_load += MF.expert_counts(indices, self.n_experts)
-
-    @torch.no_grad()
-    def update_bias(self) -> None:
-        """One step of the bias rule from the loads recorded since the last call.
-
-        All-reduces the counts over the default process group when
-        :mod:`torch.distributed` is initialised, so every process takes the same step
-        (every process must call it, as with any collective); then clears them. A
-        step with no recorded tokens leaves the bias as it is.
-        """
-        load = self.pending_load
-        if is_initialized():  # sum over processes, in place
-            collective("all-reduce of the router loads", dist.all_reduce, load,
-                       n_bytes=nbytes(load))  # fmt: skip
-        # sign(mean - c_e) = sign(sum - E c_e), exact in integers
-        step = self.bias_update_rate * torch.sign(load.sum() - self.n_experts * load)  # (E,)
-        if self.center_bias:
-            step = step - step.mean()
-        self.bias += step.to(self.bias.dtype)
-        load.zero_()
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, bias_update_rate={self.bias_update_rate}, "
-            f"center_bias={self.center_bias}, normalize={self.normalize}"
-        )
-
-
-def _under_vmap() -> bool:
-    """Whether a ``torch.func.vmap`` is running (its tensors hold one value per sample)."""
-    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
-        return False
-    # private API, the only way to name the active transforms; unknown means assume vmap
-    try:
-        stack = torch._C._functorch.get_interpreter_stack() or []
-        return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
-    except AttributeError:  # pragma: no cover - depends on the torch version
-        return True

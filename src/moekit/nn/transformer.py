@@ -65,6 +65,7 @@ class TransformerConfig:
     z_loss_coef: float = 1e-3
     moe_every: int = 1  # 1: every block is MoE; 2: every other block
     dropout: float = 0.0
+    routed_scaling_factor: float = 1.0  # g for a model upcycled from g slices (nn.upcycle)
 
     def __post_init__(self) -> None:
         params = dataclasses.asdict(self)
@@ -84,6 +85,7 @@ class TransformerConfig:
             "activation": self.activation,
             "aux_loss_coef": self.aux_loss_coef,
             "z_loss_coef": self.z_loss_coef,
+            "routed_scaling_factor": self.routed_scaling_factor,
         }
 
 
