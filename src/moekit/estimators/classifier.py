@@ -70,16 +70,7 @@ default='auto'
         L2 penalty on the gate's slopes, as ``1 / C`` of the gate's multinomial logit.
     gate_balance : float, default=0.0
         Strength lambda >= 0 of a penalty towards equal gate weights, (lambda / K)
-        sum_i sum_k log g_k(x_i) added to the objective: each row's cross-entropy to
-        equal weights. It keeps every expert's gate weight away from zero (on
-        average at least lambda / (K (1 + lambda))), so that one expert cannot take
-        all the data, and it softens the gate in every row: small values (0.01 to
-        0.1) already blur sharp boundaries (``examples/gate_balance.py``). The
-        gate's M-step then fits the soft
-        targets (r_ik + lambda / K) / (1 + lambda) with row weight 1 + lambda (for the
-        constant gate, lambda n / K pseudo-counts per expert: a symmetric Dirichlet
-        prior). The log-likelihood no longer climbs alone; the penalised objective
-        does. Softmax, constant and tree gates.
+        sum_i sum_k log g_k(x_i) added to the objective, as in :class:`MoERegressor`.
     warm_start : bool, default=False
     random_state : int, RandomState or None, default=None
     verbose : int, default=0
@@ -158,13 +149,9 @@ default='auto'
         y : array-like of shape (n_samples,)
 
         start_from : fitted estimator, optional
-            A fit of a simpler model on the same X and y: the same model with one
-            expert fewer (its experts are split), Gaussian experts for Student-t ones,
-            a softmax gate for an MLP gate, or a constant gate for a softmax gate. Its
-            fit carries over into extra starts, which run to convergence on all the
-            data, so that this fit never ends below it: a richer model never fits
-            worse than one it contains. :func:`select_n_experts` passes each K's fit
-            to K + 1.
+            A fit of a simpler model on the same X and y (one expert fewer, or a
+            simpler gate), whose fit carries over into extra starts, as in
+            :meth:`MoERegressor.fit`: this fit never ends below it.
 
         Returns
         -------
