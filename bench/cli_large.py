@@ -2,9 +2,12 @@
 
     python bench/cli_large.py                      # 1e6 and 1e7 rows x 20 features
     python bench/cli_large.py --rows 200000        # a quicker run
+    python bench/cli_large.py --startup-only       # start-up alone (its section of the results)
 
-**Start-up**: `moekit --help`, the bare import of the libraries `moekit fit` needs,
-and `moekit fit` on a 300-row CSV with its report, each in a fresh process.
+**Start-up**: `moekit --help`, the bare import of the libraries `moekit fit` needs
+(the floor of any fit: torch, scikit-learn, pandas, matplotlib), and `moekit fit`
+on a 300-row CSV with its report, each in a fresh process; the commands take turns,
+round after round, so that a change of the machine's load falls on all of them.
 
 **Large CSVs**: a K = 3 mixture of linear experts with a softmax gate
 (``make_moe_regression``, 20 features) is written as a CSV (and as .npy arrays) for
@@ -20,7 +23,8 @@ and peak resident memory (VmHWM):
   with its progress bar, its held-out split (20% of rows), standard errors and
   report.html.
 
-Targets: ``moekit --help`` under 0.5 s, ``moekit fit`` on a small CSV under 2 s; on
+Targets: ``moekit --help`` under 0.5 s, ``moekit fit`` on a small CSV within 1.0 s
+of the import floor measured in the same run; on
 large ones the command within 3x the Python fit's time and its peak within 4x the
 size of the data in memory (n x 21 float64 values). The interpreter with its
 libraries is a fixed few hundred MB, so the peak is also given above it.
@@ -121,7 +125,11 @@ STARTUP = {
 """Start-up: the command's fixed costs, each run in a fresh process (best of 3)."""
 
 
-def _startup(tmp: Path) -> list[tuple[str, float]]:
+FIT_MARGIN = 1.0
+"""Seconds by which the small-CSV fit may exceed the import floor."""
+
+
+def _startup(tmp: Path, rounds: int) -> list[tuple[str, float]]:
     import numpy as np
     import pandas as pd
 
@@ -130,18 +138,47 @@ def _startup(tmp: Path) -> list[tuple[str, float]]:
     y = np.where(rng.random(300) < 0.5, 1 + 2 * x, -1 - x) + 0.3 * rng.normal(size=300)
     pd.DataFrame({"x": x, "y": y}).to_csv(tmp / "small.csv", index=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    rows = []
-    for name, argv in STARTUP.items():
-        argv = [a.format(small=tmp / "small.csv", out=tmp / "small") for a in argv]
-        times = []
-        for _ in range(3):
+    times: dict[str, list[float]] = {name: [] for name in STARTUP}
+    for _ in range(rounds):  # in turns: a burst of load falls on every command alike
+        for name, argv in STARTUP.items():
+            argv = [a.format(small=tmp / "small.csv", out=tmp / "small") for a in argv]
             t = time.perf_counter()
             subprocess.run([sys.executable, *argv], check=True, capture_output=True, cwd=ROOT,
                            env=env)  # fmt: skip
-            times.append(time.perf_counter() - t)
-        rows.append((name, min(times)))
-        print(f"{name}: {min(times):.2f} s", flush=True)
-    return rows
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        print(f"{name}: best {min(ts):.2f} s of {', '.join(f'{t:.2f}' for t in ts)}", flush=True)
+    return [(name, min(ts)) for name, ts in times.items()]
+
+
+def _startup_section(startup: list[tuple[str, float]], rounds: int, load: str) -> list[str]:
+    """The results' start-up section: the table and the targets."""
+    excess = startup[2][1] - startup[1][1]
+    return [
+        "## Start-up",
+        "",
+        f"Each in a fresh process, the three in turns for {rounds} rounds, best wall time "
+        f"of each; load {load}.",
+        "",
+        "| command | wall s |",
+        "|---|---:|",
+        *[f"| {name} | {t:.2f} |" for name, t in startup],
+        "",
+        "Targets: `moekit --help` under 0.5 s "
+        f"({'met' if startup[0][1] < 0.5 else 'not met'}); `moekit fit` on a small CSV "
+        f"within {FIT_MARGIN:.1f} s of the import floor: {excess:+.2f} s "
+        f"({'met' if excess <= FIT_MARGIN else 'not met'}).",
+        "",
+    ]
+
+
+def _replace_startup(out: Path, section: list[str]) -> None:
+    """Write ``section`` over the start-up section of the results in ``out``, keeping
+    the large-CSV part as it was measured."""
+    text = out.read_text().splitlines()
+    start = text.index("## Start-up")
+    end = text.index("## Large CSVs")
+    out.write_text("\n".join([*text[:start], *section, *text[end:]]) + "\n")
 
 
 def _large(tmp: Path, n_rows: int, n_features: int) -> dict:
@@ -180,13 +217,27 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--features", type=int, default=20)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cli_large.md")
+    parser.add_argument("--rounds", type=int, default=5, help="start-up rounds (default: 5)")
+    parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="measure start-up alone and rewrite only its section of --out",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
 
     start_load = load_line()
+    if args.startup_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            startup = _startup(Path(tmp), args.rounds)
+        section = _startup_section(startup, args.rounds, f"{start_load} at the start, "
+                                   f"{load_line()} at the end")  # fmt: skip
+        _replace_startup(args.out, section)
+        print("\n".join(section))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        startup = _startup(tmp)
+        startup = _startup(tmp, args.rounds)
         base = _run(BASE)["peak_mb"]
         print(f"interpreter with its libraries: {base:.0f} MB", flush=True)
         runs = [_large(tmp, n, args.features) for n in args.rows]
@@ -198,19 +249,7 @@ def main() -> None:
         f"Generated by `python bench/cli_large.py --rows {' '.join(map(str, args.rows))}`; "
         f"load {start_load} at the start, {end_load} at the end.",
         "",
-        "## Start-up",
-        "",
-        "Each in a fresh process, best of 3 wall times.",
-        "",
-        "| command | wall s |",
-        "|---|---:|",
-        *[f"| {name} | {t:.2f} |" for name, t in startup],
-        "",
-        "Targets: `moekit --help` under 0.5 s "
-        f"({'met' if startup[0][1] < 0.5 else 'not met'}); `moekit fit` on a small CSV under "
-        f"2 s ({'met' if startup[2][1] < 2 else 'not met'}: importing the libraries a fit "
-        f"needs takes {startup[1][1]:.2f} s here on its own).",
-        "",
+        *_startup_section(startup, args.rounds, f"{start_load} at the start"),
         "## Large CSVs",
         "",
         f"A K = 3 mixture of linear experts with a softmax gate, {args.features} features. "
