@@ -1,5 +1,6 @@
 """The ``moekit`` command: demo, fit and predict on files."""
 
+import ast
 import re
 
 import numpy as np
@@ -207,6 +208,41 @@ def test_the_command_starts_without_pandas_or_torch():
     code = f"import sys, moekit.cli; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _modules_after(tmp_path, code: str) -> list[str]:
+    """Which of the heavy libraries a fresh interpreter holds after running ``code``."""
+    import subprocess
+    import sys
+
+    heavy = ("matplotlib", "pandas", "torch", "sklearn", "moekit.report.sections")
+    script = tmp_path / "run.py"
+    report = f"print(sorted(m for m in {heavy} if m in sys.modules))"
+    script.write_text(f"import sys\n{code}\n{report}\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_fit_and_its_help_start_without_the_heavy_libraries(tmp_path):
+    code = ("import moekit.cli.fit\nfrom moekit.cli import main\n"
+            "try:\n    main(['fit', '--help'])\n"
+            "except SystemExit as e:\n    assert e.code == 0")  # fmt: skip
+    assert _modules_after(tmp_path, code) == []
+
+
+@pytest.mark.parametrize("flags, drawn", [(["--no-report"], False), ([], True)])
+def test_a_fit_without_its_report_never_loads_matplotlib(tmp_path, flags, drawn):
+    _table().to_csv(tmp_path / "data.csv", index=False)
+    out = tmp_path / "out"
+    argv = ["fit", str(tmp_path / "data.csv"), "--target", "y", "--features", "x", "--experts", "2",
+            "--n-init", "1", "--out", str(out), *flags]  # fmt: skip
+    loaded = _modules_after(tmp_path, f"from moekit.cli import main\nassert main({argv!r}) == 0")
+    # the fit needs pandas, torch and scikit-learn either way; the report alone draws
+    assert {"pandas", "torch", "sklearn"} <= set(loaded)
+    assert ("matplotlib" in loaded) is drawn and ("moekit.report.sections" in loaded) is drawn
+    assert (out / "model.moe").is_file() and "log-likelihood" in (out / "report.txt").read_text()
+    assert (out / "report.html").is_file() is drawn and (out / "fit.png").is_file() is drawn
 
 
 def _fit_cli(tmp_path, frame, *flags):

@@ -2,7 +2,8 @@
 
 The command writes ``model.moe``, ``report.txt`` (fit statistics and coefficients),
 ``report.html`` (:func:`moekit.report.html_report`), and, where they stand on their
-own, the report's fit and criterion figures as PNG files.
+own, the report's fit and criterion figures as PNG files. With ``--no-report`` it
+writes the model and ``report.txt`` alone, and matplotlib is never imported.
 """
 
 from __future__ import annotations
@@ -51,8 +52,6 @@ def pd_numeric(y) -> bool:
 
 def cmd_fit(args) -> int:
     import numpy as np
-
-    from moekit import MoEClassifier, MoERegressor
 
     if (args.target is None) == (args.formula is None):
         raise UsageError("moekit fit: give either --target COL or --formula 'y ~ x1 + x2'"
@@ -113,15 +112,19 @@ def cmd_fit(args) -> int:
     settings = {"n_init": args.n_init, "random_state": args.random_state, "verbose": verbose,
                 "gate_features": gates, "expert_features": experts,
                 **({"max_iter": args.max_iter} if args.max_iter is not None else {})}  # fmt: skip
-    if task == "regression":
+    if task == "regression":  # each estimator imported when it is the one fitted
+        from moekit.estimators.regressor import MoERegressor
+
         template = MoERegressor(expert=args.expert, gate=gate, **settings)
     else:
+        from moekit.estimators.classifier import MoEClassifier
+
         template = MoEClassifier(**settings)
     table = None
     if len(ks) == 1:
         model = template.set_params(n_experts=ks[0]).fit(X, y)
     else:
-        from moekit import select_n_experts
+        from moekit.estimators.model_selection import select_n_experts
 
         default = " (the default; --experts K fixes it)" if args.experts is None else ""
         print(f"  choosing K in {ks[0]}-{ks[-1]} by BIC{default}")
@@ -140,7 +143,7 @@ def cmd_fit(args) -> int:
     if task == "classification":
         report = (f"MoEClassifier: K = {len(model.expert_sizes_)}, classes {list(model.classes_)}, "
                   f"training accuracy {model.score(X, y):.4f}\n" + report)  # fmt: skip
-    baseline = None
+    baseline = check = None
     if n_test:
         baseline = fit_baseline(model, X, y)
         check = held_out_check(model, X_test, y_test, baseline)
@@ -153,18 +156,28 @@ def cmd_fit(args) -> int:
             said.append(f"  warning: {check.verdict()}")
         report = "\n".join(said) + "\n" + report
     (out / "report.txt").write_text(report + "\n")
-    from moekit.report import html_report
+    if not args.no_report:
+        write_html_report(out, model, X, y, X_test, y_test, table, target, str(args.data),
+                          summary, baseline, check)  # fmt: skip
+    print(report)
+    print(f"\nWrote {out / 'model.moe'} and "
+          f"{out / ('report.txt' if args.no_report else 'report.html')}")  # fmt: skip
+    return 0
+
+
+def write_html_report(out: Path, model, X, y, X_test, y_test, table, target: str, source: str,
+                      summary, baseline, check) -> None:  # fmt: skip
+    """``report.html`` in ``out``, and the report's figures that stand on their own as
+    PNG files (the data with each expert's fit for one feature, the criterion against
+    K when K was chosen), drawn once for both."""
+    from moekit.report.sections import html_report  # matplotlib comes with the figures
 
     figures: dict[str, bytes] = {}
     page = html_report(model, X, y, X_test=X_test, y_test=y_test, table=table,
-                       target=target, source=str(args.data), summary=summary,
-                       baseline=baseline, figures=figures)  # fmt: skip
+                       target=target, source=source, summary=summary, baseline=baseline,
+                       check=check, figures=figures)  # fmt: skip
     (out / "report.html").write_text(page, encoding="utf-8")
-    # the report's figures that stand on their own as files, drawn once
-    if task == "regression" and X.shape[1] == 1:
+    if "fit" in figures and X.shape[1] == 1:
         (out / "fit.png").write_bytes(figures["fit"])
     if table is not None:
         (out / "bic.png").write_bytes(figures["criterion"])
-    print(report)
-    print(f"\nWrote {out / 'model.moe'} and {out / 'report.html'}")
-    return 0
