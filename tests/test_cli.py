@@ -245,6 +245,19 @@ def test_a_fit_without_its_report_never_loads_matplotlib(tmp_path, flags, drawn)
     assert (out / "report.html").is_file() is drawn and (out / "fit.png").is_file() is drawn
 
 
+def test_a_fresh_command_reads_a_model_file(tmp_path):
+    # no estimator imported beforehand: the file's class is found by loading alone
+    import subprocess
+    import sys
+
+    assert _fit_cli(tmp_path, _table(), "--target", "y", "--experts", "2", "--no-report") == 0
+    model = str(tmp_path / "out" / "model.moe")
+    out = subprocess.run([sys.executable, "-m", "moekit.cli", "inspect", model],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "a fitted MoERegressor" in out.stdout and "n_experts: 2" in out.stdout
+
+
 def _fit_cli(tmp_path, frame, *flags):
     path = tmp_path / "data.csv"
     if isinstance(frame, str):
