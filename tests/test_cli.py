@@ -245,6 +245,32 @@ def test_a_fit_without_its_report_never_loads_matplotlib(tmp_path, flags, drawn)
     assert (out / "report.html").is_file() is drawn and (out / "fit.png").is_file() is drawn
 
 
+@pytest.mark.parametrize("serial_rows, during", [(10_000, 1), (10, 2)])
+def test_a_small_table_is_fitted_on_one_thread_and_the_setting_restored(
+    tmp_path, monkeypatch, serial_rows, during
+):
+    import torch
+
+    import moekit.cli.fit as command
+
+    seen, fit_models = [], command.fit_models
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit_models(*args, **kwargs)
+
+    monkeypatch.setattr(command, "fit_models", spy)
+    monkeypatch.setattr(command, "SERIAL_ROWS", serial_rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _fit_cli(tmp_path, _table(), "--target", "y", "--experts", "2", "--no-report") == 0
+        assert seen == [during]  # 60 rows: one thread, unless the limit is below them
+        assert torch.get_num_threads() == 2  # the caller's setting, back
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_fresh_command_reads_a_model_file(tmp_path):
     # no estimator imported beforehand: the file's class is found by loading alone
     import subprocess
