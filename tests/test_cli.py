@@ -1,6 +1,7 @@
 """The ``moekit`` command: demo, fit and predict on files."""
 
 import ast
+import os
 import re
 
 import numpy as np
@@ -269,6 +270,39 @@ def test_a_small_table_is_fitted_on_one_thread_and_the_setting_restored(
         assert torch.get_num_threads() == 2  # the caller's setting, back
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("subcommand, quick", [("fit", True), ("inspect", False)])
+def test_the_program_ends_at_once_after_a_fit_with_its_files_and_output_whole(
+    tmp_path, subcommand, quick
+):
+    import subprocess
+    import sys
+
+    _table().to_csv(tmp_path / "data.csv", index=False)
+    out = tmp_path / "out"
+    if subcommand == "inspect":
+        assert _fit_cli(tmp_path, _table(), "--target", "y", "--experts", "2") == 0
+    argv = (["fit", str(tmp_path / "data.csv"), "--target", "y", "--features", "x", "--experts",
+             "2", "--n-init", "1", "--out", str(out)] if subcommand == "fit"
+            else ["inspect", str(out / "model.moe")])  # fmt: skip
+    # an exit handler runs only where Python tears the process down as usual
+    code = ("import atexit, sys\natexit.register(print, 'torn down')\n"
+            f"sys.argv = ['moekit', *{argv!r}]\n"
+            "from moekit.cli import command\ncommand()")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert ("torn down" in lines) is not quick
+    # the output is whole (flushed before the quick exit): the command's last line is there
+    last = [line for line in lines if line != "torn down"][-1]
+    assert last.startswith("Wrote" if quick else "  ")
+    page = (out / "report.html").read_text()
+    assert page.rstrip().endswith("</html>") and len(load(out / "model.moe").expert_sizes_) == 2
+    missing = subprocess.run([sys.executable, "-m", "moekit.cli", "fit", str(tmp_path / "no.csv"),
+                              "--target", "y"], capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 1 and "no such file" in missing.stderr
 
 
 def test_a_fresh_command_reads_a_model_file(tmp_path):
