@@ -103,6 +103,59 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": _peak(), "rc": 
 """
 )
 
+PHASES = """
+import json, sys, time
+t = time.perf_counter()
+import torch, sklearn.base, pandas, matplotlib.pyplot
+spent = {"floor": time.perf_counter() - t}
+t = time.perf_counter()
+import moekit.cli.fit as command
+import moekit.estimators, moekit.io, moekit.report.sections, sklearn.cluster
+spent["imports"] = time.perf_counter() - t
+
+
+def timed(name):
+    step = getattr(command, name)
+
+    def run(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            spent[name] = time.perf_counter() - t
+
+    setattr(command, name, run)  # cmd_fit looks its steps up when it runs
+
+
+for name in ("fit_models", "report_text", "write_html_report"):
+    timed(name)
+from moekit.cli import main
+t = time.perf_counter()
+assert main(["fit", sys.argv[1], "--target", "y", "--out", sys.argv[2]]) == 0
+spent["command"] = time.perf_counter() - t
+print(json.dumps(spent))
+"""
+"""The small fit in one process, timed step by step: the floor's imports, the rest of
+the imports a fit makes, then the command's steps (``moekit.cli.fit``)."""
+
+PHASE_NAMES = {
+    "imports": "imports beyond the floor (moekit; scikit-learn's k-means, which starts EM)",
+    "fit_models": "the EM fits (K = 1-4 by BIC, 5 starts each)",
+    "report_text": "the text report (standard errors, the held-out check against K = 1)",
+    "write_html_report": "report.html and its figures (matplotlib drawing and PNG encoding)",
+    "rest": "the rest (reading the CSV, the split, the model file)",
+}
+
+
+def _phases(tmp: Path, rounds: int) -> dict[str, float]:
+    """Where the small fit's time goes beyond the floor: the round whose command was
+    quickest, step by step."""
+    runs = [_run(PHASES, str(tmp / "small.csv"), str(tmp / "phases")) for _ in range(rounds)]
+    best = min(runs, key=lambda r: r["floor"] + r["imports"] + r["command"])
+    steps = ("fit_models", "report_text", "write_html_report")
+    best["rest"] = best["command"] - sum(best[k] for k in steps)
+    return {k: best[k] for k in ("floor", "imports", *steps, "rest")}
+
 
 def _run(code: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -121,8 +174,10 @@ STARTUP = {
         "-c", "import torch, sklearn.base, pandas, matplotlib.pyplot"],
     "`moekit fit small.csv --target y` (300 rows, one feature, its report)": [
         "-m", "moekit.cli", "fit", "{small}", "--target", "y", "--out", "{out}"],
+    "`moekit fit small.csv --target y --no-report` (the same fit, no report.html)": [
+        "-m", "moekit.cli", "fit", "{small}", "--target", "y", "--out", "{out}", "--no-report"],
 }  # fmt: skip
-"""Start-up: the command's fixed costs, each run in a fresh process (best of 3)."""
+"""Start-up: the command's fixed costs, each run in a fresh process (best of --rounds)."""
 
 
 FIT_MARGIN = 1.0
@@ -130,8 +185,14 @@ FIT_MARGIN = 1.0
 
 
 def _startup(tmp: Path, rounds: int) -> list[tuple[str, float]]:
+    import compileall
+
     import numpy as np
     import pandas as pd
+
+    # moekit's bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would
+    # otherwise have every run compile its 80 modules again: 0.08 s)
+    compileall.compile_dir(str(ROOT / "src" / "moekit"), quiet=1)
 
     rng = np.random.default_rng(0)
     x = rng.uniform(-2, 2, 300)
@@ -151,14 +212,16 @@ def _startup(tmp: Path, rounds: int) -> list[tuple[str, float]]:
     return [(name, min(ts)) for name, ts in times.items()]
 
 
-def _startup_section(startup: list[tuple[str, float]], rounds: int, load: str) -> list[str]:
+def _startup_section(startup: list[tuple[str, float]], phases: dict[str, float], rounds: int,
+                     load: str, command: str = "") -> list[str]:  # fmt: skip
     """The results' start-up section: the table and the targets."""
     excess = startup[2][1] - startup[1][1]
     return [
         "## Start-up",
         "",
-        f"Each in a fresh process, the three in turns for {rounds} rounds, best wall time "
-        f"of each; load {load}.",
+        (f"Measured by `{command}`. " if command else "")
+        + f"Each command in a fresh process, all of them in turns for {rounds} rounds, the "
+        f"best wall time of each, moekit's bytecode compiled beforehand; load {load}.",
         "",
         "| command | wall s |",
         "|---|---:|",
@@ -168,6 +231,19 @@ def _startup_section(startup: list[tuple[str, float]], rounds: int, load: str) -
         f"({'met' if startup[0][1] < 0.5 else 'not met'}); `moekit fit` on a small CSV "
         f"within {FIT_MARGIN:.1f} s of the import floor: {excess:+.2f} s "
         f"({'met' if excess <= FIT_MARGIN else 'not met'}).",
+        "",
+        f"The floor's {startup[1][1]:.2f} s are {phases['floor']:.2f} s of imports and "
+        f"{startup[1][1] - phases['floor']:.2f} s of starting Python and tearing it down "
+        "with the libraries; `moekit fit` skips the teardown (it ends with `os._exit` once "
+        "its files are closed and its output flushed).",
+        "",
+        "Where the small fit's time goes beyond the floor's imports: the same fit in one "
+        f"process, step by step (the quickest of {rounds} runs).",
+        "",
+        "| step | wall s |",
+        "|---|---:|",
+        *[f"| {PHASE_NAMES[k]} | {phases[k]:.2f} |" for k in PHASE_NAMES],
+        f"| all of them | {sum(phases[k] for k in PHASE_NAMES):.2f} |",
         "",
     ]
 
@@ -230,14 +306,18 @@ def main() -> None:
     if args.startup_only:
         with tempfile.TemporaryDirectory() as tmp:
             startup = _startup(Path(tmp), args.rounds)
-        section = _startup_section(startup, args.rounds, f"{start_load} at the start, "
-                                   f"{load_line()} at the end")  # fmt: skip
+            phases = _phases(Path(tmp), args.rounds)
+        section = _startup_section(startup, phases, args.rounds, f"{start_load} at the start, "
+                                   f"{load_line()} at the end",
+                                   f"python bench/cli_large.py --startup-only --rounds "
+                                   f"{args.rounds}")  # fmt: skip
         _replace_startup(args.out, section)
         print("\n".join(section))
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         startup = _startup(tmp, args.rounds)
+        phases = _phases(tmp, args.rounds)
         base = _run(BASE)["peak_mb"]
         print(f"interpreter with its libraries: {base:.0f} MB", flush=True)
         runs = [_large(tmp, n, args.features) for n in args.rows]
@@ -249,7 +329,7 @@ def main() -> None:
         f"Generated by `python bench/cli_large.py --rows {' '.join(map(str, args.rows))}`; "
         f"load {start_load} at the start, {end_load} at the end.",
         "",
-        *_startup_section(startup, args.rounds, f"{start_load} at the start"),
+        *_startup_section(startup, phases, args.rounds, f"{start_load} at the start"),
         "## Large CSVs",
         "",
         f"A K = 3 mixture of linear experts with a softmax gate, {args.features} features. "
