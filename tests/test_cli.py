@@ -1,5 +1,7 @@
 """The ``moekit`` command: demo, fit and predict on files."""
 
+import ast
+import os
 import re
 
 import numpy as np
@@ -207,6 +209,113 @@ def test_the_command_starts_without_pandas_or_torch():
     code = f"import sys, moekit.cli; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _modules_after(tmp_path, code: str) -> list[str]:
+    """Which of the heavy libraries a fresh interpreter holds after running ``code``."""
+    import subprocess
+    import sys
+
+    heavy = ("matplotlib", "pandas", "torch", "sklearn", "moekit.report.sections")
+    script = tmp_path / "run.py"
+    report = f"print(sorted(m for m in {heavy} if m in sys.modules))"
+    script.write_text(f"import sys\n{code}\n{report}\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_fit_and_its_help_start_without_the_heavy_libraries(tmp_path):
+    code = ("import moekit.cli.fit\nfrom moekit.cli import main\n"
+            "try:\n    main(['fit', '--help'])\n"
+            "except SystemExit as e:\n    assert e.code == 0")  # fmt: skip
+    assert _modules_after(tmp_path, code) == []
+
+
+@pytest.mark.parametrize("flags, drawn", [(["--no-report"], False), ([], True)])
+def test_a_fit_without_its_report_never_loads_matplotlib(tmp_path, flags, drawn):
+    _table().to_csv(tmp_path / "data.csv", index=False)
+    out = tmp_path / "out"
+    argv = ["fit", str(tmp_path / "data.csv"), "--target", "y", "--features", "x", "--experts", "2",
+            "--n-init", "1", "--out", str(out), *flags]  # fmt: skip
+    loaded = _modules_after(tmp_path, f"from moekit.cli import main\nassert main({argv!r}) == 0")
+    # the fit needs pandas, torch and scikit-learn either way; the report alone draws
+    assert {"pandas", "torch", "sklearn"} <= set(loaded)
+    assert ("matplotlib" in loaded) is drawn and ("moekit.report.sections" in loaded) is drawn
+    assert (out / "model.moe").is_file() and "log-likelihood" in (out / "report.txt").read_text()
+    assert (out / "report.html").is_file() is drawn and (out / "fit.png").is_file() is drawn
+
+
+@pytest.mark.parametrize("serial_rows, during", [(10_000, 1), (10, 2)])
+def test_a_small_table_is_fitted_on_one_thread_and_the_setting_restored(
+    tmp_path, monkeypatch, serial_rows, during
+):
+    import torch
+
+    import moekit.cli.fit as command
+
+    seen, fit_models = [], command.fit_models
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit_models(*args, **kwargs)
+
+    monkeypatch.setattr(command, "fit_models", spy)
+    monkeypatch.setattr(command, "SERIAL_ROWS", serial_rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _fit_cli(tmp_path, _table(), "--target", "y", "--experts", "2", "--no-report") == 0
+        assert seen == [during]  # 60 rows: one thread, unless the limit is below them
+        assert torch.get_num_threads() == 2  # the caller's setting, back
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("subcommand, quick", [("fit", True), ("inspect", False)])
+def test_the_program_ends_at_once_after_a_fit_with_its_files_and_output_whole(
+    tmp_path, subcommand, quick
+):
+    import subprocess
+    import sys
+
+    _table().to_csv(tmp_path / "data.csv", index=False)
+    out = tmp_path / "out"
+    if subcommand == "inspect":
+        assert _fit_cli(tmp_path, _table(), "--target", "y", "--experts", "2") == 0
+    argv = (["fit", str(tmp_path / "data.csv"), "--target", "y", "--features", "x", "--experts",
+             "2", "--n-init", "1", "--out", str(out)] if subcommand == "fit"
+            else ["inspect", str(out / "model.moe")])  # fmt: skip
+    # an exit handler runs only where Python tears the process down as usual
+    code = ("import atexit, sys\natexit.register(print, 'torn down')\n"
+            f"sys.argv = ['moekit', *{argv!r}]\n"
+            "from moekit.cli import command\ncommand()")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert ("torn down" in lines) is not quick
+    # the output is whole (flushed before the quick exit): the command's last line is there
+    last = [line for line in lines if line != "torn down"][-1]
+    assert last.startswith("Wrote" if quick else "  ")
+    page = (out / "report.html").read_text()
+    assert page.rstrip().endswith("</html>") and len(load(out / "model.moe").expert_sizes_) == 2
+    missing = subprocess.run([sys.executable, "-m", "moekit.cli", "fit", str(tmp_path / "no.csv"),
+                              "--target", "y"], capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_a_fresh_command_reads_a_model_file(tmp_path):
+    # no estimator imported beforehand: the file's class is found by loading alone
+    import subprocess
+    import sys
+
+    assert _fit_cli(tmp_path, _table(), "--target", "y", "--experts", "2", "--no-report") == 0
+    model = str(tmp_path / "out" / "model.moe")
+    out = subprocess.run([sys.executable, "-m", "moekit.cli", "inspect", model],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "a fitted MoERegressor" in out.stdout and "n_experts: 2" in out.stdout
 
 
 def _fit_cli(tmp_path, frame, *flags):

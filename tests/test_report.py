@@ -59,6 +59,24 @@ def regression_page(regression):
     return page, figures
 
 
+def test_a_held_out_check_given_is_not_computed_again(regression, regression_page, monkeypatch):
+    from moekit.report.headline import fit_baseline, held_out_check
+
+    model, X, y, Xt, yt = regression
+    baseline = fit_baseline(model, X, y)
+    check = held_out_check(model, Xt, yt, baseline)
+
+    def again(*args, **kwargs):
+        raise AssertionError("held_out_check computed again")
+
+    monkeypatch.setattr(moekit.report.sections, "held_out_check", again)
+    table = pd.DataFrame({"n_experts": [1, 2, 3], "bic": [900.0, 700.0, 720.0],
+                          "best": [False, True, False]})  # fmt: skip
+    page = html_report(model, X, y, X_test=Xt, y_test=yt, table=table, target="out",
+                       source="toy.csv", baseline=baseline, check=check)  # fmt: skip
+    assert page == regression_page[0]  # the same page as when the report computes it
+
+
 def _cells(page: str) -> dict[str, str]:
     """The two-column tables' rows: first cell -> second cell (unescaped)."""
     rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td>", page)

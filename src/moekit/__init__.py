@@ -7,6 +7,8 @@ loads PyTorch alone and not the statistical room's scikit-learn and pandas.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -57,14 +59,25 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from moekit.prediction import MixturePrediction
 
 
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moekit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+def _lazy_names(package: str, names: dict[str, str]):
+    """``__getattr__`` and ``__dir__`` (PEP 562) of a package whose public names are
+    imported on first use: ``names`` maps each name to the module that defines it;
+    any other name of a submodule imports that submodule."""
+
+    def __getattr__(name: str) -> Any:
+        module = names.get(name)
+        if module is not None:
+            value = getattr(importlib.import_module(module), name)
+            setattr(sys.modules[package], name, value)  # later look-ups skip this function
+            return value
+        if not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}"):
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(names))
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = _lazy_names(__name__, _PUBLIC)

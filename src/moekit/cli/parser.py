@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: quiet; 1: a progress bar per fit (default where stderr is a "
                         "terminal); 2: a line every few EM iterations too")  # fmt: skip
     p.add_argument("--out", default="moekit_fit", help="output folder (default: moekit_fit)")
+    p.add_argument("--no-report", action="store_true",
+                   help="write the model and report.txt only: no report.html and no figures "
+                        "(quicker; matplotlib is not loaded)")  # fmt: skip
     p.set_defaults(func=cmd_fit)
 
     lm = sub.add_parser("lm", help="a small MoE transformer language model").add_subparsers(

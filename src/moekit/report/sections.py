@@ -46,6 +46,7 @@ def html_report(
     source: str = "",
     summary=None,
     baseline=None,
+    check=None,
     figures: dict | None = None,
 ) -> str:
     """The report of a fitted ``MoERegressor`` (or ``MoEClassifier``) as HTML.
@@ -69,6 +70,9 @@ def html_report(
         The model with one expert, fitted on the same rows, for the held-out
         comparison; fitted here (:func:`~moekit.report.headline.fit_baseline`) when
         absent and rows are held out.
+    check : HeldOutCheck, optional
+        ``held_out_check(model, X_test, y_test, baseline)`` when already computed
+        (:func:`~moekit.report.headline.held_out_check`); computed here when absent.
     figures : dict, optional
         Filled with each figure's PNG bytes under its section's key ("fit", "gate",
         "convergence", ...), for a caller that also writes them to files.
@@ -82,7 +86,8 @@ def html_report(
     parts = [f"<h1>{html.escape(kind)}: {html.escape(target)}</h1>"]
     parts += report_sections(model, X, y, X_test=X_test, y_test=y_test, table=table,
                              criterion=criterion, target=target, source=source,
-                             summary=summary, baseline=baseline, figures=figures)  # fmt: skip
+                             summary=summary, baseline=baseline, check=check,
+                             figures=figures)  # fmt: skip
     return html_page(kind, parts)
 
 
@@ -105,6 +110,7 @@ def report_sections(
     level: int = 2,
     summary=None,
     baseline=None,
+    check=None,
     figures: dict | None = None,
 ) -> list[str]:
     """The sections of :func:`html_report`, as HTML fragments.
@@ -136,7 +142,8 @@ def report_sections(
 
     if held and baseline is None:
         baseline = fit_baseline(model, named(model, X), y)
-    check = held_out_check(model, Xh, yh, baseline)
+    if check is None:
+        check = held_out_check(model, Xh, yh, baseline)
     stats = fit_facts(model, named(model, X), y)  # the experts first, then the fit's numbers
     facts = [
         ["data", source or "arrays"],
