@@ -74,6 +74,9 @@ sphinx_gallery_conf = {
     "show_memory": False,
     "within_subsection_order": "FileNameSortKey",
     "abort_on_example_error": True,
+    # the page of run times loads jQuery and DataTables from CDNs: no page may need
+    # the network, so it is not written
+    "write_computation_times": False,
 }
 # The gallery's scripts run in this process. One torch thread: their networks are
 # small, and on a busy machine a second thread mostly waits at every barrier.
