@@ -2,7 +2,7 @@
 logistic gate, the comparison of a fit's summary() with the truth, and the
 objective Q of a family's M-step under fixed responsibilities.
 
-Loaded by path (the test folders are not packages), as ``contract_checks.py`` is.
+Imported by name: pytest puts this folder on the path (``pythonpath`` in pyproject.toml).
 """
 
 from __future__ import annotations

@@ -2,9 +2,7 @@
 a direct maximisation of the binomial likelihood for one expert, and take M-steps
 that never lower their objective."""
 
-import importlib.util
-from pathlib import Path
-
+import glm_checks as checks
 import numpy as np
 import pytest
 import torch
@@ -15,16 +13,6 @@ from moekit import MoERegressor
 from moekit._core.data import EMData
 from moekit.experts.binomial import BinomialExperts
 
-
-def _load(name: str):
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _load("glm_checks.py")
 COEF = np.array([[-1.5, -1.0], [1.0, 1.5]])  # log odds: [intercept, slope] per expert
 
 

@@ -11,12 +11,11 @@ checks, predictions, and the nested embedding.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import re
-from pathlib import Path
 
+import contract_checks as checks
 import pytest
 import torch
 from sklearn.linear_model import LinearRegression, LogisticRegression
@@ -73,15 +72,8 @@ CAPABILITIES = [
 
 
 # ---------------------------------------------------------------------------- building blocks
-def _load(path: Path):
-    """A module of the tests, by its path (the test folders are not packages)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-checks = _load(Path(__file__).with_name("contract_checks.py"))
 discover, has_any, protocol_problems = checks.discover, checks.has_any, checks.protocol_problems
 
 

@@ -2,9 +2,7 @@
 experts, agree with scikit-learn's GammaRegressor for one expert, and take M-steps
 that never lower their objective."""
 
-import importlib.util
-from pathlib import Path
-
+import glm_checks as checks
 import numpy as np
 import pytest
 import torch
@@ -16,16 +14,6 @@ from moekit import MoERegressor
 from moekit._core.data import EMData
 from moekit.experts.gamma import GammaExperts, gamma_shape_mle
 
-
-def _load(name: str):
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _load("glm_checks.py")
 COEF = np.array([[-0.5, -1.0], [1.0, 0.5]])  # log mean: [intercept, slope] per expert
 SHAPE = np.array([3.0, 6.0])
 

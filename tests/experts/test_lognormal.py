@@ -1,9 +1,7 @@
 """Lognormal experts (linear-Gaussian on log y) recover known experts, equal least
 squares on log y for one expert, and take exact M-steps."""
 
-import importlib.util
-from pathlib import Path
-
+import glm_checks as checks
 import numpy as np
 import pytest
 import torch
@@ -12,16 +10,6 @@ from moekit import MoERegressor
 from moekit._core.data import EMData
 from moekit.experts.lognormal import LogNormalExperts
 
-
-def _load(name: str):
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _load("glm_checks.py")
 COEF = np.array([[-0.5, -1.0], [1.0, 0.5]])  # mean of log y: [intercept, slope] per expert
 SIGMA = np.array([0.4, 0.25])
 

@@ -2,9 +2,7 @@
 of the NB2 likelihood for one expert, reduce to the Poisson on Poisson data, and
 take M-steps that never lower their objective."""
 
-import importlib.util
-from pathlib import Path
-
+import glm_checks as checks
 import numpy as np
 import pytest
 import torch
@@ -15,16 +13,6 @@ from moekit import MoERegressor
 from moekit._core.data import EMData
 from moekit.experts.negative_binomial import NegativeBinomialExperts
 
-
-def _load(name: str):
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _load("glm_checks.py")
 COEF = np.array([[0.0, -1.0], [2.0, 0.5]])  # log mean: [intercept, slope] per expert
 DISPERSION = np.array([0.5, 0.2])
 

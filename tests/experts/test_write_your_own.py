@@ -6,26 +6,14 @@ EM's objective never decreases, and that the fit recovers the generating lines a
 noise level.
 """
 
-import importlib.util
 import itertools
-from pathlib import Path
 
+import contract_checks as checks
 import torch
-
-
-def _load(name: str):
-    """A module beside this file (the test folders are not packages)."""
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from shared_variance import SharedVarianceExperts
 
 
 def test_shared_variance_experts_recover_known_lines():
-    SharedVarianceExperts = _load("shared_variance.py").SharedVarianceExperts
-    checks = _load("contract_checks.py")
-
     from moekit._core.data import EMData
     from moekit.experts.base import ExpertFamily
     from moekit.fitting.em import run_em

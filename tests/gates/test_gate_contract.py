@@ -11,12 +11,11 @@ model-file shapes and checks, and the nested embedding.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import re
-from pathlib import Path
 
+import contract_checks as checks
 import pytest
 import torch
 
@@ -32,16 +31,6 @@ from moekit.gates.mlp import MLPGate
 from moekit.gates.softmax import SoftmaxGate
 from moekit.gates.tree import TreeGate
 
-
-def _load(path: Path):
-    """A module of the tests, by its path (the test folders are not packages)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _load(Path(__file__).resolve().parents[1] / "experts" / "contract_checks.py")
 discover, has_any, protocol_problems = checks.discover, checks.has_any, checks.protocol_problems
 
 N, P = 240, 3  # rows, design columns (two features and the intercept)
