@@ -3,6 +3,7 @@
 Small settings keep the many fits fast; each skipped check carries its reason.
 """
 
+import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from moekit import MDNRegressor, MoEClassifier, MoERegressor
@@ -28,3 +29,10 @@ EXPECTED_FAILED = {}
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)
+
+
+def test_a_wrong_constructor_argument_names_the_estimator():
+    with pytest.raises(TypeError, match=r"MoERegressor\(\): got an unexpected keyword .*'foo'"):
+        MoERegressor(foo=1)
+    with pytest.raises(TypeError, match=r"MoERegressor\(\): too many positional arguments"):
+        MoERegressor(2, 3)

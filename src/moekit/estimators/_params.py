@@ -48,7 +48,10 @@ def _make_init(defaults: dict[str, Any]):
     signature = inspect.Signature(params, return_annotation=None)
 
     def __init__(self, *args, **kwargs) -> None:
-        bound = signature.bind(self, *args, **kwargs)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as err:  # name the class, as a written __init__ would
+            raise TypeError(f"{type(self).__name__}(): {err}") from None
         bound.apply_defaults()
         for name in names:
             setattr(self, name, bound.arguments[name])
