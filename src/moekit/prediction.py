@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moekit._core.components import FAMILIES, POSITIVE
+from moekit._core.components import check_components, component_family
 from moekit._core.engine import EM_DTYPE, to_numpy, torch_generator
 from moekit._core.modes import grid_modes, integer_modes
 
@@ -46,7 +46,9 @@ class MixturePrediction:
     stds : array-like, same shape as ``means``
         Component standard deviations (scales for the t; sqrt(rate) for the Poisson).
     family : {'normal', 'student_t', 'poisson', 'gamma', 'lognormal', \
-'negative_binomial', 'binomial', 'zero'}, default='normal'
+'negative_binomial', 'binomial', 'zero'} or list of them, default='normal'
+        The components' family, or one per component (``['zero', 'poisson']``: a
+        zero-inflated Poisson).
     df : array-like of shape (n_samples, n_components) or (n_components,), optional
         Degrees of freedom of Student-t components.
 
@@ -71,9 +73,8 @@ class MixturePrediction:
     [array([-1.,  1.])]
     """
 
-    def __init__(self, weights, means, stds, *, family: str = "normal", df=None) -> None:
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {sorted(FAMILIES)}; got {family!r}.")
+    def __init__(self, weights, means, stds, *, family: str | list = "normal", df=None) -> None:
+        self._family = component_family(family)
         w, mu, sd = _as64(weights), _as64(means), _as64(stds)
         if w.ndim != 2:
             raise ValueError(
@@ -94,11 +95,7 @@ class MixturePrediction:
             w.sum(1), torch.ones((), dtype=w.dtype), atol=1e-6
         ):
             raise ValueError("weights must be non-negative and each row must sum to 1.")
-        if not bool(((sd > 0) | (family == "zero")).all() and torch.isfinite(sd).all()):
-            raise ValueError("stds must be positive and finite.")
-        if family in POSITIVE and family != "poisson" and bool((mu < 0).any()):
-            raise ValueError(f"family={family!r} needs non-negative means.")
-        self._family = FAMILIES[family]
+        check_components(self._family.name, mu, sd)
         self._df = None
         if family == "student_t":
             if df is None:
@@ -108,11 +105,6 @@ class MixturePrediction:
             if nu.shape != w.shape or not bool((nu > 0).all()):
                 raise ValueError(f"df must be positive, of shape {tuple(w.shape)} or (K,).")
             self._df = nu.contiguous()
-        if family in POSITIVE and mu.ndim != 2:
-            raise ValueError(f"family={family!r} supports a single output only.")
-        if family == "poisson":
-            if bool((mu <= 0).any()):
-                raise ValueError("Poisson rates (means) must be positive.")
         self.n_outputs: int | None = None if mu.ndim == 2 else int(mu.shape[2])
         self._w = w / w.sum(1, keepdim=True)
         self._mu = mu if mu.ndim == 3 else mu.unsqueeze(-1)  # (n, K, m)
@@ -297,7 +289,8 @@ class MixturePrediction:
         mu = torch.gather(self._mu, 1, idx)
         sd = torch.gather(self._sd, 1, idx)
         df = None if self._df is None else torch.gather(self._df, 1, comp)
-        out = self._family.sample(mu, sd, df, gen)
+        per_component = {"comp": comp} if hasattr(self._family, "groups") else {}
+        out = self._family.sample(mu, sd, df, gen, **per_component)
         return to_numpy(out.squeeze(-1) if self.n_outputs is None else out).reshape(
             (n, s) if self.n_outputs is None else (n, s, -1)
         )

@@ -289,3 +289,86 @@ FAMILIES = {
 }
 #: families whose locations are means of positive or non-negative variables
 POSITIVE = {"poisson", "gamma", "lognormal", "negative_binomial", "binomial", "zero"}
+
+
+class PerComponent:
+    """A family per component: component k of every row follows ``families[k]``.
+
+    Each function applies every family to its own components (the component axis of
+    ``loc`` is -2) and puts the results back in component order; ``sample`` takes the
+    component each draw comes from.
+    """
+
+    def __init__(self, names) -> None:
+        unknown = sorted({n for n in names if n not in FAMILIES})
+        if unknown:
+            raise ValueError(f"family must name families of {sorted(FAMILIES)}; got {unknown}.")
+        self.names = list(names)
+        self.groups = [(FAMILIES[n], torch.tensor([k for k, m in enumerate(names) if m == n]))
+                       for n in dict.fromkeys(names)]  # fmt: skip
+        self.discrete = all(f.discrete for f, _ in self.groups)
+        if not self.discrete and any(f.discrete for f, _ in self.groups):
+            raise ValueError("family mixes discrete and continuous components.")
+
+    @property
+    def name(self) -> list[str]:
+        return self.names
+
+    def _each(self, fn: str, out_shape, y, loc, scale, df, axis: int):
+        out = loc.new_empty(out_shape)
+        for fam, idx in self.groups:
+            d = None if df is None else df.index_select(axis if df.ndim > 2 else -1, idx)
+            val = getattr(fam, fn)(y, loc.index_select(-2, idx), scale.index_select(-2, idx), d)
+            out.index_copy_(axis, idx, val)
+        return out
+
+    def log_prob(self, y, loc, scale, df=None):  # (n, S, 1, m) vs (n, 1, K, m) -> (n, S, K)
+        shape = torch.broadcast_shapes(y.shape, loc.shape)[:-1]
+        return self._each("log_prob", shape, y, loc, scale, df, -1)
+
+    def cdf(self, y, loc, scale, df=None):  # (n, 1, m) vs (n, K, m) -> (n, K, m)
+        return self._each("cdf", torch.broadcast_shapes(y.shape, loc.shape), y, loc, scale, df, -2)
+
+    def variance(self, loc, scale, df=None):
+        out = torch.empty_like(loc)
+        for fam, idx in self.groups:
+            d = None if df is None else df.index_select(-1, idx)
+            out[..., idx, :] = fam.variance(loc[..., idx, :], scale[..., idx, :], d)
+        return out
+
+    def sample(self, loc, scale, df, gen, comp=None):
+        """Draws (n, s, m) at the gathered parameters of the components ``comp`` (n, s)."""
+        out = torch.empty_like(loc)
+        for fam, idx in self.groups:
+            mask = torch.isin(comp, idx)
+            out[mask] = fam.sample(loc[mask], scale[mask], None, gen)
+        return out
+
+
+def component_family(family):
+    """The component family of a name, or of a list of names (one per component)."""
+    if isinstance(family, str):
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}; got {family!r}.")
+        return FAMILIES[family]
+    return PerComponent(family)
+
+
+def check_components(family, mu: torch.Tensor, sd: torch.Tensor) -> None:
+    """Refuse locations and scales no component of ``family`` (a name, or one per
+    component) can take; mu and sd are (n, K) or (n, K, m)."""
+    names = [family] * mu.shape[1] if isinstance(family, str) else list(family)
+    if len(names) != mu.shape[1]:
+        raise ValueError(f"family names {len(names)} components; the means have {mu.shape[1]}.")
+    is_zero = torch.tensor([n == "zero" for n in names], dtype=torch.bool)
+    is_zero = is_zero.view(1, -1, *([1] * (mu.ndim - 2)))
+    if not bool(((sd > 0) | is_zero).all() and torch.isfinite(sd).all()):
+        raise ValueError("stds must be positive and finite.")
+    for name in dict.fromkeys(names):
+        cols = mu[:, [k for k, n in enumerate(names) if n == name]]
+        if name in POSITIVE and mu.ndim != 2:
+            raise ValueError(f"family={name!r} supports a single output only.")
+        if name in POSITIVE and name != "poisson" and bool((cols < 0).any()):
+            raise ValueError(f"family={name!r} needs non-negative means.")
+        if name == "poisson" and bool((cols <= 0).any()):
+            raise ValueError("Poisson rates (means) must be positive.")

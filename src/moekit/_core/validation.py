@@ -226,3 +226,20 @@ def check_finite(name: str, values: torch.Tensor | np.ndarray) -> None:
         finite = bool(np.isfinite(np.asarray(values)).all())
     if not finite:
         raise ValueError(f"{name!r} holds NaN or infinite values")
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A non-empty list or tuple whose every entry is one of a fixed set of strings."""
+
+    options: frozenset
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) > 0
+            and all(isinstance(v, str) and v in self.options for v in value)
+        )
+
+    def __str__(self) -> str:
+        return "a list of " + ", ".join(repr(o) for o in sorted(self.options, key=str))

@@ -370,6 +370,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
             perm = gate.representable_order(perm)
         params = Params(expert.select(result.params.expert, perm),
                         gate.select(result.params.gate, perm))  # fmt: skip
+        if hasattr(expert, "named"):  # a family per expert: the names in the new order
+            expert = expert.named(params.expert)
         nk = result.nk[perm]
         place = torch.argsort(perm)  # where each expert of the fit ends up
         frozen = tuple(sorted(int(place[k]) for k in frozen))

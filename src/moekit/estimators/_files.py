@@ -152,7 +152,10 @@ class ModelFileMixin:
     def _to_state(self) -> tuple[dict, dict, dict]:
         params = self.get_params(deep=False)
         for name in ("gate", "expert"):
-            if name in params and not isinstance(params[name], str):
+            value = params.get(name)
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                params[name] = list(value)  # a family per expert, by name
+            elif name in params and not isinstance(value, str):
                 raise TypeError(
                     f"save() cannot store {name}={params[name]!r}: only built-in experts and "
                     "gates (given by name) are saved, since anything else would need pickle."
@@ -294,5 +297,7 @@ class ModelFileMixin:
             family.check_params(obj, prefix=prefix)
             built.append(obj)
         model._params = Params(*built)
+        if hasattr(expert, "named"):  # a family per expert: each expert's as stored
+            expert = expert.named(model._params.expert)
         model._expert_family, model._gate_family = expert, gate
         return model

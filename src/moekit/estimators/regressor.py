@@ -13,34 +13,13 @@ import torch
 from sklearn.base import RegressorMixin
 
 from moekit._core.engine import to_numpy
-from moekit._core.validation import HasMethods, Interval, Options
+from moekit._core.validation import HasMethods, Interval, ListOf, Options
 from moekit.estimators._base import BaseMoE
+from moekit.estimators._families import EXPERTS, expert_class, make_experts, one_name
 from moekit.estimators._params import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators._targets import RealTarget
-from moekit.experts.binomial import BinomialExperts
-from moekit.experts.gamma import GammaExperts
-from moekit.experts.gaussian import GaussianExperts
-from moekit.experts.lognormal import LogNormalExperts
-from moekit.experts.mlp import MLPExperts
-from moekit.experts.negative_binomial import NegativeBinomialExperts
-from moekit.experts.poisson import PoissonExperts
-from moekit.experts.student_t import StudentTExperts
-from moekit.experts.wrapped import WrappedExperts
-from moekit.experts.zero import ZeroExperts
 from moekit.io import register_model
 from moekit.prediction import MixturePrediction
-
-EXPERTS = {
-    "linear": GaussianExperts,
-    "poisson": PoissonExperts,
-    "student_t": StudentTExperts,
-    "mlp": MLPExperts,
-    "binomial": BinomialExperts,
-    "gamma": GammaExperts,
-    "lognormal": LogNormalExperts,
-    "negative_binomial": NegativeBinomialExperts,
-    "zero": ZeroExperts,
-}
 
 
 @register_model
@@ -68,7 +47,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         a two-layer gate softmax(V1 tanh(V2 x)) for curved regions (see
         ``gate_options``).
     expert : {'linear', 'student_t', 'poisson', 'mlp', 'binomial', 'gamma', \
-'lognormal', 'negative_binomial', 'zero'}, default='linear'
+'lognormal', 'negative_binomial', 'zero'}, list of them, or regressor, default='linear'
         Expert family: linear-Gaussian; linear with Student-t noise (robust to
         outliers, see ``df``); Poisson regression with a log link for counts; a
         small neural network per expert (see ``expert_options``); logistic
@@ -78,7 +57,11 @@ class MoERegressor(RegressorMixin, BaseMoE):
         lognormal regression (linear on log y), for positive amounts; negative
         binomial (NB2) regression with a log link and a dispersion per expert, for
         over-dispersed counts; or a point mass at zero (for zero-inflated models
-        with count experts). Any scikit-learn
+        with count experts). A list of ``n_experts`` names gives each expert its
+        own family, among families of one kind of target: counts (``'poisson'``,
+        ``'negative_binomial'``, ``'zero'``; ``['zero', 'poisson']`` is a
+        zero-inflated Poisson whose gate models where the zeros come from) or
+        positive amounts (``'gamma'``, ``'lognormal'``). Any scikit-learn
         regressor whose ``fit`` accepts ``sample_weight`` (a decision tree, gradient
         boosting...) is cloned per expert and refitted with the responsibilities as
         weights; its Gaussian noise scale comes from the weighted residuals. Such
@@ -232,7 +215,7 @@ default='auto'
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseMoE._parameter_constraints,
-        "expert": [Options(EXPERTS), HasMethods(("fit", "predict"))],
+        "expert": [Options(EXPERTS), ListOf(frozenset(EXPERTS)), HasMethods(("fit", "predict"))],
         "reg_var": [Interval(numbers.Real, 0, None, closed="neither")],
         "df": [None, Interval(numbers.Real, 0, None, closed="neither")],
         "fit_method": [Options({"em", "gradient"})],
@@ -268,33 +251,10 @@ default='auto'
 
     # ------------------------------------------------------------------ families
     def _expert_class(self):
-        if not isinstance(self.expert, str):
-            return WrappedExperts
-        return EXPERTS[self.expert]
+        return expert_class(self)
 
     def _make_expert(self, coding, seed: int):
-        K, m = self.n_experts, len(coding["_y_mean"])
-        if not isinstance(self.expert, str):
-            if self.expert_options:
-                raise ValueError("expert_options are for expert='mlp'.")
-            return WrappedExperts(self.expert, K, var_floor=self.reg_var)
-        family = EXPERTS[self.expert]
-        if family is MLPExperts:
-            return MLPExperts(K, m, var_floor=self.reg_var, seed=seed, options=self.expert_options)
-        if self.expert_options:
-            raise ValueError(f"expert_options are for expert='mlp'; got expert={self.expert!r}.")
-        if family is ZeroExperts:
-            raise ValueError(
-                "expert='zero' is a point mass at 0: it models zeros beside other experts, "
-                "in a zero-inflated model; alone it fits only a target of zeros."
-            )
-        if family is LogNormalExperts:
-            return LogNormalExperts(K, var_floor=self.reg_var)
-        if family in (PoissonExperts, GammaExperts, NegativeBinomialExperts, BinomialExperts):
-            return family(K)
-        if family is StudentTExperts:
-            return StudentTExperts(K, m, var_floor=self.reg_var, df=self.df)
-        return GaussianExperts(K, m, var_floor=self.reg_var)
+        return make_experts(self, len(coding["_y_mean"]), seed)
 
     # ------------------------------------------------------------------ API
     def fit(self, X, y, *, start_from=None) -> MoERegressor:
@@ -342,7 +302,9 @@ default='auto'
     def predict_distribution(self, X) -> MixturePrediction:
         """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`)."""
         w, means, stds = self._moments(X)
-        family = self._expert_family.predictive_family
+        per_expert = getattr(self._expert_family, "predictive_families", None)
+        family = self._expert_family.predictive_family if per_expert is None else (
+            per_expert(self._params.expert))  # fmt: skip
         extra = {
             k: to_numpy(v)
             for k, v in self._expert_family.predictive_extra(self._params.expert).items()
@@ -407,8 +369,8 @@ default='auto'
         The standard deviation for linear experts; the scale of the t (its standard
         deviation is scale * sqrt(df / (df - 2))) for Student-t experts.
         """
-        if not hasattr(self._params.expert, "var") or self.expert == "lognormal":
-            if self.expert == "poisson":
+        if not hasattr(self._params.expert, "var") or one_name(self.expert) == "lognormal":
+            if one_name(self.expert) == "poisson":
                 raise AttributeError(
                     "Poisson experts have no noise scale: their variance equals their rate."
                 )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.reporting import Report, Scaling
 from moekit.experts._glm import check_columns
 
 
@@ -100,6 +101,18 @@ class ZeroExperts:
 
     def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64)
+
+    def mean_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor) -> torch.Tensor:
+        """Expert means, 0, shape (K, 1, n)."""
+        return XT.new_zeros((self.n_experts, 1, XT.shape[1]))
+
+    # ------------------------------------------------------------ reporting
+    def report(self, params: ZeroParams, scaling: Scaling) -> Report:
+        """Nothing to report: the gate says how much weight each point mass has."""
+        return Report()
+
+    def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
+        return {}
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: ZeroParams, XT: torch.Tensor):

@@ -95,9 +95,12 @@ def simpler_models(model: EMModel) -> list[Simpler]:
     if fam is not None:
         out.append(Simpler(f"{type(fam).__name__}", EMModel(fam, gate, model.chunk_size), False,
                            lambda p, d: Params(expert.embed(p.expert, d), p.gate)))  # fmt: skip
+    by_size = getattr(expert, "nested_by_size", True)  # False: a family per expert
     simpler = getattr(gate, "simpler", None)
     fam = simpler() if simpler is not None else None
-    if fam is not None and fam.n_experts != model.n_experts:
+    if fam is not None and fam.n_experts != model.n_experts and not by_size:
+        pass
+    elif fam is not None and fam.n_experts != model.n_experts:
         origin = gate.expert_origin()
         small = EMModel(resized_family(expert, fam.n_experts), fam, model.chunk_size)
         out.append(Simpler(f"{fam.n_experts} experts ({type(fam).__name__})", small, False,
@@ -106,7 +109,7 @@ def simpler_models(model: EMModel) -> list[Simpler]:
     elif fam is not None:
         out.append(Simpler(f"{type(fam).__name__}", EMModel(expert, fam, model.chunk_size), False,
                            lambda p, d: Params(p.expert, gate.embed(p.gate, d))))  # fmt: skip
-    if model.n_experts > 1 and getattr(gate, "resizable", True):
+    if model.n_experts > 1 and getattr(gate, "resizable", True) and by_size:
         out.append(Simpler(f"{model.n_experts - 1} experts", model.resized(model.n_experts - 1),
                            True))  # fmt: skip
     return out
