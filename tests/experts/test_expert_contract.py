@@ -31,6 +31,7 @@ from moekit.experts.gamma import GammaExperts
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.logistic import LogisticExperts
 from moekit.experts.lognormal import LogNormalExperts
+from moekit.experts.mixed import MixedExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.experts.negative_binomial import NegativeBinomialExperts
 from moekit.experts.poisson import PoissonExperts
@@ -41,6 +42,14 @@ from moekit.fitting.model import EMModel, resized_family
 from moekit.gates.constant import ConstantGate
 
 K, N, P = 3, 240, 3  # experts, rows, design columns (two features and the intercept)
+
+
+def _mixed(names):
+    """A family per expert, its parts as MoERegressor builds them."""
+    parts = {"poisson": PoissonExperts, "negative_binomial": NegativeBinomialExperts,
+             "gamma": GammaExperts, "lognormal": LogNormalExperts}  # fmt: skip
+    return MixedExperts(names, {n: parts[n](names.count(n)) for n in dict.fromkeys(names)})
+
 
 # one or more instances per family, and the kind of target each models
 FAMILIES = {
@@ -58,6 +67,8 @@ FAMILIES = {
     LogNormalExperts: [(lambda: LogNormalExperts(K), "positive")],
     NegativeBinomialExperts: [(lambda: NegativeBinomialExperts(K), "count")],
     ZeroExperts: [(lambda: ZeroExperts(K), "zeros")],
+    MixedExperts: [(lambda: _mixed(["poisson", "negative_binomial", "poisson"]), "count"),
+                   (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive")],
 }  # fmt: skip
 CASES = [
     pytest.param(make, kind, id=f"{cls.__name__}-{i}")
@@ -240,7 +251,9 @@ def test_predictions(make, kind):
         assert means.shape == stds.shape == (N, K, m)
         # a point mass at zero has no spread; every other component has some
         assert bool((stds == 0).all() if kind == "zeros" else (stds > 0).all())
-        assert family.predictive_family in PREDICTIVE
+        per_expert = getattr(family, "predictive_families", None)  # a family per expert
+        names = per_expert(params) if per_expert else [family.predictive_family]
+        assert len(names) == (K if per_expert else 1) and all(n in PREDICTIVE for n in names)
         assert isinstance(family.predictive_extra(params), dict)
     if hasattr(family, "class_probs") and kind == "class":
         probs = family.class_probs(params, data.XeT)

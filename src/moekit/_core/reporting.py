@@ -93,6 +93,8 @@ class Report:
         self.tested += other.tested
 
     def flat(self) -> torch.Tensor:
+        if not self.values:  # a family without parameters (point masses at zero)
+            return torch.zeros(0, dtype=torch.float64)
         return torch.cat([v.reshape(-1) for v in self.values.values()])
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -166,6 +166,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         try:
             if edit is not None and edit.n_experts != self.n_experts:
                 self.n_experts = edit.n_experts  # restored with the rest if the fit fails
+            if edit is not None and edit.expert is not None:
+                self.expert = edit.expert
             self._validate_params()
             comm = self._data_group(fresh=parent is None and edit is None)
             seed = self.random_state if comm is None else comm.shared_seed(self.random_state)

@@ -45,6 +45,7 @@ class Edit:
     frozen: tuple[int, ...] = ()
     gate_frozen: bool = False
     keep: tuple[int, ...] | None = None  # frozen after the refit (default: ``frozen``)
+    expert: list[str] | None = None  # a family per expert: the list after the edit
 
     @property
     def kept_frozen(self) -> tuple[int, ...]:
@@ -147,6 +148,11 @@ class EditingMixin:
         self
         """
         check_is_fitted(self)
+        if hasattr(self._expert_family, "names_of"):
+            raise ValueError(
+                f"add_expert: with a family per expert (expert={self.expert!r}) the new "
+                "expert's family is not known; fit with a longer expert list instead."
+            )
         K = self._n_experts_fitted
         model, data = self._edit_model(X, y, "add_expert")
         params = self._params
@@ -205,7 +211,9 @@ class EditingMixin:
         gate = model.gate.shift(gate, -lse.reshape(1).expand(K - 1))
         start = Params(model.expert.select(self._params.expert, keep), gate)
         frozen = tuple(j - (j > k) for j in self.frozen_experts_ if j != k)
-        return self._fit(X, y, edit=Edit([start], K - 1, frozen))
+        names = getattr(model.expert, "names_of", None)  # a family per expert: drop its name
+        expert = None if names is None else names(start.expert)
+        return self._fit(X, y, edit=Edit([start], K - 1, frozen, expert=expert))
 
     # ------------------------------------------------------------------ helpers
     def _edit_model(self, X, y, what: str) -> tuple[EMModel, Any]:

@@ -176,7 +176,9 @@ class RegressionExperts(Protocol):
     Attributes
     ----------
     predictive_family : {'normal', 'student_t', 'poisson'}
-        The component family of :class:`moekit.prediction.MixturePrediction`.
+        The component family of :class:`moekit.prediction.MixturePrediction`. A
+        family whose experts differ (:class:`moekit.experts.mixed.MixedExperts`)
+        also has ``predictive_families(params)``, the component family of each.
     standardize_target : bool
         Whether the estimator standardises y before the fit (not for counts).
     """

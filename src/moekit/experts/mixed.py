@@ -141,10 +141,11 @@ class MixedExperts:
         One expert pooled over all rows (for the starts' residuals) is of the first
         family that has parameters.
         """
-        out = copy.copy(self)
         if n_experts == 1:
-            out.names = [next((n for n in self.order if n != "zero"), self.order[0])]
-        elif n_experts != self.n_experts:
+            main = next((n for n in self.order if n != "zero"), self.order[0])
+            return MixedExperts([main], {main: self.parts[main]})
+        out = copy.copy(self)
+        if n_experts != self.n_experts:
             out.names = None
         out.n_experts = n_experts
         return out
