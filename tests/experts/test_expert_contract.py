@@ -27,6 +27,7 @@ from moekit._core.reporting import Scaling
 from moekit.experts import base
 from moekit.experts.bayesian_gaussian import BayesianGaussianExperts
 from moekit.experts.binomial import BinomialExperts
+from moekit.experts.censored import CensoredExperts
 from moekit.experts.gamma import GammaExperts
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.logistic import LogisticExperts
@@ -69,6 +70,8 @@ FAMILIES = {
     ZeroExperts: [(lambda: ZeroExperts(K), "zeros")],
     MixedExperts: [(lambda: _mixed(["poisson", "negative_binomial", "poisson"]), "count"),
                    (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive")],
+    CensoredExperts: [(lambda: CensoredExperts(GaussianExperts(K, 1, 1e-6), 0.3), "censored"),
+                      (lambda: CensoredExperts(LogNormalExperts(K), 0.0, True), "censored_log")],
 }  # fmt: skip
 CASES = [
     pytest.param(make, kind, id=f"{cls.__name__}-{i}")
@@ -108,6 +111,17 @@ def data_for(kind: str, seed: int = 0) -> EMData:
         m = 2 if kind == "real2" else 1
         y = torch.where(half, 1.0 + X[1], -1.0 - 0.5 * X[1]).expand(m, N)
         y = y + 0.3 * torch.randn(m, N, generator=g, dtype=torch.float64)
+    if kind.startswith("censored"):  # rows [point, lower, upper, window]: see experts.censored
+        y = torch.where(half, 1.0 + X[1], -1.0 - 0.5 * X[1])
+        y = y + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
+        if kind == "censored_log":
+            y = torch.exp(y)
+        cap = torch.quantile(y, 0.8)
+        up = torch.where(y > cap, torch.inf, torch.minimum(y, cap))
+        lo = torch.minimum(y, cap)
+        inf = torch.full_like(y, torch.inf)
+        t_lo = torch.zeros_like(y) if kind == "censored_log" else -inf
+        y = torch.stack([lo, lo, up, t_lo, inf])
     return EMData(XeT, XeT, y)
 
 
@@ -124,6 +138,8 @@ def fitted(family, data: EMData, iterations: int = 2):
 
 def scaling_for(family, data: EMData) -> Scaling:
     m = data.y.shape[0] if data.y.ndim == 2 else 1
+    if getattr(family, "censored", False):  # one output, coded with its bounds
+        m = 1
     real = getattr(family, "standardize_target", False)
     y_mean = torch.full((m,), 0.3 if real else 0.0, dtype=torch.float64)
     y_scale = torch.full((m,), 1.5 if real else 1.0, dtype=torch.float64)
@@ -247,7 +263,8 @@ def test_predictions(make, kind):
     if hasattr(family, "moments") and kind != "class":
         means, stds = family.moments(params, data.XeT)
         # one output per target row, but one for a family reading several as one
-        m = 1 if getattr(family, "target_columns", 1) > 1 else data.y.shape[0]
+        one = getattr(family, "target_columns", 1) > 1 or getattr(family, "censored", False)
+        m = 1 if one else data.y.shape[0]
         assert means.shape == stds.shape == (N, K, m)
         # a point mass at zero has no spread; every other component has some
         assert bool((stds == 0).all() if kind == "zeros" else (stds > 0).all())

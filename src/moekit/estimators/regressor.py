@@ -15,6 +15,7 @@ from sklearn.base import RegressorMixin
 from moekit._core.engine import to_numpy
 from moekit._core.validation import HasMethods, Interval, ListOf, Options
 from moekit.estimators._base import BaseMoE
+from moekit.estimators._censoring import CensoringMixin
 from moekit.estimators._families import EXPERTS, expert_class, make_experts, one_name
 from moekit.estimators._params import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators._targets import RealTarget
@@ -23,7 +24,7 @@ from moekit.prediction import MixturePrediction
 
 
 @register_model
-class MoERegressor(RegressorMixin, BaseMoE):
+class MoERegressor(RegressorMixin, CensoringMixin, BaseMoE):
     """Mixture-of-experts regression fitted by EM.
 
     The conditional density of the target is a gated mixture of linear-Gaussian
@@ -253,17 +254,25 @@ default='auto'
     def _expert_class(self):
         return expert_class(self)
 
-    def _make_expert(self, coding, seed: int):
+    def _family(self, coding, seed: int):
         return make_experts(self, len(coding["_y_mean"]), seed)
 
     # ------------------------------------------------------------------ API
-    def fit(self, X, y, *, start_from=None) -> MoERegressor:
+    def fit(self, X, y, *, y_upper=None, truncation=None, start_from=None) -> MoERegressor:
         """Fit the mixture of experts by EM.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            With ``y_upper``, each row's lower bound (-inf: left-censored).
+        y_upper : array-like of shape (n_samples,), optional
+            Censored responses (``expert='linear'`` or ``'lognormal'``): y_i lies in
+            [y_i, y_upper_i]; inf is right-censored at y_i, NaN or y_i itself exact.
+        truncation : (lower, upper), optional
+            Scalars or arrays: a row is observed only when y lies in (lower, upper);
+            each expert is renormalised there (:mod:`moekit.experts.censored`).
+            ``predict(_distribution)`` then describe the latent, uncensored y.
 
         start_from : fitted estimator, optional
             A fit of a simpler model on the same X and y: the same model with one
@@ -278,7 +287,7 @@ default='auto'
         -------
         self
         """
-        return self._fit(X, y, parent=start_from)
+        return self._fit_censored(X, y, y_upper, truncation, parent=start_from)
 
     def _moments(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         XeT, XgT = self._designs(X)
@@ -383,7 +392,7 @@ default='auto'
 
     # ------------------------------------------------------------------ files
     def _extra_state(self):
-        return {"y_2d": bool(self._y_2d)}, {
+        return {"y_2d": bool(self._y_2d), "censored": bool(getattr(self, "_censored", False))}, {
             "y_mean": torch.as_tensor(self._y_mean),
             "y_scale": torch.as_tensor(self._y_scale),
         }
@@ -392,6 +401,7 @@ default='auto'
         if not isinstance(state.get("y_2d"), bool):
             raise ValueError(f"setting 'y_2d' must be true or false; got {state.get('y_2d')!r}")
         self._y_2d = state["y_2d"]
+        self._censored = state.get("censored", False) is True
         self._y_mean = to_numpy(tensors["y_mean"]).astype(np.float64)
         self._y_scale = to_numpy(tensors["y_scale"]).astype(np.float64)
         if not (np.isfinite(self._y_scale).all() and (self._y_scale > 0).all()):

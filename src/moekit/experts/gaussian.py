@@ -225,6 +225,17 @@ class GaussianExperts:
     def predictive_extra(self, params: GaussianParams) -> dict:
         return {}
 
+    # ------------------------------------------------------------ censored responses
+    latent_log = False  # the latent normal is of y itself (see moekit.experts.censored)
+
+    def latent_normal(self, params: GaussianParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coefficients (K, p) and variances (K,) of the one output's normal."""
+        return params.coef[:, 0, :], params.var[:, 0]
+
+    def with_latent_normal(self, coef: torch.Tensor, var: torch.Tensor) -> GaussianParams:
+        """The parameters of one output from :meth:`latent_normal`'s two tensors."""
+        return GaussianParams(coef.unsqueeze(1).contiguous(), var.unsqueeze(1))
+
     # ------------------------------------------------------------ model files
     def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the :class:`GaussianParams` fields for a design of p columns."""

@@ -159,6 +159,17 @@ class LogNormalExperts:
     def predictive_extra(self, params: LogNormalParams) -> dict:
         return {}
 
+    # ------------------------------------------------------------ censored responses
+    latent_log = True  # the latent normal is of log y (see moekit.experts.censored)
+
+    def latent_normal(self, params: LogNormalParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coefficients (K, p) and variances (K,) of the normal of log y."""
+        return params.coef, params.var
+
+    def with_latent_normal(self, coef: torch.Tensor, var: torch.Tensor) -> LogNormalParams:
+        """The parameters from :meth:`latent_normal`'s two tensors."""
+        return LogNormalParams(coef, var)
+
     # ------------------------------------------------------------ model files
     @property
     def n_outputs(self) -> int:

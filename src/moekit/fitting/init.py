@@ -89,12 +89,15 @@ def kmeans_resp(
     ----------
     target : Tensor of shape (m, n), optional
         The target rows to cluster on with the features (default ``data.y`` when it
-        is a float tensor).
+        is a float tensor); rows with an infinite value are left out.
     """
     feats = [data.XeT[:-1]]  # drop the intercept row
     y = data.y if target is None else target
     if y is not None and y.is_floating_point():
-        feats.append(y.reshape(-1, data.n))
+        y = y.reshape(-1, data.n)
+        # rows holding infinities (the open ends of censored intervals) say nothing
+        # k-means can use
+        feats.append(y[torch.isfinite(y).all(1)])
     Z = torch.cat(feats, 0).T.cpu()  # (n, d)
     return _one_hot(_kmeans_labels(Z, K, generator).to(data.XeT.device), K, data.XeT)
 

@@ -1,0 +1,225 @@
+"""Censored and truncated targets of ``MoERegressor``: the checks of ``y_upper`` and
+``truncation``, their coding with the target, and the estimator's part.
+
+The bounds travel with the target: a censored fit codes y as five rows,
+[point, lower, upper, window lower, window upper] (``experts.censored.ROWS``), all
+standardised as y is, and its expert family (:class:`~moekit.experts.censored.
+CensoredExperts`) reads them. The point (y where exact, the finite end of a
+one-sided interval, the middle of a finite one) is what the starts cluster on and
+what y's standardisation is taken from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moekit._core.engine import EM_DTYPE
+from moekit.estimators._targets import RealTarget
+from moekit.experts.censored import ROWS, CensoredExperts
+
+
+def _per_row(value, n: int, name: str) -> np.ndarray:
+    """A scalar or n values as a float array of n, or a ValueError naming ``name``."""
+    a = np.asarray(value, dtype=np.float64)
+    if a.ndim == 0:
+        return np.full(n, float(a))
+    a = a.reshape(-1) if a.ndim == 2 and 1 in a.shape else a
+    if a.ndim != 1 or len(a) != n:
+        raise ValueError(f"{name} must be a scalar or have one value per row of y ({n}); "
+                         f"got shape {np.shape(value)}.")  # fmt: skip
+    return a
+
+
+def pack_bounds(y, y_upper=None, truncation=None) -> np.ndarray:
+    """Check y, ``y_upper`` and ``truncation``; the target as rows (n, 5) in y's units.
+
+    Columns: the point, the lower and upper ends of the interval y lies in (cut to
+    the window; equal for an exact row), and the window (t, v) (-inf, inf without
+    truncation). ``y_upper`` NaN marks an exact row, as does y_upper == y.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``y``, ``y_upper`` or ``truncation``: wrong lengths, NaN,
+        y_upper < y, a row known nowhere, a window that excludes the observed y.
+    """
+    lo = np.asarray(y, dtype=np.float64)
+    if lo.ndim == 2 and lo.shape[1] == 1:
+        lo = lo[:, 0]
+    if lo.ndim != 1:
+        raise ValueError(f"y must be one-dimensional with y_upper or truncation; got shape "
+                         f"{lo.shape}.")  # fmt: skip
+    n = len(lo)
+    if np.isnan(lo).any() or np.isposinf(lo).any():
+        raise ValueError("y contains NaN or +inf (a lower bound of -inf is left-censoring).")
+    hi = lo.copy() if y_upper is None else _per_row(y_upper, n, "y_upper")
+    hi = np.where(np.isnan(hi), lo, hi)  # NaN: an exact row
+    bad = np.flatnonzero(hi < lo)
+    if len(bad):
+        i = bad[0]
+        raise ValueError(f"y_upper must be >= y in every row; row {i} has y_upper={hi[i]:g} "
+                         f"< y={lo[i]:g}.")  # fmt: skip
+    nowhere = np.flatnonzero(np.isneginf(lo) & np.isposinf(hi) | np.isneginf(hi))
+    if len(nowhere):
+        raise ValueError(f"y_upper: row {nowhere[0]} is known nowhere (y=-inf and "
+                         "y_upper=inf, or y_upper=-inf).")  # fmt: skip
+    if truncation is None:
+        t_lo, t_hi = np.full(n, -np.inf), np.full(n, np.inf)
+    else:
+        if not (isinstance(truncation, (tuple, list)) and len(truncation) == 2):
+            raise ValueError("truncation must be a pair (lower, upper) of scalars or arrays; "
+                             f"got {type(truncation).__name__}.")  # fmt: skip
+        t_lo, t_hi = (_per_row(v, n, "truncation") for v in truncation)
+        if np.isnan(t_lo).any() or np.isnan(t_hi).any() or (t_lo >= t_hi).any():
+            raise ValueError("truncation=(lower, upper) needs lower < upper in every row "
+                             "(no NaN).")  # fmt: skip
+    exact = lo == hi
+    a, b = np.maximum(lo, t_lo), np.minimum(hi, t_hi)
+    out = np.flatnonzero(np.where(exact, (lo < t_lo) | (lo > t_hi), a >= b))
+    if len(out):
+        i = out[0]
+        raise ValueError(f"truncation excludes the observed y of row {i}: y in "
+                         f"[{lo[i]:g}, {hi[i]:g}], window ({t_lo[i]:g}, {t_hi[i]:g}).")  # fmt: skip
+    point = np.where(np.isfinite(a) & np.isfinite(b), 0.5 * (a + b), np.where(np.isfinite(a), a, b))
+    return np.stack([np.where(exact, lo, point), a, b, t_lo, t_hi], 1)
+
+
+def exact_rows(y: np.ndarray) -> np.ndarray:
+    """Observed y of shape (n,) as the five rows of exact observations."""
+    n = len(y)
+    return np.stack([y, y, y, np.full(n, -np.inf), np.full(n, np.inf)], 1)
+
+
+def encode_rows(rows: np.ndarray, coding, device) -> torch.Tensor:
+    """The five rows (n, 5) standardised as y is, output-major (5, n); infinities stay."""
+    z = (rows - coding["_y_mean"][0]) / coding["_y_scale"][0]
+    return torch.as_tensor(z.T.copy(), dtype=EM_DTYPE, device=device)
+
+
+class CensoredTarget(RealTarget):
+    """A real target of one output with the bounds of :func:`pack_bounds`.
+
+    ``fit`` and ``check`` receive the points (which scikit-learn's checks see, and
+    which must be finite) and return the five rows of ``bounds`` (None: every row
+    exact); ``check`` also takes the five rows themselves (a summary's held rows).
+    Likelihoods are in y's units already: exact rows carry the standardisation's
+    Jacobian in the family, censored ones, probabilities, need none.
+
+    Parameters
+    ----------
+    family : type
+    bounds : ndarray of shape (n, 5) or None
+    """
+
+    def __init__(self, family: type, bounds: np.ndarray | None = None) -> None:
+        super().__init__(family)
+        self.bounds = bounds
+
+    def _rows(self, points: np.ndarray) -> np.ndarray:
+        if self.bounds is None:
+            return exact_rows(points.reshape(-1))
+        if len(self.bounds) != len(points):
+            raise ValueError(f"y_upper and truncation are for {len(self.bounds)} rows; y has "
+                             f"{len(points)}.")  # fmt: skip
+        return self.bounds
+
+    def fit(self, y):
+        y, coding = super().fit(y)
+        if len(coding["_y_mean"]) != 1:
+            raise ValueError("y_upper and truncation are for a target of one column.")
+        return self._rows(np.asarray(y)), coding
+
+    def check(self, y, coding):
+        y = np.asarray(y, dtype=np.float64)
+        if y.ndim == 2 and y.shape[1] == ROWS:
+            return y
+        return self._rows(super().check(y, coding)[:, 0])
+
+    def encode(self, y, coding, device):
+        rows = np.asarray(y, dtype=np.float64)
+        if rows.ndim == 1 or rows.shape[1] != ROWS:
+            rows = exact_rows(rows.reshape(-1))
+        return encode_rows(rows, coding, device)
+
+    def log_jacobian(self, coding):
+        return 0.0
+
+
+class CensoringMixin:
+    """``y_upper`` and ``truncation`` in ``MoERegressor`` (mixed in before BaseMoE).
+
+    During a fit, ``_pending_bounds`` holds the fit's bounds (None: uncensored); after
+    it, ``_censored`` says whether the fitted family reads bounds.
+    """
+
+    def _censoring(self) -> tuple[bool, np.ndarray | None]:
+        """(whether the target is coded with bounds, the fit's bounds if fitting)."""
+        if "_pending_bounds" in self.__dict__:
+            bounds = self.__dict__["_pending_bounds"]
+            return bounds is not None, bounds
+        return bool(getattr(self, "_censored", False)), None
+
+    def _target(self):
+        censored, bounds = self._censoring()
+        if censored:
+            return CensoredTarget(self._expert_class(), bounds)
+        return super()._target()
+
+    def _make_expert(self, coding, seed: int):
+        """The subclass's family (``_family``), reading bounds where the target has them."""
+        family = self._family(coding, seed)
+        censored, bounds = self._censoring()
+        if not censored:
+            return family
+        truncated = bounds is not None and bool(np.isfinite(bounds[:, 3:]).any())
+        return CensoredExperts(family, float(np.log(coding["_y_scale"][0])), truncated)
+
+    def _fit_censored(self, X, y, y_upper, truncation, parent):
+        """A fit with the bounds checked and packed, or a plain one without them."""
+        bounds = None
+        if y_upper is not None or truncation is not None:
+            if self.distributed:
+                raise ValueError("y_upper and truncation are not available with distributed=True.")
+            bounds = pack_bounds(y, y_upper, truncation)
+            y = bounds[:, 0]
+        self._pending_bounds = bounds  # read by _target and _make_expert, then dropped
+        try:
+            return self._fit(X, y, parent=parent)
+        finally:
+            self.__dict__.pop("_pending_bounds", None)
+
+    def _fitted_state(self, model, result, prepared, frozen=()):
+        state = super()._fitted_state(model, result, prepared, frozen)
+        state["_censored"] = bool(getattr(model.expert, "censored", False))
+        return state
+
+    def log_likelihood_samples(self, X, y, *, y_upper=None, truncation=None) -> np.ndarray:
+        """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,).
+
+        With ``y_upper`` or ``truncation`` (as ``fit`` takes them), the log
+        probability of each row's interval, renormalised on its window; a model fitted
+        without them is evaluated on them too (linear or lognormal experts).
+        """
+        if y_upper is None and truncation is None:
+            return super().log_likelihood_samples(X, y)
+        rows = pack_bounds(y, y_upper, truncation)
+        if getattr(self, "_censored", False):
+            return super().log_likelihood_samples(X, rows)
+        family = CensoredExperts(self._expert_family, float(np.log(self._y_scale[0])))
+        XeT, XgT = self._designs(X)
+        if len(rows) != XeT.shape[1]:
+            raise ValueError(f"X and y have inconsistent numbers of samples: {XeT.shape[1]} "
+                             f"and {len(rows)}.")  # fmt: skip
+        from moekit._core.data import Chunk, EMData
+
+        yt = encode_rows(rows, vars(self), XeT.device)
+        logp = family.log_prob(self._params.expert, Chunk(0, len(rows), EMData(XeT, XgT, yt)))
+        logp = logp + self._gate_family.log_weights(self._params.gate, XgT)
+        return torch.logsumexp(logp, 0).cpu().numpy()
+
+    def log_likelihood(self, X, y, *, y_upper=None, truncation=None) -> float:
+        """Mean per-sample log-likelihood, (1/n) sum_i log p(y_i | x_i) (see
+        :meth:`log_likelihood_samples` for ``y_upper`` and ``truncation``)."""
+        rows = self.log_likelihood_samples(X, y, y_upper=y_upper, truncation=truncation)
+        return float(np.mean(rows))
