@@ -29,6 +29,12 @@ from moekit.experts.bayesian_gaussian import BayesianGaussianExperts
 from moekit.experts.binomial import BinomialExperts
 from moekit.experts.gamma import GammaExperts
 from moekit.experts.gaussian import GaussianExperts
+from moekit.experts.gaussian_cov import (
+    CovarianceGaussianExperts,
+    FullGaussianExperts,
+    SphericalGaussianExperts,
+    TiedGaussianExperts,
+)
 from moekit.experts.logistic import LogisticExperts
 from moekit.experts.lognormal import LogNormalExperts
 from moekit.experts.mlp import MLPExperts
@@ -58,6 +64,10 @@ FAMILIES = {
     LogNormalExperts: [(lambda: LogNormalExperts(K), "positive")],
     NegativeBinomialExperts: [(lambda: NegativeBinomialExperts(K), "count")],
     ZeroExperts: [(lambda: ZeroExperts(K), "zeros")],
+    CovarianceGaussianExperts: [(lambda: CovarianceGaussianExperts(K, 2, 1e-6), "real2")],
+    FullGaussianExperts: [(lambda: FullGaussianExperts(K, 2, 1e-6), "real2")],
+    TiedGaussianExperts: [(lambda: TiedGaussianExperts(K, 2, 1e-6), "real2")],
+    SphericalGaussianExperts: [(lambda: SphericalGaussianExperts(K, 2, 1e-6), "real2")],
 }  # fmt: skip
 CASES = [
     pytest.param(make, kind, id=f"{cls.__name__}-{i}")
