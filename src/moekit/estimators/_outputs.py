@@ -46,10 +46,12 @@ class OutputsMixin:
         Diagonal for ``covariance_type='diag'``, the same matrix for every expert for
         'tied', sigma_k^2 I for 'spherical'. Linear experts only.
         """
-        if self.expert != "linear":
-            raise AttributeError(f"covariances_ is for expert='linear'; got {self.expert!r}.")
-        params = self._params.expert
-        cov = params.cov if hasattr(params, "cov") else torch.diag_embed(params.var)
+        expert = getattr(self, "expert", None)
+        if expert != "linear":
+            raise AttributeError(f"covariances_ is for expert='linear'; got {expert!r}.")
+        family, params = self._expert_family, self._params.expert
+        cov = (family.covariances(params) if hasattr(family, "covariances")
+               else torch.diag_embed(params.var))  # fmt: skip
         scale = np.asarray(self._y_scale)
         return to_numpy(cov) * scale[:, None] * scale[None, :]
 

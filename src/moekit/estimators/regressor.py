@@ -357,7 +357,7 @@ default='auto'
     def predict_distribution(self, X) -> MixturePrediction:
         """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`)."""
         w, means, stds = self._moments(X)
-        if hasattr(self._params.expert, "cov"):  # full, tied or spherical covariances
+        if hasattr(self._expert_family, "covariances"):  # full, tied or spherical
             return self._q_variate(w, means)
         family = self._expert_family.predictive_family
         extra = {
