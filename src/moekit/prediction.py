@@ -24,6 +24,12 @@ def _as64(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=EM_DTYPE)
 
 
+def _check_n_samples(n_samples) -> int:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int; got {n_samples!r}.")
+    return int(n_samples)
+
+
 class MixturePrediction:
     """Per-row mixtures with diagonal scales.
 
@@ -142,7 +148,7 @@ class MixturePrediction:
         """Select rows, e.g. ``d[:10]`` or ``d[mask]``; the result is a mixture too."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1 if rows != -1 else None)
-        out = object.__new__(MixturePrediction)
+        out = object.__new__(type(self))
         out.n_outputs, out._family = self.n_outputs, self._family
         out._w, out._mu, out._sd = self._w[rows], self._mu[rows], self._sd[rows]
         out._df = None if self._df is None else self._df[rows]
@@ -276,14 +282,8 @@ class MixturePrediction:
         -------
         ndarray of shape (n, n_samples) or (n, n_samples, m)
         """
-        if (
-            isinstance(n_samples, bool)
-            or not isinstance(n_samples, (int, np.integer))
-            or (n_samples < 1)
-        ):
-            raise ValueError(f"n_samples must be a positive int; got {n_samples!r}.")
         gen = torch_generator(random_state)
-        n, s = len(self), int(n_samples)
+        n, s = len(self), _check_n_samples(n_samples)
         comp = torch.multinomial(self._w, s, replacement=True, generator=gen)  # (n, s)
         idx = comp.unsqueeze(-1).expand(-1, -1, self._mu.shape[2])  # (n, s, m)
         mu = torch.gather(self._mu, 1, idx)
@@ -347,15 +347,11 @@ class MixturePrediction:
             return self._prune(self._integer_modes(), min_relative_density, return_density)
         if not hasattr(self._family, "shift_weights"):  # no mean-shift fixed point
             return self._prune(self._grid_modes(), min_relative_density, return_density)
-        mu, sd = self._mu, self._sd
-        inv_var = 1.0 / sd**2  # (n, K, m)
-        scale = sd.amin(dim=(1, 2))  # (n,)
-        x = mu.clone()  # (n, S, m): one start per component mean
+        scale = self._sd.amin(dim=(1, 2))  # (n,)
+        x = self._mu.clone()  # (n, S, m): one start per component mean
         for _ in range(max_iter):
             a = torch.softmax(self._log_joint_at(x), dim=2) * self._comp(x, "shift_weights")
-            num = torch.einsum("nsk,nkm->nsm", a, mu * inv_var)
-            den = torch.einsum("nsk,nkm->nsm", a, inv_var)
-            x_new = num / den
+            x_new = self._shift(a)
             step = (x_new - x).abs().amax(dim=(1, 2))
             x = x_new
             if bool((step <= tol * scale).all()):
@@ -380,6 +376,12 @@ class MixturePrediction:
             m = m.squeeze(-1) if self.n_outputs is None else m
             out.append((to_numpy(m), to_numpy(torch.exp(logp[i, kept]))))
         return self._prune(out, min_relative_density, return_density)
+
+    def _shift(self, a: torch.Tensor) -> torch.Tensor:
+        """The fixed point's next points from the weights a (n, S, K) of the components."""
+        inv_var = 1.0 / self._sd**2  # (n, K, m)
+        num = torch.einsum("nsk,nkm->nsm", a, self._mu * inv_var)
+        return num / torch.einsum("nsk,nkm->nsm", a, inv_var)
 
     @staticmethod
     def _prune(found: list, ratio: float, return_density: bool) -> list:

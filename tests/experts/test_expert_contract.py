@@ -30,6 +30,12 @@ from moekit.experts.binomial import BinomialExperts
 from moekit.experts.censored import CensoredExperts
 from moekit.experts.gamma import GammaExperts
 from moekit.experts.gaussian import GaussianExperts
+from moekit.experts.gaussian_cov import (
+    CovarianceGaussianExperts,
+    FullGaussianExperts,
+    SphericalGaussianExperts,
+    TiedGaussianExperts,
+)
 from moekit.experts.logistic import LogisticExperts
 from moekit.experts.lognormal import LogNormalExperts
 from moekit.experts.mixed import MixedExperts
@@ -72,6 +78,10 @@ FAMILIES = {
                    (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive")],
     CensoredExperts: [(lambda: CensoredExperts(GaussianExperts(K, 1, 1e-6), 0.3), "censored"),
                       (lambda: CensoredExperts(LogNormalExperts(K), 0.0, True), "censored_log")],
+    CovarianceGaussianExperts: [(lambda: CovarianceGaussianExperts(K, 2, 1e-6), "real2")],
+    FullGaussianExperts: [(lambda: FullGaussianExperts(K, 2, 1e-6), "real2")],
+    TiedGaussianExperts: [(lambda: TiedGaussianExperts(K, 2, 1e-6), "real2")],
+    SphericalGaussianExperts: [(lambda: SphericalGaussianExperts(K, 2, 1e-6), "real2")],
 }  # fmt: skip
 CASES = [
     pytest.param(make, kind, id=f"{cls.__name__}-{i}")

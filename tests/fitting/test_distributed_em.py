@@ -79,6 +79,14 @@ def _glm(expert, n, seed=0):
     return X, np.c_[s, 12 - s].astype(float)
 
 
+def _responses(n, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (n, 1))
+    z = rng.random(n) < 0.4
+    noise = rng.multivariate_normal([0, 0], [[1.0, 0.6], [0.6, 2.0]], n)
+    return X, np.where(z[:, None], X @ [[2.0, -1.0]], 1.0 - X @ [[1.0, 3.0]]) + 0.3 * noise
+
+
 COMMON = {"n_init": 3, "init_sample_size": 300, "tol": 1e-10, "max_iter": 400, "random_state": 0}
 CASES = {
     "softmax": (lambda **kw: MoERegressor(n_experts=2, **COMMON, **kw), lambda: _regression(900)),
@@ -96,6 +104,13 @@ CASES = {
             lambda expert=expert: _glm(expert, 900),
         )
         for expert in ("gamma", "lognormal", "negative_binomial", "binomial")
+    },
+    **{
+        ct: (
+            lambda ct=ct, **kw: MoERegressor(n_experts=2, covariance_type=ct, **COMMON, **kw),
+            lambda: _responses(900),
+        )
+        for ct in ("full", "tied", "spherical")
     },
     "hierarchical": (
         lambda **kw: HierarchicalMoERegressor(depth=2, branching=2, **COMMON, **kw),
@@ -240,6 +255,12 @@ def test_two_processes_equal_one_process_other_families(case, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["gamma", "lognormal", "negative_binomial", "binomial"])
 def test_two_processes_equal_one_process_glm_families(case, tmp_path):
+    _check_equal(case, 2, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["full", "tied", "spherical"])
+def test_two_processes_equal_one_process_covariance_types(case, tmp_path):
     _check_equal(case, 2, tmp_path)
 
 

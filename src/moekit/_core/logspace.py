@@ -79,3 +79,29 @@ def student_t_logpdf(d2: torch.Tensor, log_scale: torch.Tensor, nu: torch.Tensor
         - log_scale
         - 0.5 * (nu + m) * torch.log1p(d2 / nu)
     )
+
+
+def mvn_logpdf_chol(resid: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """Log density of N(0, L L^T) at residuals ``resid``, one covariance per leading index.
+
+    .. math::  \\log N(r; 0, \\Sigma) = -\\tfrac12 \\big(q \\log 2\\pi + \\|L^{-1} r\\|^2\\big)
+               - \\sum_j \\log L_{jj}, \\qquad \\Sigma = L L^T,
+
+    with one triangular solve instead of an inverse (as scikit-learn's
+    ``_estimate_log_gaussian_prob`` uses the Cholesky factor of the precision).
+
+    Parameters
+    ----------
+    resid : Tensor of shape (..., q, c)
+        c residual vectors per leading index.
+    chol : Tensor of shape (..., q, q)
+        Lower Cholesky factors of the covariances; broadcast against ``resid``.
+
+    Returns
+    -------
+    Tensor of shape (..., c)
+    """
+    q = resid.shape[-2]
+    white = torch.linalg.solve_triangular(chol, resid, upper=False)  # (..., q, c)
+    log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1, keepdim=True)  # (..., 1)
+    return -0.5 * (q * LOG_2PI + white.square().sum(-2)) - log_det

@@ -103,6 +103,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
     }
     _target_coding: ClassVar[type[TargetCoding]] = TargetCoding
     _order_by_mean = False  # documented expert order: by mean prediction, else by size
+    _min_features = 1  # 0 where a model of y alone means something (a Gaussian mixture)
 
     # The settings of estimators that have them; the others fit as these say.
     fit_method = "em"
@@ -291,6 +292,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
                     "fit afresh)."
                 )
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2,
+                             ensure_min_features=self._min_features,
                              **coder.validation)  # fmt: skip
         if local and X.shape[0] < self.n_experts:
             raise ValueError(

@@ -44,6 +44,8 @@ def rows_of(A, rows: slice):
 
 def column_moments(Xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column means and standard deviations (n in the denominator)."""
+    if Xt.shape[1] == 0:  # no features: nothing to centre (torch warns on an empty std)
+        return Xt.new_zeros(0), Xt.new_ones(0)
     return Xt.mean(0), Xt.std(0, correction=0)
 
 

@@ -28,7 +28,8 @@ class ScoringMixin:
     # ------------------------------------------------------------------ data
     def _designs(self, X) -> tuple[torch.Tensor, torch.Tensor]:
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, X, reset=False, dtype=np.float64,
+                          ensure_min_features=self._min_features)  # fmt: skip
         Xt = shared_tensor(X, self._x_mean.device)
         return build_designs(Xt, vars(self))
 

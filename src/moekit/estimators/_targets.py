@@ -101,8 +101,7 @@ class RealTarget(TargetCoding):
         if check is not None:
             y2 = check(y2)
         if self.family.standardize_target:
-            sd = y2.std(0)
-            coding = {"_y_mean": y2.mean(0), "_y_scale": np.where(sd > 0, sd, 1.0)}
+            coding = {"_y_mean": y2.mean(0), "_y_scale": self._scales(y2.std(0))}
         else:
             m = self._n_outputs(y2)
             coding = {"_y_mean": np.zeros(m), "_y_scale": np.ones(m)}
@@ -110,6 +109,13 @@ class RealTarget(TargetCoding):
         # and failures) is predicted as a 1-d target
         coding["_y_2d"] = y.ndim == 2 and len(coding["_y_mean"]) == y2.shape[1]
         return y, coding
+
+    def _scales(self, sd: np.ndarray) -> np.ndarray:
+        # one scale for every column where the family's covariance is spherical in
+        # y's units (the root mean variance), else each column's own
+        if getattr(self.family, "common_target_scale", False):
+            sd = np.full_like(sd, np.sqrt(np.mean(sd**2)))
+        return np.where(sd > 0, sd, 1.0)
 
     def _n_outputs(self, y2: np.ndarray) -> int:
         # the outputs predicted: one for a family reading several columns as one
@@ -121,8 +127,7 @@ class RealTarget(TargetCoding):
             return dict(coding)
         y2 = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
         mean, sd = comm.moments(y2, n)
-        sd = sd.numpy()
-        return {**coding, "_y_mean": mean.numpy(), "_y_scale": np.where(sd > 0, sd, 1.0)}
+        return {**coding, "_y_mean": mean.numpy(), "_y_scale": self._scales(sd.numpy())}
 
     def check(self, y, coding):
         y = np.asarray(y, dtype=np.float64)

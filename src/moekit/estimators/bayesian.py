@@ -184,6 +184,7 @@ gate_options
         "effective_threshold": [Interval(numbers.Real, 0, 1, closed="neither")],
     }
     _order_by_mean = False  # by size: surplus experts last
+    _min_features = 1  # MoERegressor fits X of no columns as a mixture of y; not this one
 
     _defaults: ClassVar[dict] = {
         "n_experts": 3,

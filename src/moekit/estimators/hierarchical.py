@@ -39,7 +39,7 @@ _TREE_CONSTRAINTS = {
 # are softmax gates whose leaves stay (no min_share), and its classifier's experts take no
 # options
 _NOT_TREE_REGRESSOR = {"n_experts", "min_share", "gate_options", "fit_method", "objective",
-                       "fit_options"}  # fmt: skip
+                       "fit_options", "covariance_type"}  # fmt: skip
 _NOT_TREE_CLASSIFIER = {"n_experts", "min_share", "expert_options", "gate_options"}
 
 
@@ -238,6 +238,7 @@ n_features_in_, feature_names_in_
         **_TREE_CONSTRAINTS,
     }
     _flat_class = MoERegressor
+    _min_features = 1  # MoERegressor fits X of no columns as a mixture of y; a tree does not
 
     _defaults: ClassVar[dict] = {
         "depth": 2,

@@ -17,14 +17,16 @@ from moekit._core.validation import HasMethods, Interval, ListOf, Options
 from moekit.estimators._base import BaseMoE
 from moekit.estimators._censoring import CensoringMixin
 from moekit.estimators._families import EXPERTS, expert_class, make_experts, one_name
+from moekit.estimators._outputs import OutputsMixin
 from moekit.estimators._params import EM_DEFAULTS, RUN_DEFAULTS
 from moekit.estimators._targets import RealTarget
+from moekit.experts.gaussian_cov import COVARIANCE_TYPES
 from moekit.io import register_model
 from moekit.prediction import MixturePrediction
 
 
 @register_model
-class MoERegressor(RegressorMixin, CensoringMixin, BaseMoE):
+class MoERegressor(OutputsMixin, RegressorMixin, CensoringMixin, BaseMoE):
     """Mixture-of-experts regression fitted by EM.
 
     The conditional density of the target is a gated mixture of linear-Gaussian
@@ -71,6 +73,12 @@ class MoERegressor(RegressorMixin, CensoringMixin, BaseMoE):
         with several starts avoids that.
     df : float or None, default=None
         Degrees of freedom of ``'student_t'`` experts; None fits one per expert.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='diag'
+        Noise covariance of linear experts over the columns of a y of shape (n, q)
+        (scikit-learn's names; mclust's VVV, EEE, VVI, VII): one q x q matrix per
+        expert, one for all experts, a diagonal per expert, or sigma_k^2 I per expert.
+        Every expert regresses every column. With X of no columns (shape (n, 0)) the
+        model is a Gaussian mixture of y (``docs/user_guide/several_responses.md``).
     init : {'auto', 'kmeans', 'random', 'dirichlet', 'residuals', 'sem', 'cem', 'split'}, \
 default='auto'
         Where the starts come from (:mod:`moekit.fitting.starts`). ``'auto'`` mixes
@@ -219,6 +227,7 @@ default='auto'
         "expert": [Options(EXPERTS), ListOf(frozenset(EXPERTS)), HasMethods(("fit", "predict"))],
         "reg_var": [Interval(numbers.Real, 0, None, closed="neither")],
         "df": [None, Interval(numbers.Real, 0, None, closed="neither")],
+        "covariance_type": [Options(COVARIANCE_TYPES)],
         "fit_method": [Options({"em", "gradient"})],
         "objective": [Options({"competitive", "cooperative"})],
         "fit_options": [None, dict],
@@ -232,6 +241,7 @@ default='auto'
         "min_share": 0.05,
         "reg_var": 1e-4,
         "df": None,
+        "covariance_type": "diag",
         "gate_alpha": 1e-5,
         "gate_balance": 0.0,
         **RUN_DEFAULTS,
@@ -244,6 +254,7 @@ default='auto'
     }
     _target_coding = RealTarget
     _order_by_mean = True  # documented order: increasing mean prediction
+    _min_features = 0  # no features: a mixture of Gaussians (or of the family) of y
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -252,9 +263,13 @@ default='auto'
 
     # ------------------------------------------------------------------ families
     def _expert_class(self):
-        return expert_class(self)
+        covariance = self._covariance_class()
+        return covariance if covariance is not None else expert_class(self)
 
     def _family(self, coding, seed: int):
+        covariance = self._covariance_class()
+        if covariance is not None:
+            return covariance(self.n_experts, len(coding["_y_mean"]), var_floor=self.reg_var)
         return make_experts(self, len(coding["_y_mean"]), seed)
 
     # ------------------------------------------------------------------ API
@@ -311,6 +326,8 @@ default='auto'
     def predict_distribution(self, X) -> MixturePrediction:
         """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`)."""
         w, means, stds = self._moments(X)
+        if hasattr(self._expert_family, "covariances"):  # full, tied or spherical
+            return self._q_variate(w, means)
         per_expert = getattr(self._expert_family, "predictive_families", None)
         family = self._expert_family.predictive_family if per_expert is None else (
             per_expert(self._params.expert))  # fmt: skip
@@ -389,24 +406,3 @@ default='auto'
             )
         std = np.sqrt(to_numpy(self._params.expert.var)) * self._y_scale
         return std if self._y_2d else std[:, 0]
-
-    # ------------------------------------------------------------------ files
-    def _extra_state(self):
-        return {"y_2d": bool(self._y_2d), "censored": bool(getattr(self, "_censored", False))}, {
-            "y_mean": torch.as_tensor(self._y_mean),
-            "y_scale": torch.as_tensor(self._y_scale),
-        }
-
-    def _set_extra_state(self, state, tensors):
-        if not isinstance(state.get("y_2d"), bool):
-            raise ValueError(f"setting 'y_2d' must be true or false; got {state.get('y_2d')!r}")
-        self._y_2d = state["y_2d"]
-        self._censored = state.get("censored", False) is True
-        self._y_mean = to_numpy(tensors["y_mean"]).astype(np.float64)
-        self._y_scale = to_numpy(tensors["y_scale"]).astype(np.float64)
-        if not (np.isfinite(self._y_scale).all() and (self._y_scale > 0).all()):
-            raise ValueError("target scaling is not positive and finite")
-        if not self._y_2d and len(self._y_mean) != 1:
-            raise ValueError(
-                f"setting 'y_2d' is false (one target) but 'y_mean' has {len(self._y_mean)} outputs"
-            )
