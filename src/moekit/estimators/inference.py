@@ -39,6 +39,7 @@ import torch
 
 from moekit._core.engine import EM_DTYPE, em_threads, to_numpy
 from moekit._core.reporting import Scaling
+from moekit.estimators._information import analytic_hessian, has_analytic_information
 
 
 @dataclass
@@ -162,8 +163,30 @@ class ReportedLikelihood:
             total = total + self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
         return total
 
+    @property
+    def analytic(self) -> bool:
+        """Whether both families give analytic derivatives (:mod:`._information`)."""
+        return has_analytic_information(self.model._expert_family, self.model._gate_family,
+                                        self.K)  # fmt: skip
+
+    def observed_hessian(self, method: str = "auto") -> tuple[torch.Tensor, float]:
+        """Hessian (P, P) of the total log-likelihood at the fit, and the log-likelihood.
+
+        ``method``: "analytic" (from the families' derivatives, one pass of weighted
+        Grams), "autograd" (:meth:`hessian`) or "auto", the first where both families
+        have it.
+        """
+        if method not in ("auto", "analytic", "autograd"):
+            raise ValueError(f"method must be 'auto', 'analytic' or 'autograd'; got {method!r}")
+        if method == "analytic" or (method == "auto" and self.analytic):
+            return analytic_hessian(self)
+        hess = self.hessian()
+        with torch.no_grad():
+            return hess, float(self.loglik())
+
     def hessian(self) -> torch.Tensor:
-        """Hessian (P, P) of the total log-likelihood at the fit, summed over row chunks."""
+        """Hessian (P, P) of the total log-likelihood at the fit by autograd, summed over
+        row chunks."""
         P = self.theta.numel()
         hess = self.theta.new_zeros((P, P))
         # its passes are as small as EM's, and run on as many threads (see em_threads)
@@ -212,16 +235,15 @@ def observed_information_summary(
         X_rows = X.iloc[rows] if hasattr(X, "iloc") else np.asarray(X)[rows]
         y_rows = y.iloc[rows] if hasattr(y, "iloc") else np.asarray(y)[rows]
         lik = ReportedLikelihood(model, X_rows, y_rows, gate_reference)
-        se, note = _standard_errors(-lik.hessian() * (n / information_rows))
+        se, note = _standard_errors(-lik.observed_hessian()[0] * (n / information_rows))
         note = (f"The observed information is estimated from {information_rows:,} random rows "
                 f"of {n:,}, scaled by n / m. " + note).strip()  # fmt: skip
         # the total over every row, without building the designs of all of them at once
         total = float(np.sum(model.log_likelihood_samples(X, y)))
     else:
         lik = ReportedLikelihood(model, X, y, gate_reference)
-        se, note = _standard_errors(-lik.hessian())
-        with torch.no_grad():
-            total = float(lik.loglik())
+        hess, total = lik.observed_hessian()
+        se, note = _standard_errors(-hess)
     report = lik.report
     est = to_numpy(lik.theta)
     tested = np.asarray(report.tested)
