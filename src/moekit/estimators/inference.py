@@ -13,9 +13,12 @@ singular, the parameters it does not determine get no standard error and the
 summary says so.
 
 Each family states its reporting parametrisation in its own module (``report``,
-in the data's units) and maps it back to its log-density (``from_report``), so the
-Hessian is taken by torch autograd (reverse over reverse) directly in the reported
-coordinates, summed over chunks of rows:
+in the data's units) and maps it back to its log-density (``from_report``). Where the
+expert and gate families also give analytic derivatives (``local_derivatives``), the
+Hessian is built from them in one pass of weighted Gram matrices
+(:mod:`moekit.estimators._information`); otherwise it is taken by torch autograd
+(reverse over reverse) directly in the reported coordinates, summed over chunks of
+rows. The parameters:
 
 * expert k: intercept and slopes (per output), then its noise scale ``sigma`` (and
   ``df`` for fitted Student-t degrees of freedom); Poisson experts on the log rate;
@@ -227,7 +230,8 @@ def observed_information_summary(
     With ``information_rows = m < n`` it is estimated as n / m times the sum over m
     rows drawn at random without replacement (seed 0): an unbiased estimate of the
     sum over all rows at m / n of the cost (the exact sum costs about as much as P
-    passes over the data, P parameters). The note says so.
+    passes over the data, P parameters, by autograd; about one EM iteration's
+    Grams per pair of linear predictors analytically). The note says so.
     """
     n = len(y)
     if information_rows is not None and n > information_rows:

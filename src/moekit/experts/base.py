@@ -300,7 +300,8 @@ class MeanExperts(Protocol):
 class ReportedExperts(Protocol):
     """The reporting parametrisation, in the data's units (needed by ``summary()``).
 
-    Standard errors are taken by autograd in the reported coordinates:
+    Standard errors are taken in the reported coordinates, from
+    :class:`AnalyticExperts` where the family has it, else by autograd:
     theta -> :meth:`from_report` -> :meth:`DifferentiableExperts.log_prob_free`.
     Without it ``summary()`` is a ValueError naming the family.
     """
