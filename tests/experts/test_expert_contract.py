@@ -91,7 +91,7 @@ CASES = [
 CAPABILITIES = [
     base.InitialisedExperts, base.RegressionExperts, base.ClassifierExperts,
     base.StoredExperts, base.DifferentiableExperts, base.MeanExperts, base.ReportedExperts,
-    base.NestedExperts, base.ResizableExperts, base.TargetExperts,
+    base.NestedExperts, base.ResizableExperts, base.TargetExperts, base.AnalyticExperts,
 ]  # fmt: skip
 
 
@@ -304,3 +304,39 @@ def test_nested_family_embeds_at_the_same_likelihood(make, kind):
         simpler.log_prob(small, Chunk(0, data.n, data)).mean(1),
         rtol=0.0, atol=1e-6,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "kind"), CASES)
+def test_analytic_derivatives_equal_autograd(make, kind):
+    """sum_ik c_ik log p_k(y_i | x_i) in the reported parameters: its gradient and Hessian
+    from local_derivatives and local_parameters equal autograd's through from_report."""
+    family, data = make(), data_for(kind)
+    if not hasattr(family, "local_derivatives"):
+        pytest.skip("no analytic derivatives")
+    params, _ = fitted(family, data, iterations=4)
+    scaling = scaling_for(family, data)
+    report = family.report(params, scaling)
+    theta = report.flat()
+    c = torch.rand(K, N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def total(t):
+        free = family.from_report(report.unflatten(t), scaling, report.fixed)
+        return (c * family.log_prob_free(free, data.XeT, data.y)).sum()
+
+    def phi(t):
+        coef, scalars = family.local_parameters(report.unflatten(t), scaling, report.fixed)
+        return torch.cat([coef.reshape(K, -1), scalars], 1).reshape(-1)
+
+    d = family.local_derivatives(params, Chunk(0, N, data), scaling)
+    L = d.d1.shape[1]
+    Z = [data.XeT if l < d.n_linear else torch.ones(1, N, dtype=torch.float64) for l in range(L)]
+    d1, d2 = d.d1.expand(K, L, N), d.d2.expand(K, L, L, N)
+    grad = torch.cat([(c[k] * d1[k, l]) @ Z[l].T for k in range(K) for l in range(L)])
+    blocks = [torch.cat([(Z[l] * c[k] * d2[k, l, j]) @ Z[j].T for j in range(L)], 1)
+              for k in range(K) for l in range(L)]  # fmt: skip
+    per_expert = torch.cat(blocks).reshape(K, -1, grad.numel() // K)
+    hess = torch.block_diag(*[per_expert[k] for k in range(K)])
+    J = torch.autograd.functional.jacobian(phi, theta)
+    torch.testing.assert_close(J.T @ grad, torch.autograd.functional.jacobian(total, theta))
+    torch.testing.assert_close(J.T @ hess @ J, torch.autograd.functional.hessian(total, theta),
+                               rtol=1e-7, atol=1e-7)  # fmt: skip

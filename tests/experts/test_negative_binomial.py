@@ -110,3 +110,34 @@ def test_negative_binomial_refuses_targets_it_cannot_model(y, match):
     X = np.arange(4.0).reshape(-1, 1)
     with pytest.raises(ValueError, match=match):
         MoERegressor(1, expert="negative_binomial").fit(X, y)
+
+
+@pytest.mark.parametrize("phi", [1e-9, 1e-5, 0.04, 0.3, 5.0])
+def test_dispersion_derivatives_hold_their_digits_as_phi_goes_to_zero(phi):
+    """d log p / d phi and d^2 / d phi^2 against 50-digit arithmetic (mpmath)."""
+    import mpmath
+
+    from moekit._core.data import Chunk
+    from moekit.experts.negative_binomial import NegativeBinomialParams
+
+    mpmath.mp.dps = 50
+    y = torch.tensor([[0.0, 1.0, 5.0, 40.0, 3.0, 12.0]], dtype=torch.float64)
+    eta = torch.tensor([0.1, -0.7, 1.5, 3.6, 1.1, 2.0], dtype=torch.float64)
+    XeT = torch.ones(1, 6, dtype=torch.float64)
+    params = NegativeBinomialParams(torch.ones(1, 1, dtype=torch.float64),
+                                    torch.tensor([phi], dtype=torch.float64))  # fmt: skip
+    family = NegativeBinomialExperts(1)
+    data = EMData(XeT * eta, XeT * eta, y)  # the design's one column carries eta
+    d = family.local_derivatives(params, Chunk(0, 6, data), None)
+    for i in range(6):
+        yi, mu = int(y[0, i]), mpmath.exp(mpmath.mpf(float(eta[i])))
+
+        def logp(f, yi=yi, mu=mu):
+            t = 1 / f
+            return (mpmath.loggamma(yi + t) - mpmath.loggamma(t) - (t + yi) * mpmath.log1p(f * mu)
+                    + yi * mpmath.log(f * mu))  # fmt: skip
+
+        f0 = mpmath.mpf(phi)
+        assert float(d.d1[0, 1, i]) == pytest.approx(float(mpmath.diff(logp, f0)), rel=1e-9)
+        assert float(d.d2[0, 1, 1, i]) == pytest.approx(float(mpmath.diff(logp, f0, 2)),
+                                                        rel=1e-9)  # fmt: skip

@@ -13,9 +13,12 @@ singular, the parameters it does not determine get no standard error and the
 summary says so.
 
 Each family states its reporting parametrisation in its own module (``report``,
-in the data's units) and maps it back to its log-density (``from_report``), so the
-Hessian is taken by torch autograd (reverse over reverse) directly in the reported
-coordinates, summed over chunks of rows:
+in the data's units) and maps it back to its log-density (``from_report``). Where the
+expert and gate families also give analytic derivatives (``local_derivatives``), the
+Hessian is built from them in one pass of weighted Gram matrices
+(:mod:`moekit.estimators._information`); otherwise it is taken by torch autograd
+(reverse over reverse) directly in the reported coordinates, summed over chunks of
+rows. The parameters:
 
 * expert k: intercept and slopes (per output), then its noise scale ``sigma`` (and
   ``df`` for fitted Student-t degrees of freedom); Poisson experts on the log rate;
@@ -39,6 +42,7 @@ import torch
 
 from moekit._core.engine import EM_DTYPE, em_threads, to_numpy
 from moekit._core.reporting import Scaling
+from moekit.estimators._information import analytic_hessian, has_analytic_information
 
 
 @dataclass
@@ -162,8 +166,30 @@ class ReportedLikelihood:
             total = total + self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
         return total
 
+    @property
+    def analytic(self) -> bool:
+        """Whether both families give analytic derivatives (:mod:`._information`)."""
+        return has_analytic_information(self.model._expert_family, self.model._gate_family,
+                                        self.K)  # fmt: skip
+
+    def observed_hessian(self, method: str = "auto") -> tuple[torch.Tensor, float]:
+        """Hessian (P, P) of the total log-likelihood at the fit, and the log-likelihood.
+
+        ``method``: "analytic" (from the families' derivatives, one pass of weighted
+        Grams), "autograd" (:meth:`hessian`) or "auto", the first where both families
+        have it.
+        """
+        if method not in ("auto", "analytic", "autograd"):
+            raise ValueError(f"method must be 'auto', 'analytic' or 'autograd'; got {method!r}")
+        if method == "analytic" or (method == "auto" and self.analytic):
+            return analytic_hessian(self)
+        hess = self.hessian()
+        with torch.no_grad():
+            return hess, float(self.loglik())
+
     def hessian(self) -> torch.Tensor:
-        """Hessian (P, P) of the total log-likelihood at the fit, summed over row chunks."""
+        """Hessian (P, P) of the total log-likelihood at the fit by autograd, summed over
+        row chunks."""
         P = self.theta.numel()
         hess = self.theta.new_zeros((P, P))
         # its passes are as small as EM's, and run on as many threads (see em_threads)
@@ -204,7 +230,8 @@ def observed_information_summary(
     With ``information_rows = m < n`` it is estimated as n / m times the sum over m
     rows drawn at random without replacement (seed 0): an unbiased estimate of the
     sum over all rows at m / n of the cost (the exact sum costs about as much as P
-    passes over the data, P parameters). The note says so.
+    passes over the data, P parameters, by autograd; about one EM iteration's
+    Grams per pair of linear predictors analytically). The note says so.
     """
     n = len(y)
     if information_rows is not None and n > information_rows:
@@ -212,16 +239,15 @@ def observed_information_summary(
         X_rows = X.iloc[rows] if hasattr(X, "iloc") else np.asarray(X)[rows]
         y_rows = y.iloc[rows] if hasattr(y, "iloc") else np.asarray(y)[rows]
         lik = ReportedLikelihood(model, X_rows, y_rows, gate_reference)
-        se, note = _standard_errors(-lik.hessian() * (n / information_rows))
+        se, note = _standard_errors(-lik.observed_hessian()[0] * (n / information_rows))
         note = (f"The observed information is estimated from {information_rows:,} random rows "
                 f"of {n:,}, scaled by n / m. " + note).strip()  # fmt: skip
         # the total over every row, without building the designs of all of them at once
         total = float(np.sum(model.log_likelihood_samples(X, y)))
     else:
         lik = ReportedLikelihood(model, X, y, gate_reference)
-        se, note = _standard_errors(-lik.hessian())
-        with torch.no_grad():
-            total = float(lik.loglik())
+        hess, total = lik.observed_hessian()
+        se, note = _standard_errors(-hess)
     report = lik.report
     est = to_numpy(lik.theta)
     tested = np.asarray(report.tested)

@@ -53,11 +53,12 @@ from typing import Any, Protocol
 import torch
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
 
 __all__ = [
-    "ClassifierExperts", "DifferentiableExperts", "ExpertFamily", "InitialisedExperts",
-    "MeanExperts", "NestedExperts", "RegressionExperts", "ReportedExperts",
+    "AnalyticExperts", "ClassifierExperts", "DifferentiableExperts", "ExpertFamily",
+    "InitialisedExperts", "MeanExperts", "NestedExperts", "RegressionExperts", "ReportedExperts",
     "ResizableExperts", "StoredExperts", "TargetExperts",
 ]  # fmt: skip
 
@@ -301,7 +302,8 @@ class MeanExperts(Protocol):
 class ReportedExperts(Protocol):
     """The reporting parametrisation, in the data's units (needed by ``summary()``).
 
-    Standard errors are taken by autograd in the reported coordinates:
+    Standard errors are taken in the reported coordinates, from
+    :class:`AnalyticExperts` where the family has it, else by autograd:
     theta -> :meth:`from_report` -> :meth:`DifferentiableExperts.log_prob_free`.
     Without it ``summary()`` is a ValueError naming the family.
     """
@@ -316,6 +318,42 @@ class ReportedExperts(Protocol):
 
         Differentiable in ``values``; ``fixed`` holds what :meth:`report` kept out of
         theta (``Report.fixed``).
+        """
+
+
+class AnalyticExperts(Protocol):
+    """Analytic scores and Hessian blocks of the log-density (optional, with
+    :class:`ReportedExperts`).
+
+    log p_k(y_i | x_i) depends on expert k's reported parameters only through a few
+    local parameters per row: linear predictors eta_ikl = beta_kl^T z_i on the
+    standardised design z_i (the mean in the data's units, a log rate, a log odds),
+    then scalars (sigma, a shape, a dispersion, degrees of freedom). ``summary()``
+    builds the observed information from their first and second derivatives as
+    weighted Gram matrices of the design, in one pass over the rows
+    (:mod:`moekit.estimators._information`); without this capability it takes the
+    Hessian of :meth:`DifferentiableExperts.log_prob_free` by autograd.
+    """
+
+    def local_derivatives(self, params: Any, chunk: Chunk, scaling: Scaling) -> LocalDerivatives:
+        """d log p_k / d(local parameters) and the second derivatives, per row of the chunk.
+
+        The local parameters are those :meth:`local_parameters` returns, in the same
+        order, evaluated at ``params``: L of them, the first ``n_linear`` linear
+        predictors, the rest scalars.
+        """
+
+    def local_parameters(
+        self, values: dict[str, torch.Tensor], scaling: Scaling, fixed: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local parameters as an affine, differentiable map of reported values.
+
+        Returns
+        -------
+        coef : Tensor of shape (K, n_linear, p)
+            Coefficients of the linear predictors on the standardised design
+            (:func:`moekit._core.reporting.coef_from_data` of reported ones).
+        scalars : Tensor of shape (K, L - n_linear)
         """
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import (
@@ -168,6 +169,19 @@ class BinomialExperts(RidgeGLM):
 
     def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
         return {"coef": coef_of_report(values, scaling)}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: BinomialParams, chunk: Chunk, scaling: Scaling):
+        """d log p / d eta = s - t pi and d^2 / d eta^2 = -t pi (1 - pi), eta the log odds."""
+        pi = torch.sigmoid(params.coef @ chunk.XeT)  # (K, c)
+        s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
+        d2 = (-t * pi * (1.0 - pi)).view(pi.shape[0], 1, 1, -1)
+        return LocalDerivatives((s - t * pi).unsqueeze(1), d2, 1)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """The log odds' coefficients on the standardised design; no scalars."""
+        coef = coef_of_report(values, scaling)
+        return coef.unsqueeze(1), coef.new_zeros((coef.shape[0], 0))
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: BinomialParams, XT: torch.Tensor):

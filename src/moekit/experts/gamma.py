@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import (
@@ -181,6 +182,29 @@ class GammaExperts(RidgeGLM):
 
     def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
         return {"coef": coef_of_report(values, scaling), "shape": values["shape"]}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: GammaParams, chunk: Chunk, scaling: Scaling):
+        """Derivatives of log p_k in (eta, a), eta the log mean, u = y e^{-eta}:
+
+        .. math::  \\partial_\\eta = a (u - 1), \\quad
+                   \\partial_a = \\log a + 1 - \\psi(a) + \\log y - \\eta - u, \\quad
+                   \\partial^2_{\\eta\\eta} = -a u, \\quad \\partial^2_{\\eta a} = u - 1, \\quad
+                   \\partial^2_{aa} = 1 / a - \\psi'(a).
+        """
+        eta = params.coef @ chunk.XeT  # (K, c)
+        u = chunk.y[0] * torch.exp(-eta)
+        a = params.shape.unsqueeze(1)  # (K, 1)
+        d_a = torch.log(a) + 1.0 - torch.digamma(a) + _log_y(chunk) - eta - u
+        d1 = torch.stack([a * (u - 1.0), d_a], 1)  # (K, 2, c)
+        d2 = torch.stack([torch.stack([-a * u, u - 1.0], 1),
+                          torch.stack([u - 1.0, (1.0 / a - torch.polygamma(1, a)).expand_as(u)],
+                                      1)], 1)  # fmt: skip
+        return LocalDerivatives(d1, d2, 1)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """The log mean's coefficients on the standardised design, then the shape."""
+        return coef_of_report(values, scaling).unsqueeze(1), values["shape"].unsqueeze(1)
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: GammaParams, XT: torch.Tensor):

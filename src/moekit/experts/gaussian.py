@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.linalg import solve_psd
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
@@ -77,6 +78,37 @@ def linear_moments(coef: torch.Tensor, var: torch.Tensor, XT: torch.Tensor):
 def log_excess_var(var: torch.Tensor, var_floor: float) -> torch.Tensor:
     """The free form of variances above a floor: log(var - floor), var = floor + exp(s)."""
     return torch.log((var - var_floor).clamp(min=1e-6 * var_floor + 1e-300))
+
+
+def normal_derivatives(resid: torch.Tensor, sigma: torch.Tensor) -> LocalDerivatives:
+    """Derivatives of log N(y; mu, sigma^2) in (mu_1..mu_m, sigma_1..sigma_m), per row.
+
+    With e = y - mu,
+
+    .. math::  \\partial_\\mu = e / \\sigma^2, \\quad
+               \\partial_\\sigma = (e^2 / \\sigma^2 - 1) / \\sigma, \\quad
+               \\partial^2_{\\mu\\mu} = -1 / \\sigma^2, \\quad
+               \\partial^2_{\\mu\\sigma} = -2 e / \\sigma^3, \\quad
+               \\partial^2_{\\sigma\\sigma} = (1 - 3 e^2 / \\sigma^2) / \\sigma^2;
+
+    outputs are independent, so their cross terms are zero.
+
+    Parameters
+    ----------
+    resid : Tensor of shape (K, m, c)
+        y - mu in the units sigma is reported in.
+    sigma : Tensor of shape (K, m, 1)
+    """
+    K, m, c = resid.shape
+    s2 = sigma * sigma
+    z2 = resid * resid / s2
+    d1 = torch.cat([resid / s2, (z2 - 1.0) / sigma], 1)  # (K, 2m, c)
+    d2 = resid.new_zeros((K, 2 * m, 2 * m, c))
+    j = torch.arange(m)
+    d2[:, j, j] = (-1.0 / s2).expand(K, m, c)
+    d2[:, j, m + j] = d2[:, m + j, j] = -2.0 * resid / (s2 * sigma)
+    d2[:, m + j, m + j] = (1.0 - 3.0 * z2) / s2
+    return LocalDerivatives(d1, d2, m)
 
 
 @dataclass
@@ -214,6 +246,19 @@ class GaussianExperts:
             "coef": coef_from_data(ab, scaling),
             "var": (values["sigma"] / scaling.y_scale) ** 2,
         }
+
+    # ------------------------------------------------------------ analytic information
+    # local parameters: each output's mean in the data's units, mu = (B x)(data units)
+    # (a linear predictor on the standardised design), then each output's sigma
+    def local_derivatives(self, params: GaussianParams, chunk: Chunk, scaling: Scaling):
+        """Derivatives of log p_k in (mu_kj, sigma_kj), data units (:func:`normal_derivatives`)."""
+        ys = scaling.y_scale.view(1, -1, 1)
+        resid = chunk.y.reshape(1, self.n_outputs, -1) - linear_means(params.coef, chunk.XeT)
+        return normal_derivatives(resid * ys, params.var.sqrt().unsqueeze(-1) * ys)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """mu_kj = (coef_from_data of the reported [intercept, slopes]) . z, and sigma_kj."""
+        return coef_from_data(values["coef"], scaling), values["sigma"]
 
     # ------------------------------------------------------------ prediction
     def moments(

@@ -75,6 +75,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
@@ -361,6 +362,22 @@ class LogisticExperts:
     def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
         rel = coef_from_data(values["logit"], scaling)  # (K, C-1, p)
         return {"coef": torch.cat([torch.zeros_like(rel[:, :1]), rel], 1)}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: LogisticParams, chunk: Chunk, scaling: Scaling):
+        """Derivatives of log p_k(y) in the logits of classes 1..C-1 against class 0:
+        e_y - p and -(diag p - p p^T), restricted to those classes."""
+        prob = torch.exp(self._log_probs(params.coef, chunk.XeT))[:, 1:]  # (K, C-1, c)
+        onehot = torch.nn.functional.one_hot(chunk.y, self.n_classes).T[1:].to(prob.dtype)
+        d2 = -prob.unsqueeze(2) * prob.unsqueeze(1)  # (K, C-1, C-1, c)
+        j = torch.arange(self.n_classes - 1)
+        d2[:, j, j] += prob
+        return LocalDerivatives(onehot.unsqueeze(0) - prob, d2.neg_(), self.n_classes - 1)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """Coefficients of the logits against class 0 on the standardised design."""
+        coef = coef_from_data(values["logit"], scaling)  # (K, C-1, p)
+        return coef, coef.new_zeros((coef.shape[0], 0))
 
     def log_prior(self, params: LogisticParams) -> float:
         return -float(self._penalty(params.coef))

@@ -26,7 +26,7 @@ from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import check_positive, coef_of_report, grams, has_weight, report_coef
-from moekit.experts.gaussian import log_excess_var, weighted_least_squares
+from moekit.experts.gaussian import log_excess_var, normal_derivatives, weighted_least_squares
 
 
 @dataclass
@@ -148,6 +148,16 @@ class LogNormalExperts:
 
     def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
         return {"coef": coef_of_report(values, scaling), "sigma": values["sigma"]}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: LogNormalParams, chunk: Chunk, scaling: Scaling):
+        """Derivatives of log p_k in (b_k . x, sigma_k): a normal's, on log y."""
+        resid = _log_y(chunk).unsqueeze(0) - params.coef @ chunk.XeT  # (K, c)
+        return normal_derivatives(resid.unsqueeze(1), params.var.sqrt().view(-1, 1, 1))
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """The mean of log y (a linear predictor) and sigma, per expert."""
+        return coef_of_report(values, scaling).unsqueeze(1), values["sigma"].unsqueeze(1)
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: LogNormalParams, XT: torch.Tensor):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import (
@@ -65,6 +66,60 @@ def nb_logpmf(eta, y, phi, lgamma_y1):
 def _lgamma_y1(chunk: Chunk) -> torch.Tensor:
     cached = chunk.data.cache.get("lgamma_y1")
     return cached[chunk.start : chunk.stop] if cached is not None else torch.lgamma(chunk.y[0] + 1)
+
+
+COUNT_TABLE_MAX = 2**20
+"""Largest count whose sums over j < y are read from a table of cumulative sums."""
+
+
+def count_sums(y: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T_1 = sum_{j<y} j / (1 + j phi) and T_2 = sum_{j<y} (j / (1 + j phi))^2, (K, c).
+
+    Read from cumulative sums over j = 0..max(y) - 1 (one table per expert), exact
+    for integer counts; past ``COUNT_TABLE_MAX`` from digamma and trigamma functions
+    of theta = 1 / phi (T_1 = theta y - theta^2 (psi(y + theta) - psi(theta))).
+    """
+    K = phi.shape[0]
+    top = int(y.max()) if y.numel() else 0
+    if top <= COUNT_TABLE_MAX:
+        j = torch.arange(top, dtype=phi.dtype, device=phi.device)
+        a = j / (1.0 + j * phi)  # (K, top)
+        zero = a.new_zeros((K, 1))
+        idx = y.long().unsqueeze(0).expand(K, -1)
+        t1 = torch.cat([zero, a.cumsum(1)], 1).gather(1, idx)
+        t2 = torch.cat([zero, (a * a).cumsum(1)], 1).gather(1, idx)
+        return t1, t2
+    theta = 1.0 / phi
+    D1 = torch.digamma(y + theta) - torch.digamma(theta)
+    D2 = torch.polygamma(1, theta) - torch.polygamma(1, y + theta)
+    return theta * y - theta**2 * D1, theta**2 * (y - 2.0 * theta * D1 + theta**2 * D2)
+
+
+_SERIES_BELOW = 0.05
+_N = torch.arange(14, dtype=torch.float64)
+_H1 = ((-1.0) ** _N * (_N + 1) / (_N + 2)).tolist()  # h_1's Taylor coefficients
+_H2 = ((-1.0) ** (_N + 1) * (_N + 2 / (_N + 3))).tolist()  # h_2's
+
+
+def log1p_ratios(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_1(x) = (log(1+x) - x/(1+x)) / x^2 and
+    h_2(x) = -2 log(1+x) / x^3 + 2 / (x^2 (1+x)) + 1 / (x (1+x)^2), for x >= 0.
+
+    Below x = 0.05 by their Taylor series, sum_n (-1)^n (n+1)/(n+2) x^n and
+    sum_n (-1)^(n+1) (n + 2/(n+3)) x^n (14 terms: an error below 1e-18), as the
+    closed forms cancel to about eps / x^2 there.
+    """
+    small = x < _SERIES_BELOW
+    xs = torch.where(small, x, torch.zeros_like(x))
+    s1, s2 = torch.zeros_like(x), torch.zeros_like(x)
+    for c1, c2 in zip(reversed(_H1), reversed(_H2), strict=True):  # Horner
+        s1 = s1 * xs + c1
+        s2 = s2 * xs + c2
+    xl = torch.where(small, torch.ones_like(x), x)
+    lg, inv = torch.log1p(xl), 1.0 / (1.0 + xl)
+    c1 = (lg - xl * inv) / (xl * xl)
+    c2 = -2.0 * lg / xl**3 + 2.0 * inv / (xl * xl) + inv * inv / xl
+    return torch.where(small, s1, c1), torch.where(small, s2, c2)
 
 
 class NegativeBinomialExperts(RidgeGLM):
@@ -173,6 +228,43 @@ class NegativeBinomialExperts(RidgeGLM):
 
     def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
         return {"coef": coef_of_report(values, scaling), "dispersion": values["dispersion"]}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: NegativeBinomialParams, chunk: Chunk, scaling: Scaling):
+        """Derivatives of log p_k in (eta, phi), eta the log mean, x = phi mu:
+
+        .. math::  \\partial_\\eta = \\frac{y - \\mu}{1 + x}, \\quad
+                   \\partial^2_{\\eta\\eta} = -\\frac{\\mu (1 + \\phi y)}{(1 + x)^2}, \\quad
+                   \\partial^2_{\\eta\\phi} = -\\frac{(y - \\mu) \\mu}{(1 + x)^2},
+
+        and, from log p = sum_{j<y} log(1 + j phi) - (1/phi + y) log(1 + x) + y eta - log y!,
+
+        .. math::  \\partial_\\phi = T_1 + \\mu^2 h_1(x) - \\frac{y\\mu}{1 + x}, \\quad
+                   \\partial^2_{\\phi\\phi} = -T_2 + \\mu^3 h_2(x) + \\frac{y\\mu^2}{(1 + x)^2},
+
+        T_1 = sum_{j<y} j / (1 + j phi), T_2 = sum_{j<y} j^2 / (1 + j phi)^2
+        (:func:`count_sums`) and h_1, h_2 (:func:`log1p_ratios`) written so that
+        nothing cancels as phi goes to 0, where the forms in digamma functions of
+        1 / phi lose every digit (their second derivative in phi is theta^4 times a
+        difference of trigammas).
+        """
+        eta = params.coef @ chunk.XeT  # (K, c)
+        y, phi = chunk.y[0], params.dispersion.unsqueeze(1)
+        mu = torch.exp(eta)
+        x = phi * mu
+        denom = 1.0 + x
+        t1, t2 = count_sums(y, phi)
+        h1, h2 = log1p_ratios(x)
+        cross = -(y - mu) * mu / denom**2
+        d1 = torch.stack([(y - mu) / denom, t1 + mu * mu * h1 - y * mu / denom], 1)  # (K, 2, c)
+        d2 = torch.stack([torch.stack([-mu * (1.0 + phi * y) / denom**2, cross], 1),
+                          torch.stack([cross, -t2 + mu**3 * h2 + y * mu * mu / denom**2], 1)],
+                         1)  # fmt: skip
+        return LocalDerivatives(d1, d2, 1)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """The log mean's coefficients on the standardised design, then the dispersion."""
+        return coef_of_report(values, scaling).unsqueeze(1), values["dispersion"].unsqueeze(1)
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: NegativeBinomialParams, XT: torch.Tensor):

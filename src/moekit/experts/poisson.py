@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
@@ -136,6 +137,18 @@ class PoissonExperts(RidgeGLM):
 
     def from_report(self, values: dict, scaling: Scaling, fixed: dict) -> dict:
         return {"coef": coef_from_data(values["coef"], scaling)}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: PoissonParams, chunk: Chunk, scaling: Scaling):
+        """d log p / d eta = y - lambda and d^2 / d eta^2 = -lambda, eta the log rate."""
+        rate = torch.exp(params.coef @ chunk.XeT)  # (K, c)
+        d1 = (chunk.y[0] - rate).unsqueeze(1)
+        return LocalDerivatives(d1, -rate.view(rate.shape[0], 1, 1, -1), 1)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """The log rate's coefficients on the standardised design; no scalars."""
+        coef = coef_from_data(values["coef"], scaling)
+        return coef.unsqueeze(1), coef.new_zeros((coef.shape[0], 0))
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: PoissonParams, XT: torch.Tensor):

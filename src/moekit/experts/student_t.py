@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.logspace import student_t_logpdf
-from moekit._core.reporting import Report, Scaling
+from moekit._core.reporting import Report, Scaling, coef_from_data
 from moekit._core.validation import check_finite
 from moekit.experts.gaussian import (
     GaussianExperts,
@@ -245,6 +246,67 @@ class StudentTExperts:
             df = df.index_put((idx,), values["df"])
         free["df"] = df
         return free
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: StudentTParams, chunk: Chunk, scaling: Scaling):
+        """Derivatives of log p_k in (mu_1..mu_m, sigma_1..sigma_m, nu), data units.
+
+        With d^2 = sum_j e_j^2 / sigma_j^2 and w = (nu + m) / (2 (nu + d^2)), log p
+        is -sum_j log sigma_j - (nu + m) / 2 log(1 + d^2 / nu) + terms of nu alone, so
+
+        .. math::  \\partial_\\theta \\log p = -w\\, \\partial_\\theta d^2
+                   - [\\theta = \\sigma_j] / \\sigma_j, \\qquad
+                   \\partial^2_{\\theta\\theta'} \\log p = -w\\, \\partial^2 d^2
+                   + \\frac{2 w^2}{\\nu + m} \\partial_\\theta d^2 \\partial_{\\theta'} d^2
+                   + [\\theta = \\theta' = \\sigma_j] / \\sigma_j^2,
+
+        and in nu, with q = d^2 / nu and f = (nu + m) q / (2 (nu + d^2)),
+        d/d nu = (psi((nu + m)/2) - psi(nu/2)) / 2 - m / (2 nu) - log(1 + q) / 2 + f.
+        A fixed df is a local parameter too; its reported Jacobian is zero.
+        """
+        m = self.n_outputs
+        ys = scaling.y_scale.view(1, -1, 1)
+        e = (chunk.y.reshape(1, m, -1) - linear_means(params.coef, chunk.XeT)) * ys  # (K, m, c)
+        sig = params.var.sqrt().unsqueeze(-1) * ys  # (K, m, 1)
+        K, _, c = e.shape
+        nu = params.df.view(-1, 1)  # (K, 1)
+        s2 = sig * sig
+        d2 = (e * e / s2).sum(1)  # (K, c)
+        w = (nu + m) / (2.0 * (nu + d2))
+        dd = torch.cat([-2.0 * e / s2, -2.0 * e * e / (s2 * sig)], 1)  # d(d^2), (K, 2m, c)
+        L = 2 * m + 1
+        d1 = e.new_empty((K, L, c))
+        d1[:, : 2 * m] = -w.unsqueeze(1) * dd
+        d1[:, m : 2 * m] -= 1.0 / sig
+        out = (2.0 / (nu + m) * w * w).view(K, 1, 1, c) * dd.unsqueeze(2) * dd.unsqueeze(1)
+        j = torch.arange(m)
+        # d^2 (d^2) is diagonal within each output: 2 / s^2, 4 e / s^3, 6 e^2 / s^4
+        hd = torch.stack([2.0 / s2.expand_as(e), 4.0 * e / (s2 * sig), 6.0 * e * e / (s2 * s2)])
+        wk = w.unsqueeze(1)
+        d2_out = e.new_zeros((K, L, L, c))
+        d2_out[:, : 2 * m, : 2 * m] = out
+        d2_out[:, j, j] -= wk * hd[0]
+        d2_out[:, j, m + j] -= wk * hd[1]
+        d2_out[:, m + j, j] -= wk * hd[1]
+        d2_out[:, m + j, m + j] -= wk * hd[2] - 1.0 / s2
+        # degrees of freedom
+        q = d2 / nu
+        f = (nu + m) * q / (2.0 * (nu + d2))
+        d1[:, -1] = (0.5 * (torch.digamma((nu + m) / 2) - torch.digamma(nu / 2)) - m / (2.0 * nu)
+                     - 0.5 * torch.log1p(q) + f)  # fmt: skip
+        d2_out[:, -1, -1] = (0.25 * (torch.polygamma(1, (nu + m) / 2) - torch.polygamma(1, nu / 2))
+                             + m / (2.0 * nu * nu) + 0.5 * q / (nu + d2)
+                             + f * (1.0 / (nu + m) - 1.0 / nu - 1.0 / (nu + d2)))  # fmt: skip
+        cross = -((d2 - m) / (2.0 * (nu + d2) ** 2)).unsqueeze(1) * dd  # (K, 2m, c)
+        d2_out[:, -1, : 2 * m] = cross
+        d2_out[:, : 2 * m, -1] = cross
+        return LocalDerivatives(d1, d2_out, m)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """The means' coefficients on the standardised design, then sigma_1..sigma_m and nu."""
+        free = self.from_report(values, scaling, fixed)
+        coef = coef_from_data(values["coef"], scaling)
+        return coef, torch.cat([values["sigma"], free["df"].unsqueeze(1)], 1)
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: StudentTParams, XT: torch.Tensor):

@@ -32,11 +32,12 @@ from typing import Any, Protocol
 import torch
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
 
 __all__ = [
-    "DifferentiableGate", "Gate", "GateFamily", "NestedGate", "ReportedGate", "ShapedGate",
-    "StoredGate",
+    "AnalyticGate", "DifferentiableGate", "Gate", "GateFamily", "NestedGate", "ReportedGate",
+    "ShapedGate", "StoredGate",
 ]  # fmt: skip
 
 
@@ -177,6 +178,27 @@ class ReportedGate(Protocol):
         self, values: dict[str, torch.Tensor], scaling: Scaling, fixed: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Free tensors for :meth:`DifferentiableGate.log_weights_free`, differentiably."""
+
+
+class AnalyticGate(Protocol):
+    """Analytic scores and Hessian blocks of log g_k(x) (optional, with :class:`ReportedGate`).
+
+    As :class:`moekit.experts.base.AnalyticExperts`: log g_k(x_i) depends on the
+    reported parameters through local parameters per row (the softmax's logits of
+    the experts other than the reference; the constant gate's log odds), whose
+    derivatives ``summary()`` turns into the observed information without autograd.
+    Without it ``summary()`` differentiates :meth:`DifferentiableGate.log_weights_free`.
+    """
+
+    def local_derivatives(self, params: Any, chunk: Chunk, reference: int = 0) -> LocalDerivatives:
+        """d log g_k / d(local parameters) (K, L, c) and the second derivatives (K or 1,
+        L, L, c), relative to expert ``reference``, as :meth:`local_parameters` orders them."""
+
+    def local_parameters(
+        self, values: dict[str, torch.Tensor], scaling: Scaling, fixed: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local parameters as an affine, differentiable map of reported values:
+        coefficients (1, n_linear, p) on the standardised gate design, scalars (1, L - n_linear)."""
 
 
 class NestedGate(Protocol):

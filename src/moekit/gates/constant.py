@@ -10,7 +10,38 @@ from dataclasses import dataclass
 import torch
 
 from moekit._core.data import Chunk, EMData
+from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
+
+
+def multinomial_derivatives(
+    g: torch.Tensor, reference: int, linear: bool = True
+) -> LocalDerivatives:
+    """Derivatives of log g_k = eta_k - log sum_l e^{eta_l} in eta_l, l != reference.
+
+    Parameters
+    ----------
+    g : Tensor of shape (K, c) or (K, 1)
+        The weights g_k.
+    reference : int
+        The expert whose eta is held at 0.
+    linear : bool
+        Whether the eta are linear predictors (a softmax gate's) or scalars (log odds).
+
+    Returns
+    -------
+    LocalDerivatives
+        d1 of shape (K, K-1, c): [k = l] - g_l; d2 of shape (1, K-1, K-1, c):
+        -(diag g_o - g_o g_o^T), the same for every k.
+    """
+    K = g.shape[0]
+    others = [k for k in range(K) if k != reference]
+    go = g[others]  # (K-1, c)
+    eye = torch.eye(K, dtype=g.dtype, device=g.device)[:, others].unsqueeze(-1)  # (K, K-1, 1)
+    d2 = go.unsqueeze(1) * go.unsqueeze(0)  # (K-1, K-1, c)
+    j = torch.arange(K - 1)
+    d2[j, j] -= go
+    return LocalDerivatives(eye - go.unsqueeze(0), d2.unsqueeze(0), K - 1 if linear else 0)
 
 
 @dataclass
@@ -103,6 +134,18 @@ class ConstantGate:
         rows = list(torch.unbind(values["log_odds"]))
         rows.insert(ref, torch.zeros_like(values["log_odds"][0]))
         return {"log_pi": torch.stack(rows)}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: ConstantGateParams, chunk: Chunk, reference: int = 0):
+        """Derivatives of log pi_k in the log odds against the reference (scalars), as
+        the softmax gate's (:func:`multinomial_derivatives`), every row alike."""
+        return multinomial_derivatives(torch.exp(params.log_pi).unsqueeze(1), reference,
+                                       linear=False)  # fmt: skip
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """No linear predictors; the log odds log(pi_k / pi_ref), k != reference."""
+        lo = values["log_odds"]
+        return lo.new_zeros((1, 0, 0)), lo.unsqueeze(0)
 
     # ------------------------------------------------------------ model files
     def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:

@@ -38,7 +38,7 @@ from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
-from moekit.gates.constant import ConstantGate, ConstantGateParams
+from moekit.gates.constant import ConstantGate, ConstantGateParams, multinomial_derivatives
 
 NEWTON_MAX_PARAMS = 256
 """``solver="auto"`` uses Newton up to this many gate parameters, K p."""
@@ -301,6 +301,18 @@ class SoftmaxGate:
         rows = list(torch.unbind(rel))
         rows.insert(ref, torch.zeros_like(rel[0]))
         return {"coef": torch.stack(rows)}
+
+    # ------------------------------------------------------------ analytic information
+    def local_derivatives(self, params: SoftmaxGateParams, chunk: Chunk, reference: int = 0):
+        """Derivatives of log g_k in the logits eta_l of the experts l != reference:
+        [k = l] - g_l, and -(diag g - g g^T) over those experts (for every k)."""
+        g = log_softmax_rows(params.coef @ chunk.XgT)[1]  # (K, c)
+        return multinomial_derivatives(g, reference)
+
+    def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
+        """The logits' coefficients against the reference, on the standardised design."""
+        coef = coef_from_data(values["gate"], scaling)  # (K-1, p)
+        return coef.unsqueeze(0), coef.new_zeros((1, 0))
 
     # ------------------------------------------------------------ model files
     def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
