@@ -112,46 +112,47 @@ INSURANCE = ("District2", "District3", "District4", "Group2", "Group3", "Group4"
 QUINE = ("Eth2", "Sex2", "Age2", "Age3", "Age4", "Lrn2")
 MCLUST = {"full": "VVV", "tied": "EEE", "diag": "VVI", "spherical": "VII"}
 
+# fmt: off
 ROWS = [
     # proportions out of trials: flexmix's betablocker vignette (without its `| Center`)
     *(Row("binomial mixture", "betablocker",
           _flexmix("cbind(Deaths, Total - Deaths) ~ Treated", "binomial", k),
-          "binomial", k, ("Deaths", "Alive"), ("Treated",)) for k in (2, 3)),  # fmt: skip
+          "binomial", k, ("Deaths", "Alive"), ("Treated",)) for k in (2, 3)),
     Row("binomial, one expert", "betablocker",
         "glm(cbind(Deaths, Total - Deaths) ~ Treated, family = binomial, data = d)",
-        "binomial", 1, ("Deaths", "Alive"), ("Treated",)),  # fmt: skip
+        "binomial", 1, ("Deaths", "Alive"), ("Treated",)),
     # positive amounts
     Row("Gamma mixture", "faithful", _flexmix("eruptions ~ 1", "Gamma", 2), "gamma", 2,
-        ("eruptions",)),  # fmt: skip
+        ("eruptions",)),
     Row("Gamma mixture", "leuk", _flexmix("time ~ ag", "Gamma", 2), "gamma", 2, ("time",),
-        ("ag",)),  # fmt: skip
+        ("ag",)),
     Row("Gamma, one expert", "leuk",
         "glm(time ~ logwbc + ag, family = Gamma(link = \"log\"), data = d)", "gamma", 1,
-        ("time",), ("logwbc", "ag")),  # fmt: skip
+        ("time",), ("logwbc", "ag")),
     Row("lognormal mixture", "faithful", _flexmix("log(eruptions) ~ 1", "gaussian", 2),
-        "lognormal", 2, ("eruptions",), r_jacobian=True),  # fmt: skip
+        "lognormal", 2, ("eruptions",), r_jacobian=True),
     Row("lognormal, one expert", "leuk",
         "survreg(Surv(time) ~ logwbc + ag, data = d, dist = \"lognormal\")", "lognormal", 1,
-        ("time",), ("logwbc", "ag")),  # fmt: skip
+        ("time",), ("logwbc", "ag")),
     # over-dispersed counts
     Row("negative binomial, one expert", "quine",
         f"glm.nb(Days ~ {' + '.join(QUINE)}, data = d)", "negative_binomial", 1, ("Days",),
-        QUINE),  # fmt: skip
+        QUINE),
     # counts per exposure
     Row("Poisson mixture, log exposure as a feature", "Insurance",
         _flexmix("Claims ~ Group_code + Age_code + logHolders", "poisson", 2), "poisson", 2,
-        ("Claims",), ("Group_code", "Age_code", "logHolders")),  # fmt: skip
+        ("Claims",), ("Group_code", "Age_code", "logHolders")),
     Row("Poisson mixture with offset", "Insurance",
         _flexmix("Claims ~ Group_code + Age_code", "poisson", 2, ", offset = d$logHolders"),
-        "poisson", 2, ("Claims",), ("Group_code", "Age_code"), offset="logHolders"),  # fmt: skip
+        "poisson", 2, ("Claims",), ("Group_code", "Age_code"), offset="logHolders"),
     Row("Poisson with offset, one expert", "Insurance",
         f"glm(Claims ~ {' + '.join(INSURANCE)} + offset(logHolders), family = poisson, "
-        "data = d)", "poisson", 1, ("Claims",), INSURANCE, offset="logHolders"),  # fmt: skip
+        "data = d)", "poisson", 1, ("Claims",), INSURANCE, offset="logHolders"),
     # censored times
     *(Row(f"{dist} right-censored, one expert", "lung",
           f"survreg(Surv(time, event) ~ age + female, data = d, dist = \"{dist}\")",
           expert, 1, ("time",), ("age", "female"), event="event")
-      for dist, expert in (("gaussian", "linear"), ("lognormal", "lognormal"))),  # fmt: skip
+      for dist, expert in (("gaussian", "linear"), ("lognormal", "lognormal"))),
     # several responses, no features
     *(Row("Gaussian mixture of several responses", data,
           f"Mclust(d, G = {k}, modelNames = \"{MCLUST[cov]}\", verbose = FALSE)", "linear", k,
@@ -159,8 +160,9 @@ ROWS = [
       for data, k, cols in (("faithful", 2, ("eruptions", "waiting")),
                             ("iris", 3, ("SepalLength", "SepalWidth", "PetalLength",
                                          "PetalWidth")))
-      for cov in MCLUST),  # fmt: skip
+      for cov in MCLUST),
 ]
+# fmt: on
 
 
 def derived(frame: pd.DataFrame) -> pd.DataFrame:
@@ -327,7 +329,7 @@ def render(results: list, header: dict) -> str:
         f"(1/5/15 min) at start {header['load'][0]}, at end {header['load'][1]}.",
         "",
         f"R's call is in the table (`d` is the exported data set). moekit: "
-        f"`MoERegressor(n_experts=K, gate=\"constant\", expert=..., random_state=0)`, "
+        f'`MoERegressor(n_experts=K, gate="constant", expert=..., random_state=0)`, '
         f"`n_init={NREP}` for K > 1 (flexmix's nrep) and 1 for K = 1. Total "
         "log-likelihoods in the same units (every constant kept; see the script's "
         f"docstring); df = parameter count; wall seconds are medians of {header['repeats']} "
