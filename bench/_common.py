@@ -43,17 +43,19 @@ def r_available(libraries=R_LIBRARIES) -> bool:
     return subprocess.run(["Rscript", "-e", code], capture_output=True).returncode == 0
 
 
-def ensure_r(libraries=R_LIBRARIES) -> bool:
+def ensure_r(libraries=R_LIBRARIES, packages=()) -> bool:
     """R with ``libraries``, installing Debian's packages (apt-get) where they are missing.
 
+    ``packages`` are Debian's packages a benchmark needs beyond :data:`R_PACKAGES`.
     Returns whether R is usable; a benchmark skips its R rows, saying so, when not.
     """
     if r_available(libraries):
         return True
-    print(f"R's {'/'.join(libraries)} not found: installing {' '.join(R_PACKAGES)} with apt-get")
+    wanted = [*R_PACKAGES, *packages]
+    print(f"R's {'/'.join(libraries)} not found: installing {' '.join(wanted)} with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     sudo = [] if os.geteuid() == 0 else ["sudo"]
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *R_PACKAGES]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *wanted]):
         res = subprocess.run(sudo + cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"  apt-get failed ({res.stderr.strip()[-300:]}); R rows will be skipped.")

@@ -28,6 +28,18 @@ def _counts(n=120, seed=0) -> pd.DataFrame:
     return pd.DataFrame({"x": x, "z": z, "y": rng.poisson(rate)})
 
 
+def _target_flags(expert: str, n=120, seed=0) -> tuple[pd.DataFrame, list[str]]:
+    """Data the family can model and its --target flags: counts, their positive shift
+    for Gamma and lognormal experts, successes and failures for binomial ones."""
+    frame = _counts(n, seed)
+    if expert in ("gamma", "lognormal"):
+        return frame.assign(y=frame.y + 0.5), ["--target", "y"]
+    if expert == "binomial":
+        s = np.minimum(frame.y, 12)
+        return frame.assign(s=s, f=12 - s).drop(columns="y"), ["--target", "s,f"]
+    return frame, ["--target", "y"]
+
+
 def _fit(tmp_path, frame, *flags) -> int:
     frame.to_csv(tmp_path / "data.csv", index=False)
     return main(["fit", str(tmp_path / "data.csv"), *flags, "--out", str(tmp_path / "out"),
@@ -38,16 +50,17 @@ EXPERTS, GATES = _choices("--expert"), _choices("--gate")
 
 
 def test_the_help_lists_the_families_the_test_runs():
-    assert {"linear", "poisson", "student_t", "mlp"} <= set(EXPERTS)
+    assert {"linear", "poisson", "student_t", "mlp", "binomial", "gamma", "lognormal",
+            "negative_binomial"} <= set(EXPERTS)  # fmt: skip
     assert {"softmax", "constant", "mlp"} <= set(GATES)
 
 
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("expert", EXPERTS)
 def test_every_expert_and_gate_in_the_help_runs_to_a_report(tmp_path, capsys, expert, gate):
-    flags = ["--target", "y", "--experts", "2", "--expert", expert, "--gate", gate,
-             "--max-iter", "20"]  # fmt: skip
-    assert _fit(tmp_path, _counts(), *flags) == 0, capsys.readouterr().err
+    frame, target = _target_flags(expert)
+    flags = [*target, "--experts", "2", "--expert", expert, "--gate", gate, "--max-iter", "20"]
+    assert _fit(tmp_path, frame, *flags) == 0, capsys.readouterr().err
     page = (tmp_path / "out" / "report.html").read_text()
     model = load(tmp_path / "out" / "model.moe")
     assert model.expert == expert and model.gate == gate and model.max_iter == 20
@@ -127,3 +140,33 @@ def test_inspect_prints_shares_and_the_models_formula(tmp_path, capsys):
         slope = re.search(rf"s_{k}\(x\) = \S+ ([+-]) (\S+)·z", out)
         value = float(slope.group(2)) * (-1 if slope.group(1) == "-" else 1)
         assert value == pytest.approx(model.gate_coef_[k, 1], rel=1e-3)
+
+
+def test_binomial_takes_successes_and_failures_as_two_target_columns(tmp_path, capsys):
+    frame, _ = _target_flags("binomial")
+    for target in (["--target", "s,f"], ["--target", "s", "--target", "f"]):
+        flags = [*target, "--features", "x", "--experts", "2", "--expert", "binomial"]
+        assert _fit(tmp_path, frame, *flags) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert "regression of 'cbind(s, f)' on x" in out
+        model = load(tmp_path / "out" / "model.moe")
+        X = frame[["x"]]
+        pi = model.predict(X)  # the probability of success of one trial
+        assert pi.shape == (len(frame),) and ((pi > 0) & (pi < 1)).all()
+        page = (tmp_path / "out" / "report.html").read_text()
+        assert "Observed against expected proportions" in page
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--target", "s", "--expert", "binomial"],
+     "--expert binomial takes two --target columns, successes and failures"),
+    (["--target", "s,f"], "several --target columns (s, f) are the successes and failures"),
+    (["--formula", "s ~ x", "--expert", "binomial"],
+     "--expert binomial takes its successes and failures from --target s,f"),
+    (["--target", "s,g", "--expert", "binomial"], "--target 'g' is not a column"),
+])  # fmt: skip
+def test_binomial_targets_that_do_not_fit_are_one_line_errors(tmp_path, capsys, flags, message):
+    frame, _ = _target_flags("binomial")
+    assert _fit(tmp_path, frame, *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

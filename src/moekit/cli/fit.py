@@ -72,13 +72,17 @@ def cmd_fit(args) -> int:
         )
     if args.gate_formula is not None and args.formula is None:
         raise UsageError("moekit fit: --gate-formula goes with --formula.")
+    args.target = check_targets(args)
     frame = read_table(args.data, args.target)
     design = columns_design if args.formula is None else formula_design
     X, y, target, experts, gates, gate, unused, formula = design(args, frame)
     del frame  # X and y hold what the fit needs
-    if y.isna().any():
-        row = int(np.flatnonzero(y.isna().to_numpy())[0])
+    if y.isna().to_numpy().any():
+        row = int(np.flatnonzero(y.isna().to_numpy())[0]) // (1 if y.ndim == 1 else y.shape[1])
         raise DataError(f"moekit: the target {target!r} is missing in row {row + 1}.")
+    if y.ndim == 2:  # successes and failures: a regression; the expert checks the counts
+        return fit_and_report(args, X, y, target, experts, gates, gate, unused, formula,
+                              "regression")  # fmt: skip
     task = task_of(y, args.task)
     numeric = pd_numeric(y)
     if task == "classification" and args.task == "auto" and numeric:
@@ -90,16 +94,40 @@ def cmd_fit(args) -> int:
             f"moekit: the target {target!r} is constant ({y.iloc[0]!r} in every row): "
             "there is nothing to fit."
         )
-    ks = experts_to_try(args.experts, len(y))
-    if len(y) < 2 * max(ks):
-        raise DataError(
-            f"moekit: {len(y)} rows are too few for {max(ks)} experts; use fewer experts."
-        )
     if task == "classification" and (args.expert != "linear" or gate != "softmax"):
         raise UsageError("moekit: --expert and --gate are for regressions; a classification "
                          "uses logistic experts under a softmax gate"
                          + (" (--task regression fits a numeric target as numbers)."
                             if numeric else "."))  # fmt: skip
+    return fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, task)
+
+
+def check_targets(args) -> list[str] | None:
+    """``--target`` as a list of columns (given comma-separated or repeated): one, or
+    two (successes and failures) for ``--expert binomial``, which takes no other."""
+    targets = [c for group in args.target or () for c in group] or None
+    binomial = args.expert == "binomial"
+    if targets is not None and len(targets) != (2 if binomial else 1):
+        raise UsageError(
+            "moekit fit: --expert binomial takes two --target columns, successes and "
+            f"failures (--target s,f); got {len(targets)}." if binomial else
+            f"moekit fit: several --target columns ({', '.join(targets)}) are the successes "
+            "and failures of --expert binomial; other experts take one."
+        )  # fmt: skip
+    if binomial and args.formula is not None:
+        raise UsageError("moekit fit: --expert binomial takes its successes and failures from "
+                         "--target s,f (not from --formula).")  # fmt: skip
+    return targets
+
+
+def fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, task) -> int:
+    """Fit the checked design (choosing K where asked), save the model and write the
+    reports; the command's exit status."""
+    ks = experts_to_try(args.experts, len(y))
+    if len(y) < 2 * max(ks):
+        raise DataError(
+            f"moekit: {len(y)} rows are too few for {max(ks)} experts; use fewer experts."
+        )
     print(f"moekit fit: {task} of {target!r} on {', '.join(map(str, X.columns))} "
           f"({len(y)} rows)" + (f"; the gate sees {', '.join(gates)}" if gates else "")
           + ("; constant gate" if gate == "constant" else ""))  # fmt: skip

@@ -35,6 +35,11 @@ def _experts(text: str) -> tuple[int, ...]:
     return ks
 
 
+EXPERT_CHOICES = ["linear", "poisson", "student_t", "mlp", "binomial", "gamma", "lognormal",
+                  "negative_binomial"]  # fmt: skip
+"""The expert families ``moekit fit --expert`` takes."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models.")
     parser.add_argument("--debug", action="store_true",
@@ -47,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fit a mixture of experts to a CSV file")
     p.add_argument("data", help="CSV or Parquet file with a header row")
-    p.add_argument("--target", help="name of the target column (or give --formula)")
+    p.add_argument("--target", type=_names, action="append",
+                   help="name of the target column (or give --formula); for --expert binomial "
+                        "two, successes and failures, comma-separated or the flag "
+                        "repeated")  # fmt: skip
     p.add_argument("--formula",
                    help="Wilkinson formula of the target and the experts' terms, such as "
                         "\"y ~ x + I(x**2) + C(group)\"")  # fmt: skip
@@ -73,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--expert",
-        choices=["linear", "poisson", "student_t", "mlp"],
+        choices=EXPERT_CHOICES,
         default="linear",
-        help="regression experts (default: linear)",
+        help="regression experts (default: linear): linear, robust (student_t), networks "
+        "(mlp), counts (poisson, negative_binomial), positive amounts (gamma, lognormal) or "
+        "successes out of trials (binomial, with two --target columns)",
     )
     p.add_argument(
         "--gate",

@@ -21,7 +21,7 @@ READ_CHUNK_ROWS = 100_000
 """Rows per chunk when a CSV is read."""
 
 
-def read_table(path: str, target: str | None):
+def read_table(path: str, target: str | list[str] | None):
     """Read a CSV or Parquet table; every column numeric-looking must be numeric.
 
     A column whose cells mostly read as numbers but a few do not (``6,5`` with a
@@ -50,13 +50,15 @@ def read_table(path: str, target: str | None):
         raise DataError(f"moekit: cannot read {path}: {exc}") from None
     if frame.shape[0] == 0:
         raise DataError(f"moekit: {path} has a header but no rows.")
-    if target is not None and target not in frame.columns:
+    for name in [target] if isinstance(target, str) else target or ():
+        if name in frame.columns:
+            continue
         import difflib
 
-        close = difflib.get_close_matches(str(target), [str(c) for c in frame.columns], n=1)
+        close = difflib.get_close_matches(str(name), [str(c) for c in frame.columns], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UsageError(
-            f"moekit: --target {target!r} is not a column of {path}{hint} (columns: "
+            f"moekit: --target {name!r} is not a column of {path}{hint} (columns: "
             f"{', '.join(map(str, frame.columns))})"
         )
     for col in frame.columns:
@@ -98,11 +100,17 @@ def task_of(y, requested: str, expert: str | None = None) -> str:
 
 
 def columns_design(args, frame):
-    """``--target`` with ``--features`` / ``--gate-features``: the columns as they are."""
+    """``--target`` with ``--features`` / ``--gate-features``: the columns as they are.
+
+    ``args.target`` is a list of column names: one, or two (successes and failures,
+    whose y is a frame of both and whose name is R's ``cbind(s, f)``).
+    """
     import pandas as pd
 
-    y = frame[args.target]
-    rest = frame[[c for c in frame.columns if c != args.target]]  # a view of the columns
+    targets = list(args.target)
+    y = frame[targets[0]] if len(targets) == 1 else frame[targets]
+    label = targets[0] if len(targets) == 1 else f"cbind({', '.join(map(str, targets))})"
+    rest = frame[[c for c in frame.columns if c not in targets]]  # a view of the columns
     for flag, names in (("--features", args.features), ("--gate-features", args.gate_features)):
         for name in names or ():
             if name not in rest.columns:
@@ -121,7 +129,7 @@ def columns_design(args, frame):
         raise DataError("moekit: no numeric feature columns besides the target.")
     experts = (args.features or list(X.columns)) if args.gate_features else None
     unused = [str(c) for c in rest.columns if c not in X.columns]
-    return X, y, str(args.target), experts, args.gate_features, args.gate, unused, None
+    return X, y, str(label), experts, args.gate_features, args.gate, unused, None
 
 
 def formula_design(args, frame):

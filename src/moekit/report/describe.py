@@ -275,3 +275,119 @@ def fit_facts(model: Any, X, y) -> list[tuple[str, Any]]:
         ("EM", f"{model.n_iter_} iteration{'s' * (model.n_iter_ != 1)}, "
                f"{'converged' if model.converged_ else 'NOT converged'}"),
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------ what fits each family
+COUNT_VALUES = 25
+"""Count values compared one by one (0, 1, ..., 24); larger counts share one tail bin."""
+
+PROPORTION_BINS = 10
+"""Groups of rows (by expected proportion, equal sizes) in the binomial comparison."""
+
+
+def family_kind(d: Any) -> str:
+    """Which check fits a predictive mixture's family: ``"count"`` (Poisson, negative
+    binomial, a point mass at zero and mixtures of them), ``"binomial"``, ``"positive"``
+    (Gamma, lognormal) or ``""`` (the coverage table alone)."""
+    from moekit._core.components import FAMILIES
+
+    if d.family == "binomial":
+        return "binomial"
+    if FAMILIES[d.family].discrete:
+        return "count"
+    return "positive" if d.family in ("gamma", "lognormal") else ""
+
+
+def count_frequencies(d: Any, y, most: int = COUNT_VALUES) -> list[list[Any]]:
+    """Observed against expected numbers of rows at each count, zeros first.
+
+    .. math::  O_j = \\#\\{i : y_i = j\\}, \\qquad
+               E_j = \\sum_i P(Y_i = j \\mid x_i) = \\sum_i \\sum_k g_k(x_i)\\, p_k(j \\mid x_i),
+
+    for j = 0, 1, ..., up to the largest count seen or ``most`` - 1; beyond, one
+    tail bin "≥ j" with E = sum_i P(Y_i >= j | x_i). The E_j sum to n when the tail
+    bin is there. Rows: [value, observed, expected].
+    """
+    y = np.asarray(y, dtype=float).reshape(-1)
+    top = int(min(y.max(), most - 1))
+    rows = []
+    for j in range(top + 1):
+        expected = float(np.exp(d.logpdf(np.full(len(y), float(j)))).sum())
+        rows.append([str(j), int((y == j).sum()), expected])
+    if y.max() > top:  # the tail: P(Y >= top + 1) = 1 - F(top)
+        tail = float((1.0 - d.cdf(np.full(len(y), float(top)))).sum())
+        rows.append([f">= {top + 1}", int((y > top).sum()), tail])
+    return rows
+
+
+def binomial_proportions(d: Any, y, groups: int = PROPORTION_BINS) -> list[list[Any]]:
+    """Observed against expected proportions of successes, in groups of rows.
+
+    y is (successes, failures) per row and t_i = s_i + f_i; the mixture's success
+    probability is pi_i = E[one trial | x_i] = sum_k g_k(x_i) pi_k(x_i). Rows sorted
+    by pi_i are cut into ``groups`` groups of (nearly) equal size G, each reported as
+
+    .. math::  \\hat p_G = \\frac{\\sum_{i \\in G} s_i}{\\sum_{i \\in G} t_i}, \\qquad
+               \\bar p_G = \\frac{\\sum_{i \\in G} t_i \\pi_i}{\\sum_{i \\in G} t_i}
+
+    (a calibration table, as Hosmer and Lemeshow's). Rows: [group, rows, trials,
+    expected proportion, observed proportion].
+    """
+    y = np.asarray(y, dtype=float)
+    s, t = y[:, 0], y.sum(1)
+    p = np.asarray(d.mean(), dtype=float).reshape(-1)
+    out = []
+    for g, rows in enumerate(np.array_split(np.argsort(p, kind="stable"), min(groups, len(p)))):
+        trials = float(t[rows].sum())
+        out.append([g + 1, len(rows), trials, float((t[rows] * p[rows]).sum() / trials),
+                    float(s[rows].sum() / trials)])  # fmt: skip
+    return out
+
+
+def pit_values(d: Any, y, y_upper=None) -> tuple[np.ndarray, np.ndarray]:
+    """The probability integral transform u_i = F(y_i | x_i) and whether each is exact.
+
+    Where the model is right, the u_i of exact responses are uniform on (0, 1). A
+    right-censored row (``y_upper`` infinite: y_i is a lower bound) only says
+    U_i >= F(y_i), so its u_i = F(y_i) is returned as censored (event 0); a row known
+    to lie in a finite interval [y_i, y_upper_i] gets the middle of its probabilities,
+    (F(y_i) + F(y_upper_i)) / 2, as exact. Returns (u, event), each (n,).
+    """
+    y = np.asarray(y, dtype=float).reshape(-1)
+    if y_upper is None:
+        return np.asarray(d.cdf(y), dtype=float), np.ones(len(y))
+    upper = np.asarray(y_upper, dtype=float).reshape(-1)
+    right = np.isinf(upper) & (upper > 0)
+    lo = np.where(np.isfinite(y), d.cdf(np.where(np.isfinite(y), y, 0.0)), 0.0)
+    hi = np.where(right, 1.0, d.cdf(np.where(right, y, upper)))
+    exact = upper == y
+    u = np.where(exact | right, lo, 0.5 * (lo + hi))
+    return u, (~right).astype(float)
+
+
+def pp_points(u, event=None) -> tuple[np.ndarray, np.ndarray]:
+    """P-P points of PIT values against the uniform: (u_(j), F_hat(u_(j))) at each
+    exact u, with F_hat the Kaplan-Meier estimate of U's distribution (censored u are
+    lower bounds); without censoring F_hat(u_(j)) = j / n, the empirical CDF.
+
+    .. math::  \\hat F(u) = 1 - \\prod_{u_{(j)} \\le u,\\ \\text{exact}}
+               \\Big(1 - \\frac{1}{\\#\\{i : u_i \\ge u_{(j)}\\}}\\Big)
+    """
+    u = np.asarray(u, dtype=float).reshape(-1)
+    event = np.ones(len(u)) if event is None else np.asarray(event, dtype=float).reshape(-1)
+    order = np.lexsort((1.0 - event, u))  # at ties, exact before censored (KM's convention)
+    u, event = u[order], event[order]
+    at_risk = len(u) - np.arange(len(u))
+    survival = np.cumprod(np.where(event > 0, 1.0 - 1.0 / at_risk, 1.0))
+    keep = event > 0
+    return u[keep], 1.0 - survival[keep]
+
+
+def pp_distance(u, event=None) -> float:
+    """The largest vertical distance of the P-P points from the diagonal, max |F_hat(u) - u|
+    (Kolmogorov's statistic, taken at the exact points and just before each)."""
+    x, f = pp_points(u, event)
+    if len(x) == 0:
+        return float("nan")
+    before = np.concatenate([[0.0], f[:-1]])
+    return float(max(np.abs(f - x).max(), np.abs(before - x).max()))

@@ -121,11 +121,20 @@ def inside_interval(d, y, level: float) -> np.ndarray:
     when a <= F(y) <= b (for counts, where F jumps: F(y) >= a and F(y - 1) < b), so
     it needs the CDF at y alone, not the quantiles' root finding.
     """
+    from moekit._core.components import FAMILIES
+
     F = d.cdf(y)
     a, b = (1 - level) / 2, (1 + level) / 2
-    if d.family == "poisson":
+    if FAMILIES[d.family].discrete:
         return (F >= a) & (d.cdf(y - 1) < b)
     return (F >= a) & (F <= b)
+
+
+def two_column_target(model: Any) -> bool:
+    """Whether the model reads y as two columns, successes and failures (binomial
+    experts), and predicts one output from them."""
+    expert = getattr(model, "expert", None)
+    return expert == "binomial" or (isinstance(expert, (list, tuple)) and "binomial" in expert)
 
 
 def held_out_check(model: Any, X_test, y_test, baseline: Any | None = None) -> HeldOutCheck:
@@ -139,13 +148,16 @@ def held_out_check(model: Any, X_test, y_test, baseline: Any | None = None) -> H
         y_test = y_test.astype(float)
     check = HeldOutCheck(len(y_test), len(np.atleast_1d(model.expert_sizes_)),
                          float(model.log_likelihood(_named(model, X_test), y_test)))  # fmt: skip
-    if regression:
+    # intervals of y itself: not of successes and failures (binomial experts predict
+    # one trial, whose interval says nothing of a proportion out of many)
+    intervals = regression and not two_column_target(model)
+    if intervals:
         d = model.predict_distribution(_named(model, X_test))
         check.covered = int(inside_interval(d, y_test, HEADLINE_LEVEL).sum())
     if baseline is not None:
         Xb = _named(baseline, X_test)
         check.baseline_log_likelihood = float(baseline.log_likelihood(Xb, y_test))
-        if regression:
+        if intervals:
             d = baseline.predict_distribution(Xb)
             check.baseline_covered = int(inside_interval(d, y_test, HEADLINE_LEVEL).sum())
     return check

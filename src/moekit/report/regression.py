@@ -20,12 +20,17 @@ LEVELS = (0.5, 0.8, 0.9, 0.95)
 """Nominal levels of the central predictive intervals whose coverage is reported."""
 
 
-def fit_figure(model, X, y, names, target):
-    """The data with each expert's fit for one feature; observed against predicted else."""
+def fit_figure(model, X, y, names, target, y_model=None):
+    """The data with each expert's fit for one feature; observed against predicted else.
+
+    ``y`` is drawn; ``y_model`` is y as the model reads it, where the two differ
+    (successes and failures, drawn as proportions).
+    """
     plt = _pyplot()
     if X.shape[1] == 1:
         return plot_regression_fit(model, X, y, xlabel=names[0], ylabel=target)
-    resp = model.responsibilities(named(model, X), y).argmax(1)
+    y_model = y if y_model is None else y_model
+    resp = model.responsibilities(named(model, X), y_model).argmax(1)
     fig, ax = plt.subplots(figsize=(6, 5))
     K = len(np.atleast_1d(model.expert_sizes_))  # less any that EM removed
     colors = expert_colors(K)

@@ -18,7 +18,13 @@ from moekit.report.describe import (
     model_formula,
     summary_text,
 )
-from moekit.report.headline import HEADLINE_LEVEL, fit_baseline, held_out_check
+from moekit.report.families import family_check
+from moekit.report.headline import (
+    HEADLINE_LEVEL,
+    fit_baseline,
+    held_out_check,
+    two_column_target,
+)
 from moekit.report.page import embed_png, heading, html_page, html_table
 from moekit.report.regression import (
     COVERAGE_HEADER,
@@ -164,19 +170,26 @@ def report_sections(
     if check.verdict():
         parts.append(f'<p class="warning">{html.escape(check.verdict())}</p>')
     parts.append(html_table(facts))
+    trials = two_column_target(model)  # y: successes and failures; drawn as proportions
     if regression:
         parts += [h("formula", "The model"),
                   f"<pre>{html.escape(model_formula(model, names, target))}</pre>"]  # fmt: skip
-        parts += [h("fit", "The data and each expert's fit"),
-                  embed_png(fit_figure(model, Xs, ys, names, target), "fit", figures)]  # fmt: skip
+        drawn, label = (ys[:, 0] / ys.sum(1), f"{target} (proportion of successes)") if trials \
+            else (ys, target)  # fmt: skip
+        fig = fit_figure(model, Xs, drawn, names, label, y_model=ys)
+        parts += [h("fit", "The data and each expert's fit"), embed_png(fig, "fit", figures)]
     parts.append(h("gate", "Where the gate sends each input"))
     parts.append(_gate_part(model, Xs, names, regression, figures))
-    if regression:
+    if regression and not trials:
         cover = html_table(coverage(model, Xh, yh), COVERAGE_HEADER)
         parts += [h("coverage", f"Predictive intervals on {where}"), cover]
         if len(yh) > WIDTH_ROWS:
             parts.append(f'<p class="note">Coverage over all {len(yh):,} rows; mean width '
                          f"over {WIDTH_ROWS:,} of them at random.</p>")  # fmt: skip
+    if regression:
+        check_part = family_check(model, Xh, yh, where=where, figures=figures)
+        if check_part is not None:
+            parts += [h("family", check_part[0]), *check_part[1]]
     else:
         pred = model.predict(named(model, Xh))
         acc = float(np.mean(pred == yh))
