@@ -138,6 +138,16 @@ class CovarianceGaussianExperts(GaussianExperts):
     """
 
     covariance_type: ClassVar[str] = "full"
+
+    # GaussianExperts' analytic derivatives are those of independent outputs: with a
+    # covariance the observed information comes from autograd (hasattr is False)
+    @property
+    def local_derivatives(self):
+        raise AttributeError("local_derivatives")
+
+    @property
+    def local_parameters(self):
+        raise AttributeError("local_parameters")
     params_type = CovGaussianParams
 
     # ------------------------------------------------------------ E-step
