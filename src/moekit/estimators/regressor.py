@@ -297,14 +297,20 @@ default='auto'
         return GaussianExperts(K, m, var_floor=self.reg_var)
 
     # ------------------------------------------------------------------ API
-    def fit(self, X, y, *, start_from=None) -> MoERegressor:
+    def fit(self, X, y, *, sample_weight=None, offset=None, start_from=None) -> MoERegressor:
         """Fit the mixture of experts by EM.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-
+        sample_weight : array-like of shape (n_samples,), optional
+            Frequency weights: row i's log-likelihood counts w_i times (an integer
+            weight fits as the row repeated; rows of weight zero are dropped).
+        offset : array-like of shape (n_samples,), optional
+            A known term added to every expert's linear predictor, not the gate's
+            (log exposure: log of hours, policy-years, population), for Poisson,
+            negative binomial, Gamma and binomial experts.
         start_from : fitted estimator, optional
             A fit of a simpler model on the same X and y: the same model with one
             expert fewer (its experts are split), Gaussian experts for Student-t ones,
@@ -318,7 +324,7 @@ default='auto'
         -------
         self
         """
-        return self._fit(X, y, parent=start_from)
+        return self._fit(X, y, parent=start_from, sample_weight=sample_weight, offset=offset)
 
     def _moments(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         XeT, XgT = self._designs(X)
