@@ -20,10 +20,10 @@ Restarts follow flexmix's short-run strategy, with starts of several kinds
 ``init_max_iter`` iterations on a random subset of at most ``init_sample_size``
 rows (:mod:`moekit.fitting.rows`: taken in an order fixed by the rows' values, with
 integer weights written out as repeated rows, so that a weighted fit starts as the
-fit of the repeated rows does); the few best distinct ones then run to convergence on that subset, and the
-best of those continues on all the data. Starts from a fitted simpler model (say,
-the same model with one expert fewer) run to convergence on all the data and
-compete too, so that a richer model never ends below the one it contains.
+fit of the repeated rows does); the few best distinct ones then run to convergence
+on that subset, and the best of those continues on all the data. Starts from a
+fitted simpler model (say, the same model with one expert fewer) run to convergence
+on all the data and compete too, so that a richer model never ends below the one it contains.
 
 Data-parallel EM. When the data are one process's shard of rows (``data.comm``, see
 :mod:`moekit._core.distributed`), each E-step runs on the local rows and its sums

@@ -233,7 +233,8 @@ class EMModel:
             nk += resp.sum(1)
             if stats:
                 es = _add(es, self.expert.chunk_stats(params.expert, chunk, resp))
-                gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, self._gate_targets(resp, chunk.weight)))
+                targets = self._gate_targets(resp, chunk.weight)
+                gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, targets))
         if data.comm is not None:
             # data-parallel: every process's sums in one message, O(K p^2) floats for
             # linear experts whatever the rows; then every process takes the same M-step
@@ -274,7 +275,8 @@ class EMModel:
             if params.expert is not None:
                 self.expert.log_prob(params.expert, chunk)
             es = _add(es, self.expert.chunk_stats(params.expert, chunk, r))
-            gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, self._gate_targets(r, chunk.weight)))
+            targets = self._gate_targets(r, chunk.weight)
+            gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, targets))
         if data.comm is not None:
             es, gs, nk = data.reduce((es, gs, nk))
         gs = _scale(gs, 1.0 + self.gate_balance)

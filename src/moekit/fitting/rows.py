@@ -56,9 +56,7 @@ def integer_weights(weight: torch.Tensor | None) -> bool:
     return weight is None or bool((weight == torch.round(weight)).all())
 
 
-def start_rows(
-    data: EMData, size: int | None, generator: torch.Generator
-) -> tuple[EMData, bool]:
+def start_rows(data: EMData, size: int | None, generator: torch.Generator) -> tuple[EMData, bool]:
     """The rows the starts run on, and whether they stand for all the data.
 
     Parameters
@@ -83,7 +81,7 @@ def start_rows(
     total = data.n if w is None else float(w.sum())
     if integer_weights(w):
         expand = w is not None and not bool((w == 1).all())
-        total = int(round(total))
+        total = round(total)
         if size is not None and total > size:
             pick = _draw(total, size, generator).to(data.XeT.device)
             if w is not None:  # position among the repetitions -> the row repeated
