@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from moekit import HierarchicalMoERegressor, MoEClassifier, MoERegressor
+from moekit import BayesianMoERegressor, HierarchicalMoERegressor, MoEClassifier, MoERegressor
 
 
 def _regression(n=200, seed=0):
@@ -59,6 +59,16 @@ def test_integer_weights_hierarchical_and_rows_in_another_order():
         b = make().fit(np.repeat(X, w, 0), np.repeat(y, w))
     np.testing.assert_allclose(a.log_likelihood_, b.log_likelihood_, rtol=1e-9)
     np.testing.assert_allclose(a.predict(X), b.predict(X), atol=1e-6)
+
+
+def test_integer_weights_bayesian():
+    X, y, w = _regression()
+    a, b = _fit_pair(lambda: BayesianMoERegressor(n_experts=2, tol=1e-10, random_state=0), X, y, w)
+    np.testing.assert_allclose(a.log_likelihood_, b.log_likelihood_, rtol=1e-9)
+    np.testing.assert_allclose(a.elbo_, b.elbo_, rtol=1e-9)
+    np.testing.assert_allclose(a.predict(X), b.predict(X), atol=1e-8)
+    Xr, yr = np.repeat(X, w, 0), np.repeat(y, w)
+    np.testing.assert_allclose(a.log_likelihood(X, y, sample_weight=w), b.log_likelihood(Xr, yr))
 
 
 def test_weighted_summary_bic_and_scores_equal_the_repeated_rows():
