@@ -253,13 +253,8 @@ n_features_in_, feature_names_in_
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-        sample_weight : array-like of shape (n_samples,), optional
-            Frequency weights: row i's log-likelihood counts w_i times (an integer
-            weight fits as the row repeated; rows of weight zero are dropped).
-        offset : array-like of shape (n_samples,), optional
-            A known term added to every expert's linear predictor, not the gate's
-            (log exposure: log of hours, policy-years, population), for Poisson,
-            negative binomial, Gamma and binomial experts.
+        sample_weight, offset : array-like of shape (n_samples,), optional
+            Frequency weights and the experts' known term, as in :meth:`MoERegressor.fit`.
         start_from : fitted estimator, optional
             A fit on the same X and y of a shallower tree of the same branching, or
             of ``MoERegressor(n_experts=branching)`` with the softmax gate (a tree of

@@ -29,14 +29,13 @@ import torch.nn.functional as F
 from moekit._core.data import Chunk, EMData
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
+from moekit.experts import _glm
 from moekit.experts._glm import (
     RidgeGLM,
     check_columns,
-    chunk_eta,
     coef_of_report,
     grams,
     has_weight,
-    linear_predictor,
     newton_step,
     report_coef,
 )  # fmt: skip
@@ -108,7 +107,7 @@ class BinomialExperts(RidgeGLM):
         return BinomialParams(self.start_coef(data.XeT, math.log(share / (1.0 - share))))
 
     def log_prob(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
-        eta = chunk_eta(params.coef, chunk)  # (K, c)
+        eta = _glm.chunk_eta(params.coef, chunk)  # (K, c)
         chunk.scratch["binomial_eta"] = eta
         s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
         return binomial_logpmf(eta, s, t, _log_choose(chunk))
@@ -116,7 +115,7 @@ class BinomialExperts(RidgeGLM):
     def chunk_stats(self, params: BinomialParams, chunk: Chunk, resp: torch.Tensor):
         eta = chunk.scratch.get("binomial_eta")
         if eta is None:  # first M-step: at the starting parameters
-            eta = chunk_eta(params.coef, chunk)
+            eta = _glm.chunk_eta(params.coef, chunk)
         s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
         pi = torch.sigmoid(eta)
         grad = (resp * (s - t * pi)) @ chunk.XeT.T  # (K, p)
@@ -143,7 +142,7 @@ class BinomialExperts(RidgeGLM):
 
     def residuals(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
         """Pearson residuals (s - t pi_k) / sqrt(t pi_k (1 - pi_k)), shape (K, 1, c)."""
-        pi = torch.sigmoid(chunk_eta(params.coef, chunk))
+        pi = torch.sigmoid(_glm.chunk_eta(params.coef, chunk))
         s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
         return ((s - t * pi) / (t * pi * (1.0 - pi)).clamp(min=1e-12).sqrt()).unsqueeze(1)
 
@@ -174,7 +173,7 @@ class BinomialExperts(RidgeGLM):
     # ------------------------------------------------------------ prediction
     def moments(self, params: BinomialParams, XT: torch.Tensor, offset: torch.Tensor | None = None):
         """Success probabilities pi_k(x) and sqrt(pi_k (1 - pi_k)) of one trial, (n, K, 1)."""
-        pi = torch.sigmoid(linear_predictor(params.coef, XT, offset)).T.unsqueeze(-1)
+        pi = torch.sigmoid(_glm.linear_predictor(params.coef, XT, offset)).T.unsqueeze(-1)
         return pi, (pi * (1.0 - pi)).sqrt().clamp(min=1e-150)
 
     # ------------------------------------------------------------ model files
