@@ -242,8 +242,7 @@ class EMData:
 
 
 def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-    """Entries ``rows`` of a per-row vector (None stays None)."""
-    return None if t is None else t[rows].contiguous()
+    return None if t is None else t[rows].contiguous()  # a per-row vector's entries
 
 
 class Chunk:

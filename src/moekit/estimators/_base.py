@@ -47,6 +47,7 @@ from moekit.estimators._targets import TargetCoding
 from moekit.estimators._weights import (
     as_row_tensor,
     check_offset,
+    check_offset_family,
     check_sample_weight,
     weighted_moments,
 )
@@ -314,7 +315,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
                              **coder.validation)  # fmt: skip
         w = check_sample_weight(rows[0], X.shape[0])
         off = check_offset(rows[1], X.shape[0])
-        self._check_offset_family(off)
+        check_offset_family(self._expert_class(), getattr(self, "expert", None), off)
         if w is not None and not (w > 0).all():
             keep = w > 0
             X, y, w = X[keep], np.asarray(y)[keep], w[keep]
@@ -328,15 +329,6 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
             return X, coder.check(y, vars(self)), None, w, off
         y, coding = coder.fit(y, w) if local else coder.fit_shard(y)
         return X, y, coding, w, off
-
-    def _check_offset_family(self, offset) -> None:
-        """Refuse an offset where no expert has a linear predictor it applies to."""
-        if offset is not None and not getattr(self._expert_class(), "takes_offset", False):
-            raise ValueError(
-                "offset is a known term of the experts' linear predictor (log exposure), for "
-                "expert='poisson', 'negative_binomial', 'gamma' or 'binomial'; got "
-                f"expert={getattr(self, 'expert', None)!r}."
-            )
 
     def _warm_fit_possible(self) -> bool:
         if not (self.warm_start and hasattr(self, "_params")):

@@ -62,6 +62,16 @@ def check_offset(offset, n: int) -> np.ndarray | None:
     return None if offset is None else _vector(offset, n, "offset").copy()
 
 
+def check_offset_family(family: type | None, expert, offset) -> None:
+    """Refuse an offset where no expert has a linear predictor it applies to."""
+    if offset is not None and not getattr(family, "takes_offset", False):
+        raise ValueError(
+            "offset is a known term of the experts' linear predictor (log exposure), for "
+            "expert='poisson', 'negative_binomial', 'gamma' or 'binomial'; got "
+            f"expert={expert!r}."
+        )
+
+
 def weighted_moments(Xt: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Column means and standard deviations with weights w (W = sum w in the denominator).
 

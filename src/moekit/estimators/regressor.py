@@ -308,9 +308,8 @@ default='auto'
             Frequency weights: row i's log-likelihood counts w_i times (an integer
             weight fits as the row repeated; rows of weight zero are dropped).
         offset : array-like of shape (n_samples,), optional
-            A known term added to every expert's linear predictor, not the gate's
-            (log exposure: log of hours, policy-years, population), for Poisson,
-            negative binomial, Gamma and binomial experts.
+            A known term of every expert's linear predictor, not the gate's (log
+            exposure), for Poisson, negative binomial, Gamma and binomial experts.
         start_from : fitted estimator, optional
             A fit of a simpler model on the same X and y: the same model with one
             expert fewer (its experts are split), Gaussian experts for Student-t ones,
@@ -329,9 +328,9 @@ default='auto'
     def _moments(self, X, offset=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         XeT, XgT = self._designs(X)
         w = torch.exp(self._gate_family.log_weights(self._params.gate, XgT)).T  # (n, K)
-        off = self._row_vector(offset, XeT.shape[1], "offset", XeT.device)
-        extra = {} if off is None else {"offset": off}  # the experts' known term, log exposure
-        means, stds = self._expert_family.moments(self._params.expert, XeT, **extra)  # (n, K, m)
+        off = self._row_vector(offset, XeT.shape[1], "offset", XeT.device)  # log exposure
+        kw = {} if off is None else {"offset": off}
+        means, stds = self._expert_family.moments(self._params.expert, XeT, **kw)  # (n, K, m)
         return (w, *RealTarget.decode(means, stds, vars(self)))
 
     def _shape_y(self, t: torch.Tensor) -> np.ndarray:
@@ -340,8 +339,7 @@ default='auto'
     def predict(self, X, offset=None) -> np.ndarray:
         """Conditional mean E[y | x] = sum_k g_k(x) mu_k(x).
 
-        ``offset`` (n_samples,): the experts' known term of each row, as in ``fit``
-        (for a log link, mu_k(x) = exp(b_k . x + offset): the exposure multiplies it).
+        ``offset`` (n_samples,): each row's known term, as in ``fit`` (exposure times mu_k).
 
         Returns
         -------
@@ -351,8 +349,7 @@ default='auto'
         return self._shape_y(torch.einsum("nk,nkm->nm", w, means))
 
     def predict_distribution(self, X, offset=None) -> MixturePrediction:
-        """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`);
-        ``offset`` as in :meth:`predict`."""
+        """p(y | x) of every row (:class:`MixturePrediction`); ``offset`` as in :meth:`predict`."""
         w, means, stds = self._moments(X, offset)
         family = self._expert_family.predictive_family
         extra = {
@@ -374,9 +371,7 @@ default='auto'
         """
         from sklearn.metrics import r2_score
 
-        if getattr(self._expert_family, "target_columns", 1) == 1:
-            if offset is None:
-                return super().score(X, y, sample_weight=sample_weight)
+        if getattr(self._expert_family, "target_columns", 1) == 1:  # RegressorMixin's R^2
             return float(r2_score(y, self.predict(X, offset), sample_weight=sample_weight))
 
         y = self._target().check(np.asarray(y), vars(self))
