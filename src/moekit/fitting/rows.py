@@ -14,8 +14,8 @@ handed over. Two conventions make them so:
   Other weights stay with their rows: the starts run on the weighted rows (or a
   random subset of the rows, each keeping its weight).
 
-A data-parallel fit gathers its rows (or the subset of them) onto every process in
-rank order, weights and offsets with them (:meth:`EMData.gathered`).
+A data-parallel fit gathers the rows' keys, then its rows (or the subset of them)
+onto every process in that order, offsets with them (:meth:`EMData.gathered`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ EXACT_DRAW_MAX = 2**24
 the repeated data); above it, positions are drawn independently."""
 
 
-def canonical_order(data: EMData) -> torch.Tensor:
-    """A permutation (n,) of the rows that depends only on their values.
+def sort_key(data: EMData) -> torch.Tensor:
+    """A key (n,) per row that depends only on its values: the rows' fixed order sorts it.
 
-    Rows are sorted by a projection of [design of the experts, of the gate, target]
-    on a direction drawn from a fixed seed (not the fit's generator), which distinct
-    rows share with probability zero.
+    The projection of [design of the experts, of the gate, target, offset] on a
+    direction drawn from a fixed seed (not the fit's generator), which distinct rows
+    share with probability zero.
     """
     parts = [data.XeT, data.XgT] if not data.shared_design else [data.XeT]
     parts.append(data.y.reshape(-1, data.n).to(data.XeT.dtype))
@@ -47,8 +47,12 @@ def canonical_order(data: EMData) -> torch.Tensor:
     Z = torch.cat(parts, 0)  # (f, n)
     direction = torch.rand(Z.shape[0], generator=torch.Generator().manual_seed(0),
                            dtype=Z.dtype).to(Z.device) + 0.5  # fmt: skip
-    key = direction @ Z
-    return torch.argsort(key, stable=True)
+    return direction @ Z
+
+
+def canonical_order(data: EMData) -> torch.Tensor:
+    """A permutation (n,) of the rows that depends only on their values."""
+    return torch.argsort(sort_key(data), stable=True)
 
 
 def integer_weights(weight: torch.Tensor | None) -> bool:
@@ -103,15 +107,19 @@ def start_rows_distributed(
 ) -> tuple[EMData, bool]:
     """:func:`start_rows` for a data-parallel fit: rows gathered onto every process.
 
-    Every process draws the same global row indices with the same generator; the
-    rows (with their weights) are gathered in rank order. All rows when there are at
-    most ``size``: the gathered data then stand for all the data.
+    The rows' keys (one float per row) are gathered once, so that every process
+    knows the fixed order of all the rows; every process then draws the same
+    positions in it with the same generator, and the rows are gathered in that
+    order: the starts are those of one process holding the shards end to end. All
+    rows when there are at most ``size``: the gathered data then stand for all the
+    data. (Data-parallel fits take no weights.)
     """
+    order = torch.argsort(data.comm.gather_rows(sort_key(data)).cpu(), stable=True)
     n = data.n_total
     if size is not None and n > size:
-        rows = torch.randperm(n, generator=generator, device="cpu")[:size]
-        return data.gathered(rows), False
-    return data.gathered(), True
+        pick = torch.randperm(n, generator=generator, device="cpu")[:size]
+        return data.gathered(order[pick]), False
+    return data.gathered(order), True
 
 
 def _draw(total: int, size: int, generator: torch.Generator) -> torch.Tensor:
