@@ -367,6 +367,9 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         if self.fit_method == "gradient":
             from moekit.fitting.gradient import run_gradient
 
+            if prepared.data.weight is not None or prepared.data.offset is not None:
+                raise ValueError("sample_weight and offset are for fit_method='em'.")
+
             options = check_options(self.fit_options, GRADIENT_OPTIONS, "fit_options")
             return run_gradient(model, prepared.data, init=self.init, objective=self.objective,
                                 **common, **options)  # fmt: skip
