@@ -181,3 +181,14 @@ def test_an_offset_on_a_family_without_a_linear_predictor_is_an_error_naming_off
     p = MoERegressor(n_experts=1, expert="poisson").fit(X, y)
     with pytest.raises(ValueError, match=r"offset must have shape \(400,\)"):
         p.predict(X, offset=np.ones(3))
+
+
+def test_remove_expert_refits_the_held_rows_with_their_weights():
+    X, y, w = _regression()
+    a, b = _fit_pair(lambda: MoERegressor(n_experts=3, tol=1e-10, min_share=0.0, random_state=0),
+                     X, y, w)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.remove_expert(0)
+        b.remove_expert(0)
+    np.testing.assert_allclose(a.log_likelihood_, b.log_likelihood_, rtol=1e-9)
