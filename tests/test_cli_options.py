@@ -110,19 +110,20 @@ def test_k_is_chosen_by_bic_over_one_to_four_by_default(tmp_path, capsys):
 
 
 def test_the_headline_compares_with_one_expert(tmp_path, capsys):
-    # noise alone: three experts cannot predict held-out rows better than one
+    # noise alone: five experts cannot predict held-out rows better than one (with one
+    # start, none of them falls under min_share: the model keeps all five)
     rng = np.random.default_rng(3)
     t = pd.DataFrame({"x": rng.normal(size=60), "y": rng.standard_t(3, size=60)})
-    assert _fit(tmp_path, t, "--target", "y", "--experts", "4") == 0
+    assert _fit(tmp_path, t, "--target", "y", "--experts", "5") == 0
     out = capsys.readouterr().out
     model = load(tmp_path / "out" / "model.moe")
     page = (tmp_path / "out" / "report.html").read_text()
     assert "held-out log-likelihood per row:" in out and "(one expert: " in out
     assert re.search(r"held-out 90% intervals cover [0-9.]+% of 12 rows \(95% interval", out)
-    said = re.search(r"warning: (On 12 held-out rows this mixture of 4 experts does worse .*)", out)
+    said = re.search(r"warning: (On 12 held-out rows this mixture of 5 experts does worse .*)", out)
     assert said and said.group(1) in page  # the report's headline says it too
     assert '<p class="warning">On 12 held-out rows' in page
-    assert model.n_experts == 4 and "one expert (12 held-out rows)" in page
+    assert model.n_experts == 5 and "one expert (12 held-out rows)" in page
 
 
 def test_inspect_prints_shares_and_the_models_formula(tmp_path, capsys):

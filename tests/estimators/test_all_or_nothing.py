@@ -107,7 +107,10 @@ def test_classifier_warm_start_refuses_unseen_classes():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 2))
     y = (X[:, 0] > 0).astype(int)
-    m = MoEClassifier(2, random_state=0, warm_start=True, n_init=1).fit(X, y)
+    # min_share=0 keeps both experts, so that the second fit is a warm start (one
+    # with other experts than the first fit's would start afresh)
+    m = MoEClassifier(2, random_state=0, warm_start=True, n_init=1, min_share=0.0).fit(X, y)
+    assert m._n_experts_fitted == 2
     before = pickle.dumps(m)
     with pytest.raises(ValueError, match="labels not seen in fit"):
         m.fit(X, np.where(X[:, 1] > 1, 2, y))

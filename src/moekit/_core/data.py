@@ -116,6 +116,13 @@ class EMData:
         outside the E-step's statistics go through :meth:`reduce`.
     n_global : int or None
         Rows over all processes (a data-parallel fit); None: ``n``.
+    weight : Tensor of shape (n,) or None
+        Frequency weight w_i of every row (positive); None: every row weighs 1. Row
+        i's log-likelihood enters the objective times w_i, so an integer weight is
+        the row repeated.
+    offset : Tensor of shape (n,) or None
+        A known term added to every expert's linear predictor (log exposure), for
+        the families with one; None: no offset.
     """
 
     XeT: torch.Tensor
@@ -124,6 +131,8 @@ class EMData:
     cache: dict[str, Any] = field(default_factory=dict)
     comm: DataGroup | None = None
     n_global: int | None = None
+    weight: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
     _work: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: per buffer of products: the rows (start, stop) it holds, and how many are filled
     _filled: dict[str, tuple[int, int, int]] = field(default_factory=dict, repr=False)
@@ -145,6 +154,15 @@ class EMData:
     def n_total(self) -> int:
         """Rows of the whole data: over every process of a data-parallel fit."""
         return self.n if self.n_global is None else self.n_global
+
+    @property
+    def w_total(self) -> float:
+        """Total weight of the whole data, sum_i w_i (``n_total`` without weights)."""
+        if self.weight is None:
+            return float(self.n_total)
+        if "w_total" not in self.cache:  # one all-reduce per fit, not per pass
+            self.cache["w_total"] = float(self.reduce(self.weight.sum()))
+        return self.cache["w_total"]
 
     def reduce(self, nest: Any) -> Any:
         """Sums over this process's rows -> sums over all rows (the identity alone)."""
@@ -183,7 +201,8 @@ class EMData:
         """This process's rows ``rows`` (for short restarts), as data of their own."""
         XeT = self.XeT[:, rows].contiguous()
         XgT = XeT if self.shared_design else self.XgT[:, rows].contiguous()
-        return EMData(XeT, XgT, self.y[..., rows].contiguous())
+        return EMData(XeT, XgT, self.y[..., rows].contiguous(),
+                      weight=_rows(self.weight, rows), offset=_rows(self.offset, rows))  # fmt: skip
 
     def gathered(self, rows: torch.Tensor | None = None) -> EMData:
         """Rows ``rows`` of the whole data, in that order, on every process.
@@ -211,12 +230,19 @@ class EMData:
         XeT = self.comm.gather_rows(local.XeT)
         XgT = XeT if self.shared_design else self.comm.gather_rows(local.XgT)
         y = self.comm.gather_rows(local.y)
+        extra = {k: None if getattr(local, k) is None else self.comm.gather_rows(getattr(local, k))
+                 for k in ("weight", "offset")}  # fmt: skip
         if order is not None:
             inv = torch.argsort(order).to(XeT.device)
             XeT = XeT[:, inv].contiguous()
             XgT = XeT if self.shared_design else XgT[:, inv].contiguous()
             y = y[..., inv].contiguous()
-        return EMData(XeT, XgT, y)
+            extra = {k: _rows(v, inv) for k, v in extra.items()}
+        return EMData(XeT, XgT, y, **extra)
+
+
+def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[rows].contiguous()  # a per-row vector's entries
 
 
 class Chunk:
@@ -226,13 +252,15 @@ class Chunk:
     gate's probabilities, say) and pick them up in ``chunk_stats``.
     """
 
-    __slots__ = ("XeT", "XgT", "data", "scratch", "start", "stop", "y")
+    __slots__ = ("XeT", "XgT", "data", "offset", "scratch", "start", "stop", "weight", "y")
 
     def __init__(self, start: int, stop: int, data: EMData) -> None:
         self.start, self.stop, self.data = start, stop, data
         self.XeT = data.XeT[:, start:stop]
         self.XgT = self.XeT if data.shared_design else data.XgT[:, start:stop]
         self.y = data.y[..., start:stop]
+        self.weight = None if data.weight is None else data.weight[start:stop]
+        self.offset = None if data.offset is None else data.offset[start:stop]
         self.scratch: dict[str, Any] = {}
 
     def products(self, which: str = "e", with_target: bool = False) -> torch.Tensor:

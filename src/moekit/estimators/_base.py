@@ -35,7 +35,6 @@ from moekit.estimators._design import (
     DESIGN_ATTRS,
     Prepared,
     build_designs,
-    column_moments,
     shared_tensor,
 )
 from moekit.estimators._editing import Edit, EditingMixin
@@ -45,6 +44,13 @@ from moekit.estimators._params import DeclaredParams
 from moekit.estimators._scoring import SCORE_BLOCK_ROWS, CoefficientsMixin, ScoringMixin
 from moekit.estimators._summary import SummaryMixin
 from moekit.estimators._targets import TargetCoding
+from moekit.estimators._weights import (
+    as_row_tensor,
+    check_offset,
+    check_offset_family,
+    check_sample_weight,
+    weighted_moments,
+)
 from moekit.fitting.em import EMModel, FitResult, Params, run_em
 from moekit.fitting.starts import STRATEGIES
 from moekit.gates.constant import ConstantGate
@@ -156,7 +162,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         return GATES[self.gate](self.n_experts)
 
     # ------------------------------------------------------------------ fit
-    def _fit(self, X, y, *, parent: BaseMoE | None = None, edit: Edit | None = None) -> BaseMoE:
+    def _fit(self, X, y, *, parent: BaseMoE | None = None, edit: Edit | None = None,
+             sample_weight=None, offset=None) -> BaseMoE:  # fmt: skip
         """Fit, setting the fitted attributes only once everything has succeeded.
 
         ``parent`` is a fitted model of the same data whose fit carries over into
@@ -172,7 +179,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
             self._validate_params()
             comm = self._data_group(fresh=parent is None and edit is None)
             seed = self.random_state if comm is None else comm.shared_seed(self.random_state)
-            prepared = self._prepare(X, y, warm=True if edit is not None else None, comm=comm)
+            prepared = self._prepare(X, y, warm=True if edit is not None else None, comm=comm,
+                                     rows=(sample_weight, offset))  # fmt: skip
             model = self._em_model(prepared, seed, edit)
             with em_threads(prepared.data):
                 result = self._run(model, prepared, parent, edit, seed)
@@ -234,8 +242,13 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
             model.frozen_experts = getattr(self, "frozen_experts_", ())
         return model
 
-    def _prepare(self, X, y, warm: bool | None = None, comm: DataGroup | None = None) -> Prepared:
+    def _prepare(self, X, y, warm: bool | None = None, comm: DataGroup | None = None,
+                 rows: tuple = (None, None)) -> Prepared:  # fmt: skip
         """Check X and y and build the EM data; returns the state that describes them.
+
+        ``rows`` holds the rows' ``sample_weight`` and ``offset`` (each None or one
+        value per row): rows of weight zero are dropped, and the standardisations are
+        weighted (see ``_weights``).
 
         A warm fit (``warm_start``, or ``warm=True`` for an edit) keeps the fitted
         scalings and coding, in which the current parameters are expressed.
@@ -248,7 +261,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         coder = self._target()
         error = None
         try:
-            X, y, coding = self._check_shard(X, y, warm, coder, local=comm is None)
+            X, y, coding, w, off = self._check_shard(X, y, warm, coder, comm is None, rows)
         except Exception as err:
             if comm is None:
                 raise
@@ -258,6 +271,9 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         else:
             comm.agree(error)
             n = comm.total_rows(X.shape[0], (X.shape[1], y.shape[1:]), self.n_experts)
+            if w is not None or off is not None:
+                raise ValueError("distributed=True fits take neither sample_weight nor offset "
+                                 "yet: fit on one process, or write the rows out.")  # fmt: skip
         state: dict[str, Any] = {"n_features_in_": self.n_features_in_}
         if getattr(self, "feature_names_in_", None) is not None:
             state["feature_names_in_"] = self.feature_names_in_
@@ -266,7 +282,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         else:
             state.update(coding if comm is None else coder.reduce(y, coding, comm, n))
             Xt = shared_tensor(X)
-            mean, scale = column_moments(Xt) if comm is None else comm.moments(Xt, n)
+            wt = as_row_tensor(w, None)
+            mean, scale = weighted_moments(Xt, wt) if comm is None else comm.moments(Xt, n)
             state["_x_mean"] = mean
             state["_x_scale"] = torch.where(scale > 0, scale, torch.ones_like(scale))
             d, names = X.shape[1], state.get("feature_names_in_")
@@ -277,11 +294,17 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         state["_x_scale"] = state["_x_scale"].to(device)
         XeT, XgT = build_designs(shared_tensor(X, device), state)
         data = EMData(XeT, XgT, coder.encode(y, state, device), comm=comm,
-                      n_global=None if comm is None else n)  # fmt: skip
-        return Prepared(X, y, state, data, warm)
+                      n_global=None if comm is None else n, weight=as_row_tensor(w, device),
+                      offset=as_row_tensor(off, device))  # fmt: skip
+        return Prepared(X, y, state, data, warm, w, off)
 
-    def _check_shard(self, X, y, warm: bool, coder: TargetCoding, local: bool = True):
-        """The checks of X and y that need no other process: (X, y, coding or None)."""
+    def _check_shard(self, X, y, warm: bool, coder: TargetCoding, local: bool = True,
+                     rows: tuple = (None, None)):  # fmt: skip
+        """The checks that need no other process: (X, y, coding or None, weight, offset).
+
+        Rows of zero weight are dropped here, before the target is coded (a class
+        seen only with weight zero is not a class of the fit).
+        """
         if warm:
             d = np.shape(X)[1] if np.ndim(X) == 2 else None
             if d is not None and d != self.n_features_in_:
@@ -294,15 +317,22 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2,
                              ensure_min_features=self._min_features,
                              **coder.validation)  # fmt: skip
+        w = check_sample_weight(rows[0], X.shape[0])
+        off = check_offset(rows[1], X.shape[0])
+        check_offset_family(self._expert_class(), getattr(self, "expert", None), off)
+        if w is not None and not (w > 0).all():
+            keep = w > 0
+            X, y, w = X[keep], np.asarray(y)[keep], w[keep]
+            off = None if off is None else off[keep]
         if local and X.shape[0] < self.n_experts:
             raise ValueError(
                 f"Expected n_samples >= n_experts but got n_experts = {self.n_experts}, "
                 f"n_samples = {X.shape[0]}."
             )
         if warm:
-            return X, coder.check(y, vars(self)), None
-        y, coding = coder.fit(y) if local else coder.fit_shard(y)
-        return X, y, coding
+            return X, coder.check(y, vars(self)), None, w, off
+        y, coding = coder.fit(y, w) if local else coder.fit_shard(y)
+        return X, y, coding, w, off
 
     def _warm_fit_possible(self) -> bool:
         if not (self.warm_start and hasattr(self, "_params")):
@@ -341,6 +371,9 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         if self.fit_method == "gradient":
             from moekit.fitting.gradient import run_gradient
 
+            if prepared.data.weight is not None or prepared.data.offset is not None:
+                raise ValueError("sample_weight and offset are for fit_method='em'.")
+
             options = check_options(self.fit_options, GRADIENT_OPTIONS, "fit_options")
             return run_gradient(model, prepared.data, init=self.init, objective=self.objective,
                                 **common, **options)  # fmt: skip
@@ -366,7 +399,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         if self._order_by_mean:  # increasing mean prediction over the training inputs
             means, _ = expert.moments(result.params.expert, prepared.data.XeT)
             data = prepared.data
-            mean = data.reduce(means[..., 0].sum(0)) / data.n_total  # over every process
+            m0 = means[..., 0] if data.weight is None else means[..., 0] * data.weight[:, None]
+            mean = data.reduce(m0.sum(0)) / data.w_total  # over every process
             perm = torch.argsort(mean, stable=True)
         else:
             perm = torch.argsort(-result.nk, stable=True)
@@ -394,6 +428,7 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
             # a reference (not a copy) for summary(); dropped when pickled or saved, and
             # not kept by a data-parallel fit, whose rows are spread over processes
             "_summary_data": None if prepared.data.comm else (prepared.X, prepared.y),
+            "_summary_rows": (prepared.weight, prepared.offset),
         }
         if self.objective == "cooperative":
             # the minimised loss is a squared error, not a log-likelihood: keep it apart

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from moekit._core.engine import EM_DTYPE
+from moekit.estimators._design import rows_of
 from moekit.estimators._targets import RealTarget
+from moekit.estimators._weights import check_sample_weight
 from moekit.experts.censored import ROWS, CensoredExperts
 
 
@@ -175,17 +177,24 @@ class CensoringMixin:
         truncated = bounds is not None and bool(np.isfinite(bounds[:, 3:]).any())
         return CensoredExperts(family, float(np.log(coding["_y_scale"][0])), truncated)
 
-    def _fit_censored(self, X, y, y_upper, truncation, parent):
+    def _fit_censored(self, X, y, y_upper, truncation, parent, sample_weight=None, offset=None):
         """A fit with the bounds checked and packed, or a plain one without them."""
         bounds = None
         if y_upper is not None or truncation is not None:
             if self.distributed:
                 raise ValueError("y_upper and truncation are not available with distributed=True.")
             bounds = pack_bounds(y, y_upper, truncation)
+            w = check_sample_weight(sample_weight, len(bounds))
+            if w is not None and not (w > 0).all():
+                # rows of weight zero are dropped before the target is coded: drop
+                # their bounds with them
+                keep = w > 0
+                X, bounds, sample_weight = rows_of(X, keep), bounds[keep], w[keep]
+                offset = None if offset is None else np.asarray(offset)[keep]
             y = bounds[:, 0]
         self._pending_bounds = bounds  # read by _target and _make_expert, then dropped
         try:
-            return self._fit(X, y, parent=parent)
+            return self._fit(X, y, parent=parent, sample_weight=sample_weight, offset=offset)
         finally:
             self.__dict__.pop("_pending_bounds", None)
 
@@ -194,7 +203,8 @@ class CensoringMixin:
         state["_censored"] = bool(getattr(model.expert, "censored", False))
         return state
 
-    def log_likelihood_samples(self, X, y, *, y_upper=None, truncation=None) -> np.ndarray:
+    def log_likelihood_samples(self, X, y, offset=None, *, y_upper=None,
+                               truncation=None) -> np.ndarray:  # fmt: skip
         """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,).
 
         With ``y_upper`` or ``truncation`` (as ``fit`` takes them), the log
@@ -202,7 +212,10 @@ class CensoringMixin:
         without them is evaluated on them too (linear or lognormal experts).
         """
         if y_upper is None and truncation is None:
-            return super().log_likelihood_samples(X, y)
+            return super().log_likelihood_samples(X, y, offset)
+        if offset is not None:
+            raise ValueError("offset is for log-link experts; censored responses (y_upper, "
+                             "truncation) are of linear or lognormal experts.")  # fmt: skip
         rows = pack_bounds(y, y_upper, truncation)
         if getattr(self, "_censored", False):
             return super().log_likelihood_samples(X, rows)
@@ -218,8 +231,11 @@ class CensoringMixin:
         logp = logp + self._gate_family.log_weights(self._params.gate, XgT)
         return torch.logsumexp(logp, 0).cpu().numpy()
 
-    def log_likelihood(self, X, y, *, y_upper=None, truncation=None) -> float:
-        """Mean per-sample log-likelihood, (1/n) sum_i log p(y_i | x_i) (see
+    def log_likelihood(self, X, y, sample_weight=None, offset=None, *, y_upper=None,
+                       truncation=None) -> float:  # fmt: skip
+        """Mean per-sample log-likelihood, sum_i w_i log p(y_i | x_i) / sum_i w_i
+        (``sample_weight`` and ``offset`` as in ``fit``; see
         :meth:`log_likelihood_samples` for ``y_upper`` and ``truncation``)."""
-        rows = self.log_likelihood_samples(X, y, y_upper=y_upper, truncation=truncation)
-        return float(np.mean(rows))
+        rows = self.log_likelihood_samples(X, y, offset, y_upper=y_upper, truncation=truncation)
+        w = check_sample_weight(sample_weight, len(rows))
+        return float(np.mean(rows) if w is None else np.average(rows, weights=w))

@@ -29,6 +29,8 @@ class Prepared:
     state: dict[str, Any]  # fitted attributes that describe the data (scalings, coding)
     data: EMData
     warm: bool
+    weight: np.ndarray | None = None  # frequency weights of the rows kept (none zero)
+    offset: np.ndarray | None = None  # the experts' known term of the rows kept
 
 
 DESIGN_ATTRS = ("_x_mean", "_x_scale", "_expert_cols", "_gate_cols")
@@ -40,13 +42,6 @@ def rows_of(A, rows: slice):
     if hasattr(A, "iloc"):
         return A.iloc[rows]
     return np.asarray(A)[rows]
-
-
-def column_moments(Xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column means and standard deviations (n in the denominator)."""
-    if Xt.shape[1] == 0:  # no features: nothing to centre (torch warns on an empty std)
-        return Xt.new_zeros(0), Xt.new_ones(0)
-    return Xt.mean(0), Xt.std(0, correction=0)
 
 
 def shared_tensor(X: np.ndarray, device=None) -> torch.Tensor:

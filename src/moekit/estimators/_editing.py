@@ -202,7 +202,11 @@ class EditingMixin:
                     "remove_expert: pass X and y to refit on; this model no longer holds "
                     "the data it was fitted on (it was loaded from a file)."
                 )
+        rows = {}
+        if X is None or y is None:
             X, y = self._held_rows()
+            w, offset = getattr(self, "_summary_rows", (None, None))  # the fit's own
+            rows = {"sample_weight": w, "offset": offset}
         model, _ = self._edit_model(None, None, "remove_expert")
         keep = torch.tensor([j for j in range(K) if j != k])
         gate = model.gate.select(self._params.gate, keep)
@@ -213,7 +217,7 @@ class EditingMixin:
         frozen = tuple(j - (j > k) for j in self.frozen_experts_ if j != k)
         names = getattr(model.expert, "names_of", None)  # a family per expert: drop its name
         expert = None if names is None else names(start.expert)
-        return self._fit(X, y, edit=Edit([start], K - 1, frozen, expert=expert))
+        return self._fit(X, y, edit=Edit([start], K - 1, frozen, expert=expert), **rows)
 
     # ------------------------------------------------------------------ helpers
     def _edit_model(self, X, y, what: str) -> tuple[EMModel, Any]:

@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from moekit._core.data import Chunk, EMData
 from moekit._core.engine import to_numpy
 from moekit.estimators._design import build_designs, rows_of, shared_tensor
+from moekit.estimators._weights import as_row_tensor, check_offset, check_sample_weight
 
 SCORE_BLOCK_ROWS = 2**17
 """Rows per block when scoring large data (see ``log_likelihood_samples``)."""
@@ -33,7 +34,21 @@ class ScoringMixin:
         Xt = shared_tensor(X, self._x_mean.device)
         return build_designs(Xt, vars(self))
 
-    def _em_data(self, X, y) -> EMData:
+    def _row_vector(self, values, n: int, name: str, device) -> torch.Tensor | None:
+        """``sample_weight`` or ``offset`` of n query rows as a tensor (checked), or None."""
+        if values is None:
+            return None
+        if name == "offset":
+            if not getattr(self._expert_family, "takes_offset", False):
+                raise ValueError(
+                    "offset is a known term of the experts' linear predictor, for Poisson, "
+                    "negative binomial, Gamma and binomial experts; this model's "
+                    f"{type(self._expert_family).__name__} have none."
+                )
+            return as_row_tensor(check_offset(values, n), device)
+        return as_row_tensor(check_sample_weight(values, n), device)
+
+    def _em_data(self, X, y, offset=None, sample_weight=None) -> EMData:
         XeT, XgT = self._designs(X)
         coder = self._target()
         y = coder.check(np.asarray(y) if not hasattr(y, "iloc") else y.to_numpy(), vars(self))
@@ -41,7 +56,13 @@ class ScoringMixin:
             raise ValueError(
                 f"X and y have inconsistent numbers of samples: {XeT.shape[1]} and {y.shape[0]}."
             )
-        return EMData(XeT, XgT, coder.encode(y, vars(self), XeT.device))
+        return EMData(
+            XeT,
+            XgT,
+            coder.encode(y, vars(self), XeT.device),
+            offset=self._row_vector(offset, XeT.shape[1], "offset", XeT.device),
+            weight=self._row_vector(sample_weight, XeT.shape[1], "sample_weight", XeT.device),
+        )
 
     def _log_jacobian(self) -> float:
         """log |d y_coded / d y| per row of the fitted coding (see ``_targets``)."""
@@ -53,8 +74,8 @@ class ScoringMixin:
         _, XgT = self._designs(X)
         return to_numpy(torch.exp(self._gate_family.log_weights(self._params.gate, XgT)).T)
 
-    def _log_joint(self, X, y) -> torch.Tensor:
-        data = self._em_data(X, y)
+    def _log_joint(self, X, y, offset=None) -> torch.Tensor:
+        data = self._em_data(X, y, offset)
         chunk = Chunk(0, data.n, data)
         logp = self._expert_family.log_prob(self._params.expert, chunk)
         return logp + self._gate_family.log_weights(self._params.gate, data.XgT)  # (K, n)
@@ -63,25 +84,34 @@ class ScoringMixin:
         """Posterior p(z = k | x, y) of shape (n_samples, n_experts); rows sum to 1."""
         return to_numpy(torch.softmax(self._log_joint(X, y), dim=0).T)
 
-    def log_likelihood_samples(self, X, y) -> np.ndarray:
+    def log_likelihood_samples(self, X, y, offset=None) -> np.ndarray:
         """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,).
 
         Rows go through in blocks of ``SCORE_BLOCK_ROWS``, so that the designs built
-        for them never take more memory than a block's.
+        for them never take more memory than a block's. ``offset`` (n_samples,) is
+        the experts' known term of each row, as in ``fit``.
         """
         n = len(X) if hasattr(X, "__len__") else np.shape(X)[0]
         if n > SCORE_BLOCK_ROWS and np.ndim(X) == 2:
+            off = None if offset is None else np.asarray(offset)
             return np.concatenate([
-                self.log_likelihood_samples(rows_of(X, slice(i, i + SCORE_BLOCK_ROWS)),
-                                            rows_of(y, slice(i, i + SCORE_BLOCK_ROWS)))
+                self.log_likelihood_samples(
+                    rows_of(X, slice(i, i + SCORE_BLOCK_ROWS)),
+                    rows_of(y, slice(i, i + SCORE_BLOCK_ROWS)),
+                    None if off is None else off[i : i + SCORE_BLOCK_ROWS])
                 for i in range(0, n, SCORE_BLOCK_ROWS)
             ])  # fmt: skip
-        lse = torch.logsumexp(self._log_joint(X, y), dim=0)
+        lse = torch.logsumexp(self._log_joint(X, y, offset), dim=0)
         return to_numpy(lse) + self._log_jacobian()
 
-    def log_likelihood(self, X, y) -> float:
-        """Mean per-sample log-likelihood, (1/n) sum_i log p(y_i | x_i)."""
-        return float(np.mean(self.log_likelihood_samples(X, y)))
+    def log_likelihood(self, X, y, sample_weight=None, offset=None) -> float:
+        """Mean per-sample log-likelihood, sum_i w_i log p(y_i | x_i) / sum_i w_i.
+
+        ``sample_weight`` (frequency weights; default 1) and ``offset`` as in ``fit``.
+        """
+        values = self.log_likelihood_samples(X, y, offset)
+        w = check_sample_weight(sample_weight, len(values))
+        return float(np.mean(values) if w is None else np.average(values, weights=w))
 
     def n_parameters(self) -> int:
         """Free parameters of the fitted model (experts and gate)."""
@@ -91,15 +121,26 @@ class ScoringMixin:
             + self._gate_family.n_parameters(self._params.gate)
         )
 
-    def bic(self, X, y) -> float:
-        """Bayesian information criterion, -2 log L + n_parameters log n (lower is better)."""
-        n = len(X)
-        return -2.0 * n * self.log_likelihood(X, y) + self.n_parameters() * math.log(n)
+    def _n_rows(self, X, sample_weight) -> float:
+        """n of the criteria: the rows, or the sum of their frequency weights."""
+        w = check_sample_weight(sample_weight, len(X))
+        return float(len(X) if w is None else w.sum())
 
-    def aic(self, X, y) -> float:
+    def bic(self, X, y, sample_weight=None, offset=None) -> float:
+        """Bayesian information criterion, -2 log L + n_parameters log n (lower is better).
+
+        With frequency weights, n = sum_i w_i and log L = sum_i w_i log p(y_i | x_i).
+        """
+        n = self._n_rows(X, sample_weight)
+        ll = self.log_likelihood(X, y, sample_weight, offset)
+        return -2.0 * n * ll + self.n_parameters() * math.log(n)
+
+    def aic(self, X, y, sample_weight=None, offset=None) -> float:
         """Akaike information criterion, -2 log L + 2 n_parameters (lower is better)."""
-        n = len(X)
-        return -2.0 * n * self.log_likelihood(X, y) + 2.0 * self.n_parameters()
+        n = self._n_rows(X, sample_weight)
+        return (
+            -2.0 * n * self.log_likelihood(X, y, sample_weight, offset) + 2.0 * self.n_parameters()
+        )
 
 
 class CoefficientsMixin:

@@ -17,7 +17,7 @@ class SummaryMixin:
     rows are spread over processes, keeps none.
     """
 
-    def summary(self, X=None, y=None, *, gate_reference: int = 0,
+    def summary(self, X=None, y=None, *, sample_weight=None, gate_reference: int = 0,
                 information_rows: int | None = None):  # fmt: skip
         """Coefficients with standard errors, z-values and p-values.
 
@@ -33,6 +33,10 @@ class SummaryMixin:
         X, y : array-like, optional
             The data to compute the information on; by default the data of the last
             ``fit`` (not kept in pickles or model files).
+        sample_weight : array-like of shape (n_samples,), optional
+            Frequency weights: the information is that of the rows repeated w_i
+            times, and n is sum_i w_i. By default those of the last ``fit`` when X
+            and y are its data.
         gate_reference : int, default=0
             The expert the gate's coefficients are relative to.
         information_rows : int, optional
@@ -61,11 +65,18 @@ class SummaryMixin:
                     "whose standard errors summary(X, y) computes on the rows it is given."
                 )
             X, y = self._held_rows()
+            sample_weight, offset = getattr(self, "_summary_rows", (None, None))
+            if offset is not None:
+                raise ValueError(
+                    "summary() of a fit with an offset is not available: the standard "
+                    "errors' log-density does not take the offset yet."
+                )
         if information_rows is not None and (
             not isinstance(information_rows, int) or information_rows < 1
         ):
             raise ValueError(f"information_rows must be a positive int; got {information_rows!r}")
-        return observed_information_summary(self, X, y, gate_reference, information_rows)
+        return observed_information_summary(self, X, y, gate_reference, information_rows,
+                                            sample_weight)  # fmt: skip
 
     def _held_rows(self):
         """The rows the model was fitted on, as the fit validated them, under their names.
@@ -85,4 +96,5 @@ class SummaryMixin:
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("_summary_data", None)
+        state.pop("_summary_rows", None)
         return state

@@ -42,8 +42,11 @@ class TargetCoding:
     attrs: ClassVar[tuple[str, ...]] = ()
     validation: ClassVar[dict] = {}
 
-    def fit(self, y) -> tuple[np.ndarray, dict[str, Any]]:  # pragma: no cover - abstract
-        """Check the training target; return it and its coding (``attrs``)."""
+    def fit(self, y, weight=None) -> tuple[np.ndarray, dict[str, Any]]:  # pragma: no cover
+        """Check the training target; return it and its coding (``attrs``).
+
+        ``weight`` (n,) holds the rows' frequency weights, or None.
+        """
         raise NotImplementedError
 
     def fit_shard(self, y) -> tuple[np.ndarray, dict[str, Any]]:
@@ -94,14 +97,17 @@ class RealTarget(TargetCoding):
     def __init__(self, family: type) -> None:
         self.family = family
 
-    def fit(self, y):
+    def fit(self, y, weight=None):
         y = np.asarray(y, dtype=np.float64)
         y2 = y.reshape(len(y), -1)
         check = getattr(self.family, "check_target", None)
         if check is not None:
             y2 = check(y2)
         if self.family.standardize_target:
-            coding = {"_y_mean": y2.mean(0), "_y_scale": self._scales(y2.std(0))}
+            # weighted: the moments of the rows repeated w_i times
+            mean = np.average(y2, axis=0, weights=weight)
+            sd = np.sqrt(np.average((y2 - mean) ** 2, axis=0, weights=weight))
+            coding = {"_y_mean": mean, "_y_scale": self._scales(sd)}
         else:
             m = self._n_outputs(y2)
             coding = {"_y_mean": np.zeros(m), "_y_scale": np.ones(m)}
@@ -174,7 +180,7 @@ class ClassTarget(TargetCoding):
     def __init__(self, family: type | None = None) -> None:
         self.family = family
 
-    def fit(self, y):
+    def fit(self, y, weight=None):
         check_classification_targets(y)
         enc = LabelEncoder().fit(y)
         if len(enc.classes_) < 2:

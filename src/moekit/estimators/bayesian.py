@@ -242,14 +242,17 @@ gate_options
         # the E-step's expected log-density the ELBO is built from
         data = prepared.data
         joint = predictive_log_joint(model.expert, model.gate, state["_params"], data)
-        total = data.reduce(torch.logsumexp(joint, 0).sum())  # over every process's rows
+        rows = torch.logsumexp(joint, 0)
+        if data.weight is not None:  # frequency weights
+            rows = rows * data.weight
+        total = data.reduce(rows.sum())  # over every process's rows
         jac = self._target().log_jacobian(prepared.state)
-        state["log_likelihood_"] = float(total) / data.n_total + jac
+        state["log_likelihood_"] = float(total) / data.w_total + jac
         return state
 
     # ------------------------------------------------------------------ queries
-    def _log_joint(self, X, y) -> torch.Tensor:
-        data = self._em_data(X, y)
+    def _log_joint(self, X, y, offset=None) -> torch.Tensor:
+        data = self._em_data(X, y, offset)
         return predictive_log_joint(self._expert_family, self._gate_family, self._params, data)
 
     @property

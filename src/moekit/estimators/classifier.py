@@ -140,14 +140,16 @@ default='auto'
         return EXPERTS[self.expert](self.n_experts, n_classes, alpha=alpha)
 
     # ------------------------------------------------------------------ API
-    def fit(self, X, y, *, start_from=None) -> MoEClassifier:
+    def fit(self, X, y, *, sample_weight=None, start_from=None) -> MoEClassifier:
         """Fit by EM.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,)
-
+        sample_weight : array-like of shape (n_samples,), optional
+            Frequency weights: row i's log-likelihood counts w_i times (an integer
+            weight fits as the row repeated; rows of weight zero are dropped).
         start_from : fitted estimator, optional
             A fit of a simpler model on the same X and y (one expert fewer, or a
             simpler gate), whose fit carries over into extra starts, as in
@@ -157,7 +159,7 @@ default='auto'
         -------
         self
         """
-        return self._fit(X, y, parent=start_from)
+        return self._fit(X, y, parent=start_from, sample_weight=sample_weight)
 
     def predict_proba(self, X) -> np.ndarray:
         """p(y = c | x) = sum_k g_k(x) p_k(c | x), of shape (n_samples, n_classes)."""

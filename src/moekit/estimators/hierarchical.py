@@ -246,13 +246,16 @@ n_features_in_, feature_names_in_
         **{k: v for k, v in MoERegressor._defaults.items() if k not in _NOT_TREE_REGRESSOR},
     }
 
-    def fit(self, X, y, *, start_from=None) -> HierarchicalMoERegressor:
+    def fit(self, X, y, *, sample_weight=None, offset=None,
+            start_from=None) -> HierarchicalMoERegressor:  # fmt: skip
         """Fit the hierarchical mixture of experts by EM.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight, offset : array-like of shape (n_samples,), optional
+            Frequency weights and the experts' known term, as in :meth:`MoERegressor.fit`.
         start_from : fitted estimator, optional
             A fit on the same X and y of a shallower tree of the same branching, or
             of ``MoERegressor(n_experts=branching)`` with the softmax gate (a tree of
@@ -264,7 +267,7 @@ n_features_in_, feature_names_in_
         -------
         self
         """
-        return self._fit(X, y, parent=start_from)
+        return self._fit(X, y, parent=start_from, sample_weight=sample_weight, offset=offset)
 
 
 @register_model
@@ -317,12 +320,12 @@ expert_sizes_, gate_coef_, gate_intercept_
         **{k: v for k, v in MoEClassifier._defaults.items() if k not in _NOT_TREE_CLASSIFIER},
     }
 
-    def fit(self, X, y, *, start_from=None) -> HierarchicalMoEClassifier:
-        """Fit by EM; ``start_from`` as in :meth:`HierarchicalMoERegressor.fit`
-        (with ``MoEClassifier`` as the flat model).
+    def fit(self, X, y, *, sample_weight=None, start_from=None) -> HierarchicalMoEClassifier:
+        """Fit by EM; ``sample_weight`` and ``start_from`` as in
+        :meth:`HierarchicalMoERegressor.fit` (with ``MoEClassifier`` as the flat model).
 
         Returns
         -------
         self
         """
-        return self._fit(X, y, parent=start_from)
+        return self._fit(X, y, parent=start_from, sample_weight=sample_weight)

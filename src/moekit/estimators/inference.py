@@ -115,7 +115,7 @@ class ReportedLikelihood:
         Rows of the data.
     """
 
-    def __init__(self, model, X, y, gate_reference: int = 0) -> None:
+    def __init__(self, model, X, y, gate_reference: int = 0, sample_weight=None) -> None:
         expert, gate = model._expert_family, model._gate_family
         missing = [
             f"{what} {type(fam).__name__}"
@@ -133,7 +133,7 @@ class ReportedLikelihood:
         if not 0 <= gate_reference < K:
             raise ValueError(f"gate_reference must be an expert in [0, {K}); got {gate_reference}.")
         self.model, self.K = model, K
-        self.data = model._em_data(X, y)
+        self.data = model._em_data(X, y, sample_weight=sample_weight)  # frequency weights
         self.n = self.data.n
         self._escale = _scaling(model, model._expert_cols)
         self._gscale = _scaling(model, model._gate_cols)
@@ -143,7 +143,7 @@ class ReportedLikelihood:
         self.theta = self.report.flat()
         self._jacobian = model._log_jacobian()
 
-    def _chunk_loglik(self, theta, XeT, XgT, y) -> torch.Tensor:
+    def _chunk_loglik(self, theta, XeT, XgT, y, w=None) -> torch.Tensor:
         expert, gate = self.model._expert_family, self.model._gate_family
         values = self.report.unflatten(theta)
         logp = expert.log_prob_free(expert.from_report(values, self._escale, self.report.fixed),
@@ -151,7 +151,10 @@ class ReportedLikelihood:
         if self.K > 1:
             free = gate.from_report(values, self._gscale, self.report.fixed)
             logp = logp + gate.log_weights_free(free, XgT)
-        return torch.logsumexp(logp, 0).sum() + self._jacobian * y.shape[-1]
+        rows = torch.logsumexp(logp, 0)
+        if w is not None:  # frequency weights: row i counts w_i times
+            return (rows * w).sum() + self._jacobian * w.sum()
+        return rows.sum() + self._jacobian * y.shape[-1]
 
     def chunk_rows(self) -> int:
         """Rows per chunk, so that one chunk's autograd graph holds about HESSIAN_BUDGET numbers."""
@@ -163,7 +166,7 @@ class ReportedLikelihood:
         theta = self.theta if theta is None else theta
         total = theta.new_zeros(())
         for chunk in self.data.chunks(self.chunk_rows()):
-            total = total + self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
+            total = total + self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y, chunk.weight)
         return total
 
     @property
@@ -208,7 +211,7 @@ class ReportedLikelihood:
         P = hess.shape[0]
         theta = self.theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            value = self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y)
+            value = self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y, chunk.weight)
             (grad,) = torch.autograd.grad(value, theta, create_graph=True)
             for i in range(P):
                 if not grad[i].requires_grad:  # constant in theta: its row is zero
@@ -219,7 +222,7 @@ class ReportedLikelihood:
 
 
 def observed_information_summary(
-    model, X, y, gate_reference: int = 0, information_rows: int | None = None
+    model, X, y, gate_reference: int = 0, information_rows: int | None = None, sample_weight=None
 ) -> Summary:
     """Build the :class:`Summary` of a fitted MoERegressor or MoEClassifier.
 
@@ -234,7 +237,14 @@ def observed_information_summary(
     Grams per pair of linear predictors analytically). The note says so.
     """
     n = len(y)
-    if information_rows is not None and n > information_rows:
+    if sample_weight is not None:  # frequency weights: the information of the repeated rows
+        lik = ReportedLikelihood(model, X, y, gate_reference, sample_weight)
+        se, note = _standard_errors(-lik.hessian())
+        with torch.no_grad():
+            total = float(lik.loglik())
+        n = lik.data.w_total
+        n = int(n) if float(n).is_integer() else n
+    elif information_rows is not None and n > information_rows:
         rows = np.sort(np.random.default_rng(0).choice(n, information_rows, replace=False))
         X_rows = X.iloc[rows] if hasattr(X, "iloc") else np.asarray(X)[rows]
         y_rows = y.iloc[rows] if hasattr(y, "iloc") else np.asarray(y)[rows]

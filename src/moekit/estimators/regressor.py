@@ -273,13 +273,20 @@ default='auto'
         return make_experts(self, len(coding["_y_mean"]), seed)
 
     # ------------------------------------------------------------------ API
-    def fit(self, X, y, *, y_upper=None, truncation=None, start_from=None) -> MoERegressor:
+    def fit(self, X, y, *, sample_weight=None, offset=None, y_upper=None, truncation=None,
+            start_from=None) -> MoERegressor:  # fmt: skip
         """Fit the mixture of experts by EM.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), optional
+            Frequency weights: row i's log-likelihood counts w_i times (an integer
+            weight fits as the row repeated; rows of weight zero are dropped).
+        offset : array-like of shape (n_samples,), optional
+            A known term of every expert's linear predictor, not the gate's (log
+            exposure), for Poisson, negative binomial, Gamma and binomial experts.
             With ``y_upper``, each row's lower bound (-inf: left-censored).
         y_upper : array-like of shape (n_samples,), optional
             Censored responses (``expert='linear'`` or ``'lognormal'``): y_i lies in
@@ -302,30 +309,35 @@ default='auto'
         -------
         self
         """
-        return self._fit_censored(X, y, y_upper, truncation, parent=start_from)
+        return self._fit_censored(X, y, y_upper, truncation, parent=start_from,
+                                  sample_weight=sample_weight, offset=offset)  # fmt: skip
 
-    def _moments(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _moments(self, X, offset=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         XeT, XgT = self._designs(X)
         w = torch.exp(self._gate_family.log_weights(self._params.gate, XgT)).T  # (n, K)
-        means, stds = self._expert_family.moments(self._params.expert, XeT)  # (n, K, m)
+        off = self._row_vector(offset, XeT.shape[1], "offset", XeT.device)  # log exposure
+        kw = {} if off is None else {"offset": off}
+        means, stds = self._expert_family.moments(self._params.expert, XeT, **kw)  # (n, K, m)
         return (w, *RealTarget.decode(means, stds, vars(self)))
 
     def _shape_y(self, t: torch.Tensor) -> np.ndarray:
         return RealTarget.shape(t, vars(self))
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X, offset=None) -> np.ndarray:
         """Conditional mean E[y | x] = sum_k g_k(x) mu_k(x).
+
+        ``offset`` (n_samples,): each row's known term, as in ``fit`` (exposure times mu_k).
 
         Returns
         -------
         ndarray of shape (n_samples,) or (n_samples, n_outputs)
         """
-        w, means, _ = self._moments(X)
+        w, means, _ = self._moments(X, offset)
         return self._shape_y(torch.einsum("nk,nkm->nm", w, means))
 
-    def predict_distribution(self, X) -> MixturePrediction:
-        """The predictive mixture p(y | x) of every row (see :class:`MixturePrediction`)."""
-        w, means, stds = self._moments(X)
+    def predict_distribution(self, X, offset=None) -> MixturePrediction:
+        """p(y | x) of every row (:class:`MixturePrediction`); ``offset`` as in :meth:`predict`."""
+        w, means, stds = self._moments(X, offset)
         if hasattr(self._expert_family, "covariances"):  # full, tied or spherical
             return self._q_variate(w, means)
         per_expert = getattr(self._expert_family, "predictive_families", None)
@@ -341,21 +353,22 @@ default='auto'
             to_numpy(w), to_numpy(means), to_numpy(stds), family=family, **extra
         )
 
-    def score(self, X, y, sample_weight=None) -> float:
-        """R^2 of :meth:`predict` (scikit-learn's convention).
+    def score(self, X, y, sample_weight=None, offset=None) -> float:
+        """R^2 of :meth:`predict` (scikit-learn's convention), weighted by ``sample_weight``.
 
         For binomial experts, whose y is (successes, failures), the R^2 of the
         observed proportions of successes, each row weighted by its trials (times
-        ``sample_weight``).
+        ``sample_weight``). ``offset`` as in :meth:`predict`.
         """
-        if getattr(self._expert_family, "target_columns", 1) == 1:
-            return super().score(X, y, sample_weight=sample_weight)
         from sklearn.metrics import r2_score
+
+        if getattr(self._expert_family, "target_columns", 1) == 1:  # RegressorMixin's R^2
+            return float(r2_score(y, self.predict(X, offset), sample_weight=sample_weight))
 
         y = self._target().check(np.asarray(y), vars(self))
         trials = y.sum(1)
         weight = trials if sample_weight is None else trials * np.asarray(sample_weight)
-        return float(r2_score(y[:, 0] / trials, self.predict(X), sample_weight=weight))
+        return float(r2_score(y[:, 0] / trials, self.predict(X, offset), sample_weight=weight))
 
     # ------------------------------------------------------------------ coefficients
     def _expert_coef(self) -> np.ndarray:

@@ -102,6 +102,19 @@ def guarded_newton_1d(
     return (x + newton.clamp(-cap, cap)).clamp(lo, hi)
 
 
+def linear_predictor(coef: torch.Tensor, XT: torch.Tensor,
+                     offset: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """eta_ik = b_k . x_i + o_i of shape (K, n): the offset o (n,), a known term such as
+    a log exposure, enters every expert's linear predictor with coefficient 1."""
+    eta = coef @ XT
+    return eta if offset is None else eta.add_(offset)
+
+
+def chunk_eta(coef: torch.Tensor, chunk) -> torch.Tensor:
+    """:func:`linear_predictor` of a chunk's rows, with the data's offset."""
+    return linear_predictor(coef, chunk.XeT, chunk.offset)
+
+
 def has_weight(nk: torch.Tensor) -> torch.Tensor:
     """Whether each expert holds any weight at all (K,); an empty one keeps its parameters."""
     return nk > 1e-12 * max(float(nk.sum()), 1.0)
@@ -147,6 +160,9 @@ class RidgeGLM:
     needs_resp = False
     standardize_target = False
     target_columns = 1
+
+    #: an offset (``fit(..., offset=)``) enters the linear predictor of these families
+    takes_offset = True
 
     def __init__(self, n_experts: int, alpha: float = 1e-6) -> None:
         self.n_experts = n_experts

@@ -30,6 +30,7 @@ from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
+from moekit.experts import _glm
 from moekit.experts._glm import (
     RidgeGLM,
     check_columns,
@@ -107,7 +108,7 @@ class BinomialExperts(RidgeGLM):
         return BinomialParams(self.start_coef(data.XeT, math.log(share / (1.0 - share))))
 
     def log_prob(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
-        eta = params.coef @ chunk.XeT  # (K, c)
+        eta = _glm.chunk_eta(params.coef, chunk)  # (K, c)
         chunk.scratch["binomial_eta"] = eta
         s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
         return binomial_logpmf(eta, s, t, _log_choose(chunk))
@@ -115,7 +116,7 @@ class BinomialExperts(RidgeGLM):
     def chunk_stats(self, params: BinomialParams, chunk: Chunk, resp: torch.Tensor):
         eta = chunk.scratch.get("binomial_eta")
         if eta is None:  # first M-step: at the starting parameters
-            eta = params.coef @ chunk.XeT
+            eta = _glm.chunk_eta(params.coef, chunk)
         s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
         pi = torch.sigmoid(eta)
         grad = (resp * (s - t * pi)) @ chunk.XeT.T  # (K, p)
@@ -142,7 +143,7 @@ class BinomialExperts(RidgeGLM):
 
     def residuals(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
         """Pearson residuals (s - t pi_k) / sqrt(t pi_k (1 - pi_k)), shape (K, 1, c)."""
-        pi = torch.sigmoid(params.coef @ chunk.XeT)
+        pi = torch.sigmoid(_glm.chunk_eta(params.coef, chunk))
         s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
         return ((s - t * pi) / (t * pi * (1.0 - pi)).clamp(min=1e-12).sqrt()).unsqueeze(1)
 
@@ -184,9 +185,9 @@ class BinomialExperts(RidgeGLM):
         return coef.unsqueeze(1), coef.new_zeros((coef.shape[0], 0))
 
     # ------------------------------------------------------------ prediction
-    def moments(self, params: BinomialParams, XT: torch.Tensor):
+    def moments(self, params: BinomialParams, XT: torch.Tensor, offset: torch.Tensor | None = None):
         """Success probabilities pi_k(x) and sqrt(pi_k (1 - pi_k)) of one trial, (n, K, 1)."""
-        pi = torch.sigmoid(params.coef @ XT).T.unsqueeze(-1)
+        pi = torch.sigmoid(_glm.linear_predictor(params.coef, XT, offset)).T.unsqueeze(-1)
         return pi, (pi * (1.0 - pi)).sqrt().clamp(min=1e-150)
 
     # ------------------------------------------------------------ model files

@@ -37,9 +37,11 @@ from moekit._core.validation import check_finite
 from moekit.experts._glm import (
     RidgeGLM,
     check_positive,
+    chunk_eta,
     coef_of_report,
     grams,
     has_weight,
+    linear_predictor,
     newton_step,
     report_coef,
 )  # fmt: skip
@@ -114,7 +116,7 @@ class GammaExperts(RidgeGLM):
         return GammaParams(coef, data.XeT.new_ones(self.n_experts))
 
     def log_prob(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
-        eta = params.coef @ chunk.XeT  # (K, c)
+        eta = chunk_eta(params.coef, chunk)  # (K, c)
         u = chunk.y[0] * torch.exp(-eta)
         chunk.scratch["gamma_u"] = u
         a = params.shape.unsqueeze(1)
@@ -156,7 +158,7 @@ class GammaExperts(RidgeGLM):
 
     def residuals(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
         """Pearson residuals (y - mu_k) / (mu_k / sqrt(a_k)), shape (K, 1, c)."""
-        u = chunk.y[0] * torch.exp(-(params.coef @ chunk.XeT))
+        u = chunk.y[0] * torch.exp(-(chunk_eta(params.coef, chunk)))
         return ((u - 1.0) * params.shape.sqrt().unsqueeze(1)).unsqueeze(1)
 
     # ------------------------------------------------------------ differentiable view
@@ -207,9 +209,9 @@ class GammaExperts(RidgeGLM):
         return coef_of_report(values, scaling).unsqueeze(1), values["shape"].unsqueeze(1)
 
     # ------------------------------------------------------------ prediction
-    def moments(self, params: GammaParams, XT: torch.Tensor):
+    def moments(self, params: GammaParams, XT: torch.Tensor, offset: torch.Tensor | None = None):
         """Means exp(b_k . x) and standard deviations mean / sqrt(a_k), each (n, K, 1)."""
-        mean = torch.exp(params.coef @ XT).T.unsqueeze(-1)
+        mean = torch.exp(linear_predictor(params.coef, XT, offset)).T.unsqueeze(-1)
         return mean, mean / params.shape.sqrt().view(1, -1, 1)
 
     # ------------------------------------------------------------ model files

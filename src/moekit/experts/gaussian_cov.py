@@ -148,6 +148,7 @@ class CovarianceGaussianExperts(GaussianExperts):
     @property
     def local_parameters(self):
         raise AttributeError("local_parameters")
+
     params_type = CovGaussianParams
 
     # ------------------------------------------------------------ E-step

@@ -36,10 +36,12 @@ from moekit._core.validation import check_finite
 from moekit.experts._glm import (
     RidgeGLM,
     check_counts,
+    chunk_eta,
     coef_of_report,
     grams,
     guarded_newton_1d,
     has_weight,
+    linear_predictor,
     newton_step,
     report_coef,
 )  # fmt: skip
@@ -150,7 +152,7 @@ class NegativeBinomialExperts(RidgeGLM):
         return NegativeBinomialParams(coef, data.XeT.new_full((self.n_experts,), 0.1))
 
     def log_prob(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
-        eta = params.coef @ chunk.XeT  # (K, c)
+        eta = chunk_eta(params.coef, chunk)  # (K, c)
         chunk.scratch["nb_eta"] = eta
         phi = params.dispersion.unsqueeze(1)
         return nb_logpmf(eta, chunk.y[0], phi, _lgamma_y1(chunk))
@@ -158,7 +160,7 @@ class NegativeBinomialExperts(RidgeGLM):
     def chunk_stats(self, params: NegativeBinomialParams, chunk: Chunk, resp: torch.Tensor):
         eta = chunk.scratch.get("nb_eta")
         if eta is None:  # first M-step: at the starting parameters
-            eta = params.coef @ chunk.XeT
+            eta = chunk_eta(params.coef, chunk)
         y, phi = chunk.y[0], params.dispersion.unsqueeze(1)
         mu = torch.exp(eta)
         denom = 1.0 + phi * mu
@@ -199,7 +201,7 @@ class NegativeBinomialExperts(RidgeGLM):
 
     def residuals(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
         """Pearson residuals (y - mu_k) / sqrt(mu_k + phi_k mu_k^2), shape (K, 1, c)."""
-        mu = torch.exp(params.coef @ chunk.XeT)
+        mu = torch.exp(chunk_eta(params.coef, chunk))
         var = mu + params.dispersion.unsqueeze(1) * mu * mu
         return ((chunk.y[0] - mu) / var.sqrt()).unsqueeze(1)
 
@@ -267,9 +269,11 @@ class NegativeBinomialExperts(RidgeGLM):
         return coef_of_report(values, scaling).unsqueeze(1), values["dispersion"].unsqueeze(1)
 
     # ------------------------------------------------------------ prediction
-    def moments(self, params: NegativeBinomialParams, XT: torch.Tensor):
+    def moments(
+        self, params: NegativeBinomialParams, XT: torch.Tensor, offset: torch.Tensor | None = None
+    ):
         """Means and standard deviations sqrt(mu + phi mu^2), each (n, K, 1)."""
-        mean = torch.exp(params.coef @ XT).T  # (n, K)
+        mean = torch.exp(linear_predictor(params.coef, XT, offset)).T  # (n, K)
         var = mean + params.dispersion.view(1, -1) * mean**2
         return mean.unsqueeze(-1), var.sqrt().unsqueeze(-1)
 

@@ -25,7 +25,7 @@ from moekit._core.derivatives import LocalDerivatives
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
-from moekit.experts._glm import RidgeGLM, check_counts
+from moekit.experts._glm import RidgeGLM, check_counts, chunk_eta, linear_predictor
 
 
 @dataclass
@@ -63,7 +63,7 @@ class PoissonExperts(RidgeGLM):
         return PoissonParams(self.start_coef(data.XeT, math.log(max(float(data.y.mean()), 1e-3))))
 
     def log_prob(self, params: PoissonParams, chunk: Chunk) -> torch.Tensor:
-        eta = params.coef @ chunk.XeT  # (K, c)
+        eta = chunk_eta(params.coef, chunk)  # (K, c)
         rate = torch.exp(eta)
         chunk.scratch["poisson_rate"] = rate
         lg = chunk.data.cache.get("poisson_lgamma")
@@ -105,7 +105,7 @@ class PoissonExperts(RidgeGLM):
 
     def residuals(self, params: PoissonParams, chunk: Chunk) -> torch.Tensor:
         """Pearson residuals (y - lambda_k) / sqrt(lambda_k), shape (K, 1, c)."""
-        rate = torch.exp(params.coef @ chunk.XeT)  # (K, c)
+        rate = torch.exp(chunk_eta(params.coef, chunk))  # (K, c)
         return ((chunk.y[0] - rate) / rate.sqrt()).unsqueeze(1)
 
     # ------------------------------------------------------------ differentiable view
@@ -151,9 +151,9 @@ class PoissonExperts(RidgeGLM):
         return coef.unsqueeze(1), coef.new_zeros((coef.shape[0], 0))
 
     # ------------------------------------------------------------ prediction
-    def moments(self, params: PoissonParams, XT: torch.Tensor):
+    def moments(self, params: PoissonParams, XT: torch.Tensor, offset: torch.Tensor | None = None):
         """Rates and their square roots, each (n, K, 1)."""
-        rate = torch.exp(params.coef @ XT).T.unsqueeze(-1)
+        rate = torch.exp(linear_predictor(params.coef, XT, offset)).T.unsqueeze(-1)
         return rate, rate.sqrt()
 
     # ------------------------------------------------------------ model files

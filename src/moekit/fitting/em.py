@@ -18,10 +18,12 @@ until it does not decrease (generalised EM, Dempster, Laird and Rubin 1977).
 Restarts follow flexmix's short-run strategy, with starts of several kinds
 (:mod:`moekit.fitting.starts`): each of ``n_init`` starts runs at most
 ``init_max_iter`` iterations on a random subset of at most ``init_sample_size``
-rows; the few best distinct ones then run to convergence on that subset, and the
-best of those continues on all the data. Starts from a fitted simpler model (say,
-the same model with one expert fewer) run to convergence on all the data and
-compete too, so that a richer model never ends below the one it contains.
+rows (:mod:`moekit.fitting.rows`: taken in an order fixed by the rows' values, with
+integer weights written out as repeated rows, so that a weighted fit starts as the
+fit of the repeated rows does); the few best distinct ones then run to convergence
+on that subset, and the best of those continues on all the data. Starts from a
+fitted simpler model (say, the same model with one expert fewer) run to convergence
+on all the data and compete too, so that a richer model never ends below the one it contains.
 
 Data-parallel EM. When the data are one process's shard of rows (``data.comm``, see
 :mod:`moekit._core.distributed`), each E-step runs on the local rows and its sums
@@ -47,6 +49,7 @@ from moekit._core.data import EMData
 from moekit._core.engine import em_threads
 from moekit.fitting.model import EMModel, FitResult, Params, PassResult
 from moekit.fitting.progress import Progress
+from moekit.fitting.rows import start_rows, start_rows_distributed
 from moekit.fitting.starts import StartMaker, strategy_sequence
 
 __all__ = ["EMModel", "FitResult", "Params", "PassResult", "run_em"]
@@ -195,17 +198,11 @@ def run_em(
         best = _continue(model, data, best, max_iter, tol, progress)
         return _result(best, max_iter, tol, 0, progress, t0, warn)
 
-    n = data.n_total
-    use_subset = init_sample_size is not None and n > init_sample_size
-    sub = data
-    if use_subset:
-        rows = torch.randperm(n, generator=generator, device="cpu")[:init_sample_size]
-        local = data.comm is None
-        sub = data.subset(rows.to(data.XeT.device)) if local else data.gathered(rows)
-        model.prepare(sub)
-    elif data.comm is not None:
-        sub = data.gathered()  # the subset is all the data: every row, on every process
-        model.prepare(sub)
+    # the rows of the starts: in a fixed order, integer weights written out as rows
+    pick = start_rows if data.comm is None else start_rows_distributed
+    sub, whole = pick(data, init_sample_size, generator)
+    use_subset = not whole
+    model.prepare(sub)
 
     nested_fits = {} if _nested_fits is None else _nested_fits
 
@@ -267,8 +264,8 @@ def run_em(
         best.params = data.comm.broadcast(best.params)
 
     # 3. on all the data: the best, and the starts from a fitted simpler model
+    model.prepare(data)
     if use_subset:
-        model.prepare(data)
         cur = model.e_pass(best.params, data)
         best = _continue(model, data, _Run(best.label, best.params, cur, [cur.objective], False),
                          max_iter, tol, progress, "all rows")  # fmt: skip

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from moekit._core.data import EMData
 from moekit.fitting.em import run_em
 from moekit.fitting.model import EMModel, FitResult, Params
+from moekit.fitting.rows import start_rows
 from moekit.fitting.starts import StartMaker, strategy_sequence
 
 __all__ = ["OBJECTIVES", "OPTIMIZERS", "check_differentiable", "run_gradient"]
@@ -291,13 +292,20 @@ def run_gradient(
         model.prepare(d)
         return res.params
 
-    maker = StartMaker(model, data, generator, fit_nested, starts)
+    # the starts see the rows in the fixed order EM's starts take (moekit.fitting.rows)
+    sub = start_rows(data, None, generator)[0] if warm_params is None else data
+    maker = StartMaker(model, sub, generator, fit_nested, starts)
     for s, strategy in enumerate(strategy_sequence(init, starts)):
         bar = None
         if verbose:
             bar = tqdm(total=max_iter, desc=f"gradient start {s + 1}/{starts}", leave=False,
                        file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-        start = warm_params if warm_params is not None else maker.make(strategy)[1]
+        if warm_params is None:
+            model.prepare(sub)
+            start = maker.make(strategy)[1]
+            model.prepare(data)
+        else:
+            start = warm_params
         with torch.enable_grad():
             params, history, n_iter, converged = _fit_from(
                 model, data, start, objective=objective, optimizer=optimizer,

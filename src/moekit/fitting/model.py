@@ -215,30 +215,37 @@ class EMModel:
             joint = self.expert.log_prob(params.expert, chunk)  # (K, c)
             log_gate = self.gate.log_prob(params.gate, chunk)
             if lam:
-                balance += log_gate.sum()
+                balance += (log_gate.sum() if chunk.weight is None
+                            else (log_gate.sum(0) * chunk.weight).sum())  # fmt: skip
             joint.add_(log_gate)
             top = joint.amax(0, keepdim=True)
             resp = joint.sub_(top).exp_()  # unnormalised, in place
             s = resp.sum(0, keepdim=True)
             resp.div_(s)
-            total += (torch.log(s) + top).sum()
-            nk += resp.sum(1)
-            if keep:
+            if keep:  # the posterior probabilities, before any row weight
                 resp_all[:, chunk.start : chunk.stop] = resp
+            row_ll = torch.log(s).add_(top)  # (1, c)
+            if chunk.weight is not None:
+                # frequency weights: row i counts w_i times in every sum of the pass
+                row_ll.mul_(chunk.weight)
+                resp.mul_(chunk.weight)
+            total += row_ll.sum()
+            nk += resp.sum(1)
             if stats:
                 es = _add(es, self.expert.chunk_stats(params.expert, chunk, resp))
-                gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, self._gate_targets(resp)))
+                targets = self._gate_targets(resp, chunk.weight)
+                gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, targets))
         if data.comm is not None:
             # data-parallel: every process's sums in one message, O(K p^2) floats for
             # linear experts whatever the rows; then every process takes the same M-step
             total, nk, balance, es, gs = data.reduce((total, nk, balance, es, gs))
-        n = data.n_total
+        n = data.w_total
         loglik = float(total) / n
         prior = self.expert.log_prior(params.expert) + self.gate.log_prior(params.gate)
         prior += lam / K * float(balance)
         return PassResult(loglik + prior / n, loglik, es, _scale(gs, 1.0 + lam), resp_all, nk)
 
-    def _gate_targets(self, resp: torch.Tensor) -> torch.Tensor:
+    def _gate_targets(self, resp: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """The gate's soft targets: r_ik, or (r_ik + lambda / K) / (1 + lambda) when balanced.
 
         With the balance penalty (lambda / K) sum_i sum_k log g_k(x_i) (the gate's
@@ -250,19 +257,26 @@ class EMModel:
         lam = self.gate_balance
         if not lam:
             return resp
-        return resp.add(lam / resp.shape[0]).div_(1.0 + lam)
+        prior = lam / resp.shape[0]
+        if weight is not None:  # (w_i r_ik + w_i lambda / K) / (1 + lambda)
+            return resp.add(weight * prior).div_(1.0 + lam)
+        return resp.add(prior).div_(1.0 + lam)
 
     def stats_from_resp(self, params: Params, data: EMData, resp: torch.Tensor) -> PassResult:
         """Statistics for given responsibilities (K, n), as for the first M-step."""
         es = gs = None
+        nk = resp.new_zeros(resp.shape[0])
         for chunk in data.chunks(self.chunk_size):
             r = resp[:, chunk.start : chunk.stop]
+            if chunk.weight is not None:
+                r = r * chunk.weight
+            nk += r.sum(1)
             self.gate.log_prob(params.gate, chunk)  # leaves the gate's scratch
             if params.expert is not None:
                 self.expert.log_prob(params.expert, chunk)
             es = _add(es, self.expert.chunk_stats(params.expert, chunk, r))
-            gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, self._gate_targets(r)))
-        nk = resp.sum(1)
+            targets = self._gate_targets(r, chunk.weight)
+            gs = _add(gs, self.gate.chunk_stats(params.gate, chunk, targets))
         if data.comm is not None:
             es, gs, nk = data.reduce((es, gs, nk))
         gs = _scale(gs, 1.0 + self.gate_balance)
@@ -274,12 +288,15 @@ class EMModel:
         Holding some blocks fixed while the others take their maximising step is
         still a (generalised) EM step, so the objective keeps increasing.
         """
-        expert = self.expert.m_step(params.expert, res.expert_stats, data, res.resp)
+        resp = res.resp
+        if resp is not None and data.weight is not None:
+            resp = resp * data.weight  # what each row gives each expert: w_i r_ik
+        expert = self.expert.m_step(params.expert, res.expert_stats, data, resp)
         if self.frozen_experts and params.expert is not None:
             expert = keep_experts(params.expert, expert, self.frozen_experts)
         if self.gate_frozen and params.gate is not None:
             return Params(expert, params.gate)
-        return Params(expert, self.gate.m_step(params.gate, res.gate_stats, data, res.resp))
+        return Params(expert, self.gate.m_step(params.gate, res.gate_stats, data, resp))
 
     def init_from_resp(self, data: EMData, resp: torch.Tensor) -> Params:
         """The first M-step, from initial responsibilities (K, n)."""

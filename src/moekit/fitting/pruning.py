@@ -53,7 +53,7 @@ def prune_small_experts(
         return model, result, removed
     row = centre_gate_row(data)
     while True:
-        share = result.nk / data.n_total
+        share = result.nk / data.w_total
         small = share < min_share
         small[torch.argmax(share)] = False
         if not bool(small.any()):

@@ -159,7 +159,8 @@ class SoftmaxGate:
                                + torch.outer(u, u))  # fmt: skip
         if not self._use_newton and K > 1:
             # Bohning's bound B = 1/2 (I - 11^T/K) (x) X^T X: fixed for the whole fit
-            gram = data.reduce(data.XgT @ data.XgT.T)  # (p, p), over every process's rows
+            xw = data.XgT if data.weight is None else data.XgT * data.weight  # row weights
+            gram = data.reduce(xw @ data.XgT.T)  # (p, p), over every process's rows
             bound = bohning_bound(gram, self.alpha, self._pen, K)
             self._bound_evals, self._bound_evecs = torch.linalg.eigh(bound)
 
@@ -180,7 +181,8 @@ class SoftmaxGate:
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor):
         g = chunk.scratch["gate_prob"]  # (K, c)
         xt = chunk.XgT
-        grad = (resp - g) @ xt.T  # (K, p)
+        # with row weights w_i (resp already carries them): sum_i (r_ik - w_i g_ik) x_i
+        grad = (resp - (g if chunk.weight is None else g * chunk.weight)) @ xt.T  # (K, p)
         if not self._use_newton:
             return grad, None
         K, c = self.n_experts, xt.shape[1]
@@ -193,6 +195,8 @@ class SoftmaxGate:
             torch.mul(g[k : k + 1], g[k:], out=w[t : t + K - k]).neg_()
             w[t].add_(g[k])
             t += K - k
+        if chunk.weight is not None:
+            w.mul_(chunk.weight)
         # narrow designs: one product with the row products the experts share
         return grad, chunk.weighted_grams(w, "g")
 

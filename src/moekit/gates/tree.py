@@ -147,7 +147,8 @@ class TreeGate:
         self._pen[-1] = 0.0  # no penalty on the intercept
         if not self._use_newton and b > 1:
             # the root's bound is fixed for the whole fit (R_i(root) = 1), as the softmax's
-            self._root_gram = data.reduce(data.XgT @ data.XgT.T)  # (p, p), every process's rows
+            xw = data.XgT if data.weight is None else data.XgT * data.weight  # row weights
+            self._root_gram = data.reduce(xw @ data.XgT.T)  # (p, p), every process's rows
             self._bound_evals, self._bound_evecs = torch.linalg.eigh(self._bound(self._root_gram))
 
     def _bound(self, gram: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,9 @@ class TreeGate:
         post = node_posteriors(resp, self.depth, b)
         targets = torch.cat([r.reshape(-1, b, c) for r in post[1:]])  # (N, b, c): R_i(child)
         parent = torch.cat(post[1:-1]) if N > 1 else None  # (N - 1, c): R_i(n), n below the root
-        wg = g if parent is None else torch.cat([g[:1], g[1:] * parent.unsqueeze(1)])
+        # the root's posterior is the row's weight (1 without weights); below, R_i(n)
+        root = g[:1] if chunk.weight is None else g[:1] * chunk.weight
+        wg = root if parent is None else torch.cat([root, g[1:] * parent.unsqueeze(1)])
         grad = ((targets - wg).reshape(N * b, c) @ xt.T).reshape(N, b, -1)  # (N, b, p)
         if not self._use_newton:
             return grad, None if parent is None else self._grams(chunk, parent)
@@ -197,6 +200,8 @@ class TreeGate:
             t += b - k
         if parent is not None:
             w[1:] *= parent.unsqueeze(1)
+        if chunk.weight is not None:
+            w[0] *= chunk.weight
         return grad, self._grams(chunk, w.view(N * T, c))
 
     @staticmethod
