@@ -180,3 +180,32 @@ def test_families_without_analytic_pieces_fall_back_to_autograd():
     assert np.isfinite(m.summary().table["std_error"]).any()
     with pytest.raises(ValueError, match="method must be"):
         lik.observed_hessian("numeric")
+
+
+@pytest.mark.parametrize("expert", ["poisson", "negative_binomial", "gamma", "binomial"])
+def test_standard_errors_of_a_fit_with_an_offset(expert):
+    """A constant offset c is an intercept: the model fitted with it and the same
+    model with every intercept raised by c and no offset have the same likelihood, so
+    the same standard errors (the derivatives are taken at the predictor with the
+    offset) and, given explicitly, the same summary as from the fit's own rows."""
+    import copy
+
+    X, _, _ = make_moe_regression(N, n_features=2, n_experts=2, random_state=2)
+    y = _targets(X, 2, np.random.default_rng(2), "softmax")[expert]
+    opts = dict(random_state=0, n_init=1, max_iter=2000, tol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shifted = MoERegressor(2, expert=expert, **opts).fit(X, y, offset=np.full(N, 0.7))
+    plain = copy.deepcopy(shifted)
+    plain._params.expert.coef[:, -1] += 0.7  # the intercept is the design's last column
+    np.testing.assert_allclose(plain.intercept_, shifted.intercept_ + 0.7, atol=1e-12)
+    a, b = plain.summary(X, y), shifted.summary()  # (a copy keeps no training rows)
+    assert a.log_likelihood == pytest.approx(b.log_likelihood, rel=1e-12)
+    est = b.table["estimate"].to_numpy()
+    assert np.isfinite(b.table["std_error"]).all()
+    np.testing.assert_allclose(b.table["std_error"], a.table["std_error"], rtol=1e-9)
+    np.testing.assert_allclose(a.table["estimate"].to_numpy() - est,
+                               np.where(b.table["parameter"] == "intercept", 0.7, 0.0)
+                               * (b.table["block"].str.startswith("expert")), atol=1e-12)  # fmt: skip
+    again = shifted.summary(X, y, offset=np.full(N, 0.7)).table["std_error"]
+    np.testing.assert_allclose(again, b.table["std_error"], rtol=1e-12)

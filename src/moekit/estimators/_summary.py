@@ -17,8 +17,8 @@ class SummaryMixin:
     rows are spread over processes, keeps none.
     """
 
-    def summary(self, X=None, y=None, *, sample_weight=None, gate_reference: int = 0,
-                information_rows: int | None = None):  # fmt: skip
+    def summary(self, X=None, y=None, *, sample_weight=None, offset=None,
+                gate_reference: int = 0, information_rows: int | None = None):  # fmt: skip
         """Coefficients with standard errors, z-values and p-values.
 
         Standard errors come from the observed information, the negative Hessian
@@ -37,6 +37,9 @@ class SummaryMixin:
             Frequency weights: the information is that of the rows repeated w_i
             times, and n is sum_i w_i. By default those of the last ``fit`` when X
             and y are its data.
+        offset : array-like of shape (n_samples,), optional
+            The experts' known term of each row, as in ``fit`` (by default that of
+            the last ``fit`` when X and y are its data).
         gate_reference : int, default=0
             The expert the gate's coefficients are relative to.
         information_rows : int, optional
@@ -66,17 +69,12 @@ class SummaryMixin:
                 )
             X, y = self._held_rows()
             sample_weight, offset = getattr(self, "_summary_rows", (None, None))
-            if offset is not None:
-                raise ValueError(
-                    "summary() of a fit with an offset is not available: the standard "
-                    "errors' log-density does not take the offset yet."
-                )
         if information_rows is not None and (
             not isinstance(information_rows, int) or information_rows < 1
         ):
             raise ValueError(f"information_rows must be a positive int; got {information_rows!r}")
         return observed_information_summary(self, X, y, gate_reference, information_rows,
-                                            sample_weight)  # fmt: skip
+                                            sample_weight, offset)  # fmt: skip
 
     def _held_rows(self):
         """The rows the model was fitted on, as the fit validated them, under their names.

@@ -115,7 +115,8 @@ class ReportedLikelihood:
         Rows of the data.
     """
 
-    def __init__(self, model, X, y, gate_reference: int = 0, sample_weight=None) -> None:
+    def __init__(self, model, X, y, gate_reference: int = 0, sample_weight=None,
+                 offset=None) -> None:  # fmt: skip
         expert, gate = model._expert_family, model._gate_family
         missing = [
             f"{what} {type(fam).__name__}"
@@ -133,7 +134,8 @@ class ReportedLikelihood:
         if not 0 <= gate_reference < K:
             raise ValueError(f"gate_reference must be an expert in [0, {K}); got {gate_reference}.")
         self.model, self.K = model, K
-        self.data = model._em_data(X, y, sample_weight=sample_weight)  # frequency weights
+        # frequency weights; the offset is a known term of the experts' linear predictors
+        self.data = model._em_data(X, y, offset=offset, sample_weight=sample_weight)
         self.n = self.data.n
         self._escale = _scaling(model, model._expert_cols)
         self._gscale = _scaling(model, model._gate_cols)
@@ -185,7 +187,12 @@ class ReportedLikelihood:
         if method not in ("auto", "analytic", "autograd"):
             raise ValueError(f"method must be 'auto', 'analytic' or 'autograd'; got {method!r}")
         if method == "analytic" or (method == "auto" and self.analytic):
-            return analytic_hessian(self)
+            return analytic_hessian(self, self.data.weight)
+        if self.data.offset is not None:
+            raise ValueError(
+                "the standard errors of a fit with an offset come from the families' "
+                "analytic derivatives, which this model's experts or gate do not have."
+            )
         hess = self.hessian()
         with torch.no_grad():
             return hess, float(self.loglik())
@@ -222,7 +229,8 @@ class ReportedLikelihood:
 
 
 def observed_information_summary(
-    model, X, y, gate_reference: int = 0, information_rows: int | None = None, sample_weight=None
+    model, X, y, gate_reference: int = 0, information_rows: int | None = None, sample_weight=None,
+    offset=None,
 ) -> Summary:
     """Build the :class:`Summary` of a fitted MoERegressor or MoEClassifier.
 
@@ -237,12 +245,12 @@ def observed_information_summary(
     Grams per pair of linear predictors analytically). The note says so.
     """
     n = len(y)
-    if sample_weight is not None:  # frequency weights: the information of the repeated rows
-        lik = ReportedLikelihood(model, X, y, gate_reference, sample_weight)
-        se, note = _standard_errors(-lik.hessian())
-        with torch.no_grad():
-            total = float(lik.loglik())
-        n = lik.data.w_total
+    if sample_weight is not None or offset is not None:
+        # frequency weights: the information of the repeated rows
+        lik = ReportedLikelihood(model, X, y, gate_reference, sample_weight, offset)
+        hess, total = lik.observed_hessian()
+        se, note = _standard_errors(-hess)
+        n = lik.data.w_total if sample_weight is not None else n
         n = int(n) if float(n).is_integer() else n
     elif information_rows is not None and n > information_rows:
         rows = np.sort(np.random.default_rng(0).choice(n, information_rows, replace=False))

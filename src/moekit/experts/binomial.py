@@ -174,7 +174,7 @@ class BinomialExperts(RidgeGLM):
     # ------------------------------------------------------------ analytic information
     def local_derivatives(self, params: BinomialParams, chunk: Chunk, scaling: Scaling):
         """d log p / d eta = s - t pi and d^2 / d eta^2 = -t pi (1 - pi), eta the log odds."""
-        pi = torch.sigmoid(params.coef @ chunk.XeT)  # (K, c)
+        pi = torch.sigmoid(_glm.chunk_eta(params.coef, chunk))  # (K, c), with the offset
         s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
         d2 = (-t * pi * (1.0 - pi)).view(pi.shape[0], 1, 1, -1)
         return LocalDerivatives((s - t * pi).unsqueeze(1), d2, 1)

@@ -194,7 +194,7 @@ class GammaExperts(RidgeGLM):
                    \\partial^2_{\\eta\\eta} = -a u, \\quad \\partial^2_{\\eta a} = u - 1, \\quad
                    \\partial^2_{aa} = 1 / a - \\psi'(a).
         """
-        eta = params.coef @ chunk.XeT  # (K, c)
+        eta = chunk_eta(params.coef, chunk)  # (K, c), with the offset
         u = chunk.y[0] * torch.exp(-eta)
         a = params.shape.unsqueeze(1)  # (K, 1)
         d_a = torch.log(a) + 1.0 - torch.digamma(a) + _log_y(chunk) - eta - u

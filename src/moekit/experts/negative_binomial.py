@@ -250,7 +250,7 @@ class NegativeBinomialExperts(RidgeGLM):
         1 / phi lose every digit (their second derivative in phi is theta^4 times a
         difference of trigammas).
         """
-        eta = params.coef @ chunk.XeT  # (K, c)
+        eta = chunk_eta(params.coef, chunk)  # (K, c), with the offset
         y, phi = chunk.y[0], params.dispersion.unsqueeze(1)
         mu = torch.exp(eta)
         x = phi * mu

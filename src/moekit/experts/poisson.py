@@ -141,7 +141,7 @@ class PoissonExperts(RidgeGLM):
     # ------------------------------------------------------------ analytic information
     def local_derivatives(self, params: PoissonParams, chunk: Chunk, scaling: Scaling):
         """d log p / d eta = y - lambda and d^2 / d eta^2 = -lambda, eta the log rate."""
-        rate = torch.exp(params.coef @ chunk.XeT)  # (K, c)
+        rate = torch.exp(chunk_eta(params.coef, chunk))  # (K, c), with the offset
         d1 = (chunk.y[0] - rate).unsqueeze(1)
         return LocalDerivatives(d1, -rate.view(rate.shape[0], 1, 1, -1), 1)
 
