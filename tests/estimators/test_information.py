@@ -204,8 +204,7 @@ def test_standard_errors_of_a_fit_with_an_offset(expert):
     est = b.table["estimate"].to_numpy()
     assert np.isfinite(b.table["std_error"]).all()
     np.testing.assert_allclose(b.table["std_error"], a.table["std_error"], rtol=1e-9)
-    np.testing.assert_allclose(a.table["estimate"].to_numpy() - est,
-                               np.where(b.table["parameter"] == "intercept", 0.7, 0.0)
-                               * (b.table["block"].str.startswith("expert")), atol=1e-12)  # fmt: skip
+    raised = (b.table["parameter"] == "intercept") & b.table["block"].str.startswith("expert")
+    np.testing.assert_allclose(a.table["estimate"].to_numpy() - est, 0.7 * raised, atol=1e-12)
     again = shifted.summary(X, y, offset=np.full(N, 0.7)).table["std_error"]
     np.testing.assert_allclose(again, b.table["std_error"], rtol=1e-12)
