@@ -229,7 +229,12 @@ class ReportedLikelihood:
 
 
 def observed_information_summary(
-    model, X, y, gate_reference: int = 0, information_rows: int | None = None, sample_weight=None,
+    model,
+    X,
+    y,
+    gate_reference: int = 0,
+    information_rows: int | None = None,
+    sample_weight=None,
     offset=None,
 ) -> Summary:
     """Build the :class:`Summary` of a fitted MoERegressor or MoEClassifier.
