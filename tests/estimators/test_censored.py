@@ -233,3 +233,20 @@ def test_left_and_interval_censoring():
     buf = io.StringIO()
     print(m.summary(), file=buf)
     assert "censored" in buf.getvalue()
+
+
+def test_integer_weights_of_censored_rows_equal_the_rows_repeated():
+    """Frequency weights with censoring: a row of weight w counts as w copies of its
+    interval (zero weights drop the row and its bounds)."""
+    X, y, upper, _ = _two_lines(n=300, seed=3)
+    w = np.random.default_rng(0).integers(0, 4, size=len(y))
+    rep = np.repeat(np.arange(len(y)), w)
+    opts = dict(gate="constant", random_state=0, min_share=0, tol=1e-10, max_iter=2000)
+    weighted = MoERegressor(2, **opts).fit(X, y, y_upper=upper, sample_weight=w)
+    repeated = MoERegressor(2, **opts).fit(X[rep], y[rep], y_upper=upper[rep])
+    ll_w = weighted.log_likelihood(X, y, sample_weight=w, y_upper=upper)
+    ll_r = repeated.log_likelihood(X[rep], y[rep], y_upper=upper[rep])
+    assert ll_w == pytest.approx(ll_r, rel=1e-8)
+    np.testing.assert_allclose(weighted.coef_, repeated.coef_, atol=1e-5)
+    a, b = weighted.summary().table, repeated.summary().table
+    np.testing.assert_allclose(a["std_error"], b["std_error"], rtol=1e-4)

@@ -158,6 +158,7 @@ class RidgeGLM:
     """
 
     needs_resp = False
+    single_optimum = True  # alone, a concave (or closed-form) fit: K = 1 needs one start
     standardize_target = False
     target_columns = 1
 

@@ -81,6 +81,10 @@ class ExpertFamily(Protocol):
         The dataclass of the parameters.
     report_name : str, optional
         How summaries name the family (default: the class name).
+    single_optimum : bool, optional
+        Whether one expert alone has one maximum of its likelihood (a GLM, least
+        squares), so that a fit of K = 1 needs one start, not ``n_init`` (default
+        False: every start runs).
     """
 
     n_experts: int

@@ -134,6 +134,7 @@ class GaussianExperts:
     report_name = "linear-Gaussian"
     monotone = True
     needs_resp = False
+    single_optimum = True  # alone, a concave (or closed-form) fit: K = 1 needs one start
     params_type = GaussianParams
     predictive_family = "normal"
     standardize_target = True

@@ -182,6 +182,7 @@ class LogisticExperts:
 
     report_name = "multinomial logistic"
     needs_resp = False
+    single_optimum = True  # alone, a concave (or closed-form) fit: K = 1 needs one start
     params_type = LogisticParams
 
     def __init__(

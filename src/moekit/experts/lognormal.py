@@ -55,6 +55,7 @@ class LogNormalExperts:
     report_name = "lognormal"
     monotone = True  # exact weighted least squares
     needs_resp = False
+    single_optimum = True  # alone, a concave (or closed-form) fit: K = 1 needs one start
     params_type = LogNormalParams
     predictive_family = "lognormal"
     standardize_target = False

@@ -205,6 +205,10 @@ def run_em(
     model.prepare(sub)
 
     nested_fits = {} if _nested_fits is None else _nested_fits
+    if model.n_experts == 1 and getattr(model.expert, "single_optimum", False):
+        # one expert alone is a GLM (or least squares): every start reaches its one
+        # maximum, so the others would repeat the first
+        n_init = 1
 
     def fit_nested(small: EMModel, d: EMData, n: int) -> Params:
         # a starting point, not an answer: its starts get their short runs only (the
