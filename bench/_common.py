@@ -77,12 +77,13 @@ def median_times(fn, repeats: int = 7) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def em_iteration_vs_gram(X: np.ndarray, y: np.ndarray, n_experts: int) -> dict:
+def em_iteration_vs_gram(X: np.ndarray, y: np.ndarray, n_experts: int, **options) -> dict:
     """One EM iteration (E-step pass + M-step) at a fit's parameters vs one weighted Gram.
 
     The Gram X^T diag(w) X is the least work an iteration can do (every expert's
     weighted least squares needs one); it is timed before and after the iteration
-    and the faster kept. Returns wall-clock and CPU seconds of both.
+    and the faster kept. ``options`` go to ``MoERegressor`` (``expert=``, say).
+    Returns wall-clock and CPU seconds of both.
     """
     import torch
 
@@ -91,7 +92,7 @@ def em_iteration_vs_gram(X: np.ndarray, y: np.ndarray, n_experts: int) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = MoERegressor(n_experts, random_state=0, max_iter=5).fit(X, y)
+        m = MoERegressor(n_experts, random_state=0, max_iter=5, **options).fit(X, y)
     data = m._em_data(X, y)
     model = EMModel(m._expert_family, m._gate_family)
     model.prepare(data)

@@ -23,20 +23,9 @@ from sklearn.utils.validation import validate_data
 from moekit._core.data import EMData
 from moekit._core.distributed import DataGroup
 from moekit._core.engine import em_threads, resolve_device, to_numpy, torch_generator
-from moekit._core.validation import (
-    HasMethods,
-    Interval,
-    Options,
-    check_options,
-    validate_params,
-)
+from moekit._core.validation import HasMethods, Interval, Options, check_options, validate_params
 from moekit.estimators._columns import resolve_columns
-from moekit.estimators._design import (
-    DESIGN_ATTRS,
-    Prepared,
-    build_designs,
-    shared_tensor,
-)
+from moekit.estimators._design import DESIGN_ATTRS, Prepared, build_designs, shared_tensor
 from moekit.estimators._editing import Edit, EditingMixin
 from moekit.estimators._files import ModelFileMixin
 from moekit.estimators._nesting import NestingMixin, SmallExpertsRemovedWarning

@@ -205,9 +205,15 @@ def run_em(
     model.prepare(sub)
 
     nested_fits = {} if _nested_fits is None else _nested_fits
-    if model.n_experts == 1 and getattr(model.expert, "single_optimum", False):
+    if (
+        model.n_experts == 1
+        and getattr(model.expert, "single_optimum", False)
+        and (_nested_fits is None)
+    ):
         # one expert alone is a GLM (or least squares): every start reaches its one
-        # maximum, so the others would repeat the first
+        # maximum, so the others would repeat the first. (A nested fit of one expert
+        # inside a larger fit keeps its starts: it stops after short runs, where the
+        # best of several is a better starting point.)
         n_init = 1
 
     def fit_nested(small: EMModel, d: EMData, n: int) -> Params:
