@@ -126,8 +126,8 @@ class CensoredTarget(RealTarget):
                              f"{len(points)}.")  # fmt: skip
         return self.bounds
 
-    def fit(self, y):
-        y, coding = super().fit(y)
+    def fit(self, y, weight=None):
+        y, coding = super().fit(y, weight)
         if len(coding["_y_mean"]) != 1:
             raise ValueError("y_upper and truncation are for a target of one column.")
         return self._rows(np.asarray(y)), coding
