@@ -31,12 +31,7 @@ from moekit._core.validation import (
     validate_params,
 )
 from moekit.estimators._columns import resolve_columns
-from moekit.estimators._design import (
-    DESIGN_ATTRS,
-    Prepared,
-    build_designs,
-    shared_tensor,
-)
+from moekit.estimators._design import DESIGN_ATTRS, Prepared, build_designs, shared_tensor
 from moekit.estimators._editing import Edit, EditingMixin
 from moekit.estimators._files import ModelFileMixin
 from moekit.estimators._nesting import NestingMixin, SmallExpertsRemovedWarning
