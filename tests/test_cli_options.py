@@ -161,7 +161,11 @@ def test_binomial_takes_successes_and_failures_as_two_target_columns(tmp_path, c
 @pytest.mark.parametrize(("flags", "message"), [
     (["--target", "s", "--expert", "binomial"],
      "--expert binomial takes two --target columns, successes and failures"),
-    (["--target", "s,f"], "several --target columns (s, f) are the successes and failures"),
+    # two columns are several responses of linear experts (the default) now; of another
+    # family, neither those nor successes and failures: one line naming both meanings
+    (["--target", "s,f", "--expert", "poisson"],
+     "several --target columns (s, f) are the responses of linear experts (or the successes "
+     "and failures of --expert binomial)"),
     (["--formula", "s ~ x", "--expert", "binomial"],
      "--expert binomial takes its successes and failures from --target s,f"),
     (["--target", "s,g", "--expert", "binomial"], "--target 'g' is not a column"),

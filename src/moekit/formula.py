@@ -7,6 +7,9 @@ the gate's. The formulas are parsed and their design matrices built by
 ``a*b``, transforms ``I(x**2)``, ``np.log(x)``, ``center(x)``, ``bs(x, df=4)``, and
 categorical factors ``C(group)`` coded by treatment contrasts (one column per level
 but the first). ``~ 1`` for the gate is a constant gate (a mixture of regressions).
+``offset(log(hours))`` among the experts' terms is R's offset: a known term added to
+the experts' linear predictor with coefficient 1 (log exposure for counts), not a
+column of the design.
 
 A fitted :class:`ModelFormula` remembers what it learnt from the data (the levels
 of each factor, the centre of ``center(x)``, the knots of ``bs(x)``), so that new
@@ -35,6 +38,7 @@ from moekit.formula_checks import (
     _check_json,
     _columns_read,
     _json_ready,
+    _split_offsets,
     _unknown,
     check_term,
 )
@@ -60,6 +64,8 @@ class ModelFormula:
     ----------
     response : str
         The left-hand side (``y``, or ``np.log(y)``).
+    offset_terms : list of str
+        The expressions inside ``offset(...)`` on the right (summed, as R does).
     expert_columns, gate_columns : list of str
         The design columns of the experts and the gate, once fitted (the intercept
         left out: the estimators add their own).
@@ -87,10 +93,14 @@ class ModelFormula:
             raise FormulaError(f"gate_formula: expected '~ terms'; got {gate_formula!r}.")
         self.formula = formula
         self.gate_formula = gate_formula
-        self._expert, self._response = self._parse(formula, "formula", two_sided=True)
+        self._expert, self._response, self.offset_terms = self._parse(formula, "formula",
+                                                                      two_sided=True)  # fmt: skip
         self._gate = None
         if gate_formula is not None:
-            self._gate, _ = self._parse(gate_formula, "gate_formula", two_sided=False)
+            self._gate, _, offsets = self._parse(gate_formula, "gate_formula", two_sided=False)
+            if offsets:
+                raise FormulaError("gate_formula: offset() is a term of the experts' linear "
+                                   "predictor; put it in the formula.")  # fmt: skip
         self._state: dict[str, dict] = {}
         self.expert_columns: list[str] = []
         self.gate_columns: list[str] = []
@@ -117,6 +127,7 @@ class ModelFormula:
                 raise FormulaError(f"{where}: the gate's formula has no left side ('~ z'); got "
                                  f"{text!r}.")  # fmt: skip
             rhs, response = parsed, None
+        rhs, offsets = _split_offsets(rhs, where)
         terms = [str(t) for t in rhs]
         if "1" not in terms:
             raise FormulaError(
@@ -129,7 +140,7 @@ class ModelFormula:
                     check_term(factor.expr, where=where)
         if response is not None:
             check_term(response, where=where)
-        return rhs, response
+        return rhs, response, offsets
 
     @property
     def response(self) -> str:
@@ -145,6 +156,8 @@ class ModelFormula:
         """The data columns the formulas read, the target's among them."""
         names = self._names_used(self._expert)
         names |= _columns_read(ast.parse(self._response, mode="eval"))
+        for term in self.offset_terms:
+            names |= _columns_read(ast.parse(term, mode="eval"))
         if self._gate is not None:
             names |= self._names_used(self._gate)
         return names
@@ -288,16 +301,15 @@ class ModelFormula:
 
     def response_values(self, frame):
         """The target column (or its transform, ``np.log(y)``) of ``frame``, as a Series."""
-        import pandas as pd
+        return column_expression(frame, self._response, "formula")
 
-        name = self._response
-        if name in frame.columns:
-            return frame[name]
-        check_term(name, {str(c) for c in frame.columns}, where="formula")
-        from formulaic import model_matrix
-
-        values = model_matrix(f"{name} - 1", frame, na_action="raise")
-        return pd.Series(np.asarray(values, dtype=np.float64)[:, 0], index=frame.index, name=name)
+    def offset_values(self, frame) -> np.ndarray | None:
+        """The offset of ``frame``'s rows, the sum of the ``offset(...)`` terms'
+        values, shape (n_samples,); None when the formula has none."""
+        if not self.offset_terms:
+            return None
+        return sum(column_expression(frame, term, "formula").to_numpy(dtype=np.float64)
+                   for term in self.offset_terms)  # fmt: skip
 
     def fit_transform(self, frame):
         """``fit(frame)``, then the design and the target: ``(X, y)``."""
@@ -382,7 +394,8 @@ def fit_formula(estimator, formula: str, data, *, gate_formula: str | None = Non
     Returns
     -------
     estimator
-        Fitted, with ``formula_``.
+        Fitted, with ``formula_``; an ``offset(...)`` term is passed to ``fit`` as
+        ``offset=`` (and to ``predict`` as ``offset=formula_.offset_values(new)``).
 
     Examples
     --------
@@ -399,6 +412,21 @@ def fit_formula(estimator, formula: str, data, *, gate_formula: str | None = Non
     f = ModelFormula(formula, gate_formula)
     X, y = f.fit_transform(data)
     estimator.set_params(**f.estimator_settings())
-    estimator.fit(X, y)
+    offset = f.offset_values(data)
+    estimator.fit(X, y, **({} if offset is None else {"offset": offset}))
     estimator.formula_ = f
     return estimator
+
+
+def column_expression(frame, expr: str, where: str):
+    """A column of ``frame`` named ``expr``, or the expression ``expr`` evaluated on
+    it (``log(hours)``; checked by :func:`check_term` first), as a float Series."""
+    import pandas as pd
+
+    if expr in frame.columns:
+        return frame[expr]
+    check_term(expr, {str(c) for c in frame.columns}, where=where)
+    from formulaic import model_matrix
+
+    values = model_matrix(f"{expr} - 1", frame, na_action="raise")
+    return pd.Series(np.asarray(values, dtype=np.float64)[:, 0], index=frame.index, name=expr)

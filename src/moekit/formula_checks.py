@@ -151,3 +151,25 @@ def _check_json(value: Any, where: str, depth: int = 0) -> None:
         raise ValueError(f"{where}: holds a non-finite number")
     elif not (value is None or isinstance(value, (str, bool, int, float))):
         raise ValueError(f"{where}: holds a {type(value).__name__}")
+
+
+def _split_offsets(rhs, where: str):
+    """``rhs`` without its ``offset(expr)`` terms, and the ``expr`` of each (checked).
+
+    formulaic reads ``offset(log(t))`` as a term it cannot evaluate; R's meaning is a
+    known part of the linear predictor, so it is taken out of the design here.
+    """
+    offsets, kept = [], []
+    for t in rhs:
+        text = str(t)
+        if text.startswith("offset(") and text.endswith(")") and len(t.factors) == 1:
+            offsets.append(text[len("offset(") : -1].strip())
+        else:
+            kept.append(text)
+    if not offsets:
+        return rhs, []
+    for expr in offsets:
+        check_term(expr, where=where)
+    from formulaic import Formula
+
+    return Formula(" + ".join(kept)), offsets

@@ -4,14 +4,15 @@
 
     moekit demo [--out DIR]                       fit the bundled mcycle data, write a report
     moekit fit DATA.csv --target COL [--experts K] [--out DIR]
-    moekit predict MODEL DATA.csv [--out FILE] [--interval 0.9] [--samples N]
+    moekit predict MODEL DATA.csv [--out FILE] [--interval 0.9] [--samples N] [--offset EXPR]
     moekit inspect MODEL
     moekit lm train [--corpus FILE] [--config tiny|small] [--steps N] [--out DIR] [--resume]
     moekit lm generate CHECKPOINT --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
     moekit lm upcycle CHECKPOINT [--n-experts E] [--top-k K] [--granularity G] [--out FILE]
 
 One module per part: ``parser`` (the flags), ``tables`` (reading a table, the
-design, the held-out rows), ``fit``, ``predict``, ``inspect``, ``lm`` and ``demo``
+design, the held-out rows), ``rows`` (each row's weight, offset and upper bound),
+``fit``, ``predict``, ``inspect``, ``lm`` and ``demo``
 (the subcommands), ``errors`` (one-line errors and warnings).
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.cli.errors import DataError, UsageError
 from moekit.cli.tables import (
@@ -20,6 +21,9 @@ from moekit.cli.tables import (
     split_rows,
     task_of,
 )
+
+if TYPE_CHECKING:  # the rows' terms need numpy, which `moekit --help` does not load
+    from moekit.cli.rows import RowTerms
 
 SERIAL_ROWS = 10_000
 """Tables of at most this many rows are fitted on one PyTorch thread. Their tensors are
@@ -37,12 +41,13 @@ DEFAULT_EXPERTS = (1, 2, 3, 4)
 """The numbers of experts among which BIC chooses when ``--experts`` is not given."""
 
 
-def regression_report(model, X, y, summary=None, reason: str = "", target: str = "y") -> str:
+def regression_report(model, X, y, summary=None, reason: str = "", target: str = "y",
+                      rows: dict | None = None) -> str:  # fmt: skip
     """A plain-text summary of a fitted model: fit statistics, the model written out and
     its coefficients (:func:`moekit.report.describe.text_report`, as the report shows them)."""
     from moekit.report.describe import text_report
 
-    return text_report(model, X, y, summary, reason, target)
+    return text_report(model, X, y, summary, reason, target, rows)
 
 
 def experts_to_try(requested: tuple[int, ...] | None, n_rows: int) -> tuple[int, ...]:
@@ -62,6 +67,8 @@ def pd_numeric(y) -> bool:
 def cmd_fit(args) -> int:
     import numpy as np
 
+    from moekit.cli.rows import read_row_terms
+
     if (args.target is None) == (args.formula is None):
         raise UsageError("moekit fit: give either --target COL or --formula 'y ~ x1 + x2'"
                          + (", not both." if args.target else "."))  # fmt: skip
@@ -74,15 +81,21 @@ def cmd_fit(args) -> int:
         raise UsageError("moekit fit: --gate-formula goes with --formula.")
     args.target = check_targets(args)
     frame = read_table(args.data, args.target)
-    design = columns_design if args.formula is None else formula_design
-    X, y, target, experts, gates, gate, unused, formula = design(args, frame)
-    del frame  # X and y hold what the fit needs
+    if args.formula is None:  # their columns are not features
+        rows, args.row_columns, offset_term = read_row_terms(args, frame)
+        X, y, target, experts, gates, gate, unused, formula = columns_design(args, frame)
+    else:
+        args.row_columns = row_columns(args)
+        X, y, target, experts, gates, gate, unused, formula = formula_design(args, frame)
+        rows, _, offset_term = read_row_terms(args, frame, formula)
+    args.offset_term = offset_term
+    del frame  # X, y and the rows' terms hold what the fit needs
     if y.isna().to_numpy().any():
         row = int(np.flatnonzero(y.isna().to_numpy())[0]) // (1 if y.ndim == 1 else y.shape[1])
         raise DataError(f"moekit: the target {target!r} is missing in row {row + 1}.")
-    if y.ndim == 2:  # successes and failures: a regression; the expert checks the counts
+    if y.ndim == 2:  # successes and failures, or several responses: a regression
         return fit_and_report(args, X, y, target, experts, gates, gate, unused, formula,
-                              "regression")  # fmt: skip
+                              "regression", rows)  # fmt: skip
     task = task_of(y, args.task)
     numeric = pd_numeric(y)
     if task == "classification" and args.task == "auto" and numeric:
@@ -99,30 +112,63 @@ def cmd_fit(args) -> int:
                          "uses logistic experts under a softmax gate"
                          + (" (--task regression fits a numeric target as numbers)."
                             if numeric else "."))  # fmt: skip
-    return fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, task)
+    if task == "classification" and (rows.offset is not None or rows.y_upper is not None):
+        raise UsageError("moekit: --offset, --censored-above and --event are for regressions "
+                         "(--task regression fits a numeric target as numbers).")  # fmt: skip
+    return fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, task, rows)
+
+
+def row_columns(args) -> set[str]:
+    """The columns ``--weights``, ``--censored-above`` and ``--event`` name."""
+    return {c for c in (args.weights, args.censored_above, args.event) if c is not None}
 
 
 def check_targets(args) -> list[str] | None:
-    """``--target`` as a list of columns (given comma-separated or repeated): one, or
-    two (successes and failures) for ``--expert binomial``, which takes no other."""
+    """``--target`` as a list of columns (given comma-separated or repeated): one, two
+    (successes and failures) for ``--expert binomial``, which takes no other, or
+    several responses of linear experts."""
     targets = [c for group in args.target or () for c in group] or None
     binomial = args.expert == "binomial"
-    if targets is not None and len(targets) != (2 if binomial else 1):
+    several = targets is not None and len(targets) > 1 and not binomial
+    if binomial and targets is not None and len(targets) != 2:
+        raise UsageError("moekit fit: --expert binomial takes two --target columns, successes "
+                         f"and failures (--target s,f); got {len(targets)}.")  # fmt: skip
+    if several and args.expert != "linear":
         raise UsageError(
-            "moekit fit: --expert binomial takes two --target columns, successes and "
-            f"failures (--target s,f); got {len(targets)}." if binomial else
-            f"moekit fit: several --target columns ({', '.join(targets)}) are the successes "
-            "and failures of --expert binomial; other experts take one."
-        )  # fmt: skip
+            f"moekit fit: several --target columns ({', '.join(targets)}) are the responses of "
+            "linear experts (or the successes and failures of --expert binomial); "
+            f"--expert {_expert_text(args.expert)} takes one."
+        )
+    if several and (args.censored_above or args.event):
+        raise UsageError("moekit fit: --censored-above and --event go with one --target.")
+    if args.covariance_type is not None and not several:
+        raise UsageError("moekit fit: --covariance-type is the noise covariance of several "
+                         "--target columns; give them (--target y1,y2).")  # fmt: skip
     if binomial and args.formula is not None:
         raise UsageError("moekit fit: --expert binomial takes its successes and failures from "
                          "--target s,f (not from --formula).")  # fmt: skip
+    if isinstance(args.expert, list):  # a family per expert: K is the list's length
+        K = len(args.expert)
+        if args.experts is not None and args.experts != (K,):
+            raise UsageError(f"moekit fit: --expert {_expert_text(args.expert)} names {K} "
+                             f"experts; --experts must be {K} (or left out).")  # fmt: skip
+        args.experts_from_list = True
+        args.experts = (K,)
     return targets
 
 
-def fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, task) -> int:
-    """Fit the checked design (choosing K where asked), save the model and write the
-    reports; the command's exit status."""
+def _expert_text(expert) -> str:
+    return ",".join(expert) if isinstance(expert, list) else str(expert)
+
+
+def fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, task,
+                   rows: RowTerms | None = None) -> int:  # fmt: skip
+    """Fit (K by BIC when a range was given), save the model, write and print the
+    reports; the command's exit status. ``rows`` holds the rows' weights, offsets and
+    upper bounds."""
+    from moekit.cli.rows import RowTerms
+
+    rows = RowTerms() if rows is None else rows
     ks = experts_to_try(args.experts, len(y))
     if len(y) < 2 * max(ks):
         raise DataError(
@@ -133,6 +179,8 @@ def fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, ta
           + ("; constant gate" if gate == "constant" else ""))  # fmt: skip
     if formula is not None:
         print(f"  formula: {formula}")
+    for said in row_notes(args, rows):
+        print(f"  {said}")
     if unused:
         print(f"  not used: {', '.join(unused)}")
     if not 0.0 <= args.holdout < 1.0:
@@ -140,7 +188,7 @@ def fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, ta
     n_test = round(args.holdout * len(y))
     if n_test < 10 or len(y) - n_test < 2 * max(ks):
         n_test = 0
-    X, y, X_test, y_test = split_rows(X, y, n_test, args.random_state)
+    X, y, X_test, y_test, rows, rows_test = split_rows(X, y, n_test, args.random_state, rows)
     if n_test:
         print(f"  fitted on {len(y)} rows; {n_test} random rows held out for the report")
     out = Path(args.out)
@@ -152,25 +200,69 @@ def fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, ta
     if task == "regression":  # each estimator imported when it is the one fitted
         from moekit.estimators.regressor import MoERegressor
 
+        if args.covariance_type is not None:
+            settings["covariance_type"] = args.covariance_type
         template = MoERegressor(expert=args.expert, gate=gate, **settings)
+        check_offset_family(template, rows)
     else:
         from moekit.estimators.classifier import MoEClassifier
 
         template = MoEClassifier(**settings)
+    fitted = rows.kwargs()
     with one_thread_on_small_tables(len(y) + n_test):
-        model, table = fit_models(template, X, y, ks, args.experts is None, verbose, out)
+        model, table = fit_models(template, X, y, ks, args.experts is None, verbose, out, fitted)
         if formula is not None:  # predict applies it to new data
             model.formula_ = formula
+        if args.offset_term is not None and formula is None:  # predict asks for it
+            model.offset_term_ = args.offset_term
+        if y.ndim == 2 and args.expert != "binomial":  # predict names its columns
+            model.target_names_ = [str(c) for c in y.columns]
         model.save(out / "model.moe")
-        report, summary, baseline, check = report_text(model, X, y, X_test, y_test, task, target)
+        report, summary, baseline, check = report_text(model, X, y, X_test, y_test, task, target,
+                                                       rows, rows_test)  # fmt: skip
         (out / "report.txt").write_text(report + "\n")
         if not args.no_report:
             write_html_report(out, model, X, y, X_test, y_test, table, target, str(args.data),
-                              summary, baseline, check)  # fmt: skip
+                              summary, baseline, check, rows, rows_test)  # fmt: skip
     print(report)
     print(f"\nWrote {out / 'model.moe'} and "
           f"{out / ('report.txt' if args.no_report else 'report.html')}")  # fmt: skip
     return 0
+
+
+def row_notes(args, rows: RowTerms) -> list[str]:
+    """What the command says of the rows' weights, offset, censoring and of K fixed by
+    a list of families."""
+    import numpy as np
+
+    said = []
+    if rows.sample_weight is not None:
+        said.append(f"weights: {args.weights!r} (frequency weights; {rows.n_rows(0):g} "
+                    "weighted rows)")  # fmt: skip
+    if rows.offset is not None:
+        said.append(f"offset: {args.offset_term} (a known term of the experts' linear "
+                    "predictor)")  # fmt: skip
+    if rows.y_upper is not None:
+        censored = int(np.isinf(rows.y_upper).sum())
+        flag = (f"--censored-above {args.censored_above!r}" if args.censored_above
+                else f"--event {args.event!r}")  # fmt: skip
+        said.append(f"censoring: {censored} of {len(rows.y_upper)} responses right-censored "
+                    f"({flag})")  # fmt: skip
+    if getattr(args, "experts_from_list", False):
+        said.append(f"K = {len(args.expert)}: one expert per family of --expert "
+                    f"{','.join(args.expert)} (no search over K)")  # fmt: skip
+    return said
+
+
+def check_offset_family(template, rows: RowTerms) -> None:
+    """An offset needs experts with a log (or logit) link: a usage error naming
+    ``--offset`` otherwise, before anything is fitted."""
+    from moekit.estimators._families import expert_class
+
+    if rows.offset is not None and not getattr(expert_class(template), "takes_offset", False):
+        raise UsageError(f"moekit: --offset is a known term of a log-link linear predictor "
+                         f"(--expert poisson, negative_binomial, gamma or binomial); --expert "
+                         f"{_expert_text(template.expert)} has none.")  # fmt: skip
 
 
 @contextmanager
@@ -188,38 +280,46 @@ def one_thread_on_small_tables(n_rows: int):
         torch.set_num_threads(before)
 
 
-def fit_models(template, X, y, ks: tuple[int, ...], default: bool, verbose: int, out: Path):
+def fit_models(template, X, y, ks: tuple[int, ...], default: bool, verbose: int, out: Path,
+               fitted: dict | None = None):  # fmt: skip
     """The model fitted with the one K asked, or the best by BIC among ``ks`` with the
-    criterion's table (also written to ``criterion.csv``); (model, table or None)."""
+    criterion's table (also written to ``criterion.csv``); (model, table or None).
+    ``fitted``: the rows' ``sample_weight``, ``offset`` and ``y_upper`` for ``fit``."""
+    fitted = fitted or {}
     if len(ks) == 1:
-        return template.set_params(n_experts=ks[0]).fit(X, y), None
+        return template.set_params(n_experts=ks[0]).fit(X, y, **fitted), None
     from moekit.estimators.model_selection import select_n_experts
 
     print(f"  choosing K in {ks[0]}-{ks[-1]} by BIC"
           + (" (the default; --experts K fixes it)" if default else ""))  # fmt: skip
-    model, table = select_n_experts(template, X, y, ks, "bic", verbose=max(1, verbose))
+    model, table = select_n_experts(template, X, y, ks, "bic", verbose=max(1, verbose),
+                                    fit_params=fitted)  # fmt: skip
     print(f"  BIC picks K = {len(model.expert_sizes_)}")
     table.to_csv(out / "criterion.csv", index=False)
     return model, table
 
 
-def report_text(model, X, y, X_test, y_test, task: str, target: str):
+def report_text(model, X, y, X_test, y_test, task: str, target: str, rows=None,
+                rows_test=None):  # fmt: skip
     """What the command prints and writes to ``report.txt``: the held-out check against
     one expert (when rows were held out), the fit's statistics and coefficients; with
     the coefficient summary, the one-expert baseline and the check, which the HTML
-    report shows too: (text, summary, baseline, check)."""
+    report shows too: (text, summary, baseline, check). ``rows`` and ``rows_test``
+    (:class:`~moekit.cli.rows.RowTerms`) are the weights, offsets and bounds of both."""
     from moekit.report.describe import coefficient_summary
     from moekit.report.headline import fit_baseline, held_out_check
 
-    summary, reason = coefficient_summary(model, X, y, INFORMATION_ROWS)
-    report = regression_report(model, X, y, summary, reason, target)
+    fitted = rows.kwargs() if rows is not None else {}
+    held = rows_test.kwargs() if rows_test is not None else {}
+    summary, reason = coefficient_summary(model, X, y, INFORMATION_ROWS, fitted)
+    report = regression_report(model, X, y, summary, reason, target, fitted)
     if task == "classification":
         report = (f"MoEClassifier: K = {len(model.expert_sizes_)}, classes {list(model.classes_)}, "
                   f"training accuracy {model.score(X, y):.4f}\n" + report)  # fmt: skip
     baseline = check = None
     if X_test is not None:
-        baseline = fit_baseline(model, X, y)
-        check = held_out_check(model, X_test, y_test, baseline)
+        baseline = fit_baseline(model, X, y, fitted)
+        check = held_out_check(model, X_test, y_test, baseline, held)
         said = [f"  held-out log-likelihood per row: {check.log_likelihood:.4g}"
                 + (f" (one expert: {check.baseline_log_likelihood:.4g})"
                    if baseline is not None else "")]  # fmt: skip
@@ -232,7 +332,7 @@ def report_text(model, X, y, X_test, y_test, task: str, target: str):
 
 
 def write_html_report(out: Path, model, X, y, X_test, y_test, table, target: str, source: str,
-                      summary, baseline, check) -> None:  # fmt: skip
+                      summary, baseline, check, rows=None, rows_test=None) -> None:  # fmt: skip
     """``report.html`` in ``out``, and the report's figures that stand on their own as
     PNG files (the data with each expert's fit for one feature, the criterion against
     K when K was chosen), drawn once for both."""
@@ -241,7 +341,9 @@ def write_html_report(out: Path, model, X, y, X_test, y_test, table, target: str
     figures: dict[str, bytes] = {}
     page = html_report(model, X, y, X_test=X_test, y_test=y_test, table=table,
                        target=target, source=source, summary=summary, baseline=baseline,
-                       check=check, figures=figures)  # fmt: skip
+                       check=check, figures=figures,
+                       rows=rows.kwargs() if rows is not None else None,
+                       test_rows=rows_test.kwargs() if rows_test is not None else None)  # fmt: skip
     (out / "report.html").write_text(page, encoding="utf-8")
     if "fit" in figures and X.shape[1] == 1:
         (out / "fit.png").write_bytes(figures["fit"])

@@ -35,9 +35,30 @@ def _experts(text: str) -> tuple[int, ...]:
     return ks
 
 
-EXPERT_CHOICES = ["linear", "poisson", "student_t", "mlp", "binomial", "gamma", "lognormal",
-                  "negative_binomial"]  # fmt: skip
-"""The expert families ``moekit fit --expert`` takes."""
+class _Families(list):
+    """The family names ``--expert`` takes; a comma-separated list of them (one family
+    per expert, such as ``zero,poisson``) is among the choices too, and there ``zero``
+    (a point mass at 0, which alone would model nothing) joins them."""
+
+    def __contains__(self, value) -> bool:
+        if not isinstance(value, list):
+            return list.__contains__(self, value)
+        return all(name == "zero" or list.__contains__(self, name) for name in value)
+
+
+EXPERT_CHOICES = _Families(["linear", "poisson", "student_t", "mlp", "binomial", "gamma",
+                            "lognormal", "negative_binomial"])  # fmt: skip
+"""The expert families ``moekit fit --expert`` takes (alone or as a comma-separated list)."""
+
+
+def _expert_names(text: str) -> str | list[str]:
+    """'poisson' -> 'poisson'; 'zero,poisson' -> ['zero', 'poisson'] (a family per expert)."""
+    names = [c.strip() for c in text.split(",")]
+    if len(names) == 1:
+        return names[0]
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated families, got {text!r}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=_names, action="append",
                    help="name of the target column (or give --formula); for --expert binomial "
                         "two, successes and failures, comma-separated or the flag "
-                        "repeated")  # fmt: skip
+                        "repeated; for linear experts several, regressed together")  # fmt: skip
     p.add_argument("--formula",
                    help="Wilkinson formula of the target and the experts' terms, such as "
                         "\"y ~ x + I(x**2) + C(group)\"")  # fmt: skip
@@ -82,11 +103,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expert",
         choices=EXPERT_CHOICES,
+        type=_expert_names,
         default="linear",
+        metavar="FAMILY[,FAMILY...]",
         help="regression experts (default: linear): linear, robust (student_t), networks "
-        "(mlp), counts (poisson, negative_binomial), positive amounts (gamma, lognormal) or "
-        "successes out of trials (binomial, with two --target columns)",
+        "(mlp), counts (poisson, negative_binomial), positive amounts (gamma, lognormal), "
+        "successes out of trials (binomial, with two --target columns) or a point mass at 0 "
+        "(zero); a comma-separated list gives a family per expert and fixes K (zero,poisson: "
+        "a zero-inflated Poisson)",
     )
+    p.add_argument("--weights", metavar="COLUMN",
+                   help="frequency weights: a row of weight 3 counts as three rows (not a "
+                        "feature)")  # fmt: skip
+    p.add_argument("--offset", metavar="EXPR",
+                   help="a known term of the experts' linear predictor, such as "
+                        "\"log(hours)\" (log exposure of counts): a column or an expression "
+                        "of columns; or offset(...) in --formula")  # fmt: skip
+    p.add_argument("--censored-above", metavar="COLUMN",
+                   help="each response's upper bound: equal to the target for an exact "
+                        "response, empty or inf for one right-censored at the target")  # fmt: skip
+    p.add_argument("--event", metavar="COLUMN",
+                   help="R's Surv(time, event) form of --censored-above: 1 where the target "
+                        "was observed, 0 where it is right-censored")  # fmt: skip
+    p.add_argument("--covariance-type", choices=["full", "tied", "diag", "spherical"],
+                   help="with several --target columns and linear experts: each expert's "
+                        "noise covariance (default: diag)")  # fmt: skip
     p.add_argument(
         "--gate",
         choices=["softmax", "constant", "mlp"],
@@ -163,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0,
                    help="also draw this many values of y per row from p(y|x)")  # fmt: skip
     p.add_argument("--random-state", type=int, default=0, help="seed of --samples")
+    p.add_argument("--offset", metavar="EXPR",
+                   help="the offset of a model fitted with --offset, on these rows")  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("inspect", help="say what a model file holds")

@@ -1,8 +1,11 @@
 """``moekit predict``: a saved model's predictions for the rows of a table.
 
 For a regression: the predictive mean, standard deviation and a central interval
-of p(y | x), optionally draws of y; for a classifier: the class and each class's
-probability. Every row also gets the expert its gate favours, argmax_k g_k(x).
+of p(y | x), optionally draws of y (for several responses, each column's, named
+``mean[y1]``, ``std[y1]``, ...); for a classifier: the class and each class's
+probability. Every row also gets the expert its gate favours, argmax_k g_k(x). A
+model fitted with an offset (``--offset`` or ``offset(...)`` in its formula) takes
+the rows' offset: its formula's on its own, else ``--offset EXPR`` again.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def cmd_predict(args) -> int:
         finite_feature(X, col)
     if names is None and formula is None:
         X = X.to_numpy()
+    offset = _offset(model, frame, args.offset)
     result = pd.DataFrame(index=frame.index)
     if hasattr(model, "predict_proba"):
         result["prediction"] = model.predict(X)
@@ -52,16 +56,19 @@ def cmd_predict(args) -> int:
             raise UsageError(f"moekit: --interval must be in (0, 1); got {args.interval}.")
         if args.samples < 0:
             raise UsageError(f"moekit: --samples must be >= 0; got {args.samples}.")
-        d = model.predict_distribution(X)
-        result["mean"] = d.mean()
-        result["std"] = d.std()
+        d = model.predict_distribution(X, **offset)
         lo, hi = d.interval(args.interval)
         tail = 100 * (1 - args.interval) / 2
-        result[f"q{tail:02g}"], result[f"q{100 - tail:02g}"] = lo, hi
-        if args.samples:
-            draws = np.asarray(d.sample(args.samples, args.random_state))
-            for j in range(args.samples):
-                result[f"sample_{j}"] = draws[:, j]
+        mean, std = np.asarray(d.mean()), np.asarray(d.std())
+        draws = np.asarray(d.sample(args.samples, args.random_state)) if args.samples else None
+        outputs = _output_names(model, mean)
+        for j, name in enumerate(outputs):  # (n,) arrays, or (n, q): a column each
+            pick = (lambda a: a) if mean.ndim == 1 else (lambda a, j=j: np.asarray(a)[..., j])
+            tag = "" if mean.ndim == 1 else f"[{name}]"
+            result[f"mean{tag}"], result[f"std{tag}"] = pick(mean), pick(std)
+            result[f"q{tail:02g}{tag}"], result[f"q{100 - tail:02g}{tag}"] = pick(lo), pick(hi)
+            for s in range(args.samples):
+                result[f"sample_{s}{tag}"] = pick(draws[:, s])
     # the most likely expert given x alone (the gate's choice; y is what is predicted)
     result["expert"] = model.gate_weights(X).argmax(1)
     if args.out:
@@ -70,3 +77,45 @@ def cmd_predict(args) -> int:
     else:
         result.to_csv(sys.stdout, index=False)
     return 0
+
+
+def _output_names(model, mean) -> list[str]:
+    """The responses' names (``y1, y2`` of a model fitted on several --target columns),
+    else ``y0, y1, ...``; one name for one response."""
+    import numpy as np
+
+    if np.ndim(mean) == 1:
+        return ["y"]
+    names = getattr(model, "target_names_", None)
+    return list(names) if names is not None else [f"y{j}" for j in range(mean.shape[1])]
+
+
+def _offset(model, frame, term: str | None) -> dict:
+    """``{"offset": values}`` of the rows for a model fitted with one, else ``{}``.
+
+    The formula's ``offset(...)`` is applied on its own; a model fitted with
+    ``--offset`` needs it again (the exposure of new rows is data, not the model's).
+    """
+    from moekit.cli.rows import offset_values
+
+    formula = getattr(model, "formula_", None)
+    fitted = getattr(model, "offset_term_", None)
+    if formula is not None and formula.offset_terms:
+        if term is not None:
+            own = " + ".join(formula.offset_terms)
+            raise UsageError(f"moekit predict: the model's formula has its offset ({own}); "
+                             "--offset is not needed.")  # fmt: skip
+        try:
+            return {"offset": formula.offset_values(frame)}
+        except ValueError as exc:
+            raise DataError(f"moekit: offset: {exc}") from None
+    if fitted is not None and term is None:
+        raise UsageError(f"moekit predict: the model was fitted with --offset {fitted!r}; "
+                         "give --offset with these rows' offset (such as the same "
+                         "expression).")  # fmt: skip
+    if term is None:
+        return {}
+    if fitted is None:
+        raise UsageError("moekit predict: --offset is for a model fitted with one; this model "
+                         "was fitted without.")  # fmt: skip
+    return {"offset": offset_values(frame, term)[0]}

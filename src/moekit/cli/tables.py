@@ -102,15 +102,20 @@ def task_of(y, requested: str, expert: str | None = None) -> str:
 def columns_design(args, frame):
     """``--target`` with ``--features`` / ``--gate-features``: the columns as they are.
 
-    ``args.target`` is a list of column names: one, or two (successes and failures,
-    whose y is a frame of both and whose name is R's ``cbind(s, f)``).
+    ``args.target`` is a list of column names: one, two (successes and failures,
+    whose y is a frame of both and whose name is R's ``cbind(s, f)``), or several
+    responses of linear experts. ``args.row_columns`` (the columns of ``--weights``,
+    ``--offset``, ``--censored-above``, ``--event``) are not features.
     """
     import pandas as pd
 
     targets = list(args.target)
     y = frame[targets[0]] if len(targets) == 1 else frame[targets]
-    label = targets[0] if len(targets) == 1 else f"cbind({', '.join(map(str, targets))})"
-    rest = frame[[c for c in frame.columns if c not in targets]]  # a view of the columns
+    label = targets[0] if len(targets) == 1 else ", ".join(map(str, targets))
+    if len(targets) == 2 and args.expert == "binomial":
+        label = f"cbind({label})"
+    taken = {*targets, *getattr(args, "row_columns", ())}  # weights, bounds: not features
+    rest = frame[[c for c in frame.columns if c not in taken]]  # a view of the columns
     for flag, names in (("--features", args.features), ("--gate-features", args.gate_features)):
         for name in names or ():
             if name not in rest.columns:
@@ -151,7 +156,8 @@ def formula_design(args, frame):
         raise UsageError(f"moekit: --gate-formula '~ 1' is a constant gate; it contradicts "
                          f"--gate {args.gate}.")  # fmt: skip
     experts, gates = settings["expert_features"], settings["gate_features"]
-    unused = [str(c) for c in frame.columns if str(c) not in formula.variables]
+    taken = formula.variables | set(getattr(args, "row_columns", ()))
+    unused = [str(c) for c in frame.columns if str(c) not in taken]
     return X, y, formula.response, experts, gates, gate, unused, formula
 
 
@@ -170,8 +176,10 @@ def finite_feature(X, col):
     return values
 
 
-def split_rows(X, y, n_test: int, seed: int | None):
-    """(X, y, X_test, y_test): ``n_test`` random rows held out, None where none are.
+def split_rows(X, y, n_test: int, seed: int | None, rows=None):
+    """(X, y, X_test, y_test, rows, rows_test): ``n_test`` random rows held out, None
+    where none are; ``rows`` (a :class:`~moekit.cli.rows.RowTerms`: weights, offsets,
+    upper bounds) split with them.
 
     The features are copied once, column by column, into one float64 block whose
     first ``n_test`` rows are the held-out ones; both frames are views of it, so the
@@ -181,6 +189,9 @@ def split_rows(X, y, n_test: int, seed: int | None):
     import numpy as np
     import pandas as pd
 
+    from moekit.cli.rows import RowTerms
+
+    rows = RowTerms() if rows is None else rows
     n = len(y)
     order = np.random.default_rng(seed).permutation(n) if n_test else None
     block = np.empty((n, X.shape[1]))
@@ -190,6 +201,8 @@ def split_rows(X, y, n_test: int, seed: int | None):
     frame = pd.DataFrame(block, columns=X.columns, copy=False)
     if order is not None:
         y = y.iloc[order].reset_index(drop=True)
+        rows = rows.take(order)
     if not n_test:
-        return frame, y, None, None
-    return frame.iloc[n_test:], y.iloc[n_test:], frame.iloc[:n_test], y.iloc[:n_test]
+        return frame, y, None, None, rows, None
+    return (frame.iloc[n_test:], y.iloc[n_test:], frame.iloc[:n_test], y.iloc[:n_test],
+            rows.take(slice(n_test, None)), rows.take(slice(None, n_test)))  # fmt: skip

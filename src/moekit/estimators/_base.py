@@ -185,7 +185,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         if edit is None and not prepared.warm:
             # a fresh fit is of whatever columns X now holds: a formula (set by
             # moekit.formula.fit_formula after its fit) no longer describes them
-            self.__dict__.pop("formula_", None)
+            for name in ("formula_", "offset_term_", "target_names_"):  # the command's too
+                self.__dict__.pop(name, None)
         self.__dict__.update(state)
         return self
 

@@ -179,6 +179,11 @@ class ModelFileMixin:
             state["feature_names_in_"] = [str(v) for v in self.feature_names_in_]
         if getattr(self, "formula_", None) is not None:
             state["formula"] = self.formula_.to_state()
+        # what the command fitted with: the offset's expression, the responses' names
+        for name in ("offset_term_", "target_names_"):
+            if getattr(self, name, None) is not None:
+                value = getattr(self, name)
+                state[name] = value if isinstance(value, str) else [str(v) for v in value]
         for name in ("expert_features", "gate_features"):
             value = params.get(name)
             if value is not None:
@@ -230,6 +235,21 @@ class ModelFileMixin:
             if names is None or formula.columns != [str(v) for v in names]:
                 raise ValueError("the stored formula's columns are not the model's features")
             model.formula_ = formula
+        offset_term = state.get("offset_term_")
+        if offset_term is not None:
+            if not isinstance(offset_term, str):
+                raise ValueError("setting 'offset_term_' must be a string")
+            from moekit.formula import check_term
+
+            check_term(offset_term, where="offset")  # code: checked before it is ever run
+            model.offset_term_ = offset_term
+        target_names = state.get("target_names_")
+        if target_names is not None:
+            if not isinstance(target_names, list) or not all(
+                isinstance(v, str) for v in target_names
+            ):
+                raise ValueError("setting 'target_names_' must be a list of strings")
+            model.target_names_ = target_names
         model.n_iter_ = int_setting(state, "n_iter_")
         model.converged_ = bool_setting(state, "converged_")
         model.log_likelihood_ = real_setting(state, "log_likelihood_")

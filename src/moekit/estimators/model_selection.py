@@ -49,6 +49,7 @@ def select_n_experts(
     criterion: str = "bic",
     n_init: int | None = None,
     verbose: int = 0,
+    fit_params: dict | None = None,
 ):
     """Fit the estimator for every number of experts and keep the best by a criterion.
 
@@ -72,6 +73,11 @@ def select_n_experts(
         Starts per K; None keeps the estimator's own ``n_init``.
     verbose : int, default=0
         1 prints one line per K.
+    fit_params : dict, optional
+        The rows' ``sample_weight``, ``offset`` (and ``y_upper``, ``truncation``),
+        passed to every ``fit`` and ``log_likelihood``. The criteria then count n as
+        the sum of the weights; ICL (which needs responsibilities without these
+        terms) is NaN when any is given.
 
     Returns
     -------
@@ -115,18 +121,25 @@ def select_n_experts(
             warnings.simplefilter("ignore")  # convergence and collapse are in the table
             # K + 1 experts start (besides their own starts) from the K fit with one
             # expert split, so the log-likelihood never drops as K grows
-            model.fit(X, y, start_from=_parent(models.get(k - 1), k))
-        n = len(X)
-        ll = model.log_likelihood(X, y) * n
+            model.fit(X, y, start_from=_parent(models.get(k - 1), k), **(fit_params or {}))
+        n, p = len(X), model.n_parameters()
+        if fit_params:  # frequency weights: the rows they stand for
+            w = fit_params.get("sample_weight")
+            n = n if w is None else float(np.sum(w))
+            ll = model.log_likelihood(X, y, **fit_params) * n
+            bic, aic, icl_ = -2.0 * ll + p * np.log(n), -2.0 * ll + 2.0 * p, float("nan")
+        else:
+            ll = model.log_likelihood(X, y) * n
+            bic, aic, icl_ = model.bic(X, y), model.aic(X, y), icl(model, X, y)
         rows.append(
             {
                 "n_experts": k,
                 "n_experts_fitted": _fitted_experts(model),
                 "log_likelihood": ll,
-                "n_parameters": model.n_parameters(),
-                "bic": model.bic(X, y),
-                "aic": model.aic(X, y),
-                "icl": icl(model, X, y),
+                "n_parameters": p,
+                "bic": bic,
+                "aic": aic,
+                "icl": icl_,
                 **({"elbo": model.elbo_ * n} if hasattr(model, "elbo_") else {}),
                 "n_iter": model.n_iter_,
                 "converged": model.converged_,

@@ -45,14 +45,16 @@ def format_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def text_report(model: Any, X, y, summary=None, reason: str = "", target: str = "y") -> str:
+def text_report(model: Any, X, y, summary=None, reason: str = "", target: str = "y",
+                rows: dict | None = None) -> str:  # fmt: skip
     """What ``moekit fit`` prints: the fit's statistics, the model written out (for a
-    regression) and the coefficient table, or the sentence saying why there is none."""
-    lines = [f"  {label}: {format_value(value)}" for label, value in fit_facts(model, X, y)]
+    regression) and the coefficient table, or the sentence saying why there is none.
+    ``rows``: the fit's ``sample_weight``, ``offset`` and ``y_upper``, if any."""
+    lines = [f"  {label}: {format_value(value)}" for label, value in fit_facts(model, X, y, rows)]
     if not hasattr(model, "predict_proba"):
         lines += ["", model_formula(model, feature_names(model, X.shape[1]), target)]
     if summary is None and not reason:
-        summary, reason = coefficient_summary(model, X, y)
+        summary, reason = coefficient_summary(model, X, y, rows=rows)
     lines += ["", summary_text(summary) if summary is not None else
               "\n".join(textwrap.wrap(f"No coefficient table: {reason}", WIDTH))]  # fmt: skip
     return "\n".join(lines)
@@ -105,11 +107,14 @@ def expert_lines(model: Any, names: list[str], target: str) -> list[str]:
     df = _optional(model, "df_")
     if sd is not None and sd.ndim == 1:
         sd = sd[:, None]
+    formula = getattr(model, "formula_", None)
+    term = getattr(model, "offset_term_", None) or " + ".join(getattr(formula, "offset_terms", []))
+    offset = [f"+ {term}"] if term else []  # known, coefficient 1
     lines = []
     for k in range(coef.shape[0]):
         for j in range(coef.shape[1]):
             who = f"expert {k}" + (f", output {j}" if coef.shape[1] > 1 else "")
-            terms = linear_terms(icpt[k, j], coef[k, j, cols], enames)
+            terms = linear_terms(icpt[k, j], coef[k, j, cols], enames) + offset
             family = _family(model, k)
             if family == "poisson":
                 lines += wrap_terms(f"  {who}: Poisson with log mean = ", terms)
@@ -218,11 +223,14 @@ def expert_shares(model: Any) -> np.ndarray:
     return sizes / sizes.sum()
 
 
-def coefficient_summary(model: Any, X, y, information_rows: int | None = None):
+def coefficient_summary(model: Any, X, y, information_rows: int | None = None,
+                        rows: dict | None = None):  # fmt: skip
     """``(summary, reason)``: the model's coefficient table with standard errors, or None
-    and the sentence that says why it has none (network experts or gates)."""
+    and the sentence that says why it has none (network experts or gates). ``rows``:
+    the fit's ``sample_weight`` and ``offset`` (frequency weights count as rows)."""
+    terms = {k: v for k, v in (rows or {}).items() if k in ("sample_weight", "offset")}
     try:
-        return model.summary(X, y, information_rows=information_rows), ""
+        return model.summary(X, y, information_rows=information_rows, **terms), ""
     except ValueError as exc:
         if "no coefficients to report" not in str(exc):
             raise
@@ -260,14 +268,30 @@ def _cell(v: float) -> str:
     return "NA" if not np.isfinite(v) else f"{v:.4g}"
 
 
-def fit_facts(model: Any, X, y) -> list[tuple[str, Any]]:
+def fit_facts(model: Any, X, y, rows: dict | None = None) -> list[tuple[str, Any]]:
     """The fit's statistics on its rows: its experts, log-likelihood per row, BIC, AIC
-    and EM's run."""
-    n = len(y)
-    ll = float(model.log_likelihood(X, y))
+    and EM's run.
+
+    ``rows`` holds the fit's ``sample_weight`` (frequency weights: n = sum_i w_i, and
+    the log-likelihood per row is sum_i w_i log p(y_i | x_i) / n), ``offset`` and
+    ``y_upper`` (censored responses: log P(y <= Y <= y_upper | x)), if any.
+    """
+    rows = rows or {}
+    w = rows.get("sample_weight")
+    n = len(y) if w is None else float(np.sum(w))
+    ll = float(model.log_likelihood(X, y, **rows))
     p = int(model.n_parameters())
+    said = []
+    if w is not None:
+        said.append(("weights", f"frequency weights: n = {n:g} (their sum) over {len(y)} rows"))
+    if rows.get("offset") is not None:
+        said.append(("offset", "a known term of the experts' linear predictor"))
+    if rows.get("y_upper") is not None:
+        censored = int(np.isinf(np.asarray(rows["y_upper"])).sum())
+        said.append(("censoring", f"{censored} of {len(y)} responses right-censored"))
     return [
         ("experts", experts_text(model)),
+        *said,
         ("log-likelihood per row (fitted rows)", ll),
         ("BIC", -2.0 * n * ll + p * np.log(n)),
         ("AIC", -2.0 * n * ll + 2.0 * p),
@@ -289,13 +313,14 @@ def family_kind(d: Any) -> str:
     """Which check fits a predictive mixture's family: ``"count"`` (Poisson, negative
     binomial, a point mass at zero and mixtures of them), ``"binomial"``, ``"positive"``
     (Gamma, lognormal) or ``""`` (the coverage table alone)."""
-    from moekit._core.components import FAMILIES
+    from moekit._core.components import component_family
 
-    if d.family == "binomial":
+    names = d.family if isinstance(d.family, list) else [d.family]  # one per component
+    if "binomial" in names:
         return "binomial"
-    if FAMILIES[d.family].discrete:
+    if component_family(d.family).discrete:
         return "count"
-    return "positive" if d.family in ("gamma", "lognormal") else ""
+    return "positive" if set(names) <= {"gamma", "lognormal", "zero"} else ""
 
 
 def count_frequencies(d: Any, y, most: int = COUNT_VALUES) -> list[list[Any]]:

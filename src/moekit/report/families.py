@@ -40,7 +40,7 @@ COUNT_HEADER = ["count", "rows observed", "rows expected"]
 PROPORTION_HEADER = ["group", "rows", "trials", "expected proportion", "observed proportion"]
 
 
-def family_check(model: Any, X, y, *, y_upper=None, where: str = "",
+def family_check(model: Any, X, y, *, y_upper=None, offset=None, where: str = "",
                  figures: dict | None = None) -> tuple[str, list[str]] | None:  # fmt: skip
     """(title, HTML fragments) of the family's panel and its table; None for a family
     the coverage table already checks (normal, Student-t).
@@ -53,12 +53,15 @@ def family_check(model: Any, X, y, *, y_upper=None, where: str = "",
     y_upper : array-like of shape (n_samples,), optional
         Upper bounds of censored responses (inf: right-censored at y); their
         P-P panel is drawn with Kaplan-Meier.
+    offset : array-like of shape (n_samples,), optional
+        The rows' offset (log exposure): expected counts and CDFs take it.
     where : str
         Which rows these are, for the title ("the training rows", "20 held-out rows").
     figures : dict, optional
         Filled with the panel's PNG bytes under "family".
     """
-    d = model.predict_distribution(named(model, X))
+    d = model.predict_distribution(named(model, X),
+                                   **({} if offset is None else {"offset": offset}))  # fmt: skip
     kind = family_kind(d)
     if y_upper is not None and kind in ("", "positive"):
         kind = "positive"

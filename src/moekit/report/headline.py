@@ -44,18 +44,24 @@ def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def fit_baseline(model: Any, X, y) -> Any | None:
-    """The model refitted with one expert (K = 1) on the same rows; None where the model
-    already has one expert or has no ``n_experts`` to set (a tree of gates)."""
+def fit_baseline(model: Any, X, y, rows: dict | None = None) -> Any | None:
+    """The model refitted with one expert (K = 1) on the same rows (``rows``: their
+    ``sample_weight``, ``offset``, ``y_upper``); None where the model already has one
+    expert or has no ``n_experts`` to set (a tree of gates).
+
+    With a family per expert (``expert=["zero", "poisson"]``) the one expert is of the
+    last family named (the count family of a zero-inflated model)."""
     from sklearn.base import clone
 
     params = model.get_params()
     if "n_experts" not in params or len(np.atleast_1d(model.expert_sizes_)) == 1:
         return None
     one = clone(model).set_params(n_experts=1, n_init=1, verbose=0)
+    if isinstance(params.get("expert"), (list, tuple)):
+        one.set_params(expert=params["expert"][-1])
     with warnings.catch_warnings():  # the comparison, not the baseline, is the news
         warnings.simplefilter("ignore")
-        return one.fit(X, y)
+        return one.fit(X, y, **(rows or {}))
 
 
 @dataclass
@@ -121,11 +127,11 @@ def inside_interval(d, y, level: float) -> np.ndarray:
     when a <= F(y) <= b (for counts, where F jumps: F(y) >= a and F(y - 1) < b), so
     it needs the CDF at y alone, not the quantiles' root finding.
     """
-    from moekit._core.components import FAMILIES
+    from moekit._core.components import component_family
 
     F = d.cdf(y)
     a, b = (1 - level) / 2, (1 + level) / 2
-    if FAMILIES[d.family].discrete:
+    if component_family(d.family).discrete:  # one family, or one per component
         return (F >= a) & (d.cdf(y - 1) < b)
     return (F >= a) & (F <= b)
 
@@ -137,27 +143,38 @@ def two_column_target(model: Any) -> bool:
     return expert == "binomial" or (isinstance(expert, (list, tuple)) and "binomial" in expert)
 
 
-def held_out_check(model: Any, X_test, y_test, baseline: Any | None = None) -> HeldOutCheck:
-    """Compare ``model`` and its one-expert ``baseline`` on held-out rows."""
+def held_out_check(model: Any, X_test, y_test, baseline: Any | None = None,
+                   rows: dict | None = None) -> HeldOutCheck:  # fmt: skip
+    """Compare ``model`` and its one-expert ``baseline`` on held-out rows.
+
+    ``rows`` holds the held-out rows' ``sample_weight`` (the log-likelihood per row is
+    then sum_i w_i log p(y_i | x_i) / sum_i w_i), ``offset`` and ``y_upper`` (a
+    censored row contributes log P(y <= Y <= y_upper | x), and the interval coverage,
+    which needs exact responses, is not counted).
+    """
     from moekit.plotting import _named
 
+    rows = rows or {}
     X_test = np.asarray(getattr(X_test, "values", X_test), dtype=float)
     y_test = np.asarray(getattr(y_test, "values", y_test))
     regression = not hasattr(model, "predict_proba")
     if regression:
         y_test = y_test.astype(float)
-    check = HeldOutCheck(len(y_test), len(np.atleast_1d(model.expert_sizes_)),
-                         float(model.log_likelihood(_named(model, X_test), y_test)))  # fmt: skip
+    ll = float(model.log_likelihood(_named(model, X_test), y_test, **rows))
+    check = HeldOutCheck(len(y_test), len(np.atleast_1d(model.expert_sizes_)), ll)
     # intervals of y itself: not of successes and failures (binomial experts predict
-    # one trial, whose interval says nothing of a proportion out of many)
-    intervals = regression and not two_column_target(model)
+    # one trial, whose interval says nothing of a proportion out of many), nor of
+    # several responses at once, nor of censored ones
+    intervals = (regression and not two_column_target(model) and y_test.ndim == 1
+                 and rows.get("y_upper") is None)  # fmt: skip
+    offset = {"offset": rows["offset"]} if rows.get("offset") is not None else {}
     if intervals:
-        d = model.predict_distribution(_named(model, X_test))
+        d = model.predict_distribution(_named(model, X_test), **offset)
         check.covered = int(inside_interval(d, y_test, HEADLINE_LEVEL).sum())
     if baseline is not None:
         Xb = _named(baseline, X_test)
-        check.baseline_log_likelihood = float(baseline.log_likelihood(Xb, y_test))
+        check.baseline_log_likelihood = float(baseline.log_likelihood(Xb, y_test, **rows))
         if intervals:
-            d = baseline.predict_distribution(Xb)
+            d = baseline.predict_distribution(Xb, **offset)
             check.baseline_covered = int(inside_interval(d, y_test, HEADLINE_LEVEL).sum())
     return check

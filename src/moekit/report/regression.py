@@ -20,21 +20,25 @@ LEVELS = (0.5, 0.8, 0.9, 0.95)
 """Nominal levels of the central predictive intervals whose coverage is reported."""
 
 
-def fit_figure(model, X, y, names, target, y_model=None):
+def fit_figure(model, X, y, names, target, y_model=None, offset=None, column=None):
     """The data with each expert's fit for one feature; observed against predicted else.
 
     ``y`` is drawn; ``y_model`` is y as the model reads it, where the two differ
-    (successes and failures, drawn as proportions).
+    (successes and failures, drawn as proportions). With an ``offset`` the rows'
+    predictions take it, and observed is drawn against predicted; with several
+    responses, ``column`` says which one ``y`` is (drawn against its prediction).
     """
     plt = _pyplot()
-    if X.shape[1] == 1:
+    if X.shape[1] == 1 and offset is None and column is None:
         return plot_regression_fit(model, X, y, xlabel=names[0], ylabel=target)
     y_model = y if y_model is None else y_model
-    resp = model.responsibilities(named(model, X), y_model).argmax(1)
+    resp = (model.responsibilities(named(model, X), y_model).argmax(1) if offset is None
+            else model.gate_weights(named(model, X)).argmax(1))  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 5))
     K = len(np.atleast_1d(model.expert_sizes_))  # less any that EM removed
     colors = expert_colors(K)
-    pred = model.predict(named(model, X))
+    pred = model.predict(named(model, X), **({} if offset is None else {"offset": offset}))
+    pred = pred if column is None else pred[:, column]
     for k in range(K):
         sel = resp == k
         ax.scatter(pred[sel], y[sel], s=8, color=colors[k], label=f"expert {k}", alpha=0.7)
@@ -42,7 +46,9 @@ def fit_figure(model, X, y, names, target, y_model=None):
     ax.plot([lo, hi], [lo, hi], color="k", lw=1)
     ax.set_xlabel(f"predicted {target} (E[y|x])")
     ax.set_ylabel(f"observed {target}")
-    ax.set_title("observed against predicted, coloured by the most responsible expert")
+    ax.set_title("observed against predicted, coloured by the most responsible expert"
+                 if offset is None else "observed against predicted, coloured by the gate's "
+                 "choice")  # fmt: skip
     ax.legend(fontsize=8)
     return fig
 
@@ -128,7 +134,7 @@ COVERAGE_HEADER = ["nominal", "covered", "95% interval of covered", "mean width"
 """The columns of :func:`coverage`'s rows."""
 
 
-def coverage(model, X, y) -> list[list[Any]]:
+def coverage(model, X, y, offset=None) -> list[list[Any]]:
     """Share of rows inside each central interval, its binomial interval, and the
     intervals' mean width.
 
@@ -136,7 +142,8 @@ def coverage(model, X, y) -> list[list[Any]]:
     :func:`~moekit.report.headline.inside_interval`); the share's interval is Wilson's;
     the widths are averaged over at most ``WIDTH_ROWS`` rows.
     """
-    d = model.predict_distribution(named(model, X))
+    d = model.predict_distribution(named(model, X),
+                                   **({} if offset is None else {"offset": offset}))  # fmt: skip
     rows_w = np.arange(len(y))
     if len(y) > WIDTH_ROWS:
         rows_w = np.sort(np.random.default_rng(0).choice(len(y), WIDTH_ROWS, replace=False))

@@ -54,6 +54,8 @@ def html_report(
     baseline=None,
     check=None,
     figures: dict | None = None,
+    rows: dict | None = None,
+    test_rows: dict | None = None,
 ) -> str:
     """The report of a fitted ``MoERegressor`` (or ``MoEClassifier``) as HTML.
 
@@ -82,6 +84,10 @@ def html_report(
     figures : dict, optional
         Filled with each figure's PNG bytes under its section's key ("fit", "gate",
         "convergence", ...), for a caller that also writes them to files.
+    rows, test_rows : dict, optional
+        The ``sample_weight``, ``offset`` and ``y_upper`` of the fitted and of the
+        held-out rows (as ``fit`` takes them): the log-likelihoods are weighted, the
+        predictions take the offset, censored rows enter the P-P panel by Kaplan-Meier.
 
     Returns
     -------
@@ -93,7 +99,7 @@ def html_report(
     parts += report_sections(model, X, y, X_test=X_test, y_test=y_test, table=table,
                              criterion=criterion, target=target, source=source,
                              summary=summary, baseline=baseline, check=check,
-                             figures=figures)  # fmt: skip
+                             figures=figures, rows=rows, test_rows=test_rows)  # fmt: skip
     return html_page(kind, parts)
 
 
@@ -118,6 +124,8 @@ def report_sections(
     baseline=None,
     check=None,
     figures: dict | None = None,
+    rows: dict | None = None,
+    test_rows: dict | None = None,
 ) -> list[str]:
     """The sections of :func:`html_report`, as HTML fragments.
 
@@ -128,6 +136,7 @@ def report_sections(
     """
     X = np.asarray(getattr(X, "values", X), dtype=float)
     y = np.asarray(getattr(y, "values", y))
+    rows = rows or {}
     names = feature_names(model, X.shape[1])
     regression = not hasattr(model, "predict_proba")
     if regression:
@@ -142,15 +151,19 @@ def report_sections(
     if len(y) > PLOT_ROWS:  # the figures draw a random subset; the numbers use every row
         show = np.sort(np.random.default_rng(0).choice(len(y), PLOT_ROWS, replace=False))
     Xs, ys = X[show], y[show]
+    held_rows = (test_rows or {}) if held else rows
+    offset_h, offset_s = held_rows.get("offset"), rows.get("offset")
+    offset_s = None if offset_s is None else np.asarray(offset_s)[show]
+    y_upper = held_rows.get("y_upper")
 
     def h(key: str, title: str) -> str:
         return heading(level, prefix, key, title)
 
     if held and baseline is None:
-        baseline = fit_baseline(model, named(model, X), y)
+        baseline = fit_baseline(model, named(model, X), y, rows)
     if check is None:
-        check = held_out_check(model, Xh, yh, baseline)
-    stats = fit_facts(model, named(model, X), y)  # the experts first, then the fit's numbers
+        check = held_out_check(model, Xh, yh, baseline, held_rows)
+    stats = fit_facts(model, named(model, X), y, rows)  # the experts, then the fit's numbers
     facts = [
         ["data", source or "arrays"],
         ["rows fitted", len(y)],
@@ -176,18 +189,27 @@ def report_sections(
                   f"<pre>{html.escape(model_formula(model, names, target))}</pre>"]  # fmt: skip
         drawn, label = (ys[:, 0] / ys.sum(1), f"{target} (proportion of successes)") if trials \
             else (ys, target)  # fmt: skip
-        fig = fit_figure(model, Xs, drawn, names, label, y_model=ys)
+        column = None
+        if drawn.ndim == 2:  # several responses: the first one's fit is drawn
+            label = f"{target.split(', ')[0]} (the first of {drawn.shape[1]} responses)"
+            drawn, column = drawn[:, 0], 0
+        fig = fit_figure(model, Xs, drawn, names, label, y_model=ys, offset=offset_s,
+                         column=column)  # fmt: skip
         parts += [h("fit", "The data and each expert's fit"), embed_png(fig, "fit", figures)]
+        if column is not None:
+            parts.append(f'<p class="note">{html.escape(label)}: the figure draws it; the '
+                         "coefficients below give every response.</p>")  # fmt: skip
     parts.append(h("gate", "Where the gate sends each input"))
     parts.append(_gate_part(model, Xs, names, regression, figures))
-    if regression and not trials:
-        cover = html_table(coverage(model, Xh, yh), COVERAGE_HEADER)
+    if regression and not trials and yh.ndim == 1 and y_upper is None:
+        cover = html_table(coverage(model, Xh, yh, offset_h), COVERAGE_HEADER)
         parts += [h("coverage", f"Predictive intervals on {where}"), cover]
         if len(yh) > WIDTH_ROWS:
             parts.append(f'<p class="note">Coverage over all {len(yh):,} rows; mean width '
                          f"over {WIDTH_ROWS:,} of them at random.</p>")  # fmt: skip
     if regression:
-        check_part = family_check(model, Xh, yh, where=where, figures=figures)
+        check_part = family_check(model, Xh, yh, y_upper=y_upper, offset=offset_h, where=where,
+                                  figures=figures)  # fmt: skip
         if check_part is not None:
             parts += [h("family", check_part[0]), *check_part[1]]
     else:
@@ -207,7 +229,7 @@ def report_sections(
     if table is not None:
         parts += [h("criterion", f"{criterion.upper()} against K"),
                   embed_png(plot_criterion(table, criterion), "criterion", figures)]  # fmt: skip
-    parts += [h("coefficients", "Coefficients"), _coefficients_part(model, X, y, summary)]
+    parts += [h("coefficients", "Coefficients"), _coefficients_part(model, X, y, summary, rows)]
     sizes = np.asarray(model.expert_sizes_, dtype=float)
     fig, ax = plt.subplots(figsize=(6, 2.5))
     ax.bar(np.arange(len(sizes)), sizes, color=expert_colors(len(sizes)))
@@ -237,7 +259,7 @@ def _gate_part(model, X, names, regression: bool, figures) -> str:
             f"with the same weights g = ({weights}).</p>")  # fmt: skip
 
 
-def _coefficients_part(model, X, y, summary) -> str:
+def _coefficients_part(model, X, y, summary, rows=None) -> str:
     """The coefficient table as ``moekit fit`` prints it, or a note saying why there is none."""
     n_params = int(model.n_parameters()) if hasattr(model, "n_parameters") else 0
     if n_params > MAX_TABLE_PARAMETERS:
@@ -246,7 +268,7 @@ def _coefficients_part(model, X, y, summary) -> str:
                 "errors.</p>")  # fmt: skip
     reason = ""
     if summary is None:
-        summary, reason = coefficient_summary(model, named(model, X), y)
+        summary, reason = coefficient_summary(model, named(model, X), y, rows=rows)
     if summary is None:
         return f'<p class="note">No coefficient table: {html.escape(reason)}</p>'
     return f"<pre>{html.escape(summary_text(summary))}</pre>"
