@@ -250,3 +250,22 @@ def test_integer_weights_of_censored_rows_equal_the_rows_repeated():
     np.testing.assert_allclose(weighted.coef_, repeated.coef_, atol=1e-5)
     a, b = weighted.summary().table, repeated.summary().table
     np.testing.assert_allclose(a["std_error"], b["std_error"], rtol=1e-4)
+
+
+def test_summary_of_given_rows_takes_their_bounds():
+    """summary(X, y, y_upper=...) on the fit's rows equals summary() of the fit; the
+    same rows without their bounds (every y exact) give other standard errors."""
+    X, y, upper, _ = _two_lines(n=400, seed=4)
+    m = MoERegressor(2, gate="constant", random_state=0, min_share=0).fit(X, y, y_upper=upper)
+    own = m.summary().table["std_error"].to_numpy()
+    given = m.summary(X, y, y_upper=upper).table["std_error"].to_numpy()
+    np.testing.assert_allclose(given, own, rtol=1e-10)
+    exact = m.summary(X, y).table["std_error"].to_numpy()
+    # the information of exact rows, at the censored fit's optimum: another matrix
+    # (here not even positive definite, so without standard errors)
+    assert not np.allclose(exact, own, rtol=0.05)
+    with pytest.raises(ValueError, match="needs the rows"):
+        m.summary(y_upper=upper)
+    plain = MoERegressor(1).fit(X, y)
+    with pytest.raises(ValueError, match="for a censored fit"):
+        plain.summary(X, y, y_upper=upper)

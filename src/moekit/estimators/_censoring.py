@@ -203,6 +203,22 @@ class CensoringMixin:
         state["_censored"] = bool(getattr(model.expert, "censored", False))
         return state
 
+    def summary(self, X=None, y=None, *, y_upper=None, truncation=None, **options):
+        """:meth:`SummaryMixin.summary`; on given rows with ``y_upper`` and
+        ``truncation`` as ``fit`` takes them, the information of their intervals.
+
+        Without X and y, the fit's own rows, bounds included. A censored fit's
+        summary(X, y) without bounds treats every given y as exact.
+        """
+        if y_upper is None and truncation is None:
+            return super().summary(X, y, **options)
+        if X is None or y is None:
+            raise ValueError("summary(y_upper=..., truncation=...) needs the rows' X and y.")
+        if not getattr(self, "_censored", False):
+            raise ValueError("y_upper and truncation in summary() are for a censored fit "
+                             "(fit(X, y, y_upper=...)).")  # fmt: skip
+        return super().summary(X, pack_bounds(y, y_upper, truncation), **options)
+
     def log_likelihood_samples(self, X, y, offset=None, *, y_upper=None,
                                truncation=None) -> np.ndarray:  # fmt: skip
         """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,).

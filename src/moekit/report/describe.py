@@ -227,8 +227,10 @@ def coefficient_summary(model: Any, X, y, information_rows: int | None = None,
                         rows: dict | None = None):  # fmt: skip
     """``(summary, reason)``: the model's coefficient table with standard errors, or None
     and the sentence that says why it has none (network experts or gates). ``rows``:
-    the fit's ``sample_weight`` and ``offset`` (frequency weights count as rows)."""
-    terms = {k: v for k, v in (rows or {}).items() if k in ("sample_weight", "offset")}
+    the fit's ``sample_weight``, ``offset`` and censoring bounds (frequency weights
+    count as rows; censored rows by their intervals)."""
+    terms = {k: v for k, v in (rows or {}).items()
+             if k in ("sample_weight", "offset", "y_upper", "truncation")}  # fmt: skip
     try:
         return model.summary(X, y, information_rows=information_rows, **terms), ""
     except ValueError as exc:
