@@ -148,6 +148,26 @@ def test_a_family_per_expert_fixes_k(tmp_path, capsys):
     assert "--experts must be 2" in capsys.readouterr().err
 
 
+def test_a_zero_inflated_poisson_with_exposure(tmp_path, capsys):
+    """--expert zero,poisson --offset "log(hours)": the offset reaches the Poisson expert
+    (its slope recovered), the text says what each expert is, and predictions of the
+    saved model double with the exposure."""
+    rng = np.random.default_rng(3)
+    frame = _exposure(400).assign(y=lambda d: d.y * (rng.uniform(size=len(d)) > 0.3))
+    assert _run(tmp_path, frame, "--target", "y", "--features", "x", "--expert",
+                "zero,poisson", "--offset", "log(hours)", "--holdout", "0") == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "expert 0: a point mass at 0" in out and "a network" not in out
+    model = load(tmp_path / "out" / "model.moe")
+    table = model.summary(frame[["x"]], frame.y, offset=np.log(frame.hours)).table
+    est, se = table.set_index(["block", "parameter"]).loc[("expert 1", "x"),
+                                                          ["estimate", "std_error"]]  # fmt: skip
+    assert abs(est - 0.6) < 3 * se
+    one = model.predict_distribution(frame[["x"]][:4], offset=np.log(frame.hours[:4]))
+    two = model.predict_distribution(frame[["x"]][:4], offset=np.log(2 * frame.hours[:4]))
+    np.testing.assert_allclose(two.means[:, 1], 2 * one.means[:, 1], rtol=1e-12)
+
+
 def test_censored_responses_from_bounds_or_events_give_one_fit(tmp_path, capsys):
     frame = _survival()
     flags = ["--target", "time", "--features", "x", "--expert", "lognormal", "--experts", "1"]

@@ -174,3 +174,34 @@ def test_one_name_repeated_is_that_family():
     b = MoERegressor(2, expert="poisson", n_init=2, random_state=0).fit(X, y)
     assert a.log_likelihood(X, y) == b.log_likelihood(X, y)
     assert type(a._expert_family) is PoissonExperts
+
+
+def test_zero_inflated_poisson_with_exposure():
+    """An offset reaches the Poisson part of a family list (the zero ignores it):
+    doubling the exposure doubles the Poisson expert's mean, the slope is recovered,
+    and the standard errors (by autograd: a list has no analytic derivatives) take the
+    offset: a constant one is the Poisson intercept, with the same likelihood and so
+    the same standard errors."""
+    import copy
+
+    rng = np.random.default_rng(5)
+    n = 600
+    X = rng.normal(size=(n, 1))
+    hours = rng.uniform(0.5, 3.0, size=n)
+    zero = rng.random(n) < 1 / (1 + np.exp(-(-0.5 + 0.8 * X[:, 0])))
+    y = np.where(zero, 0, rng.poisson(hours * np.exp(0.3 + 0.5 * X[:, 0])))
+    m = MoERegressor(2, expert=["zero", "poisson"], random_state=0).fit(X, y, offset=np.log(hours))
+    mu1 = m.predict_distribution(X[:5], offset=np.log(hours[:5])).means[:, 1]
+    mu2 = m.predict_distribution(X[:5], offset=np.log(2 * hours[:5])).means[:, 1]
+    np.testing.assert_allclose(mu2, 2 * mu1, rtol=1e-12)
+    table = m.summary().table.set_index(["block", "parameter"])
+    est, se = table.loc[("expert 1", "x0"), ["estimate", "std_error"]]
+    assert abs(est - 0.5) < 3 * se
+    # a constant offset is the Poisson intercept: the same likelihood, the same SEs
+    c = MoERegressor(2, expert=["zero", "poisson"], random_state=0).fit(
+        X, y, offset=np.full(n, 0.4)
+    )
+    plain = copy.deepcopy(c)
+    plain._params.expert.poisson__coef[:, -1] += 0.4  # the intercept: the last column
+    a, b = plain.summary(X, y).table, c.summary().table
+    np.testing.assert_allclose(a["std_error"], b["std_error"], rtol=1e-8)

@@ -259,6 +259,8 @@ def check_offset_family(template, rows: RowTerms) -> None:
     ``--offset`` otherwise, before anything is fitted."""
     from moekit.estimators._families import expert_class
 
+    if isinstance(template.expert, list):  # a family per expert: K is the list's length
+        template = template.set_params(n_experts=len(template.expert))
     if rows.offset is not None and not getattr(expert_class(template), "takes_offset", False):
         raise UsageError(f"moekit: --offset is a known term of a log-link linear predictor "
                          f"(--expert poisson, negative_binomial, gamma or binomial); --expert "

@@ -145,11 +145,12 @@ class ReportedLikelihood:
         self.theta = self.report.flat()
         self._jacobian = model._log_jacobian()
 
-    def _chunk_loglik(self, theta, XeT, XgT, y, w=None) -> torch.Tensor:
+    def _chunk_loglik(self, theta, XeT, XgT, y, w=None, offset=None) -> torch.Tensor:
         expert, gate = self.model._expert_family, self.model._gate_family
         values = self.report.unflatten(theta)
+        known = {} if offset is None else {"offset": offset}  # the experts' known term
         logp = expert.log_prob_free(expert.from_report(values, self._escale, self.report.fixed),
-                                    XeT, y)  # (K, c)  # fmt: skip
+                                    XeT, y, **known)  # (K, c)  # fmt: skip
         if self.K > 1:
             free = gate.from_report(values, self._gscale, self.report.fixed)
             logp = logp + gate.log_weights_free(free, XgT)
@@ -168,7 +169,9 @@ class ReportedLikelihood:
         theta = self.theta if theta is None else theta
         total = theta.new_zeros(())
         for chunk in self.data.chunks(self.chunk_rows()):
-            total = total + self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y, chunk.weight)
+            total = total + self._chunk_loglik(
+                theta, chunk.XeT, chunk.XgT, chunk.y, chunk.weight, chunk.offset
+            )
         return total
 
     @property
@@ -188,11 +191,6 @@ class ReportedLikelihood:
             raise ValueError(f"method must be 'auto', 'analytic' or 'autograd'; got {method!r}")
         if method == "analytic" or (method == "auto" and self.analytic):
             return analytic_hessian(self, self.data.weight)
-        if self.data.offset is not None:
-            raise ValueError(
-                "the standard errors of a fit with an offset come from the families' "
-                "analytic derivatives, which this model's experts or gate do not have."
-            )
         hess = self.hessian()
         with torch.no_grad():
             return hess, float(self.loglik())
@@ -218,7 +216,9 @@ class ReportedLikelihood:
         P = hess.shape[0]
         theta = self.theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            value = self._chunk_loglik(theta, chunk.XeT, chunk.XgT, chunk.y, chunk.weight)
+            value = self._chunk_loglik(
+                theta, chunk.XeT, chunk.XgT, chunk.y, chunk.weight, chunk.offset
+            )
             (grad,) = torch.autograd.grad(value, theta, create_graph=True)
             for i in range(P):
                 if not grad[i].requires_grad:  # constant in theta: its row is zero

@@ -158,10 +158,13 @@ class BinomialExperts(RidgeGLM):
         """Expert success probabilities (K, 1, n) for a design XT (p, n)."""
         return torch.sigmoid(free["coef"] @ XT).unsqueeze(1)
 
-    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
+                      offset: torch.Tensor | None = None):  # fmt: skip
         """log p_k(s_i | x_i) of shape (K, n), differentiable in ``free``; y is (2, n)."""
         s, t = y[0], y[0] + y[1]
-        return binomial_logpmf(free["coef"] @ XT, s, t, _log_choose_of(y))
+        return binomial_logpmf(
+            _glm.linear_predictor(free["coef"], XT, offset), s, t, _log_choose_of(y)
+        )
 
     # ------------------------------------------------------------ reporting
     def report(self, params: BinomialParams, scaling: Scaling) -> Report:

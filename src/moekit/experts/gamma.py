@@ -172,10 +172,13 @@ class GammaExperts(RidgeGLM):
         """Expert means (K, 1, n) for a design XT (p, n)."""
         return torch.exp(free["coef"] @ XT).unsqueeze(1)
 
-    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
+                      offset: torch.Tensor | None = None):  # fmt: skip
         """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
         y = y.reshape(-1)
-        return gamma_logpdf(free["coef"] @ XT, torch.log(y), y, _shape(free).unsqueeze(1))
+        return gamma_logpdf(
+            linear_predictor(free["coef"], XT, offset), torch.log(y), y, _shape(free).unsqueeze(1)
+        )
 
     # ------------------------------------------------------------ reporting
     def report(self, params: GammaParams, scaling: Scaling) -> Report:

@@ -318,9 +318,11 @@ class MixedExperts:
         order[idx] = torch.arange(K)
         return torch.cat([v for _, v in pieces])[order.to(pieces[0][1].device)]
 
-    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
+                      offset: torch.Tensor | None = None):  # fmt: skip
         pieces = [
-            (idx, part.log_prob_free(sub, XT, y)) for part, idx, sub in self._free_groups(free)
+            (idx, part.log_prob_free(sub, XT, y, **_offset(part, offset)))
+            for part, idx, sub in self._free_groups(free)
         ]
         return self._assemble(pieces, len(free["family"]))
 
@@ -369,12 +371,18 @@ class MixedExperts:
         return out
 
     # ------------------------------------------------------------ prediction
-    def moments(self, params, XT: torch.Tensor):
-        """Every expert's mean and standard deviation, each (n, K, 1)."""
+    @property
+    def takes_offset(self) -> bool:
+        """Whether some part's linear predictor takes an offset (the others ignore it)."""
+        return any(getattr(part, "takes_offset", False) for part in self.parts.values())
+
+    def moments(self, params, XT: torch.Tensor, offset: torch.Tensor | None = None):
+        """Every expert's mean and standard deviation, each (n, K, 1); ``offset`` goes
+        to the parts whose linear predictor takes one."""
         means = XT.new_empty((XT.shape[1], self.n_experts, 1))
         stds = torch.empty_like(means)
         for name, part, idx in self._groups(params):
-            mu, sd = part.moments(self._sub(params, name, part, idx), XT)
+            mu, sd = part.moments(self._sub(params, name, part, idx), XT, **_offset(part, offset))
             means[:, idx.to(means.device)], stds[:, idx.to(means.device)] = mu, sd
         return means, stds
 
@@ -428,3 +436,8 @@ def _renumber(block: str, idx: torch.Tensor) -> str:
     if head == "expert" and rest.isdigit():
         return f"expert {int(idx[int(rest)])}"
     return block
+
+
+def _offset(part, offset: torch.Tensor | None) -> dict:
+    """``offset=`` for a part whose linear predictor takes one (nothing otherwise)."""
+    return {"offset": offset} if offset is not None and getattr(part, "takes_offset", False) else {}

@@ -216,11 +216,12 @@ class NegativeBinomialExperts(RidgeGLM):
         """Expert means (K, 1, n) for a design XT (p, n)."""
         return torch.exp(free["coef"] @ XT).unsqueeze(1)
 
-    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
+                      offset: torch.Tensor | None = None):  # fmt: skip
         """log p_k(y_i | x_i) of shape (K, n), differentiable in ``free``."""
         y = y.reshape(-1)
-        return nb_logpmf(free["coef"] @ XT, y, _dispersion(free).unsqueeze(1),
-                         torch.lgamma(y + 1.0))  # fmt: skip
+        eta = linear_predictor(free["coef"], XT, offset)
+        return nb_logpmf(eta, y, _dispersion(free).unsqueeze(1), torch.lgamma(y + 1.0))
 
     # ------------------------------------------------------------ reporting
     def report(self, params: NegativeBinomialParams, scaling: Scaling) -> Report:

@@ -119,9 +119,10 @@ class PoissonExperts(RidgeGLM):
         """Expert rates (K, 1, n) for a design XT (p, n)."""
         return torch.exp(free["coef"] @ XT).unsqueeze(1)
 
-    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
+                      offset: torch.Tensor | None = None):  # fmt: skip
         """log p_k(y_i | x_i) = y eta - exp(eta) - log y! of shape (K, n), differentiable."""
-        eta = free["coef"] @ XT  # (K, n)
+        eta = linear_predictor(free["coef"], XT, offset)  # (K, n)
         y = y.reshape(-1)
         return y * eta - torch.exp(eta) - torch.lgamma(y + 1.0)
 

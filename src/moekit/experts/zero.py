@@ -93,7 +93,8 @@ class ZeroExperts:
     def from_free(self, free: dict[str, torch.Tensor]) -> ZeroParams:
         return ZeroParams()
 
-    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor):
+    def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
+                      offset: torch.Tensor | None = None):  # fmt: skip
         """0 where y = 0 and -inf elsewhere, shape (K, n)."""
         y = y.reshape(-1)
         out = y.new_zeros((self.n_experts, y.shape[0]))

@@ -95,8 +95,12 @@ def expert_lines(model: Any, names: list[str], target: str) -> list[str]:
     """One line (wrapped) per expert: its family and its parameters in the data's units."""
     try:
         coef, icpt = np.asarray(model.coef_), np.asarray(model.intercept_)
-    except AttributeError:  # networks: no coefficients
+    except AttributeError:  # networks, or a family per expert: no coefficient array
         K = len(np.atleast_1d(model.expert_sizes_))
+        if isinstance(getattr(model, "expert", None), (list, tuple)):
+            return [f"  expert {k}: " + ("a point mass at 0" if _family(model, k) == "zero" else
+                    f"a {_family(model, k)} expert (its coefficients: in the summary)")
+                    for k in range(K)]  # fmt: skip
         return [f"  expert {k}: a {_family(model, k)} expert (a network; no closed form to print)"
                 for k in range(K)]  # fmt: skip
     if coef.ndim == 2:  # one output: (K, d) -> (K, 1, d)
