@@ -65,6 +65,26 @@ def nb_logpmf(eta, y, phi, lgamma_y1):
             - (theta + y) * l1p + y * (torch.log(phi) + eta))  # fmt: skip
 
 
+def count_tables(chunk: Chunk, phi: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Per row and expert, S_0 = sum_{j<y} log(1 + j phi), S_1 = sum_{j<y} 1 / (theta + j)
+    and S_2 = sum_{j<y} 1 / (theta + j)^2 (theta = 1 / phi), each (K, c).
+
+    Gathered from cumulative sums over j = 0..max(y) - 1, one row per expert: K max(y)
+    terms instead of lgamma, digamma and trigamma functions of every row and expert.
+    None where the data's counts pass ``COUNT_TABLE_MAX`` (or were not prepared).
+    """
+    counts = chunk.data.cache.get("nb_counts")
+    if counts is None:
+        return None
+    K, top = phi.shape[0], chunk.data.cache["nb_top"]
+    jp = torch.arange(top, dtype=phi.dtype, device=phi.device) * phi.unsqueeze(1)  # (K, top)
+    inv = phi.unsqueeze(1) / (1.0 + jp)  # 1 / (theta + j)
+    terms = torch.stack([torch.log1p(jp), inv, inv * inv])  # (3, K, top)
+    table = torch.cat([terms.new_zeros((3, K, 1)), terms.cumsum(2)], 2)
+    idx = counts[chunk.start : chunk.stop].expand(3, K, -1)
+    return tuple(table.gather(2, idx).unbind(0))
+
+
 def _lgamma_y1(chunk: Chunk) -> torch.Tensor:
     cached = chunk.data.cache.get("lgamma_y1")
     return cached[chunk.start : chunk.stop] if cached is not None else torch.lgamma(chunk.y[0] + 1)
@@ -146,6 +166,10 @@ class NegativeBinomialExperts(RidgeGLM):
 
     def prepare(self, data: EMData) -> None:
         data.cache["lgamma_y1"] = torch.lgamma(data.y[0] + 1.0)
+        top = int(data.y[0].max()) if data.n else 0
+        # the counts as indices of per-expert tables of sums over j < y (count_tables)
+        data.cache["nb_counts"] = data.y[0].long() if top <= COUNT_TABLE_MAX else None
+        data.cache["nb_top"] = top
 
     def init_params(self, data: EMData) -> NegativeBinomialParams:
         coef = self.start_coef(data.XeT, math.log(max(float(data.y.mean()), 1e-3)))
@@ -155,7 +179,15 @@ class NegativeBinomialExperts(RidgeGLM):
         eta = chunk_eta(params.coef, chunk)  # (K, c)
         chunk.scratch["nb_eta"] = eta
         phi = params.dispersion.unsqueeze(1)
-        return nb_logpmf(eta, chunk.y[0], phi, _lgamma_y1(chunk))
+        tables = count_tables(chunk, params.dispersion)
+        if tables is None:
+            return nb_logpmf(eta, chunk.y[0], phi, _lgamma_y1(chunk))
+        chunk.scratch["nb_tables"] = tables
+        # lgamma(y + theta) - lgamma(theta) + y log phi = sum_{j<y} log(1 + j phi): read
+        # from a table instead of two lgamma per row and expert (and exact as phi -> 0)
+        y = chunk.y[0]
+        return (tables[0] - _lgamma_y1(chunk) - (1.0 / phi + y) * torch.log1p(phi * torch.exp(eta))
+                + y * eta)  # fmt: skip
 
     def chunk_stats(self, params: NegativeBinomialParams, chunk: Chunk, resp: torch.Tensor):
         eta = chunk.scratch.get("nb_eta")
@@ -168,10 +200,15 @@ class NegativeBinomialExperts(RidgeGLM):
         hess = chunk.weighted_grams(resp * mu / denom, "e")
         # derivatives of log p in theta = 1 / phi, then in a = log phi (d theta / da = -theta)
         theta = 1.0 / phi
-        d_theta = (torch.digamma(y + theta) - torch.digamma(theta) - torch.log1p(phi * mu)
-                   + (mu - y) / (theta + mu))  # fmt: skip
-        d2_theta = (torch.polygamma(1, y + theta) - torch.polygamma(1, theta) + 1.0 / theta
-                    - 2.0 / (theta + mu) + (theta + y) / (theta + mu) ** 2)  # fmt: skip
+        tables = chunk.scratch.get("nb_tables") or count_tables(chunk, params.dispersion)
+        if tables is None:  # counts past the tables: the digamma and trigamma forms
+            dig = torch.digamma(y + theta) - torch.digamma(theta)
+            trig = torch.polygamma(1, y + theta) - torch.polygamma(1, theta)
+        else:  # psi(y + theta) - psi(theta) = sum_{j<y} 1 / (theta + j), psi' likewise
+            dig, trig = tables[1], -tables[2]
+        d_theta = dig - torch.log1p(phi * mu) + (mu - y) / (theta + mu)
+        d2_theta = (trig + 1.0 / theta - 2.0 / (theta + mu)
+                    + (theta + y) / (theta + mu) ** 2)  # fmt: skip
         d1 = (resp * d_theta).sum(1) * -theta[:, 0]
         d2 = (resp * d2_theta).sum(1) * theta[:, 0] ** 2 - d1
         return grad, hess, d1, d2, resp.sum(1)
