@@ -187,8 +187,13 @@ def test_remove_expert_refits_the_held_rows_with_their_weights():
     X, y, w = _regression()
     a, b = _fit_pair(lambda: MoERegressor(n_experts=3, tol=1e-10, min_share=0.0, random_state=0),
                      X, y, w)  # fmt: skip
+    # the smallest expert is the one the two-regime data do not need: without it the
+    # refit has one well-determined optimum (removing a real regime instead leaves a
+    # path-sensitive one, which once ended 2 nats apart in a full-suite run)
+    k = int(np.argmin(a.expert_sizes_))
+    assert k == int(np.argmin(b.expert_sizes_))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a.remove_expert(0)
-        b.remove_expert(0)
+        a.remove_expert(k)
+        b.remove_expert(k)
     np.testing.assert_allclose(a.log_likelihood_, b.log_likelihood_, rtol=1e-9)
