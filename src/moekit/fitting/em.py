@@ -225,12 +225,14 @@ def run_em(
         key = (_family_key(small.expert), _family_key(small.gate), n, id(d))
         if key not in nested_fits:
             budget = max(min(max_iter, init_max_iter), 1)
-            nested_fits[key] = run_em(
+            # the entry holds d itself: while it is cached, no other rows' data can be
+            # allocated at its address and take its id (and so its fit)
+            nested_fits[key] = d, run_em(
                 small, d, init="auto", n_init=n, max_iter=budget, tol=tol,
                 init_max_iter=init_max_iter, init_sample_size=None, generator=generator,
                 warn=False, _nested_fits=nested_fits).params  # fmt: skip
         model.prepare(d)  # the nested fit may have prepared shared families on other widths
-        return nested_fits[key]
+        return nested_fits[key][1]
 
     # 1-2 run on the subset: on one thread when it is small, whatever the full data
     with em_threads(sub):
