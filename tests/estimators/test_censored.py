@@ -4,12 +4,12 @@ monotone EM, far tails, summaries, model files and one-line errors."""
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
+from r_packages import r_has
 from scipy import optimize, stats
 
 from moekit import MoERegressor, load
@@ -60,15 +60,8 @@ def test_one_expert_equals_survreg_on_ovarian(expert):
     assert np.isfinite(table["std_error"]).all()
 
 
-def _r_with_survival() -> bool:
-    if shutil.which("Rscript") is None:
-        return False
-    found = subprocess.run(["Rscript", "-e", "library(survival)"], capture_output=True)
-    return found.returncode == 0
-
-
 @pytest.mark.r
-@pytest.mark.skipif(not _r_with_survival(), reason="R with the survival package is not installed")
+@pytest.mark.skipif(not r_has("survival"), reason="R with the survival package is not installed")
 @pytest.mark.parametrize(("expert", "dist"), [("linear", "gaussian"), ("lognormal", "lognormal")])
 def test_one_expert_equals_survreg_run_live(expert, dist):
     code = ("library(survival); f <- survreg(Surv(futime, fustat) ~ age + ecog.ps, ovarian, "

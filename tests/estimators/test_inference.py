@@ -1,6 +1,5 @@
 """Standard errors: consistency, a parametric bootstrap, and R's flexmix refit()."""
 
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from r_packages import r_has
 
 from moekit import MoEClassifier, MoERegressor
 from moekit.datasets import make_moe_regression
@@ -201,15 +201,8 @@ def test_standard_errors_agree_with_a_parametric_bootstrap():
     assert ((0.55 < ratio) & (ratio < 1.6)).all(), ratio
 
 
-def _r_with_flexmix() -> bool:
-    if shutil.which("Rscript") is None:
-        return False
-    res = subprocess.run(["Rscript", "-e", "library(flexmix)"], capture_output=True)
-    return res.returncode == 0
-
-
 @pytest.mark.r
-@pytest.mark.skipif(not _r_with_flexmix(), reason="R with the flexmix package is not installed")
+@pytest.mark.skipif(not r_has("flexmix"), reason="R with the flexmix package is not installed")
 def test_standard_errors_agree_with_flexmix_refit(tmp_path):
     X, y, _ = make_moe_regression(2000, n_features=2, n_experts=2, random_state=4, noise=0.3)
     frame = pd.DataFrame({"x1": X[:, 0], "x2": X[:, 1], "y": y})

@@ -7,12 +7,12 @@ covariances are multivariate least squares.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
+from r_packages import r_has
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.datasets import load_iris
@@ -71,14 +71,8 @@ def test_no_features_reaches_mclust(iris, iris_fits, K, ct):
     assert ours >= MCLUST_IRIS[K, ct] - 1e-3 * 150
 
 
-def _r_with_mclust() -> bool:
-    if shutil.which("Rscript") is None:
-        return False
-    return subprocess.run(["Rscript", "-e", "library(mclust)"], capture_output=True).returncode == 0
-
-
 @pytest.mark.r
-@pytest.mark.skipif(not _r_with_mclust(), reason="R with the mclust package is not installed")
+@pytest.mark.skipif(not r_has("mclust"), reason="R with the mclust package is not installed")
 @pytest.mark.parametrize("data", ["faithful", "iris[, 1:4]"])
 def test_no_features_reaches_live_mclust(tmp_path, data):
     script = (
