@@ -6,7 +6,8 @@ iris, wine, breast cancer and digits from ``sklearn.datasets``; 5-fold stratifie
 cross-validation, every model in a ``StandardScaler`` pipeline. Reported per data
 set and model: mean held-out log-loss and accuracy over the folds, the fit time per
 fold, moekit's time over LogisticRegression's, and whether every moekit fold
-converged (and its EM iterations).
+converged (and its EM iterations). moekit runs twice: with its defaults, and with one
+start (``n_init=1``), whose time over LogisticRegression's is the per-start figure.
 
 Timings are noisy on a shared machine. Each fold is fitted ``--repeats`` times,
 the three models interleaved within a repeat so that they see the same load; a
@@ -52,10 +53,14 @@ DATASETS = {
 }
 MODELS = {
     "moekit": lambda: MoEClassifier(n_experts=3, random_state=0),
+    "moekit, one start": lambda: MoEClassifier(n_experts=3, random_state=0, n_init=1),
     "LogisticRegression": lambda: LogisticRegression(max_iter=10_000),
     "HistGradientBoosting": lambda: HistGradientBoostingClassifier(random_state=0),
 }
-TARGET_RATIO = 10.0
+TARGET_START = 20.0
+"""One start (``n_init=1``) at most this many times LogisticRegression's fit."""
+TARGET_HGB = 1.0
+"""The default fit no slower than HistGradientBoosting's."""
 
 
 def loadavg() -> str:
@@ -82,7 +87,8 @@ def run_dataset(name: str, repeats: int) -> dict:
     folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(X, y))
     times = {m: np.zeros((repeats, len(folds))) for m in MODELS}
     scores = {m: {"log_loss": [], "accuracy": []} for m in MODELS}
-    converged, n_iter = [], []
+    converged = {m: [] for m in MODELS if m.startswith("moekit")}
+    n_iter = {m: [] for m in converged}
     for r in range(repeats):
         for f, (tr, te) in enumerate(folds):
             for m, make in MODELS.items():
@@ -93,17 +99,23 @@ def run_dataset(name: str, repeats: int) -> dict:
                 proba = model.predict_proba(X[te])
                 scores[m]["log_loss"].append(log_loss(y[te], proba, labels=model.classes_))
                 scores[m]["accuracy"].append(accuracy_score(y[te], model.predict(X[te])))
-                if m == "moekit":
-                    converged.append(bool(model[-1].converged_))
-                    n_iter.append(int(model[-1].n_iter_))
-    ratio = float(np.median(times["moekit"].sum(1) / times["LogisticRegression"].sum(1)))
+                if m in converged:
+                    converged[m].append(bool(model[-1].converged_))
+                    n_iter[m].append(int(model[-1].n_iter_))
+
+    def ratio(a: str, b: str) -> float:
+        # summed fold times of two models within the same repeat, median over repeats
+        return float(np.median(times[a].sum(1) / times[b].sum(1)))
+
     return {
         "n": X.shape[0],
         "d": X.shape[1],
         "C": len(np.unique(y)),
         "times": {m: float(np.median(t, axis=0).mean()) for m, t in times.items()},
         "scores": {m: {k: float(np.mean(v)) for k, v in s.items()} for m, s in scores.items()},
-        "ratio": ratio,
+        "ratio_lr": ratio("moekit", "LogisticRegression"),
+        "ratio_hgb": ratio("moekit", "HistGradientBoosting"),
+        "ratio_start": ratio("moekit, one start", "LogisticRegression"),
         "converged": converged,
         "n_iter": n_iter,
     }
@@ -119,15 +131,16 @@ def render(results: dict, repeats: int, threads: str, load_start: str, load_end:
         f"{load_start} at the start, {load_end} at the end.",
         "",
         "5-fold stratified CV (shuffled, seed 0), every model after a `StandardScaler`. "
-        "MoEClassifier(n_experts=3, random_state=0) with its defaults; "
+        "MoEClassifier(n_experts=3, random_state=0) with its defaults (10 starts), and with "
+        "one start (`n_init=1`: one k-means start run to convergence); "
         "LogisticRegression() with max_iter=10,000; HistGradientBoostingClassifier"
         "(random_state=0). Log-loss and accuracy are means over the held-out folds; "
         f"fit seconds per fold are the mean over folds of the median of {repeats} "
-        "repeats, the three models interleaved; the ratio is moekit's summed fold "
-        "time over LogisticRegression's within a repeat, median over repeats.",
+        "repeats, the four models interleaved; a time ratio is the two models' summed fold "
+        "times within a repeat, median over repeats.",
         "",
-        "| data (n, d, C) | model | log-loss | accuracy | fit s per fold | moekit / LR time |"
-        " moekit folds converged (EM iterations) |",
+        "| data (n, d, C) | model | log-loss | accuracy | fit s per fold | time ratio |"
+        " folds converged (EM iterations) |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for name, res in results.items():
@@ -136,11 +149,12 @@ def render(results: dict, repeats: int, threads: str, load_start: str, load_end:
             s = res["scores"][m]
             extra = ratio = ""
             if m == "moekit":
-                ratio = f"{res['ratio']:.1f}x"
-                extra = (
-                    f"{sum(res['converged'])}/{len(res['converged'])} "
-                    f"({', '.join(map(str, res['n_iter']))})"
-                )
+                ratio = f"{res['ratio_hgb']:.2f}x HGB, {res['ratio_lr']:.0f}x LR"
+            elif m == "moekit, one start":
+                ratio = f"{res['ratio_start']:.1f}x LR"
+            if m in res["converged"]:
+                conv = res["converged"][m]
+                extra = f"{sum(conv)}/{len(conv)} ({', '.join(map(str, res['n_iter'][m]))})"
             lines.append(
                 f"| {label} | {m} | {s['log_loss']:.4f} | {s['accuracy']:.4f} | "
                 f"{res['times'][m]:.4f} | {ratio} | {extra} |"
@@ -149,15 +163,21 @@ def render(results: dict, repeats: int, threads: str, load_start: str, load_end:
     lines += ["", "## Targets", ""]
     for name, res in results.items():
         ll = res["scores"]
-        best_other = min(ll[m]["log_loss"] for m in MODELS if m != "moekit")
+        best_other = min(ll[m]["log_loss"] for m in ("LogisticRegression", "HistGradientBoosting"))
         ok_ll = ll["moekit"]["log_loss"] <= best_other + 1e-4
-        ok_t = res["ratio"] <= TARGET_RATIO
-        ok_c = all(res["converged"])
+        ok_hgb = res["ratio_hgb"] <= TARGET_HGB
+        ok_start = res["ratio_start"] <= TARGET_START
+        ok_c = all(res["converged"]["moekit"])
+
+        def met(ok: bool) -> str:
+            return "met" if ok else "not met"
+
         lines.append(
-            f"- {name}: log-loss {ll['moekit']['log_loss']:.4f} vs best other "
-            f"{best_other:.4f} ({'met' if ok_ll else 'not met'}); time {res['ratio']:.1f}x "
-            f"LogisticRegression (target <= {TARGET_RATIO:g}x: {'met' if ok_t else 'not met'}); "
-            f"converged in every fold: {'yes' if ok_c else 'no'}."
+            f"- {name}: log-loss {ll['moekit']['log_loss']:.4f} vs the better of LR and HGB "
+            f"{best_other:.4f} ({met(ok_ll)}); time {res['ratio_hgb']:.2f}x "
+            f"HistGradientBoosting's (target <= {TARGET_HGB:g}x: {met(ok_hgb)}); one start "
+            f"{res['ratio_start']:.1f}x LogisticRegression's (target <= {TARGET_START:g}x: "
+            f"{met(ok_start)}); the default fit converged in every fold: {'yes' if ok_c else 'no'}."
         )
     return "\n".join(lines) + "\n"
 
