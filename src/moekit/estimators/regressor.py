@@ -375,7 +375,8 @@ default='auto'
 
     # ------------------------------------------------------------------ coefficients
     def _expert_coef(self) -> np.ndarray:
-        coef = to_numpy(self._params.expert.coef)
+        rows = getattr(self._expert_family, "coef_rows", None)  # a family per expert
+        coef = to_numpy(self._params.expert.coef if rows is None else rows(self._params.expert))
         return coef[:, None, :] if coef.ndim == 2 else coef  # (K, m, p)
 
     @property
@@ -390,7 +391,10 @@ default='auto'
         """Expert slopes in the data's units, shape (K, n_features) or (K, m, n_features).
 
         Columns the experts do not see (``expert_features``) are zero. For Poisson
-        experts these are the slopes of the log rate.
+        experts these are the slopes of the log rate. With a family per expert
+        (``expert=['zero', 'poisson']``), each expert's row is of its own family's
+        linear predictor (log mean for counts and Gamma amounts, mean of log y for
+        lognormal experts) and NaN for ``'zero'``, which has none.
         """
         coef = self._expert_coef()[..., :-1]  # (K, m, p)
         slopes = self._scatter(coef, self._expert_cols) * self._y_scale[None, :, None]
@@ -398,7 +402,8 @@ default='auto'
 
     @property
     def intercept_(self) -> np.ndarray:
-        """Expert intercepts in the data's units, shape (K,) or (K, m) (log rate for Poisson)."""
+        """Expert intercepts in the data's units, shape (K,) or (K, m) (log rate for Poisson;
+        per expert for a family per expert, as :attr:`coef_`)."""
         coef = self._expert_coef()
         b = coef[..., -1] + self._shift(coef[..., :-1], self._expert_cols)
         out = self._y_mean + self._y_scale * b  # (K, m)
