@@ -282,7 +282,8 @@ class CensoringMixin:
 
         With ``y_upper`` or ``truncation`` (as ``fit`` takes them), the log
         probability of each row's interval, renormalised on its window; a model fitted
-        without them is evaluated on them too (linear or lognormal experts).
+        without them is evaluated on them too (linear, lognormal, Poisson or Gamma
+        experts).
         """
         if y_upper is None and truncation is None:
             return super().log_likelihood_samples(X, y, offset)
