@@ -40,3 +40,20 @@ def test_criterion_plot(tmp_path):
     fig = plot_criterion(table, "bic")
     fig.savefig(tmp_path / "bic.png")
     assert (tmp_path / "bic.png").stat().st_size > 1000
+
+
+def test_a_family_per_expert_repeats_its_last_family_for_more_experts():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 1))
+    zero, first = rng.random(600) < 0.3, rng.random(600) < 0.5
+    rate = np.exp(np.where(first, 0.2 + 0.5 * X[:, 0], 1.8 - 0.4 * X[:, 0]))
+    y = np.where(zero, 0, rng.poisson(rate)).astype(float)
+    template = MoERegressor(expert=["zero", "poisson"], n_init=3, random_state=0)
+    best, table = select_n_experts(template, X, y, n_experts=[2, 3])
+    assert best.expert == ["zero", "poisson", "poisson"]  # two Poisson regimes and the zeros
+    assert table.loc[table.n_experts == 3, "log_likelihood"].item() > table.loc[
+        table.n_experts == 2, "log_likelihood"].item() + 50  # fmt: skip
+    assert template.expert == ["zero", "poisson"]  # the template is not changed
+    with pytest.raises(ValueError, match="n_experts must hold numbers >= 2") as err:
+        select_n_experts(template, X, y, n_experts=[1, 2])
+    assert "\n" not in str(err.value)

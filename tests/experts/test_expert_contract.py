@@ -28,6 +28,7 @@ from moekit.experts import base
 from moekit.experts.bayesian_gaussian import BayesianGaussianExperts
 from moekit.experts.binomial import BinomialExperts
 from moekit.experts.censored import CensoredExperts
+from moekit.experts.censored_glm import CensoredGLMExperts
 from moekit.experts.gamma import GammaExperts
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.gaussian_cov import (
@@ -78,6 +79,8 @@ FAMILIES = {
                    (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive")],
     CensoredExperts: [(lambda: CensoredExperts(GaussianExperts(K, 1, 1e-6), 0.3), "censored"),
                       (lambda: CensoredExperts(LogNormalExperts(K), 0.0, True), "censored_log")],
+    CensoredGLMExperts: [(lambda: CensoredGLMExperts(PoissonExperts(K)), "censored_count"),
+                         (lambda: CensoredGLMExperts(GammaExperts(K), True), "censored_amount")],
     CovarianceGaussianExperts: [(lambda: CovarianceGaussianExperts(K, 2, 1e-6), "real2")],
     FullGaussianExperts: [(lambda: FullGaussianExperts(K, 2, 1e-6), "real2")],
     TiedGaussianExperts: [(lambda: TiedGaussianExperts(K, 2, 1e-6), "real2")],
@@ -131,6 +134,15 @@ def data_for(kind: str, seed: int = 0) -> EMData:
         lo = torch.minimum(y, cap)
         inf = torch.full_like(y, torch.inf)
         t_lo = torch.zeros_like(y) if kind == "censored_log" else -inf
+        y = torch.stack([lo, lo, up, t_lo, inf])
+    if kind in ("censored_count", "censored_amount"):  # Poisson or Gamma, capped
+        y = data_for("count" if kind == "censored_count" else "positive", seed).y[0]
+        cap = torch.quantile(y, 0.8)
+        lo = torch.minimum(y, cap)
+        up = torch.where(y >= cap, torch.inf, lo)
+        inf = torch.full_like(y, torch.inf)
+        # the amounts are observed only above half their least value: truncated
+        t_lo = -inf if kind == "censored_count" else torch.full_like(y, 0.5 * float(y.min()))
         y = torch.stack([lo, lo, up, t_lo, inf])
     return EMData(XeT, XeT, y)
 

@@ -205,3 +205,39 @@ def test_zero_inflated_poisson_with_exposure():
     plain._params.expert.poisson__coef[:, -1] += 0.4  # the intercept: the last column
     a, b = plain.summary(X, y).table, c.summary().table
     np.testing.assert_allclose(a["std_error"], b["std_error"], rtol=1e-8)
+
+
+def test_coef_of_a_family_per_expert_is_each_experts_own(zip_fit):
+    X, y, m = zip_fit
+    table = m.summary().table
+    pois = table[table.block == "expert 1"].set_index("parameter").estimate
+    assert m.coef_.shape == (2, 1) and m.intercept_.shape == (2,)
+    assert np.isnan(m.coef_[0]).all() and np.isnan(m.intercept_[0])  # 'zero' has none
+    np.testing.assert_allclose([m.intercept_[1], m.coef_[1, 0]], pois[["intercept", "x0"]],
+                               rtol=1e-10)  # fmt: skip
+    # Gamma (log mean) and lognormal (mean of log y) rows, each against its summary
+    rng = np.random.default_rng(4)
+    X = rng.uniform(-1, 1, (800, 1))
+    first = rng.random(800) < 0.5
+    y = np.where(first, rng.gamma(4.0, np.exp(0.2 + X[:, 0]) / 4.0),
+                 np.exp(1.5 - 0.5 * X[:, 0] + 0.3 * rng.normal(size=800)))  # fmt: skip
+    m = MoERegressor(2, expert=["gamma", "lognormal"], n_init=3, random_state=0).fit(X, y)
+    table = m.summary().table
+    for k in range(2):
+        est = table[table.block == f"expert {k}"].set_index("parameter").estimate
+        np.testing.assert_allclose([m.intercept_[k], m.coef_[k, 0]], est[["intercept", "x0"]],
+                                   rtol=1e-10)  # fmt: skip
+
+
+def test_an_expert_removed_for_its_small_share_takes_its_own_family_along():
+    """min_share removes the Gamma expert of a fit on lognormal data: the lognormal one
+    stays (it once failed with an IndexError: the survivor was taken for the list's
+    first family), and the fit continues to the one lognormal expert's maximum."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 1))
+    y = np.exp(0.5 * X[:, 0] + 0.3 * rng.normal(size=300))
+    with pytest.warns(UserWarning, match="removed"):
+        m = MoERegressor(2, expert=["gamma", "lognormal"], random_state=0, tol=1e-10).fit(X, y)
+    assert m.n_experts_removed_ == 1 and m._expert_family.names == ["lognormal"]
+    alone = MoERegressor(1, expert="lognormal", tol=1e-10).fit(X, y)
+    assert m.log_likelihood(X, y) == pytest.approx(alone.log_likelihood(X, y), abs=1e-8)

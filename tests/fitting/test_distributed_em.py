@@ -98,6 +98,10 @@ CASES = {
         lambda **kw: MoERegressor(n_experts=2, expert="poisson", gate="constant", **COMMON, **kw),
         lambda: _counts(900),
     ),
+    "poisson_softmax": (
+        lambda **kw: MoERegressor(n_experts=2, expert="poisson", **COMMON, **kw),
+        lambda: _counts(900),
+    ),
     **{
         expert: (
             lambda expert=expert, **kw: MoERegressor(n_experts=2, expert=expert, **COMMON, **kw),
@@ -125,9 +129,11 @@ SHARDS = {2: [350, 550], 4: [100, 400, 150, 250]}
 """Uneven shard sizes (rows per process) of the 900 rows."""
 
 
-def _split(X, y, sizes):
+def _split(X, y, sizes, **rows):
+    """Shards (X, y) or (X, y, fit keywords) of ``rows``' per-row arrays."""
     edges = np.cumsum([0, *sizes])
-    return [(X[a:b], y[a:b]) for a, b in itertools.pairwise(edges)]
+    return [(X[a:b], y[a:b], {k: v[a:b] for k, v in rows.items()}) if rows else (X[a:b], y[a:b])
+            for a, b in itertools.pairwise(edges)]  # fmt: skip
 
 
 def _state(est) -> dict:
@@ -164,7 +170,7 @@ def _worker(rank, world, port, case, shard, out, timeout_s, die_after):
         if die_after is not None and rank == world - 1:
             _die_after(die_after)
         make, _ = CASES[case]
-        est = make(distributed=True).fit(*shard)
+        est = make(distributed=True).fit(*shard[:2], **(shard[2] if len(shard) > 2 else {}))
         result = _state(est)
     except Exception as err:  # reported to the test, which checks the message
         result = {"error": f"{type(err).__name__}: {err}"}
@@ -216,11 +222,11 @@ def _launch(world, case, shards, tmp_path, timeout_s=60, die_after=None):
             for r in range(world)]  # fmt: skip
 
 
-def _check_equal(case, world, tmp_path):
+def _check_equal(case, world, tmp_path, **rows):
     make, data = CASES[case]
     X, y = data()
-    reference = _state(make().fit(X, y))
-    results = _launch(world, case, _split(X, y, SHARDS[world]), tmp_path)
+    reference = _state(make().fit(X, y, **rows))
+    results = _launch(world, case, _split(X, y, SHARDS[world], **rows), tmp_path)
     for rank, got in enumerate(results):
         assert "error" not in got, f"process {rank}: {got['error']}"
         assert got["n_iter_"] == reference["n_iter_"]
@@ -244,6 +250,23 @@ def _check_equal(case, world, tmp_path):
 def test_two_processes_equal_one_process(tmp_path):
     reference = _check_equal("softmax", 2, tmp_path)
     assert reference["n_iter_"] > 1  # the fit ran on all rows after the starts' subset
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_two_processes_with_weights_and_offsets_equal_one_process(integer, tmp_path):
+    """Weights and offsets are sums' terms: the all-reduce carries them. Integer weights
+    (zeros among them) start as the repeated rows do, others with their rows."""
+    rng = np.random.default_rng(5)
+    n = sum(SHARDS[2])
+    w = rng.integers(0, 4, n).astype(float) if integer else rng.uniform(0.2, 3.0, n)
+    rows = {"sample_weight": w, "offset": rng.uniform(-0.5, 0.5, n)}
+    reference = _check_equal("poisson_softmax", 2, tmp_path, **rows)
+    assert reference["n_iter_"] > 1
+    if not integer:  # weighted standardisations of a real target and its features
+        _check_equal("softmax", 2, tmp_path, sample_weight=w)
+    X, y = _counts(n)  # the weights and the offset change the fit
+    plain = _state(CASES["poisson_softmax"][0]().fit(X, y))
+    assert abs(plain["log_likelihood_"] - reference["log_likelihood_"]) > 1e-3
 
 
 @pytest.mark.slow

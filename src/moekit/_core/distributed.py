@@ -416,12 +416,17 @@ class DataGroup:
             )
         return n
 
-    def moments(self, Xt: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Column means and standard deviations (n in the denominator) of all the rows.
+    def moments(
+        self, Xt: torch.Tensor, n: int, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column means and standard deviations (n in the denominator) of all the rows;
+        with frequency weights w (n,), those of the rows repeated w_i times (W = sum w).
 
         Two all-reduces, the sums and then the centred sums of squares, which round
         as one process's two-pass formula does.
         """
         Xt = Xt.to(self.device)
-        mean = self.sum(Xt.sum(0)) / n
-        return mean.cpu(), torch.sqrt(self.sum(((Xt - mean) ** 2).sum(0)) / n).cpu()
+        w = Xt.new_ones((Xt.shape[0], 1)) if weight is None else weight.to(Xt).reshape(-1, 1)
+        total = n if weight is None else self.sum(w.sum())
+        mean = self.sum((w * Xt).sum(0)) / total
+        return mean.cpu(), torch.sqrt(self.sum((w * (Xt - mean) ** 2).sum(0)) / total).cpu()

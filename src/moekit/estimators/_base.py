@@ -261,19 +261,22 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         else:
             comm.agree(error)
             n = comm.total_rows(X.shape[0], (X.shape[1], y.shape[1:]), self.n_experts)
-            if w is not None or off is not None:
-                raise ValueError("distributed=True fits take neither sample_weight nor offset "
-                                 "yet: fit on one process, or write the rows out.")  # fmt: skip
+            given = comm.sum(torch.tensor([w is not None, off is not None], dtype=torch.float64,
+                                          device=comm.device))  # fmt: skip
+            for name, count in zip(("sample_weight", "offset"), given.tolist(), strict=True):
+                if 0 < count < comm.size:  # every process decides alike: all raise
+                    raise ValueError(f"distributed=True: {name} is given on {count:g} of "
+                                     f"{comm.size} processes; give it on all or none.")  # fmt: skip
         state: dict[str, Any] = {"n_features_in_": self.n_features_in_}
         if getattr(self, "feature_names_in_", None) is not None:
             state["feature_names_in_"] = self.feature_names_in_
         if warm:
             state.update({k: getattr(self, k) for k in self._data_attrs()})
         else:
-            state.update(coding if comm is None else coder.reduce(y, coding, comm, n))
+            state.update(coding if comm is None else coder.reduce(y, coding, comm, n, w))
             Xt = shared_tensor(X)
             wt = as_row_tensor(w, None)
-            mean, scale = weighted_moments(Xt, wt) if comm is None else comm.moments(Xt, n)
+            mean, scale = weighted_moments(Xt, wt) if comm is None else comm.moments(Xt, n, wt)
             state["_x_mean"] = mean
             state["_x_scale"] = torch.where(scale > 0, scale, torch.ones_like(scale))
             d, names = X.shape[1], state.get("feature_names_in_")

@@ -18,7 +18,8 @@ from moekit._core.engine import EM_DTYPE
 from moekit.estimators._design import rows_of
 from moekit.estimators._targets import RealTarget
 from moekit.estimators._weights import check_sample_weight
-from moekit.experts.censored import ROWS, CensoredExperts
+from moekit.experts.censored import ROWS, CensoredExperts, can_censor
+from moekit.experts.censored_glm import CensoredGLMExperts, can_censor_glm
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:
@@ -85,6 +86,57 @@ def pack_bounds(y, y_upper=None, truncation=None) -> np.ndarray:
                          f"[{lo[i]:g}, {hi[i]:g}], window ({t_lo[i]:g}, {t_hi[i]:g}).")  # fmt: skip
     point = np.where(np.isfinite(a) & np.isfinite(b), 0.5 * (a + b), np.where(np.isfinite(a), a, b))
     return np.stack([np.where(exact, lo, point), a, b, t_lo, t_hi], 1)
+
+
+def support_bounds(family, bounds: np.ndarray, y, y_upper) -> np.ndarray:
+    """The packed bounds of a fit of Poisson or Gamma experts, checked against their
+    support: the ends are whole counts (both included; a window's ends are rounded
+    inwards) or amounts >= 0, and the point of an interval is inside it (a count for
+    counts). Other families' bounds are returned as they are.
+    """
+    support = getattr(family, "interval_support", None)
+    if support is None:
+        return bounds
+    out = bounds.copy()
+    lo, hi = np.maximum(out[:, 1], 0.0), out[:, 2]
+    exact = out[:, 1] == out[:, 2]  # the family's own check of y takes these
+    name = getattr(family, "report_name", family.__name__)
+    below = np.flatnonzero(~exact & (hi < 0 if support == "counts" else hi <= 0))
+    if len(below):
+        raise ValueError(f"y_upper must be {'>= 0' if support == 'counts' else '> 0'} for "
+                         f"{name} experts; row {below[0]} has {hi[below[0]]:g}.")  # fmt: skip
+    if support == "counts":
+        for given, what in ((y, "y"), (y_upper, "y_upper")):
+            v = np.asarray(given if given is not None else [], dtype=np.float64).reshape(-1)
+            v = v[np.isfinite(v)]
+            if (v != np.round(v)).any():
+                raise ValueError(f"{what} must hold whole counts for {name} experts (inf "
+                                 "in y_upper: right-censored).")  # fmt: skip
+        lo, hi = np.ceil(lo), np.floor(hi)
+        point = np.where(np.isfinite(hi), np.floor(0.5 * (lo + hi)), lo)
+    else:
+        point = np.where(np.isfinite(hi), 0.5 * (lo + hi), lo)
+    out[:, 0] = np.where(exact, out[:, 0], point)
+    out[:, 1], out[:, 2] = np.where(exact, out[:, 1], lo), np.where(exact, out[:, 2], hi)
+    return out
+
+
+def censored_family(base, log_scale: float = 0.0, truncated: bool = False):
+    """``base`` reading the rows' intervals: exact EM for a latent normal (linear,
+    lognormal), guarded Newton steps for Poisson and Gamma experts; else a ValueError."""
+    if can_censor(base):
+        return CensoredExperts(base, log_scale, truncated)
+    if can_censor_glm(base):
+        return CensoredGLMExperts(base, truncated)
+    refuse_censoring(type(base))
+
+
+def refuse_censoring(family: type) -> None:
+    """The error for a family that cannot read intervals (checked before the bounds)."""
+    raise ValueError(
+        "y_upper and truncation (censored or truncated responses) are for expert='linear' "
+        f"with one output, 'lognormal', 'poisson' or 'gamma'; got {family.__name__}."
+    )
 
 
 def exact_rows(y: np.ndarray) -> np.ndarray:
@@ -175,7 +227,7 @@ class CensoringMixin:
         if not censored:
             return family
         truncated = bounds is not None and bool(np.isfinite(bounds[:, 3:]).any())
-        return CensoredExperts(family, float(np.log(coding["_y_scale"][0])), truncated)
+        return censored_family(family, float(np.log(coding["_y_scale"][0])), truncated)
 
     def _fit_censored(self, X, y, y_upper, truncation, parent, sample_weight=None, offset=None):
         """A fit with the bounds checked and packed, or a plain one without them."""
@@ -183,7 +235,10 @@ class CensoringMixin:
         if y_upper is not None or truncation is not None:
             if self.distributed:
                 raise ValueError("y_upper and truncation are not available with distributed=True.")
-            bounds = pack_bounds(y, y_upper, truncation)
+            family = self._expert_class()
+            if not (hasattr(family, "latent_normal") or can_censor_glm(family)):
+                refuse_censoring(family)
+            bounds = support_bounds(family, pack_bounds(y, y_upper, truncation), y, y_upper)
             w = check_sample_weight(sample_weight, len(bounds))
             if w is not None and not (w > 0).all():
                 # rows of weight zero are dropped before the target is coded: drop
@@ -217,7 +272,9 @@ class CensoringMixin:
         if not getattr(self, "_censored", False):
             raise ValueError("y_upper and truncation in summary() are for a censored fit "
                              "(fit(X, y, y_upper=...)).")  # fmt: skip
-        return super().summary(X, pack_bounds(y, y_upper, truncation), **options)
+        rows = support_bounds(self._expert_class(), pack_bounds(y, y_upper, truncation), y,
+                              y_upper)  # fmt: skip
+        return super().summary(X, rows, **options)
 
     def log_likelihood_samples(self, X, y, offset=None, *, y_upper=None,
                                truncation=None) -> np.ndarray:  # fmt: skip
@@ -225,25 +282,26 @@ class CensoringMixin:
 
         With ``y_upper`` or ``truncation`` (as ``fit`` takes them), the log
         probability of each row's interval, renormalised on its window; a model fitted
-        without them is evaluated on them too (linear or lognormal experts).
+        without them is evaluated on them too (linear, lognormal, Poisson or Gamma
+        experts).
         """
         if y_upper is None and truncation is None:
             return super().log_likelihood_samples(X, y, offset)
-        if offset is not None:
-            raise ValueError("offset is for log-link experts; censored responses (y_upper, "
-                             "truncation) are of linear or lognormal experts.")  # fmt: skip
-        rows = pack_bounds(y, y_upper, truncation)
+        rows = support_bounds(self._expert_class(), pack_bounds(y, y_upper, truncation), y,
+                              y_upper)  # fmt: skip
         if getattr(self, "_censored", False):
-            return super().log_likelihood_samples(X, rows)
-        family = CensoredExperts(self._expert_family, float(np.log(self._y_scale[0])))
+            return super().log_likelihood_samples(X, rows, offset)
+        family = censored_family(self._expert_family, float(np.log(self._y_scale[0])))
         XeT, XgT = self._designs(X)
         if len(rows) != XeT.shape[1]:
             raise ValueError(f"X and y have inconsistent numbers of samples: {XeT.shape[1]} "
                              f"and {len(rows)}.")  # fmt: skip
         from moekit._core.data import Chunk, EMData
 
+        off = self._row_vector(offset, len(rows), "offset", XeT.device)
         yt = encode_rows(rows, vars(self), XeT.device)
-        logp = family.log_prob(self._params.expert, Chunk(0, len(rows), EMData(XeT, XgT, yt)))
+        data = EMData(XeT, XgT, yt, offset=off)
+        logp = family.log_prob(self._params.expert, Chunk(0, len(rows), data))
         logp = logp + self._gate_family.log_weights(self._params.gate, XgT)
         return torch.logsumexp(logp, 0).cpu().numpy()
 

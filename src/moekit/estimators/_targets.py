@@ -54,9 +54,10 @@ class TargetCoding:
         a shard can make alone (no collective: any may fail on one shard)."""
         return self.fit(y)
 
-    def reduce(self, y, coding: Coding, comm, n: int) -> dict[str, Any]:
+    def reduce(self, y, coding: Coding, comm, n: int, weight=None) -> dict[str, Any]:
         """The coding of the whole target from the shards' codings (collectives, the
-        same on every process); ``n`` is the total number of rows."""
+        same on every process); ``n`` is the total number of rows, ``weight`` this
+        shard's frequency weights (n_shard,) or None."""
         return dict(coding)
 
     def check(self, y, coding: Coding) -> np.ndarray:  # pragma: no cover - abstract
@@ -127,12 +128,13 @@ class RealTarget(TargetCoding):
         # the outputs predicted: one for a family reading several columns as one
         return 1 if getattr(self.family, "target_columns", 1) > 1 else y2.shape[1]
 
-    def reduce(self, y, coding, comm, n):
+    def reduce(self, y, coding, comm, n, weight=None):
         # the standardisation of all the shards' targets, as one process computes it
         if not self.family.standardize_target:
             return dict(coding)
         y2 = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
-        mean, sd = comm.moments(y2, n)
+        w = None if weight is None else torch.as_tensor(weight, dtype=torch.float64)
+        mean, sd = comm.moments(y2, n, w)
         return {**coding, "_y_mean": mean.numpy(), "_y_scale": self._scales(sd.numpy())}
 
     def check(self, y, coding):
@@ -195,7 +197,7 @@ class ClassTarget(TargetCoding):
         check_classification_targets(y)
         return y, {"classes_": np.unique(y)}
 
-    def reduce(self, y, coding, comm, n):
+    def reduce(self, y, coding, comm, n, weight=None):
         classes = np.unique(np.concatenate(comm.gather_objects(coding["classes_"])))
         if len(classes) < 2:
             raise ValueError(

@@ -41,6 +41,21 @@ def _parent(model, k: int):
     return model
 
 
+def _family_params(estimator, k: int) -> dict:
+    """``expert=`` for k experts when the template lists a family per expert: the list,
+    then its last family repeated (``['zero', 'poisson']`` at K = 3 is
+    ``['zero', 'poisson', 'poisson']``, a zero-inflated mixture of two Poissons)."""
+    names = getattr(estimator, "expert", None)
+    if not isinstance(names, (list, tuple)):
+        return {}
+    if k < len(names):
+        raise ValueError(
+            f"n_experts must hold numbers >= {len(names)} with expert={list(names)!r} (a "
+            f"family per expert, the last repeated for more experts); got {k}."
+        )
+    return {"expert": [*names, *[names[-1]] * (k - len(names))]}
+
+
 def select_n_experts(
     estimator,
     X,
@@ -65,6 +80,9 @@ def select_n_experts(
     X : array-like of shape (n_samples, n_features)
     y : array-like of shape (n_samples,) or (n_samples, n_outputs)
     n_experts : iterable of int, default=range(1, 8)
+        With a list of families (``expert=['zero', 'poisson']``), every K is at
+        least the list's length, and larger K repeat its last family; each K then
+        runs its own starts only (no start from the fit with one expert fewer).
     criterion : {'bic', 'aic', 'icl', 'elbo'}, default='bic'
         Lower is better for the first three (``-2 log L`` plus a penalty). ``'elbo'``
         (a :class:`BayesianMoERegressor` only) takes the K of the highest evidence
@@ -111,9 +129,11 @@ def select_n_experts(
     ks = [int(k) for k in n_experts]
     if not ks or min(ks) < 1:
         raise ValueError(f"n_experts must hold positive ints; got {ks}.")
+    _family_params(estimator, min(ks))  # a K the list cannot give fails before any fit
     rows, models = [], {}
     for k in sorted(set(ks)):
-        params = {"n_experts": k}
+        family = _family_params(estimator, k)
+        params = {"n_experts": k, **family}
         if n_init is not None:
             params["n_init"] = n_init
         model = clone(estimator).set_params(**params)
@@ -121,7 +141,9 @@ def select_n_experts(
             warnings.simplefilter("ignore")  # convergence and collapse are in the table
             # K + 1 experts start (besides their own starts) from the K fit with one
             # expert split, so the log-likelihood never drops as K grows
-            model.fit(X, y, start_from=_parent(models.get(k - 1), k), **(fit_params or {}))
+            # (not with a family per expert, whose fits the starts do not nest)
+            parent = None if family else _parent(models.get(k - 1), k)
+            model.fit(X, y, start_from=parent, **(fit_params or {}))
         n, p = len(X), model.n_parameters()
         if fit_params:  # frequency weights: the rows they stand for
             w = fit_params.get("sample_weight")

@@ -289,11 +289,14 @@ default='auto'
             exposure), for Poisson, negative binomial, Gamma and binomial experts.
             With ``y_upper``, each row's lower bound (-inf: left-censored).
         y_upper : array-like of shape (n_samples,), optional
-            Censored responses (``expert='linear'`` or ``'lognormal'``): y_i lies in
-            [y_i, y_upper_i]; inf is right-censored at y_i, NaN or y_i itself exact.
+            Censored responses (``expert='linear'``, ``'lognormal'``, ``'poisson'`` or
+            ``'gamma'``): y_i lies in [y_i, y_upper_i]; inf is right-censored at y_i,
+            NaN or y_i itself exact. Counts: whole numbers, both ends included.
         truncation : (lower, upper), optional
-            Scalars or arrays: a row is observed only when y lies in (lower, upper);
-            each expert is renormalised there (:mod:`moekit.experts.censored`).
+            Scalars or arrays: a row is observed only when y lies in (lower, upper)
+            (for counts [lower, upper]: (1, inf) is zero truncation); each expert is
+            renormalised there (:mod:`moekit.experts.censored`,
+            :mod:`moekit.experts.censored_glm`).
             ``predict(_distribution)`` then describe the latent, uncensored y.
 
         start_from : fitted estimator, optional
@@ -372,7 +375,8 @@ default='auto'
 
     # ------------------------------------------------------------------ coefficients
     def _expert_coef(self) -> np.ndarray:
-        coef = to_numpy(self._params.expert.coef)
+        rows = getattr(self._expert_family, "coef_rows", None)  # a family per expert
+        coef = to_numpy(self._params.expert.coef if rows is None else rows(self._params.expert))
         return coef[:, None, :] if coef.ndim == 2 else coef  # (K, m, p)
 
     @property
@@ -387,7 +391,10 @@ default='auto'
         """Expert slopes in the data's units, shape (K, n_features) or (K, m, n_features).
 
         Columns the experts do not see (``expert_features``) are zero. For Poisson
-        experts these are the slopes of the log rate.
+        experts these are the slopes of the log rate. With a family per expert
+        (``expert=['zero', 'poisson']``), each expert's row is of its own family's
+        linear predictor (log mean for counts and Gamma amounts, mean of log y for
+        lognormal experts) and NaN for ``'zero'``, which has none.
         """
         coef = self._expert_coef()[..., :-1]  # (K, m, p)
         slopes = self._scatter(coef, self._expert_cols) * self._y_scale[None, :, None]
@@ -395,7 +402,8 @@ default='auto'
 
     @property
     def intercept_(self) -> np.ndarray:
-        """Expert intercepts in the data's units, shape (K,) or (K, m) (log rate for Poisson)."""
+        """Expert intercepts in the data's units, shape (K,) or (K, m) (log rate for Poisson;
+        per expert for a family per expert, as :attr:`coef_`)."""
         coef = self._expert_coef()
         b = coef[..., -1] + self._shift(coef[..., :-1], self._expert_cols)
         out = self._y_mean + self._y_scale * b  # (K, m)

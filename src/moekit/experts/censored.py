@@ -65,6 +65,14 @@ _DELEGATED = frozenset({
 })  # fmt: skip
 
 
+def delegated(wrapper, name: str, names: frozenset):
+    """``wrapper.base``'s attribute ``name`` where it is among ``names`` (what a family
+    that reads intervals answers as the family it wraps), else an AttributeError."""
+    if name in names:
+        return getattr(wrapper.__dict__["base"], name)
+    raise AttributeError(f"{type(wrapper).__name__!r} object has no attribute {name!r}")
+
+
 def can_censor(family) -> bool:
     """Whether ``family`` has a latent normal that censoring can work on."""
     return hasattr(family, "latent_normal") and getattr(family, "n_outputs", 1) == 1
@@ -101,9 +109,7 @@ class CensoredExperts:
         self.report_name = f"{getattr(base, 'report_name', type(base).__name__)}, censored"
 
     def __getattr__(self, name: str):
-        if name in _DELEGATED:
-            return getattr(self.__dict__["base"], name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return delegated(self, name, _DELEGATED)
 
     def resized(self, n_experts: int) -> CensoredExperts:
         """This family with ``n_experts`` experts."""

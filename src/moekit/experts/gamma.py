@@ -32,6 +32,7 @@ import torch
 
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
+from moekit._core.incgamma import log_difference, log_gamma_pq
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts._glm import (
@@ -210,6 +211,47 @@ class GammaExperts(RidgeGLM):
     def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
         """The log mean's coefficients on the standardised design, then the shape."""
         return coef_of_report(values, scaling).unsqueeze(1), values["shape"].unsqueeze(1)
+
+    # ------------------------------------------------------------ censored amounts
+    #: the parameter a censored fit maximises in one dimension (no torch derivative in a)
+    shape_field = "shape"
+    shape_bounds = (SHAPE_MIN, SHAPE_MAX)
+    #: what y and y_upper of a censored fit hold: amounts >= 0
+    interval_support = "positive"
+
+    def interval_terms(self, params: GammaParams, eta: torch.Tensor, lo: torch.Tensor,
+                       hi: torch.Tensor, differentiable: bool = False):  # fmt: skip
+        """log Pr(lo <= Y <= hi) for 0 <= lo < hi <= inf, (K, c), and the pieces of its
+        derivatives in eta (:mod:`moekit.experts.censored_glm`).
+
+        a Y / mu ~ Gamma(a, 1), so with x = a y e^{-eta} the mass is
+        P(a, x_hi) - P(a, x_lo) = Q(a, x_lo) - Q(a, x_hi); dx / d eta = -x, so the
+        kernels are x f(x) = x^a e^{-x} / Gamma(a) at either end, with c = x - a.
+        """
+        a = params.shape.unsqueeze(1)  # (K, 1)
+        scale = a * torch.exp(-eta)  # (K, c)
+        finite = torch.isfinite(hi)
+        hi_s = torch.where(finite, hi, torch.zeros_like(hi))  # no inf * 0 in any gradient
+        x_lo = lo * scale
+        x_hi = torch.where(finite, hi_s * scale, torch.full_like(scale, math.inf))
+        a_full = a.expand_as(scale)
+        down_lo, up_lo = log_gamma_pq(a_full, x_lo, differentiable)
+        down_hi, up_hi = log_gamma_pq(a_full, x_hi, differentiable)
+        log_mass = log_difference(up_lo, up_hi, down_hi, down_lo)
+        ninf = torch.full_like(log_mass, -math.inf)
+        lg = torch.lgamma(a)
+        pos = lo > 0
+        x_lo_s = torch.where(pos, x_lo, torch.ones_like(x_lo))
+        k_lo = torch.where(pos, a * torch.log(x_lo_s) - x_lo_s - lg, ninf)
+        x_hi_s = torch.where(finite, x_hi, torch.ones_like(x_hi))
+        k_hi = torch.where(finite, a * torch.log(x_hi_s) - x_hi_s - lg, ninf)
+        return log_mass, k_lo, k_hi, x_lo - a, torch.where(finite, x_hi, a_full) - a
+
+    def exact_derivatives(self, params: GammaParams, eta: torch.Tensor, y: torch.Tensor):
+        """d log p / d eta = a (u - 1) and d^2 / d eta^2 = -a u, u = y e^{-eta}."""
+        a = params.shape.unsqueeze(1)
+        u = y * torch.exp(-eta)
+        return a * (u - 1.0), -a * u
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: GammaParams, XT: torch.Tensor, offset: torch.Tensor | None = None):

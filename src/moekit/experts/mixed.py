@@ -128,6 +128,13 @@ class MixedExperts:
         """The family of every expert of ``params``."""
         return [self.order[int(c)] for c in params.family.round().long().tolist()]
 
+    def coef_rows(self, params) -> torch.Tensor:
+        """Each expert's linear predictor's coefficients (K, p) from its family; NaN: none."""
+        parts = [getattr(params, f"{n}__coef", None) for n in self.names_of(params)]
+        p = next(c.shape[1] for c in parts if c is not None)
+        nan = params.family.new_full((p,), float("nan"))  # 'zero' has no linear predictor
+        return torch.stack([nan if c is None else c[k] for k, c in enumerate(parts)])
+
     def named(self, params) -> MixedExperts:
         """This family with the experts of ``params``, each of its own family."""
         out = copy.copy(self)

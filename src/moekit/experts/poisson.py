@@ -22,6 +22,7 @@ import torch
 
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
+from moekit._core.incgamma import log_difference, log_gamma_pq
 from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
@@ -150,6 +151,39 @@ class PoissonExperts(RidgeGLM):
         """The log rate's coefficients on the standardised design; no scalars."""
         coef = coef_from_data(values["coef"], scaling)
         return coef.unsqueeze(1), coef.new_zeros((coef.shape[0], 0))
+
+    # ------------------------------------------------------------ censored counts
+    #: what y and y_upper of a censored fit hold: whole counts, both ends included
+    interval_support = "counts"
+
+    def interval_terms(self, params: PoissonParams, eta: torch.Tensor, lo: torch.Tensor,
+                       hi: torch.Tensor, differentiable: bool = False):  # fmt: skip
+        """log Pr(lo <= Y <= hi) of the counts in [lo, hi] (hi may be inf), (K, c), and
+        the pieces of its derivatives in eta (:mod:`moekit.experts.censored_glm`).
+
+        With lambda = e^eta, Pr(Y >= j) = P(j, lambda) and Pr(Y <= j) = Q(j + 1, lambda)
+        (regularised incomplete gamma functions), so the mass is
+        P(lo, lambda) - P(hi + 1, lambda) = Q(hi + 1, lambda) - Q(lo, lambda), and
+        d/d lambda P(j, lambda) = pmf(j - 1): the kernels are lambda pmf(lo - 1) and
+        lambda pmf(hi), with c = lo - lambda and hi + 1 - lambda.
+        """
+        lo, hi = torch.ceil(lo), torch.floor(hi)  # the counts inside the ends
+        lam = torch.exp(eta)
+        up_lo, down_lo = log_gamma_pq(lo, lam, differentiable)  # Pr(Y >= lo), Pr(Y < lo)
+        up_hi, down_hi = log_gamma_pq(hi + 1.0, lam, differentiable)  # Pr(Y > hi), Pr(Y <= hi)
+        log_mass = log_difference(up_lo, up_hi, down_hi, down_lo)
+        finite = torch.isfinite(hi)
+        hi_s = torch.where(finite, hi, torch.zeros_like(hi))  # no inf * 0 in any gradient
+        lo_s = torch.where(lo > 0, lo, torch.ones_like(lo))
+        ninf = torch.full_like(log_mass, -math.inf)
+        k_lo = torch.where(lo > 0, lo * eta - lam - torch.lgamma(lo_s), ninf)
+        k_hi = torch.where(finite, (hi_s + 1.0) * eta - lam - torch.lgamma(hi_s + 1.0), ninf)
+        return log_mass, k_lo, k_hi, lo - lam, hi_s + 1.0 - lam
+
+    def exact_derivatives(self, params: PoissonParams, eta: torch.Tensor, y: torch.Tensor):
+        """d log p / d eta = y - lambda and d^2 / d eta^2 = -lambda of observed counts."""
+        lam = torch.exp(eta)
+        return y - lam, -lam
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: PoissonParams, XT: torch.Tensor, offset: torch.Tensor | None = None):

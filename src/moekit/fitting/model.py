@@ -151,7 +151,10 @@ def without_experts(model: EMModel, params: Params, keep: torch.Tensor,
     lse = torch.logsumexp(small.gate.log_weights(gate, gate_row), 0)
     gate = small.gate.shift(gate, -lse.reshape(1).expand(len(keep)))
     small.gate_balance = model.gate_balance
-    return small, Params(model.expert.select(params.expert, keep), gate)
+    expert = model.expert.select(params.expert, keep)
+    if hasattr(model.expert, "named"):  # a family per expert: the kept experts' own families
+        small.expert = model.expert.named(expert)
+    return small, Params(expert, gate)
 
 
 class EMModel:

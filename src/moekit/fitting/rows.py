@@ -80,26 +80,11 @@ def start_rows(data: EMData, size: int | None, generator: torch.Generator) -> tu
         True when ``rows`` are all the data (reordered, or integer weights written
         out as repeated rows): a fit on them is a fit on the data.
     """
-    order = canonical_order(data).to(data.XeT.device)
-    w = None if data.weight is None else data.weight[order]
-    total = data.n if w is None else float(w.sum())
-    if integer_weights(w):
-        expand = w is not None and not bool((w == 1).all())
-        total = round(total)
-        if size is not None and total > size:
-            pick = _draw(total, size, generator).to(data.XeT.device)
-            if w is not None:  # position among the repetitions -> the row repeated
-                ends = torch.cumsum(w.to(torch.int64), 0)
-                pick = torch.searchsorted(ends, pick, right=True)
-            return _unweighted(data.subset(order[pick])), False
-        if expand and total <= EXPAND_FACTOR * max(data.n, size or 0):
-            rows = torch.repeat_interleave(order, w.to(torch.int64))
-            return _unweighted(data.subset(rows)), True
-        return data.subset(order), True
-    if size is not None and data.n > size:
-        pick = torch.randperm(data.n, generator=generator, device="cpu")[:size]
-        return data.subset(order[pick.to(order.device)]), False
-    return data.subset(order), True
+    order = canonical_order(data).cpu()
+    w = None if data.weight is None else data.weight.cpu()[order]
+    rows, written_out, whole = _pick(order, w, data.n, size, generator)
+    out = data.subset(rows.to(data.XeT.device))
+    return (_unweighted(out) if written_out else out), whole
 
 
 def start_rows_distributed(
@@ -107,19 +92,41 @@ def start_rows_distributed(
 ) -> tuple[EMData, bool]:
     """:func:`start_rows` for a data-parallel fit: rows gathered onto every process.
 
-    The rows' keys (one float per row) are gathered once, so that every process
-    knows the fixed order of all the rows; every process then draws the same
+    The rows' keys (one float per row) and weights are gathered once, so that every
+    process knows the fixed order of all the rows; every process then draws the same
     positions in it with the same generator, and the rows are gathered in that
     order: the starts are those of one process holding the shards end to end. All
     rows when there are at most ``size``: the gathered data then stand for all the
-    data. (Data-parallel fits take no weights.)
+    data.
     """
     order = torch.argsort(data.comm.gather_rows(sort_key(data)).cpu(), stable=True)
-    n = data.n_total
+    w = None if data.weight is None else data.comm.gather_rows(data.weight).cpu()[order]
+    rows, written_out, whole = _pick(order, w, data.n_total, size, generator)
+    out = data.gathered(rows)
+    return (_unweighted(out) if written_out else out), whole
+
+
+def _pick(order: torch.Tensor, w: torch.Tensor | None, n: int, size: int | None,
+          generator: torch.Generator) -> tuple[torch.Tensor, bool, bool]:  # fmt: skip
+    """The rows (indices, in the fixed order ``order``) the starts run on, whether their
+    integer weights are written out as repeated rows, and whether they are all the data.
+    ``w`` are the weights in that order (None: every row weighs 1)."""
+    total = n if w is None else float(w.sum())
+    if integer_weights(w):
+        expand = w is not None and not bool((w == 1).all())
+        total = round(total)
+        if size is not None and total > size:
+            pick = _draw(total, size, generator)
+            if w is not None:  # position among the repetitions -> the row repeated
+                pick = torch.searchsorted(torch.cumsum(w.to(torch.int64), 0), pick, right=True)
+            return order[pick], True, False
+        if expand and total <= EXPAND_FACTOR * max(n, size or 0):
+            return torch.repeat_interleave(order, w.to(torch.int64)), True, True
+        return order, False, True
     if size is not None and n > size:
         pick = torch.randperm(n, generator=generator, device="cpu")[:size]
-        return data.gathered(order[pick]), False
-    return data.gathered(order), True
+        return order[pick], False, False
+    return order, False, True
 
 
 def _draw(total: int, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -95,12 +95,8 @@ def expert_lines(model: Any, names: list[str], target: str) -> list[str]:
     """One line (wrapped) per expert: its family and its parameters in the data's units."""
     try:
         coef, icpt = np.asarray(model.coef_), np.asarray(model.intercept_)
-    except AttributeError:  # networks, or a family per expert: no coefficient array
+    except AttributeError:  # networks: no coefficient array
         K = len(np.atleast_1d(model.expert_sizes_))
-        if isinstance(getattr(model, "expert", None), (list, tuple)):
-            return [f"  expert {k}: " + ("a point mass at 0" if _family(model, k) == "zero" else
-                    f"a {_family(model, k)} expert (its coefficients: in the summary)")
-                    for k in range(K)]  # fmt: skip
         return [f"  expert {k}: a {_family(model, k)} expert (a network; no closed form to print)"
                 for k in range(K)]  # fmt: skip
     if coef.ndim == 2:  # one output: (K, d) -> (K, 1, d)
@@ -120,7 +116,9 @@ def expert_lines(model: Any, names: list[str], target: str) -> list[str]:
             who = f"expert {k}" + (f", output {j}" if coef.shape[1] > 1 else "")
             terms = linear_terms(icpt[k, j], coef[k, j, cols], enames) + offset
             family = _family(model, k)
-            if family == "poisson":
+            if family == "zero":  # a family per expert: NaN coefficients, none to print
+                lines.append(f"  {who}: a point mass at 0")
+            elif family == "poisson":
                 lines += wrap_terms(f"  {who}: Poisson with log mean = ", terms)
             elif family == "student_t" and sd is not None and df is not None:
                 lines += wrap_terms(f"  {who}: t(location = ", terms,
