@@ -20,6 +20,7 @@ from moekit._core.data import DEFAULT_CHUNK, EMData, lerp_params
 from moekit.fitting import lockstep
 from moekit.fitting.progress import Progress
 
+
 @dataclass
 class Params:
     """Parameters of one MoE: the experts' and the gate's."""
