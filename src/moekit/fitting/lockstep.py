@@ -203,7 +203,9 @@ def drive(
                     advance(i, answers[j])
                     continue
                 try:
-                    answer = _serve_one(model, data, requests[j])
+                    # alone, but the same arithmetic as in a batch (a batch of one)
+                    answer = (_serve_one(model, data, requests[j]) if serve_many is None
+                              else serve_many(model, data, kind, requests[j : j + 1])[0])  # fmt: skip
                 except (RuntimeError, ValueError) as exc:
                     advance(i, error=exc)
                 else:
