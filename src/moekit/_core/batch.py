@@ -72,28 +72,3 @@ def empty_experts(nk: torch.Tensor, per_fit: int) -> torch.Tensor:
     by_fit = nk.reshape(-1, per_fit)
     total = by_fit.sum(1, keepdim=True).clamp(min=1.0)
     return (by_fit <= 1e-12 * total).reshape(nk.shape)
-
-
-def even_system(A: torch.Tensor, rhs: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Systems A x = rhs of odd size q grown to q + 1: A with ``fill`` on the new
-    diagonal entry, rhs with a zero row; their solution is x with a zero appended.
-
-    MKL's factorisations round by the operands' addresses: in a batch of q x q
-    matrices with q odd every other one starts at an address 8 bytes off 16, and
-    its factor came out different in the last bit from the same matrix alone.
-    With q even every matrix of a batch sits alike, so a start's step does not
-    depend on its place in the batch. ``fill`` is 1 for a Cholesky solve and 0
-    for a pseudo-inverse (the new direction then carries no weight).
-
-    Parameters
-    ----------
-    A : Tensor of shape (..., q, q)
-    rhs : Tensor of shape (..., q, r)
-    """
-    q = A.shape[-1]
-    if q % 2 == 0:
-        return A, rhs
-    out = A.new_zeros((*A.shape[:-2], q + 1, q + 1))
-    out[..., :q, :q] = A
-    out[..., q, q] = fill
-    return out, torch.nn.functional.pad(rhs, (0, 0, 0, 1))

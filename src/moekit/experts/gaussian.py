@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, empty_experts, even_system, flat_grams
+from moekit._core.batch import batched_grams, empty_experts, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
-from moekit._core.linalg import solve_psd
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
@@ -46,7 +46,7 @@ def weighted_least_squares(
         sum_i r_ik, the denominator of the variances.
     var_floor : float
     even : bool, default=False
-        Solve systems of even size (:func:`moekit._core.batch.even_system`), as for
+        Solve systems of even size (:func:`moekit._core.linalg.even_system`), as for
         a batch of several fits.
 
     Returns

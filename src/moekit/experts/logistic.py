@@ -74,10 +74,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, empty_experts, even_system, flat_grams
+from moekit._core.batch import batched_grams, empty_experts, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
-from moekit._core.linalg import solve_psd
+from moekit._core.linalg import inverse_pd as _inverse_pd
+from moekit._core.linalg import solve_pd as _solve_pd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 
@@ -104,56 +105,6 @@ def _grams(w: torch.Tensor, chunk: Chunk) -> torch.Tensor:
 
 def _unpack(grams: torch.Tensor, p: int) -> torch.Tensor:
     return unpack_grams(grams, p)[0]  # (J, p, p)
-
-
-def _cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cholesky factors of a batch, and a mask of the matrices that have none (or None).
-
-    The failed factors are replaced by the identity, so that solving with the whole
-    batch stays finite (and cannot raise) before those matrices are solved apart.
-    """
-    L, info = torch.linalg.cholesky_ex(A)
-    bad = info != 0
-    if not bool(bad.any()):
-        return L, None
-    L[bad] = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    return L, bad
-
-
-def _solve_pd(A: torch.Tensor, rhs: torch.Tensor, even: bool = False) -> torch.Tensor:
-    """A^{-1} rhs by Cholesky; the minimum-norm solution where some A is singular.
-
-    Only the singular matrices of the batch take the (eigendecomposition's)
-    pseudo-inverse: on digits (K C = 30 blocks of 65 x 65) a class that an expert
-    never sees leaves its block singular along the intercept in most M-steps, and
-    decomposing all 30 blocks then was a quarter of a fit's time. ``even``: the
-    factorisation runs on systems of even size (:func:`even_system`), as for a
-    batch of several fits.
-    """
-    q = A.shape[-1]
-    L, bad = _cholesky(even_system(A, rhs, 1.0)[0] if even else A)
-    out = torch.cholesky_solve(even_system(A, rhs, 1.0)[1] if even else rhs, L)[..., :q, :]
-    if bad is not None:  # an expert or class without weight: not determined
-        out[bad] = _pseudo_solve(A[bad], rhs[bad], even)
-    return out
-
-
-def _pseudo_solve(A: torch.Tensor, rhs: torch.Tensor, even: bool) -> torch.Tensor:
-    """:func:`solve_psd`, on systems of even size where ``even`` (a zero appended)."""
-    if not even:
-        return solve_psd(A, rhs)
-    return solve_psd(*even_system(A, rhs, 0.0))[..., : A.shape[-1], :]
-
-
-def _inverse_pd(A: torch.Tensor, even: bool = False) -> torch.Tensor:
-    """A^{-1} by Cholesky; the pseudo-inverse for the singular matrices of the batch."""
-    q = A.shape[-1]
-    L, bad = _cholesky(even_system(A, A[..., :1], 1.0)[0] if even else A)
-    out = torch.cholesky_inverse(L)[..., :q, :q]
-    if bad is not None:
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        out[bad] = _pseudo_solve(A[bad], eye.expand(int(bad.sum()), -1, -1), even)
-    return out
 
 
 def centred_block_step(g: torch.Tensor, blocks: torch.Tensor, even: bool = False) -> torch.Tensor:

@@ -204,8 +204,9 @@ def drive(
                     continue
                 try:
                     # alone, but the same arithmetic as in a batch (a batch of one)
-                    answer = (_serve_one(model, data, requests[j]) if serve_many is None
-                              else serve_many(model, data, kind, requests[j : j + 1])[0])  # fmt: skip
+                    alone = requests[j : j + 1]
+                    answer = (_serve_one(model, data, alone[0]) if serve_many is None
+                              else serve_many(model, data, kind, alone)[0])  # fmt: skip
                 except (RuntimeError, ValueError) as exc:
                     advance(i, error=exc)
                 else:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, even_system, flat_grams
+from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
-from moekit._core.linalg import solve_psd
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 from moekit.gates.constant import ConstantGate, ConstantGateParams, multinomial_derivatives
@@ -271,11 +271,9 @@ class SoftmaxGate:
         grad, hess = stats
         g = (grad - self.alpha * V * self._pen).reshape(S, K * p)
         if not self._use_newton:
-            evecs = self._bound_evecs.expand(S, -1, -1)
-            inv = torch.where(self._bound_evals > 1e-12 * self._bound_evals.amax(),
-                              1.0 / self._bound_evals, torch.zeros_like(self._bound_evals))  # fmt: skip
-            proj = torch.bmm(evecs.transpose(1, 2), g.unsqueeze(-1))
-            return SoftmaxGateParams(V + torch.bmm(evecs, inv.unsqueeze(-1) * proj).view(S, K, p))
+            # the fixed bound, expanded: products of one start's shape each
+            step = bound_step(self._bound_evals, self._bound_evecs.expand(S, -1, -1), g)
+            return SoftmaxGateParams(V + step.view(S, K, p))
         blocks = unpack_grams(flat_grams(hess), p)[0].view(S, -1, p, p)  # (S, T, p, p)
         rows, cols, ridge = self._newton_consts
         A = V.new_zeros((S, K, K, p, p))
