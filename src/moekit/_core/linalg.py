@@ -77,9 +77,9 @@ def even_system(
     q = A.shape[-1]
     if q % 2 == 0:
         return A, rhs
-    out = A.new_zeros((*A.shape[:-2], q + 1, q + 1))
-    out[..., :q, :q] = A
-    out[..., q, q] = fill
+    out = torch.nn.functional.pad(A, (0, 1, 0, 1))
+    if fill:
+        out[..., q, q] = fill
     return out, torch.nn.functional.pad(rhs, (0, 0, 0, 1))
 
 
@@ -108,8 +108,9 @@ def solve_pd(A: torch.Tensor, rhs: torch.Tensor, even: bool = False) -> torch.Te
     batch of several fits.
     """
     q = A.shape[-1]
-    L, bad = _cholesky(even_system(A, rhs, 1.0)[0] if even else A)
-    out = torch.cholesky_solve(even_system(A, rhs, 1.0)[1] if even else rhs, L)[..., :q, :]
+    Ae, re = even_system(A, rhs, 1.0) if even else (A, rhs)
+    L, bad = _cholesky(Ae)
+    out = torch.cholesky_solve(re, L)[..., :q, :]
     if bad is not None:  # an expert or class without weight: not determined
         out[bad] = _pseudo_solve(A[bad], rhs[bad], even)
     return out
