@@ -154,9 +154,13 @@ def test_short_runs_behind_the_best_end_early_and_change_nothing(monkeypatch):
     passes = []
     e_pass, e_pass_many = EMModel.e_pass, batched.e_pass_many
     monkeypatch.setattr(EMModel, "e_pass", lambda *a, **k: passes.append(1) or e_pass(*a, **k))
+
     # starts sharing a batched pass: one pass each
-    monkeypatch.setattr(batched, "e_pass_many",
-                        lambda m, ps, d: passes.extend([1] * len(ps)) or e_pass_many(m, ps, d))  # fmt: skip
+    def many(model, params, data):
+        passes.extend([1] * len(params))
+        return e_pass_many(model, params, data)
+
+    monkeypatch.setattr(batched, "e_pass_many", many)
     fits, default = {}, em.BEHIND_FACTOR
     for factor in (default, float("inf")):
         monkeypatch.setattr(em, "BEHIND_FACTOR", factor)
