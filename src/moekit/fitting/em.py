@@ -25,6 +25,16 @@ on that subset, and the best of those continues on all the data. Starts from a
 fitted simpler model (say, the same model with one expert fewer) run to convergence
 on all the data and compete too, so that a richer model never ends below the one it contains.
 
+Starts in lockstep. The starts are made first, in order, and then their short runs
+advance together (:mod:`moekit.fitting.lockstep`): each round serves every run's
+E-pass (then M-step) in one batched call where the families offer one
+(:mod:`moekit.fitting.batched`: S starts cost about the per-operation overhead of
+one on small data), one call per run otherwise. Each run takes the decisions it
+would take alone, and on one thread (small passes, see
+:func:`moekit._core.engine.em_threads`) its numbers are bitwise the same whichever
+runs share its batch. The finals, and the runs on all rows, go in lockstep too. A
+short run ends early as behind only against runs that have already ended.
+
 Data-parallel EM. When the data are one process's shard of rows (``data.comm``, see
 :mod:`moekit._core.distributed`), each E-step runs on the local rows and its sums
 are all-reduced (:meth:`EMModel.e_pass`), so every process takes the same M-step.
