@@ -172,11 +172,12 @@ class GaussianExperts:
         # every X^T R_k X, X^T R_k y and y^T R_k y of the chunk
         return chunk.weighted_grams(resp, "e", with_target=True)
 
-    def m_step(self, params, stats: torch.Tensor, data: EMData, resp=None) -> GaussianParams:
-        return self._least_squares(params, stats, data.XeT.shape[0])
-
-    def _least_squares(self, params, stats: torch.Tensor, p: int, even=False) -> GaussianParams:
-        """The M-step of every expert of one or more fits of ``n_experts`` experts each."""
+    def m_step(
+        self, params, stats: torch.Tensor, data: EMData, resp=None, *, even: bool = False
+    ) -> GaussianParams:
+        """Weighted least squares; ``params`` and ``stats`` may hold the experts of several
+        fits of ``n_experts`` each, fit after fit (``even``: see :func:`weighted_least_squares`)."""
+        p = data.XeT.shape[0]
         gram, xty, yty = unpack_grams(stats, p, self.n_outputs)  # (K, p, p), (K, m, p), (K, m)
         nk = gram[:, -1, -1]  # the intercept's product with itself: sum_i r_ik
         coef, var = weighted_least_squares(gram, xty, yty, nk, self.var_floor, even)
@@ -210,7 +211,7 @@ class GaussianExperts:
     def m_step_many(self, params: GaussianParams, stats: torch.Tensor, data: EMData):
         S, K, m, p = params.coef.shape
         flat = GaussianParams(params.coef.reshape(S * K, m, p), params.var.reshape(S * K, m))
-        new = self._least_squares(flat, flat_grams(stats), p, even=True)
+        new = self.m_step(flat, flat_grams(stats), data, even=True)
         return GaussianParams(new.coef.view(S, K, m, p), new.var.view(S, K, m))
 
     def select(self, params: GaussianParams, perm: torch.Tensor) -> GaussianParams:

@@ -248,14 +248,14 @@ class LogisticExperts:
         hw[:, consts["diag"]] += rp
         return nk, grad, _grams(hw.reshape(-1, c), chunk)
 
-    def m_step(self, params, stats, data: EMData, resp=None) -> LogisticParams:
+    def m_step(self, params, stats, data: EMData, resp=None, *, even=False) -> LogisticParams:
+        """One step on Q for every expert; ``params`` and ``stats`` may hold the experts of
+        several fits of ``n_experts`` each, fit after fit (``even``: systems of even size,
+        see :func:`moekit._core.linalg.solve_pd`)."""
         if params is None:
             params = self.init_params(data)
-        return LogisticParams(self._update(params.coef, *stats))
-
-    def _update(self, W, nk, grad, curv, even: bool = False) -> torch.Tensor:
-        """The M-step of every expert (K, C, p) of one or more fits of ``n_experts`` each
-        (``even``: see :func:`_solve_pd`)."""
+        nk, grad, curv = stats
+        W = params.coef  # (K, C, p)
         K, p = W.shape[0], W.shape[2]
         consts = self._constants(p, W)
         pen = consts["pen"]
@@ -270,7 +270,7 @@ class LogisticExperts:
             step -= W.mean(1, keepdim=True) * pen  # the mean row's exact step
         # an expert with no weight at all is not determined by the data: keep it as it was
         empty = empty_experts(nk, self.n_experts)
-        return W + step.masked_fill_(empty[:, None, None], 0.0)
+        return LogisticParams(W + step.masked_fill_(empty[:, None, None], 0.0))
 
     # ------------------------------------------------------------ many starts at once
     # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, C, p)
@@ -307,9 +307,9 @@ class LogisticExperts:
     def m_step_many(self, params: LogisticParams, stats, data: EMData) -> LogisticParams:
         nk, grad, curv = stats
         S, K, C, p = params.coef.shape
-        W = self._update(params.coef.reshape(S * K, C, p), nk.reshape(-1),
-                         grad.reshape(S * K, C, p), flat_grams(curv), even=True)  # fmt: skip
-        return LogisticParams(W.view(S, K, C, p))
+        flat = LogisticParams(params.coef.reshape(S * K, C, p))
+        stats = (nk.reshape(-1), grad.reshape(S * K, C, p), flat_grams(curv))
+        return LogisticParams(self.m_step(flat, stats, data, even=True).coef.view(S, K, C, p))
 
     def _newton_step(self, g, hess, consts, even: bool = False) -> torch.Tensor:
         K, C, p = g.shape
