@@ -304,6 +304,10 @@ class LogisticExperts:
         hw[:, :, consts["diag"]] += rp
         return nk, grad, batched_grams(chunk, hw.reshape(S, -1, c))
 
+    def log_prior_many(self, params: LogisticParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        return -0.5 * self.alpha * (params.coef[..., :-1] ** 2).sum((1, 2, 3))
+
     def m_step_many(self, params: LogisticParams, stats, data: EMData) -> LogisticParams:
         nk, grad, curv = stats
         S, K, C, p = params.coef.shape

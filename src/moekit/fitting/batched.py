@@ -104,13 +104,22 @@ def e_pass_many(model: EMModel, params: list[Params], data: EMData) -> list[Pass
         es = _add(es, expert.chunk_stats_many(ep, chunk, resp))
         gs = _add(gs, gate.chunk_stats_many(gp, chunk, resp))
     n = data.w_total
+    e_prior = _log_priors(expert, ep, [p.expert for p in params])
+    g_prior = _log_priors(gate, gp, [p.gate for p in params])
     out = []
-    for s, (p, e, g, t) in enumerate(zip(params, _split(es, S), _split(gs, S), total.tolist(),
-                                         strict=True)):  # fmt: skip
+    for s, (e, g, t) in enumerate(zip(_split(es, S), _split(gs, S), total.tolist(), strict=True)):
         loglik = t / n
-        prior = expert.log_prior(p.expert) + gate.log_prior(p.gate)
+        prior = e_prior[s] + g_prior[s]
         out.append(PassResult(loglik + prior / n, loglik, e, g, None, nk[s]))
     return out
+
+
+def _log_priors(family, stacked, each: list) -> list[float]:
+    """Each start's log-prior: in one go where the family offers ``log_prior_many``."""
+    many = getattr(family, "log_prior_many", None)
+    if many is None:
+        return [family.log_prior(p) for p in each]
+    return many(stacked).tolist()
 
 
 def m_step_many(

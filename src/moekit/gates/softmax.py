@@ -261,6 +261,10 @@ class SoftmaxGate:
             w.mul_(chunk.weight)
         return grad, batched_grams(chunk, w, "g")
 
+    def log_prior_many(self, params: SoftmaxGateParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        return -0.5 * self.alpha * ((params.coef * self._pen) ** 2).sum((1, 2))
+
     def m_step_many(self, params: SoftmaxGateParams, stats, data: EMData) -> SoftmaxGateParams:
         """:meth:`m_step` of S stacked starts: batched Cholesky solves of their Newton
         systems (the eigen-solve for a start whose system has no factor)."""
