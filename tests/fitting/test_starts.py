@@ -145,14 +145,22 @@ def test_short_runs_behind_the_best_end_early_and_change_nothing(monkeypatch):
     # and the fit is the very same as when every short run goes its full length
     from sklearn.datasets import load_iris
 
+    import moekit.fitting.batched as batched
     import moekit.fitting.em as em
     from moekit.fitting.model import EMModel
 
     X, y = load_iris(return_X_y=True)
     X = (X - X.mean(0)) / X.std(0)
     passes = []
-    e_pass = EMModel.e_pass
+    e_pass, e_pass_many = EMModel.e_pass, batched.e_pass_many
     monkeypatch.setattr(EMModel, "e_pass", lambda *a, **k: passes.append(1) or e_pass(*a, **k))
+
+    # starts sharing a batched pass: one pass each
+    def many(model, params, data):
+        passes.extend([1] * len(params))
+        return e_pass_many(model, params, data)
+
+    monkeypatch.setattr(batched, "e_pass_many", many)
     fits, default = {}, em.BEHIND_FACTOR
     for factor in (default, float("inf")):
         monkeypatch.setattr(em, "BEHIND_FACTOR", factor)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit._core.batch import batched_grams, empty_experts, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
-from moekit._core.linalg import solve_psd
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
@@ -32,8 +33,9 @@ from moekit._core.validation import check_finite
 # The maths every linear expert with a diagonal (squared) scale shares: the
 # Student-t experts use it too, with their precision-weighted Grams.
 def weighted_least_squares(
-    gram: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor, nk: torch.Tensor, var_floor: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    gram: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor, nk: torch.Tensor, var_floor: float,
+    even: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """B_k = (X^T W_k X)^{-1} X^T W_k y and sigma_kj^2 = max(RSS_kj / n_k, floor).
 
     Parameters
@@ -43,13 +45,20 @@ def weighted_least_squares(
     nk : Tensor of shape (K,)
         sum_i r_ik, the denominator of the variances.
     var_floor : float
+    even : bool, default=False
+        Solve systems of even size (:func:`moekit._core.linalg.even_system`), as for
+        a batch of several fits.
 
     Returns
     -------
     coef : Tensor of shape (K, m, p)
     var : Tensor of shape (K, m)
     """
-    coef = solve_psd(gram, xty.transpose(1, 2)).transpose(1, 2)  # (K, m, p)
+    p = gram.shape[-1]
+    if even:
+        coef = solve_psd(*even_system(gram, xty.transpose(1, 2), 0.0))[:, :p].transpose(1, 2)
+    else:
+        coef = solve_psd(gram, xty.transpose(1, 2)).transpose(1, 2)  # (K, m, p)
     # RSS_kj = y^T W y - 2 b^T X^T W y + b^T X^T W X b
     rss = yty - 2.0 * (coef * xty).sum(-1) + torch.einsum("kmp,kpq,kmq->km", coef, gram, coef)
     var = torch.clamp(rss / nk.clamp(min=1e-300).unsqueeze(1), min=var_floor)
@@ -163,19 +172,47 @@ class GaussianExperts:
         # every X^T R_k X, X^T R_k y and y^T R_k y of the chunk
         return chunk.weighted_grams(resp, "e", with_target=True)
 
-    def m_step(self, params, stats: torch.Tensor, data: EMData, resp=None) -> GaussianParams:
-        p, m = data.XeT.shape[0], self.n_outputs
-        gram, xty, yty = unpack_grams(stats, p, m)  # (K, p, p), (K, m, p), (K, m)
+    def m_step(
+        self, params, stats: torch.Tensor, data: EMData, resp=None, *, even: bool = False
+    ) -> GaussianParams:
+        """Weighted least squares; ``params`` and ``stats`` may hold the experts of several
+        fits of ``n_experts`` each, fit after fit (``even``: see :func:`weighted_least_squares`)."""
+        p = data.XeT.shape[0]
+        gram, xty, yty = unpack_grams(stats, p, self.n_outputs)  # (K, p, p), (K, m, p), (K, m)
         nk = gram[:, -1, -1]  # the intercept's product with itself: sum_i r_ik
-        coef, var = weighted_least_squares(gram, xty, yty, nk, self.var_floor)
+        coef, var = weighted_least_squares(gram, xty, yty, nk, self.var_floor, even)
         # an expert with no weight at all is not determined by the data: keep it as it was
-        empty = nk <= 1e-12 * max(float(nk.sum()), 1.0)
+        empty = empty_experts(nk, self.n_experts)
         if params is not None and bool(empty.any()):
             coef = torch.where(empty[:, None, None], params.coef, coef)
             var = torch.where(empty[:, None], params.var, var)
         elif bool(empty.any()):
             var = torch.where(empty[:, None], torch.ones_like(var), var)
         return GaussianParams(coef.contiguous(), var)
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, m, p)
+    batchable = True
+
+    def log_prob_many(self, params: GaussianParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        coef, y = params.coef, chunk.y
+        xt = chunk.XeT.expand(coef.shape[0], -1, -1)  # (S, p, c)
+        out = None
+        for j in range(self.n_outputs):
+            resid = torch.baddbmm(y[j : j + 1], coef[:, :, j, :], xt, alpha=-1.0)  # (S, K, c)
+            term = gaussian_logpdf(resid, params.var[:, :, j : j + 1], inplace=True)
+            out = term if out is None else out.add_(term)
+        return out
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
+        return batched_grams(chunk, resp, "e", with_target=True)
+
+    def m_step_many(self, params: GaussianParams, stats: torch.Tensor, data: EMData):
+        S, K, m, p = params.coef.shape
+        flat = GaussianParams(params.coef.reshape(S * K, m, p), params.var.reshape(S * K, m))
+        new = self.m_step(flat, flat_grams(stats), data, even=True)
+        return GaussianParams(new.coef.view(S, K, m, p), new.var.view(S, K, m))
 
     def select(self, params: GaussianParams, perm: torch.Tensor) -> GaussianParams:
         """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""

@@ -74,9 +74,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit._core.batch import batched_grams, empty_experts, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
-from moekit._core.linalg import solve_psd
+from moekit._core.linalg import inverse_pd as _inverse_pd
+from moekit._core.linalg import solve_pd as _solve_pd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 
@@ -105,46 +107,7 @@ def _unpack(grams: torch.Tensor, p: int) -> torch.Tensor:
     return unpack_grams(grams, p)[0]  # (J, p, p)
 
 
-def _cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cholesky factors of a batch, and a mask of the matrices that have none (or None).
-
-    The failed factors are replaced by the identity, so that solving with the whole
-    batch stays finite (and cannot raise) before those matrices are solved apart.
-    """
-    L, info = torch.linalg.cholesky_ex(A)
-    bad = info != 0
-    if not bool(bad.any()):
-        return L, None
-    L[bad] = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    return L, bad
-
-
-def _solve_pd(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """A^{-1} rhs by Cholesky; the minimum-norm solution where some A is singular.
-
-    Only the singular matrices of the batch take the (eigendecomposition's)
-    pseudo-inverse: on digits (K C = 30 blocks of 65 x 65) a class that an expert
-    never sees leaves its block singular along the intercept in most M-steps, and
-    decomposing all 30 blocks then was a quarter of a fit's time.
-    """
-    L, bad = _cholesky(A)
-    out = torch.cholesky_solve(rhs, L)
-    if bad is not None:  # an expert or class without weight: not determined
-        out[bad] = solve_psd(A[bad], rhs[bad])
-    return out
-
-
-def _inverse_pd(A: torch.Tensor) -> torch.Tensor:
-    """A^{-1} by Cholesky; the pseudo-inverse for the singular matrices of the batch."""
-    L, bad = _cholesky(A)
-    out = torch.cholesky_inverse(L)
-    if bad is not None:
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        out[bad] = solve_psd(A[bad], eye.expand(int(bad.sum()), -1, -1))
-    return out
-
-
-def centred_block_step(g: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def centred_block_step(g: torch.Tensor, blocks: torch.Tensor, even: bool = False) -> torch.Tensor:
     """argmax of g . Delta - sum_c Delta_c^T D_c Delta_c / 2 over Delta with rows summing to 0.
 
     See the module docstring for the solution.
@@ -160,9 +123,9 @@ def centred_block_step(g: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     Tensor of shape (K, C, p)
     """
     K, C, p = g.shape
-    inv = _inverse_pd(blocks).expand(K, C, p, p)
+    inv = _inverse_pd(blocks, even).expand(K, C, p, p)
     ig = inv @ g.unsqueeze(-1)  # (K, C, p, 1)
-    lam = _solve_pd(inv.sum(1), -ig.sum(1))  # (K, p, 1)
+    lam = _solve_pd(inv.sum(1), -ig.sum(1), even)  # (K, p, 1)
     return (ig + inv @ lam.unsqueeze(1)).squeeze(-1)
 
 
@@ -285,7 +248,10 @@ class LogisticExperts:
         hw[:, consts["diag"]] += rp
         return nk, grad, _grams(hw.reshape(-1, c), chunk)
 
-    def m_step(self, params, stats, data: EMData, resp=None) -> LogisticParams:
+    def m_step(self, params, stats, data: EMData, resp=None, *, even=False) -> LogisticParams:
+        """One step on Q for every expert; ``params`` and ``stats`` may hold the experts of
+        several fits of ``n_experts`` each, fit after fit (``even``: systems of even size,
+        see :func:`moekit._core.linalg.solve_pd`)."""
         if params is None:
             params = self.init_params(data)
         nk, grad, curv = stats
@@ -295,18 +261,61 @@ class LogisticExperts:
         pen = consts["pen"]
         g = grad - self.alpha * W * pen  # gradient of Q, (K, C, p)
         if self._step == "newton":
-            step = self._newton_step(g, curv, consts)
+            step = self._newton_step(g, curv, consts, even)
         else:
             blocks = _unpack(curv, p).reshape(K, -1, p, p) + consts["ridge"]
-            step = centred_block_step(g, blocks)
+            step = centred_block_step(g, blocks, even)
             if self._step == "bohning":
                 step *= OVER_RELAXATION
             step -= W.mean(1, keepdim=True) * pen  # the mean row's exact step
         # an expert with no weight at all is not determined by the data: keep it as it was
-        empty = nk <= 1e-12 * max(float(nk.sum()), 1.0)
+        empty = empty_experts(nk, self.n_experts)
         return LogisticParams(W + step.masked_fill_(empty[:, None, None], 0.0))
 
-    def _newton_step(self, g, hess, consts) -> torch.Tensor:
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, C, p)
+    batchable = True
+
+    def log_prob_many(self, params: LogisticParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        S, K, C, p = params.coef.shape
+        xt = chunk.XeT.expand(S, -1, -1)
+        logits = torch.bmm(params.coef.reshape(S, K * C, p), xt).reshape(S, K, C, -1)
+        logp = chunk.scratch["logistic_logp_many"] = torch.log_softmax(logits, dim=2)
+        return logp.gather(2, chunk.y.view(1, 1, 1, -1).expand(S, K, 1, -1)).squeeze(2)
+
+    def chunk_stats_many(self, params: LogisticParams, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        prob = torch.exp(chunk.scratch["logistic_logp_many"])  # (S, K, C, c)
+        S, K, C, c = prob.shape
+        xt = chunk.XeT
+        rp = prob * resp.unsqueeze(2)
+        idx = chunk.y.view(1, 1, 1, -1).expand(S, K, 1, -1)
+        w = rp.neg().scatter_add_(2, idx, resp.unsqueeze(2))
+        grad = torch.bmm(w.reshape(S, K * C, c), xt.T.expand(S, -1, -1)).reshape(S, K, C, -1)
+        nk = resp.sum(2)
+        if self._step == "bohning":
+            return nk, grad, batched_grams(chunk, 0.5 * resp)
+        if self._step == "diagonal":
+            d = rp.mul_(1.0 - prob).mul_(2.0).reshape(S, K * C, c)
+            return nk, grad, batched_grams(chunk, d, curvature=True)
+        consts = self._constants(xt.shape[0], xt)
+        hw = rp[:, :, consts["rows"]] * prob[:, :, consts["cols"]].neg()  # (S, K, T, c)
+        hw[:, :, consts["diag"]] += rp
+        return nk, grad, batched_grams(chunk, hw.reshape(S, -1, c))
+
+    def log_prior_many(self, params: LogisticParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        return -0.5 * self.alpha * (params.coef[..., :-1] ** 2).sum((1, 2, 3))
+
+    def m_step_many(self, params: LogisticParams, stats, data: EMData) -> LogisticParams:
+        nk, grad, curv = stats
+        S, K, C, p = params.coef.shape
+        flat = LogisticParams(params.coef.reshape(S * K, C, p))
+        stats = (nk.reshape(-1), grad.reshape(S * K, C, p), flat_grams(curv))
+        return LogisticParams(self.m_step(flat, stats, data, even=True).coef.view(S, K, C, p))
+
+    def _newton_step(self, g, hess, consts, even: bool = False) -> torch.Tensor:
         K, C, p = g.shape
         rows, cols = consts["rows"], consts["cols"]
         blocks = _unpack(hess, p).reshape(K, -1, p, p)  # (K, T, p, p), class pairs a <= b
@@ -317,7 +326,7 @@ class LogisticExperts:
         # adding u u^T (in "ridge_newton", with the penalty) makes it definite and
         # leaves the step without a part along u
         A = A.transpose(2, 3).reshape(K, C * p, C * p) + consts["ridge_newton"]
-        return _solve_pd(A, g.reshape(K, C * p, 1)).reshape(K, C, p)
+        return _solve_pd(A, g.reshape(K, C * p, 1), even).reshape(K, C, p)
 
     def select(self, params: LogisticParams, perm: torch.Tensor) -> LogisticParams:
         """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""

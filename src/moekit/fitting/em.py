@@ -25,6 +25,16 @@ on that subset, and the best of those continues on all the data. Starts from a
 fitted simpler model (say, the same model with one expert fewer) run to convergence
 on all the data and compete too, so that a richer model never ends below the one it contains.
 
+Starts in lockstep. The starts are made first, in order, and then their short runs
+advance together (:mod:`moekit.fitting.lockstep`): each round serves every run's
+E-pass (then M-step) in one batched call where the families offer one
+(:mod:`moekit.fitting.batched`: S starts cost about the per-operation overhead of
+one on small data), one call per run otherwise. Each run takes the decisions it
+would take alone, and on one thread (small passes, see
+:func:`moekit._core.engine.em_threads`) its numbers are bitwise the same whichever
+runs share its batch. The finals, and the runs on all rows, go in lockstep too. A
+short run ends early as behind only against runs that have already ended.
+
 Data-parallel EM. When the data are one process's shard of rows (``data.comm``, see
 :mod:`moekit._core.distributed`), each E-step runs on the local rows and its sums
 are all-reduced (:meth:`EMModel.e_pass`), so every process takes the same M-step.
@@ -47,6 +57,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from moekit._core.data import EMData
 from moekit._core.engine import em_threads
+from moekit.fitting import batched, lockstep
 from moekit.fitting.model import EMModel, FitResult, Params, PassResult
 from moekit.fitting.progress import Progress
 from moekit.fitting.rows import start_rows, start_rows_distributed
@@ -107,7 +118,7 @@ def _behind(cutoff: float | None, max_iter: int):
 class _Run:
     label: str
     params: Params
-    current: PassResult
+    current: PassResult | None  # None: no pass yet (a run on other rows starts with one)
     history: list[float]
     converged: bool
 
@@ -193,9 +204,8 @@ def run_em(
     progress = Progress(verbose, verbose_interval, loglik_offset)
     t0 = time.perf_counter()
     if warm_params is not None:
-        best = _Run("warm start", warm_params, model.e_pass(warm_params, data), [], False)
-        best.history = [best.current.objective]
-        best = _continue(model, data, best, max_iter, tol, progress)
+        best = _continue(model, data, [_Run("warm start", warm_params, None, [], False)],
+                         max_iter, tol, progress)[0]  # fmt: skip
         return _result(best, max_iter, tol, 0, progress, t0, warn)
 
     # the rows of the starts: in a fixed order, integer weights written out as rows
@@ -236,19 +246,29 @@ def run_em(
 
     # 1-2 run on the subset: on one thread when it is small, whatever the full data
     with em_threads(sub):
-        # 1. short runs of every start
+        # 1. short runs of every start, in lockstep (the starts made first, in order,
+        # so that they draw from the generator as they would one by one)
         maker = StartMaker(model, sub, generator, fit_nested, n_init)
         first_iter = min(init_max_iter, max_iter)
-        runs: list[_Run] = []
         short_gap = max(1e-4, 10 * tol)
+        made = [maker.make(strategy) for strategy in strategy_sequence(init, n_init)]
+        ended: list[float] = []  # the objectives of the short runs that have ended
+
+        def stop(history: list[float]) -> bool:
+            # a run that cannot reach the runs continued stops early: it would not be
+            # continued anyway (see _cutoff; only runs that have ended count), so the
+            # fit is the same, for fewer steps
+            rule = _behind(_cutoff(ended, short_gap), first_iter)
+            return rule is not None and rule(history)
+
+        short = [lockstep.iterate(model, p, first_iter, tol, stop=stop) for _, p in made]
+        outs = lockstep.drive(model, sub, short, serve_many=_server(model, sub),
+                              on_end=lambda i, out: ended.append(out[1].objective))  # fmt: skip
+        runs: list[_Run] = []
         stopped: set[int] = set()
-        for s, strategy in enumerate(strategy_sequence(init, n_init)):
+        for s, ((label, _), (p, cur, hist, conv)) in enumerate(zip(made, outs, strict=True)):
             progress.start_init(s, n_init, first_iter, on_subset=use_subset)
-            label, p = maker.make(strategy)
-            # a run that cannot reach the runs continued stops early: it would not
-            # be continued anyway (see _cutoff), so the fit is the same, for fewer steps
-            stop = _behind(_cutoff([r.current.objective for r in runs], short_gap), first_iter)
-            p, cur, hist, conv = model.iterate(p, sub, first_iter, tol, progress, stop=stop)
+            _replay(progress, hist)
             behind = not conv and len(hist) - 1 < first_iter
             if behind:
                 stopped.add(s)
@@ -267,7 +287,7 @@ def run_em(
             if any(abs(run.current.objective - f.current.objective) < short_gap for f in finals):
                 continue  # the same basin as a run already chosen
             finals.append(run)
-        finals = [_continue(model, sub, f, max_iter, tol, progress, "best starts") for f in finals]
+        finals = _continue(model, sub, finals, max_iter, tol, progress, "best starts")
         optima = [f.current.objective for f in finals]
         best = max(finals, key=lambda r: r.current.objective)
     if data.comm is not None:
@@ -275,16 +295,15 @@ def run_em(
         # last-bit differences between machines cannot leave two models
         best.params = data.comm.broadcast(best.params)
 
-    # 3. on all the data: the best, and the starts from a fitted simpler model
+    # 3. on all the data, in lockstep: the best, and the starts from a fitted simpler model
     model.prepare(data)
+    starts = [(best.label, best.params, "all rows")] if use_subset else []
+    starts += [(f"carried over {i + 1}", p, "nested start") for i, p in enumerate(extra_starts)]
+    begun = [_Run(label, p, None, [], False) for label, p, _ in starts]
+    ended_runs = _continue(model, data, begun, max_iter, tol, progress, [s[2] for s in starts])
     if use_subset:
-        cur = model.e_pass(best.params, data)
-        best = _continue(model, data, _Run(best.label, best.params, cur, [cur.objective], False),
-                         max_iter, tol, progress, "all rows")  # fmt: skip
-    for i, p in enumerate(extra_starts):
-        cur = model.e_pass(p, data)
-        run = _continue(model, data, _Run(f"carried over {i + 1}", p, cur, [cur.objective], False),
-                        max_iter, tol, progress, "nested start")  # fmt: skip
+        best = ended_runs.pop(0)
+    for run in ended_runs:
         optima.append(run.current.objective)
         if run.current.objective > best.current.objective:
             best = run
@@ -293,15 +312,41 @@ def run_em(
     return _result(best, max_iter, tol, n_optima, progress, t0, warn)
 
 
-def _continue(model, data, run: _Run, max_iter, tol, progress, phase="final") -> _Run:
-    """Run ``run`` on ``data`` until convergence or ``max_iter`` iterations in all."""
-    done = len(run.history) - 1
-    remaining = max_iter - done
-    if remaining <= 0 or (run.converged and done > 0):
-        return run
-    progress.start_final(remaining, phase)
-    params, cur, hist, conv = model.iterate(run.params, data, remaining, tol, progress, run.current)
-    return _Run(run.label, params, cur, run.history + hist[1:], conv)
+def _server(model: EMModel, data: EMData):
+    """The batched server of lockstep runs where the families allow it, else None."""
+    return batched.serve if batched.can_batch(model, data) else None
+
+
+def _replay(progress: Progress, history: list[float], done: int = 0) -> None:
+    """Report a run's iterations once it has ended (runs in lockstep end together)."""
+    for it in range(1, len(history)):
+        progress.iteration(done + it, history[it], history[it] - history[it - 1])
+
+
+def _continue(model, data, runs: list[_Run], max_iter, tol, progress, phase="final") -> list[_Run]:
+    """Run each of ``runs`` on ``data`` until convergence or ``max_iter`` iterations in all.
+
+    The runs go in lockstep. A run without a pass (``current`` None) starts with one,
+    and its history with the objective there. ``phase`` names the runs' phase, or
+    each run's.
+    """
+    phases = phase if isinstance(phase, list) else [phase] * len(runs)
+    going, gens = [], []
+    for i, run in enumerate(runs):
+        done = max(len(run.history) - 1, 0)
+        if run.current is not None and (max_iter - done <= 0 or (run.converged and done > 0)):
+            continue
+        going.append(i)
+        gens.append(lockstep.iterate(model, run.params, max_iter - done, tol, None, run.current))
+    outs = lockstep.drive(model, data, gens, serve_many=_server(model, data))
+    ended = list(runs)
+    for i, (params, cur, hist, conv) in zip(going, outs, strict=True):
+        run = runs[i]
+        done = max(len(run.history) - 1, 0)
+        progress.start_final(max_iter - done, phases[i])
+        _replay(progress, hist, done)
+        ended[i] = _Run(run.label, params, cur, (run.history or hist[:1]) + hist[1:], conv)
+    return ended
 
 
 def _result(run: _Run, max_iter, tol, n_optima, progress, t0, warn) -> FitResult:

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 from moekit._core.data import DEFAULT_CHUNK, EMData, lerp_params
+from moekit.fitting import lockstep
 from moekit.fitting.progress import Progress
-
-MAX_HALVINGS = 8
 
 
 @dataclass
@@ -94,19 +93,6 @@ def _add(acc, new):
     if new is None:
         return None
     return acc + new
-
-
-#: EM's observed linear rate (ratio of successive changes of the objective) above
-#: which iterations are accelerated: at 0.5 plain EM gains a digit in ~3 steps.
-SLOW_RATE = 0.5
-
-
-def _slow(history: list[float], rate: float) -> bool:
-    """Whether the last two changes of ``history`` shrink slower than ``rate``."""
-    if len(history) < 3:
-        return False
-    d1, d2 = history[-2] - history[-3], history[-1] - history[-2]
-    return d1 > 0 and d2 > rate * d1
 
 
 def resized_family(family, n_experts: int):
@@ -328,11 +314,11 @@ class EMModel:
 
     def step(self, params: Params, cur: PassResult, data: EMData) -> tuple[Params, PassResult]:
         """One EM iteration from ``params`` (whose E-step is ``cur``), safeguarded."""
-        new_params = self.m_step(params, cur, data)
-        new = self.e_pass(new_params, data)
-        if not (self.expert.monotone and self._gate_monotone):
-            new_params, new = self._safeguard(params, cur, new_params, new, data)
-        return new_params, new
+        return lockstep.drive(self, data, [lockstep.step(self, params, cur)])[0]
+
+    def _safeguard(self, old, cur, new_params, new, data):
+        """Halve a step that lowered the objective (:func:`moekit.fitting.lockstep.safeguard`)."""
+        return lockstep.drive(self, data, [lockstep.safeguard(self, old, cur, new_params, new)])[0]
 
     def iterate(
         self,
@@ -348,74 +334,25 @@ class EMModel:
         """Run up to ``max_iter`` EM iterations from ``params``.
 
         Where the families allow it (``accelerate=None``) and EM creeps (the last
-        two changes of the objective shrink by a factor above ``SLOW_RATE``, EM's
-        linear rate), iterations go in SQUAREM cycles (:meth:`_squarem`): two EM
-        steps, an extrapolation along them and one more EM step, kept only if it
-        ends above the two plain steps, so the objective still never decreases.
-        While EM converges fast, plain steps are cheaper: a cycle costs one extra
-        E-step. Each EM step counts as one iteration.
+        two changes of the objective shrink by a factor above
+        :data:`~moekit.fitting.lockstep.SLOW_RATE`, EM's linear rate), iterations go
+        in SQUAREM cycles: two EM steps, an extrapolation along them and one more EM
+        step, kept only if it ends above the two plain steps, so the objective still
+        never decreases. While EM converges fast, plain steps are cheaper: a cycle
+        costs one extra E-step. Each EM step counts as one iteration. A step that
+        is not guaranteed to raise the objective (a Newton step) is halved until
+        it does not lower it.
 
         ``stop(history)``, asked after every iteration (or cycle), ends the run
         early, not converged, when it answers True.
 
         Returns the parameters, the pass at them (the final E-step), the objective
         history (starting with the objective at the given parameters, then one entry
-        per EM step) and whether the change of one EM step fell below ``tol``.
+        per EM step) and whether the change of one EM step fell below ``tol``. The
+        run is :func:`moekit.fitting.lockstep.iterate`, served one call at a time.
         """
-        cur = current if current is not None else self.e_pass(params, data)
-        history = [cur.objective]
-        converged = False
-        accelerate = self.can_accelerate if accelerate is None else accelerate
-        while len(history) - 1 < max_iter and not converged:
-            if accelerate and max_iter - (len(history) - 1) >= 3 and _slow(history, SLOW_RATE):
-                params, cur, objectives, converged = self._squarem(params, cur, data, tol)
-            else:
-                prev = cur.objective
-                params, cur = self.step(params, cur, data)
-                objectives, converged = [cur.objective], abs(cur.objective - prev) < tol
-            for value in objectives:
-                if progress is not None:
-                    progress.iteration(len(history), value, value - history[-1])
-                history.append(value)
-            if stop is not None and not converged and stop(history):
-                break
-        return params, cur, history, converged
-
-    def _squarem(self, p0: Params, c0: PassResult, data: EMData, tol: float):
-        """One SQUAREM cycle (Varadhan and Roland 2008, scheme S3) in the free parameters.
-
-        With r = theta_1 - theta_0 and v = theta_2 - 2 theta_1 + theta_0 from two EM
-        steps, the extrapolation theta_0 - 2 a r + a^2 v with a = -|r| / |v| jumps
-        along the path EM creeps on; one EM step from there stabilises it. It is kept
-        only if its objective is at least the second EM step's, with a shortened
-        towards a = -1 (the plain steps) otherwise. Free tensors keep every
-        extrapolated point a valid model (variances positive, weights normalised).
-        """
-        p1, c1 = self.step(p0, c0, data)
-        if abs(c1.objective - c0.objective) < tol:
-            return p1, c1, [c1.objective], True
-        p2, c2 = self.step(p1, c1, data)
-        if abs(c2.objective - c1.objective) < tol:
-            return p2, c2, [c1.objective, c2.objective], True
-        f0, f1, f2 = (self._flat(p) for p in (p0, p1, p2))
-        r, v = f1 - f0, f2 - 2.0 * f1 + f0
-        rn, vn = float(r.norm()), float(v.norm())
-        alpha = -rn / vn if vn > 0 else -1.0
-        for _ in range(3):
-            if alpha > -1.0 + 1e-3:
-                break
-            try:
-                px = self._unflat(f0 - 2.0 * alpha * r + alpha**2 * v, p0)
-                cx = self.e_pass(px, data)
-                if math.isfinite(cx.objective):
-                    p3, c3 = self.step(px, cx, data)
-                    if math.isfinite(c3.objective) and c3.objective >= c2.objective:
-                        done = abs(c3.objective - cx.objective) < tol
-                        return p3, c3, [c1.objective, c2.objective, c3.objective], done
-            except (RuntimeError, ValueError):  # a singular system at a far point
-                pass
-            alpha = 0.5 * (alpha - 1.0)
-        return p2, c2, [c1.objective, c2.objective], False
+        run = lockstep.iterate(self, params, max_iter, tol, progress, current, accelerate, stop)
+        return lockstep.drive(self, data, [run])[0]
 
     def _flat(self, params: Params) -> torch.Tensor:
         parts = [
@@ -433,18 +370,3 @@ class EMModel:
                 i += t.numel()
             out.append(family.from_free(free))
         return Params(*out)
-
-    def _safeguard(self, old, cur, new_params, new, data):
-        slack = 1e-12 * (1.0 + abs(cur.objective))
-        t = 1.0
-        for _ in range(MAX_HALVINGS):
-            if new.objective >= cur.objective - slack:
-                return new_params, new
-            t *= 0.5
-            cand = self.interpolate(old, new_params, t)
-            new, new_params = self.e_pass(cand, data), cand
-        if new.objective < cur.objective - slack:
-            # keep only the guaranteed part of the step (t = 0)
-            new_params = self.interpolate(old, new_params, 0.0)
-            new = self.e_pass(new_params, data)
-        return new_params, new

@@ -90,6 +90,19 @@ class ConstantGate:
     def log_prior(self, params) -> float:
         return 0.0
 
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): log_pi (S, K)
+    batchable = True
+
+    def log_prob_many(self, params: ConstantGateParams, chunk: Chunk) -> torch.Tensor:
+        return params.log_pi.unsqueeze(2).expand(-1, -1, chunk.stop - chunk.start)
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
+        return resp.sum(2)
+
+    def m_step_many(self, params, stats: torch.Tensor, data: EMData) -> ConstantGateParams:
+        return ConstantGateParams(torch.log(stats / stats.sum(1, keepdim=True)))
+
     def n_parameters(self, params) -> int:
         return self.n_experts - 1
 

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
-from moekit._core.linalg import solve_psd
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 from moekit.gates.constant import ConstantGate, ConstantGateParams, multinomial_derivatives
@@ -230,6 +231,65 @@ class SoftmaxGate:
         else:
             step = bound_step(self._bound_evals, self._bound_evecs, g)
         return SoftmaxGateParams(V + step.reshape(K, p))
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p)
+    batchable = True
+
+    def log_prob_many(self, params: SoftmaxGateParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        logits = torch.bmm(params.coef, chunk.XgT.expand(params.coef.shape[0], -1, -1))
+        logg, chunk.scratch["gate_prob_many"] = log_softmax_rows(logits, dim=1)
+        return logg
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        g = chunk.scratch["gate_prob_many"]  # (S, K, c)
+        S, K, c = g.shape
+        xt = chunk.XgT
+        gw = g if chunk.weight is None else g * chunk.weight
+        grad = torch.bmm(resp - gw, xt.T.expand(S, -1, -1))  # (S, K, p)
+        if not self._use_newton:
+            return grad, None
+        w = g.new_empty((S, K * (K + 1) // 2, c))  # g_k (delta_kl - g_l), pairs k <= l
+        t = 0
+        for k in range(K):
+            torch.mul(g[:, k : k + 1], g[:, k:], out=w[:, t : t + K - k]).neg_()
+            w[:, t].add_(g[:, k])
+            t += K - k
+        if chunk.weight is not None:
+            w.mul_(chunk.weight)
+        return grad, batched_grams(chunk, w, "g")
+
+    def log_prior_many(self, params: SoftmaxGateParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        return -0.5 * self.alpha * ((params.coef * self._pen) ** 2).sum((1, 2))
+
+    def m_step_many(self, params: SoftmaxGateParams, stats, data: EMData) -> SoftmaxGateParams:
+        """:meth:`m_step` of S stacked starts: batched Cholesky solves of their Newton
+        systems (the eigen-solve for a start whose system has no factor)."""
+        V = params.coef  # (S, K, p)
+        S, K, p = V.shape
+        if K == 1:
+            return params
+        grad, hess = stats
+        g = (grad - self.alpha * V * self._pen).reshape(S, K * p)
+        if not self._use_newton:
+            # the fixed bound, expanded: products of one start's shape each
+            step = bound_step(self._bound_evals, self._bound_evecs.expand(S, -1, -1), g)
+            return SoftmaxGateParams(V + step.view(S, K, p))
+        blocks = unpack_grams(flat_grams(hess), p)[0].view(S, -1, p, p)  # (S, T, p, p)
+        rows, cols, ridge = self._newton_consts
+        A = V.new_zeros((S, K, K, p, p))
+        A[:, rows, cols] = blocks
+        A[:, cols, rows] = blocks
+        A = A.transpose(2, 3).reshape(S, K * p, K * p) + ridge
+        Ae, ge = even_system(A, g.unsqueeze(-1), 1.0)  # a start's factor is its own alone
+        L, info = torch.linalg.cholesky_ex(Ae)
+        step = torch.cholesky_solve(ge, L)[:, : K * p, 0]
+        for s in torch.nonzero(info).flatten().tolist():  # no factor: the minimum-norm step
+            step[s] = solve_psd(*even_system(A[s], g[s].unsqueeze(1), 0.0))[: K * p, 0]
+        return SoftmaxGateParams(V + step.view(S, K, p))
 
     def log_prior(self, params: SoftmaxGateParams) -> float:
         pen = self._pen
