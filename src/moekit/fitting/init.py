@@ -59,14 +59,19 @@ KMEANS_ROWS = 10_000
 
 def _kmeans_labels(Z: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
     """k-means labels of the rows of Z (n, d), standardised column-wise first."""
-    from sklearn.cluster import KMeans
-
-    sd = Z.std(0, correction=0)
-    Z = (Z - Z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     rows = None
     if Z.shape[0] > KMEANS_ROWS:
         rows = torch.randperm(Z.shape[0], generator=generator)[:KMEANS_ROWS]
+    if K == 1:
+        # one cluster holds every row: k-means would cost a millisecond to say so. The
+        # draws above are still taken, so that the generator (and every later start
+        # drawn from it) is where k-means would have left it.
+        return torch.zeros(Z.shape[0], dtype=torch.long)
+    from sklearn.cluster import KMeans
+
+    sd = Z.std(0, correction=0)
+    Z = (Z - Z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicate points: fewer distinct clusters is fine
         km = KMeans(n_clusters=K, n_init=1, random_state=seed)
