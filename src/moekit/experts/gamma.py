@@ -64,16 +64,28 @@ def gamma_shape_mle(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     (f'(x) = 1 - e^x psi'(e^x) < 0), started from Minka's approximation
     a = (3 - c + sqrt((c - 3)^2 + 24 c)) / (12 c); the answer is clamped to
     [``SHAPE_MIN``, ``SHAPE_MAX``] (c = 0: a perfect fit, the largest shape).
+
+    The answer is the ``iterations``-th iterate, bit for bit. Once an iterate equals
+    the one two steps before, the sequence repeats with period 2 (or 1: converged),
+    the step being a fixed elementwise function; the remaining steps are then not
+    taken, only their parity read. (Where log a - psi(a) loses its digits to
+    cancellation, at large shapes, the iterates wander in rounding noise and every
+    step is taken.)
     """
     c = c.clamp(min=1e-300)
     a = (3.0 - c + torch.sqrt((c - 3.0) ** 2 + 24.0 * c)) / (12.0 * c)
     x = torch.log(a.clamp(SHAPE_MIN, SHAPE_MAX))
     lo, hi = math.log(SHAPE_MIN), math.log(SHAPE_MAX)
-    for _ in range(iterations):
+    before = None  # the iterate two steps back
+    for i in range(iterations):
         a = torch.exp(x)
         f = x - torch.digamma(a) - c
         df = 1.0 - a * torch.polygamma(1, a)
-        x = (x - f / df.clamp(max=-1e-300)).clamp(lo, hi)
+        nxt = (x - f / df.clamp(max=-1e-300)).clamp(lo, hi)
+        if before is not None and torch.equal(nxt, before):
+            left = iterations - 1 - i  # steps still to take, alternating x and nxt
+            return torch.exp(nxt if left % 2 == 0 else x)
+        before, x = x, nxt
     return torch.exp(x)
 
 
