@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.utils.validation import validate_data
 
 from moekit._core.data import EMData
 from moekit._core.distributed import DataGroup
@@ -28,6 +27,7 @@ from moekit.estimators._columns import resolve_columns
 from moekit.estimators._design import DESIGN_ATTRS, Prepared, build_designs, shared_tensor
 from moekit.estimators._editing import Edit, EditingMixin
 from moekit.estimators._files import ModelFileMixin
+from moekit.estimators._inputs import check_fit_data
 from moekit.estimators._nesting import NestingMixin, SmallExpertsRemovedWarning
 from moekit.estimators._params import DeclaredParams
 from moekit.estimators._scoring import SCORE_BLOCK_ROWS, CoefficientsMixin, ScoringMixin
@@ -304,9 +304,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
                     "previous fit, which needs the same features (set warm_start=False to "
                     "fit afresh)."
                 )
-        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2,
-                             ensure_min_features=self._min_features,
-                             **coder.validation)  # fmt: skip
+        X, y = check_fit_data(self, X, y, min_features=self._min_features,
+                              validation=coder.validation)  # fmt: skip
         w = check_sample_weight(rows[0], X.shape[0])
         off = check_offset(rows[1], X.shape[0])
         check_offset_family(self._expert_class(), getattr(self, "expert", None), off)
