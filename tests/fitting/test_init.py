@@ -31,3 +31,22 @@ def test_one_cluster_labels_every_row_and_draws_as_kmeans_does(n, monkeypatch):
     _kmeans_labels(Z, 2, two)
     if n <= KMEANS_ROWS:
         assert torch.equal(two.get_state(), ref.get_state())
+
+
+def test_one_cluster_responsibilities_are_every_row_after_the_same_draws():
+    """kmeans_resp with K = 1 builds no rows to cluster: ones (1, n), and the generator
+    where the k-means path of the same data leaves it."""
+    from moekit._core.data import EMData
+    from moekit.fitting.init import kmeans_resp
+
+    g = torch.Generator().manual_seed(2)
+    XeT = torch.cat([torch.randn(2, 40, generator=g, dtype=torch.float64),
+                     torch.ones(1, 40, dtype=torch.float64)])  # fmt: skip
+    data = EMData(XeT, XeT, torch.randn(1, 40, generator=g, dtype=torch.float64))
+    gen, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    resp = kmeans_resp(data, 1, gen)
+    labels = _kmeans_labels(torch.cat([XeT[:-1], data.y]).T, 1, ref)
+    assert resp.dtype == XeT.dtype and resp.shape == (1, 40)
+    assert torch.equal(resp, torch.ones(1, 40, dtype=torch.float64))
+    assert torch.equal(labels, torch.zeros(40, dtype=torch.long))
+    assert torch.equal(gen.get_state(), ref.get_state())

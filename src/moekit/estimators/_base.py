@@ -385,7 +385,9 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         ``frozen``: the experts (numbered as in the fit) that stay frozen after it.
         """
         expert, gate = model.expert, model.gate
-        if self._order_by_mean:  # increasing mean prediction over the training inputs
+        if result.nk.shape[0] == 1:  # one expert: the one order, without computing a key
+            perm = torch.zeros(1, dtype=torch.long, device=result.nk.device)
+        elif self._order_by_mean:  # increasing mean prediction over the training inputs
             means, _ = expert.moments(result.params.expert, prepared.data.XeT)
             data = prepared.data
             m0 = means[..., 0] if data.weight is None else means[..., 0] * data.weight[:, None]
