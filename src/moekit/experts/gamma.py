@@ -65,28 +65,37 @@ def gamma_shape_mle(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     a = (3 - c + sqrt((c - 3)^2 + 24 c)) / (12 c); the answer is clamped to
     [``SHAPE_MIN``, ``SHAPE_MAX``] (c = 0: a perfect fit, the largest shape).
 
-    The answer is the ``iterations``-th iterate, bit for bit. Once an iterate equals
-    the one two steps before, the sequence repeats with period 2 (or 1: converged),
-    the step being a fixed elementwise function; the remaining steps are then not
-    taken, only their parity read. (Where log a - psi(a) loses its digits to
-    cancellation, at large shapes, the iterates wander in rounding noise and every
-    step is taken.)
+    The answer is the ``iterations``-th iterate, bit for bit, but the steps after it
+    is known are not taken. Near the root f is rounding noise (log a - psi(a) loses
+    digits to cancellation), and the iterates of each element cycle through a few
+    neighbouring floats: the step being a fixed function of each element, once an
+    element's iterate repeats an earlier one its sequence is periodic, and its
+    ``iterations``-th iterate is read off the cycle.
     """
     c = c.clamp(min=1e-300)
     a = (3.0 - c + torch.sqrt((c - 3.0) ** 2 + 24.0 * c)) / (12.0 * c)
     x = torch.log(a.clamp(SHAPE_MIN, SHAPE_MAX))
     lo, hi = math.log(SHAPE_MIN), math.log(SHAPE_MAX)
-    before = None  # the iterate two steps back
-    for i in range(iterations):
+    path = [x]  # the iterates so far, (K,) each
+    seen: list[dict[int, int]] = [{} for _ in range(x.numel())]  # per element: bits -> step
+    at = [-1] * x.numel()  # per element: the step whose iterate is its answer (-1: unknown)
+    for step in range(iterations + 1):
+        for k, bits in enumerate(x.detach().cpu().numpy().view(np.int64).tolist()):
+            if at[k] < 0:
+                first = seen[k].setdefault(bits, step)
+                if first < step:  # a cycle of length step - first from step ``first``
+                    at[k] = first + (iterations - first) % (step - first)
+        if step == iterations or min(at) >= 0:
+            break
         a = torch.exp(x)
         f = x - torch.digamma(a) - c
         df = 1.0 - a * torch.polygamma(1, a)
-        nxt = (x - f / df.clamp(max=-1e-300)).clamp(lo, hi)
-        if before is not None and torch.equal(nxt, before):
-            left = iterations - 1 - i  # steps still to take, alternating x and nxt
-            return torch.exp(nxt if left % 2 == 0 else x)
-        before, x = x, nxt
-    return torch.exp(x)
+        x = (x - f / df.clamp(max=-1e-300)).clamp(lo, hi)
+        path.append(x)
+    if min(at) < 0:  # the last iterate is the answer of the elements still unknown
+        return torch.exp(x)
+    pick = torch.as_tensor(at, device=x.device).unsqueeze(0)
+    return torch.exp(torch.stack(path).gather(0, pick)[0])
 
 
 def gamma_logpdf(eta, log_y, y, shape):
