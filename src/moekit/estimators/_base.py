@@ -282,7 +282,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         device = resolve_device(self.device)
         state["_x_mean"] = state["_x_mean"].to(device)
         state["_x_scale"] = state["_x_scale"].to(device)
-        XeT, XgT = build_designs(shared_tensor(X, device), state)
+        on_device = Xt if not warm and Xt.device == device else shared_tensor(X, device)
+        XeT, XgT = build_designs(on_device, state)
         data = EMData(XeT, XgT, coder.encode(y, state, device), comm=comm,
                       n_global=None if comm is None else n, weight=as_row_tensor(w, device),
                       offset=as_row_tensor(off, device))  # fmt: skip
