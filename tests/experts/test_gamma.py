@@ -92,11 +92,14 @@ def test_gamma_shape_stops_early_at_the_same_bits(k):
     spots = torch.tensor([0.0, 1e-12, 1e-8, 1e-3, 0.1, 0.5, 1.0, 3.0, 10.0, 1e4, 1e8],
                          dtype=torch.float64)  # fmt: skip
     cs = [spots[i : i + k] for i in range(0, len(spots) - k + 1)]
-    cs += [2 * torch.rand(k, generator=gen, dtype=torch.float64) for _ in range(200)]
-    cs += [10 ** (-8 * torch.rand(k, generator=gen, dtype=torch.float64)) for _ in range(200)]
+    cs += [2 * torch.rand(k, generator=gen, dtype=torch.float64) for _ in range(60)]
+    cs += [10 ** (-8 * torch.rand(k, generator=gen, dtype=torch.float64)) for _ in range(60)]
+    cs += [c.float() for c in cs[:50]]  # single precision too: the bits of its floats
     for c in cs:
-        for n in (0, 1, 2, 3, 7, 13, 30):
-            assert torch.equal(gamma_shape_mle(c, n), _shape_every_step(c, n)), (c, n)
+        for n in (0, 1, 2, 7, 30):
+            # the same floats (NaN where both give NaN: c = 0 in single precision)
+            torch.testing.assert_close(gamma_shape_mle(c, n), _shape_every_step(c, n), rtol=0,
+                                       atol=0, equal_nan=True, msg=f"{c}, {n}")  # fmt: skip
 
 
 def test_gamma_m_step_never_lowers_its_objective():

@@ -80,7 +80,8 @@ def gamma_shape_mle(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     seen: list[dict[int, int]] = [{} for _ in range(x.numel())]  # per element: bits -> step
     at = [-1] * x.numel()  # per element: the step whose iterate is its answer (-1: unknown)
     for step in range(iterations + 1):
-        for k, bits in enumerate(x.detach().cpu().numpy().view(np.int64).tolist()):
+        now = x.detach().cpu().numpy()
+        for k, bits in enumerate(now.view(f"i{now.itemsize}").tolist()):  # exact bits
             if at[k] < 0:
                 first = seen[k].setdefault(bits, step)
                 if first < step:  # a cycle of length step - first from step ``first``
