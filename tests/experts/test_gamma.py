@@ -66,6 +66,42 @@ def test_gamma_shape_solves_its_likelihood_equation():
     torch.testing.assert_close(torch.log(a) - torch.digamma(a), c, rtol=1e-10, atol=0.0)
 
 
+def _shape_every_step(c, iterations=30):
+    """gamma_shape_mle's Newton iteration with every step taken (the reference)."""
+    import math
+
+    from moekit.experts.gamma import SHAPE_MAX, SHAPE_MIN
+
+    c = c.clamp(min=1e-300)
+    a = (3.0 - c + torch.sqrt((c - 3.0) ** 2 + 24.0 * c)) / (12.0 * c)
+    x = torch.log(a.clamp(SHAPE_MIN, SHAPE_MAX))
+    for _ in range(iterations):
+        a = torch.exp(x)
+        df = 1.0 - a * torch.polygamma(1, a)
+        x = (x - (x - torch.digamma(a) - c) / df.clamp(max=-1e-300)).clamp(
+            math.log(SHAPE_MIN), math.log(SHAPE_MAX))  # fmt: skip
+    return torch.exp(x)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_gamma_shape_stops_early_at_the_same_bits(k):
+    """The solve stops once its iterates repeat (period 1 or 2), and still returns the
+    30th iterate bit for bit: converged shapes, shapes whose last bit alternates, and
+    large shapes whose iterates wander in rounding noise (every step taken)."""
+    gen = torch.Generator().manual_seed(k)
+    spots = torch.tensor([0.0, 1e-12, 1e-8, 1e-3, 0.1, 0.5, 1.0, 3.0, 10.0, 1e4, 1e8],
+                         dtype=torch.float64)  # fmt: skip
+    cs = [spots[i : i + k] for i in range(0, len(spots) - k + 1)]
+    cs += [2 * torch.rand(k, generator=gen, dtype=torch.float64) for _ in range(60)]
+    cs += [10 ** (-8 * torch.rand(k, generator=gen, dtype=torch.float64)) for _ in range(60)]
+    cs += [c.float() for c in cs[:50]]  # single precision too: the bits of its floats
+    for c in cs:
+        for n in (0, 1, 2, 7, 30):
+            # the same floats (NaN where both give NaN: c = 0 in single precision)
+            torch.testing.assert_close(gamma_shape_mle(c, n), _shape_every_step(c, n), rtol=0,
+                                       atol=0, equal_nan=True, msg=f"{c}, {n}")  # fmt: skip
+
+
 def test_gamma_m_step_never_lowers_its_objective():
     X, y = _draw(500, 3)
     data = EMData(checks.design(X), checks.design(X), torch.as_tensor(y).reshape(1, -1))

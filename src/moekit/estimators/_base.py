@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.utils.validation import validate_data
 
 from moekit._core.data import EMData
 from moekit._core.distributed import DataGroup
@@ -28,6 +27,7 @@ from moekit.estimators._columns import resolve_columns
 from moekit.estimators._design import DESIGN_ATTRS, Prepared, build_designs, shared_tensor
 from moekit.estimators._editing import Edit, EditingMixin
 from moekit.estimators._files import ModelFileMixin
+from moekit.estimators._inputs import check_fit_data
 from moekit.estimators._nesting import NestingMixin, SmallExpertsRemovedWarning
 from moekit.estimators._params import DeclaredParams
 from moekit.estimators._scoring import SCORE_BLOCK_ROWS, CoefficientsMixin, ScoringMixin
@@ -285,7 +285,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         device = resolve_device(self.device)
         state["_x_mean"] = state["_x_mean"].to(device)
         state["_x_scale"] = state["_x_scale"].to(device)
-        XeT, XgT = build_designs(shared_tensor(X, device), state)
+        on_device = Xt if not warm and Xt.device == device else shared_tensor(X, device)
+        XeT, XgT = build_designs(on_device, state)
         data = EMData(XeT, XgT, coder.encode(y, state, device), comm=comm,
                       n_global=None if comm is None else n, weight=as_row_tensor(w, device),
                       offset=as_row_tensor(off, device))  # fmt: skip
@@ -307,9 +308,8 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
                     "previous fit, which needs the same features (set warm_start=False to "
                     "fit afresh)."
                 )
-        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2,
-                             ensure_min_features=self._min_features,
-                             **coder.validation)  # fmt: skip
+        X, y = check_fit_data(self, X, y, min_features=self._min_features,
+                              validation=coder.validation)  # fmt: skip
         w = check_sample_weight(rows[0], X.shape[0])
         off = check_offset(rows[1], X.shape[0])
         check_offset_family(self._expert_class(), getattr(self, "expert", None), off)
@@ -389,7 +389,9 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
         ``frozen``: the experts (numbered as in the fit) that stay frozen after it.
         """
         expert, gate = model.expert, model.gate
-        if self._order_by_mean:  # increasing mean prediction over the training inputs
+        if result.nk.shape[0] == 1:  # one expert: the one order, without computing a key
+            perm = torch.zeros(1, dtype=torch.long, device=result.nk.device)
+        elif self._order_by_mean:  # increasing mean prediction over the training inputs
             means, _ = expert.moments(result.params.expert, prepared.data.XeT)
             data = prepared.data
             m0 = means[..., 0] if data.weight is None else means[..., 0] * data.weight[:, None]

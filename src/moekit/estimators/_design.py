@@ -54,6 +54,8 @@ def shared_tensor(X: np.ndarray, device=None) -> torch.Tensor:
         # a frame's columns picked out of order can come as a view with a negative
         # stride, which torch cannot share: copy that one
         X = np.array(X, dtype=np.float64)
+    if X.flags.writeable:  # nothing for torch to warn about
+        return torch.as_tensor(X, dtype=EM_DTYPE, device=device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
         return torch.as_tensor(X, dtype=EM_DTYPE, device=device)

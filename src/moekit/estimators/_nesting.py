@@ -35,6 +35,8 @@ class NestingMixin:
         frozen experts keep every expert. Returns the model, its fit, how many went."""
         if edit is not None or model.frozen_experts or self.fit_method != "em":
             return model, result, 0
+        if model.n_experts == 1:  # the largest expert always stays: nothing to check
+            return model, result, 0
         K, jac = model.n_experts, self._target().log_jacobian(prepared.state)
 
         def rerun(small: EMModel, start: Params) -> FitResult:

@@ -134,22 +134,25 @@ class CensoredExperts:
         coef, var = self.base.latent_normal(params)  # (K, p), (K,)
         return coef @ XT, var.unsqueeze(1)  # (K, c), (K, 1)
 
-    def _log_prob(self, mu, var, rows) -> tuple[torch.Tensor, dict]:
-        """log p_k of every row (K, c), and the interval quantities the M-step reuses."""
+    def _log_prob(self, mu, var, rows, known: Known | None = None) -> tuple[torch.Tensor, dict]:
+        """log p_k of every row (K, c), and the interval quantities the M-step reuses.
+
+        ``known``: what the rows alone determine (:func:`_known`), where the caller has it.
+        """
         point, lo, hi, t_lo, t_hi = rows
+        exact, finite, windowed = _known(rows) if known is None else known
         sd = var.sqrt()
-        exact = lo == hi
         # exact rows take the density: their interval is set to the whole line, so
         # that the branch not taken stays finite (and so do autograd's gradients)
-        a = torch.where(exact, -math.inf, _standard(lo, mu, sd))
-        b = torch.where(exact, math.inf, _standard(hi, mu, sd))
+        a = torch.where(exact, -math.inf, _standard(lo, mu, sd, finite[0]))
+        b = torch.where(exact, math.inf, _standard(hi, mu, sd, finite[1]))
         log_mass = log_normal_interval(a, b)
         jac = self.log_scale + (point if self.base.latent_log else 0.0)
         dens = gaussian_logpdf(point - mu, var) - jac
         out = torch.where(exact, dens, log_mass)
         parts = {"a": a, "b": b, "log_mass": log_mass, "exact": exact}
-        if bool(torch.isfinite(t_lo).any() or torch.isfinite(t_hi).any()):
-            ta, tb = _standard(t_lo, mu, sd), _standard(t_hi, mu, sd)
+        if windowed:
+            ta, tb = _standard(t_lo, mu, sd, finite[2]), _standard(t_hi, mu, sd, finite[3])
             log_window = log_normal_interval(ta, tb)
             out = out - log_window
             parts.update(ta=ta, tb=tb, log_window=log_window)
@@ -157,18 +160,34 @@ class CensoredExperts:
 
     # ------------------------------------------------------------ E-step
     def prepare(self, data: EMData) -> None:
-        pass  # the base's caches are of y itself, here the first of the target's rows
+        # the target's rows on the latent scale and what they alone determine, once per
+        # fit instead of in every pass (the base's caches are of y itself, not needed:
+        # here y is the first of the target's rows)
+        rows = self._rows(data.y)
+        data.cache["censored_rows"] = rows, _known(rows)
+
+    def _chunk_rows(self, chunk: Chunk) -> tuple[tuple[torch.Tensor, ...], Known]:
+        """:meth:`_rows` of the chunk and :func:`_known` of them, from the cache if prepared."""
+        cached = chunk.data.cache.get("censored_rows")
+        if cached is None:
+            rows = self._rows(chunk.y)
+            return rows, _known(rows)
+        part = slice(chunk.start, chunk.stop)
+        rows, (exact, finite, windowed) = cached
+        finite = tuple(f[part] for f in finite)
+        if windowed and (chunk.start, chunk.stop) != (0, chunk.data.n):
+            windowed = bool(finite[2].any() or finite[3].any())  # this chunk's own window
+        return tuple(r[part] for r in rows), (exact[part], finite, windowed)
 
     def log_prob(self, params, chunk: Chunk) -> torch.Tensor:
         mu, var = self._normal(params, chunk.XeT)
-        out, parts = self._log_prob(mu, var, self._rows(chunk.y))
+        out, parts = self._log_prob(mu, var, *self._chunk_rows(chunk))
         chunk.scratch["censored"] = (mu, var, parts)
         return out
 
     # ------------------------------------------------------------ M-step
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor):
-        rows = self._rows(chunk.y)
-        point = rows[0]
+        point = self._chunk_rows(chunk)[0][0]
         if params is None:  # a first M-step: every row as if observed at its point
             ey, ey2, weight = point.expand_as(resp), (point * point).expand_as(resp), resp
         else:
@@ -207,10 +226,24 @@ class CensoredExperts:
         return self._log_prob(mu, var, self._rows(y))[0]
 
 
-def _standard(bound: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+Known = tuple[torch.Tensor, tuple[torch.Tensor, ...], bool]
+"""What a censored target's rows alone determine (:func:`_known`)."""
+
+
+def _known(rows: tuple[torch.Tensor, ...]) -> Known:
+    """(exact, finite, windowed) of the rows (point, l, u, t, v): where l = u (the row
+    is observed exactly), whether each of l, u, t, v is finite, and whether any
+    window end is (the rows are truncated)."""
+    _, lo, hi, t_lo, t_hi = rows
+    finite = tuple(torch.isfinite(r) for r in (lo, hi, t_lo, t_hi))
+    return lo == hi, finite, bool(finite[2].any() or finite[3].any())
+
+
+def _standard(bound: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor,
+              finite: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(bound - mu) / sd, (K, c); an infinite bound stays infinite with zero gradients
-    (not inf - mu, whose gradient in sd is infinite)."""
-    finite = torch.isfinite(bound)
+    (not inf - mu, whose gradient in sd is infinite). ``finite``: isfinite(bound)."""
+    finite = torch.isfinite(bound) if finite is None else finite
     z = (torch.where(finite, bound, torch.zeros_like(bound)) - mu) / sd
     return torch.where(finite, z, bound.expand_as(z))
 

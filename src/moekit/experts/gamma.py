@@ -65,17 +65,39 @@ def gamma_shape_mle(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     (f'(x) = 1 - e^x psi'(e^x) < 0), started from Minka's approximation
     a = (3 - c + sqrt((c - 3)^2 + 24 c)) / (12 c); the answer is clamped to
     [``SHAPE_MIN``, ``SHAPE_MAX``] (c = 0: a perfect fit, the largest shape).
+
+    The answer is the ``iterations``-th iterate, bit for bit, but the steps after it
+    is known are not taken. Near the root f is rounding noise (log a - psi(a) loses
+    digits to cancellation), and the iterates of each element cycle through a few
+    neighbouring floats: the step being a fixed function of each element, once an
+    element's iterate repeats an earlier one its sequence is periodic, and its
+    ``iterations``-th iterate is read off the cycle.
     """
     c = c.clamp(min=1e-300)
     a = (3.0 - c + torch.sqrt((c - 3.0) ** 2 + 24.0 * c)) / (12.0 * c)
     x = torch.log(a.clamp(SHAPE_MIN, SHAPE_MAX))
     lo, hi = math.log(SHAPE_MIN), math.log(SHAPE_MAX)
-    for _ in range(iterations):
+    path = [x]  # the iterates so far, (K,) each
+    seen: list[dict[int, int]] = [{} for _ in range(x.numel())]  # per element: bits -> step
+    at = [-1] * x.numel()  # per element: the step whose iterate is its answer (-1: unknown)
+    for step in range(iterations + 1):
+        now = x.detach().cpu().numpy()
+        for k, bits in enumerate(now.view(f"i{now.itemsize}").tolist()):  # exact bits
+            if at[k] < 0:
+                first = seen[k].setdefault(bits, step)
+                if first < step:  # a cycle of length step - first from step ``first``
+                    at[k] = first + (iterations - first) % (step - first)
+        if step == iterations or min(at) >= 0:
+            break
         a = torch.exp(x)
         f = x - torch.digamma(a) - c
         df = 1.0 - a * torch.polygamma(1, a)
         x = (x - f / df.clamp(max=-1e-300)).clamp(lo, hi)
-    return torch.exp(x)
+        path.append(x)
+    if min(at) < 0:  # the last iterate is the answer of the elements still unknown
+        return torch.exp(x)
+    pick = torch.as_tensor(at, device=x.device).unsqueeze(0)
+    return torch.exp(torch.stack(path).gather(0, pick)[0])
 
 
 def gamma_logpdf(eta, log_y, y, shape):

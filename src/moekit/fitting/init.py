@@ -57,16 +57,29 @@ KMEANS_ROWS = 10_000
 """k-means runs on at most this many rows; the others join their nearest centre."""
 
 
+def _kmeans_draws(n: int, generator: torch.Generator) -> tuple[int, torch.Tensor | None]:
+    """k-means' seed, and the rows it runs on when n > ``KMEANS_ROWS`` (else None).
+
+    With K = 1 no k-means runs (one cluster holds every row: k-means would cost a
+    millisecond to say so), but these draws are still taken, so that the generator,
+    and every later start drawn from it, is where k-means would have left it.
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    rows = None
+    if n > KMEANS_ROWS:
+        rows = torch.randperm(n, generator=generator)[:KMEANS_ROWS]
+    return seed, rows
+
+
 def _kmeans_labels(Z: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
     """k-means labels of the rows of Z (n, d), standardised column-wise first."""
+    seed, rows = _kmeans_draws(Z.shape[0], generator)
+    if K == 1:
+        return torch.zeros(Z.shape[0], dtype=torch.long)
     from sklearn.cluster import KMeans
 
     sd = Z.std(0, correction=0)
     Z = (Z - Z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    rows = None
-    if Z.shape[0] > KMEANS_ROWS:
-        rows = torch.randperm(Z.shape[0], generator=generator)[:KMEANS_ROWS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicate points: fewer distinct clusters is fine
         km = KMeans(n_clusters=K, n_init=1, random_state=seed)
@@ -91,6 +104,9 @@ def kmeans_resp(
         The target rows to cluster on with the features (default ``data.y`` when it
         is a float tensor); rows with an infinite value are left out.
     """
+    if K == 1:  # every row in the one cluster, after k-means' draws
+        _kmeans_draws(data.n, generator)
+        return data.XeT.new_ones((1, data.n))
     feats = [data.XeT[:-1]]  # drop the intercept row
     y = data.y if target is None else target
     if y is not None and y.is_floating_point():
