@@ -6,9 +6,11 @@ For each shape it times, side by side in one run (each repetition runs every met
 once, in rotating order, so that a load change on the machine hits all of them):
 
 - ``moekit MoE``: the layer as users get it (``expert_impl='auto'``, the fused
-  dispatch of :mod:`moekit.nn.fused`, its blocks on helper threads), the same with
-  the blocks one after another on the intra-op team (:data:`moekit.nn.threads.
-  helper_threads` off, as before the helpers), the fused dispatch over grouped_mm, and
+  dispatch of :mod:`moekit.nn.fused`, its blocks on helper threads or on the
+  intra-op team as :func:`moekit.nn.threads.use_helpers` chooses), the same with
+  the blocks always one after another on the intra-op team (:data:`moekit.nn.threads.
+  helper_threads` off, as before the helpers) and always on helper threads, the
+  fused dispatch over grouped_mm, and
   the layer's sorted dispatch through plain autograd over grouped_mm, padded bmm and
   a per-expert mm loop;
 - ``loop + index_add``: the dispatch of common LLM code (Mixtral's sparse block):
@@ -129,13 +131,19 @@ def bench_shape(d_model, d_hidden, n_experts, top_k, n_tokens, repeats):
         return go
 
     def layer_with(impl, helpers=True):
+        # helpers: True as users get it (nn_threads.use_helpers decides), False never,
+        # "always" wherever there are blocks enough for them at all
+        per_thread = nn_threads.BLOCKS_PER_THREAD
+
         def forward():
             bank.impl = impl
-            nn_threads.helper_threads = helpers
+            nn_threads.helper_threads = helpers is not False
+            nn_threads.BLOCKS_PER_THREAD = 0 if helpers == "always" else per_thread
             try:
                 return layer(x)
             finally:
                 nn_threads.helper_threads = True
+                nn_threads.BLOCKS_PER_THREAD = per_thread
 
         return timed(forward, [x], grad)
 
@@ -162,6 +170,7 @@ def bench_shape(d_model, d_hidden, n_experts, top_k, n_tokens, repeats):
     methods = {
         "moekit MoE (auto)": layer_with("auto"),
         "moekit MoE, fused, blocks on the intra-op team": layer_with("auto", helpers=False),
+        "moekit MoE, fused, blocks on helper threads": layer_with("auto", helpers="always"),
         "moekit MoE, fused grouped_mm": layer_with("grouped_mm"),
         "moekit MoE, autograd padded bmm": layer_with("bmm"),
         "moekit MoE, autograd per-expert mm": layer_with("mm"),

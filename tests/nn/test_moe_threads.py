@@ -113,3 +113,48 @@ def test_a_helpers_exception_reaches_the_caller():
     with pytest.raises(RuntimeError, match="block 5 failed"):
         TH.run_blocks(12, work, lambda i, r: None, TH.GRAIN)
     TH.run_blocks(12, lambda i: i, lambda i, r: None, TH.GRAIN)  # the helpers still serve
+
+
+@pytest.mark.parametrize(
+    "n_blocks, n_threads, block_size, helpers",
+    [
+        (64, 1, TH.LARGE_BLOCK, False),  # one thread: nothing to hand out
+        (3, 2, TH.LARGE_BLOCK, False),  # fewer than two blocks per thread
+        (64, 2, TH.GRAIN - 1, False),  # below the grain: no barrier to avoid
+        (8, 2, TH.LARGE_BLOCK, False),  # E=8 on 2 threads, large blocks: the team
+        (8, 2, TH.LARGE_BLOCK - 1, True),  # E=8, smaller blocks: the helpers
+        (16, 2, TH.LARGE_BLOCK, True),  # eight blocks per thread: an even tail
+        (64, 2, 4 * TH.LARGE_BLOCK, True),
+        (16, 4, TH.LARGE_BLOCK, False),
+    ],
+)
+def test_helpers_take_many_or_small_blocks_the_team_few_large_ones(
+    n_blocks, n_threads, block_size, helpers
+):
+    assert TH.use_helpers(n_blocks, n_threads, block_size) is helpers
+
+
+def _block_threads(monkeypatch, n_experts, n_tokens, d_model, d_hidden):
+    from moekit.nn import fused
+
+    names = set()
+    block_forward = fused._block_forward
+    monkeypatch.setattr(
+        fused,
+        "_block_forward",
+        lambda *a: names.add(threading.current_thread().name) or block_forward(*a),
+    )
+    torch.manual_seed(0)
+    MoE(d_model, d_hidden, n_experts, 2)(torch.randn(n_tokens, d_model))
+    return names
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_few_large_blocks_run_on_the_team_and_many_on_helpers(monkeypatch):
+    # 4,096 tokens, top-2: 8,192 assignments; SwiGLU blocks of (rows, 2 * 1024)
+    # 8 experts: 1,024 rows a block, 2 M elements, 4 blocks per thread -> the team
+    team = _block_threads(monkeypatch, 8, 4096, 16, 1024)
+    assert team == {threading.current_thread().name}
+    # 32 experts: 256 rows a block, 0.5 M elements -> helpers
+    helpers = _block_threads(monkeypatch, 32, 4096, 16, 1024)
+    assert helpers and all(n.startswith("moekit-blocks") for n in helpers)
