@@ -77,17 +77,7 @@ def test_blocks_run_on_helpers_and_the_thread_count_is_kept(monkeypatch):
     [(3, T), (8, 16)],  # at most 3 blocks for 2 threads; blocks below the grain
 )
 def test_few_or_small_blocks_stay_on_the_calling_thread(n_experts, n_tokens, monkeypatch):
-    from moekit.nn import fused
-
-    names = set()
-    block_forward = fused._block_forward
-    monkeypatch.setattr(
-        fused,
-        "_block_forward",
-        lambda *a: names.add(threading.current_thread().name) or block_forward(*a),
-    )
-    torch.manual_seed(0)
-    MoE(D, H, n_experts, 1)(torch.randn(n_tokens, D))
+    names = _block_threads(monkeypatch, n_experts, n_tokens, D, H, top_k=1)
     assert names == {threading.current_thread().name}
 
 
@@ -134,7 +124,8 @@ def test_helpers_take_many_or_small_blocks_the_team_few_large_ones(
     assert TH.use_helpers(n_blocks, n_threads, block_size) is helpers
 
 
-def _block_threads(monkeypatch, n_experts, n_tokens, d_model, d_hidden):
+def _block_threads(monkeypatch, n_experts, n_tokens, d_model, d_hidden, top_k=2):
+    """The names of the threads that ran the layer's expert blocks in one forward."""
     from moekit.nn import fused
 
     names = set()
@@ -145,7 +136,7 @@ def _block_threads(monkeypatch, n_experts, n_tokens, d_model, d_hidden):
         lambda *a: names.add(threading.current_thread().name) or block_forward(*a),
     )
     torch.manual_seed(0)
-    MoE(d_model, d_hidden, n_experts, 2)(torch.randn(n_tokens, d_model))
+    MoE(d_model, d_hidden, n_experts, top_k)(torch.randn(n_tokens, d_model))
     return names
 
 
