@@ -116,12 +116,18 @@ def test_removing_an_expert_removes_its_family():
     assert len(names) == pruned.expert_sizes_.shape[0] < 3 and "zero" in names
 
 
-def test_gamma_and_lognormal_experts_in_one_mixture():
-    rng = np.random.default_rng(2)
-    X = rng.uniform(-1, 1, (2000, 1))
-    first = rng.random(2000) < 0.5
+def _gamma_and_lognormal_rows(n: int, seed: int):
+    """Half the rows from a Gamma regression (shape 4), half from a lognormal one."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (n, 1))
+    first = rng.random(n) < 0.5
     y = np.where(first, rng.gamma(4.0, np.exp(0.2 + X[:, 0]) / 4.0),
-                 np.exp(1.5 - 0.5 * X[:, 0] + 0.3 * rng.normal(size=2000)))  # fmt: skip
+                 np.exp(1.5 - 0.5 * X[:, 0] + 0.3 * rng.normal(size=n)))  # fmt: skip
+    return X, y
+
+
+def test_gamma_and_lognormal_experts_in_one_mixture():
+    X, y = _gamma_and_lognormal_rows(2000, seed=2)
     m = MoERegressor(2, expert=["gamma", "lognormal"], n_init=3, random_state=0).fit(X, y)
     for alone in ("gamma", "lognormal"):
         one = MoERegressor(1, expert=alone, n_init=1).fit(X, y)
@@ -216,11 +222,7 @@ def test_coef_of_a_family_per_expert_is_each_experts_own(zip_fit):
     np.testing.assert_allclose([m.intercept_[1], m.coef_[1, 0]], pois[["intercept", "x0"]],
                                rtol=1e-10)  # fmt: skip
     # Gamma (log mean) and lognormal (mean of log y) rows, each against its summary
-    rng = np.random.default_rng(4)
-    X = rng.uniform(-1, 1, (800, 1))
-    first = rng.random(800) < 0.5
-    y = np.where(first, rng.gamma(4.0, np.exp(0.2 + X[:, 0]) / 4.0),
-                 np.exp(1.5 - 0.5 * X[:, 0] + 0.3 * rng.normal(size=800)))  # fmt: skip
+    X, y = _gamma_and_lognormal_rows(800, seed=4)
     m = MoERegressor(2, expert=["gamma", "lognormal"], n_init=3, random_state=0).fit(X, y)
     table = m.summary().table
     for k in range(2):
