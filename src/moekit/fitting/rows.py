@@ -83,6 +83,11 @@ def start_rows(data: EMData, size: int | None, generator: torch.Generator) -> tu
     order = canonical_order(data).cpu()
     w = None if data.weight is None else data.weight.cpu()[order]
     rows, written_out, whole = _pick(order, w, data.n, size, generator)
+    if whole and not written_out and bool((order == torch.arange(data.n)).all()):
+        # the rows are in their fixed order already (those of an enclosing fit's
+        # starts): the same object, so that the fits of simpler models made on
+        # them are recognised and shared (see run_em's nested fits)
+        return data, True
     out = data.subset(rows.to(data.XeT.device))
     return (_unweighted(out) if written_out else out), whole
 
