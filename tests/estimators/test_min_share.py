@@ -54,6 +54,33 @@ def test_the_default_removes_the_spike_expert_and_says_so(spiky):
     assert m.log_likelihood_ == pytest.approx(two.log_likelihood_, abs=1e-3)
 
 
+def test_n_iter_counts_the_iterations_before_the_removal(spiky, monkeypatch):
+    import moekit.estimators._nesting as nesting
+
+    X, y = spiky
+    runs = []  # the iterations of the full fit and of each refit after a removal
+    real = nesting.prune_small_experts
+
+    def spy(model, data, result, min_share, rerun):
+        runs.append(result.n_iter)
+
+        def counted(small, start):
+            out = rerun(small, start)
+            runs.append(out.n_iter)
+            return out
+
+        return real(model, data, result, min_share, counted)
+
+    monkeypatch.setattr(nesting, "prune_small_experts", spy)
+    m = _fit(X, y)
+    assert m.n_experts_removed_ == 1 and len(runs) == 2
+    # the premise: the fit ran longer than the refit that follows the removal
+    assert runs[0] > 1
+    assert m.n_iter_ == sum(runs)
+    # the history is the returned model's run: the refit's
+    assert len(m.log_likelihood_history_) == runs[-1] + 1
+
+
 def test_min_share_applies_to_the_classifier():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 2))

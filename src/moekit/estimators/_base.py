@@ -173,10 +173,13 @@ class BaseMoE(ScoringMixin, CoefficientsMixin, SummaryMixin, NestingMixin, Editi
             model = self._em_model(prepared, seed, edit)
             with em_threads(prepared.data):
                 result = self._run(model, prepared, parent, edit, seed)
-                model, result, removed = self._drop_small_experts(model, prepared, result, edit)
+                model, result, removed, before = self._drop_small_experts(model, prepared,
+                                                                          result, edit)  # fmt: skip
             kept = model.frozen_experts if edit is None else edit.kept_frozen
             state = {**prepared.state, **self._fitted_state(model, result, prepared, kept),
                      "n_experts_removed_": removed}  # fmt: skip
+            if before:  # every EM iteration of the fit, those before experts were removed too
+                state["n_iter_"] += before
         except BaseException:
             # scikit-learn's validate_data writes n_features_in_ as it checks: undo that too
             self.__dict__.clear()

@@ -29,24 +29,30 @@ class NestingMixin:
     :class:`~moekit.estimators._base.BaseMoE`)."""
 
     def _drop_small_experts(self, model: EMModel, prepared: Prepared, result: FitResult,
-                            edit: Edit | None) -> tuple[EMModel, FitResult, int]:  # fmt: skip
+                            edit: Edit | None) -> tuple[EMModel, FitResult, int, int]:  # fmt: skip
         """Remove the experts below ``min_share`` of the rows and continue EM without
         them (:func:`~moekit.fitting.pruning.prune_small_experts`); edits and fits with
-        frozen experts keep every expert. Returns the model, its fit, how many went."""
+        frozen experts keep every expert. Returns the model, its fit, how many went,
+        and the EM iterations on all the data that ran before the returned fit's own
+        (those of the larger models it continues: 0 when nothing was removed)."""
         if edit is not None or model.frozen_experts or self.fit_method != "em":
-            return model, result, 0
+            return model, result, 0, 0
         if model.n_experts == 1:  # the largest expert always stays: nothing to check
-            return model, result, 0
+            return model, result, 0, 0
         K, jac = model.n_experts, self._target().log_jacobian(prepared.state)
+        earlier = [result.n_iter]  # the iterations of each fit a removal continues
 
         def rerun(small: EMModel, start: Params) -> FitResult:
-            return run_em(small, prepared.data, n_init=1, max_iter=self.max_iter, tol=self.tol,
-                          init_max_iter=0, init_sample_size=None, warm_params=start,
-                          generator=torch_generator(self.random_state),
-                          loglik_offset=jac)  # fmt: skip
+            out = run_em(small, prepared.data, n_init=1, max_iter=self.max_iter, tol=self.tol,
+                         init_max_iter=0, init_sample_size=None, warm_params=start,
+                         generator=torch_generator(self.random_state),
+                         loglik_offset=jac)  # fmt: skip
+            earlier.append(out.n_iter)
+            return out
 
         model, result, removed = prune_small_experts(model, prepared.data, result,
                                                      self.min_share, rerun)  # fmt: skip
+        before = sum(earlier[:-1])
         if removed:
             warnings.warn(
                 f"{removed} of {K} experts held less than min_share={self.min_share:g} of the "
@@ -55,7 +61,7 @@ class NestingMixin:
                 SmallExpertsRemovedWarning,
                 stacklevel=3,
             )
-        return model, result, removed
+        return model, result, removed, before
 
     def _carried_over(self, model: EMModel, parent, prepared: Prepared) -> list:
         """Starts from a fitted simpler model of the same data (see ``carry_over``)."""

@@ -185,13 +185,16 @@ default='auto'
     Attributes
     ----------
     n_iter_ : int
-        EM iterations on all the data.
+        EM iterations on all the data, those run before experts below ``min_share``
+        were removed included.
     converged_ : bool
     log_likelihood_ : float
         Mean per-sample log-likelihood of the training data at the fit.
     log_likelihood_history_ : list of float
         The objective after each iteration: the mean log-likelihood plus the gate
-        penalty's log-prior divided by n. EM never decreases it.
+        penalty's log-prior divided by n. EM never decreases it. After experts were
+        removed (``n_experts_removed_ > 0``) it follows the model returned, from the
+        point where the last removal left it.
     expert_sizes_ : ndarray of shape (n_experts,)
         Total responsibility of each expert on the training data (one entry per
         expert of the fitted model).
