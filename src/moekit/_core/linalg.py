@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -49,11 +51,22 @@ def unpack_triu(packed: torch.Tensor, p: int) -> torch.Tensor:
     -------
     Tensor of shape (..., p, p)
     """
-    rows, cols = triu_pairs(p, device=packed.device)
-    out = packed.new_zeros((*packed.shape[:-1], p, p))
-    out[..., rows, cols] = packed
-    out[..., cols, rows] = packed
-    return out
+    index = _triu_gather(p, packed.device)
+    return packed.index_select(-1, index).reshape(*packed.shape[:-1], p, p)
+
+
+@functools.lru_cache(maxsize=32)
+def _triu_gather(p: int, device: torch.device) -> torch.Tensor:
+    """Where each entry of a p x p symmetric matrix sits in its packed upper triangle,
+    (p p,): one gather rebuilds the matrix (an M-step unpacks its Grams every
+    iteration, and on small data the two scatters this replaces cost more than
+    the arithmetic)."""
+    rows, cols = triu_pairs(p)
+    index = torch.empty((p, p), dtype=torch.long)
+    position = torch.arange(rows.numel())
+    index[rows, cols] = position
+    index[cols, rows] = position
+    return index.reshape(-1).to(device)
 
 
 def even_system(
