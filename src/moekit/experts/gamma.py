@@ -167,9 +167,9 @@ class GammaExperts(RidgeGLM):
         if params is None:
             params = self.init_params(data)
         grad, hess, dev, nk = stats
-        return self._step(params, grad, grams(hess, grad.shape[1]), dev, nk, has_weight(nk))
+        return self._update(params, grad, grams(hess, grad.shape[1]), dev, nk, has_weight(nk))
 
-    def _step(self, params: GammaParams, grad, H, dev, nk, keep, many: bool = False):
+    def _update(self, params: GammaParams, grad, H, dev, nk, keep, many: bool = False):
         """The shape by maximum likelihood, then the scoring step, for every expert that
         holds weight (``keep``); ``many``: experts of several fits, systems of even size."""
         shape = gamma_shape_mle(dev / nk.clamp(min=1e-300) - 1.0)
@@ -208,8 +208,8 @@ class GammaExperts(RidgeGLM):
         flat = GammaParams(params.coef.reshape(S * K, p), params.shape.reshape(S * K))
         H = grams(flat_grams(hess), p)  # (S K, p, p)
         keep = has_weight_many(nk)
-        new = self._step(flat, grad.reshape(S * K, p), H, dev.reshape(-1), nk.reshape(-1), keep,
-                         many=True)  # fmt: skip
+        new = self._update(flat, grad.reshape(S * K, p), H, dev.reshape(-1), nk.reshape(-1), keep,
+                           many=True)  # fmt: skip
         return GammaParams(new.coef.view(S, K, p), new.shape.view(S, K))
 
     def n_parameters(self, params: GammaParams) -> int:

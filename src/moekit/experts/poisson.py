@@ -98,9 +98,9 @@ class PoissonExperts(RidgeGLM):
             params = self.init_params(data)
         grad, hess = stats
         H = unpack_grams(hess, grad.shape[1])[0]  # (K, p, p)
-        return PoissonParams(params.coef + self._step(params.coef, grad, H))
+        return PoissonParams(params.coef + self._coef_step(params.coef, grad, H))
 
-    def _step(self, coef, grad, H, even: bool = False) -> torch.Tensor:
+    def _coef_step(self, coef, grad, H, even: bool = False) -> torch.Tensor:
         """The ridge-penalised Newton step of every expert (``even``: see :func:`psd_step`)."""
         p = grad.shape[1]
         pen = grad.new_ones(p)
@@ -134,7 +134,7 @@ class PoissonExperts(RidgeGLM):
         S, K, p = params.coef.shape
         coef = params.coef.reshape(S * K, p)
         H = unpack_grams(flat_grams(hess), p)[0]  # (S K, p, p)
-        step = self._step(coef, grad.reshape(S * K, p), H, even=True)
+        step = self._coef_step(coef, grad.reshape(S * K, p), H, even=True)
         return PoissonParams((coef + step).view(S, K, p))
 
     def n_parameters(self, params: PoissonParams) -> int:
