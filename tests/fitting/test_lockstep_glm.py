@@ -159,3 +159,19 @@ def test_the_batched_fit_equals_the_sequential_one(monkeypatch, family, gate):
     a, b = _fit_both(monkeypatch, fit)
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     np.testing.assert_allclose(a.predict(X, **kw), b.predict(X, **kw), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_weighted_batched_fit_equals_the_sequential_one(monkeypatch, family):
+    X, y, offset = _draw(family, 300, 6)
+    kw = {"sample_weight": np.random.default_rng(7).integers(1, 4, len(X)).astype(float)}
+    if offset is not None:
+        kw["offset"] = offset
+
+    def fit():
+        return MoERegressor(n_experts=K, gate="constant", expert=family, random_state=0).fit(
+            X, y, **kw
+        )
+
+    a, b = _fit_both(monkeypatch, fit)
+    assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)

@@ -12,6 +12,11 @@ with g_k = sum_i r_ik s_i x_i the gradient of the expert's part of Q and
 H_k = sum_i r_ik w_i x_i x_i^T its (observed or expected) information, D the
 identity on the slopes: a weighted Gram matrix with weights r_ik w_i, so that the
 statistics are sums over rows (data-parallel EM all-reduces them).
+
+The ``*_many`` helpers serve the families' batched methods, which compute S EM
+starts at once (:mod:`moekit.fitting.batched`): products batched with one start's
+shape, systems solved at an even size, and an expert's emptiness judged within its
+own start, so that a start's numbers do not depend on its batch mates.
 """
 
 from __future__ import annotations
