@@ -12,6 +12,11 @@ with g_k = sum_i r_ik s_i x_i the gradient of the expert's part of Q and
 H_k = sum_i r_ik w_i x_i x_i^T its (observed or expected) information, D the
 identity on the slopes: a weighted Gram matrix with weights r_ik w_i, so that the
 statistics are sums over rows (data-parallel EM all-reduces them).
+
+The ``*_many`` helpers serve the families' batched methods, which compute S EM
+starts at once (:mod:`moekit.fitting.batched`): products batched with one start's
+shape, systems solved at an even size, and an expert's emptiness judged within its
+own start, so that a start's numbers do not depend on its batch mates.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moekit._core.batch import empty_experts
 from moekit._core.data import unpack_grams
-from moekit._core.linalg import solve_psd
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 
 MAX_ETA_STEP = 5.0
@@ -79,14 +85,39 @@ def newton_step(
     Tensor of shape (K, p)
         The step, shortened so that no coefficient moves more than ``MAX_ETA_STEP``.
     """
+    return _ridge_newton(coef, grad, H, alpha, even=False)
+
+
+def newton_step_many(
+    coef: torch.Tensor, grad: torch.Tensor, H: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """:func:`newton_step` of the experts of several fits laid end to end, (S K, p).
+
+    The systems are solved at an even size (:func:`moekit._core.linalg.even_system`,
+    a zero appended), so that a fit's step does not depend on its place in the batch.
+    """
+    return _ridge_newton(coef, grad, H, alpha, even=True)
+
+
+def _ridge_newton(coef, grad, H, alpha: float, even: bool) -> torch.Tensor:
     p = coef.shape[1]
     pen = coef.new_ones(p)
     pen[-1] = 0.0
     H = H + alpha * torch.diag(pen)
     g = grad - alpha * coef * pen
-    step = solve_psd(H, g.unsqueeze(-1)).squeeze(-1)
+    step = psd_step(H, g, even)
     longest = step.abs().amax(1, keepdim=True)
     return step * (MAX_ETA_STEP / longest.clamp(min=MAX_ETA_STEP))
+
+
+def psd_step(H: torch.Tensor, g: torch.Tensor, even: bool = False) -> torch.Tensor:
+    """H_k^{-1} g_k of every expert (minimum-norm, :func:`solve_psd`), shape (K, p).
+
+    ``even``: systems of odd size p are solved grown to p + 1, as for a batch of fits.
+    """
+    if not even:
+        return solve_psd(H, g.unsqueeze(-1)).squeeze(-1)
+    return solve_psd(*even_system(H, g.unsqueeze(-1), 0.0))[:, : g.shape[1], 0]
 
 
 def guarded_newton_1d(
@@ -118,6 +149,26 @@ def chunk_eta(coef: torch.Tensor, chunk) -> torch.Tensor:
 def has_weight(nk: torch.Tensor) -> torch.Tensor:
     """Whether each expert holds any weight at all (K,); an empty one keeps its parameters."""
     return nk > 1e-12 * max(float(nk.sum()), 1.0)
+
+
+def has_weight_many(nk: torch.Tensor) -> torch.Tensor:
+    """:func:`has_weight` of S fits' experts nk (S, K), each fit on its own, flat (S K,)."""
+    return ~empty_experts(nk.reshape(-1), nk.shape[1])
+
+
+# ---------------------------------------------------------------------- many starts
+# S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p). Products
+# are batched ones of one start's shape, so that a start's numbers do not depend on
+# its batch mates.
+def chunk_eta_many(coef: torch.Tensor, chunk) -> torch.Tensor:
+    """:func:`chunk_eta` of S stacked starts' coefficients (S, K, p), shape (S, K, c)."""
+    eta = torch.bmm(coef, chunk.XeT.expand(coef.shape[0], -1, -1))
+    return eta if chunk.offset is None else eta.add_(chunk.offset)
+
+
+def row_sums_many(w: torch.Tensor, chunk) -> torch.Tensor:
+    """sum_i w_ski x_i of weights (S, K, c) on the chunk's design, shape (S, K, p)."""
+    return torch.bmm(w, chunk.XeT.T.expand(w.shape[0], -1, -1))
 
 
 def grams(stats: torch.Tensor, p: int) -> torch.Tensor:
@@ -177,6 +228,10 @@ class RidgeGLM:
 
     def log_prior(self, params) -> float:
         return -0.5 * self.alpha * float((params.coef[:, :-1] ** 2).sum())
+
+    def log_prior_many(self, params) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts (coef (S, K, p)), shape (S,)."""
+        return -0.5 * self.alpha * (params.coef[..., :-1] ** 2).sum((1, 2))
 
     def log_prior_free(self, free: dict[str, torch.Tensor]) -> torch.Tensor:
         return -0.5 * self.alpha * (free["coef"][:, :-1] ** 2).sum()

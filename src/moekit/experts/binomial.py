@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
@@ -37,7 +38,9 @@ from moekit.experts._glm import (
     coef_of_report,
     grams,
     has_weight,
+    has_weight_many,
     newton_step,
+    newton_step_many,
     report_coef,
 )  # fmt: skip
 
@@ -52,6 +55,24 @@ class BinomialParams:
 def binomial_logpmf(eta, s, t, log_choose):
     """log p of Binomial(t, sigmoid(eta)) at s successes, broadcast, out of place."""
     return log_choose + s * eta - t * F.softplus(eta)
+
+
+def binomial_logpmf_many(eta, s, t, log_choose):
+    """:func:`binomial_logpmf` from exp and log1p alone, for stacked starts.
+
+    softplus(eta) = max(eta, 0) + log1p(e^{-|eta|}): torch's own softplus (and
+    sigmoid) round the last elements of a tensor, which its vectorised loop leaves
+    to a scalar one, apart from the others, so a start's values would depend on how
+    many starts are stacked before it; exp and log1p round alike in both loops.
+    """
+    softplus = torch.log1p(torch.exp(-eta.abs())).add_(eta.clamp(min=0.0))
+    return log_choose + s * eta - t * softplus
+
+
+def sigmoid_many(eta: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + e^{-eta}): the logistic function of stacked starts (as
+    :func:`binomial_logpmf_many`, rounded alike wherever an element sits)."""
+    return torch.exp(-eta).add_(1.0).reciprocal_()
 
 
 def _log_choose(chunk: Chunk) -> torch.Tensor:
@@ -130,6 +151,37 @@ class BinomialExperts(RidgeGLM):
         step = newton_step(params.coef, grad, grams(hess, grad.shape[1]), self.alpha)
         keep = has_weight(nk)
         return BinomialParams(torch.where(keep[:, None], params.coef + step, params.coef))
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p)
+    batchable = True
+
+    def log_prob_many(self, params: BinomialParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        eta = chunk.scratch["binomial_eta_many"] = _glm.chunk_eta_many(params.coef, chunk)
+        s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
+        return binomial_logpmf_many(eta, s, t, _log_choose(chunk))
+
+    def chunk_stats_many(self, params: BinomialParams, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        eta = chunk.scratch.get("binomial_eta_many")
+        if eta is None:
+            eta = _glm.chunk_eta_many(params.coef, chunk)
+        s, t = chunk.y[0], chunk.y[0] + chunk.y[1]
+        pi = sigmoid_many(eta)
+        grad = _glm.row_sums_many(resp * (s - t * pi), chunk)  # (S, K, p)
+        hess = batched_grams(chunk, resp * t * pi * (1.0 - pi))
+        return grad, hess, resp.sum(2)
+
+    def m_step_many(self, params: BinomialParams, stats, data: EMData) -> BinomialParams:
+        """:meth:`m_step` of S stacked starts; the systems solved at an even size."""
+        grad, hess, nk = stats
+        S, K, p = params.coef.shape
+        coef = params.coef.reshape(S * K, p)
+        step = newton_step_many(coef, grad.reshape(S * K, p), grams(flat_grams(hess), p),
+                                self.alpha)  # fmt: skip
+        keep = has_weight_many(nk)
+        return BinomialParams(torch.where(keep[:, None], coef + step, coef).view(S, K, p))
 
     def n_parameters(self, params: BinomialParams) -> int:
         return int(params.coef.numel())

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.incgamma import log_difference, log_gamma_pq
@@ -39,12 +40,16 @@ from moekit.experts._glm import (
     RidgeGLM,
     check_positive,
     chunk_eta,
+    chunk_eta_many,
     coef_of_report,
     grams,
     has_weight,
+    has_weight_many,
     linear_predictor,
     newton_step,
+    newton_step_many,
     report_coef,
+    row_sums_many,
 )  # fmt: skip
 
 SHAPE_MIN, SHAPE_MAX = 1e-4, 1e8
@@ -106,6 +111,11 @@ def gamma_logpdf(eta, log_y, y, shape):
             - shape * (eta + y * torch.exp(-eta)))  # fmt: skip
 
 
+def _log_density(eta, u, a, log_y) -> torch.Tensor:
+    """log p of every expert and row from eta, u = y e^{-eta} (used up) and shapes a."""
+    return (eta + u).mul_(-a).add_((a - 1.0) * log_y).add_(a * torch.log(a) - torch.lgamma(a))
+
+
 def _log_y(chunk: Chunk) -> torch.Tensor:
     cached = chunk.data.cache.get("log_y")
     return cached[chunk.start : chunk.stop] if cached is not None else torch.log(chunk.y[0])
@@ -142,10 +152,7 @@ class GammaExperts(RidgeGLM):
         eta = chunk_eta(params.coef, chunk)  # (K, c)
         u = chunk.y[0] * torch.exp(-eta)
         chunk.scratch["gamma_u"] = u
-        a = params.shape.unsqueeze(1)
-        log_y = _log_y(chunk)
-        return (eta + u).mul_(-a).add_((a - 1.0) * log_y).add_(
-            a * torch.log(a) - torch.lgamma(a))  # fmt: skip
+        return _log_density(eta, u, params.shape.unsqueeze(1), _log_y(chunk))
 
     def chunk_stats(self, params: GammaParams, chunk: Chunk, resp: torch.Tensor):
         u = chunk.scratch.get("gamma_u")
@@ -160,14 +167,50 @@ class GammaExperts(RidgeGLM):
         if params is None:
             params = self.init_params(data)
         grad, hess, dev, nk = stats
-        keep = has_weight(nk)
+        return self._update(params, grad, grams(hess, grad.shape[1]), dev, nk, has_weight(nk))
+
+    def _update(self, params: GammaParams, grad, H, dev, nk, keep, many: bool = False):
+        """The shape by maximum likelihood, then the scoring step, for every expert that
+        holds weight (``keep``); ``many``: experts of several fits, systems of even size."""
         shape = gamma_shape_mle(dev / nk.clamp(min=1e-300) - 1.0)
         # the ridge is on the summed log-likelihood, whose information is a_k times the Gram
         a = shape.view(-1, 1)
-        step = newton_step(params.coef, a * grad, a.unsqueeze(-1) * grams(hess, grad.shape[1]),
-                           self.alpha)  # fmt: skip
+        step = (newton_step_many if many else newton_step)(
+            params.coef, a * grad, a.unsqueeze(-1) * H, self.alpha)  # fmt: skip
         coef = torch.where(keep[:, None], params.coef + step, params.coef)
         return GammaParams(coef, torch.where(keep, shape, params.shape))
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p), shape (S, K)
+    batchable = True
+
+    def log_prob_many(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        eta = chunk_eta_many(params.coef, chunk)  # (S, K, c), with the offset
+        u = chunk.scratch["gamma_u_many"] = chunk.y[0] * torch.exp(-eta)
+        return _log_density(eta, u, params.shape.unsqueeze(2), _log_y(chunk))
+
+    def chunk_stats_many(self, params: GammaParams, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        u = chunk.scratch.get("gamma_u_many")
+        if u is None:
+            self.log_prob_many(params, chunk)
+            u = chunk.scratch["gamma_u_many"]
+        grad = row_sums_many(resp * (u - 1.0), chunk)  # (S, K, p)
+        dev = (resp * (u - torch.log(u))).sum(2)  # (S, K)
+        return grad, batched_grams(chunk, resp), dev, resp.sum(2)
+
+    def m_step_many(self, params: GammaParams, stats, data: EMData) -> GammaParams:
+        """:meth:`m_step` of S stacked starts: the shapes' 1-d solves elementwise over
+        all S K experts (no operation mixes them), the systems solved at an even size."""
+        grad, hess, dev, nk = stats
+        S, K, p = params.coef.shape
+        flat = GammaParams(params.coef.reshape(S * K, p), params.shape.reshape(S * K))
+        H = grams(flat_grams(hess), p)  # (S K, p, p)
+        keep = has_weight_many(nk)
+        new = self._update(flat, grad.reshape(S * K, p), H, dev.reshape(-1), nk.reshape(-1), keep,
+                           many=True)  # fmt: skip
+        return GammaParams(new.coef.view(S, K, p), new.shape.view(S, K))
 
     def n_parameters(self, params: GammaParams) -> int:
         return int(params.coef.numel() + params.shape.numel())

@@ -21,11 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
-from moekit.experts._glm import check_positive, coef_of_report, grams, has_weight, report_coef
+from moekit.experts._glm import (
+    check_positive,
+    coef_of_report,
+    grams,
+    has_weight,
+    has_weight_many,
+    report_coef,
+    row_sums_many,
+)  # fmt: skip
 from moekit.experts.gaussian import log_excess_var, normal_derivatives, weighted_least_squares
 
 
@@ -87,16 +96,51 @@ class LogNormalExperts:
         hess, xtz, ztz = stats
         gram = grams(hess, xtz.shape[1])
         nk = gram[:, -1, -1]  # the intercept's product with itself: sum_i r_ik
+        return self._solve(params, gram, xtz, ztz, nk, has_weight(nk))
+
+    def _solve(self, params, gram, xtz, ztz, nk, keep, even: bool = False) -> LogNormalParams:
+        """Weighted least squares of every expert that holds weight (``keep``); ``even``:
+        systems of even size (:func:`weighted_least_squares`), as for several fits."""
         coef, var = weighted_least_squares(gram, xtz.unsqueeze(1), ztz.unsqueeze(1), nk,
-                                           self.var_floor)  # fmt: skip
+                                           self.var_floor, even)  # fmt: skip
         coef, var = coef[:, 0], var[:, 0]
-        keep = has_weight(nk)
         if params is not None:
             coef = torch.where(keep[:, None], coef, params.coef)
             var = torch.where(keep, var, params.var)
         else:
             var = torch.where(keep, var, torch.ones_like(var))
         return LogNormalParams(coef.contiguous(), var)
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p), var (S, K)
+    batchable = True
+
+    def log_prob_many(self, params: LogNormalParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        log_y = _log_y(chunk)
+        xt = chunk.XeT.expand(params.coef.shape[0], -1, -1)  # (S, p, c)
+        resid = torch.baddbmm(log_y.unsqueeze(0), params.coef, xt, alpha=-1.0)  # (S, K, c)
+        return gaussian_logpdf(resid, params.var.unsqueeze(2), inplace=True).sub_(log_y)
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        log_y = _log_y(chunk)
+        rz = resp * log_y  # (S, K, c)
+        return batched_grams(chunk, resp), row_sums_many(rz, chunk), (rz * log_y).sum(2)
+
+    def m_step_many(self, params: LogNormalParams, stats, data: EMData) -> LogNormalParams:
+        """:meth:`m_step` of S stacked starts; the systems solved at an even size."""
+        hess, xtz, ztz = stats
+        S, K, p = params.coef.shape
+        gram = grams(flat_grams(hess), p)  # (S K, p, p)
+        nk = gram[:, -1, -1]
+        flat = LogNormalParams(params.coef.reshape(S * K, p), params.var.reshape(S * K))
+        new = self._solve(flat, gram, xtz.reshape(S * K, p), ztz.reshape(-1), nk,
+                          has_weight_many(nk.view(S, K)), even=True)  # fmt: skip
+        return LogNormalParams(new.coef.view(S, K, p), new.var.view(S, K))
+
+    def log_prior_many(self, params: LogNormalParams) -> torch.Tensor:
+        return params.var.new_zeros(params.var.shape[0])
 
     def log_prior(self, params: LogNormalParams) -> float:
         return 0.0

@@ -20,13 +20,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.incgamma import log_difference, log_gamma_pq
-from moekit._core.linalg import solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
-from moekit.experts._glm import RidgeGLM, check_counts, chunk_eta, linear_predictor
+from moekit.experts._glm import (
+    RidgeGLM,
+    check_counts,
+    chunk_eta,
+    chunk_eta_many,
+    linear_predictor,
+    psd_step,
+    row_sums_many,
+)  # fmt: skip
 
 
 @dataclass
@@ -34,6 +42,12 @@ class PoissonParams:
     """coef of shape (K, p), the last column the intercept (log rate at the mean x)."""
 
     coef: torch.Tensor
+
+
+def _log_factorial(chunk: Chunk) -> torch.Tensor:
+    """log y! of the chunk's counts (computed once per fit by ``prepare``)."""
+    lg = chunk.data.cache.get("poisson_lgamma")
+    return lg[chunk.start : chunk.stop] if lg is not None else torch.lgamma(chunk.y[0] + 1.0)
 
 
 class PoissonExperts(RidgeGLM):
@@ -67,9 +81,7 @@ class PoissonExperts(RidgeGLM):
         eta = chunk_eta(params.coef, chunk)  # (K, c)
         rate = torch.exp(eta)
         chunk.scratch["poisson_rate"] = rate
-        lg = chunk.data.cache.get("poisson_lgamma")
-        lg = lg[chunk.start : chunk.stop] if lg is not None else torch.lgamma(chunk.y[0] + 1.0)
-        return eta.mul_(chunk.y[0]).sub_(rate).sub_(lg)
+        return eta.mul_(chunk.y[0]).sub_(rate).sub_(_log_factorial(chunk))
 
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor):
         rate = chunk.scratch.get("poisson_rate")
@@ -85,14 +97,45 @@ class PoissonExperts(RidgeGLM):
         if params is None:
             params = self.init_params(data)
         grad, hess = stats
+        H = unpack_grams(hess, grad.shape[1])[0]  # (K, p, p)
+        return PoissonParams(params.coef + self._coef_step(params.coef, grad, H))
+
+    def _coef_step(self, coef, grad, H, even: bool = False) -> torch.Tensor:
+        """The ridge-penalised Newton step of every expert (``even``: see :func:`psd_step`)."""
         p = grad.shape[1]
-        H = unpack_grams(hess, p)[0]  # (K, p, p)
         pen = grad.new_ones(p)
         pen[-1] = 0.0
         H = H + self.alpha * torch.diag(pen)
-        g = grad - self.alpha * params.coef * pen
-        step = solve_psd(H, g.unsqueeze(-1)).squeeze(-1)
-        return PoissonParams(params.coef + step)
+        g = grad - self.alpha * coef * pen
+        return psd_step(H, g, even)
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p)
+    batchable = True
+
+    def log_prob_many(self, params: PoissonParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        eta = chunk_eta_many(params.coef, chunk)  # (S, K, c), with the offset
+        rate = chunk.scratch["poisson_rate_many"] = torch.exp(eta)
+        return eta.mul_(chunk.y[0]).sub_(rate).sub_(_log_factorial(chunk))
+
+    def chunk_stats_many(self, params: PoissonParams, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        rate = chunk.scratch.get("poisson_rate_many")
+        if rate is None:
+            self.log_prob_many(params, chunk)
+            rate = chunk.scratch["poisson_rate_many"]
+        wr = resp * rate  # (S, K, c)
+        return row_sums_many(resp * chunk.y[0] - wr, chunk), batched_grams(chunk, wr)
+
+    def m_step_many(self, params: PoissonParams, stats, data: EMData) -> PoissonParams:
+        """:meth:`m_step` of S stacked starts; the systems solved at an even size."""
+        grad, hess = stats
+        S, K, p = params.coef.shape
+        coef = params.coef.reshape(S * K, p)
+        H = unpack_grams(flat_grams(hess), p)[0]  # (S K, p, p)
+        step = self._coef_step(coef, grad.reshape(S * K, p), H, even=True)
+        return PoissonParams((coef + step).view(S, K, p))
 
     def n_parameters(self, params: PoissonParams) -> int:
         return int(params.coef.numel())

@@ -1,0 +1,177 @@
+"""Starts in lockstep for the GLM families (Poisson, binomial, Gamma, lognormal): each
+run as it would go alone, the arithmetic batched."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from moekit import MoERegressor
+from moekit._core.data import EMData
+from moekit._core.engine import em_threads
+from moekit.experts.binomial import BinomialExperts
+from moekit.experts.censored import CensoredExperts
+from moekit.experts.censored_glm import CensoredGLMExperts
+from moekit.experts.gamma import GammaExperts
+from moekit.experts.lognormal import LogNormalExperts
+from moekit.experts.poisson import PoissonExperts
+from moekit.fitting import batched, lockstep
+from moekit.fitting.init import random_resp
+from moekit.fitting.model import EMModel
+from moekit.gates.constant import ConstantGate
+from moekit.gates.softmax import SoftmaxGate
+
+K = 2
+COEF = np.array([[0.3, 0.8, -0.5], [1.2, -0.6, 0.4]])  # per expert: two slopes, intercept
+
+
+def _draw(family: str, n: int, seed: int):
+    """Features (n, 2), the target as the estimator takes it, and an offset (Poisson)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 2))
+    z = rng.integers(0, K, n)
+    eta = (X * COEF[z, :2]).sum(1) + COEF[z, 2]
+    offset = None
+    if family == "poisson":
+        offset = np.log(rng.uniform(0.5, 3.0, n))  # log exposure
+        y = rng.poisson(np.exp(eta + offset)).astype(float)
+    elif family == "binomial":
+        trials = rng.integers(1, 30, n)
+        s = rng.binomial(trials, 1.0 / (1.0 + np.exp(-eta)))
+        y = np.column_stack([s, trials - s]).astype(float)
+    elif family == "gamma":
+        shape = np.array([3.0, 8.0])[z]
+        y = rng.gamma(shape, np.exp(eta) / shape)
+    else:
+        y = np.exp(eta + rng.normal(scale=np.array([0.3, 0.6])[z]))
+    return X, y, offset
+
+
+FAMILIES = {
+    "poisson": lambda: PoissonExperts(K),
+    "binomial": lambda: BinomialExperts(K),
+    "gamma": lambda: GammaExperts(K),
+    "lognormal": lambda: LogNormalExperts(K),
+}
+
+
+def _data(family: str, n: int = 300, seed: int = 0, weighted: bool = False) -> EMData:
+    X, y, offset = _draw(family, n, seed)
+    X = (X - X.mean(0)) / X.std(0)
+    XT = torch.as_tensor(np.hstack([X, np.ones((n, 1))]).T.copy())  # 3 columns: odd systems
+    yt = torch.as_tensor((y.T if y.ndim == 2 else y[None, :]).copy())
+    weight = None
+    if weighted:
+        weight = torch.as_tensor(np.random.default_rng(seed + 1).integers(1, 4, n).astype(float))
+    return EMData(XT, XT, yt, weight=weight,
+                  offset=None if offset is None else torch.as_tensor(offset))  # fmt: skip
+
+
+def _model(family: str, gate, data: EMData) -> EMModel:
+    model = EMModel(FAMILIES[family](), gate)
+    model.prepare(data)
+    return model
+
+
+def _starts(model, data, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [model.init_from_resp(data, random_resp(data, model.n_experts, gen)) for _ in range(n)]
+
+
+def _fields(params):
+    return [*vars(params.expert).values(), *vars(params.gate).values()]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_glm_family_is_batched_and_its_censored_form_is_not(family):
+    data = _data(family)
+    assert batched.can_batch(_model(family, SoftmaxGate(K), data), data)
+    # censored rows go through a wrapper family, whose step is not batched
+    wrap = {"poisson": CensoredGLMExperts, "gamma": CensoredGLMExperts,
+            "lognormal": CensoredExperts}.get(family)  # fmt: skip
+    if wrap is not None:
+        censored = EMModel(wrap(FAMILIES[family]()), SoftmaxGate(K))
+        assert not batched.can_batch(censored, data)
+
+
+@pytest.mark.parametrize("gate", [SoftmaxGate, ConstantGate])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(family, gate):
+    data = _data(family)  # the Poisson data carry an offset
+    model = _model(family, gate(K), data)
+    starts = _starts(model, data, 10)
+    assert batched.can_batch(model, data)
+
+    def run(p):  # SQUAREM cycles and the safeguard's halvings included
+        return lockstep.iterate(model, p, 40, 1e-10)
+
+    # on one thread, as EM runs small passes
+    with em_threads(data):
+        together = lockstep.drive(model, data, [run(p) for p in starts], serve_many=batched.serve)
+        for s in (0, 4, 9):
+            alone = lockstep.drive(model, data, [run(starts[s])], serve_many=batched.serve)[0]
+            assert alone[2] == together[s][2]  # the objective histories, exactly
+            for a, b in zip(_fields(alone[0]), _fields(together[s][0]), strict=True):
+                assert torch.equal(a, b)
+    # the runs differ from one another: the batch really held ten different runs
+    assert len({r[2][-1] for r in together}) > 1
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("gate", [SoftmaxGate, ConstantGate])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_batched_pass_and_step_equal_the_single_start_ones(family, gate, weighted):
+    data = _data(family, seed=3, weighted=weighted)
+    model = _model(family, gate(K), data)
+    starts = _starts(model, data, 4, seed=2)
+    alone = [model.e_pass(p, data) for p in starts]
+    many = batched.e_pass_many(model, starts, data)
+    for a, b in zip(alone, many, strict=True):
+        assert b.objective == pytest.approx(a.objective, rel=1e-13, abs=1e-13)
+        torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
+    for a, b in zip([model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)],
+                    batched.m_step_many(model, starts, many, data), strict=True):  # fmt: skip
+        for x, y in zip(_fields(a), _fields(b), strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
+
+
+def _fit_both(monkeypatch, make):
+    fits = {}
+    for path in ("batched", "sequential"):
+        if path == "sequential":
+            monkeypatch.setattr(batched, "can_batch", lambda model, data: False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits[path] = make()
+    return fits["batched"], fits["sequential"]
+
+
+@pytest.mark.parametrize("gate", ["softmax", "constant"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_batched_fit_equals_the_sequential_one(monkeypatch, family, gate):
+    X, y, offset = _draw(family, 400, 5)
+    kw = {} if offset is None else {"offset": offset}
+
+    def fit():
+        return MoERegressor(n_experts=K, gate=gate, expert=family, random_state=0).fit(X, y, **kw)
+
+    a, b = _fit_both(monkeypatch, fit)
+    assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
+    np.testing.assert_allclose(a.predict(X, **kw), b.predict(X, **kw), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_weighted_batched_fit_equals_the_sequential_one(monkeypatch, family):
+    X, y, offset = _draw(family, 300, 6)
+    kw = {"sample_weight": np.random.default_rng(7).integers(1, 4, len(X)).astype(float)}
+    if offset is not None:
+        kw["offset"] = offset
+
+    def fit():
+        return MoERegressor(n_experts=K, gate="constant", expert=family, random_state=0).fit(
+            X, y, **kw
+        )
+
+    a, b = _fit_both(monkeypatch, fit)
+    assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
