@@ -167,9 +167,11 @@ def test_short_runs_behind_the_best_end_early_and_change_nothing(monkeypatch):
         passes.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fits[factor] = (MoEClassifier(3, random_state=0).fit(X, y), len(passes))
+            # a seed whose short runs fall behind (at some seeds none does, and the
+            # rule then has nothing to end: 645 against 778 passes here when written)
+            fits[factor] = (MoEClassifier(3, random_state=4).fit(X, y), len(passes))
     (early, n_early), (full, n_full) = fits[default], fits[float("inf")]
-    assert n_early < n_full  # (about 4-15% fewer passes, by data and version)
+    assert n_early < n_full
     assert early.log_likelihood_history_ == full.log_likelihood_history_
     np.testing.assert_array_equal(early.predict_proba(X), full.predict_proba(X))
 

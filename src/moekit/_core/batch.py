@@ -4,8 +4,14 @@ S starts of one model are stacked on a leading axis: every parameter field of
 shape (K, ...) becomes (S, K, ...), every per-chunk array (S, K, c). Every product
 is then a batched one (``torch.bmm``) of the shape one start alone has: a matrix
 product over all S K rows at once would let the BLAS pick its blocking (and so its
-rounding) from S, and MKL's results also depend on where in memory an operand
-starts, so a start's numbers would depend on which starts share its batch.
+rounding) from S. MKL's results also depend on where in memory an operand starts,
+and, for products with one column, on the batch itself; so the products with the
+rows of a chunk (:func:`times_design`, :func:`design_sums`, :func:`batched_grams`)
+continue each start's rows with zeros to a multiple of
+:data:`~moekit._core.data.ALIGN` values, and a product with one column is a sum of
+elementwise products. A start's numbers then do not depend on which starts share
+its batch, for every shape (a sweep of K, p and odd and even row counts is in the
+tests).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moekit._core.data import Chunk, packed
+from moekit._core.data import ALIGN, Chunk, packed
 
 
 def stack_params(items: list) -> Any:
@@ -37,6 +43,50 @@ def unstack_params(stacked: Any) -> list:
     return [type(stacked)(**{n: getattr(stacked, n)[s].clone() for n in names}) for s in range(S)]
 
 
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its last axis (the rows of a chunk) continued with zeros to a
+    multiple of :data:`~moekit._core.data.ALIGN` values."""
+    extra = -t.shape[-1] % ALIGN
+    return t if extra == 0 else torch.nn.functional.pad(t, (0, extra))
+
+
+def times_design(coef: torch.Tensor, xt: torch.Tensor, base: torch.Tensor | None = None,
+                 alpha: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """base + alpha coef x_i of every start, row and design row: (S, T, c).
+
+    Parameters
+    ----------
+    coef : Tensor of shape (S, T, p)
+    xt : Tensor of shape (p, c)
+        A chunk's design.
+    base : Tensor broadcastable to (S, T, c), optional
+    alpha : float, default=1.0
+        With ``base``: ``torch.baddbmm``'s alpha (-1 gives residuals base - coef x).
+
+    Returns
+    -------
+    Tensor of shape (S, T, c)
+        A view of rows padded to the alignment (each start's rows sit alike).
+    """
+    c = xt.shape[-1]
+    xt = aligned_rows(xt).expand(coef.shape[0], -1, -1)
+    if base is None:
+        return torch.bmm(coef, xt)[..., :c]
+    return torch.baddbmm(aligned_rows(base), coef, xt, alpha=alpha)[..., :c]
+
+
+def design_sums(weights: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """sum_i w_sti x_i of weights (S, T, c) on a chunk's design xt (p, c): (S, T, p).
+
+    With one design row (an intercept alone) the product is a sum of elementwise
+    products: MKL's batched matrix-vector products round by the batch.
+    """
+    weights, xt = aligned_rows(weights), aligned_rows(xt)
+    if xt.shape[0] == 1:
+        return (weights * xt).sum(-1, keepdim=True)
+    return torch.bmm(weights, xt.T.expand(weights.shape[0], -1, -1))
+
+
 def batched_grams(
     chunk: Chunk, weights: torch.Tensor, which: str = "e", with_target: bool = False,
     curvature: bool = False,
@@ -49,7 +99,8 @@ def batched_grams(
     """
     xt = chunk.XgT if which == "g" else chunk.XeT
     if packed(xt.shape[0]):
-        prods = chunk.products(which, with_target)  # (f, c)
+        prods = chunk.products(which, with_target, aligned=True)  # (f, c'), see aligned_rows
+        weights = aligned_rows(weights)
         return torch.bmm(prods.expand(weights.shape[0], -1, -1), weights.transpose(1, 2))
     if curvature:
         return torch.stack([chunk.curvature_grams(w, which) for w in weights])

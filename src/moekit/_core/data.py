@@ -46,6 +46,13 @@ import torch
 from moekit._core.distributed import DataGroup
 from moekit._core.linalg import unpack_triu
 
+ALIGN = 8
+"""Float64 values in 64 bytes. A batched product reads start s's operand s times
+its size past the first start's, and MKL picks its kernels (and so its rounding)
+by an operand's address and by the batch: each start's rows continued with zeros
+to a multiple of this many values sit alike whatever their place in the batch
+(:mod:`moekit._core.batch`)."""
+
 DEFAULT_CHUNK = 65536
 """Most rows per chunk."""
 
@@ -263,7 +270,9 @@ class Chunk:
         self.offset = None if data.offset is None else data.offset[start:stop]
         self.scratch: dict[str, Any] = {}
 
-    def products(self, which: str = "e", with_target: bool = False) -> torch.Tensor:
+    def products(
+        self, which: str = "e", with_target: bool = False, aligned: bool = False
+    ) -> torch.Tensor:
         """Products of pairs of the chunk's variables, one row per pair, shape (f, c).
 
         Rows: x_a x_b for a <= b (packed upper triangle, p(p+1)/2 rows); with
@@ -273,6 +282,8 @@ class Chunk:
         Built once per chunk and pass (once per fit where the data is one chunk),
         with slice products into a reused buffer (a gather is several times slower),
         and shared by the gate and the experts when they see the same design.
+        ``aligned``: the columns continued with zeros to a multiple of :data:`ALIGN`,
+        shape (f, c'), for batched products whose other operand is padded alike.
         """
         gate_only = which == "g" and not self.data.shared_design
         xt = self.XgT if gate_only else self.XeT
@@ -281,7 +292,9 @@ class Chunk:
         n_pairs = p * (p + 1) // 2
         m = 0 if self.y.ndim == 1 else self.y.shape[0]
         total = n_pairs + (p * m + m if not gate_only else 0)
-        buf = self.data.workspace(key, total, c)[:, :c]
+        width = c + (-c % ALIGN if aligned else 0)
+        full = self.data.workspace(key, total, width)
+        buf = full[:, :c]
         # rows of products already in the buffer for these rows: they outlive the
         # pass, as the data never change, until other rows' products overwrite them
         tag = self.data._filled.get(key)
@@ -299,6 +312,9 @@ class Chunk:
             torch.mul(y, y, out=buf[n_pairs + p * m : total])
             done = total
         self.data._filled[key] = (self.start, self.stop, done)
+        if aligned:  # zeros past the rows: another chunk's products may have been there
+            buf = full[:, :width]
+            buf[:, c:].zero_()
         return buf[:done] if with_target else buf[:n_pairs]
 
     def _keeps_products(self, p: int, with_target: bool, n_weights: int) -> bool:

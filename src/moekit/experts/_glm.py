@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moekit._core.batch import empty_experts
+from moekit._core.batch import design_sums, empty_experts, times_design
 from moekit._core.data import unpack_grams
 from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
@@ -162,13 +162,13 @@ def has_weight_many(nk: torch.Tensor) -> torch.Tensor:
 # its batch mates.
 def chunk_eta_many(coef: torch.Tensor, chunk) -> torch.Tensor:
     """:func:`chunk_eta` of S stacked starts' coefficients (S, K, p), shape (S, K, c)."""
-    eta = torch.bmm(coef, chunk.XeT.expand(coef.shape[0], -1, -1))
+    eta = times_design(coef, chunk.XeT)
     return eta if chunk.offset is None else eta.add_(chunk.offset)
 
 
 def row_sums_many(w: torch.Tensor, chunk) -> torch.Tensor:
     """sum_i w_ski x_i of weights (S, K, c) on the chunk's design, shape (S, K, p)."""
-    return torch.bmm(w, chunk.XeT.T.expand(w.shape[0], -1, -1))
+    return design_sums(w, chunk.XeT)
 
 
 def grams(stats: torch.Tensor, p: int) -> torch.Tensor:

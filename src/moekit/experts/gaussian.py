@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, empty_experts, flat_grams
+from moekit._core.batch import batched_grams, empty_experts, flat_grams, times_design
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.linalg import even_system, solve_psd
@@ -197,10 +197,9 @@ class GaussianExperts:
     def log_prob_many(self, params: GaussianParams, chunk: Chunk) -> torch.Tensor:
         """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
         coef, y = params.coef, chunk.y
-        xt = chunk.XeT.expand(coef.shape[0], -1, -1)  # (S, p, c)
         out = None
         for j in range(self.n_outputs):
-            resid = torch.baddbmm(y[j : j + 1], coef[:, :, j, :], xt, alpha=-1.0)  # (S, K, c)
+            resid = times_design(coef[:, :, j, :], chunk.XeT, y[j : j + 1], alpha=-1.0)
             term = gaussian_logpdf(resid, params.var[:, :, j : j + 1], inplace=True)
             out = term if out is None else out.add_(term)
         return out

@@ -74,7 +74,13 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, empty_experts, flat_grams
+from moekit._core.batch import (
+    batched_grams,
+    design_sums,
+    empty_experts,
+    flat_grams,
+    times_design,
+)
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.linalg import inverse_pd as _inverse_pd
@@ -279,8 +285,7 @@ class LogisticExperts:
     def log_prob_many(self, params: LogisticParams, chunk: Chunk) -> torch.Tensor:
         """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
         S, K, C, p = params.coef.shape
-        xt = chunk.XeT.expand(S, -1, -1)
-        logits = torch.bmm(params.coef.reshape(S, K * C, p), xt).reshape(S, K, C, -1)
+        logits = times_design(params.coef.reshape(S, K * C, p), chunk.XeT).reshape(S, K, C, -1)
         logp = chunk.scratch["logistic_logp_many"] = torch.log_softmax(logits, dim=2)
         return logp.gather(2, chunk.y.view(1, 1, 1, -1).expand(S, K, 1, -1)).squeeze(2)
 
@@ -292,7 +297,7 @@ class LogisticExperts:
         rp = prob * resp.unsqueeze(2)
         idx = chunk.y.view(1, 1, 1, -1).expand(S, K, 1, -1)
         w = rp.neg().scatter_add_(2, idx, resp.unsqueeze(2))
-        grad = torch.bmm(w.reshape(S, K * C, c), xt.T.expand(S, -1, -1)).reshape(S, K, C, -1)
+        grad = design_sums(w.reshape(S, K * C, c), xt).reshape(S, K, C, -1)
         nk = resp.sum(2)
         if self._step == "bohning":
             return nk, grad, batched_grams(chunk, 0.5 * resp)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moekit._core.batch import batched_grams, flat_grams
+from moekit._core.batch import batched_grams, flat_grams, times_design
 from moekit._core.data import Chunk, EMData
 from moekit._core.logspace import gaussian_logpdf
 from moekit._core.reporting import Report, Scaling
@@ -118,8 +118,7 @@ class LogNormalExperts:
     def log_prob_many(self, params: LogNormalParams, chunk: Chunk) -> torch.Tensor:
         """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
         log_y = _log_y(chunk)
-        xt = chunk.XeT.expand(params.coef.shape[0], -1, -1)  # (S, p, c)
-        resid = torch.baddbmm(log_y.unsqueeze(0), params.coef, xt, alpha=-1.0)  # (S, K, c)
+        resid = times_design(params.coef, chunk.XeT, log_y.unsqueeze(0), alpha=-1.0)
         return gaussian_logpdf(resid, params.var.unsqueeze(2), inplace=True).sub_(log_y)
 
     def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor):

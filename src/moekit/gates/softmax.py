@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, flat_grams
+from moekit._core.batch import batched_grams, design_sums, flat_grams, times_design
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
@@ -238,7 +238,7 @@ class SoftmaxGate:
 
     def log_prob_many(self, params: SoftmaxGateParams, chunk: Chunk) -> torch.Tensor:
         """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
-        logits = torch.bmm(params.coef, chunk.XgT.expand(params.coef.shape[0], -1, -1))
+        logits = times_design(params.coef, chunk.XgT)
         logg, chunk.scratch["gate_prob_many"] = log_softmax_rows(logits, dim=1)
         return logg
 
@@ -248,7 +248,7 @@ class SoftmaxGate:
         S, K, c = g.shape
         xt = chunk.XgT
         gw = g if chunk.weight is None else g * chunk.weight
-        grad = torch.bmm(resp - gw, xt.T.expand(S, -1, -1))  # (S, K, p)
+        grad = design_sums(resp - gw, xt)  # (S, K, p)
         if not self._use_newton:
             return grad, None
         w = g.new_empty((S, K * (K + 1) // 2, c))  # g_k (delta_kl - g_l), pairs k <= l
