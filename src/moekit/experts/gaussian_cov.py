@@ -40,9 +40,10 @@ from typing import ClassVar
 
 import torch
 
+from moekit._core.batch import batched_grams, empty_experts, flat_grams
 from moekit._core.data import Chunk, EMData, unpack_grams
-from moekit._core.linalg import solve_psd, triu_pairs, unpack_triu
-from moekit._core.logspace import mvn_logpdf_chol
+from moekit._core.linalg import even_system, solve_psd, triu_pairs, unpack_triu
+from moekit._core.logspace import LOG_2PI, mvn_logpdf_chol
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 from moekit.experts.gaussian import GaussianExperts, GaussianParams, linear_means, linear_moments
@@ -68,10 +69,20 @@ def residual_scatter(gram, xty, yy, coef) -> torch.Tensor:
     return 0.5 * (s + s.transpose(1, 2))
 
 
-def floor_eigenvalues(cov: torch.Tensor, floor: float) -> torch.Tensor:
-    """U max(Lambda, floor) U^T for cov = U Lambda U^T: the nearest maximiser above the floor."""
+def floor_eigenvalues(cov: torch.Tensor, floor: float, even: bool = False) -> torch.Tensor:
+    """U max(Lambda, floor) U^T for cov = U Lambda U^T: the nearest maximiser above the floor.
+
+    ``even``: decompose systems of even size (:func:`~moekit._core.linalg.even_system`,
+    a unit eigenvalue appended on its own axis and dropped after), as for a batch of
+    several fits.
+    """
+    q = cov.shape[-1]
+    if even:
+        cov = even_system(cov, cov[..., :0], 1.0)[0]
     evals, evecs = torch.linalg.eigh(cov)
     out = (evecs * evals.clamp(min=floor).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    if even:
+        out = out[..., :q, :q]
     return 0.5 * (out + out.transpose(-1, -2))
 
 
@@ -95,6 +106,35 @@ COVARIANCE_ESTIMATORS = {
     "full": _full_covariance,
     "tied": _tied_covariance,
     "spherical": _spherical_covariance,
+}
+
+
+# The same for S fits at once: scatter (S, K, q, q), nk (S, K), every fit on its own
+def _full_covariance_many(scatter, nk, floor):
+    return floor_eigenvalues(scatter / nk.clamp(min=1e-300)[..., None, None], floor, even=True)
+
+
+def _tied_covariance_many(scatter, nk, floor):
+    # pooled over the experts of each fit, expert after expert: elementwise sums,
+    # whose rounding cannot depend on how many fits share the batch
+    total, count = scatter[:, 0], nk[:, 0]
+    for k in range(1, scatter.shape[1]):
+        total, count = total + scatter[:, k], count + nk[:, k]
+    pooled = floor_eigenvalues(total / count.clamp(min=1e-300)[:, None, None], floor, even=True)
+    return pooled.unsqueeze(1).expand_as(scatter).contiguous()
+
+
+def _spherical_covariance_many(scatter, nk, floor):
+    q = scatter.shape[-1]
+    trace = torch.diagonal(scatter, dim1=-2, dim2=-1).sum(-1)
+    var = (trace / (q * nk.clamp(min=1e-300))).clamp(min=floor)  # (S, K)
+    return var[..., None, None] * torch.eye(q, dtype=scatter.dtype, device=scatter.device)
+
+
+COVARIANCE_ESTIMATORS_MANY = {
+    "full": _full_covariance_many,
+    "tied": _tied_covariance_many,
+    "spherical": _spherical_covariance_many,
 }
 
 
@@ -179,6 +219,48 @@ class CovarianceGaussianExperts(GaussianExperts):
             if params is not None:
                 coef = torch.where(empty[:, None, None], params.coef, coef)
         return CovGaussianParams(coef.contiguous(), cov.contiguous())
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, q, p), cov
+    # (S, K, q, q). Products are batched with one start's shapes, and every
+    # factorisation (Cholesky, eigendecomposition) runs on systems of even size
+    # (even_system), so that each start's matrices sit alike in memory wherever it
+    # is in the batch. The tied covariance pools the experts of each start alone.
+    # Each concrete class declares ``batchable`` itself (see moekit.fitting.batched).
+    def log_prob_many(self, params: CovGaussianParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        S, K, q, p = params.coef.shape
+        xt = chunk.XeT.expand(S, -1, -1)  # (S, p, c)
+        mean = torch.bmm(params.coef.reshape(S, K * q, p), xt).view(S, K, q, -1)
+        # q odd: a unit variance and a zero residual appended, which add a standard
+        # normal's log density at 0, -log(2 pi) / 2, taken back after
+        cov, resid = even_system(params.cov, chunk.y - mean, 1.0)  # (S, K, q', q'), (S, K, q', c)
+        out = mvn_logpdf_chol(resid, torch.linalg.cholesky(cov))
+        return out.add_(0.5 * LOG_2PI) if q % 2 else out
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        rows, cols = triu_pairs(self.n_outputs, device=chunk.y.device)
+        pairs = chunk.y[rows] * chunk.y[cols]  # (f, c)
+        yy = torch.bmm(pairs.expand(resp.shape[0], -1, -1), resp.transpose(1, 2))  # (S, f, K)
+        return batched_grams(chunk, resp, "e", with_target=True), yy
+
+    def m_step_many(self, params: CovGaussianParams, stats, data: EMData) -> CovGaussianParams:
+        """:meth:`m_step` of S stacked starts, on the experts of all S at once."""
+        grams, yy = stats
+        S, K, q, p = params.coef.shape
+        gram, xty, _ = unpack_grams(flat_grams(grams), p, q)  # (S K, p, p), (S K, q, p)
+        nk = gram[:, -1, -1]
+        coef = solve_psd(*even_system(gram, xty.transpose(1, 2), 0.0))[:, :p].transpose(1, 2)
+        scatter = residual_scatter(gram, xty, unpack_triu(flat_grams(yy).T, q), coef)
+        estimate = COVARIANCE_ESTIMATORS_MANY[self.covariance_type]
+        cov = estimate(scatter.view(S, K, q, q), nk.view(S, K), self.var_floor).reshape(S * K, q, q)
+        # an expert with no weight at all is not determined by the data: keep it as it was
+        empty = empty_experts(nk, K)
+        if bool(empty.any()):
+            cov = torch.where(empty[:, None, None], params.cov.reshape(S * K, q, q), cov)
+            coef = torch.where(empty[:, None, None], params.coef.reshape(S * K, q, p), coef)
+        return CovGaussianParams(coef.reshape(S, K, q, p).contiguous(), cov.reshape(S, K, q, q))
 
     def select(self, params: CovGaussianParams, perm: torch.Tensor) -> CovGaussianParams:
         """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
@@ -304,6 +386,7 @@ class FullGaussianExperts(CovarianceGaussianExperts):
     """One covariance per expert (mclust's VVV); it contains diagonal experts."""
 
     covariance_type = "full"
+    batchable = True
 
     def simpler(self) -> GaussianExperts:
         """Diagonal experts (VVI): their fit starts this one, which never ends below it."""
@@ -318,6 +401,7 @@ class TiedGaussianExperts(CovarianceGaussianExperts):
     """One covariance for all experts (mclust's EEE)."""
 
     covariance_type = "tied"
+    batchable = True
 
 
 class SphericalGaussianExperts(CovarianceGaussianExperts):
@@ -329,6 +413,7 @@ class SphericalGaussianExperts(CovarianceGaussianExperts):
 
     covariance_type = "spherical"
     common_target_scale = True
+    batchable = True
 
 
 COVARIANCE_EXPERTS = {
