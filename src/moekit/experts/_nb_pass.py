@@ -21,12 +21,12 @@ from moekit._core.data import Chunk, EMData
 T = torch.Tensor
 
 LANES = 16
-"""Table rows are padded to a multiple of this many.
+"""Table rows and the batched log(1 + phi mu) are padded to a multiple of this many.
 
 ``torch.log1p`` computes a tensor of fewer than 16 doubles with scalar code, whose
 last bit differs from the vector code's on about a third of values (measured on
 AVX-512): padded, no tensor is that short, so an entry's value does not depend on
-how many other experts share its tensor.
+how many other experts or starts share its tensor.
 """
 
 
@@ -93,6 +93,15 @@ def base_terms(chunk: Chunk, phi_flat: torch.Tensor, phi: torch.Tensor,
 def log_density(eta: T, l1p: T, y: T, phi: T, base: T) -> T:
     """log p = y (eta - l1p) - theta l1p + base, l1p = log(1 + phi mu), in place on eta."""
     return eta.sub_(l1p).mul_(y).addcmul_(l1p, phi.reciprocal(), value=-1.0).add_(base)
+
+
+def log1p_in_lanes(mu: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """log(1 + phi mu) (..., c), every row padded to ``LANES``: the same last bit for
+    an entry whatever the other rows (starts) of the tensor."""
+    c = mu.shape[-1]
+    buf = mu.new_zeros((*mu.shape[:-1], padded(c)))
+    torch.mul(mu, phi, out=buf[..., :c])
+    return buf.log1p_()[..., :c]
 
 
 def coef_weights(mu: T, phi: T, resp: T, y: T, buffer: Callable[[str], T]) -> tuple[T, T, T]:

@@ -29,12 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moekit._core.batch import batched_grams, empty_experts, flat_grams
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts import _nb_pass as _pass
 from moekit.experts._glm import (
+    MAX_ETA_STEP,
     RidgeGLM,
     check_counts,
     chunk_eta,
@@ -120,6 +123,19 @@ def log1p_ratios(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(small, s1, c1), torch.where(small, s2, c2)
 
 
+def _even_newton_step(coef, grad, H, alpha: float) -> torch.Tensor:
+    """:func:`moekit.experts._glm.newton_step` with its systems grown to an even size
+    (:func:`moekit._core.linalg.even_system`), as for a batch of several fits."""
+    p = coef.shape[1]
+    pen = coef.new_ones(p)
+    pen[-1] = 0.0
+    H = H + alpha * torch.diag(pen)
+    g = grad - alpha * coef * pen
+    step = solve_psd(*even_system(H, g.unsqueeze(-1), 0.0))[:, :p, 0]
+    longest = step.abs().amax(1, keepdim=True)
+    return step * (MAX_ETA_STEP / longest.clamp(min=MAX_ETA_STEP))
+
+
 def _updated(params, step, d1, d2, keep) -> NegativeBinomialParams:
     """The coefficients' Newton step and the guarded step on log phi, for the experts
     ``keep`` (an expert without weight keeps its parameters)."""
@@ -201,6 +217,53 @@ class NegativeBinomialExperts(RidgeGLM):
         grad, hess, d1, d2, nk = stats
         step = newton_step(params.coef, grad, grams(hess, grad.shape[1]), self.alpha)
         return _updated(params, step, d1, d2, has_weight(nk))
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p), dispersion (S, K)
+    batchable = True
+
+    def log_prob_many(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        S = params.coef.shape[0]
+        eta = torch.bmm(params.coef, chunk.XeT.expand(S, -1, -1))  # (S, K, c)
+        if chunk.offset is not None:
+            eta.add_(chunk.offset)
+        phi = params.dispersion.unsqueeze(2)  # (S, K, 1)
+        mu = torch.exp(eta)
+        l1p = _pass.log1p_in_lanes(mu, phi)
+        chunk.scratch["nb_many"] = (mu, l1p)
+        base = _pass.base_terms(chunk, params.dispersion.reshape(-1), phi, torch.empty_like(eta))
+        return _pass.log_density(eta, l1p, chunk.y[0], phi, base)
+
+    def chunk_stats_many(self, params: NegativeBinomialParams, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        if "nb_many" not in chunk.scratch:
+            self.log_prob_many(params, chunk)
+        mu, l1p = chunk.scratch.pop("nb_many")
+        S = mu.shape[0]
+        phi = params.dispersion.unsqueeze(2)
+        inv, u, h = _pass.coef_weights(mu, phi, resp, chunk.y[0], lambda name: torch.empty_like(mu))
+        grad = torch.bmm(u, chunk.XeT.T.expand(S, -1, -1))  # (S, K, p)
+        hess = batched_grams(chunk, h)
+        sums = _pass.weighted_count_sums(resp, chunk, params.dispersion.reshape(-1), phi)
+        d1, d2 = _pass.dispersion_derivatives(inv, u, h, l1p, resp, phi, *sums)
+        return grad, hess, d1, d2, resp.sum(2)
+
+    def log_prior_many(self, params: NegativeBinomialParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        return -0.5 * self.alpha * (params.coef[..., :-1] ** 2).sum((1, 2))
+
+    def m_step_many(self, params: NegativeBinomialParams, stats, data: EMData):
+        """:meth:`m_step` of S stacked starts, each start's systems grown to an even size."""
+        grad, hess, d1, d2, nk = stats
+        S, K, p = params.coef.shape
+        flat = NegativeBinomialParams(params.coef.reshape(S * K, p),
+                                      params.dispersion.reshape(S * K))  # fmt: skip
+        step = _even_newton_step(flat.coef, grad.reshape(S * K, p), grams(flat_grams(hess), p),
+                                 self.alpha)  # fmt: skip
+        keep = ~empty_experts(nk.reshape(-1), K)
+        new = _updated(flat, step, d1.reshape(-1), d2.reshape(-1), keep)
+        return NegativeBinomialParams(new.coef.view(S, K, p), new.dispersion.view(S, K))
 
     def n_parameters(self, params: NegativeBinomialParams) -> int:
         return int(params.coef.numel() + params.dispersion.numel())
