@@ -29,11 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moekit._core.batch import batched_grams, empty_experts, flat_grams
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
+from moekit.experts import _nb_pass as _pass
 from moekit.experts._glm import (
+    MAX_ETA_STEP,
     RidgeGLM,
     check_counts,
     chunk_eta,
@@ -63,31 +67,6 @@ def nb_logpmf(eta, y, phi, lgamma_y1):
     l1p = torch.log1p(phi * torch.exp(eta))
     return (torch.lgamma(y + theta) - torch.lgamma(theta) - lgamma_y1
             - (theta + y) * l1p + y * (torch.log(phi) + eta))  # fmt: skip
-
-
-def count_tables(chunk: Chunk, phi: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """Per row and expert, S_0 = sum_{j<y} log(1 + j phi), S_1 = sum_{j<y} 1 / (theta + j)
-    and S_2 = sum_{j<y} 1 / (theta + j)^2 (theta = 1 / phi), each (K, c).
-
-    Gathered from cumulative sums over j = 0..max(y) - 1, one row per expert: K max(y)
-    terms instead of lgamma, digamma and trigamma functions of every row and expert.
-    None where the data's counts pass ``COUNT_TABLE_MAX`` (or were not prepared).
-    """
-    counts = chunk.data.cache.get("nb_counts")
-    if counts is None:
-        return None
-    K, top = phi.shape[0], chunk.data.cache["nb_top"]
-    jp = torch.arange(top, dtype=phi.dtype, device=phi.device) * phi.unsqueeze(1)  # (K, top)
-    inv = phi.unsqueeze(1) / (1.0 + jp)  # 1 / (theta + j)
-    terms = torch.stack([torch.log1p(jp), inv, inv * inv])  # (3, K, top)
-    table = torch.cat([terms.new_zeros((3, K, 1)), terms.cumsum(2)], 2)
-    idx = counts[chunk.start : chunk.stop].expand(3, K, -1)
-    return tuple(table.gather(2, idx).unbind(0))
-
-
-def _lgamma_y1(chunk: Chunk) -> torch.Tensor:
-    cached = chunk.data.cache.get("lgamma_y1")
-    return cached[chunk.start : chunk.stop] if cached is not None else torch.lgamma(chunk.y[0] + 1)
 
 
 COUNT_TABLE_MAX = 2**20
@@ -144,6 +123,28 @@ def log1p_ratios(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(small, s1, c1), torch.where(small, s2, c2)
 
 
+def _even_newton_step(coef, grad, H, alpha: float) -> torch.Tensor:
+    """:func:`moekit.experts._glm.newton_step` with its systems grown to an even size
+    (:func:`moekit._core.linalg.even_system`), as for a batch of several fits."""
+    p = coef.shape[1]
+    pen = coef.new_ones(p)
+    pen[-1] = 0.0
+    H = H + alpha * torch.diag(pen)
+    g = grad - alpha * coef * pen
+    step = solve_psd(*even_system(H, g.unsqueeze(-1), 0.0))[:, :p, 0]
+    longest = step.abs().amax(1, keepdim=True)
+    return step * (MAX_ETA_STEP / longest.clamp(min=MAX_ETA_STEP))
+
+
+def _updated(params, step, d1, d2, keep) -> NegativeBinomialParams:
+    """The coefficients' Newton step and the guarded step on log phi, for the experts
+    ``keep`` (an expert without weight keeps its parameters)."""
+    coef = torch.where(keep[:, None], params.coef + step, params.coef)
+    log_phi = guarded_newton_1d(torch.log(params.dispersion), d1, d2,
+                                math.log(DISPERSION_MIN), math.log(DISPERSION_MAX))  # fmt: skip
+    return NegativeBinomialParams(coef, torch.where(keep, torch.exp(log_phi), params.dispersion))
+
+
 class NegativeBinomialExperts(RidgeGLM):
     """K negative binomial (NB2) regressions with a log link and a dispersion per expert.
 
@@ -167,7 +168,8 @@ class NegativeBinomialExperts(RidgeGLM):
     def prepare(self, data: EMData) -> None:
         data.cache["lgamma_y1"] = torch.lgamma(data.y[0] + 1.0)
         top = int(data.y[0].max()) if data.n else 0
-        # the counts as indices of per-expert tables of sums over j < y (count_tables)
+        # the counts as indices of per-expert tables of sums over j < y
+        # (moekit.experts._nb_pass.count_tables)
         data.cache["nb_counts"] = data.y[0].long() if top <= COUNT_TABLE_MAX else None
         data.cache["nb_top"] = top
 
@@ -176,54 +178,92 @@ class NegativeBinomialExperts(RidgeGLM):
         return NegativeBinomialParams(coef, data.XeT.new_full((self.n_experts,), 0.1))
 
     def log_prob(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
-        eta = chunk_eta(params.coef, chunk)  # (K, c)
-        chunk.scratch["nb_eta"] = eta
+        eta = chunk_eta(params.coef, chunk)  # (K, c), fresh: it becomes log p in place
+        K, c = eta.shape
+        ws = chunk.data.workspace  # reused buffers: a new (K, c) tensor costs page faults
         phi = params.dispersion.unsqueeze(1)
-        tables = count_tables(chunk, params.dispersion)
-        if tables is None:
-            return nb_logpmf(eta, chunk.y[0], phi, _lgamma_y1(chunk))
-        chunk.scratch["nb_tables"] = tables
-        # lgamma(y + theta) - lgamma(theta) + y log phi = sum_{j<y} log(1 + j phi): read
-        # from a table instead of two lgamma per row and expert (and exact as phi -> 0)
-        y = chunk.y[0]
-        return (tables[0] - _lgamma_y1(chunk) - (1.0 / phi + y) * torch.log1p(phi * torch.exp(eta))
-                + y * eta)  # fmt: skip
+        mu = torch.exp(eta, out=ws("nb:mu", K, c)[:K, :c])
+        l1p = torch.mul(mu, phi, out=ws("nb:l1p", K, c)[:K, :c]).log1p_()
+        # the buffers hold this chunk's rows until the next log_prob: a token says whose
+        token = chunk.data.cache["nb_token"] = object()
+        chunk.scratch["nb"] = (mu, l1p, token)
+        base = _pass.base_terms(chunk, params.dispersion, phi, ws("nb:base", K, c)[:K, :c])
+        return _pass.log_density(eta, l1p, chunk.y[0], phi, base)
 
     def chunk_stats(self, params: NegativeBinomialParams, chunk: Chunk, resp: torch.Tensor):
-        eta = chunk.scratch.get("nb_eta")
-        if eta is None:  # first M-step: at the starting parameters
-            eta = chunk_eta(params.coef, chunk)
-        y, phi = chunk.y[0], params.dispersion.unsqueeze(1)
-        mu = torch.exp(eta)
-        denom = 1.0 + phi * mu
-        grad = (resp * (y - mu) / denom) @ chunk.XeT.T  # (K, p)
-        hess = chunk.weighted_grams(resp * mu / denom, "e")
-        # derivatives of log p in theta = 1 / phi, then in a = log phi (d theta / da = -theta)
-        theta = 1.0 / phi
-        tables = chunk.scratch.get("nb_tables") or count_tables(chunk, params.dispersion)
-        if tables is None:  # counts past the tables: the digamma and trigamma forms
-            dig = torch.digamma(y + theta) - torch.digamma(theta)
-            trig = torch.polygamma(1, y + theta) - torch.polygamma(1, theta)
-        else:  # psi(y + theta) - psi(theta) = sum_{j<y} 1 / (theta + j), psi' likewise
-            dig, trig = tables[1], -tables[2]
-        d_theta = dig - torch.log1p(phi * mu) + (mu - y) / (theta + mu)
-        d2_theta = (trig + 1.0 / theta - 2.0 / (theta + mu)
-                    + (theta + y) / (theta + mu) ** 2)  # fmt: skip
-        d1 = (resp * d_theta).sum(1) * -theta[:, 0]
-        d2 = (resp * d2_theta).sum(1) * theta[:, 0] ** 2 - d1
+        """The coefficients' gradient (K, p) and weighted Grams, the first and second
+        derivatives of Q in log phi_k (K,) each, and n_k (K,)."""
+        kept = chunk.scratch.pop("nb", None)
+        if kept is None or chunk.data.cache.get("nb_token") is not kept[2]:
+            self.log_prob(params, chunk)  # first M-step: at the starting parameters
+            kept = chunk.scratch.pop("nb")
+        mu, l1p, _ = kept  # l1p is overwritten below
+        K, c = mu.shape
+        phi = params.dispersion.unsqueeze(1)
+
+        def buffer(name: str) -> torch.Tensor:
+            return chunk.data.workspace(name, K, c)[:K, :c]
+
+        inv, u, h = _pass.coef_weights(mu, phi, resp, chunk.y[0], buffer)
+        grad = u @ chunk.XeT.T  # (K, p)
+        hess = chunk.weighted_grams(h, "e")
+        sums = _pass.weighted_count_sums(resp, chunk, params.dispersion, phi)
+        d1, d2 = _pass.dispersion_derivatives(inv, u, h, l1p, resp, phi, *sums)
         return grad, hess, d1, d2, resp.sum(1)
 
     def m_step(self, params, stats, data: EMData, resp=None) -> NegativeBinomialParams:
         if params is None:
             params = self.init_params(data)
         grad, hess, d1, d2, nk = stats
-        keep = has_weight(nk)
         step = newton_step(params.coef, grad, grams(hess, grad.shape[1]), self.alpha)
-        coef = torch.where(keep[:, None], params.coef + step, params.coef)
-        log_phi = guarded_newton_1d(torch.log(params.dispersion), d1, d2,
-                                    math.log(DISPERSION_MIN), math.log(DISPERSION_MAX))  # fmt: skip
-        phi = torch.where(keep, torch.exp(log_phi), params.dispersion)
-        return NegativeBinomialParams(coef, phi)
+        return _updated(params, step, d1, d2, has_weight(nk))
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p), dispersion (S, K)
+    batchable = True
+
+    def log_prob_many(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        S = params.coef.shape[0]
+        eta = torch.bmm(params.coef, chunk.XeT.expand(S, -1, -1))  # (S, K, c)
+        if chunk.offset is not None:
+            eta.add_(chunk.offset)
+        phi = params.dispersion.unsqueeze(2)  # (S, K, 1)
+        mu = torch.exp(eta)
+        l1p = _pass.log1p_in_lanes(mu, phi)
+        chunk.scratch["nb_many"] = (mu, l1p)
+        base = _pass.base_terms(chunk, params.dispersion.reshape(-1), phi, torch.empty_like(eta))
+        return _pass.log_density(eta, l1p, chunk.y[0], phi, base)
+
+    def chunk_stats_many(self, params: NegativeBinomialParams, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        if "nb_many" not in chunk.scratch:
+            self.log_prob_many(params, chunk)
+        mu, l1p = chunk.scratch.pop("nb_many")
+        S = mu.shape[0]
+        phi = params.dispersion.unsqueeze(2)
+        inv, u, h = _pass.coef_weights(mu, phi, resp, chunk.y[0], lambda name: torch.empty_like(mu))
+        grad = torch.bmm(u, chunk.XeT.T.expand(S, -1, -1))  # (S, K, p)
+        hess = batched_grams(chunk, h)
+        sums = _pass.weighted_count_sums(resp, chunk, params.dispersion.reshape(-1), phi)
+        d1, d2 = _pass.dispersion_derivatives(inv, u, h, l1p, resp, phi, *sums)
+        return grad, hess, d1, d2, resp.sum(2)
+
+    def log_prior_many(self, params: NegativeBinomialParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        return -0.5 * self.alpha * (params.coef[..., :-1] ** 2).sum((1, 2))
+
+    def m_step_many(self, params: NegativeBinomialParams, stats, data: EMData):
+        """:meth:`m_step` of S stacked starts, each start's systems grown to an even size."""
+        grad, hess, d1, d2, nk = stats
+        S, K, p = params.coef.shape
+        flat = NegativeBinomialParams(params.coef.reshape(S * K, p),
+                                      params.dispersion.reshape(S * K))  # fmt: skip
+        step = _even_newton_step(flat.coef, grad.reshape(S * K, p), grams(flat_grams(hess), p),
+                                 self.alpha)  # fmt: skip
+        keep = ~empty_experts(nk.reshape(-1), K)
+        new = _updated(flat, step, d1.reshape(-1), d2.reshape(-1), keep)
+        return NegativeBinomialParams(new.coef.view(S, K, p), new.dispersion.view(S, K))
 
     def n_parameters(self, params: NegativeBinomialParams) -> int:
         return int(params.coef.numel() + params.dispersion.numel())
