@@ -243,8 +243,7 @@ class TreeGate:
         return TreeGateParams(V + step.reshape(N, b, p))
 
     # ------------------------------------------------------------ many starts at once
-    # S starts stacked on a leading axis (moekit._core.batch): coef (S, N, b, p); each
-    # method is the one-start method above with a batched product of its shape
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, N, b, p)
     batchable = True
 
     def log_prob_many(self, params: TreeGateParams, chunk: Chunk) -> torch.Tensor:
@@ -284,12 +283,9 @@ class TreeGate:
 
     @classmethod
     def _grams_many(cls, chunk: Chunk, w: torch.Tensor) -> torch.Tensor:
-        """:meth:`_grams` of S weight sets (S, W, c), stacked (S, ...).
-
-        Wide designs take the one-start call per start, on a copy of the start's
-        weights: a product's rounding may follow its operand's address (see
-        :mod:`moekit._core.batch`), and a copy starts where an allocation starts.
-        """
+        """:meth:`_grams` of S weight sets (S, W, c), stacked. Wide designs: per start, on
+        a copy of its weights (a product may round by its operand's address, see
+        :mod:`moekit._core.batch`; a copy starts where an allocation starts)."""
         if packed(chunk.XgT.shape[0]):
             return batched_grams(chunk, w, "g")
         return torch.stack([cls._grams(chunk, ws.clone()) for ws in w])
