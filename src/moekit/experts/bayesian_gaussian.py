@@ -53,9 +53,20 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData, packed, unpack_grams
 from moekit._core.logspace import LOG_2PI
 from moekit._core.validation import check_finite
+from moekit.experts._bayesian_linalg import (
+    even_size,
+    gaussian_kl,
+    inverse_pd,
+    logdet_pd,
+    quad_forms,
+)
+
+__all__ = ["BayesianGaussianExperts", "BayesianGaussianParams", "gaussian_kl", "inverse_pd",
+           "logdet_pd", "quad_forms"]  # fmt: skip
 
 MAX_PRECISION = 1e8
 """Largest prior precision of a slope (standardised units): a prior sd of 1e-4."""
@@ -81,85 +92,17 @@ class BayesianGaussianParams:
     prior_prec: torch.Tensor
 
 
-# ---------------------------------------------------------------------- linear algebra
-def _scaled_cholesky(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky factor of D P D with D = diag(P)^{-1/2}, and D's diagonal.
-
-    Precisions mix prior terms near 1e8 with data terms near n beta; the Jacobi
-    scaling gives a unit diagonal, which keeps the factorisation stable where
-    the raw matrix would be too ill-conditioned for float64.
-    """
-    d = P.diagonal(dim1=-2, dim2=-1).clamp(min=torch.finfo(P.dtype).tiny).rsqrt()
-    Ps = P * d.unsqueeze(-1) * d.unsqueeze(-2)
-    L, info = torch.linalg.cholesky_ex(Ps)
-    if bool((info > 0).any()):
-        # rounding on a nearly singular matrix: a jitter of 1e-10 on the unit diagonal
-        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-        L = torch.linalg.cholesky(Ps + 1e-10 * eye)
-    return L, d
-
-
-def inverse_pd(P: torch.Tensor) -> torch.Tensor:
-    """Inverse of symmetric positive definite matrices (..., p, p), by Cholesky."""
-    L, d = _scaled_cholesky(P)
-    inv = torch.cholesky_inverse(L)
-    inv = inv * d.unsqueeze(-1) * d.unsqueeze(-2)
-    return 0.5 * (inv + inv.transpose(-1, -2))
-
-
-def logdet_pd(P: torch.Tensor) -> torch.Tensor:
-    """log det of symmetric positive definite matrices (..., p, p)."""
-    L, d = _scaled_cholesky(P)
-    return 2.0 * (torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1) - torch.log(d).sum(-1))
-
-
-def gaussian_kl(
-    m: torch.Tensor, B: torch.Tensor, m0: torch.Tensor, prec0: torch.Tensor
-) -> torch.Tensor:
-    """KL(N(m, B) || N(m0, prec0^{-1})) over the trailing dimensions, shape (...).
-
-    .. math::  \\tfrac12 \\big(\\operatorname{tr}(\\Lambda_0 B) + (m - m_0)^T \\Lambda_0
-               (m - m_0) - p - \\log|\\Lambda_0| - \\log|B|\\big)
-    """
-    p = m.shape[-1]
-    diff = (m - m0).unsqueeze(-1)
-    tr = (prec0 * B).sum((-2, -1))  # both symmetric: tr(prec0 B)
-    maha = (diff.transpose(-1, -2) @ prec0 @ diff)[..., 0, 0]
-    return 0.5 * (tr + maha - p - logdet_pd(prec0) - logdet_pd(B))
-
-
-def quad_forms(cov: torch.Tensor, XT: torch.Tensor, products: torch.Tensor | None = None):
-    """x_i^T B x_i for every matrix B of ``cov`` (T, p, p) and column x_i of XT (p, c).
-
-    With ``products`` (the chunk's packed pair products x_a x_b, a <= b, of shape
-    (p (p + 1) / 2, c)) it is one matrix product, sum_{a <= b} (2 - delta_ab) B_ab x_a
-    x_b; otherwise one (p, p) @ (p, c) product per matrix.
-
-    Returns
-    -------
-    Tensor of shape (T, c)
-    """
-    T, p = cov.shape[0], cov.shape[-1]
-    if products is not None:
-        rows, cols = torch.triu_indices(p, p, device=cov.device)
-        w = cov[:, rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(cov)  # (T, f)
-        return (w @ products).clamp_(min=0.0)
-    out = XT.new_empty((T, XT.shape[1]))
-    for t in range(T):
-        out[t] = ((cov[t] @ XT) * XT).sum(0)
-    return out.clamp_(min=0.0)
-
-
 # ---------------------------------------------------------------------- M-step pieces
-def posterior_update(gram, xty, beta, prior_mean, prior_prec):
+# Each takes S stacked fits on a leading axis too (shapes (S, K, ...), ``stacked``)
+def posterior_update(gram, xty, beta, prior_mean, prior_prec, stacked: bool = False):
     """q(w) given beta and the prior: B = (A^{-1} + beta G)^{-1}, m = B (A^{-1} w0 + beta X^T R y).
 
     Shapes: gram (K, p, p), xty (K, m, p), beta (K, m), prior_mean (K, m, p),
     prior_prec (K, m, p, p); returns coef (K, m, p) and cov (K, m, p, p).
     """
-    P = prior_prec + beta[..., None, None] * gram.unsqueeze(1)
+    P = prior_prec + beta[..., None, None] * gram.unsqueeze(-3)
     rhs = (prior_prec @ prior_mean.unsqueeze(-1))[..., 0] + beta.unsqueeze(-1) * xty
-    cov = inverse_pd(P)
+    cov = inverse_pd(P, stacked)
     coef = (cov @ rhs.unsqueeze(-1))[..., 0]
     return coef, cov
 
@@ -170,7 +113,7 @@ def expected_rss(gram, xty, yty, coef, cov) -> torch.Tensor:
     Equal to y^T R y - 2 m^T X^T R y + m^T G m + tr(G B): the residuals of the
     posterior mean plus the spread of q(w).
     """
-    G = gram.unsqueeze(1)  # (K, 1, p, p)
+    G = gram.unsqueeze(-3)  # (K, 1, p, p)
     fit = (coef.unsqueeze(-2) @ G @ coef.unsqueeze(-1))[..., 0, 0]
     spread = (G * cov).sum((-2, -1))
     return (yty - 2.0 * (coef * xty).sum(-1) + fit + spread).clamp(min=0.0)
@@ -179,24 +122,27 @@ def expected_rss(gram, xty, yty, coef, cov) -> torch.Tensor:
 def noise_update(rss, nk, old_beta, shared: bool, max_beta: float) -> torch.Tensor:
     """Maximiser of the ELBO over beta: N_k / S_k, or sum_k N_k / sum_k S_k when shared."""
     tiny = torch.finfo(rss.dtype).tiny
-    if shared:
-        beta = (nk.sum() / rss.sum(0).clamp(min=tiny)).expand_as(rss)
+    if shared:  # over the experts, axis -2 of rss (K, m)
+        total = nk.sum(-1, keepdim=True) / rss.sum(-2).clamp(min=tiny)
+        beta = total.unsqueeze(-2).expand_as(rss)
     else:
-        beta = nk.unsqueeze(1) / rss.clamp(min=tiny)
+        beta = nk.unsqueeze(-1) / rss.clamp(min=tiny)
         # an expert without any weight has no evidence about its noise: keep it
-        beta = torch.where((nk > 0).unsqueeze(1), beta, old_beta)
+        beta = torch.where((nk > 0).unsqueeze(-1), beta, old_beta)
     return beta.clamp(max=max_beta).contiguous()
 
 
-def prior_mean_update(coef, prior_prec) -> torch.Tensor:
+def prior_mean_update(coef, prior_prec, stacked: bool = False) -> torch.Tensor:
     """The w0 shared by the experts: (sum_k A_k^{-1})^{-1} sum_k A_k^{-1} m_k, (K, m, p)."""
-    total = prior_prec.sum(0)  # (m, p, p)
-    rhs = (prior_prec @ coef.unsqueeze(-1)).sum(0)  # (m, p, 1)
-    w0 = (inverse_pd(total) @ rhs)[..., 0]
-    return w0.unsqueeze(0).expand_as(coef).contiguous()
+    total = prior_prec.sum(-4)  # (m, p, p)
+    rhs = (prior_prec @ coef.unsqueeze(-1)).sum(-4)  # (m, p, 1)
+    w0 = (inverse_pd(total, stacked) @ rhs)[..., 0]
+    return w0.unsqueeze(-3).expand_as(coef).contiguous()
 
 
-def prior_prec_update(coef, cov, prior_mean, kind: str, intercept_prec: float) -> torch.Tensor:
+def prior_prec_update(
+    coef, cov, prior_mean, kind: str, intercept_prec: float, stacked: bool = False
+) -> torch.Tensor:
     """Maximiser of the ELBO over A^{-1} (slopes; the intercept's precision stays fixed).
 
     With S = B + (m - w0)(m - w0)^T over the slopes: ARD 1 / diag(S), isotropic
@@ -221,9 +167,11 @@ def prior_prec_update(coef, cov, prior_mean, kind: str, intercept_prec: float) -
     else:
         # the Gaussian likelihood of one draw under a floor on the eigenvalues is
         # maximised by clamping the eigenvalues of S (it separates along them)
-        evals, evecs = torch.linalg.eigh(0.5 * (S + S.transpose(-1, -2)))
+        S = 0.5 * (S + S.transpose(-1, -2))
+        # stacked: of even size, the new direction apart (eigenvalue 1), then dropped
+        evals, evecs = torch.linalg.eigh(even_size(S) if stacked else S)
         inv = 1.0 / evals.clamp(min=floor)
-        prec = evecs @ (inv.unsqueeze(-1) * evecs.transpose(-1, -2))
+        prec = (evecs @ (inv.unsqueeze(-1) * evecs.transpose(-1, -2)))[..., :q, :q]
         out[..., :q, :q] = 0.5 * (prec + prec.transpose(-1, -2))
     return out
 
@@ -307,23 +255,74 @@ class BayesianGaussianExperts:
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
         return chunk.weighted_grams(resp, "e", with_target=True)
 
-    def m_step(self, params, stats, data: EMData, resp=None) -> BayesianGaussianParams:
+    def m_step(
+        self, params, stats, data: EMData, resp=None, *, stacked: bool = False
+    ) -> BayesianGaussianParams:
+        """The three coordinate steps (module docstring); ``stacked``: of S starts at
+        once, parameters (S, K, ...) and statistics as :meth:`chunk_stats_many` sums them."""
         if params is None:
             params = self.init_params(data)
         p, m = data.XeT.shape[0], self.n_outputs
-        gram, xty, yty = unpack_grams(stats, p, m)  # (K, p, p), (K, m, p), (K, m)
-        nk = gram[:, -1, -1]
+        if stacked:
+            S = params.coef.shape[0]
+            gram, xty, yty = unpack_grams(flat_grams(stats), p, m)
+            gram, xty, yty = (gram.reshape(S, -1, p, p), xty.reshape(S, -1, m, p),
+                              yty.reshape(S, -1, m))  # fmt: skip
+        else:
+            gram, xty, yty = unpack_grams(stats, p, m)  # (K, p, p), (K, m, p), (K, m)
+        nk = gram[..., -1, -1]
         # 1. q(w) at the current beta and prior
-        coef, cov = posterior_update(gram, xty, params.beta, params.prior_mean, params.prior_prec)
+        coef, cov = posterior_update(gram, xty, params.beta, params.prior_mean,
+                                     params.prior_prec, stacked)  # fmt: skip
         # 2. beta at the new q(w)
         rss = expected_rss(gram, xty, yty, coef, cov)
         beta = noise_update(rss, nk, params.beta, self.noise == "shared", 1.0 / self.var_floor)
         # 3. the prior at the new q(w): its mean at the current precisions, then those
         w0 = params.prior_mean
         if self.prior_mean == "shared":
-            w0 = prior_mean_update(coef, params.prior_prec)
-        prec = prior_prec_update(coef, cov, w0, self.prior, 1.0 / self.intercept_var)
+            w0 = prior_mean_update(coef, params.prior_prec, stacked)
+        prec = prior_prec_update(coef, cov, w0, self.prior, 1.0 / self.intercept_var, stacked)
         return BayesianGaussianParams(coef.contiguous(), cov.contiguous(), beta, w0, prec)
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, m, p), ...;
+    # the experts of a start are coupled (a shared beta or w0), so the steps keep S apart
+    batchable = True
+
+    def log_prob_many(self, params: BayesianGaussianParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        xt, y = chunk.XeT, chunk.y
+        S, K, m, p = params.coef.shape
+        if packed(p):  # one product per start with the shared pair products
+            rows, cols = torch.triu_indices(p, p, device=xt.device)
+            w = params.cov[..., rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(xt)
+            prods = chunk.products("e")
+            quad = torch.bmm(w.view(S, K * m, -1), prods.expand(S, -1, -1)).clamp_(min=0.0)
+        else:  # a copy per start: its products round as the start's own tensor would
+            quad = torch.stack([quad_forms(c.clone().view(K * m, p, p), xt) for c in params.cov])
+        quad = quad.view(S, K, m, -1)
+        xs = xt.expand(S, -1, -1)
+        out = None
+        for j in range(m):
+            resid = torch.baddbmm(y[j : j + 1], params.coef[:, :, j], xs, alpha=-1.0)  # (S, K, c)
+            b = params.beta[:, :, j : j + 1]
+            term = resid.square_().add_(quad[:, :, j]).mul_(-0.5 * b)
+            term.add_(0.5 * (torch.log(b) - LOG_2PI))
+            out = term if out is None else out.add_(term)
+        return out
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), stacked."""
+        return batched_grams(chunk, resp, "e", with_target=True)
+
+    def log_prior_many(self, params: BayesianGaussianParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        p = params
+        return -gaussian_kl(p.coef, p.cov, p.prior_mean, p.prior_prec, stacked=True).sum((1, 2))
+
+    def m_step_many(self, params: BayesianGaussianParams, stats, data: EMData):
+        """:meth:`m_step` of S stacked starts."""
+        return self.m_step(params, stats, data, stacked=True)
 
     def log_prior(self, params: BayesianGaussianParams) -> float:
         """-sum_kj KL(q(w_kj) || p(w_kj)): with it the loop's objective is the ELBO."""

@@ -35,12 +35,16 @@ class DirichletGateParams:
 
 
 def expected_log_weights(concentration: torch.Tensor) -> torch.Tensor:
-    """E log pi_k = psi(lambda_k) - psi(sum_l lambda_l) under Dir(lambda), shape (K,)."""
-    return torch.special.digamma(concentration) - torch.special.digamma(concentration.sum())
+    """E log pi_k = psi(lambda_k) - psi(sum_l lambda_l) under Dir(lambda), shape (..., K).
+
+    Leading axes (S stacked starts) are kept; the sum is over the last.
+    """
+    total = concentration.sum(-1, keepdim=True)
+    return torch.special.digamma(concentration) - torch.special.digamma(total)
 
 
 def dirichlet_kl(concentration: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """KL(Dir(lambda) || Dir(mu)), a scalar.
+    """KL(Dir(lambda) || Dir(mu)) over the last axis, shape (...) (a scalar for one lambda).
 
     .. math::  \\log\\Gamma(\\lambda_0) - \\sum_k \\log\\Gamma(\\lambda_k)
                - \\log\\Gamma(\\mu_0) + \\sum_k \\log\\Gamma(\\mu_k)
@@ -48,11 +52,11 @@ def dirichlet_kl(concentration: torch.Tensor, prior: torch.Tensor) -> torch.Tens
     """
     lam, mu = concentration, prior
     return (
-        torch.lgamma(lam.sum())
-        - torch.lgamma(lam).sum()
-        - torch.lgamma(mu.sum())
-        + torch.lgamma(mu).sum()
-        + ((lam - mu) * expected_log_weights(lam)).sum()
+        torch.lgamma(lam.sum(-1))
+        - torch.lgamma(lam).sum(-1)
+        - torch.lgamma(mu.sum(-1))
+        + torch.lgamma(mu).sum(-1)
+        + ((lam - mu) * expected_log_weights(lam)).sum(-1)
     )
 
 
@@ -94,6 +98,27 @@ class DirichletGate:
 
     def m_step(self, params, stats: torch.Tensor, data: EMData, resp=None) -> DirichletGateParams:
         return DirichletGateParams(self._prior(stats) + stats)
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): concentration (S, K);
+    # every operation is elementwise or a reduction over one start's K entries
+    batchable = True
+
+    def log_prob_many(self, params: DirichletGateParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        c = chunk.stop - chunk.start
+        return expected_log_weights(params.concentration).unsqueeze(2).expand(-1, -1, c)
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor) -> torch.Tensor:
+        return resp.sum(2)
+
+    def m_step_many(self, params, stats: torch.Tensor, data: EMData) -> DirichletGateParams:
+        return DirichletGateParams(self._prior(stats) + stats)
+
+    def log_prior_many(self, params: DirichletGateParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        lam = params.concentration
+        return -dirichlet_kl(lam, self._prior(lam))
 
     def log_prior(self, params: DirichletGateParams) -> float:
         """-KL(q(pi) || p(pi)), on the scale of a sum over rows."""

@@ -47,8 +47,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.data import CHUNK_SCRATCH_BYTES, Chunk, EMData, unpack_grams
-from moekit._core.linalg import solve_psd
+from moekit._core.batch import batched_grams, flat_grams
+from moekit._core.data import CHUNK_SCRATCH_BYTES, Chunk, EMData, packed, unpack_grams
+from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
 from moekit._core.validation import check_finite
 from moekit.gates.constant import ConstantGate, ConstantGateParams
@@ -240,6 +241,92 @@ class TreeGate:
                 evals, evecs = torch.linalg.eigh(self._bound(unpack_grams(curv, p)[0]))
                 step[1:] = bound_step(evals, evecs, g[1:])
         return TreeGateParams(V + step.reshape(N, b, p))
+
+    # ------------------------------------------------------------ many starts at once
+    # S starts stacked on a leading axis (moekit._core.batch): coef (S, N, b, p)
+    batchable = True
+
+    def log_prob_many(self, params: TreeGateParams, chunk: Chunk) -> torch.Tensor:
+        """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
+        S, N, b, p = params.coef.shape
+        logits = torch.bmm(params.coef.reshape(S, N * b, p), chunk.XgT.expand(S, -1, -1))
+        logg, g = node_log_softmax(logits.view(S, N, b, -1))  # (S, N, b, c)
+        chunk.scratch["tree_gate_prob_many"] = g
+        return path_log_probs(logg, b)[-1]
+
+    def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor):
+        """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
+        g = chunk.scratch["tree_gate_prob_many"]  # (S, N, b, c)
+        S, N, b, c = g.shape
+        xt = chunk.XgT
+        post = node_posteriors(resp, self.depth, b)  # entry l: (S, b^l, c)
+        targets = torch.cat([r.reshape(S, -1, b, c) for r in post[1:]], 1)  # R_i(child)
+        parent = torch.cat(post[1:-1], 1) if N > 1 else None  # (S, N - 1, c): R_i(n)
+        root = g[:, :1] if chunk.weight is None else g[:, :1] * chunk.weight
+        wg = root if parent is None else torch.cat([root, g[:, 1:] * parent.unsqueeze(2)], 1)
+        grad = torch.bmm((targets - wg).reshape(S, N * b, c), xt.T.expand(S, -1, -1))
+        grad = grad.view(S, N, b, -1)  # (S, N, b, p)
+        if not self._use_newton:
+            return grad, None if parent is None else self._grams_many(chunk, parent)
+        T = b * (b + 1) // 2
+        w = g.new_empty((S, N, T, c))  # R_i(n) g_k (delta_kl - g_l), pairs k <= l
+        t = 0
+        for k in range(b):
+            torch.mul(g[:, :, k : k + 1], g[:, :, k:], out=w[:, :, t : t + b - k]).neg_()
+            w[:, :, t].add_(g[:, :, k])
+            t += b - k
+        if parent is not None:
+            w[:, 1:] *= parent.unsqueeze(2)
+        if chunk.weight is not None:
+            w[:, 0] *= chunk.weight
+        return grad, self._grams_many(chunk, w.view(S, N * T, c))
+
+    @classmethod
+    def _grams_many(cls, chunk: Chunk, w: torch.Tensor) -> torch.Tensor:
+        """:meth:`_grams` of S weight sets (S, W, c), stacked. Wide designs: per start, on
+        a copy of its weights (a product may round by its operand's address, see
+        :mod:`moekit._core.batch`; a copy starts where an allocation starts)."""
+        if packed(chunk.XgT.shape[0]):
+            return batched_grams(chunk, w, "g")
+        return torch.stack([cls._grams(chunk, ws.clone()) for ws in w])
+
+    def log_prior_many(self, params: TreeGateParams) -> torch.Tensor:
+        """:meth:`log_prior` of S stacked starts, shape (S,)."""
+        return -0.5 * self.alpha * ((params.coef * self._pen) ** 2).sum((1, 2, 3))
+
+    def m_step_many(self, params: TreeGateParams, stats, data: EMData) -> TreeGateParams:
+        """:meth:`m_step` of S stacked starts: every node's system batched over starts.
+
+        Systems of odd size b p are grown to even ones (:func:`even_system`, zero
+        fill: the pseudo-inverse gives the new direction no weight), so that a
+        start's factorisation does not depend on its place in the batch.
+        """
+        V = params.coef  # (S, N, b, p)
+        S, N, b, p = V.shape
+        if b == 1:
+            return params
+        grad, curv = stats
+        q = b * p
+        g = (grad - self.alpha * V * self._pen).reshape(S, N, q)
+        if self._use_newton:
+            blocks = unpack_grams(flat_grams(curv), p)[0].view(S, N, -1, p, p)  # (S, N, T, p, p)
+            A = V.new_zeros((S, N, b, p, b, p))
+            rows, cols = torch.triu_indices(b, b)
+            for t, (k, l) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+                A[:, :, k, :, l, :] = blocks[:, :, t]
+                A[:, :, l, :, k, :] = blocks[:, :, t]
+            A = A.reshape(S, N, q, q) + self.alpha * torch.diag(self._pen.repeat(b))
+            step = solve_psd(*even_system(A, g.unsqueeze(-1), 0.0))[..., :q, 0]
+        else:
+            step = torch.empty_like(g)
+            root = self._bound_evecs.expand(S, -1, -1)  # the fixed bound, one start's shape each
+            step[:, 0] = bound_step(self._bound_evals, root, g[:, 0])
+            if N > 1:
+                bound = self._bound(unpack_grams(flat_grams(curv), p)[0]).view(S, N - 1, q, q)
+                Be, ge = even_system(bound, g[:, 1:].unsqueeze(-1), 0.0)
+                evals, evecs = torch.linalg.eigh(Be)
+                step[:, 1:] = bound_step(evals, evecs, ge[..., 0])[..., :q]
+        return TreeGateParams(V + step.view(S, N, b, p))
 
     def log_prior(self, params: TreeGateParams) -> float:
         V = params.coef

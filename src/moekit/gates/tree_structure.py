@@ -22,12 +22,12 @@ def n_internal(depth: int, branching: int) -> int:
 
 
 def node_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-softmax over the children (axis 1) of (N, b, c) logits, and the probabilities.
+    """Log-softmax over the children (axis -2) of (..., N, b, c) logits, and the probabilities.
 
     Elementwise over b rows, as :func:`moekit.gates.softmax.log_softmax_rows`, so that
     a tree of depth 1 computes exactly what the softmax gate computes.
     """
-    return log_softmax_rows(logits, dim=1)
+    return log_softmax_rows(logits, dim=-2)
 
 
 def path_log_probs(logg: torch.Tensor, branching: int) -> list[torch.Tensor]:
@@ -35,34 +35,40 @@ def path_log_probs(logg: torch.Tensor, branching: int) -> list[torch.Tensor]:
 
     Parameters
     ----------
-    logg : Tensor of shape (N, b, c)
-        log g_{n,c}(x) of every internal node's children.
+    logg : Tensor of shape (..., N, b, c)
+        log g_{n,c}(x) of every internal node's children (leading axes: S stacked
+        starts, say).
 
     Returns
     -------
     list of Tensor
-        Entry l - 1 has shape (b^l, c): log P(node j of level l | x), l = 1, ..., D.
+        Entry l - 1 has shape (..., b^l, c): log P(node j of level l | x), l = 1, ..., D.
     """
-    path = logg[0]  # (b, c)
+    lead = logg.shape[:-3]
+    path = logg[..., 0, :, :]  # (..., b, c)
     levels, start = [path], 1
-    while start < logg.shape[0]:
-        width = path.shape[0]  # internal nodes on this level
-        path = (path.unsqueeze(1) + logg[start : start + width]).reshape(width * branching, -1)
+    while start < logg.shape[-3]:
+        width = path.shape[-2]  # internal nodes on this level
+        path = (path.unsqueeze(-2) + logg[..., start : start + width, :, :]).reshape(
+            *lead, width * branching, -1
+        )
         levels.append(path)
         start += width
     return levels
 
 
 def node_posteriors(resp: torch.Tensor, depth: int, branching: int) -> list[torch.Tensor]:
-    """R_i(n) for the nodes of every level, from the leaves' responsibilities (K, c).
+    """R_i(n) for the nodes of every level, from the leaves' responsibilities (..., K, c).
 
-    Returns a list whose entry l has shape (b^l, c), l = 0, ..., D (entry 0 is the
-    root's, the sum of every row's responsibilities, which is 1).
+    Returns a list whose entry l has shape (..., b^l, c), l = 0, ..., D (entry 0 is
+    the root's, the sum of every row's responsibilities, which is 1). Leading axes
+    (S stacked starts) are kept.
     """
     levels = [resp]
     for _ in range(depth):
         r = levels[0]
-        levels.insert(0, r.reshape(r.shape[0] // branching, branching, -1).sum(1))
+        nodes = r.reshape(*r.shape[:-2], r.shape[-2] // branching, branching, r.shape[-1])
+        levels.insert(0, nodes.sum(-2))
     return levels
 
 
