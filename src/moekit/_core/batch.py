@@ -8,7 +8,7 @@ rounding) from S. MKL's results also depend on where in memory an operand starts
 and, for products with one column, on the batch itself; so the products with the
 rows of a chunk (:func:`times_design`, :func:`design_sums`, :func:`batched_grams`)
 continue each start's rows with zeros to a multiple of
-:data:`~moekit._core.data.ALIGN` values, and a product with one column is a sum of
+:data:`ALIGN` values, and a product with one column is a sum of
 elementwise products. A start's numbers then do not depend on which starts share
 its batch, for every shape (a sweep of K, p and odd and even row counts is in the
 tests).
@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 
-from moekit._core.data import ALIGN, Chunk, packed
+from moekit._core.data import Chunk, packed
+
+ALIGN = 8
+"""Float64 values in 64 bytes: each start's rows are continued with zeros to a
+multiple of this many values, so that every start's operand sits at the same
+alignment in a batch as alone."""
 
 
 def stack_params(items: list) -> Any:
@@ -30,6 +35,17 @@ def stack_params(items: list) -> Any:
     return type(first)(
         **{f.name: torch.stack([getattr(p, f.name) for p in items]) for f in fields(first)}
     )
+
+
+def lerp_params(old: Any, new: Any, t: float) -> Any:
+    """``old + t (new - old)`` field by field for a dataclass of tensors."""
+    if t == 1.0:
+        return new
+    values = {}
+    for f in fields(new):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        values[f.name] = a + t * (b - a) if isinstance(b, torch.Tensor) else b
+    return type(new)(**values)
 
 
 def unstack_params(stacked: Any) -> list:
@@ -45,7 +61,7 @@ def unstack_params(stacked: Any) -> list:
 
 def aligned_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` with its last axis (the rows of a chunk) continued with zeros to a
-    multiple of :data:`~moekit._core.data.ALIGN` values."""
+    multiple of :data:`ALIGN` values."""
     extra = -t.shape[-1] % ALIGN
     return t if extra == 0 else torch.nn.functional.pad(t, (0, extra))
 
@@ -99,7 +115,7 @@ def batched_grams(
     """
     xt = chunk.XgT if which == "g" else chunk.XeT
     if packed(xt.shape[0]):
-        prods = chunk.products(which, with_target, aligned=True)  # (f, c'), see aligned_rows
+        prods = chunk.products(which, with_target, pad=-xt.shape[1] % ALIGN)  # as aligned_rows
         weights = aligned_rows(weights)
         return torch.bmm(prods.expand(weights.shape[0], -1, -1), weights.transpose(1, 2))
     if curvature:

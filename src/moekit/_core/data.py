@@ -38,20 +38,13 @@ matrix products have a long inner dimension; measured on a 2-core CPU this is 3 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from moekit._core.distributed import DataGroup
 from moekit._core.linalg import unpack_triu
-
-ALIGN = 8
-"""Float64 values in 64 bytes. A batched product reads start s's operand s times
-its size past the first start's, and MKL picks its kernels (and so its rounding)
-by an operand's address and by the batch: each start's rows continued with zeros
-to a multiple of this many values sit alike whatever their place in the batch
-(:mod:`moekit._core.batch`)."""
 
 DEFAULT_CHUNK = 65536
 """Most rows per chunk."""
@@ -270,9 +263,7 @@ class Chunk:
         self.offset = None if data.offset is None else data.offset[start:stop]
         self.scratch: dict[str, Any] = {}
 
-    def products(
-        self, which: str = "e", with_target: bool = False, aligned: bool = False
-    ) -> torch.Tensor:
+    def products(self, which: str = "e", with_target: bool = False, pad: int = 0) -> torch.Tensor:
         """Products of pairs of the chunk's variables, one row per pair, shape (f, c).
 
         Rows: x_a x_b for a <= b (packed upper triangle, p(p+1)/2 rows); with
@@ -282,8 +273,7 @@ class Chunk:
         Built once per chunk and pass (once per fit where the data is one chunk),
         with slice products into a reused buffer (a gather is several times slower),
         and shared by the gate and the experts when they see the same design.
-        ``aligned``: the columns continued with zeros to a multiple of :data:`ALIGN`,
-        shape (f, c'), for batched products whose other operand is padded alike.
+        ``pad``: the rows continued with that many zeros, (f, c + pad) (batched products).
         """
         gate_only = which == "g" and not self.data.shared_design
         xt = self.XgT if gate_only else self.XeT
@@ -292,8 +282,7 @@ class Chunk:
         n_pairs = p * (p + 1) // 2
         m = 0 if self.y.ndim == 1 else self.y.shape[0]
         total = n_pairs + (p * m + m if not gate_only else 0)
-        width = c + (-c % ALIGN if aligned else 0)
-        full = self.data.workspace(key, total, width)
+        full = self.data.workspace(key, total, c + pad)
         buf = full[:, :c]
         # rows of products already in the buffer for these rows: they outlive the
         # pass, as the data never change, until other rows' products overwrite them
@@ -312,8 +301,8 @@ class Chunk:
             torch.mul(y, y, out=buf[n_pairs + p * m : total])
             done = total
         self.data._filled[key] = (self.start, self.stop, done)
-        if aligned:  # zeros past the rows: another chunk's products may have been there
-            buf = full[:, :width]
+        if pad:  # zeros past the rows: another chunk's products may have been there
+            buf = full[:, : c + pad]
             buf[:, c:].zero_()
         return buf[:done] if with_target else buf[:n_pairs]
 
@@ -453,14 +442,3 @@ def unpack_grams(
     # each entry and its mirror are the same sum, rounded apart: average them
     gram = 0.5 * (g + g.transpose(1, 2))
     return gram, stats[:, p:, :p], stats[:, p:, p:].diagonal(dim1=1, dim2=2)
-
-
-def lerp_params(old: Any, new: Any, t: float) -> Any:
-    """``old + t (new - old)`` field by field for a dataclass of tensors."""
-    if t == 1.0:
-        return new
-    values = {}
-    for f in fields(new):
-        a, b = getattr(old, f.name), getattr(new, f.name)
-        values[f.name] = a + t * (b - a) if isinstance(b, torch.Tensor) else b
-    return type(new)(**values)

@@ -19,7 +19,7 @@ Conventions
 Parameters
     One dataclass of tensors per family (``params_type``), every field indexed by
     expert first, shape (K, ...), or a list of K objects: the loop takes steps
-    between two of them field by field (:func:`moekit._core.data.lerp_params`),
+    between two of them field by field (:func:`moekit._core.batch.lerp_params`),
     keeps frozen experts' rows (:func:`moekit.fitting.model.keep_experts`),
     broadcasts them in a data-parallel fit and stores every field in model files.
 Chunks
@@ -43,7 +43,7 @@ so that the log-likelihood never decreases (generalised EM). Families whose
 M-step is guaranteed not to decrease Q (an exact maximiser, or a minorise-maximise
 step) set ``monotone = True``; for the others (a Newton step, say) the loop checks
 the likelihood after the step and shortens the step along the line from the old
-parameters (:func:`moekit._core.data.lerp_params`) until it does not decrease.
+parameters (:func:`moekit._core.batch.lerp_params`) until it does not decrease.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, flat_grams
+from moekit._core.batch import batched_grams, flat_grams, times_design
 from moekit._core.data import Chunk, EMData, packed, unpack_grams
 from moekit._core.logspace import LOG_2PI
 from moekit._core.validation import check_finite
@@ -297,14 +297,13 @@ class BayesianGaussianExperts:
             rows, cols = torch.triu_indices(p, p, device=xt.device)
             w = params.cov[..., rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(xt)
             prods = chunk.products("e")
-            quad = torch.bmm(w.view(S, K * m, -1), prods.expand(S, -1, -1)).clamp_(min=0.0)
+            quad = times_design(w.view(S, K * m, -1), prods).clamp_(min=0.0)
         else:  # a copy per start: its products round as the start's own tensor would
             quad = torch.stack([quad_forms(c.clone().view(K * m, p, p), xt) for c in params.cov])
-        quad = quad.view(S, K, m, -1)
-        xs = xt.expand(S, -1, -1)
+        quad = quad.reshape(S, K, m, -1)
         out = None
         for j in range(m):
-            resid = torch.baddbmm(y[j : j + 1], params.coef[:, :, j], xs, alpha=-1.0)  # (S, K, c)
+            resid = times_design(params.coef[:, :, j], xt, y[j : j + 1], alpha=-1.0)
             b = params.beta[:, :, j : j + 1]
             term = resid.square_().add_(quad[:, :, j]).mul_(-0.5 * b)
             term.add_(0.5 * (torch.log(b) - LOG_2PI))

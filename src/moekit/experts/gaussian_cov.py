@@ -40,7 +40,13 @@ from typing import ClassVar
 
 import torch
 
-from moekit._core.batch import batched_grams, empty_experts, flat_grams
+from moekit._core.batch import (
+    aligned_rows,
+    batched_grams,
+    empty_experts,
+    flat_grams,
+    times_design,
+)
 from moekit._core.data import Chunk, EMData, unpack_grams
 from moekit._core.linalg import even_system, solve_psd, triu_pairs, unpack_triu
 from moekit._core.logspace import LOG_2PI, mvn_logpdf_chol
@@ -230,8 +236,7 @@ class CovarianceGaussianExperts(GaussianExperts):
     def log_prob_many(self, params: CovGaussianParams, chunk: Chunk) -> torch.Tensor:
         """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
         S, K, q, p = params.coef.shape
-        xt = chunk.XeT.expand(S, -1, -1)  # (S, p, c)
-        mean = torch.bmm(params.coef.reshape(S, K * q, p), xt).view(S, K, q, -1)
+        mean = times_design(params.coef.reshape(S, K * q, p), chunk.XeT).reshape(S, K, q, -1)
         # q odd: a unit variance and a zero residual appended, which add a standard
         # normal's log density at 0, -log(2 pi) / 2, taken back after
         cov, resid = even_system(params.cov, chunk.y - mean, 1.0)  # (S, K, q', q'), (S, K, q', c)
@@ -242,7 +247,9 @@ class CovarianceGaussianExperts(GaussianExperts):
         """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
         rows, cols = triu_pairs(self.n_outputs, device=chunk.y.device)
         pairs = chunk.y[rows] * chunk.y[cols]  # (f, c)
-        yy = torch.bmm(pairs.expand(resp.shape[0], -1, -1), resp.transpose(1, 2))  # (S, f, K)
+        resp_rows = aligned_rows(resp)  # each start's rows alike (see moekit._core.batch)
+        pairs = aligned_rows(pairs).expand(resp.shape[0], -1, -1)
+        yy = torch.bmm(pairs, resp_rows.transpose(1, 2))  # (S, f, K)
         return batched_grams(chunk, resp, "e", with_target=True), yy
 
     def m_step_many(self, params: CovGaussianParams, stats, data: EMData) -> CovGaussianParams:

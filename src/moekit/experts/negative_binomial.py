@@ -29,7 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moekit._core.batch import batched_grams, empty_experts, flat_grams
+from moekit._core.batch import (
+    batched_grams,
+    design_sums,
+    empty_experts,
+    flat_grams,
+    times_design,
+)
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.linalg import even_system, solve_psd
@@ -224,8 +230,7 @@ class NegativeBinomialExperts(RidgeGLM):
 
     def log_prob_many(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
         """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
-        S = params.coef.shape[0]
-        eta = torch.bmm(params.coef, chunk.XeT.expand(S, -1, -1))  # (S, K, c)
+        eta = times_design(params.coef, chunk.XeT).contiguous()  # (S, K, c)
         if chunk.offset is not None:
             eta.add_(chunk.offset)
         phi = params.dispersion.unsqueeze(2)  # (S, K, 1)
@@ -240,10 +245,9 @@ class NegativeBinomialExperts(RidgeGLM):
         if "nb_many" not in chunk.scratch:
             self.log_prob_many(params, chunk)
         mu, l1p = chunk.scratch.pop("nb_many")
-        S = mu.shape[0]
         phi = params.dispersion.unsqueeze(2)
         inv, u, h = _pass.coef_weights(mu, phi, resp, chunk.y[0], lambda name: torch.empty_like(mu))
-        grad = torch.bmm(u, chunk.XeT.T.expand(S, -1, -1))  # (S, K, p)
+        grad = design_sums(u, chunk.XeT)  # (S, K, p)
         hess = batched_grams(chunk, h)
         sums = _pass.weighted_count_sums(resp, chunk, params.dispersion.reshape(-1), phi)
         d1, d2 = _pass.dispersion_derivatives(inv, u, h, l1p, resp, phi, *sums)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from moekit._core.data import DEFAULT_CHUNK, EMData, lerp_params
+from moekit._core.batch import lerp_params
+from moekit._core.data import DEFAULT_CHUNK, EMData
 from moekit.fitting import lockstep
 from moekit.fitting.progress import Progress
 

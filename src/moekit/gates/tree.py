@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit._core.batch import batched_grams, flat_grams
+from moekit._core.batch import batched_grams, design_sums, flat_grams, times_design
 from moekit._core.data import CHUNK_SCRATCH_BYTES, Chunk, EMData, packed, unpack_grams
 from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
@@ -249,8 +249,8 @@ class TreeGate:
     def log_prob_many(self, params: TreeGateParams, chunk: Chunk) -> torch.Tensor:
         """:meth:`log_prob` of S stacked starts, shape (S, K, c)."""
         S, N, b, p = params.coef.shape
-        logits = torch.bmm(params.coef.reshape(S, N * b, p), chunk.XgT.expand(S, -1, -1))
-        logg, g = node_log_softmax(logits.view(S, N, b, -1))  # (S, N, b, c)
+        logits = times_design(params.coef.reshape(S, N * b, p), chunk.XgT)
+        logg, g = node_log_softmax(logits.reshape(S, N, b, -1))  # (S, N, b, c)
         chunk.scratch["tree_gate_prob_many"] = g
         return path_log_probs(logg, b)[-1]
 
@@ -264,7 +264,7 @@ class TreeGate:
         parent = torch.cat(post[1:-1], 1) if N > 1 else None  # (S, N - 1, c): R_i(n)
         root = g[:, :1] if chunk.weight is None else g[:, :1] * chunk.weight
         wg = root if parent is None else torch.cat([root, g[:, 1:] * parent.unsqueeze(2)], 1)
-        grad = torch.bmm((targets - wg).reshape(S, N * b, c), xt.T.expand(S, -1, -1))
+        grad = design_sums((targets - wg).reshape(S, N * b, c), xt)
         grad = grad.view(S, N, b, -1)  # (S, N, b, p)
         if not self._use_newton:
             return grad, None if parent is None else self._grams_many(chunk, parent)
