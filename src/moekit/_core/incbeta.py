@@ -32,7 +32,7 @@ import torch
 from moekit._core.truncnorm import log1mexp
 
 _FPMIN = 1e-300
-_EPS = 1e-16
+_EPS = 1e-15
 CHECK_EVERY = 8
 """Terms of the continued fraction between two checks of convergence."""
 
@@ -167,9 +167,16 @@ def log_beta_inc(
     direct = x_s * (a_s + b_s + 2.0) < a_s + 1.0
     pa, pb = torch.where(direct, a_s, b_s), torch.where(direct, b_s, a_s)
     px = torch.where(direct, x_s, y_s)
-    max_terms = _max_terms(a_s, b_s)
     extra = 4 * CHECK_EVERY if differentiable else 0
-    log_side = log_front + _log_fraction(pa, pb, px, max_terms, extra) - torch.log(pa)
+    work = ~special
+    if bool(work.all()):
+        log_h = _log_fraction(pa, pb, px, _max_terms(pa, pb), extra)
+    else:  # the fraction of the other elements only (a censored fit's exact rows are limits)
+        pa_w, pb_w = pa[work], pb[work]
+        log_h = torch.zeros_like(px).masked_scatter(
+            work, _log_fraction(pa_w, pb_w, px[work], _max_terms(pa_w, pb_w), extra)
+        )
+    log_side = log_front + log_h - torch.log(pa)
     log_side = log_side.clamp(max=0.0)  # rounding near the switch
     log_other = log1mexp(-log_side)
     log_i = torch.where(direct, log_side, log_other)
