@@ -76,9 +76,12 @@ def _log_fraction(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
                   max_terms: int, extra: int) -> torch.Tensor:  # fmt: skip
     """log of the continued fraction's value h (I_x(a, b) = front h / a), elementwise.
 
-    Terms are added until every element's last factor is within ``_EPS`` of 1
-    (checked each ``CHECK_EVERY`` terms), then ``extra`` more, so that derivatives,
-    which converge a little later, settle too.
+    Each element takes terms until its last factor is within ``_EPS`` of 1, then
+    ``extra`` more (so that derivatives, which converge a little later, settle too),
+    and no more: past convergence the factors of some elements drift from 1 by a few
+    eps (the d_{2m+1} of x near 1 and a large cancel in 1 + d), which would keep a
+    test on every element's last factor from ever passing and move the value by
+    ~1e-13 over thousands of terms. Checked each ``CHECK_EVERY`` terms.
     """
     fpmin = _FPMIN if x.dtype == torch.float64 else 1e-30
     eps = _EPS if x.dtype == torch.float64 else 1e-7
@@ -90,25 +93,25 @@ def _log_fraction(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
     c = torch.ones_like(x)
     d = 1.0 / clip(1.0 - qab * x / qap)
     h = d
-    stop = max_terms
+    settled = torch.zeros(x.shape, dtype=torch.int64, device=x.device)  # terms since converged
+    one = torch.ones_like(x)
     for m in range(1, max_terms + 1):
+        live = settled <= extra
         m2 = 2.0 * m
         aa = m * (b - m) * x / ((qam + m2) * (a + m2))  # d_{2m}
         d = 1.0 / clip(1.0 + aa * d)
         c = clip(1.0 + aa / c)
-        h = h * d * c
+        h = h * torch.where(live, d * c, one)
         aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))  # d_{2m+1}
         d = 1.0 / clip(1.0 + aa * d)
         c = clip(1.0 + aa / c)
         delta = d * c
-        h = h * delta
-        if m == stop:
+        h = h * torch.where(live, delta, one)
+        # NaN (from NaN inputs) counts as converged: it would never pass the test
+        converged = ~((delta.detach() - 1.0).abs() > eps)
+        settled = torch.where(converged | (settled > 0), settled + 1, settled)
+        if m % CHECK_EVERY == 0 and not bool((settled <= extra).any()):
             break
-        if stop == max_terms and m % CHECK_EVERY == 0:
-            if bool(((delta.detach() - 1.0).abs() <= eps).all()):
-                stop = min(max_terms, m + extra)
-                if stop == m:
-                    break
     return torch.log(h)
 
 
