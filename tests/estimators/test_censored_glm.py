@@ -229,7 +229,7 @@ def test_censored_counts_round_trip_a_model_file_and_predict_the_latent_counts(t
         ("poisson", [-np.inf, 2.0, 3.0], [-1.0, 2.0, 3.0], "y_upper must be >= 0"),
         ("gamma", [-np.inf, 2.0, 3.0], [0.0, 2.0, 3.0], "y_upper must be > 0"),
         ("gamma", [0.0, 2.0, 3.0], [0.0, 2.0, 3.0], "expert='gamma' needs y > 0"),
-        ("negative_binomial", [1.0, 2.0, 3.0], [np.inf, 2.0, 3.0], "y_upper and truncation"),
+        ("negative_binomial", [1.0, 2.0, 3.0], [1.0, 2.5, np.inf], "y_upper must hold whole"),
         ("student_t", [1.0, 2.0, 3.0], [np.inf, 2.0, 3.0], "y_upper and truncation"),
     ],
 )

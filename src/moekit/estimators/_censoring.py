@@ -19,7 +19,7 @@ from moekit.estimators._design import rows_of
 from moekit.estimators._targets import RealTarget
 from moekit.estimators._weights import check_sample_weight
 from moekit.experts.censored import ROWS, CensoredExperts, can_censor
-from moekit.experts.censored_glm import CensoredGLMExperts, can_censor_glm
+from moekit.experts.censored_glm import CensoredGLMExperts, can_censor_glm, interval_family
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:
@@ -89,12 +89,12 @@ def pack_bounds(y, y_upper=None, truncation=None) -> np.ndarray:
 
 
 def support_bounds(family, bounds: np.ndarray, y, y_upper) -> np.ndarray:
-    """The packed bounds of a fit of Poisson or Gamma experts, checked against their
+    """The packed bounds of a fit of count or Gamma experts, checked against their
     support: the ends are whole counts (both included; a window's ends are rounded
     inwards) or amounts >= 0, and the point of an interval is inside it (a count for
     counts). Other families' bounds are returned as they are.
     """
-    support = getattr(family, "interval_support", None)
+    support = getattr(interval_family(family), "interval_support", None)
     if support is None:
         return bounds
     out = bounds.copy()
@@ -123,7 +123,7 @@ def support_bounds(family, bounds: np.ndarray, y, y_upper) -> np.ndarray:
 
 def censored_family(base, log_scale: float = 0.0, truncated: bool = False):
     """``base`` reading the rows' intervals: exact EM for a latent normal (linear,
-    lognormal), guarded Newton steps for Poisson and Gamma experts; else a ValueError."""
+    lognormal), guarded Newton steps for count and Gamma experts; else a ValueError."""
     if can_censor(base):
         return CensoredExperts(base, log_scale, truncated)
     if can_censor_glm(base):
@@ -135,7 +135,8 @@ def refuse_censoring(family: type) -> None:
     """The error for a family that cannot read intervals (checked before the bounds)."""
     raise ValueError(
         "y_upper and truncation (censored or truncated responses) are for expert='linear' "
-        f"with one output, 'lognormal', 'poisson' or 'gamma'; got {family.__name__}."
+        "with one output, 'lognormal', 'poisson', 'negative_binomial' or 'gamma'; got "
+        f"{family.__name__}."
     )
 
 
@@ -282,8 +283,8 @@ class CensoringMixin:
 
         With ``y_upper`` or ``truncation`` (as ``fit`` takes them), the log
         probability of each row's interval, renormalised on its window; a model fitted
-        without them is evaluated on them too (linear, lognormal, Poisson or Gamma
-        experts).
+        without them is evaluated on them too (linear, lognormal, Poisson, negative
+        binomial or Gamma experts).
         """
         if y_upper is None and truncation is None:
             return super().log_likelihood_samples(X, y, offset)

@@ -292,9 +292,10 @@ default='auto'
             exposure), for Poisson, negative binomial, Gamma and binomial experts.
             With ``y_upper``, each row's lower bound (-inf: left-censored).
         y_upper : array-like of shape (n_samples,), optional
-            Censored responses (``expert='linear'``, ``'lognormal'``, ``'poisson'`` or
-            ``'gamma'``): y_i lies in [y_i, y_upper_i]; inf is right-censored at y_i,
-            NaN or y_i itself exact. Counts: whole numbers, both ends included.
+            Censored responses (``expert='linear'``, ``'lognormal'``, ``'poisson'``,
+            ``'negative_binomial'`` or ``'gamma'``): y_i lies in [y_i, y_upper_i]; inf is
+            right-censored at y_i, NaN or y_i itself exact. Counts: whole numbers, both
+            ends included.
         truncation : (lower, upper), optional
             Scalars or arrays: a row is observed only when y lies in (lower, upper)
             (for counts [lower, upper]: (1, inf) is zero truncation); each expert is

@@ -1,5 +1,5 @@
 """Censored and truncated responses for log-link experts without a latent normal:
-Poisson counts and Gamma amounts.
+Poisson and negative binomial counts and Gamma amounts.
 
 Each row i is known to lie in [l_i, u_i] (l_i = u_i: observed exactly; u_i = inf:
 right-censored; l_i = 0 or -inf: left-censored) and, with truncation, is observed only
@@ -11,7 +11,8 @@ inside a window [t_i, v_i]. Expert k's log-likelihood of the row is
            \\end{cases} \\; - \\log \\Pr_k(t_i \\le Y \\le v_i \\mid x_i),
 
 the interval probabilities from regularised incomplete gamma functions in log space
-(:mod:`moekit._core.incgamma`, finite far into either tail). For counts both ends
+(:mod:`moekit._core.incgamma`; the negative binomial's from regularised incomplete
+beta functions, :mod:`moekit._core.incbeta`), finite far into either tail. For counts both ends
 count: [3, inf] is Y >= 3 and a window [1, inf] is zero truncation.
 
 E-step: the responsibilities from these log p_k. M-step (needs every row's
@@ -26,7 +27,7 @@ does not fall (an expert whose step never passes keeps its coefficients). Gamma
 experts then take a safeguarded Newton step in log a on the same objective, its
 derivatives by central differences (torch has no derivative of the incomplete gamma
 function in its shape): at most 1 long, uphill where Q is not concave, halved until
-Q does not fall. Each part
+Q does not fall; negative binomial experts take the same step in log phi. Each part
 never lowers Q, so the log-likelihood never decreases (generalised EM; ``monotone``).
 The derivatives of a log-probability of an interval come from each family
 (``interval_terms``): with m the mass and kernels k_lo, k_hi (the derivative of the
@@ -47,6 +48,8 @@ import torch
 from moekit._core.data import Chunk, EMData
 from moekit.experts._glm import chunk_eta, has_weight, linear_predictor, newton_step
 from moekit.experts.censored import delegated
+from moekit.experts.negative_binomial import NegativeBinomialExperts
+from moekit.experts.negative_binomial_intervals import NegativeBinomialIntervals
 
 MAX_HALVINGS = 30
 """Most halvings of a coefficient step before an expert keeps its coefficients."""
@@ -66,9 +69,28 @@ _DELEGATED = frozenset({
 })  # fmt: skip
 
 
+# families whose interval methods live beside them rather than on them (their class
+# or a base class -> the object that answers for them)
+_INTERVALS = {NegativeBinomialExperts: NegativeBinomialIntervals()}
+
+
+def interval_family(family):
+    """What gives ``family``'s (a class or an instance) probabilities of intervals:
+    the family itself (Poisson, Gamma), the object registered for its class
+    (negative binomial), or None."""
+    if hasattr(family, "interval_terms") and hasattr(family, "exact_derivatives"):
+        return family
+    cls = family if isinstance(family, type) else type(family)
+    for owner, intervals in _INTERVALS.items():
+        if issubclass(cls, owner):
+            return intervals
+    return None
+
+
 def can_censor_glm(family) -> bool:
-    """Whether ``family`` gives the probabilities of intervals (Poisson, Gamma)."""
-    return hasattr(family, "interval_terms") and hasattr(family, "exact_derivatives")
+    """Whether ``family`` gives the probabilities of intervals (Poisson, negative
+    binomial, Gamma)."""
+    return interval_family(family) is not None
 
 
 class CensoredGLMExperts:
@@ -77,7 +99,7 @@ class CensoredGLMExperts:
 
     Parameters
     ----------
-    base : PoissonExperts or GammaExperts
+    base : PoissonExperts, NegativeBinomialExperts or GammaExperts
     truncated : bool, default=False
         Whether the fit's rows are truncated.
     """
@@ -88,6 +110,7 @@ class CensoredGLMExperts:
 
     def __init__(self, base, truncated: bool = False) -> None:
         self.base = base
+        self.intervals = interval_family(base)  # interval_terms, exact_derivatives
         self.n_experts = base.n_experts
         self.truncated = bool(truncated)
         self.report_name = f"{getattr(base, 'report_name', type(base).__name__)}, censored"
@@ -111,15 +134,15 @@ class CensoredGLMExperts:
         # finite (and so do autograd's gradients); the support starts at 0
         lo_s = torch.where(exact, zero, lo.clamp(min=0.0))
         hi_s = torch.where(exact, torch.full_like(hi, math.inf), hi)
-        out = self.base.interval_terms(params, eta, lo_s, hi_s, differentiable)
+        out = self.intervals.interval_terms(params, eta, lo_s, hi_s, differentiable)
         logp = torch.where(exact, exact_logp, out[0])
         d = e = None
         if derivatives:
-            d_exact, e_exact = self.base.exact_derivatives(params, eta, point)
+            d_exact, e_exact = self.intervals.exact_derivatives(params, eta, point)
             d_int, e_int = _derivatives(out)
             d, e = torch.where(exact, d_exact, d_int), torch.where(exact, e_exact, e_int)
         if bool(torch.isfinite(t_lo).any() or torch.isfinite(t_hi).any()):
-            window = self.base.interval_terms(params, eta, t_lo.clamp(min=0.0), t_hi,
+            window = self.intervals.interval_terms(params, eta, t_lo.clamp(min=0.0), t_hi,
                                               differentiable)  # fmt: skip
             logp = logp - window[0]
             if derivatives:
@@ -181,7 +204,7 @@ class CensoredGLMExperts:
         q0, step = self._newton(params, data, resp)
         step = torch.where(keep[:, None], step, torch.zeros_like(step))
         params, q = self._halve(params, step, q0, data, resp)
-        field = getattr(self.base, "shape_field", None)
+        field = getattr(self.intervals, "shape_field", None)
         if field is not None:
             params = self._shape_search(params, field, q, keep, data, resp)
         return params
@@ -205,7 +228,7 @@ class CensoredGLMExperts:
     def _shape_search(self, params, field: str, q0, keep, data, resp):
         """A safeguarded Newton step on each expert's log shape x, from central
         differences of Q at x -/+ ``SHAPE_H``; at most 1 long, halved until Q does not fall."""
-        lower, upper = (math.log(b) for b in self.base.shape_bounds)
+        lower, upper = (math.log(b) for b in self.intervals.shape_bounds)
         x0 = torch.log(getattr(params, field))
 
         def q_at(x):
