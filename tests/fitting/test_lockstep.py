@@ -1,10 +1,9 @@
 """Starts in lockstep: each run as it would go alone, the arithmetic batched."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from lockstep_checks import assert_pass_and_step_match, fit_both, random_starts
 from sklearn.datasets import load_iris
 
 from moekit import MoEClassifier, MoERegressor
@@ -15,7 +14,6 @@ from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.logistic import LogisticExperts
 from moekit.experts.student_t import StudentTExperts
 from moekit.fitting import batched, lockstep
-from moekit.fitting.init import random_resp
 from moekit.fitting.model import EMModel
 from moekit.gates.constant import ConstantGate
 from moekit.gates.softmax import SoftmaxGate
@@ -45,11 +43,6 @@ CASES = {
 }
 
 
-def _starts(model, data, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [model.init_from_resp(data, random_resp(data, model.n_experts, gen)) for _ in range(n)]
-
-
 def _fields(params):
     return [params.expert.coef, *vars(params.gate).values()]
 
@@ -61,7 +54,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(case, solver):
     data = make_data()
     model = EMModel(expert(), SoftmaxGate(3, solver=solver))
     model.prepare(data)
-    starts = _starts(model, data, 10)
+    starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
     def run(p):  # SQUAREM cycles and (Newton) safeguard halvings included
@@ -87,32 +80,13 @@ def test_a_batched_pass_and_step_equal_the_single_start_ones(case, gate):
     data = make_data()
     model = EMModel(expert(), gate(3))
     model.prepare(data)
-    starts = _starts(model, data, 4, seed=2)
-    alone = [model.e_pass(p, data) for p in starts]
-    many = batched.e_pass_many(model, starts, data)
-    for a, b in zip(alone, many, strict=True):
-        assert b.objective == pytest.approx(a.objective, rel=1e-13, abs=1e-13)
-        torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
-    for a, b in zip([model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)],
-                    batched.m_step_many(model, starts, many, data), strict=True):  # fmt: skip
-        for x, y in zip(_fields(a), _fields(b), strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
-
-
-def _fit_both(monkeypatch, make):
-    fits = {}
-    for path in ("batched", "sequential"):
-        if path == "sequential":
-            monkeypatch.setattr(batched, "can_batch", lambda model, data: False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fits[path] = make()
-    return fits["batched"], fits["sequential"]
+    starts = random_starts(model, data, 4, seed=2)
+    assert_pass_and_step_match(model, data, starts, fields=_fields)
 
 
 def test_the_batched_regressor_fit_equals_the_sequential_one(monkeypatch):
     X, y, _ = make_moe_regression(500, n_features=3, n_experts=3, random_state=4)
-    a, b = _fit_both(monkeypatch, lambda: MoERegressor(n_experts=3, random_state=0).fit(X, y))
+    a, b = fit_both(monkeypatch, lambda: MoERegressor(n_experts=3, random_state=0).fit(X, y))
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     np.testing.assert_allclose(a.predict(X), b.predict(X), rtol=1e-6, atol=1e-6)
 
@@ -122,7 +96,7 @@ def test_the_batched_classifier_fit_equals_the_sequential_one_on_iris(monkeypatc
     X = (X - X.mean(0)) / X.std(0)
     # converged tightly: the two paths round differently, and at the default tol the
     # flat likelihood of iris lets them stop 1e-10 apart
-    a, b = _fit_both(
+    a, b = fit_both(
         monkeypatch, lambda: MoEClassifier(n_experts=3, tol=1e-10, random_state=0).fit(X, y)
     )
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
@@ -143,7 +117,7 @@ def test_a_family_without_a_batched_path_runs_each_start_as_alone(monkeypatch, e
     model = EMModel(expert(), SoftmaxGate(3))
     model.prepare(data)
     assert not batched.can_batch(model, data)
-    starts = _starts(model, data, 4, seed=3)
+    starts = random_starts(model, data, 4, seed=3)
     alone = [model.iterate(p, data, 25, 1e-8) for p in starts]
 
     def refuse(*args):
@@ -164,7 +138,7 @@ def test_a_batched_request_that_fails_is_served_alone_and_the_error_reaches_its_
     data = _regression()
     model = EMModel(GaussianExperts(3, 1, 1e-6), SoftmaxGate(3))
     model.prepare(data)
-    starts = _starts(model, data, 3, seed=5)
+    starts = random_starts(model, data, 3, seed=5)
     bad = object()
     calls = []
 

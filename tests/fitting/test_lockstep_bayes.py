@@ -1,10 +1,9 @@
 """Starts in lockstep for the Bayesian estimator: its experts and Dirichlet gate batched."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from lockstep_checks import assert_pass_and_step_match, fit_both, param_fields, random_starts
 
 from moekit import BayesianMoERegressor
 from moekit._core.data import EMData
@@ -13,7 +12,6 @@ from moekit.datasets import load_mcycle, make_moe_regression
 from moekit.experts import bayesian_gaussian
 from moekit.experts.bayesian_gaussian import BayesianGaussianExperts
 from moekit.fitting import batched, lockstep
-from moekit.fitting.init import random_resp
 from moekit.fitting.model import EMModel
 from moekit.gates.dirichlet import DirichletGate
 from moekit.gates.softmax import SoftmaxGate
@@ -46,20 +44,11 @@ def _model(gate, kind, n_outputs=1, **data_options):
     return model, data
 
 
-def _starts(model, data, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [model.init_from_resp(data, random_resp(data, model.n_experts, gen)) for _ in range(n)]
-
-
-def _fields(params):
-    return [*vars(params.expert).values(), *vars(params.gate).values()]
-
-
 @pytest.mark.parametrize("kind", sorted(EXPERTS))
 @pytest.mark.parametrize("gate", sorted(GATES))
 def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(gate, kind):
     model, data = _model(gate, kind)
-    starts = _starts(model, data, 10)
+    starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
     def run(p):
@@ -70,7 +59,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(gate, kind):
         for s in (0, 3, 9):
             alone = lockstep.drive(model, data, [run(starts[s])], serve_many=batched.serve)[0]
             assert alone[2] == together[s][2]  # the ELBO histories, exactly
-            for a, b in zip(_fields(alone[0]), _fields(together[s][0]), strict=True):
+            for a, b in zip(param_fields(alone[0]), param_fields(together[s][0]), strict=True):
                 assert torch.equal(a, b)
     assert len({r[2][-1] for r in together}) > 1  # ten different runs
 
@@ -88,33 +77,14 @@ PASS_CASES = {
 @pytest.mark.parametrize("gate", sorted(GATES))
 def test_a_batched_pass_and_step_equal_the_single_start_ones(gate, kind, case):
     model, data = _model(gate, kind, **PASS_CASES[case])
-    starts = _starts(model, data, 4, seed=2)
-    alone = [model.e_pass(p, data) for p in starts]
-    many = batched.e_pass_many(model, starts, data)
-    for a, b in zip(alone, many, strict=True):
-        assert b.objective == pytest.approx(a.objective, rel=1e-13, abs=1e-13)
-        torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
-    steps = [model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)]
-    for a, b in zip(steps, batched.m_step_many(model, starts, many, data), strict=True):
-        for x, y in zip(_fields(a), _fields(b), strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
-
-
-def _fit_both(monkeypatch, make):
-    fits = {}
-    for path in ("batched", "sequential"):
-        if path == "sequential":
-            monkeypatch.setattr(batched, "can_batch", lambda model, data: False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fits[path] = make()
-    return fits["batched"], fits["sequential"]
+    starts = random_starts(model, data, 4, seed=2)
+    assert_pass_and_step_match(model, data, starts)
 
 
 @pytest.mark.parametrize("gate", ["softmax", "constant"])
 def test_the_batched_bayesian_fit_equals_the_sequential_one(monkeypatch, gate):
     X, y = load_mcycle()
-    a, b = _fit_both(monkeypatch,
+    a, b = fit_both(monkeypatch,
                      lambda: BayesianMoERegressor(gate=gate, random_state=0).fit(X, y))  # fmt: skip
     assert a.elbo_ == pytest.approx(b.elbo_, rel=1e-9)
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)

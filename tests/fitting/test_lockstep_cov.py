@@ -1,10 +1,9 @@
 """Starts in lockstep for Gaussian experts of several outputs, every covariance type."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from lockstep_checks import fit_both, param_fields, random_starts
 from sklearn.datasets import load_iris
 
 from moekit import MoERegressor
@@ -12,7 +11,6 @@ from moekit._core.data import EMData
 from moekit._core.engine import em_threads
 from moekit.experts.gaussian_cov import COVARIANCE_EXPERTS, COVARIANCE_TYPES
 from moekit.fitting import batched, lockstep
-from moekit.fitting.init import random_resp
 from moekit.fitting.model import EMModel
 from moekit.gates.constant import ConstantGate
 from moekit.gates.softmax import SoftmaxGate
@@ -59,15 +57,6 @@ def _model(case, ct, gate=SoftmaxGate):
     return model, data
 
 
-def _starts(model, data, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [model.init_from_resp(data, random_resp(data, model.n_experts, gen)) for _ in range(n)]
-
-
-def _fields(params):
-    return [*vars(params.expert).values(), *vars(params.gate).values()]
-
-
 @pytest.mark.parametrize("ct", COVARIANCE_TYPES)
 def test_every_covariance_family_declares_its_batched_path(ct):
     family = COVARIANCE_EXPERTS[ct]
@@ -82,7 +71,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(case, ct):
     # the constant gate: these are the experts' batched paths under test (the
     # softmax gate's own are in test_lockstep.py)
     model, data = _model(case, ct, ConstantGate)
-    starts = _starts(model, data, 10)
+    starts = random_starts(model, data, 10)
 
     def run(p):  # SQUAREM cycles included
         try:
@@ -99,7 +88,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(case, ct):
                 assert alone == together[s]
                 continue
             assert alone[2] == together[s][2]  # the objective histories, exactly
-            for a, b in zip(_fields(alone[0]), _fields(together[s][0]), strict=True):
+            for a, b in zip(param_fields(alone[0]), param_fields(together[s][0]), strict=True):
                 assert torch.equal(a, b)
     # the runs differ from one another: the batch really held ten different runs
     assert len({r[2][-1] for r in together if not isinstance(r, str)}) > 1
@@ -110,7 +99,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(case, ct):
 @pytest.mark.parametrize("ct", COVARIANCE_TYPES)
 def test_a_batched_pass_and_step_equal_the_single_start_ones(ct, case, gate):
     model, data = _model(case, ct, gate)
-    starts = _starts(model, data, 4, seed=2)
+    starts = random_starts(model, data, 4, seed=2)
     alone = [model.e_pass(p, data) for p in starts]
     many = batched.e_pass_many(model, starts, data)
     for a, b in zip(alone, many, strict=True):
@@ -120,13 +109,13 @@ def test_a_batched_pass_and_step_equal_the_single_start_ones(ct, case, gate):
             torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
     for a, b in zip([model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)],
                     batched.m_step_many(model, starts, many, data), strict=True):  # fmt: skip
-        for x, y in zip(_fields(a), _fields(b), strict=True):
+        for x, y in zip(param_fields(a), param_fields(b), strict=True):
             torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
 
 
 def test_an_expert_without_weight_keeps_its_parameters_in_a_batch():
     model, data = _model("regression", "tied")
-    starts = _starts(model, data, 3, seed=4)
+    starts = random_starts(model, data, 3, seed=4)
     results = batched.e_pass_many(model, starts, data)
     # the second start's first expert sees no row at all
     gone = results[1].expert_stats
@@ -142,21 +131,10 @@ def test_an_expert_without_weight_keeps_its_parameters_in_a_batch():
         assert torch.equal(alone.expert.cov, new[s].expert.cov)
 
 
-def _fit_both(monkeypatch, make):
-    fits = {}
-    for path in ("batched", "sequential"):
-        if path == "sequential":
-            monkeypatch.setattr(batched, "can_batch", lambda model, data: False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fits[path] = make()
-    return fits["batched"], fits["sequential"]
-
-
 @pytest.mark.parametrize("ct", COVARIANCE_TYPES)
 def test_the_batched_gaussian_mixture_fit_equals_the_sequential_one_on_iris(monkeypatch, ct):
     y, X = load_iris().data, np.empty((150, 0))
-    a, b = _fit_both(monkeypatch, lambda: MoERegressor(
+    a, b = fit_both(monkeypatch, lambda: MoERegressor(
         n_experts=3, covariance_type=ct, gate="constant", random_state=0).fit(X, y))  # fmt: skip
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     np.testing.assert_allclose(a.covariances_, b.covariances_, rtol=1e-6, atol=1e-8)
@@ -166,7 +144,7 @@ def test_the_batched_gaussian_mixture_fit_equals_the_sequential_one_on_iris(monk
 def test_the_batched_fit_with_features_equals_the_sequential_one(monkeypatch, ct):
     iris = load_iris().data
     X, y = iris[:, 2:], iris[:, :2]  # petals explain the two sepal columns
-    a, b = _fit_both(monkeypatch, lambda: MoERegressor(
+    a, b = fit_both(monkeypatch, lambda: MoERegressor(
         n_experts=2, covariance_type=ct, random_state=0).fit(X, y))  # fmt: skip
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     np.testing.assert_allclose(a.predict(X), b.predict(X), rtol=1e-6, atol=1e-6)

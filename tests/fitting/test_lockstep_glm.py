@@ -1,11 +1,10 @@
 """Starts in lockstep for the GLM families (Poisson, binomial, Gamma, lognormal): each
 run as it would go alone, the arithmetic batched."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from lockstep_checks import assert_pass_and_step_match, fit_both, param_fields, random_starts
 
 from moekit import MoERegressor
 from moekit._core.data import EMData
@@ -17,7 +16,6 @@ from moekit.experts.gamma import GammaExperts
 from moekit.experts.lognormal import LogNormalExperts
 from moekit.experts.poisson import PoissonExperts
 from moekit.fitting import batched, lockstep
-from moekit.fitting.init import random_resp
 from moekit.fitting.model import EMModel
 from moekit.gates.constant import ConstantGate
 from moekit.gates.softmax import SoftmaxGate
@@ -74,15 +72,6 @@ def _model(family: str, gate, data: EMData) -> EMModel:
     return model
 
 
-def _starts(model, data, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [model.init_from_resp(data, random_resp(data, model.n_experts, gen)) for _ in range(n)]
-
-
-def _fields(params):
-    return [*vars(params.expert).values(), *vars(params.gate).values()]
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_glm_family_is_batched_and_its_censored_form_is_not(family):
     data = _data(family)
@@ -100,7 +89,7 @@ def test_a_glm_family_is_batched_and_its_censored_form_is_not(family):
 def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(family, gate):
     data = _data(family)  # the Poisson data carry an offset
     model = _model(family, gate(K), data)
-    starts = _starts(model, data, 10)
+    starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
     def run(p):  # SQUAREM cycles and the safeguard's halvings included
@@ -112,7 +101,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(family, gate):
         for s in (0, 4, 9):
             alone = lockstep.drive(model, data, [run(starts[s])], serve_many=batched.serve)[0]
             assert alone[2] == together[s][2]  # the objective histories, exactly
-            for a, b in zip(_fields(alone[0]), _fields(together[s][0]), strict=True):
+            for a, b in zip(param_fields(alone[0]), param_fields(together[s][0]), strict=True):
                 assert torch.equal(a, b)
     # the runs differ from one another: the batch really held ten different runs
     assert len({r[2][-1] for r in together}) > 1
@@ -124,27 +113,8 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(family, gate):
 def test_a_batched_pass_and_step_equal_the_single_start_ones(family, gate, weighted):
     data = _data(family, seed=3, weighted=weighted)
     model = _model(family, gate(K), data)
-    starts = _starts(model, data, 4, seed=2)
-    alone = [model.e_pass(p, data) for p in starts]
-    many = batched.e_pass_many(model, starts, data)
-    for a, b in zip(alone, many, strict=True):
-        assert b.objective == pytest.approx(a.objective, rel=1e-13, abs=1e-13)
-        torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
-    for a, b in zip([model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)],
-                    batched.m_step_many(model, starts, many, data), strict=True):  # fmt: skip
-        for x, y in zip(_fields(a), _fields(b), strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
-
-
-def _fit_both(monkeypatch, make):
-    fits = {}
-    for path in ("batched", "sequential"):
-        if path == "sequential":
-            monkeypatch.setattr(batched, "can_batch", lambda model, data: False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fits[path] = make()
-    return fits["batched"], fits["sequential"]
+    starts = random_starts(model, data, 4, seed=2)
+    assert_pass_and_step_match(model, data, starts)
 
 
 @pytest.mark.parametrize("gate", ["softmax", "constant"])
@@ -156,7 +126,7 @@ def test_the_batched_fit_equals_the_sequential_one(monkeypatch, family, gate):
     def fit():
         return MoERegressor(n_experts=K, gate=gate, expert=family, random_state=0).fit(X, y, **kw)
 
-    a, b = _fit_both(monkeypatch, fit)
+    a, b = fit_both(monkeypatch, fit)
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     np.testing.assert_allclose(a.predict(X, **kw), b.predict(X, **kw), rtol=1e-6, atol=1e-6)
 
@@ -173,5 +143,5 @@ def test_a_weighted_batched_fit_equals_the_sequential_one(monkeypatch, family):
             X, y, **kw
         )
 
-    a, b = _fit_both(monkeypatch, fit)
+    a, b = fit_both(monkeypatch, fit)
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)

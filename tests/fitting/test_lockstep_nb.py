@@ -1,10 +1,9 @@
 """Negative binomial starts in lockstep: each run as it would go alone, the arithmetic batched."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from lockstep_checks import fit_both, random_starts
 
 from moekit import MoERegressor
 from moekit._core.data import EMData
@@ -12,7 +11,6 @@ from moekit._core.engine import em_threads
 from moekit.experts import negative_binomial
 from moekit.experts.negative_binomial import NegativeBinomialExperts
 from moekit.fitting import batched, lockstep
-from moekit.fitting.init import random_resp
 from moekit.fitting.model import EMModel
 from moekit.gates.constant import ConstantGate
 from moekit.gates.softmax import SoftmaxGate
@@ -40,11 +38,6 @@ def _data(kind="plain", n=300, scale=1.0):
     return EMData(XT, XT, torch.as_tensor(y).reshape(1, -1), weight=weight, offset=offset)
 
 
-def _starts(model, data, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [model.init_from_resp(data, random_resp(data, model.n_experts, gen)) for _ in range(n)]
-
-
 def _fields(params):
     return [params.expert.coef, params.expert.dispersion, *vars(params.gate).values()]
 
@@ -55,7 +48,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(kind, solver):
     data = _data(kind)
     model = EMModel(NegativeBinomialExperts(3), SoftmaxGate(3, solver=solver))
     model.prepare(data)
-    starts = _starts(model, data, 10)
+    starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
     def run(p):  # SQUAREM cycles and safeguard halvings included
@@ -89,7 +82,7 @@ def test_a_batched_pass_and_step_equal_the_single_start_ones(
     model.prepare(data)
     assert (data.cache["nb_counts"] is None) == (table_max is not None)
     assert (data.cache["nb_top"] > data.n) == (scale > 1.0)
-    starts = _starts(model, data, 4, seed=2)
+    starts = random_starts(model, data, 4, seed=2)
     alone = [model.e_pass(p, data) for p in starts]
     many = batched.e_pass_many(model, starts, data)
     for a, b in zip(alone, many, strict=True):
@@ -102,17 +95,6 @@ def test_a_batched_pass_and_step_equal_the_single_start_ones(
         for x, y in zip(_fields(a), _fields(b), strict=True):
             torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
             assert y._base is None  # each start its own tensors, not views of a batch
-
-
-def _fit_both(monkeypatch, make):
-    fits = {}
-    for path in ("batched", "sequential"):
-        if path == "sequential":
-            monkeypatch.setattr(batched, "can_batch", lambda model, data: False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fits[path] = make()
-    return fits["batched"], fits["sequential"]
 
 
 @pytest.mark.parametrize("kind", ["plain", "weights and offset"])
@@ -128,7 +110,7 @@ def test_the_batched_negative_binomial_fit_equals_the_sequential_one(monkeypatch
         est = MoERegressor(n_experts=3, expert="negative_binomial", random_state=0)
         return est.fit(X, y, **kw)
 
-    a, b = _fit_both(monkeypatch, fit)
+    a, b = fit_both(monkeypatch, fit)
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     offset = kw.get("offset")
     np.testing.assert_allclose(a.predict(X, offset=offset), b.predict(X, offset=offset),

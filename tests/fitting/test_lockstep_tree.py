@@ -1,10 +1,9 @@
 """Starts in lockstep with the tree gate: batched passes and steps of the hierarchical MoE."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from lockstep_checks import assert_pass_and_step_match, fit_both, random_starts
 from sklearn.datasets import load_iris
 
 from moekit import HierarchicalMoEClassifier, HierarchicalMoERegressor
@@ -14,7 +13,6 @@ from moekit.datasets import load_mcycle, make_moe_regression
 from moekit.experts.gaussian import GaussianExperts
 from moekit.experts.logistic import LogisticExperts
 from moekit.fitting import batched, lockstep
-from moekit.fitting.init import random_resp
 from moekit.fitting.model import EMModel
 from moekit.gates.tree import TreeGate
 
@@ -64,11 +62,6 @@ def _model(case, solver="auto", make_data=None):
     return model, data
 
 
-def _starts(model, data, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [model.init_from_resp(data, random_resp(data, model.n_experts, gen)) for _ in range(n)]
-
-
 def _fields(params):
     return [*vars(params.expert).values(), params.gate.coef]
 
@@ -77,7 +70,7 @@ def _fields(params):
 @pytest.mark.parametrize("solver", ["newton", "bohning"])
 def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(case, solver):
     model, data = _model(case, solver)
-    starts = _starts(model, data, 10)
+    starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
     def run(p):  # SQUAREM cycles and (Newton) safeguard halvings included
@@ -109,43 +102,24 @@ PASS_CASES = [
 @pytest.mark.parametrize("solver", ["newton", "bohning"])
 def test_a_batched_pass_and_step_equal_the_single_start_ones(case, make_data, solver):
     model, data = _model(case, solver, make_data)
-    starts = _starts(model, data, 4, seed=2)
-    alone = [model.e_pass(p, data) for p in starts]
-    many = batched.e_pass_many(model, starts, data)
-    for a, b in zip(alone, many, strict=True):
-        assert b.objective == pytest.approx(a.objective, rel=1e-13, abs=1e-13)
-        torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
-    steps = [model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)]
-    for a, b in zip(steps, batched.m_step_many(model, starts, many, data), strict=True):
-        for x, y in zip(_fields(a), _fields(b), strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
+    starts = random_starts(model, data, 4, seed=2)
+    assert_pass_and_step_match(model, data, starts, fields=_fields)
 
 
 def test_a_tree_of_depth_one_batches_its_one_node():
     data = _regression()
     model = EMModel(_gaussian(3), TreeGate(1, 3))  # a node of b p = 15 unknowns
     model.prepare(data)
-    starts = _starts(model, data, 3, seed=4)
+    starts = random_starts(model, data, 3, seed=4)
     many = batched.m_step_many(model, starts, batched.e_pass_many(model, starts, data), data)
     for p, b in zip(starts, many, strict=True):
         a = model.m_step(p, model.e_pass(p, data), data)
         torch.testing.assert_close(b.gate.coef, a.gate.coef, rtol=1e-9, atol=1e-10)
 
 
-def _fit_both(monkeypatch, make):
-    fits = {}
-    for path in ("batched", "sequential"):
-        if path == "sequential":
-            monkeypatch.setattr(batched, "can_batch", lambda model, data: False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fits[path] = make()
-    return fits["batched"], fits["sequential"]
-
-
 def test_the_batched_hierarchical_regressor_fit_equals_the_sequential_one(monkeypatch):
     X, y = load_mcycle()
-    a, b = _fit_both(monkeypatch, lambda: HierarchicalMoERegressor(random_state=0).fit(X, y))
+    a, b = fit_both(monkeypatch, lambda: HierarchicalMoERegressor(random_state=0).fit(X, y))
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     np.testing.assert_allclose(a.predict(X), b.predict(X), rtol=1e-6, atol=1e-6)
 
@@ -157,7 +131,7 @@ def test_the_batched_hierarchical_classifier_fit_equals_the_sequential_one_on_ir
     # coefficients, and at tol=1e-6 where it stops moves with the last bits of the
     # steps (by 4e-6 in the log-likelihood between the two paths); run to tol=1e-10
     # both paths reach the same optimum
-    a, b = _fit_both(monkeypatch, lambda: HierarchicalMoEClassifier(
+    a, b = fit_both(monkeypatch, lambda: HierarchicalMoEClassifier(
         random_state=0, tol=1e-10, max_iter=2000).fit(X, y))  # fmt: skip
     assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-5)
