@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from moekit.fitting import batched
+from moekit._core.engine import em_threads
+from moekit.fitting import batched, lockstep
 from moekit.fitting.init import random_resp
 
 
@@ -49,3 +50,23 @@ def fit_both(monkeypatch, make):
             warnings.simplefilter("ignore")
             fits[path] = make()
     return fits["batched"], fits["sequential"]
+
+
+def assert_alone_as_among_others(model, data, starts, fields=param_fields, checked=(0, 3, 9)):
+    """Starts ``checked`` of ``starts`` (ten, say) each run 40 iterations alone end
+    bitwise where they end among the others (histories and parameters), on one
+    thread as EM runs small passes (a parallel reduction splits its rows by the size
+    of the whole batch); SQUAREM cycles and safeguard halvings included."""
+
+    def run(p):
+        return lockstep.iterate(model, p, 40, 1e-10)
+
+    with em_threads(data):
+        together = lockstep.drive(model, data, [run(p) for p in starts], serve_many=batched.serve)
+        for s in checked:
+            alone = lockstep.drive(model, data, [run(starts[s])], serve_many=batched.serve)[0]
+            assert alone[2] == together[s][2]  # the objective histories, exactly
+            for a, b in zip(fields(alone[0]), fields(together[s][0]), strict=True):
+                assert torch.equal(a, b)
+    # the runs differ from one another: the batch really held different runs
+    assert len({r[2][-1] for r in together}) > 1

@@ -3,15 +3,19 @@
 import numpy as np
 import pytest
 import torch
-from lockstep_checks import assert_pass_and_step_match, fit_both, param_fields, random_starts
+from lockstep_checks import (
+    assert_alone_as_among_others,
+    assert_pass_and_step_match,
+    fit_both,
+    random_starts,
+)
 
 from moekit import BayesianMoERegressor
 from moekit._core.data import EMData
-from moekit._core.engine import em_threads
 from moekit.datasets import load_mcycle, make_moe_regression
 from moekit.experts import bayesian_gaussian
 from moekit.experts.bayesian_gaussian import BayesianGaussianExperts
-from moekit.fitting import batched, lockstep
+from moekit.fitting import batched
 from moekit.fitting.model import EMModel
 from moekit.gates.dirichlet import DirichletGate
 from moekit.gates.softmax import SoftmaxGate
@@ -51,17 +55,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(gate, kind):
     starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
-    def run(p):
-        return lockstep.iterate(model, p, 40, 1e-10)
-
-    with em_threads(data):  # one thread, as EM runs small passes
-        together = lockstep.drive(model, data, [run(p) for p in starts], serve_many=batched.serve)
-        for s in (0, 3, 9):
-            alone = lockstep.drive(model, data, [run(starts[s])], serve_many=batched.serve)[0]
-            assert alone[2] == together[s][2]  # the ELBO histories, exactly
-            for a, b in zip(param_fields(alone[0]), param_fields(together[s][0]), strict=True):
-                assert torch.equal(a, b)
-    assert len({r[2][-1] for r in together}) > 1  # ten different runs
+    assert_alone_as_among_others(model, data, starts)
 
 
 PASS_CASES = {

@@ -4,18 +4,22 @@ run as it would go alone, the arithmetic batched."""
 import numpy as np
 import pytest
 import torch
-from lockstep_checks import assert_pass_and_step_match, fit_both, param_fields, random_starts
+from lockstep_checks import (
+    assert_alone_as_among_others,
+    assert_pass_and_step_match,
+    fit_both,
+    random_starts,
+)
 
 from moekit import MoERegressor
 from moekit._core.data import EMData
-from moekit._core.engine import em_threads
 from moekit.experts.binomial import BinomialExperts
 from moekit.experts.censored import CensoredExperts
 from moekit.experts.censored_glm import CensoredGLMExperts
 from moekit.experts.gamma import GammaExperts
 from moekit.experts.lognormal import LogNormalExperts
 from moekit.experts.poisson import PoissonExperts
-from moekit.fitting import batched, lockstep
+from moekit.fitting import batched
 from moekit.fitting.model import EMModel
 from moekit.gates.constant import ConstantGate
 from moekit.gates.softmax import SoftmaxGate
@@ -92,19 +96,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(family, gate):
     starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
-    def run(p):  # SQUAREM cycles and the safeguard's halvings included
-        return lockstep.iterate(model, p, 40, 1e-10)
-
-    # on one thread, as EM runs small passes
-    with em_threads(data):
-        together = lockstep.drive(model, data, [run(p) for p in starts], serve_many=batched.serve)
-        for s in (0, 4, 9):
-            alone = lockstep.drive(model, data, [run(starts[s])], serve_many=batched.serve)[0]
-            assert alone[2] == together[s][2]  # the objective histories, exactly
-            for a, b in zip(param_fields(alone[0]), param_fields(together[s][0]), strict=True):
-                assert torch.equal(a, b)
-    # the runs differ from one another: the batch really held ten different runs
-    assert len({r[2][-1] for r in together}) > 1
+    assert_alone_as_among_others(model, data, starts, checked=(0, 4, 9))
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])

@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from lockstep_checks import fit_both, random_starts
+from lockstep_checks import assert_alone_as_among_others, fit_both, random_starts
 
 from moekit import MoERegressor
 from moekit._core.data import EMData
-from moekit._core.engine import em_threads
 from moekit.experts import negative_binomial
 from moekit.experts.negative_binomial import NegativeBinomialExperts
-from moekit.fitting import batched, lockstep
+from moekit.fitting import batched
 from moekit.fitting.model import EMModel
 from moekit.gates.constant import ConstantGate
 from moekit.gates.softmax import SoftmaxGate
@@ -51,18 +50,7 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(kind, solver):
     starts = random_starts(model, data, 10)
     assert batched.can_batch(model, data)
 
-    def run(p):  # SQUAREM cycles and safeguard halvings included
-        return lockstep.iterate(model, p, 40, 1e-10)
-
-    with em_threads(data):  # one thread, as EM runs small passes
-        together = lockstep.drive(model, data, [run(p) for p in starts], serve_many=batched.serve)
-        for s in (0, 4, 9):
-            alone = lockstep.drive(model, data, [run(starts[s])], serve_many=batched.serve)[0]
-            assert alone[2] == together[s][2]  # the objective histories, exactly
-            for a, b in zip(_fields(alone[0]), _fields(together[s][0]), strict=True):
-                assert torch.equal(a, b)
-    # the runs differ from one another: the batch really held ten different runs
-    assert len({r[2][-1] for r in together}) > 1
+    assert_alone_as_among_others(model, data, starts, fields=_fields, checked=(0, 4, 9))
 
 
 @pytest.mark.parametrize(
