@@ -42,11 +42,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     expert : {'logistic'} or classifier, default='logistic'
         Multinomial logistic experts, or any scikit-learn classifier with
         ``predict_proba`` whose ``fit`` accepts ``sample_weight``, cloned per expert.
-    init : {'auto', 'kmeans', 'random', 'dirichlet', 'residuals', 'sem', 'cem', 'split'}, \
-default='auto'
-        As in :class:`MoERegressor`; k-means runs on the standardised features only (a
-        gate can represent regions of the input space, not of the classes), and the
-        residuals are those of the class probabilities of one pooled expert.
+    init : {'auto', 'kmeans', 'random', 'dirichlet', 'residuals', 'sem', 'cem', 'split', \
+'ward'}, default='auto'
+        As in :class:`MoERegressor`; k-means and Ward's clustering run on the
+        standardised features only (a gate can represent regions of the input space,
+        not of the classes), and the residuals are those of the class probabilities
+        of one pooled expert.
     n_init : int, default=10
     max_iter : int, default=200
     tol : float, default=1e-6

@@ -79,14 +79,18 @@ class MoERegressor(OutputsMixin, RegressorMixin, CensoringMixin, BaseMoE):
         expert, one for all experts, a diagonal per expert, or sigma_k^2 I per expert.
         Every expert regresses every column. With X of no columns (shape (n, 0)) the
         model is a Gaussian mixture of y (``docs/user_guide/several_responses.md``).
-    init : {'auto', 'kmeans', 'random', 'dirichlet', 'residuals', 'sem', 'cem', 'split'}, \
-default='auto'
+    init : {'auto', 'kmeans', 'random', 'dirichlet', 'residuals', 'sem', 'cem', 'split', \
+'ward'}, default='auto'
         Where the starts come from (:mod:`moekit.fitting.starts`). ``'auto'`` mixes
         the strategies below, since one strategy restarted tends to land in one basin;
         the others make every start of one kind: k-means on the standardised rows
         [x, y]; a random expert per row; soft random responsibilities; k-means on the
         residuals of one pooled expert; a few stochastic or classification EM steps
-        from a random partition; splits of a fitted model with one expert fewer.
+        from a random partition; splits of a fitted model with one expert fewer;
+        Ward's agglomerative clustering of the standardised rows [x, y] cut at K
+        clusters (deterministic, so one start is enough: ``n_init=1``; the start of
+        mclust's Gaussian mixtures, and a good one for several responses with no
+        features).
     n_init : int, default=10
         Number of starts. Each runs at most ``init_max_iter`` iterations (on at most
         ``init_sample_size`` rows); the best few distinct ones then run to

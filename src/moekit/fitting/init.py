@@ -11,6 +11,9 @@ the starting parameters. They explore different basins of the likelihood:
   that k-means on [x, y] cuts into x-bands;
 * ``residual_resp``: k-means on the residuals of one pooled expert, which separates
   rows above and below the pooled fit;
+* ``ward_resp``: Ward's agglomerative clustering of the same rows as k-means, cut
+  at K clusters: deterministic, and the start of mclust's Gaussian mixtures (its
+  model-based agglomeration is Ward's criterion for spherical clusters);
 * ``split_resp``: one expert of a fitted (K - 1)-expert model split in two along the
   sign of its residuals.
 """
@@ -71,6 +74,24 @@ def _kmeans_draws(n: int, generator: torch.Generator) -> tuple[int, torch.Tensor
     return seed, rows
 
 
+def _standardised(Z: torch.Tensor) -> torch.Tensor:
+    sd = Z.std(0, correction=0)
+    return (Z - Z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
+
+
+def _clustered_rows(data: EMData, target: torch.Tensor | None) -> torch.Tensor:
+    """The standardised rows (n, d) k-means and Ward cluster: the features and the
+    finite target rows (the intercept row dropped)."""
+    feats = [data.XeT[:-1]]  # drop the intercept row
+    y = data.y if target is None else target
+    if y is not None and y.is_floating_point():
+        y = y.reshape(-1, data.n)
+        # rows holding infinities (the open ends of censored intervals) say nothing
+        # a clustering can use
+        feats.append(y[torch.isfinite(y).all(1)])
+    return torch.cat(feats, 0).T.cpu()
+
+
 def _kmeans_labels(Z: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
     """k-means labels of the rows of Z (n, d), standardised column-wise first."""
     seed, rows = _kmeans_draws(Z.shape[0], generator)
@@ -78,8 +99,7 @@ def _kmeans_labels(Z: torch.Tensor, K: int, generator: torch.Generator) -> torch
         return torch.zeros(Z.shape[0], dtype=torch.long)
     from sklearn.cluster import KMeans
 
-    sd = Z.std(0, correction=0)
-    Z = (Z - Z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    Z = _standardised(Z)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicate points: fewer distinct clusters is fine
         km = KMeans(n_clusters=K, n_init=1, random_state=seed)
@@ -107,15 +127,50 @@ def kmeans_resp(
     if K == 1:  # every row in the one cluster, after k-means' draws
         _kmeans_draws(data.n, generator)
         return data.XeT.new_ones((1, data.n))
-    feats = [data.XeT[:-1]]  # drop the intercept row
-    y = data.y if target is None else target
-    if y is not None and y.is_floating_point():
-        y = y.reshape(-1, data.n)
-        # rows holding infinities (the open ends of censored intervals) say nothing
-        # k-means can use
-        feats.append(y[torch.isfinite(y).all(1)])
-    Z = torch.cat(feats, 0).T.cpu()  # (n, d)
+    Z = _clustered_rows(data, target)  # (n, d)
     return _one_hot(_kmeans_labels(Z, K, generator).to(data.XeT.device), K, data.XeT)
+
+
+WARD_ROWS = 2000
+"""Ward's agglomeration runs on at most this many rows (its memory is quadratic in
+them, as mclust's, whose default subset is also 2000); the others join the nearest
+cluster mean."""
+
+
+def ward_resp(
+    data: EMData, K: int, generator: torch.Generator, target: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Ward's agglomerative clustering cut at K clusters: responsibilities (K, n).
+
+    Ward's method merges, at each step, the two clusters whose union least increases
+    the within-cluster sum of squares of the standardised [features, target] rows
+    (``target`` as in :func:`kmeans_resp`). The tree depends on the rows alone, so
+    the start is the same for every seed when n <= ``WARD_ROWS``; on more rows it is
+    built on a random subset of ``WARD_ROWS`` (drawn from ``generator``) and every
+    row joins its nearest cluster mean.
+    """
+    if K == 1:
+        return data.XeT.new_ones((1, data.n))
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    Z = _standardised(_clustered_rows(data, target))
+    rows = None
+    if Z.shape[0] > WARD_ROWS:
+        rows = torch.randperm(Z.shape[0], generator=generator)[:WARD_ROWS]
+    part = Z if rows is None else Z[rows]
+    if part.shape[1] == 0 or part.shape[0] < 2:  # nothing to cluster on
+        labels = torch.zeros(Z.shape[0], dtype=torch.long)
+        return _one_hot(_fill_empty(labels, K, generator).to(data.XeT.device), K, data.XeT)
+    tree = linkage(part.numpy(), method="ward")
+    found = torch.as_tensor(fcluster(tree, K, criterion="maxclust") - 1, dtype=torch.long)
+    if rows is None:
+        labels = found
+    else:
+        ids = torch.unique(found)
+        centres = torch.stack([part[found == k].mean(0) for k in ids.tolist()])
+        nearest = torch.cat([torch.cdist(c, centres).argmin(1) for c in Z.split(65536)])
+        labels = ids[nearest]
+    return _one_hot(_fill_empty(labels, K, generator).to(data.XeT.device), K, data.XeT)
 
 
 def residual_resp(resid: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:

@@ -17,6 +17,9 @@ sem, cem     a few stochastic (or classification) EM steps from a random
              partition, as flexmix's ``initFlexmix`` runs them: hard, sampled
              assignments move far from the start before EM settles
 dirichlet    soft random responsibilities
+ward         Ward's agglomerative clustering of the rows k-means clusters, cut at
+             K clusters (only when asked for: ``init="ward"``; deterministic,
+             mclust's kind of start)
 ===========  ===============================================================
 
 The simpler models are fitted on the same rows with half as many starts (their own
@@ -39,6 +42,7 @@ from moekit.fitting.init import (
     random_resp,
     residual_resp,
     split_resp,
+    ward_resp,
 )
 from moekit.fitting.model import EMModel, Params, resized_family
 
@@ -47,7 +51,8 @@ AUTO = ("kmeans", "nested", "residuals", "random", "sem", "dirichlet", "random",
 """The order ``init="auto"`` takes its starts in, cycled: the first few are the most
 different from one another, so that even ``n_init=3`` explores three ways."""
 
-STRATEGIES = ("auto", "kmeans", "random", "dirichlet", "residuals", "sem", "cem", "split")
+STRATEGIES = ("auto", "kmeans", "random", "dirichlet", "residuals", "sem", "cem", "split",
+              "ward")  # fmt: skip
 """Values of the estimators' ``init``; ``"split"`` makes every start a split of a
 fitted model with one expert fewer."""
 
@@ -220,6 +225,7 @@ class StartMaker:
             return strategy, self._stochastic(strategy == "sem")
         makers = {
             "kmeans": lambda: kmeans_resp(data, K, gen, target=self.kmeans_target),
+            "ward": lambda: ward_resp(data, K, gen, target=self.kmeans_target),
             "random": lambda: random_resp(data, K, gen),
             "dirichlet": lambda: dirichlet_resp(data, K, gen),
             "residuals": lambda: residual_resp(self._residuals(), K, gen),
