@@ -62,7 +62,7 @@ MIN_CURVATURE = 1e-8
 
 _DELEGATED = frozenset({
     "params_type", "predictive_family", "standardize_target", "n_outputs", "log_prior",
-    "n_parameters", "min_samples", "select", "to_free", "from_free", "mean_free",
+    "n_parameters", "min_samples", "select", "to_free", "mean_free",
     "log_prior_free", "report", "from_report", "moments", "predictive_extra",
     "param_shapes", "check_params", "residuals", "takes_offset", "alpha",
     "single_optimum",
@@ -254,6 +254,23 @@ class CensoredGLMExperts:
         return dataclasses.replace(params, **{field: torch.exp(x)})
 
     # ------------------------------------------------------------ differentiable view
+    def from_free(self, free: dict[str, torch.Tensor]):
+        """The base family's parameters of free tensors, the shape (Gamma's, the
+        negative binomial's dispersion) kept inside ``shape_bounds``.
+
+        SQUAREM extrapolates in the free tensors and may land far outside the range
+        the M-step searches (a dispersion of 1e-46 has been seen): there an interval's
+        incomplete beta function takes its continued fraction on the side that needs
+        about sqrt(mu) terms, 1e5 of them, seconds per pass. Inside the bounds every
+        point is one the M-step could reach.
+        """
+        params = self.base.from_free(free)
+        field = getattr(self.intervals, "shape_field", None)
+        if field is None:
+            return params
+        lower, upper = self.intervals.shape_bounds
+        return dataclasses.replace(params, **{field: getattr(params, field).clamp(lower, upper)})
+
     def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
                       offset: torch.Tensor | None = None):  # fmt: skip
         """log p_k(y_i | x_i) of shape (K, n), differentiable twice in ``free``."""
