@@ -81,36 +81,65 @@ def _log_fraction(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
     and no more: past convergence the factors of some elements drift from 1 by a few
     eps (the d_{2m+1} of x near 1 and a large cancel in 1 + d), which would keep a
     test on every element's last factor from ever passing and move the value by
-    ~1e-13 over thousands of terms. Checked each ``CHECK_EVERY`` terms.
+    ~1e-13 over thousands of terms.
+
+    The terms go in blocks of ``CHECK_EVERY``: the coefficients d_j of a block in
+    one step, the Lentz recurrence in place (a dozen operations a term: on a few
+    hundred elements the cost is the number of operations, not their size), then
+    each element's product of factors up to its last term (a running product, the
+    same multiplications in the same order as one factor at a time) and the test.
     """
     fpmin = _FPMIN if x.dtype == torch.float64 else 1e-30
     eps = _EPS if x.dtype == torch.float64 else 1e-7
 
-    def clip(v):
-        return torch.where(v.abs() < fpmin, torch.full_like(v, fpmin), v)
+    # in place, unless autograd follows (then the same operations out of place)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, x))
+
+    def clip(v):  # Lentz's guard against a zero denominator
+        small = v.abs() < fpmin
+        return v.masked_fill(small, fpmin) if tracked else v.masked_fill_(small, fpmin)
 
     qab, qap, qam = a + b, a + 1.0, a - 1.0
     c = torch.ones_like(x)
     d = 1.0 / clip(1.0 - qab * x / qap)
-    h = d
-    settled = torch.zeros(x.shape, dtype=torch.int64, device=x.device)  # terms since converged
-    one = torch.ones_like(x)
-    for m in range(1, max_terms + 1):
-        live = settled <= extra
+    h = d.clone()
+    never = 2 * max_terms + 1
+    last = torch.full(x.shape, never, dtype=torch.int64, device=x.device)  # last factor taken
+    shape = (-1,) + (1,) * x.dim()
+    done = 0  # terms so far
+    while done < max_terms:
+        size = min(CHECK_EVERY, max_terms - done)
+        m = torch.arange(done + 1, done + size + 1, dtype=x.dtype, device=x.device).view(shape)
         m2 = 2.0 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))  # d_{2m}
-        d = 1.0 / clip(1.0 + aa * d)
-        c = clip(1.0 + aa / c)
-        h = h * torch.where(live, d * c, one)
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))  # d_{2m+1}
-        d = 1.0 / clip(1.0 + aa * d)
-        c = clip(1.0 + aa / c)
-        delta = d * c
-        h = h * torch.where(live, delta, one)
+        even = m * (b - m) * x / ((qam + m2) * (a + m2))  # d_{2m}, (size, ...)
+        odd = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))  # d_{2m+1}
+        if tracked:
+            factors = [h]
+            for i in range(2 * size):
+                aa = odd[i // 2] if i % 2 else even[i // 2]
+                d = 1.0 / clip(1.0 + aa * d)
+                c = clip(1.0 + aa / c)
+                factors.append(d * c)
+            factors = torch.stack(factors)
+        else:
+            factors = x.new_empty((2 * size + 1, *x.shape))
+            factors[0] = h
+            for i in range(2 * size):
+                aa = odd[i // 2] if i % 2 else even[i // 2]
+                d = clip(d.mul_(aa).add_(1.0)).reciprocal_()
+                c = clip(torch.div(aa, c).add_(1.0))
+                torch.mul(d, c, out=factors[i + 1])
         # NaN (from NaN inputs) counts as converged: it would never pass the test
-        converged = ~((delta.detach() - 1.0).abs() > eps)
-        settled = torch.where(converged | (settled > 0), settled + 1, settled)
-        if m % CHECK_EVERY == 0 and not bool((settled <= extra).any()):
+        converged = ~((factors[2::2] - 1.0).abs() > eps)  # (size, ...)
+        first = converged.to(torch.int8).argmax(0)  # the block's first converged term
+        new = (last == never) & converged.any(0)
+        stop = 2 * (done + first + 1 + extra)  # the factors of terms 1..m_conv + extra
+        last = torch.where(new, stop, last)
+        take = (last - 2 * done).clamp(0, 2 * size)  # this block's factors an element takes
+        products = factors.cumprod(0) if tracked else factors.cumprod_(0)
+        h = products.gather(0, take.unsqueeze(0)).squeeze(0)
+        done += size
+        if not bool((last > 2 * done).any()):
             break
     return torch.log(h)
 
