@@ -156,7 +156,8 @@ def log_beta_inc(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
     differentiable: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    front: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """log I_x(a, b) and log(1 - I_x(a, b)) = log I_{1-x}(b, a), elementwise (broadcast).
 
     Limits are allowed: I = 1, (0, -inf), at a = 0, x = 1 or b = inf (a finite);
@@ -175,11 +176,17 @@ def log_beta_inc(
     differentiable : bool, default=False
         Add terms past convergence so that autograd's first and second derivatives
         have settled too (the values are the same).
+    front : bool, default=False
+        Also return the log of the front factor x^a (1-x)^b / B(a, b) (a times the
+        derivative of I_x(a, b) in log(x / (1 - x)); the negative binomial's
+        kernels), -inf at the limits.
 
     Returns
     -------
     log_i, log_ic : Tensor
         log I_x(a, b) and log(1 - I_x(a, b)).
+    log_front : Tensor
+        With ``front``.
     """
     if y is None:
         y = 1.0 - x
@@ -201,7 +208,9 @@ def log_beta_inc(
     px = torch.where(direct, x_s, y_s)
     extra = 4 * CHECK_EVERY if differentiable else 0
     work = ~special
-    if bool(work.all()):
+    if not bool(work.any()):  # every element a limit (the open ends of censored rows)
+        log_h = torch.zeros_like(px)
+    elif bool(work.all()):
         log_h = _log_fraction(pa, pb, px, _max_terms(pa, pb), extra)
     else:  # the fraction of the other elements only (a censored fit's exact rows are limits)
         pa_w, pb_w = pa[work], pb[work]
@@ -216,4 +225,6 @@ def log_beta_inc(
     zeros, ninf = torch.zeros_like(log_i), torch.full_like(log_i, -math.inf)
     log_i = torch.where(i_one, zeros, torch.where(i_zero, ninf, log_i))
     log_ic = torch.where(i_one, ninf, torch.where(i_zero, zeros, log_ic))
+    if front:
+        return log_i, log_ic, torch.where(special, ninf, log_front)
     return log_i, log_ic

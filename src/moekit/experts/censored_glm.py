@@ -144,19 +144,19 @@ class CensoredGLMExperts:
     def _terms(self, params, eta, rows, exact_logp, derivatives: bool, differentiable: bool):
         """log p_k of every row (K, c) and, if asked, its derivatives d, e in eta."""
         point, lo, hi, t_lo, t_hi = rows
-        exact = lo == hi
-        zero = torch.zeros_like(lo)
-        # exact rows' interval is the whole support, so that the branch not taken stays
-        # finite (and so do autograd's gradients); the support starts at 0
-        lo_s = torch.where(exact, zero, lo.clamp(min=0.0))
-        hi_s = torch.where(exact, torch.full_like(hi, math.inf), hi)
-        out = self.intervals.interval_terms(params, eta, lo_s, hi_s, differentiable)
-        logp = torch.where(exact, exact_logp, out[0])
-        d = e = None
+        # the probabilities of intervals of the censored rows alone (exact rows have
+        # their density); the support starts at 0
+        cens = torch.nonzero(lo != hi).flatten()
+        logp, d, e = exact_logp, None, None
         if derivatives:
-            d_exact, e_exact = self.intervals.exact_derivatives(params, eta, point)
-            d_int, e_int = _derivatives(out)
-            d, e = torch.where(exact, d_exact, d_int), torch.where(exact, e_exact, e_int)
+            d, e = self.intervals.exact_derivatives(params, eta, point)
+        if cens.numel():
+            out = self.intervals.interval_terms(params, eta[:, cens], lo[cens].clamp(min=0.0),
+                                                hi[cens], differentiable)  # fmt: skip
+            logp = logp.index_copy(1, cens, out[0])
+            if derivatives:
+                d_int, e_int = _derivatives(out)
+                d, e = d.index_copy(1, cens, d_int), e.index_copy(1, cens, e_int)
         if bool(torch.isfinite(t_lo).any() or torch.isfinite(t_hi).any()):
             window = self.intervals.interval_terms(params, eta, t_lo.clamp(min=0.0), t_hi,
                                               differentiable)  # fmt: skip

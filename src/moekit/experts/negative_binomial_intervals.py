@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from moekit._core.incbeta import log_beta, log_beta_inc
+from moekit._core.incbeta import log_beta_inc
 from moekit._core.incgamma import log_difference
 from moekit.experts.negative_binomial import DISPERSION_MAX, DISPERSION_MIN
 
@@ -54,26 +54,20 @@ class NegativeBinomialIntervals:
         """
         lo, hi = torch.ceil(lo), torch.floor(hi)  # the counts inside the ends
         phi = params.dispersion.unsqueeze(1)  # (K, 1)
-        theta = (1.0 / phi).expand_as(eta)  # (K, c)
+        c = eta.shape[1]
         x = phi * torch.exp(eta)  # phi mu
-        l1p = torch.log1p(x)
         # q = 1 - p to all its digits where p is near 1 (and 1, not NaN, at mu = inf)
         p, q = 1.0 / (1.0 + x), torch.where(x > 1.0, 1.0 / (1.0 + 1.0 / x), x / (1.0 + x))
-        down_lo, up_lo = log_beta_inc(theta, lo.expand_as(eta), p, q, differentiable)
-        down_hi, up_hi = log_beta_inc(theta, (hi + 1.0).expand_as(eta), p, q, differentiable)
-        log_mass = log_difference(up_lo, up_hi, down_hi, down_lo)
-        finite = torch.isfinite(hi)
-        hi_s = torch.where(finite, hi, torch.zeros_like(hi))  # no inf * 0 in any gradient
-        lo_s = torch.where(lo > 0, lo, torch.ones_like(lo))
-        log_q = torch.log(phi) + eta - l1p
-        head = -theta * l1p  # theta log p
-
-        def log_kernel(j):
-            return head + j * log_q - log_beta(theta, j.expand_as(eta))
-
+        # both ends in one call, (K, 2c): I_p(theta, lo) and I_p(theta, hi + 1), and
+        # their front factors p^theta q^j / B(theta, j), the kernels k_lo and k_hi
+        ends = torch.cat([lo, hi + 1.0]).expand(eta.shape[0], -1)
+        down, up, front = log_beta_inc((1.0 / phi).expand_as(ends), ends, p.repeat(1, 2),
+                                       q.repeat(1, 2), differentiable, front=True)  # fmt: skip
+        log_mass = log_difference(up[:, :c], up[:, c:], down[:, c:], down[:, :c])
         ninf = torch.full_like(log_mass, -math.inf)
-        k_lo = torch.where(lo > 0, log_kernel(lo_s), ninf)
-        k_hi = torch.where(finite, log_kernel(hi_s + 1.0), ninf)
+        k_lo = torch.where(lo > 0, front[:, :c], ninf)
+        k_hi = torch.where(torch.isfinite(hi), front[:, c:], ninf)
+        hi_s = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))  # no inf * 0
         mu = torch.exp(eta)
         return log_mass, k_lo, k_hi, p * (lo - mu), p * (hi_s + 1.0 - mu)
 
