@@ -108,7 +108,9 @@ def _log_fraction(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
     shape = (-1,) + (1,) * x.dim()
     done = 0  # terms so far
     while done < max_terms:
-        size = min(CHECK_EVERY, max_terms - done)
+        # the first block long enough for most elements, then shorter ones: the value
+        # does not depend on where the blocks end, only the terms computed in vain
+        size = min(CHECK_EVERY if done == 0 else CHECK_EVERY // 2, max_terms - done)
         m = torch.arange(done + 1, done + size + 1, dtype=x.dtype, device=x.device).view(shape)
         m2 = 2.0 * m
         even = m * (b - m) * x / ((qam + m2) * (a + m2))  # d_{2m}, (size, ...)
@@ -124,17 +126,21 @@ def _log_fraction(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
         else:
             factors = x.new_empty((2 * size + 1, *x.shape))
             factors[0] = h
-            for i in range(2 * size):
-                aa = odd[i // 2] if i % 2 else even[i // 2]
-                d = clip(d.mul_(aa).add_(1.0)).reciprocal_()
-                c = clip(torch.div(aa, c).add_(1.0))
-                torch.mul(d, c, out=factors[i + 1])
+            coefs = [odd[i // 2] if i % 2 else even[i // 2] for i in range(2 * size)]
+            fast = _lentz_unguarded(d, c, coefs, factors, fpmin)
+            if fast is not None:
+                d, c = fast
+            else:  # a denominator within fpmin of 0: the block again, guarded
+                for i, aa in enumerate(coefs):
+                    d = clip(d.mul_(aa).add_(1.0)).reciprocal_()
+                    c = clip(torch.div(aa, c).add_(1.0))
+                    torch.mul(d, c, out=factors[i + 1])
         # NaN (from NaN inputs) counts as converged: it would never pass the test
         converged = ~((factors[2::2] - 1.0).abs() > eps)  # (size, ...)
-        first = converged.to(torch.int8).argmax(0)  # the block's first converged term
-        new = (last == never) & converged.any(0)
-        stop = 2 * (done + first + 1 + extra)  # the factors of terms 1..m_conv + extra
-        last = torch.where(new, stop, last)
+        # the block's first converged term, 1-based from the start (never: none)
+        first = torch.where(converged, m.to(torch.int64), never).amin(0)
+        # the factors of terms 1..m_conv + extra
+        last = torch.where((last == never) & (first < never), 2 * (first + extra), last)
         take = (last - 2 * done).clamp(0, 2 * size)  # this block's factors an element takes
         products = factors.cumprod(0) if tracked else factors.cumprod_(0)
         h = products.gather(0, take.unsqueeze(0)).squeeze(0)
@@ -142,6 +148,28 @@ def _log_fraction(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
         if not bool((last > 2 * done).any()):
             break
     return torch.log(h)
+
+
+def _lentz_unguarded(d, c, coefs, factors, fpmin):
+    """Lentz's recurrence d <- 1 / (1 + aa d), c <- 1 + aa / c over the coefficients
+    ``coefs``, the factors d c written to ``factors[1:]``, without the guard of
+    every denominator against 0 (six operations a coefficient instead of twelve):
+    the final (d, c), or None where a guard would have acted (a |1 + aa d| or
+    |c| below ``fpmin``, seen as a |d| of at least 1 / fpmin), d and c untouched."""
+    n = len(coefs)
+    ds = d.new_empty((n, *d.shape))
+    cs = c.new_empty((n, *c.shape))
+    d_rows, c_rows, f_rows = ds.unbind(0), cs.unbind(0), factors.unbind(0)
+    d_prev, c_prev = d, c
+    for i, aa in enumerate(coefs):
+        d_i, c_i = d_rows[i], c_rows[i]
+        torch.mul(d_prev, aa, out=d_i).add_(1.0).reciprocal_()
+        torch.div(aa, c_prev, out=c_i).add_(1.0)
+        torch.mul(d_i, c_i, out=f_rows[i + 1])
+        d_prev, c_prev = d_i, c_i
+    if bool((ds.abs() >= 1.0 / fpmin).any() | (cs.abs() < fpmin).any()):
+        return None
+    return d_prev.clone(), c_prev.clone()
 
 
 def _max_terms(a: torch.Tensor, b: torch.Tensor) -> int:
