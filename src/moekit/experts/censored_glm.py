@@ -53,8 +53,6 @@ import torch
 from moekit._core.data import Chunk, EMData
 from moekit.experts._glm import chunk_eta, has_weight, linear_predictor, newton_step
 from moekit.experts.censored import delegated
-from moekit.experts.negative_binomial import NegativeBinomialExperts
-from moekit.experts.negative_binomial_intervals import NegativeBinomialIntervals
 
 MAX_HALVINGS = 30
 """Most halvings of a coefficient step before an expert keeps its coefficients."""
@@ -85,21 +83,12 @@ _DELEGATED = frozenset({
 })  # fmt: skip
 
 
-# families whose interval methods live beside them rather than on them (their class
-# or a base class -> the object that answers for them)
-_INTERVALS = {NegativeBinomialExperts: NegativeBinomialIntervals()}
-
-
 def interval_family(family):
     """What gives ``family``'s (a class or an instance) probabilities of intervals:
-    the family itself (Poisson, Gamma), the object registered for its class
-    (negative binomial), or None."""
+    the family itself where it has ``interval_terms`` and ``exact_derivatives``
+    (Poisson, negative binomial, Gamma), else None."""
     if hasattr(family, "interval_terms") and hasattr(family, "exact_derivatives"):
         return family
-    cls = family if isinstance(family, type) else type(family)
-    for owner, intervals in _INTERVALS.items():
-        if issubclass(cls, owner):
-            return intervals
     return None
 
 
