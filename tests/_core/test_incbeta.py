@@ -114,3 +114,23 @@ def test_autograd_derivatives_agree_with_central_differences():
         up[i], down[i] = args[i] + step, args[i] - step
         second = (f(*up) - 2 * f(*args) + f(*down)) / step**2
         np.testing.assert_allclose(g2.numpy(), second.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_unguarded_recurrence_hands_back_where_a_guard_would_act(monkeypatch):
+    from moekit._core import incbeta
+
+    one = torch.ones(3, dtype=torch.float64)
+    coefs = [torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)]  # 1 + aa d = 0 at [0]
+    factors = torch.empty((2, 3), dtype=torch.float64)
+    assert incbeta._lentz_unguarded(one.clone(), one.clone(), coefs, factors, 1e-300) is None
+    fine = [torch.tensor([-0.5, 0.5, 2.0], dtype=torch.float64)]
+    d, c = incbeta._lentz_unguarded(one.clone(), one.clone(), fine, factors, 1e-300)
+    np.testing.assert_array_equal(d.numpy(), 1 / (1 + fine[0].numpy()))
+    np.testing.assert_array_equal(c.numpy(), 1 + fine[0].numpy())
+    np.testing.assert_array_equal(factors[1].numpy(), (d * c).numpy())
+    # the guarded recurrence gives the same bits wherever no guard acts
+    a, b, x = (torch.tensor(v) for v in _grid(600, seed=1))
+    fast = log_beta_inc(a, b, x)
+    monkeypatch.setattr(incbeta, "_lentz_unguarded", lambda *args: None)
+    for ours, guarded in zip(fast, log_beta_inc(a, b, x), strict=True):
+        assert torch.equal(ours, guarded)

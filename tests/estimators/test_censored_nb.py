@@ -145,6 +145,39 @@ def test_em_never_decreases_and_the_m_step_never_lowers_an_experts_objective():
         torch.set_num_threads(threads)
 
 
+def test_the_default_fit_runs_all_its_starts_and_ends_at_least_at_one_starts_fit():
+    # n_init=10 with SQUAREM acceleration, which once jumped to dispersions of 1e-46
+    # and means of 1e22 (1e5 continued-fraction terms per interval)
+    X, y, upper, _ = _two_regimes(n=300, seed=1)
+    assert 0.1 < np.isinf(upper).mean() < 0.5
+    full = MoERegressor(2, expert="negative_binomial", random_state=0).fit(X, y, y_upper=upper)
+    one = MoERegressor(2, expert="negative_binomial", random_state=0, n_init=1)
+    one.fit(X, y, y_upper=upper)
+    assert full.n_init == 10 and np.isfinite(full.log_likelihood_)
+    assert full.log_likelihood_ >= one.log_likelihood_ - 1e-9
+    # the fit's objective holds the slopes' small ridge penalty besides
+    assert full.log_likelihood(X, y, y_upper=upper) == pytest.approx(full.log_likelihood_,
+                                                                     abs=1e-6)  # fmt: skip
+
+
+def test_extrapolated_parameters_keep_the_dispersion_inside_its_bounds():
+    from moekit.experts.negative_binomial import DISPERSION_MAX, DISPERSION_MIN
+
+    X, y, upper, _ = _two_regimes(n=200, seed=3)
+    m = MoERegressor(2, expert="negative_binomial", random_state=0, n_init=1, max_iter=5)
+    with pytest.warns(Warning):  # not converged in 5 iterations
+        m.fit(X, y, y_upper=upper)
+    family = m._expert_family
+    free = family.to_free(m._params.expert)
+    free["log_dispersion"] = torch.tensor([-105.0, 267.0], dtype=torch.float64)  # 1e-46, 1e116
+    params = family.from_free(free)
+    np.testing.assert_array_equal(params.dispersion.numpy(), [DISPERSION_MIN, DISPERSION_MAX])
+    assert torch.equal(params.coef, free["coef"])
+    inside = torch.tensor([-3.0, 2.0], dtype=torch.float64)
+    free["log_dispersion"] = inside
+    assert torch.equal(family.from_free(free).dispersion, torch.exp(inside))
+
+
 def test_far_tails_stay_finite_and_model_files_round_trip(tmp_path):
     x, lower, upper, off = _counts(seed=3)
     m = MoERegressor(2, expert="negative_binomial", random_state=0, min_share=0, n_init=1)

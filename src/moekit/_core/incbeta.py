@@ -81,38 +81,97 @@ def _log_fraction(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
     and no more: past convergence the factors of some elements drift from 1 by a few
     eps (the d_{2m+1} of x near 1 and a large cancel in 1 + d), which would keep a
     test on every element's last factor from ever passing and move the value by
-    ~1e-13 over thousands of terms. Checked each ``CHECK_EVERY`` terms.
+    ~1e-13 over thousands of terms.
+
+    The terms go in blocks of ``CHECK_EVERY``: the coefficients d_j of a block in
+    one step, the Lentz recurrence in place (a dozen operations a term: on a few
+    hundred elements the cost is the number of operations, not their size), then
+    each element's product of factors up to its last term (a running product, the
+    same multiplications in the same order as one factor at a time) and the test.
     """
     fpmin = _FPMIN if x.dtype == torch.float64 else 1e-30
     eps = _EPS if x.dtype == torch.float64 else 1e-7
 
-    def clip(v):
-        return torch.where(v.abs() < fpmin, torch.full_like(v, fpmin), v)
+    # in place, unless autograd follows (then the same operations out of place)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, x))
+
+    def clip(v):  # Lentz's guard against a zero denominator
+        small = v.abs() < fpmin
+        return v.masked_fill(small, fpmin) if tracked else v.masked_fill_(small, fpmin)
 
     qab, qap, qam = a + b, a + 1.0, a - 1.0
     c = torch.ones_like(x)
     d = 1.0 / clip(1.0 - qab * x / qap)
-    h = d
-    settled = torch.zeros(x.shape, dtype=torch.int64, device=x.device)  # terms since converged
-    one = torch.ones_like(x)
-    for m in range(1, max_terms + 1):
-        live = settled <= extra
+    h = d.clone()
+    never = 2 * max_terms + 1
+    last = torch.full(x.shape, never, dtype=torch.int64, device=x.device)  # last factor taken
+    shape = (-1,) + (1,) * x.dim()
+    done = 0  # terms so far
+    while done < max_terms:
+        # the first block long enough for most elements, then shorter ones: the value
+        # does not depend on where the blocks end, only the terms computed in vain
+        size = min(CHECK_EVERY if done == 0 else CHECK_EVERY // 2, max_terms - done)
+        m = torch.arange(done + 1, done + size + 1, dtype=x.dtype, device=x.device).view(shape)
         m2 = 2.0 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))  # d_{2m}
-        d = 1.0 / clip(1.0 + aa * d)
-        c = clip(1.0 + aa / c)
-        h = h * torch.where(live, d * c, one)
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))  # d_{2m+1}
-        d = 1.0 / clip(1.0 + aa * d)
-        c = clip(1.0 + aa / c)
-        delta = d * c
-        h = h * torch.where(live, delta, one)
+        even = m * (b - m) * x / ((qam + m2) * (a + m2))  # d_{2m}, (size, ...)
+        odd = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))  # d_{2m+1}
+        if tracked:
+            factors = [h]
+            for i in range(2 * size):
+                aa = odd[i // 2] if i % 2 else even[i // 2]
+                d = 1.0 / clip(1.0 + aa * d)
+                c = clip(1.0 + aa / c)
+                factors.append(d * c)
+            factors = torch.stack(factors)
+        else:
+            factors = x.new_empty((2 * size + 1, *x.shape))
+            factors[0] = h
+            coefs = [odd[i // 2] if i % 2 else even[i // 2] for i in range(2 * size)]
+            fast = _lentz_unguarded(d, c, coefs, factors, fpmin)
+            if fast is not None:
+                d, c = fast
+            else:  # a denominator within fpmin of 0: the block again, guarded
+                for i, aa in enumerate(coefs):
+                    d = clip(d.mul_(aa).add_(1.0)).reciprocal_()
+                    c = clip(torch.div(aa, c).add_(1.0))
+                    torch.mul(d, c, out=factors[i + 1])
         # NaN (from NaN inputs) counts as converged: it would never pass the test
-        converged = ~((delta.detach() - 1.0).abs() > eps)
-        settled = torch.where(converged | (settled > 0), settled + 1, settled)
-        if m % CHECK_EVERY == 0 and not bool((settled <= extra).any()):
+        converged = ~((factors[2::2] - 1.0).abs() > eps)  # (size, ...)
+        # the block's first converged term, 1-based from the start (never: none)
+        # (a float reduction: several times quicker than one of integers)
+        first = torch.where(converged, m, float(never)).amin(0)
+        # the factors of terms 1..m_conv + extra
+        new = (last == never) & (first < never)
+        last = torch.where(new, 2 * (first.to(torch.int64) + extra), last)
+        take = (last - 2 * done).clamp(0, 2 * size)  # this block's factors an element takes
+        products = factors.cumprod(0) if tracked else factors.cumprod_(0)
+        h = products.gather(0, take.unsqueeze(0)).squeeze(0)
+        done += size
+        if not bool((last > 2 * done).any()):
             break
     return torch.log(h)
+
+
+def _lentz_unguarded(d, c, coefs, factors, fpmin):
+    """Lentz's recurrence d <- 1 / (1 + aa d), c <- 1 + aa / c over the coefficients
+    ``coefs``, the factors d c written to ``factors[1:]``, without the guard of
+    every denominator against 0 (six operations a coefficient instead of twelve):
+    the final (d, c), or None where a guard would have acted (a |1 + aa d| or
+    |c| below ``fpmin``, seen as a |d| of at least 1 / fpmin), d and c untouched."""
+    n = len(coefs)
+    ds = d.new_empty((n, *d.shape))
+    cs = c.new_empty((n, *c.shape))
+    d_rows, c_rows, f_rows = ds.unbind(0), cs.unbind(0), factors.unbind(0)
+    d_prev, c_prev = d, c
+    for i, aa in enumerate(coefs):
+        d_i, c_i = d_rows[i], c_rows[i]
+        torch.mul(d_prev, aa, out=d_i).add_(1.0).reciprocal_()
+        torch.div(aa, c_prev, out=c_i).add_(1.0)
+        torch.mul(d_i, c_i, out=f_rows[i + 1])
+        d_prev, c_prev = d_i, c_i
+    if bool((ds.abs() >= 1.0 / fpmin).any() | (cs.abs() < fpmin).any()):
+        return None
+    return d_prev.clone(), c_prev.clone()
 
 
 def _max_terms(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -127,7 +186,8 @@ def log_beta_inc(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
     differentiable: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    front: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """log I_x(a, b) and log(1 - I_x(a, b)) = log I_{1-x}(b, a), elementwise (broadcast).
 
     Limits are allowed: I = 1, (0, -inf), at a = 0, x = 1 or b = inf (a finite);
@@ -146,11 +206,17 @@ def log_beta_inc(
     differentiable : bool, default=False
         Add terms past convergence so that autograd's first and second derivatives
         have settled too (the values are the same).
+    front : bool, default=False
+        Also return the log of the front factor x^a (1-x)^b / B(a, b) (a times the
+        derivative of I_x(a, b) in log(x / (1 - x)); the negative binomial's
+        kernels), -inf at the limits.
 
     Returns
     -------
     log_i, log_ic : Tensor
         log I_x(a, b) and log(1 - I_x(a, b)).
+    log_front : Tensor
+        With ``front``.
     """
     if y is None:
         y = 1.0 - x
@@ -172,7 +238,9 @@ def log_beta_inc(
     px = torch.where(direct, x_s, y_s)
     extra = 4 * CHECK_EVERY if differentiable else 0
     work = ~special
-    if bool(work.all()):
+    if not bool(work.any()):  # every element a limit (the open ends of censored rows)
+        log_h = torch.zeros_like(px)
+    elif bool(work.all()):
         log_h = _log_fraction(pa, pb, px, _max_terms(pa, pb), extra)
     else:  # the fraction of the other elements only (a censored fit's exact rows are limits)
         pa_w, pb_w = pa[work], pb[work]
@@ -187,4 +255,6 @@ def log_beta_inc(
     zeros, ninf = torch.zeros_like(log_i), torch.full_like(log_i, -math.inf)
     log_i = torch.where(i_one, zeros, torch.where(i_zero, ninf, log_i))
     log_ic = torch.where(i_one, ninf, torch.where(i_zero, zeros, log_ic))
+    if front:
+        return log_i, log_ic, torch.where(special, ninf, log_front)
     return log_i, log_ic

@@ -141,7 +141,13 @@ def select_n_experts(
             warnings.simplefilter("ignore")  # convergence and collapse are in the table
             # K + 1 experts start (besides their own starts) from the K fit with one
             # expert split, so the log-likelihood never drops as K grows
-            # (not with a family per expert, whose fits the starts do not nest)
+            # (not with a family per expert, whose fits the starts do not nest).
+            # The fits of simpler models each fit makes as starting points are not
+            # carried from K to K + 1: each level of nesting halves the starts, so the
+            # K + 1 fit meets a model one level deeper, with fewer starts, than the K fit
+            # did (its K-expert constant-gate fit has n_init // 4 starts, the K fit's
+            # n_init // 2), and always from another state of the generator: the same
+            # model is never the same computation twice
             parent = None if family else _parent(models.get(k - 1), k)
             model.fit(X, y, start_from=parent, **(fit_params or {}))
         n, p = len(X), model.n_parameters()

@@ -29,6 +29,11 @@ derivatives by central differences (torch has no derivative of the incomplete ga
 function in its shape): at most 1 long, uphill where Q is not concave, halved until
 Q does not fall; negative binomial experts take the same step in log phi. Each part
 never lowers Q, so the log-likelihood never decreases (generalised EM; ``monotone``).
+On small data a pass costs its number of tensor operations, so the passes are few:
+the full coefficient step and both sides of the shape's differences go in one pass
+(the experts stacked three times), and each pass's rows are kept per expert, so the
+E-step after the M-step and the next Newton step recall what the M-step's passes
+computed (``_Memo``).
 The derivatives of a log-probability of an interval come from each family
 (``interval_terms``): with m the mass and kernels k_lo, k_hi (the derivative of the
 mass in eta is k_lo - k_hi),
@@ -48,8 +53,6 @@ import torch
 from moekit._core.data import Chunk, EMData
 from moekit.experts._glm import chunk_eta, has_weight, linear_predictor, newton_step
 from moekit.experts.censored import delegated
-from moekit.experts.negative_binomial import NegativeBinomialExperts
-from moekit.experts.negative_binomial_intervals import NegativeBinomialIntervals
 
 MAX_HALVINGS = 30
 """Most halvings of a coefficient step before an expert keeps its coefficients."""
@@ -60,30 +63,32 @@ SHAPE_H = 1e-3
 MIN_CURVATURE = 1e-8
 """Least weight -e_ik of a row in the Newton step's Gram (where log p is not concave)."""
 
+MEMO_PASSES = 64
+"""Passes whose rows' (log p, d, e) an EM data set keeps, each expert's found by its
+parameters: the next E-step is at parameters the M-step's last passes have seen, and
+the Newton step after it at the E-step's (with n_init starts run in turn, their
+passes interleave)."""
+
+MEMO_VALUES = 2**20
+"""Most values (experts x rows, each of log p, d and e) the kept passes hold: larger
+data is not overhead-bound, and the passes' memory would grow with it."""
+
+
 _DELEGATED = frozenset({
     "params_type", "predictive_family", "standardize_target", "n_outputs", "log_prior",
-    "n_parameters", "min_samples", "select", "to_free", "from_free", "mean_free",
+    "n_parameters", "min_samples", "select", "to_free", "mean_free",
     "log_prior_free", "report", "from_report", "moments", "predictive_extra",
     "param_shapes", "check_params", "residuals", "takes_offset", "alpha",
     "single_optimum",
 })  # fmt: skip
 
 
-# families whose interval methods live beside them rather than on them (their class
-# or a base class -> the object that answers for them)
-_INTERVALS = {NegativeBinomialExperts: NegativeBinomialIntervals()}
-
-
 def interval_family(family):
     """What gives ``family``'s (a class or an instance) probabilities of intervals:
-    the family itself (Poisson, Gamma), the object registered for its class
-    (negative binomial), or None."""
+    the family itself where it has ``interval_terms`` and ``exact_derivatives``
+    (Poisson, negative binomial, Gamma), else None."""
     if hasattr(family, "interval_terms") and hasattr(family, "exact_derivatives"):
         return family
-    cls = family if isinstance(family, type) else type(family)
-    for owner, intervals in _INTERVALS.items():
-        if issubclass(cls, owner):
-            return intervals
     return None
 
 
@@ -128,19 +133,19 @@ class CensoredGLMExperts:
     def _terms(self, params, eta, rows, exact_logp, derivatives: bool, differentiable: bool):
         """log p_k of every row (K, c) and, if asked, its derivatives d, e in eta."""
         point, lo, hi, t_lo, t_hi = rows
-        exact = lo == hi
-        zero = torch.zeros_like(lo)
-        # exact rows' interval is the whole support, so that the branch not taken stays
-        # finite (and so do autograd's gradients); the support starts at 0
-        lo_s = torch.where(exact, zero, lo.clamp(min=0.0))
-        hi_s = torch.where(exact, torch.full_like(hi, math.inf), hi)
-        out = self.intervals.interval_terms(params, eta, lo_s, hi_s, differentiable)
-        logp = torch.where(exact, exact_logp, out[0])
-        d = e = None
+        # the probabilities of intervals of the censored rows alone (exact rows have
+        # their density); the support starts at 0
+        cens = torch.nonzero(lo != hi).flatten()
+        logp, d, e = exact_logp, None, None
         if derivatives:
-            d_exact, e_exact = self.intervals.exact_derivatives(params, eta, point)
-            d_int, e_int = _derivatives(out)
-            d, e = torch.where(exact, d_exact, d_int), torch.where(exact, e_exact, e_int)
+            d, e = self.intervals.exact_derivatives(params, eta, point)
+        if cens.numel():
+            out = self.intervals.interval_terms(params, eta[:, cens], lo[cens].clamp(min=0.0),
+                                                hi[cens], differentiable)  # fmt: skip
+            logp = logp.index_copy(1, cens, out[0])
+            if derivatives:
+                d_int, e_int = _derivatives(out)
+                d, e = d.index_copy(1, cens, d_int), e.index_copy(1, cens, e_int)
         if bool(torch.isfinite(t_lo).any() or torch.isfinite(t_hi).any()):
             window = self.intervals.interval_terms(params, eta, t_lo.clamp(min=0.0), t_hi,
                                               differentiable)  # fmt: skip
@@ -151,9 +156,49 @@ class CensoredGLMExperts:
         return logp, d, e
 
     def _chunk_terms(self, params, chunk: Chunk, derivatives: bool = False):
+        """log p_k, d and e (K, c) of the chunk's rows, with its derivatives always (a
+        pass's cost is its incomplete beta or gamma functions, not these): recalled
+        per expert from the data's last passes (``MEMO_SIZE``) where they saw the
+        expert's parameters."""
+        key = ("censored_glm", type(self.base), self.truncated)
+        memo = chunk.data.cache.get(key)
+        if memo is None:
+            memo = chunk.data.cache[key] = _Memo()
+        rows = [(chunk.start, chunk.stop, r) for r in _row_keys(self._param_rows(params))]
+        kept = memo.recall(rows)
+        if kept is not None:
+            return kept
         eta = chunk_eta(params.coef, chunk)  # (K, c), with the offset
         exact_logp = self.base.log_prob(params, chunk)  # the density at the point
-        return self._terms(params, eta, tuple(chunk.y), exact_logp, derivatives, False)
+        out = self._terms(params, eta, tuple(chunk.y), exact_logp, True, False)
+        memo.remember(rows, out)
+        return out
+
+    def _param_rows(self, params) -> torch.Tensor:
+        """Each expert's parameters as one row (K, p [+ 1]): what its log p depends on."""
+        field = getattr(self.intervals, "shape_field", None)
+        if field is None:
+            return params.coef
+        return torch.cat([params.coef, getattr(params, field).unsqueeze(1)], 1)
+
+    def _stacked(self, params, field: str, offsets: tuple[float, ...]):
+        """The K experts repeated once per offset, the shape of copy j at log shape +
+        offsets[j] (the shape itself at offset 0)."""
+        K = params.coef.shape[0]
+        shape = getattr(params, field)
+        log_shape = torch.log(shape)
+        shapes = [shape if o == 0.0 else torch.exp(log_shape + o) for o in offsets]
+        copies = self.base.select(params, torch.arange(K, device=shape.device).repeat(len(offsets)))
+        return dataclasses.replace(copies, **{field: torch.cat(shapes)})
+
+    def _objectives(self, params, field: str, offsets, data: EMData, resp: torch.Tensor):
+        """Q (len(offsets), K) at each offset of every expert's log shape, in one pass
+        of len(offsets) K experts (a pass of a few hundred rows costs its number of
+        tensor operations, hardly its width)."""
+        K = params.coef.shape[0]
+        stacked = self._stacked(params, field, offsets)
+        q = self._objective(stacked, data, resp.repeat(len(offsets), 1))
+        return q.view(len(offsets), K)
 
     # ------------------------------------------------------------ E-step
     def prepare(self, data: EMData) -> None:
@@ -164,7 +209,7 @@ class CensoredGLMExperts:
         return self.base.init_params(dataclasses.replace(data, y=data.y[:1], cache={}))
 
     def log_prob(self, params, chunk: Chunk) -> torch.Tensor:
-        return self._chunk_terms(params, chunk)[0]
+        return self._chunk_terms(params, chunk)[0].clone()  # the EM loop adds to it in place
 
     # ------------------------------------------------------------ M-step
     def chunk_stats(self, params, chunk: Chunk, resp: torch.Tensor):
@@ -203,31 +248,44 @@ class CensoredGLMExperts:
         keep = has_weight(resp.sum(1))
         q0, step = self._newton(params, data, resp)
         step = torch.where(keep[:, None], step, torch.zeros_like(step))
-        params, q = self._halve(params, step, q0, data, resp)
         field = getattr(self.intervals, "shape_field", None)
-        if field is not None:
-            params = self._shape_search(params, field, q, keep, data, resp)
-        return params
+        if field is None:
+            return self._halve(params, step, q0, data, resp)[0]
+        # the full step's Q and, ahead of knowing that it passes, Q at its shape
+        # -/+ SHAPE_H for the shape's step: one pass instead of three
+        full = dataclasses.replace(params, coef=params.coef + 1.0 * step)
+        ahead = self._objectives(full, field, (0.0, -SHAPE_H, SHAPE_H), data, resp)
+        params, q, whole = self._halve(params, step, q0, data, resp, ahead[0])
+        sides = (ahead[1], ahead[2]) if bool(whole.all()) else None
+        return self._shape_search(params, field, q, keep, data, resp, sides)
 
-    def _halve(self, params, step, q0, data, resp):
-        """The longest step 2^-j of each expert that does not lower its Q; (params, Q)."""
+    def _halve(self, params, step, q0, data, resp, q_full=None):
+        """The longest step 2^-j of each expert that does not lower its Q; (params, Q,
+        whether each expert is at its full step). ``q_full``: Q after the full step."""
         coef, best_q = params.coef.clone(), q0.clone()
         done = step.abs().amax(1) == 0
+        whole = done.clone()  # no step: at its full step
         t = 1.0
         for _ in range(MAX_HALVINGS):
             trial = dataclasses.replace(params, coef=params.coef + t * step)
-            q = self._objective(trial, data, resp)
+            if t == 1.0 and q_full is not None:
+                q = q_full
+            else:
+                q = self._objective(trial, data, resp)
             ok = ~done & torch.isfinite(q) & (q >= q0)
+            if t == 1.0:
+                whole |= ok
             coef[ok], best_q[ok] = trial.coef[ok], q[ok]
             done |= ok | (t * step.abs().amax(1) < 1e-12)
             if bool(done.all()):
                 break
             t *= 0.5
-        return dataclasses.replace(params, coef=coef), best_q
+        return dataclasses.replace(params, coef=coef), best_q, whole
 
-    def _shape_search(self, params, field: str, q0, keep, data, resp):
+    def _shape_search(self, params, field: str, q0, keep, data, resp, sides=None):
         """A safeguarded Newton step on each expert's log shape x, from central
-        differences of Q at x -/+ ``SHAPE_H``; at most 1 long, halved until Q does not fall."""
+        differences of Q at x -/+ ``SHAPE_H`` (``sides``, where already known); at
+        most 1 long, halved until Q does not fall."""
         lower, upper = (math.log(b) for b in self.intervals.shape_bounds)
         x0 = torch.log(getattr(params, field))
 
@@ -235,25 +293,47 @@ class CensoredGLMExperts:
             return self._objective(dataclasses.replace(params, **{field: torch.exp(x)}), data,
                                    resp)  # fmt: skip
 
-        q_minus, q_plus = q_at(x0 - SHAPE_H), q_at(x0 + SHAPE_H)
+        if sides is None:
+            sides = self._objectives(params, field, (-SHAPE_H, SHAPE_H), data, resp)
+        q_minus, q_plus = sides
         d1 = (q_plus - q_minus) / (2.0 * SHAPE_H)
         d2 = (q_plus - 2.0 * q0 + q_minus) / SHAPE_H**2
         step = torch.where(d2 < 0, -d1 / d2.clamp(max=-1e-300), torch.sign(d1)).clamp(-1.0, 1.0)
         step = torch.where(keep & torch.isfinite(step), step, torch.zeros_like(step))
         x, done = x0.clone(), step == 0
+        moved = torch.zeros_like(done)
         t = 1.0
         for _ in range(MAX_HALVINGS):
+            if bool(done.all()):
+                break
             trial = (x0 + t * step).clamp(lower, upper)
             q = q_at(trial)
             ok = ~done & torch.isfinite(q) & (q >= q0)
-            x[ok] = trial[ok]
+            x[ok], moved[ok] = trial[ok], True
             done |= ok | (t * step.abs() < 1e-12)
-            if bool(done.all()):
-                break
             t *= 0.5
-        return dataclasses.replace(params, **{field: torch.exp(x)})
+        # an expert whose step failed keeps its shape (not exp(log(shape)), a bit away)
+        shape = torch.where(moved, torch.exp(x), getattr(params, field))
+        return dataclasses.replace(params, **{field: shape})
 
     # ------------------------------------------------------------ differentiable view
+    def from_free(self, free: dict[str, torch.Tensor]):
+        """The base family's parameters of free tensors, the shape (Gamma's, the
+        negative binomial's dispersion) kept inside ``shape_bounds``.
+
+        SQUAREM extrapolates in the free tensors and may land far outside the range
+        the M-step searches (a dispersion of 1e-46 has been seen): there an interval's
+        incomplete beta function takes its continued fraction on the side that needs
+        about sqrt(mu) terms, 1e5 of them, seconds per pass. Inside the bounds every
+        point is one the M-step could reach.
+        """
+        params = self.base.from_free(free)
+        field = getattr(self.intervals, "shape_field", None)
+        if field is None:
+            return params
+        lower, upper = self.intervals.shape_bounds
+        return dataclasses.replace(params, **{field: getattr(params, field).clamp(lower, upper)})
+
     def log_prob_free(self, free: dict[str, torch.Tensor], XT: torch.Tensor, y: torch.Tensor,
                       offset: torch.Tensor | None = None):  # fmt: skip
         """log p_k(y_i | x_i) of shape (K, n), differentiable twice in ``free``."""
@@ -262,6 +342,51 @@ class CensoredGLMExperts:
         eta = linear_predictor(params.coef, XT, offset)
         exact_logp = self.base.log_prob_free(free, XT, rows[0], offset)
         return self._terms(params, eta, rows, exact_logp, False, True)[0]
+
+
+def _row_keys(rows: torch.Tensor) -> list[bytes]:
+    """Each expert's parameter row (K, P) as bytes: equal bytes, equal log p."""
+    flat = rows.detach().cpu().contiguous().numpy()
+    return [flat[k].tobytes() for k in range(flat.shape[0])]
+
+
+class _Memo:
+    """The last passes' (log p, d, e) of a data set's chunks, per expert row: a row is
+    found by (its chunk, its parameters' bytes), so an E-step at parameters whose
+    experts came from several passes (some took the shape step, some did not) is
+    assembled from them. Bounded by ``MEMO_PASSES`` and ``MEMO_VALUES``, the oldest
+    passes dropped first."""
+
+    def __init__(self) -> None:
+        self.rows: dict = {}  # (start, stop, row bytes) -> (pass id, index)
+        self.passes: dict = {}  # pass id -> ((log p, d, e), its row keys), oldest first
+        self.values = 0
+        self.count = 0
+
+    def recall(self, keys: list) -> tuple | None:
+        found = [self.rows.get(key) for key in keys]
+        if any(f is None or f[0] not in self.passes for f in found):
+            return None
+        return tuple(torch.stack([self.passes[i][0][t][j] for i, j in found])
+                     for t in range(3))  # fmt: skip
+
+    def remember(self, keys: list, out: tuple) -> None:
+        size = out[0].numel()
+        if size > MEMO_VALUES:
+            return
+        while self.passes and (len(self.passes) >= MEMO_PASSES
+                               or self.values + size > MEMO_VALUES):  # fmt: skip
+            old = next(iter(self.passes))
+            kept, old_keys = self.passes.pop(old)
+            self.values -= kept[0].numel()
+            for key in old_keys:
+                if self.rows.get(key, (None,))[0] == old:
+                    del self.rows[key]
+        self.count += 1
+        self.passes[self.count] = (out, keys)
+        self.values += size
+        for j, key in enumerate(keys):
+            self.rows[key] = (self.count, j)
 
 
 def _derivatives(terms):

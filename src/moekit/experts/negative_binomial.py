@@ -18,7 +18,9 @@ and one guarded Newton step on log phi_k from the first and second derivatives o
 Q's dispersion part (sums of digamma and trigamma terms), at most a factor e^2 and
 inside [``DISPERSION_MIN``, ``DISPERSION_MAX``]. The EM loop checks the likelihood
 after the step and shortens it where it would fall. At ``DISPERSION_MIN`` an
-expert is a Poisson to within about y^2 phi / 2 nats per row.
+expert is a Poisson to within about y^2 phi / 2 nats per row. Censored and truncated
+counts (:mod:`moekit.experts.censored_glm`) take the probabilities of intervals of
+counts from ``interval_terms``, regularised incomplete beta functions.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from moekit._core.batch import (
 )
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
+from moekit._core.incbeta import log_beta_inc
+from moekit._core.incgamma import log_difference
 from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
@@ -349,6 +353,60 @@ class NegativeBinomialExperts(RidgeGLM):
     def local_parameters(self, values: dict, scaling: Scaling, fixed: dict):
         """The log mean's coefficients on the standardised design, then the dispersion."""
         return coef_of_report(values, scaling).unsqueeze(1), values["dispersion"].unsqueeze(1)
+
+    # ------------------------------------------------------------ censored counts
+    #: the parameter a censored fit maximises in one dimension, in its log
+    shape_field = "dispersion"
+    shape_bounds = (DISPERSION_MIN, DISPERSION_MAX)
+    #: what y and y_upper of a censored fit hold: whole counts, both ends included
+    interval_support = "counts"
+
+    def interval_terms(self, params: NegativeBinomialParams, eta: torch.Tensor, lo: torch.Tensor,
+                       hi: torch.Tensor, differentiable: bool = False):  # fmt: skip
+        """log Pr(lo <= Y <= hi) of the counts in [lo, hi] (hi may be inf), (K, c), and
+        the pieces of its derivatives in eta (:mod:`moekit.experts.censored_glm`):
+        (log m, log k_lo, log k_hi, c_lo, c_hi).
+
+        With p = 1 / (1 + phi mu), theta = 1 / phi and q = 1 - p, Pr(Y <= k) =
+        I_p(theta, k + 1) and Pr(Y >= j) = I_q(j, theta) (:mod:`moekit._core.incbeta`),
+        so the mass is I_p(theta, hi + 1) - I_p(theta, lo) = I_q(lo, theta) -
+        I_q(hi + 1, theta), read on the side whose terms are tail probabilities
+        (``log_difference``). With dp/d eta = -p q, its derivative in eta is
+        k_lo - k_hi at j = lo and j = hi + 1,
+
+        .. math::  k_j = \\frac{p^\\theta q^j}{B(\\theta, j)} = j \\Pr(Y = j), \\qquad
+                   \\frac{d \\log k_j}{d \\eta} = c_j = p (j - \\mu),
+
+        the front factors of the incomplete beta functions (in the limit phi -> 0, the
+        Poisson's lambda pmf(j - 1) = j pmf(j)).
+        """
+        lo, hi = torch.ceil(lo), torch.floor(hi)  # the counts inside the ends
+        phi = params.dispersion.unsqueeze(1)  # (K, 1)
+        c = eta.shape[1]
+        x = phi * torch.exp(eta)  # phi mu
+        # q = 1 - p to all its digits where p is near 1 (and 1, not NaN, at mu = inf)
+        p, q = 1.0 / (1.0 + x), torch.where(x > 1.0, 1.0 / (1.0 + 1.0 / x), x / (1.0 + x))
+        # both ends in one call, (K, 2c)
+        ends = torch.cat([lo, hi + 1.0]).expand(eta.shape[0], -1)
+        down, up, front = log_beta_inc((1.0 / phi).expand_as(ends), ends, p.repeat(1, 2),
+                                       q.repeat(1, 2), differentiable, front=True)  # fmt: skip
+        log_mass = log_difference(up[:, :c], up[:, c:], down[:, c:], down[:, :c])
+        ninf = torch.full_like(log_mass, -math.inf)
+        finite = torch.isfinite(hi)
+        k_lo = torch.where(lo > 0, front[:, :c], ninf)
+        k_hi = torch.where(finite, front[:, c:], ninf)
+        hi_s = torch.where(finite, hi, torch.zeros_like(hi))  # no inf * 0
+        mu = torch.exp(eta)
+        return log_mass, k_lo, k_hi, p * (lo - mu), p * (hi_s + 1.0 - mu)
+
+    def exact_derivatives(self, params: NegativeBinomialParams, eta: torch.Tensor,
+                          y: torch.Tensor):  # fmt: skip
+        """d log p / d eta = (y - mu) / (1 + phi mu) and
+        d^2 / d eta^2 = -mu (1 + phi y) / (1 + phi mu)^2 of observed counts."""
+        phi = params.dispersion.unsqueeze(1)
+        mu = torch.exp(eta)
+        denom = 1.0 + phi * mu
+        return (y - mu) / denom, -mu * (1.0 + phi * y) / denom**2
 
     # ------------------------------------------------------------ prediction
     def moments(
