@@ -12,7 +12,7 @@ from sklearn.linear_model import GammaRegressor
 
 from moekit import MoERegressor
 from moekit._core.data import EMData
-from moekit.experts.gamma import GammaExperts, gamma_shape_mle
+from moekit.experts.gamma import GammaExperts, gamma_shape_mle, start_log_mean
 
 COEF = np.array([[-0.5, -1.0], [1.0, 0.5]])  # log mean: [intercept, slope] per expert
 SHAPE = np.array([3.0, 6.0])
@@ -119,6 +119,18 @@ def test_gamma_shape_of_each_expert_is_independent_of_the_others():
     together = gamma_shape_mle(c)
     alone = torch.cat([gamma_shape_mle(c[i : i + 1]) for i in range(len(c))])
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
+
+
+def test_the_first_step_starts_at_the_mean_of_the_model_without_features():
+    """With an offset o the start is log(mean(y e^-o)), where the intercept-only score
+    sum_i (y_i e^(-b - o_i) - 1) is zero; without one, log(mean y) as before."""
+    gen = torch.Generator().manual_seed(5)
+    off = 3.0 + torch.randn(200, generator=gen, dtype=torch.float64)
+    y = torch.exp(off - 1.0) * (0.2 + torch.rand(200, generator=gen, dtype=torch.float64))
+    XT = torch.ones((1, 200), dtype=torch.float64)
+    b = start_log_mean(EMData(XT, XT, y.reshape(1, -1), offset=off))
+    assert float((y * torch.exp(-b - off) - 1.0).sum()) == pytest.approx(0.0, abs=1e-10)
+    assert start_log_mean(EMData(XT, XT, y.reshape(1, -1))) == float(torch.log(y.mean()))
 
 
 def test_gamma_m_step_never_lowers_its_objective():

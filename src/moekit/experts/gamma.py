@@ -113,6 +113,16 @@ def gamma_shape_mle(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     return torch.exp(x)
 
 
+def start_log_mean(data: EMData) -> float:
+    """The intercept of every expert's first step: the log mean of the model without
+    features, log(mean y); with an offset o, log(mean(y e^{-o})), the maximum of that
+    model's likelihood (its score sum_i (y_i e^{-b - o_i} - 1) is zero there) rather
+    than a start that takes o for 0."""
+    if data.offset is None:
+        return math.log(float(data.y.mean()))
+    return float(torch.logsumexp(torch.log(data.y[0]) - data.offset, 0)) - math.log(data.n)
+
+
 def gamma_logpdf(eta, log_y, y, shape):
     """log p of Gamma(shape, mean e^eta) at y (log y given), broadcast, out of place."""
     return (shape * torch.log(shape) - torch.lgamma(shape) + (shape - 1.0) * log_y
@@ -153,7 +163,7 @@ class GammaExperts(RidgeGLM):
         data.cache["log_y"] = torch.log(data.y[0])
 
     def init_params(self, data: EMData) -> GammaParams:
-        coef = self.start_coef(data.XeT, math.log(float(data.y.mean())))
+        coef = self.start_coef(data.XeT, start_log_mean(data))
         return GammaParams(coef, data.XeT.new_ones(self.n_experts))
 
     def log_prob(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
