@@ -33,6 +33,7 @@ from moekit.experts._glm import (
     chunk_eta_many,
     linear_predictor,
     psd_step,
+    ridged,
     row_sums_many,
 )  # fmt: skip
 
@@ -119,12 +120,7 @@ class PoissonExperts(RidgeGLM):
 
     def _coef_step(self, coef, grad, H, even: bool = False) -> torch.Tensor:
         """The ridge-penalised Newton step of every expert (``even``: see :func:`psd_step`)."""
-        p = grad.shape[1]
-        pen = grad.new_ones(p)
-        pen[-1] = 0.0
-        H = H + self.alpha * torch.diag(pen)
-        g = grad - self.alpha * coef * pen
-        return psd_step(H, g, even)
+        return psd_step(*ridged(coef, grad, H, self.alpha), even)
 
     # ------------------------------------------------------------ many starts at once
     # S starts stacked on a leading axis (moekit._core.batch): coef (S, K, p)
