@@ -100,7 +100,7 @@ def gamma_shape_mle(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
         f = x - torch.digamma(a) - c
         df = 1.0 - a * torch.polygamma(1, a)
         new = (x - f.div_(df.clamp_(max=-1e-300))).clamp_(lo, hi)
-        if step + 1 < min(PLAIN_STEPS, iterations):
+        if step < PLAIN_STEPS:
             x = new
             continue
         if going is None:
