@@ -123,3 +123,21 @@ def test_a_richer_covariance_from_a_nested_fit_never_fits_worse(nested, richer):
     # the embedding starts at the nested fit's likelihood and EM only climbs from it
     assert big_history[0] == pytest.approx(small_history[-1], abs=1e-9)
     assert big_history[-1] >= small_history[-1] - 1e-12
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "spherical"])
+def test_the_batched_statistics_take_the_output_products_made_once(ct):
+    """The products y_a y_b are made on the first pass and kept with the data; the
+    statistics are those of products made afresh (the single-start pass's)."""
+    data, resp = _data()
+    family = COVARIANCE_EXPERTS[ct](K, Q, 1e-6)
+    params = _m_step(family, data, resp)
+    stacked = CovGaussianParams(params.coef.unsqueeze(0), params.cov.unsqueeze(0))
+    first = family.chunk_stats_many(stacked, next(data.chunks()), resp.unsqueeze(0))
+    kept = [v for k, v in data.cache.items() if isinstance(k, tuple) and k[0] == "output_pairs"]
+    assert len(kept) == 1
+    again = family.chunk_stats_many(stacked, next(data.chunks()), resp.unsqueeze(0))
+    assert next(v for k, v in data.cache.items() if isinstance(k, tuple)) is kept[0]
+    torch.testing.assert_close(again[1], first[1], rtol=0, atol=0)
+    single = family.chunk_stats(params, next(data.chunks()), resp)[1]  # (f, K)
+    torch.testing.assert_close(first[1][0], single)

@@ -12,7 +12,7 @@ from sklearn.linear_model import PoissonRegressor
 
 from moekit import MoERegressor
 from moekit._core.data import EMData
-from moekit.experts.poisson import PoissonExperts
+from moekit.experts.poisson import PoissonExperts, start_log_rate
 
 POISSON = np.array([[0.0, -1.0], [1.5, 0.5]])  # log rate: [intercept, slope] per expert
 
@@ -27,6 +27,36 @@ def test_poisson_experts_recover_known_experts():
     fitted = MoERegressor(2, expert="poisson", n_init=3, random_state=0).fit(X, y)
     z = checks.z_scores(fitted, POISSON, {})
     assert max(abs(v) for v in z.values()) < 3.0, z
+
+
+def test_the_first_step_starts_at_the_rate_of_the_model_without_features():
+    """With an offset o the start is log(sum y / sum e^o), where the intercept-only
+    model's score sum_i (y_i - e^(b + o_i)) is zero; without one, log(mean y) as before."""
+    rng = np.random.default_rng(3)
+    off = torch.as_tensor(rng.normal(4.0, 1.5, size=200))
+    y = torch.as_tensor(rng.poisson(np.exp(off.numpy() - 3.0)), dtype=torch.float64)
+    XT = torch.ones((1, 200), dtype=torch.float64)
+    b = start_log_rate(EMData(XT, XT, y.reshape(1, -1), offset=off))
+    assert float((y - torch.exp(b + off)).sum()) == pytest.approx(0.0, abs=1e-9 * float(y.sum()))
+    assert b == pytest.approx(float(torch.log(y.sum() / torch.exp(off).sum())), rel=1e-13)
+    assert start_log_rate(EMData(XT, XT, y.reshape(1, -1))) == float(torch.log(y.mean()))
+
+
+def test_an_offset_start_needs_fewer_iterations():
+    """The offset's start saves the steps from log(mean y): a K = 1 fit with a large log
+    exposure converges in a few iterations to the same fit as from far away."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(300, 2))
+    off = rng.normal(6.0, 1.0, size=300)
+    y = rng.poisson(np.exp(off - 4.0 + X @ [0.3, -0.2])).astype(float)
+    fit = MoERegressor(1, expert="poisson", n_init=1, tol=1e-10).fit(X, y, offset=off)
+    assert fit.n_iter_ <= 5, fit.n_iter_
+    ref = PoissonRegressor(alpha=0.0, tol=1e-12, max_iter=10_000)
+    ref.fit(X, y / np.exp(off), sample_weight=np.exp(off))  # a rate model per exposure
+    mu = ref.predict(X) * np.exp(off)
+    assert len(y) * fit.log_likelihood(X, y, offset=off) == pytest.approx(
+        np.sum(y * np.log(mu) - mu - gammaln(y + 1)), abs=1e-6
+    )
 
 
 def test_one_poisson_expert_equals_scikit_learns_poisson_regression():

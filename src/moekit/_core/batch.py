@@ -8,7 +8,8 @@ rounding) from S. MKL's results also depend on where in memory an operand starts
 and, for products with one column, on the batch itself; so the products with the
 rows of a chunk (:func:`times_design`, :func:`design_sums`, :func:`batched_grams`)
 continue each start's rows with zeros to a multiple of
-:data:`ALIGN` values, and a product with one column is a sum of
+:data:`~moekit._core.alignment.ALIGN` values (the designs' copies made once per
+fit), and a product with one column is a sum of
 elementwise products. A start's numbers then do not depend on which starts share
 its batch, for every shape (a sweep of K, p and odd and even row counts is in the
 tests).
@@ -21,12 +22,8 @@ from typing import Any
 
 import torch
 
+from moekit._core.alignment import ALIGN, aligned_rows
 from moekit._core.data import Chunk, packed
-
-ALIGN = 8
-"""Float64 values in 64 bytes: each start's rows are continued with zeros to a
-multiple of this many values, so that every start's operand sits at the same
-alignment in a batch as alone."""
 
 
 def stack_params(items: list) -> Any:
@@ -57,13 +54,6 @@ def unstack_params(stacked: Any) -> list:
     names = [f.name for f in fields(stacked)]
     S = getattr(stacked, names[0]).shape[0]
     return [type(stacked)(**{n: getattr(stacked, n)[s].clone() for n in names}) for s in range(S)]
-
-
-def aligned_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its last axis (the rows of a chunk) continued with zeros to a
-    multiple of :data:`ALIGN` values."""
-    extra = -t.shape[-1] % ALIGN
-    return t if extra == 0 else torch.nn.functional.pad(t, (0, extra))
 
 
 def times_design(coef: torch.Tensor, xt: torch.Tensor, base: torch.Tensor | None = None,

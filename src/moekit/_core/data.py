@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from moekit._core.alignment import register_design
 from moekit._core.distributed import DataGroup
 from moekit._core.linalg import unpack_triu
 
@@ -136,6 +137,9 @@ class EMData:
     _work: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: per buffer of products: the rows (start, stop) it holds, and how many are filled
     _filled: dict[str, tuple[int, int, int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        register_design(self.XeT, self.XgT)  # read-only: padded once (see alignment)
 
     def workspace(self, name: str, rows: int, cols: int) -> torch.Tensor:
         """A scratch buffer (rows, cols) reused by every chunk of every pass."""

@@ -27,16 +27,16 @@ _LN2 = math.log(2.0)
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(-x)) for x >= 0, accurate near 0 and for large x (Maechler 2012)."""
     small = x < _LN2
-    xs = torch.where(small, x, torch.ones_like(x))  # each branch sees values it handles
-    xl = torch.where(small, torch.ones_like(x), x)
+    xs = torch.where(small, x, 1.0)  # each branch sees values it handles
+    xl = torch.where(small, 1.0, x)
     return torch.where(small, torch.log(-torch.expm1(-xs)), torch.log1p(-torch.exp(-xl)))
 
 
 def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
     """log Phi(x), with -inf at -inf and 0 at +inf and zero gradients at either."""
     finite = torch.isfinite(x)
-    inner = torch.special.log_ndtr(torch.where(finite, x, torch.zeros_like(x)))
-    ends = torch.where(x > 0, torch.zeros_like(x), torch.full_like(x, -math.inf))
+    inner = torch.special.log_ndtr(torch.where(finite, x, 0.0))
+    ends = torch.where(x > 0, 0.0, -math.inf)  # exact in any float type
     return torch.where(finite, inner, ends)
 
 
@@ -63,15 +63,15 @@ def log_normal_interval(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     hi = torch.where(mirror, -a, b)
     log_hi, log_lo = _log_ndtr(hi), _log_ndtr(lo)
     # hi > lo, so the gap is positive; where lo = -inf it is +inf and log1mexp gives 0
-    gap = torch.where(torch.isfinite(log_lo), log_hi - log_lo, torch.full_like(a, math.inf))
+    gap = torch.where(torch.isfinite(log_lo), log_hi - log_lo, math.inf)
     return log_hi + log1mexp(gap)
 
 
 def log_normal_pdf(z: torch.Tensor) -> torch.Tensor:
     """log phi(z) of the standard normal; -inf at infinite z (gradient zero there)."""
     finite = torch.isfinite(z)
-    zs = torch.where(finite, z, torch.zeros_like(z))
-    return torch.where(finite, -0.5 * zs * zs - LOG_SQRT_2PI, torch.full_like(z, -math.inf))
+    zs = torch.where(finite, z, 0.0)
+    return torch.where(finite, -0.5 * zs * zs - LOG_SQRT_2PI, -math.inf)
 
 
 def normal_interval_moments(
@@ -102,6 +102,6 @@ def normal_interval_moments(
     log_p = log_normal_interval(a, b) if log_mass is None else log_mass
     ra = torch.exp(log_normal_pdf(a) - log_p)  # phi(a) / P; 0 where a is infinite
     rb = torch.exp(log_normal_pdf(b) - log_p)
-    a0 = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    b0 = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+    a0 = torch.where(torch.isfinite(a), a, 0.0)
+    b0 = torch.where(torch.isfinite(b), b, 0.0)
     return ra - rb, 1.0 + a0 * ra - b0 * rb

@@ -21,6 +21,8 @@ own start, so that a start's numbers do not depend on its batch mates.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -100,14 +102,25 @@ def newton_step_many(
 
 
 def _ridge_newton(coef, grad, H, alpha: float, even: bool) -> torch.Tensor:
-    p = coef.shape[1]
-    pen = coef.new_ones(p)
-    pen[-1] = 0.0
-    H = H + alpha * torch.diag(pen)
-    g = grad - alpha * coef * pen
-    step = psd_step(H, g, even)
+    step = psd_step(*ridged(coef, grad, H, alpha), even)
     longest = step.abs().amax(1, keepdim=True)
     return step * (MAX_ETA_STEP / longest.clamp(min=MAX_ETA_STEP))
+
+
+def ridged(coef: torch.Tensor, grad: torch.Tensor, H: torch.Tensor,
+           alpha: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The ridge's information and gradient added: H + alpha D and g - alpha D b,
+    D the identity on the slopes (not the intercept, the last coefficient)."""
+    pen, ridge = _ridge(coef.shape[1], alpha, coef.dtype, coef.device)
+    return H + ridge, grad - alpha * coef * pen
+
+
+@functools.lru_cache(maxsize=64)
+def _ridge(p: int, alpha: float, dtype: torch.dtype, device: torch.device):
+    """D's diagonal (p,) and alpha D (p, p), made once per width (read, never written)."""
+    pen = torch.ones(p, dtype=dtype, device=device)
+    pen[-1] = 0.0
+    return pen, alpha * torch.diag(pen)
 
 
 def psd_step(H: torch.Tensor, g: torch.Tensor, even: bool = False) -> torch.Tensor:

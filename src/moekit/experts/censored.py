@@ -172,8 +172,10 @@ class CensoredExperts:
         if cached is None:
             rows = self._rows(chunk.y)
             return rows, _known(rows)
-        part = slice(chunk.start, chunk.stop)
         rows, (exact, finite, windowed) = cached
+        if (chunk.start, chunk.stop) == (0, chunk.data.n):  # all the rows: no views to take
+            return cached
+        part = slice(chunk.start, chunk.stop)
         finite = tuple(f[part] for f in finite)
         if windowed and (chunk.start, chunk.stop) != (0, chunk.data.n):
             windowed = bool(finite[2].any() or finite[3].any())  # this chunk's own window
@@ -211,7 +213,7 @@ class CensoredExperts:
             coef = torch.where(keep[:, None], coef, old_coef)
             var = torch.where(keep, var, old_var)
         else:
-            var = torch.where(keep, var, torch.ones_like(var))
+            var = torch.where(keep, var, 1.0)
         return self.base.with_latent_normal(coef.contiguous(), var)
 
     def residuals(self, params, chunk: Chunk) -> torch.Tensor:
@@ -244,7 +246,7 @@ def _standard(bound: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor,
     """(bound - mu) / sd, (K, c); an infinite bound stays infinite with zero gradients
     (not inf - mu, whose gradient in sd is infinite). ``finite``: isfinite(bound)."""
     finite = torch.isfinite(bound) if finite is None else finite
-    z = (torch.where(finite, bound, torch.zeros_like(bound)) - mu) / sd
+    z = (torch.where(finite, bound, 0.0) - mu) / sd
     return torch.where(finite, z, bound.expand_as(z))
 
 
@@ -269,8 +271,8 @@ def _expected_stats(mu, var, point, parts):
     q = -torch.expm1(log_p)  # mass outside the window
     lost = (q / p).clamp(max=MAX_LOST)  # (1 - P) / P draws lost per row kept
     pa, pb = torch.exp(log_normal_pdf(ta)), torch.exp(log_normal_pdf(tb))
-    ta0 = torch.where(torch.isfinite(ta), ta, torch.zeros_like(ta))
-    tb0 = torch.where(torch.isfinite(tb), tb, torch.zeros_like(tb))
+    ta0 = torch.where(torch.isfinite(ta), ta, 0.0)
+    tb0 = torch.where(torch.isfinite(tb), tb, 0.0)
     out1 = -(pa - pb)  # integral of z phi(z) outside the window
     out2 = q - (ta0 * pa - tb0 * pb)  # integral of z^2 phi(z) outside: 1 - (P + ta pa - tb pb)
     per = lost / q.clamp(min=1e-300)  # lost draws per unit of outside mass

@@ -183,11 +183,13 @@ class GaussianExperts:
         coef, var = weighted_least_squares(gram, xty, yty, nk, self.var_floor, even)
         # an expert with no weight at all is not determined by the data: keep it as it was
         empty = empty_experts(nk, self.n_experts)
-        if params is not None and bool(empty.any()):
+        if not bool(empty.any()):
+            pass
+        elif params is not None:
             coef = torch.where(empty[:, None, None], params.coef, coef)
             var = torch.where(empty[:, None], params.var, var)
-        elif bool(empty.any()):
-            var = torch.where(empty[:, None], torch.ones_like(var), var)
+        else:
+            var = torch.where(empty[:, None], 1.0, var)
         return GaussianParams(coef.contiguous(), var)
 
     # ------------------------------------------------------------ many starts at once

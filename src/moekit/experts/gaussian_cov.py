@@ -144,6 +144,18 @@ COVARIANCE_ESTIMATORS_MANY = {
 }
 
 
+def _aligned_pairs(chunk: Chunk, q: int) -> torch.Tensor:
+    """The products y_a y_b (a <= b) of the chunk's rows, continued with zeros to the
+    alignment, (q (q + 1) / 2, c'): they depend on the data alone, so they are made
+    once per fit and chunk, not in every pass."""
+    key = ("output_pairs", chunk.start, chunk.stop)
+    pairs = chunk.data.cache.get(key)
+    if pairs is None:
+        rows, cols = triu_pairs(q, device=chunk.y.device)
+        pairs = chunk.data.cache[key] = aligned_rows(chunk.y[rows] * chunk.y[cols])
+    return pairs
+
+
 def excess_cholesky(cov: torch.Tensor, floor: float) -> torch.Tensor:
     """L with cov = floor I + L L^T: the free form of a covariance above its floor.
 
@@ -245,10 +257,8 @@ class CovarianceGaussianExperts(GaussianExperts):
 
     def chunk_stats_many(self, params, chunk: Chunk, resp: torch.Tensor):
         """:meth:`chunk_stats` of S stacked starts (resp (S, K, c)), each stacked."""
-        rows, cols = triu_pairs(self.n_outputs, device=chunk.y.device)
-        pairs = chunk.y[rows] * chunk.y[cols]  # (f, c)
         resp_rows = aligned_rows(resp)  # each start's rows alike (see moekit._core.batch)
-        pairs = aligned_rows(pairs).expand(resp.shape[0], -1, -1)
+        pairs = _aligned_pairs(chunk, self.n_outputs).expand(resp.shape[0], -1, -1)
         yy = torch.bmm(pairs, resp_rows.transpose(1, 2))  # (S, f, K)
         return batched_grams(chunk, resp, "e", with_target=True), yy
 

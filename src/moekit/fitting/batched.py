@@ -27,7 +27,7 @@ import torch
 from moekit._core.batch import stack_params, unstack_params
 from moekit._core.data import EMData
 from moekit.fitting.lockstep import E_PASS
-from moekit.fitting.model import EMModel, Params, PassResult
+from moekit.fitting.model import EMModel, Params, PassResult, posterior
 
 
 def _declares(family) -> bool:
@@ -81,26 +81,20 @@ def _add(acc, new):
 
 def e_pass_many(model: EMModel, params: list[Params], data: EMData) -> list[PassResult]:
     """:meth:`EMModel.e_pass` (with statistics) at each of S parameters, in one pass."""
-    S, K = len(params), model.n_experts
+    S = len(params)
     expert, gate = model.expert, model.gate
     ep = stack_params([p.expert for p in params])
     gp = stack_params([p.gate for p in params])
-    total = data.XeT.new_zeros(S)
-    nk = data.XeT.new_zeros((S, K))
-    es = gs = None
+    total = nk = es = gs = None
     for chunk in data.chunks(model.chunk_size):
         joint = expert.log_prob_many(ep, chunk)  # (S, K, c)
         joint.add_(gate.log_prob_many(gp, chunk))
-        top = joint.amax(1, keepdim=True)
-        resp = joint.sub_(top).exp_()  # unnormalised, in place
-        s = resp.sum(1, keepdim=True)
-        resp.div_(s)
-        row_ll = torch.log(s).add_(top)  # (S, 1, c)
+        resp, row_ll = posterior(joint, 1)  # (S, K, c), (S, 1, c)
         if chunk.weight is not None:
             row_ll.mul_(chunk.weight)
             resp.mul_(chunk.weight)
-        total += row_ll.sum((1, 2))
-        nk += resp.sum(2)
+        total = _add(total, row_ll.sum((1, 2)))  # (S,)
+        nk = _add(nk, resp.sum(2))  # (S, K)
         es = _add(es, expert.chunk_stats_many(ep, chunk, resp))
         gs = _add(gs, gate.chunk_stats_many(gp, chunk, resp))
     n = data.w_total

@@ -96,6 +96,25 @@ def _add(acc, new):
     return acc + new
 
 
+def posterior(joint: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Responsibilities and row log-likelihoods from log g_k(x) + log p_k(y | x).
+
+    One log-sum-exp pass over the experts' axis ``dim`` (``joint`` is used up):
+    r_k = exp(j_k - m) / s and log p(y | x) = log s + m, with m = max_k j_k and
+    s = sum_k exp(j_k - m). With one expert that is r = exp(j - j) = 1 and
+    log p = j + (j - j), which three operations give, the same floats (NaN where
+    j is not finite, as the general pass gives).
+    """
+    if joint.shape[dim] == 1:
+        d = joint - joint
+        return torch.exp(d), joint.add_(d)
+    top = joint.amax(dim, keepdim=True)
+    resp = joint.sub_(top).exp_()  # unnormalised, in place
+    s = resp.sum(dim, keepdim=True)
+    resp.div_(s)
+    return resp, torch.log(s).add_(top)
+
+
 def resized_family(family, n_experts: int):
     """``family`` with ``n_experts`` experts (see :meth:`EMModel.resized`)."""
     resized = getattr(family, "resized", None)
@@ -208,13 +227,9 @@ class EMModel:
                 balance += (log_gate.sum() if chunk.weight is None
                             else (log_gate.sum(0) * chunk.weight).sum())  # fmt: skip
             joint.add_(log_gate)
-            top = joint.amax(0, keepdim=True)
-            resp = joint.sub_(top).exp_()  # unnormalised, in place
-            s = resp.sum(0, keepdim=True)
-            resp.div_(s)
+            resp, row_ll = posterior(joint, 0)  # (K, c), (1, c)
             if keep:  # the posterior probabilities, before any row weight
                 resp_all[:, chunk.start : chunk.stop] = resp
-            row_ll = torch.log(s).add_(top)  # (1, c)
             if chunk.weight is not None:
                 # frequency weights: row i counts w_i times in every sum of the pass
                 row_ll.mul_(chunk.weight)
