@@ -184,7 +184,7 @@ def test_a_simpler_model_reached_by_two_routes_is_fitted_once(monkeypatch):
     run_em = em.run_em
 
     def spy(model, data, **kw):
-        key = (em._family_key(model.expert), em._family_key(model.gate), kw["n_init"], id(data))
+        key = (em.family_key(model.expert), em.family_key(model.gate), kw["n_init"], id(data))
         fitted.append(key)
         return run_em(model, data, **kw)
 

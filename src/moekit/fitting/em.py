@@ -61,7 +61,7 @@ from moekit.fitting import batched, lockstep
 from moekit.fitting.model import EMModel, FitResult, Params, PassResult
 from moekit.fitting.progress import Progress
 from moekit.fitting.rows import start_rows, start_rows_distributed
-from moekit.fitting.starts import StartMaker, strategy_sequence
+from moekit.fitting.starts import StartMaker, family_key, strategy_sequence
 
 __all__ = ["EMModel", "FitResult", "Params", "PassResult", "run_em"]
 
@@ -140,12 +140,6 @@ def _distinct(values: list[float], gap: float) -> int:
             groups += 1
         last = v
     return groups
-
-
-def _family_key(family) -> tuple:
-    """A family's kind and public settings (n_experts among them), to recognise it."""
-    settings = sorted((k, repr(v)) for k, v in vars(family).items() if not k.startswith("_"))
-    return (type(family).__qualname__, tuple(settings))
 
 
 def run_em(
@@ -241,7 +235,7 @@ def run_em(
         # take it the rest of the way.
         # Different routes reach the same simpler model (K = 3 softmax contains K = 2
         # constant through K = 2 softmax and through K = 3 constant): it is fitted once
-        key = (_family_key(small.expert), _family_key(small.gate), n, id(d))
+        key = (family_key(small.expert), family_key(small.gate), n, id(d))
         if key not in nested_fits:
             budget = max(min(max_iter, round(NESTED_SHARE * init_max_iter)), 1)
             # the entry holds d itself: while it is cached, no other rows' data can be
@@ -257,7 +251,7 @@ def run_em(
     with em_threads(sub):
         # 1. short runs of every start, in lockstep (the starts made first, in order,
         # so that they draw from the generator as they would one by one)
-        maker = StartMaker(model, sub, generator, fit_nested, n_init)
+        maker = StartMaker(model, sub, generator, fit_nested, n_init, shared=nested_fits)
         first_iter = min(init_max_iter, max_iter)
         short_gap = max(1e-4, 10 * tol)
         made = [maker.make(strategy) for strategy in strategy_sequence(init, n_init)]

@@ -63,6 +63,12 @@ POOLED_ITER = 20
 """EM iterations of the one-expert fit whose residuals a ``residuals`` start clusters."""
 
 
+def family_key(family) -> tuple:
+    """A family's kind and public settings (n_experts among them), to recognise it."""
+    settings = sorted((k, repr(v)) for k, v in vars(family).items() if not k.startswith("_"))
+    return (type(family).__qualname__, tuple(settings))
+
+
 def strategy_sequence(init: str, n_init: int) -> list[str]:
     """The strategy of each of ``n_init`` starts."""
     if init == "auto":
@@ -201,6 +207,12 @@ class StartMaker:
         Starts of the fit; the simpler models get half as many.
     kmeans_target : Tensor or None
         What k-means clusters on besides the features (see ``kmeans_resp``).
+    shared : dict or None
+        Work shared by the starts of one fit and of the simpler models it fits on the
+        same rows: the pooled one-expert fit of the ``residuals`` starts. With one
+        expert, a gate that is then the constant 1 (``constant_with_one_expert``)
+        leaves that fit the same computation whatever the gate, so the constant and
+        the softmax gate's models share it.
     """
 
     model: EMModel
@@ -211,6 +223,7 @@ class StartMaker:
     kmeans_target: torch.Tensor | None = None
     _nested: list = field(default_factory=list)  # per option: list of ready starts
     _nested_calls: int = 0
+    shared: dict | None = None
     _pooled_resid: torch.Tensor | None = None
 
     def make(self, strategy: str) -> tuple[str, Params]:
@@ -259,17 +272,31 @@ class StartMaker:
         return which, starts[rank]
 
     def _residuals(self) -> torch.Tensor:
-        """Residuals (r, n) of one expert fitted to all rows (cached)."""
+        """Residuals (r, n) of one expert fitted to all rows (cached, and shared with
+        the other starts of the fit on these rows through ``shared``)."""
         if self._pooled_resid is None:
             pooled = self.model.resized(1)
-            pooled.prepare(self.data)
-            ones = self.data.XeT.new_ones((1, self.data.n))
-            params = pooled.init_from_resp(self.data, ones)
-            params = pooled.iterate(params, self.data, POOLED_ITER, 1e-8)[0]
-            self._pooled_resid = torch.cat(
-                [pooled.expert.residuals(params.expert, c) for c in self.data.chunks()], -1
-            )[0]
-            self.model.prepare(self.data)
+            # the same computation: the same expert family on the same rows, under the
+            # same gate or any two that are constant with one expert, with the same
+            # safeguard (a step that lowered the objective is checked, or is not)
+            key = ("pooled", family_key(pooled.expert), id(self.data),
+                   pooled.expert.monotone and pooled._gate_monotone)  # fmt: skip
+            if not getattr(pooled.gate, "constant_with_one_expert", False):
+                key += (family_key(pooled.gate),)
+            shared = {} if self.shared is None else self.shared
+            if key not in shared:
+                pooled.prepare(self.data)
+                ones = self.data.XeT.new_ones((1, self.data.n))
+                params = pooled.init_from_resp(self.data, ones)
+                params = pooled.iterate(params, self.data, POOLED_ITER, 1e-8)[0]
+                resid = torch.cat(
+                    [pooled.expert.residuals(params.expert, c) for c in self.data.chunks()], -1
+                )[0]
+                self.model.prepare(self.data)
+                # the entry holds the rows too: while it is kept, no other rows can be
+                # allocated at their address and take their id (and so this fit)
+                shared[key] = self.data, resid
+            self._pooled_resid = shared[key][1]
         return self._pooled_resid
 
     def _stochastic(self, sample: bool) -> Params:

@@ -58,6 +58,9 @@ class ConstantGate:
 
     report_name = "constant"
     monotone = True
+    # with one expert the weight is 1 and the log-prior 0: a one-expert fit is the
+    # expert's fit alone (fitting.starts shares it between gates saying so)
+    constant_with_one_expert = True
     needs_resp = False
     params_type = ConstantGateParams
 

@@ -124,6 +124,10 @@ class SoftmaxGate:
     supports_balance = True  # its statistics are linear in the soft targets (EMModel)
 
     report_name = "softmax"
+    # with one expert its one row of coefficients stays at 0 (the M-step leaves it),
+    # so the weight is 1 and the log-prior 0: a one-expert fit is the expert's fit
+    # alone, as under the constant gate (fitting.starts shares it between them)
+    constant_with_one_expert = True
     needs_resp = False
     params_type = SoftmaxGateParams
 
