@@ -59,6 +59,7 @@ from moekit.experts._glm import (
     newton_step,
     report_coef,
 )  # fmt: skip
+from moekit.experts.poisson import start_log_rate
 
 DISPERSION_MIN, DISPERSION_MAX = 1e-8, 1e4
 
@@ -184,7 +185,8 @@ class NegativeBinomialExperts(RidgeGLM):
         data.cache["nb_top"] = top
 
     def init_params(self, data: EMData) -> NegativeBinomialParams:
-        coef = self.start_coef(data.XeT, math.log(max(float(data.y.mean()), 1e-3)))
+        # the Poisson limit's intercept-only maximum, with the offset in it
+        coef = self.start_coef(data.XeT, start_log_rate(data))
         return NegativeBinomialParams(coef, data.XeT.new_full((self.n_experts,), 0.1))
 
     def log_prob(self, params: NegativeBinomialParams, chunk: Chunk) -> torch.Tensor:
