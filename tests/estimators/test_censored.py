@@ -204,14 +204,15 @@ def test_bad_bounds_are_one_line_errors(kwargs, match):
 
 
 def test_families_without_interval_probabilities_refuse_y_upper():
-    # Gamma, Poisson and negative binomial experts take censored rows too
-    # (tests/estimators/test_censored_glm.py, test_censored_nb.py)
+    # Gamma, Poisson, negative binomial and binomial experts take censored rows too
+    # (tests/estimators/test_censored_glm.py, test_censored_nb.py,
+    # test_censored_binomial.py); a list of families does not
     X, y, upper, _ = _two_lines(50)
     with pytest.raises(ValueError, match="y_upper"):
         MoERegressor(1, expert="student_t").fit(X, y, y_upper=upper)
     counts = np.round(np.exp(y))
     with pytest.raises(ValueError, match="y_upper"):
-        MoERegressor(1, expert="binomial").fit(X, np.c_[counts, counts], y_upper=counts + 1)
+        MoERegressor(2, expert=["zero", "poisson"]).fit(X, counts, y_upper=counts + 1)
 
 
 def test_left_and_interval_censoring():

@@ -121,6 +121,32 @@ def support_bounds(family, bounds: np.ndarray, y, y_upper) -> np.ndarray:
     return out
 
 
+def pack_target(family, y, y_upper=None, truncation=None) -> np.ndarray:
+    """The checked bounds of ``family``'s target (:func:`pack_bounds` and
+    :func:`support_bounds`), (n, m + 4): the point's m columns, then l, u, t, v.
+
+    A binomial target (s, f) is bounded in its successes: y's first column is the
+    lower end, ``y_upper`` (<= the row's trials t = s + f; inf: S >= s) the upper
+    one, and the point's columns are (s', t - s') of a count s' inside the interval.
+    """
+    if getattr(family, "target_columns", 1) == 1:
+        return support_bounds(family, pack_bounds(y, y_upper, truncation), y, y_upper)
+    y2 = family.check_target(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
+    s, trials = y2[:, 0], y2.sum(1)
+    upper = None
+    if y_upper is not None:
+        upper = _per_row(y_upper, len(s), "y_upper")
+        over = np.flatnonzero(np.isfinite(upper) & (upper > trials))
+        if len(over):
+            i = over[0]
+            raise ValueError(f"y_upper must be <= the trials (successes + failures) in every "
+                             f"row; row {i} has y_upper={upper[i]:g} > {trials[i]:g} "
+                             "trials.")  # fmt: skip
+        upper = np.where(np.isposinf(upper), trials, upper)  # inf: S >= s
+    rows = support_bounds(family, pack_bounds(s, upper, truncation), s, upper)
+    return np.concatenate([rows[:, :1], trials[:, None] - rows[:, :1], rows[:, 1:]], 1)
+
+
 def censored_family(base, log_scale: float = 0.0, truncated: bool = False):
     """``base`` reading the rows' intervals: exact EM for a latent normal (linear,
     lognormal), guarded Newton steps for count and Gamma experts; else a ValueError."""
@@ -135,15 +161,18 @@ def refuse_censoring(family: type) -> None:
     """The error for a family that cannot read intervals (checked before the bounds)."""
     raise ValueError(
         "y_upper and truncation (censored or truncated responses) are for expert='linear' "
-        "with one output, 'lognormal', 'poisson', 'negative_binomial' or 'gamma'; got "
-        f"{family.__name__}."
+        "with one output, 'lognormal', 'poisson', 'negative_binomial', 'binomial' or "
+        "'gamma'; got "
+        f"{getattr(family, '__name__', type(family).__name__)}."  # a list: MixedExperts
     )
 
 
 def exact_rows(y: np.ndarray) -> np.ndarray:
-    """Observed y of shape (n,) as the five rows of exact observations."""
-    n = len(y)
-    return np.stack([y, y, y, np.full(n, -np.inf), np.full(n, np.inf)], 1)
+    """Observed y of shape (n,) or (n, m) (binomial: s, f) as the rows (n, m + 4) of
+    exact observations: the point, l = u = its first column, no window."""
+    y2 = y.reshape(len(y), -1)
+    n, s = len(y2), y2[:, :1]
+    return np.concatenate([y2, s, s, np.full((n, 1), -np.inf), np.full((n, 1), np.inf)], 1)
 
 
 def encode_rows(rows: np.ndarray, coding, device) -> torch.Tensor:
@@ -170,10 +199,11 @@ class CensoredTarget(RealTarget):
     def __init__(self, family: type, bounds: np.ndarray | None = None) -> None:
         super().__init__(family)
         self.bounds = bounds
+        self.n_rows = getattr(family, "target_columns", 1) + ROWS - 1  # point, l, u, t, v
 
     def _rows(self, points: np.ndarray) -> np.ndarray:
         if self.bounds is None:
-            return exact_rows(points.reshape(-1))
+            return exact_rows(points)
         if len(self.bounds) != len(points):
             raise ValueError(f"y_upper and truncation are for {len(self.bounds)} rows; y has "
                              f"{len(points)}.")  # fmt: skip
@@ -187,14 +217,15 @@ class CensoredTarget(RealTarget):
 
     def check(self, y, coding):
         y = np.asarray(y, dtype=np.float64)
-        if y.ndim == 2 and y.shape[1] == ROWS:
+        if y.ndim == 2 and y.shape[1] == self.n_rows:
             return y
-        return self._rows(super().check(y, coding)[:, 0])
+        points = super().check(y, coding)
+        return self._rows(points[:, 0] if self.n_rows == ROWS else points)
 
     def encode(self, y, coding, device):
         rows = np.asarray(y, dtype=np.float64)
-        if rows.ndim == 1 or rows.shape[1] != ROWS:
-            rows = exact_rows(rows.reshape(-1))
+        if rows.ndim == 1 or rows.shape[1] != self.n_rows:
+            rows = exact_rows(rows)
         return encode_rows(rows, coding, device)
 
     def log_jacobian(self, coding):
@@ -239,7 +270,7 @@ class CensoringMixin:
             family = self._expert_class()
             if not (hasattr(family, "latent_normal") or can_censor_glm(family)):
                 refuse_censoring(family)
-            bounds = support_bounds(family, pack_bounds(y, y_upper, truncation), y, y_upper)
+            bounds = pack_target(family, y, y_upper, truncation)
             w = check_sample_weight(sample_weight, len(bounds))
             if w is not None and not (w > 0).all():
                 # rows of weight zero are dropped before the target is coded: drop
@@ -247,7 +278,8 @@ class CensoringMixin:
                 keep = w > 0
                 X, bounds, sample_weight = rows_of(X, keep), bounds[keep], w[keep]
                 offset = None if offset is None else np.asarray(offset)[keep]
-            y = bounds[:, 0]
+            m = getattr(family, "target_columns", 1)
+            y = bounds[:, 0] if m == 1 else bounds[:, :m]
         self._pending_bounds = bounds  # read by _target and _make_expert, then dropped
         try:
             return self._fit(X, y, parent=parent, sample_weight=sample_weight, offset=offset)
@@ -273,8 +305,7 @@ class CensoringMixin:
         if not getattr(self, "_censored", False):
             raise ValueError("y_upper and truncation in summary() are for a censored fit "
                              "(fit(X, y, y_upper=...)).")  # fmt: skip
-        rows = support_bounds(self._expert_class(), pack_bounds(y, y_upper, truncation), y,
-                              y_upper)  # fmt: skip
+        rows = pack_target(self._expert_class(), y, y_upper, truncation)
         return super().summary(X, rows, **options)
 
     def log_likelihood_samples(self, X, y, offset=None, *, y_upper=None,
@@ -288,8 +319,7 @@ class CensoringMixin:
         """
         if y_upper is None and truncation is None:
             return super().log_likelihood_samples(X, y, offset)
-        rows = support_bounds(self._expert_class(), pack_bounds(y, y_upper, truncation), y,
-                              y_upper)  # fmt: skip
+        rows = pack_target(self._expert_class(), y, y_upper, truncation)
         if getattr(self, "_censored", False):
             return super().log_likelihood_samples(X, rows, offset)
         family = censored_family(self._expert_family, float(np.log(self._y_scale[0])))

@@ -297,9 +297,10 @@ class MoERegressor(OutputsMixin, RegressorMixin, CensoringMixin, BaseMoE):
             With ``y_upper``, each row's lower bound (-inf: left-censored).
         y_upper : array-like of shape (n_samples,), optional
             Censored responses (``expert='linear'``, ``'lognormal'``, ``'poisson'``,
-            ``'negative_binomial'`` or ``'gamma'``): y_i lies in [y_i, y_upper_i]; inf is
-            right-censored at y_i, NaN or y_i itself exact. Counts: whole numbers, both
-            ends included.
+            ``'negative_binomial'``, ``'binomial'`` or ``'gamma'``): y_i lies in
+            [y_i, y_upper_i]; inf is right-censored at y_i, NaN or y_i itself exact.
+            Counts: whole numbers, both ends included. Binomial: the bounds of the
+            successes (y's first column), y_upper at most the trials s + f.
         truncation : (lower, upper), optional
             Scalars or arrays: a row is observed only when y lies in (lower, upper)
             (for counts [lower, upper]: (1, inf) is zero truncation); each expert is
@@ -373,10 +374,12 @@ class MoERegressor(OutputsMixin, RegressorMixin, CensoringMixin, BaseMoE):
         """
         from sklearn.metrics import r2_score
 
-        if getattr(self._expert_family, "target_columns", 1) == 1:  # RegressorMixin's R^2
+        family = getattr(self._expert_family, "base", self._expert_family)  # censored: its base
+        if getattr(family, "target_columns", 1) == 1:  # RegressorMixin's R^2
             return float(r2_score(y, self.predict(X, offset), sample_weight=sample_weight))
 
-        y = self._target().check(np.asarray(y), vars(self))
+        # (s, f); a censored fit's coded rows hold them first
+        y = self._target().check(np.asarray(y), vars(self))[:, :2]
         trials = y.sum(1)
         weight = trials if sample_weight is None else trials * np.asarray(sample_weight)
         return float(r2_score(y[:, 0] / trials, self.predict(X, offset), sample_weight=weight))

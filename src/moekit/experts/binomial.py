@@ -14,7 +14,9 @@ expected information agree):
 from sums over rows at the rates the E-step has just computed; the EM loop checks the
 likelihood after the step and halves it where it would fall. Predictions are of one
 trial: the predictive mixture is of Bernoulli components, whose mean is the
-probability of success.
+probability of success. Censored and truncated successes
+(:mod:`moekit.experts.censored_glm`) take the probabilities of intervals from
+``interval_terms``, regularised incomplete beta functions.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
+from moekit._core.incbeta import log_beta_inc
+from moekit._core.incgamma import log_difference
 from moekit._core.reporting import Report, Scaling
 from moekit._core.validation import check_finite
 from moekit.experts import _glm
@@ -238,6 +242,53 @@ class BinomialExperts(RidgeGLM):
         """The log odds' coefficients on the standardised design; no scalars."""
         coef = coef_of_report(values, scaling)
         return coef.unsqueeze(1), coef.new_zeros((coef.shape[0], 0))
+
+    # ------------------------------------------------------------ censored successes
+    #: what y and y_upper of a censored fit hold: whole counts, both ends included
+    interval_support = "counts"
+
+    def interval_terms(self, params: BinomialParams, eta: torch.Tensor, lo: torch.Tensor,
+                       hi: torch.Tensor, differentiable: bool = False,
+                       point: torch.Tensor | None = None):  # fmt: skip
+        """log Pr(lo <= S <= hi) of the successes in [lo, hi] out of t = s + f trials
+        (``point`` (2, c): the rows' s and f), (K, c), and the pieces of its
+        derivatives in eta (:mod:`moekit.experts.censored_glm`):
+        (log m, log k_lo, log k_hi, c_lo, c_hi).
+
+        With p = sigmoid(eta) and q = 1 - p, Pr(S >= j) = I_p(j, t - j + 1) and
+        Pr(S <= j - 1) = I_q(t - j + 1, j) (:mod:`moekit._core.incbeta`; 1 and 0 at
+        j = 0, 0 and 1 at j = t + 1), so the mass is I_p(lo, t - lo + 1) -
+        I_p(hi + 1, t - hi), read on the side whose terms are tail probabilities
+        (``log_difference``). With dp/d eta = p q, its derivative in eta is
+        k_lo - k_hi at j = lo and j = hi + 1,
+
+        .. math::  k_j = \\frac{p^j q^{t - j + 1}}{B(j, t - j + 1)} = j q \\Pr(S = j),
+                   \\qquad \\frac{d \\log k_j}{d \\eta} = c_j = j - (t + 1) p.
+        """
+        t = point[0] + point[1]  # (c,)
+        # the counts inside the ends, within the support [0, t]
+        lo = torch.minimum(torch.ceil(lo).clamp(min=0.0), t)
+        hi = torch.minimum(torch.floor(hi), t)
+        c = eta.shape[1]
+        p, q = torch.sigmoid(eta), torch.sigmoid(-eta)  # each to all its digits
+        # both ends in one call, (K, 2c)
+        ends = torch.cat([lo, hi + 1.0]).expand(eta.shape[0], -1)
+        rest = torch.cat([t, t]) + 1.0 - ends
+        down, up, front = log_beta_inc(ends, rest, p.repeat(1, 2), q.repeat(1, 2),
+                                       differentiable, front=True)  # fmt: skip
+        # down: log Pr(S >= j), up: log Pr(S <= j - 1)
+        log_mass = log_difference(down[:, :c], down[:, c:], up[:, c:], up[:, :c])
+        ninf = torch.full_like(log_mass, -math.inf)
+        k_lo = torch.where(lo > 0, front[:, :c], ninf)
+        k_hi = torch.where(hi < t, front[:, c:], ninf)
+        return log_mass, k_lo, k_hi, lo - (t + 1.0) * p, hi + 1.0 - (t + 1.0) * p
+
+    def exact_derivatives(self, params: BinomialParams, eta: torch.Tensor, y: torch.Tensor):
+        """d log p / d eta = s - t pi and d^2 / d eta^2 = -t pi (1 - pi) of observed
+        successes (y (2, c): s and f)."""
+        pi = torch.sigmoid(eta)
+        t = y[0] + y[1]
+        return y[0] - t * pi, -t * pi * (1.0 - pi)
 
     # ------------------------------------------------------------ prediction
     def moments(self, params: BinomialParams, XT: torch.Tensor, offset: torch.Tensor | None = None):

@@ -1,5 +1,5 @@
-"""Censored and truncated responses for log-link experts without a latent normal:
-Poisson and negative binomial counts and Gamma amounts.
+"""Censored and truncated responses for GLM experts without a latent normal:
+Poisson and negative binomial counts, binomial successes and Gamma amounts.
 
 Each row i is known to lie in [l_i, u_i] (l_i = u_i: observed exactly; u_i = inf:
 right-censored; l_i = 0 or -inf: left-censored) and, with truncation, is observed only
@@ -12,8 +12,10 @@ inside a window [t_i, v_i]. Expert k's log-likelihood of the row is
 
 the interval probabilities from regularised incomplete gamma functions in log space
 (:mod:`moekit._core.incgamma`; the negative binomial's from regularised incomplete
-beta functions, :mod:`moekit._core.incbeta`), finite far into either tail. For counts both ends
-count: [3, inf] is Y >= 3 and a window [1, inf] is zero truncation.
+beta functions, :mod:`moekit._core.incbeta`, as are the binomial's), finite far into either
+tail. For counts both ends count: [3, inf] is Y >= 3 and a window [1, inf] is zero
+truncation. The binomial's target is coded with its point's two columns (s, f) first,
+whose sum, the row's trials, its ``interval_terms`` reads (``point=``).
 
 E-step: the responsibilities from these log p_k. M-step (needs every row's
 responsibility, so it is not available data-parallel): with d_ik and e_ik the first
@@ -86,7 +88,7 @@ _DELEGATED = frozenset({
 def interval_family(family):
     """What gives ``family``'s (a class or an instance) probabilities of intervals:
     the family itself where it has ``interval_terms`` and ``exact_derivatives``
-    (Poisson, negative binomial, Gamma), else None."""
+    (Poisson, negative binomial, binomial, Gamma), else None."""
     if hasattr(family, "interval_terms") and hasattr(family, "exact_derivatives"):
         return family
     return None
@@ -94,17 +96,17 @@ def interval_family(family):
 
 def can_censor_glm(family) -> bool:
     """Whether ``family`` gives the probabilities of intervals (Poisson, negative
-    binomial, Gamma)."""
+    binomial, binomial, Gamma)."""
     return interval_family(family) is not None
 
 
 class CensoredGLMExperts:
-    """A log-link family with ``interval_terms`` (:func:`can_censor_glm`), fitted to
+    """A GLM family with ``interval_terms`` (:func:`can_censor_glm`), fitted to
     intervals of its response; parameters and predictions are the base family's.
 
     Parameters
     ----------
-    base : PoissonExperts, NegativeBinomialExperts or GammaExperts
+    base : PoissonExperts, NegativeBinomialExperts, BinomialExperts or GammaExperts
     truncated : bool, default=False
         Whether the fit's rows are truncated.
     """
@@ -118,6 +120,9 @@ class CensoredGLMExperts:
         self.intervals = interval_family(base)  # interval_terms, exact_derivatives
         self.n_experts = base.n_experts
         self.truncated = bool(truncated)
+        # the coded target's leading rows that are the point: its columns (binomial:
+        # successes and failures, whose sum is the rows' trials), then l, u, t, v
+        self.point_rows = getattr(base, "target_columns", 1)
         self.report_name = f"{getattr(base, 'report_name', type(base).__name__)}, censored"
 
     def __getattr__(self, name: str):
@@ -132,7 +137,9 @@ class CensoredGLMExperts:
     # ------------------------------------------------------------ log p of the rows
     def _terms(self, params, eta, rows, exact_logp, derivatives: bool, differentiable: bool):
         """log p_k of every row (K, c) and, if asked, its derivatives d, e in eta."""
-        point, lo, hi, t_lo, t_hi = rows
+        m = self.point_rows
+        point = rows[0] if m == 1 else torch.stack(rows[:m])
+        lo, hi, t_lo, t_hi = rows[m:]
         # the probabilities of intervals of the censored rows alone (exact rows have
         # their density); the support starts at 0
         cens = torch.nonzero(lo != hi).flatten()
@@ -140,15 +147,18 @@ class CensoredGLMExperts:
         if derivatives:
             d, e = self.intervals.exact_derivatives(params, eta, point)
         if cens.numel():
+            # a family of several target columns (binomial: s, f) reads its rows' point
+            given = {} if m == 1 else {"point": point[:, cens]}
             out = self.intervals.interval_terms(params, eta[:, cens], lo[cens].clamp(min=0.0),
-                                                hi[cens], differentiable)  # fmt: skip
+                                                hi[cens], differentiable, **given)  # fmt: skip
             logp = logp.index_copy(1, cens, out[0])
             if derivatives:
                 d_int, e_int = _derivatives(out)
                 d, e = d.index_copy(1, cens, d_int), e.index_copy(1, cens, e_int)
         if bool(torch.isfinite(t_lo).any() or torch.isfinite(t_hi).any()):
+            given = {} if m == 1 else {"point": point}
             window = self.intervals.interval_terms(params, eta, t_lo.clamp(min=0.0), t_hi,
-                                              differentiable)  # fmt: skip
+                                                   differentiable, **given)  # fmt: skip
             logp = logp - window[0]
             if derivatives:
                 d_w, e_w = _derivatives(window)
@@ -206,7 +216,8 @@ class CensoredGLMExperts:
 
     def init_params(self, data: EMData):
         # the base family's start from the points alone (the other rows hold infinities)
-        return self.base.init_params(dataclasses.replace(data, y=data.y[:1], cache={}))
+        return self.base.init_params(dataclasses.replace(data, y=data.y[: self.point_rows],
+                                                         cache={}))  # fmt: skip
 
     def log_prob(self, params, chunk: Chunk) -> torch.Tensor:
         return self._chunk_terms(params, chunk)[0].clone()  # the EM loop adds to it in place
@@ -340,7 +351,8 @@ class CensoredGLMExperts:
         rows = tuple(y.reshape(len(y), -1))
         params = self.base.from_free(free)
         eta = linear_predictor(params.coef, XT, offset)
-        exact_logp = self.base.log_prob_free(free, XT, rows[0], offset)
+        point = rows[0] if self.point_rows == 1 else y.reshape(len(y), -1)[: self.point_rows]
+        exact_logp = self.base.log_prob_free(free, XT, point, offset)
         return self._terms(params, eta, rows, exact_logp, False, True)[0]
 
 
