@@ -1,12 +1,26 @@
 """Checks every censored count or amount family must pass (test_censored_glm.py,
-test_censored_nb.py): the censored fit recovers what ignoring censoring misses, and
-the family's M-step never lowers its part of Q."""
+test_censored_nb.py, test_censored_binomial.py): the censored fit recovers what
+ignoring censoring misses, the family's M-step never lowers its part of Q, and the
+reference standard errors its summary() is held to."""
 
+import numpy as np
 import torch
 
 from moekit import MoERegressor
 from moekit.estimators._censoring import pack_bounds
 from moekit.experts.censored_glm import CensoredGLMExperts
+
+
+def numerical_se(nll, theta, h: float = 1e-4) -> np.ndarray:
+    """Standard errors from the inverse of a central-difference Hessian of ``nll`` (a
+    negative log-likelihood) at ``theta``: the observed information, numerically."""
+    P = len(theta)
+    hess = np.zeros((P, P))
+    for i, j in np.ndindex(P, P):
+        di, dj = np.eye(P)[i] * h, np.eye(P)[j] * h
+        hess[i, j] = (nll(theta + di + dj) - nll(theta + di - dj) - nll(theta - di + dj)
+                      + nll(theta - di - dj)) / (4 * h * h)  # fmt: skip
+    return np.sqrt(np.diag(np.linalg.inv(hess)))
 
 
 def assert_censoring_recovers_slopes(expert, X, y, upper, truth):
