@@ -27,17 +27,28 @@ def param_fields(params):
     return [*vars(params.expert).values(), *vars(params.gate).values()]
 
 
-def assert_pass_and_step_match(model, data, starts, fields=param_fields):
-    """The batched E-pass and M-step of ``starts`` equal each start's own, to rounding."""
+def assert_pass_and_step_match(model, data, starts, fields=param_fields, *, objective_tol=1e-13,
+                               stats_tol=None, own_tensors=False):  # fmt: skip
+    """The batched E-pass and M-step of ``starts`` equal each start's own, to rounding.
+
+    ``stats_tol``: (rtol, atol) to hold the experts' statistics to as well;
+    ``own_tensors``: each start's stepped parameters are tensors of its own, not views
+    of the batch's.
+    """
     alone = [model.e_pass(p, data) for p in starts]
     many = batched.e_pass_many(model, starts, data)
     for a, b in zip(alone, many, strict=True):
-        assert b.objective == pytest.approx(a.objective, rel=1e-13, abs=1e-13)
+        assert b.objective == pytest.approx(a.objective, rel=objective_tol, abs=objective_tol)
         torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
+        if stats_tol is not None:
+            for x, y in zip(a.expert_stats, b.expert_stats, strict=True):
+                torch.testing.assert_close(y, x, rtol=stats_tol[0], atol=stats_tol[1])
     steps = [model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)]
     for a, b in zip(steps, batched.m_step_many(model, starts, many, data), strict=True):
         for x, y in zip(fields(a), fields(b), strict=True):
             torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
+            if own_tensors:
+                assert y._base is None
 
 
 def fit_both(monkeypatch, make):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from lockstep_checks import fit_both, param_fields, random_starts
+from lockstep_checks import assert_pass_and_step_match, fit_both, param_fields, random_starts
 from sklearn.datasets import load_iris
 
 from moekit import MoERegressor
@@ -100,17 +100,8 @@ def test_a_start_is_bitwise_the_same_alone_and_among_nine_others(case, ct):
 def test_a_batched_pass_and_step_equal_the_single_start_ones(ct, case, gate):
     model, data = _model(case, ct, gate)
     starts = random_starts(model, data, 4, seed=2)
-    alone = [model.e_pass(p, data) for p in starts]
-    many = batched.e_pass_many(model, starts, data)
-    for a, b in zip(alone, many, strict=True):
-        assert b.objective == pytest.approx(a.objective, rel=1e-12, abs=1e-12)
-        torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
-        for x, y in zip(a.expert_stats, b.expert_stats, strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
-    for a, b in zip([model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)],
-                    batched.m_step_many(model, starts, many, data), strict=True):  # fmt: skip
-        for x, y in zip(param_fields(a), param_fields(b), strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
+    assert_pass_and_step_match(model, data, starts, objective_tol=1e-12,
+                               stats_tol=(1e-12, 1e-12))  # fmt: skip
 
 
 def test_an_expert_without_weight_keeps_its_parameters_in_a_batch():

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from lockstep_checks import assert_alone_as_among_others, fit_both, random_starts
+from lockstep_checks import (
+    assert_alone_as_among_others,
+    assert_pass_and_step_match,
+    fit_both,
+    random_starts,
+)
 
 from moekit import MoERegressor
 from moekit._core.data import EMData
@@ -71,18 +76,8 @@ def test_a_batched_pass_and_step_equal_the_single_start_ones(
     assert (data.cache["nb_counts"] is None) == (table_max is not None)
     assert (data.cache["nb_top"] > data.n) == (scale > 1.0)
     starts = random_starts(model, data, 4, seed=2)
-    alone = [model.e_pass(p, data) for p in starts]
-    many = batched.e_pass_many(model, starts, data)
-    for a, b in zip(alone, many, strict=True):
-        assert b.objective == pytest.approx(a.objective, rel=1e-13, abs=1e-13)
-        torch.testing.assert_close(b.nk, a.nk, rtol=1e-12, atol=1e-12)
-        for x, y in zip(a.expert_stats, b.expert_stats, strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-11, atol=1e-9)
-    for a, b in zip([model.m_step(p, r, data) for p, r in zip(starts, alone, strict=True)],
-                    batched.m_step_many(model, starts, many, data), strict=True):  # fmt: skip
-        for x, y in zip(_fields(a), _fields(b), strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-10)
-            assert y._base is None  # each start its own tensors, not views of a batch
+    assert_pass_and_step_match(model, data, starts, fields=_fields, stats_tol=(1e-11, 1e-9),
+                               own_tensors=True)  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["plain", "weights and offset"])
