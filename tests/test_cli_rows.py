@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moekit import load
+from moekit import MoERegressor, load
 from moekit.cli import main
 from moekit.formula import FormulaError, ModelFormula
 
@@ -211,3 +211,31 @@ def test_several_responses_fit_together_and_predict_a_column_each(tmp_path, caps
     assert "are the responses of linear experts" in capsys.readouterr().err
     assert _run(tmp_path, frame, "--target", "y1", "--covariance-type", "full") == 2
     assert "--covariance-type" in capsys.readouterr().err
+
+
+def test_censored_successes_out_of_trials_fit_as_the_api_fits_them(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    n = 120
+    x = rng.uniform(0, 2, n)
+    trials = rng.integers(5, 30, n)
+    s = rng.binomial(trials, 1 / (1 + np.exp(1.0 - 0.8 * x)))
+    known = rng.random(n) < 0.7  # elsewhere only "at least half the successes" is known
+    s = np.where(known, s, s // 2)
+    frame = pd.DataFrame({"x": x, "s": s, "f": trials - s, "upper": np.where(known, s, np.nan),
+                          "event": known.astype(int)})  # fmt: skip
+    flags = ["--target", "s,f", "--features", "x", "--expert", "binomial", "--experts", "1",
+             "--holdout", "0"]  # fmt: skip
+    assert _run(tmp_path, frame, *flags, "--censored-above", "upper", out="above") == 0
+    assert f"{n - known.sum()} of {n} responses right-censored" in capsys.readouterr().out
+    assert _run(tmp_path, frame, *flags, "--event", "event", out="event") == 0
+    a, b = load(tmp_path / "above" / "model.moe"), load(tmp_path / "event" / "model.moe")
+    assert a.log_likelihood_ == pytest.approx(b.log_likelihood_, rel=1e-9)
+    y, upper = frame[["s", "f"]].to_numpy(float), np.where(known, s, np.inf)
+    api = MoERegressor(1, expert="binomial", random_state=0).fit(frame[["x"]], y, y_upper=upper)
+    np.testing.assert_allclose(a.coef_, api.coef_, rtol=1e-6)
+    assert api.coef_.ravel()[0] == pytest.approx(0.8, abs=0.2)  # the truth
+    assert api.intercept_[0] == pytest.approx(-1.0, abs=0.25)
+    uncensored = MoERegressor(1, expert="binomial").fit(frame[["x"]], y)
+    assert np.abs(uncensored.intercept_ - api.intercept_).max() > 0.1  # bounds are not counts
+    page = (tmp_path / "above" / "report.html").read_text()
+    assert "randomised (P-P) on the training rows" in page and "(Kaplan-Meier)" in page

@@ -20,6 +20,7 @@ from moekit.report.describe import (
     pp_distance,
     pp_points,
 )
+from moekit.report.families import discrete_pit
 from moekit.report.sections import html_report
 
 
@@ -138,3 +139,73 @@ def test_pp_points_are_the_empirical_cdf_and_kaplan_meier_under_censoring():
     # Kolmogorov's D: 1 / n for evenly spread u; 1 - 0.4 where every u is below 0.4
     assert pp_distance(np.array([0.25, 0.5, 0.75, 1.0])) == pytest.approx(0.25)
     assert pp_distance(np.array([0.1, 0.2, 0.3, 0.4])) == pytest.approx(0.6)
+
+
+def _censored_counts(n: int, seed: int = 0):
+    """A two-expert Poisson mixture, right-censored at an independent Poisson(9) bound."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (n, 1))
+    z = rng.random(n) < 0.5
+    y = rng.poisson(np.exp(np.where(z, 1.0 + 0.8 * X[:, 0], 2.4 - 0.5 * X[:, 0]))).astype(float)
+    c = rng.poisson(9.0, n).astype(float)
+    censored = y > c
+    return X, np.where(censored, c, y), np.where(censored, np.inf, y)
+
+
+def test_randomised_pit_of_censored_counts_is_uniform_under_the_fitted_truth():
+    X, y, upper = _censored_counts(3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m2 = MoERegressor(2, expert="poisson", n_init=2, random_state=0).fit(X, y, y_upper=upper)
+        m1 = MoERegressor(1, expert="poisson", random_state=0).fit(X, y, y_upper=upper)
+    d = m2.predict_distribution(X)
+    u, event = discrete_pit(d, y, upper)
+    right = np.isinf(upper)
+    assert (event == ~right).all()
+    # a censored row's u is F(y - 1): the most its count's CDF can be below y
+    np.testing.assert_allclose(u[right], d[right].cdf(y[right] - 1.0), rtol=1e-12)
+    exact = ~right
+    lo = np.where(y[exact] > 0, d[exact].cdf(np.maximum(y[exact] - 1.0, 0.0)), 0.0)
+    assert (u[exact] >= lo - 1e-12).all() and (u[exact] <= d[exact].cdf(y[exact]) + 1e-12).all()
+    # the model that made the data follows the diagonal; one expert does not
+    assert pp_distance(u, event) < 0.04
+    assert pp_distance(*discrete_pit(m1.predict_distribution(X), y, upper)) > 0.08
+    # the seed makes the draws, and the report, repeatable
+    np.testing.assert_array_equal(u, discrete_pit(d, y, upper)[0])
+
+
+def test_randomised_pit_of_censored_successes_is_the_binomial_mixtures_cdf():
+    X, y = _data("binomial", n=200)
+    m = _fit("binomial", X, y)
+    d = m.predict_distribution(X)
+    upper = y[:, 0].copy()
+    upper[:50] = np.inf  # at least these successes
+    upper[50:60] = np.minimum(y[50:60, 0] + 2, 12)  # an interval
+    u, event = discrete_pit(d, y, upper)
+    t, pi = y.sum(1)[:, None], d.means
+
+    def cdf(j, rows):
+        return (d.weights[rows] * stats.binom.cdf(j[:, None], t[rows], pi[rows])).sum(1)
+
+    head, rest = slice(0, 50), slice(50, None)
+    np.testing.assert_allclose(u[head], cdf(y[head, 0] - 1.0, head), rtol=1e-10, atol=1e-300)
+    assert event[head].sum() == 0 and event[rest].all()
+    lo, hi = cdf(y[rest, 0] - 1.0, rest), cdf(upper[rest], rest)
+    assert (u[rest] >= lo - 1e-12).all() and (u[rest] <= hi + 1e-12).all()
+    assert (hi[:10] > cdf(y[50:60, 0], slice(50, 60))).all()  # the intervals reach above y
+
+
+@pytest.mark.parametrize("family", ["poisson", "binomial"])
+def test_censored_counts_and_successes_get_a_pp_panel_not_a_table_of_bounds(family):
+    if family == "poisson":
+        X, y, upper = _censored_counts(160)
+    else:
+        X, y = _data("binomial")
+        upper = np.where(np.arange(len(y)) % 4 == 0, np.inf, y[:, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = MoERegressor(2, expert=family, n_init=1, random_state=0).fit(X, y, y_upper=upper)
+    page = html_report(m, X, y, rows={"y_upper": upper})
+    assert "Predictive CDF at the observed y, randomised (P-P)" in page
+    assert "right-censored (Kaplan-Meier)" in page
+    assert "Observed against expected" not in page  # a table would count lower bounds as seen

@@ -51,6 +51,7 @@ def plot_regression_fit(
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str | None = None,
+    censored=None,
 ):
     """Data, each expert's line, the predictive mean and band, and the gate weights.
 
@@ -58,7 +59,9 @@ def plot_regression_fit(
     at their means). Top panel: the data, every expert's mean line (drawn solid
     where its gate weight exceeds 1/2, dashed elsewhere), the predictive mean
     E[y|x] and the central ``alpha`` interval of p(y|x). Bottom panel: the gate
-    weights g_k(x).
+    weights g_k(x). ``censored`` (a boolean mask of the rows) marks responses known
+    only to lie above the y drawn (a censored row's lower bound): they are drawn as
+    open triangles, not as observations.
 
     Returns
     -------
@@ -67,6 +70,7 @@ def plot_regression_fit(
     plt = _pyplot()
     X = np.asarray(X, dtype=float)
     y = np.asarray(y, dtype=float)
+    bound = np.zeros(len(y), bool) if censored is None else np.asarray(censored, bool)
     x = X[:, feature]
     grid_x = np.linspace(x.min(), x.max(), 400)
     grid = np.tile(X.mean(0), (len(grid_x), 1))
@@ -80,7 +84,10 @@ def plot_regression_fit(
         2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     ax.fill_between(grid_x, lo, hi, color="0.85", label=f"{alpha:.0%} predictive interval")
-    ax.scatter(x, y, s=12, color="0.25", zorder=3, label="data")
+    ax.scatter(x[~bound], y[~bound], s=12, color="0.25", zorder=3, label="data")
+    if bound.any():
+        ax.scatter(x[bound], y[bound], s=22, marker="^", facecolors="none", zorder=3,
+                   edgecolors="0.25", label="censored: y is a lower bound")  # fmt: skip
     span = np.ptp(y)
     for k in range(K):
         mk = np.where(

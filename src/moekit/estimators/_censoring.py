@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moekit._core.data import Chunk, EMData
 from moekit._core.engine import EM_DTYPE
 from moekit.estimators._design import rows_of
 from moekit.estimators._targets import RealTarget
@@ -308,6 +309,33 @@ class CensoringMixin:
         rows = pack_target(self._expert_class(), y, y_upper, truncation)
         return super().summary(X, rows, **options)
 
+    def _bounded_log_joint(self, X, y, offset, y_upper, truncation) -> torch.Tensor:
+        """log g_k(x_i) + log P_k(y_i <= Y <= y_upper_i | x_i), renormalised on each
+        row's truncation window, of shape (K, n); a model fitted without bounds is
+        evaluated on them with its family's censored form."""
+        rows = pack_target(self._expert_class(), y, y_upper, truncation)
+        if getattr(self, "_censored", False):
+            return self._log_joint(X, rows, offset)
+        family = censored_family(self._expert_family, float(np.log(self._y_scale[0])))
+        XeT, XgT = self._designs(X)
+        if len(rows) != XeT.shape[1]:
+            raise ValueError(f"X and y have inconsistent numbers of samples: {XeT.shape[1]} "
+                             f"and {len(rows)}.")  # fmt: skip
+        off = self._row_vector(offset, len(rows), "offset", XeT.device)
+        data = EMData(XeT, XgT, encode_rows(rows, vars(self), XeT.device), offset=off)
+        logp = family.log_prob(self._params.expert, Chunk(0, len(rows), data))
+        return logp + self._gate_family.log_weights(self._params.gate, XgT)
+
+    def responsibilities(self, X, y, offset=None, *, y_upper=None, truncation=None):
+        """Posterior p(z = k | x, y) of shape (n_samples, n_experts), as
+        :meth:`ScoringMixin.responsibilities`; with ``y_upper`` or ``truncation`` (as
+        ``fit`` takes them) each expert's density at y is replaced by the probability of
+        the row's interval, renormalised on its window, as in the fit's E-step."""
+        if y_upper is None and truncation is None:
+            return super().responsibilities(X, y, offset)
+        joint = self._bounded_log_joint(X, y, offset, y_upper, truncation)
+        return torch.softmax(joint, dim=0).T.cpu().numpy()
+
     def log_likelihood_samples(self, X, y, offset=None, *, y_upper=None,
                                truncation=None) -> np.ndarray:  # fmt: skip
         """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,).
@@ -319,22 +347,11 @@ class CensoringMixin:
         """
         if y_upper is None and truncation is None:
             return super().log_likelihood_samples(X, y, offset)
-        rows = pack_target(self._expert_class(), y, y_upper, truncation)
-        if getattr(self, "_censored", False):
+        if getattr(self, "_censored", False):  # in blocks, as any fit's rows
+            rows = pack_target(self._expert_class(), y, y_upper, truncation)
             return super().log_likelihood_samples(X, rows, offset)
-        family = censored_family(self._expert_family, float(np.log(self._y_scale[0])))
-        XeT, XgT = self._designs(X)
-        if len(rows) != XeT.shape[1]:
-            raise ValueError(f"X and y have inconsistent numbers of samples: {XeT.shape[1]} "
-                             f"and {len(rows)}.")  # fmt: skip
-        from moekit._core.data import Chunk, EMData
-
-        off = self._row_vector(offset, len(rows), "offset", XeT.device)
-        yt = encode_rows(rows, vars(self), XeT.device)
-        data = EMData(XeT, XgT, yt, offset=off)
-        logp = family.log_prob(self._params.expert, Chunk(0, len(rows), data))
-        logp = logp + self._gate_family.log_weights(self._params.gate, XgT)
-        return torch.logsumexp(logp, 0).cpu().numpy()
+        joint = self._bounded_log_joint(X, y, offset, y_upper, truncation)
+        return torch.logsumexp(joint, 0).cpu().numpy()
 
     def log_likelihood(self, X, y, sample_weight=None, offset=None, *, y_upper=None,
                        truncation=None) -> float:  # fmt: skip

@@ -80,9 +80,15 @@ class ScoringMixin:
         logp = self._expert_family.log_prob(self._params.expert, chunk)
         return logp + self._gate_family.log_weights(self._params.gate, data.XgT)  # (K, n)
 
-    def responsibilities(self, X, y) -> np.ndarray:
-        """Posterior p(z = k | x, y) of shape (n_samples, n_experts); rows sum to 1."""
-        return to_numpy(torch.softmax(self._log_joint(X, y), dim=0).T)
+    def responsibilities(self, X, y, offset=None) -> np.ndarray:
+        """Posterior p(z = k | x, y) of shape (n_samples, n_experts); rows sum to 1.
+
+        .. math::  r_{ik} = \\frac{g_k(x_i)\\, p_k(y_i \\mid x_i)}
+                               {\\sum_j g_j(x_i)\\, p_j(y_i \\mid x_i)}
+
+        ``offset`` (n_samples,) is the experts' known term of each row, as in ``fit``.
+        """
+        return to_numpy(torch.softmax(self._log_joint(X, y, offset), dim=0).T)
 
     def log_likelihood_samples(self, X, y, offset=None) -> np.ndarray:
         """Log-likelihood log p(y_i | x_i) of every row, shape (n_samples,).

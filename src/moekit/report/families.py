@@ -7,7 +7,9 @@ distribution (its ``cdf`` and ``logpdf``) with the numbers from
 
 - positive amounts (Gamma, lognormal) and censored responses: a P-P panel of the
   probability integral transform u_i = F(y_i | x_i) against the uniform, which it
-  follows where the model is right (Kaplan-Meier for censored rows);
+  follows where the model is right (Kaplan-Meier for censored rows); censored counts
+  and successes take the randomised transform of discrete responses
+  (:func:`discrete_pit`), as their tables would count lower bounds as observations;
 - counts (Poisson, negative binomial, zero and count mixtures): observed against
   expected numbers of rows at 0, 1, 2, ... (zeros first: their excess is the usual
   misfit of count models);
@@ -68,6 +70,11 @@ def family_check(model: Any, X, y, *, y_upper=None, offset=None, where: str = ""
     if not kind:
         return None
     suffix = f" on {where}" if where else ""
+    if y_upper is not None and kind in ("count", "binomial"):
+        u, event = discrete_pit(d, y, y_upper)
+        return _pp_part(u, event, "Predictive CDF at the observed y, randomised (P-P)" + suffix,
+                        figures, " Each u is drawn uniformly between F(y - 1 | x) and "
+                        "F(y | x) (seeded), which makes it uniform for counts too.")  # fmt: skip
     if kind == "count":
         rows = count_frequencies(d, y)
         fig = _count_figure(rows)
@@ -79,13 +86,57 @@ def family_check(model: Any, X, y, *, y_upper=None, offset=None, where: str = ""
         title = "Observed against expected proportions" + suffix
         return title, [embed_png(fig, "family", figures), html_table(rows, PROPORTION_HEADER)]
     u, event = pit_values(d, y, y_upper)
+    return _pp_part(u, event, "Predictive CDF at the observed y (P-P)" + suffix, figures)
+
+
+def _pp_part(u, event, title: str, figures, how: str = "") -> tuple[str, list[str]]:
     fig = _pp_figure(u, event)
     censored = int((event == 0).sum())
     note = (f"Largest distance from the diagonal: {pp_distance(u, event):.3f} over {len(u)} "
             "rows" + (f", {censored} of them right-censored (Kaplan-Meier)" if censored else "")
-            + ".")  # fmt: skip
-    title = "Predictive CDF at the observed y (P-P)" + suffix
+            + "." + how)  # fmt: skip
     return title, [embed_png(fig, "family", figures), f'<p class="note">{html.escape(note)}</p>']
+
+
+def discrete_pit(d: Any, y, y_upper, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The randomised probability integral transform of censored discrete responses.
+
+    For a count (or successes out of t_i trials) with predictive CDF F_i, an exact
+    y_i gives u_i = F_i(y_i - 1) + v_i (F_i(y_i) - F_i(y_i - 1)) with v_i uniform on
+    (0, 1), which is uniform where the model is right (Brockwell 2007); a row known
+    to lie in [y_i, y_upper_i] draws u_i the same way between F_i(y_i - 1) and
+    F_i(y_upper_i); a right-censored one (y_upper_i infinite: Y_i >= y_i) only says
+    U_i >= F_i(y_i - 1), returned as censored (event 0) for Kaplan-Meier. The
+    binomial's F_i is the mixture sum_k g_k(x_i) Bin(. ; t_i, pi_k(x_i)).
+    Returns (u, event), each (n,); ``seed`` makes the draws (and the report) repeatable.
+    """
+    y = np.asarray(y, dtype=float)
+    upper = np.asarray(y_upper, dtype=float).reshape(-1)
+    if y.ndim == 2:  # successes and failures: the mixture of binomials of t_i trials
+        from scipy.special import bdtr  # P(S <= j), the regularised incomplete beta
+
+        s, t = y[:, 0], np.rint(y.sum(1)).astype(np.int64)  # counts, checked by the fit
+        w, pi = d.weights, d.means
+
+        def cdf(j):
+            j = np.minimum(j, t)[:, None]
+            k = np.floor(np.maximum(j, 0.0)).astype(np.int64)
+            each = np.where(j >= 0, bdtr(k, t[:, None], pi), 0.0)
+            return (w * each).sum(1)
+
+    else:
+        s = y.reshape(-1)
+
+        def cdf(j):
+            return np.where(j >= 0, d.cdf(np.maximum(j, 0.0)), 0.0)
+
+    low = np.where(np.isfinite(s), s, 0.0)  # y = -inf: left-censored, from 0
+    right = np.isinf(upper) & (upper > 0)
+    lo = cdf(low - 1.0)
+    hi = np.where(right, 1.0, cdf(np.where(right, low, upper)))
+    v = np.random.default_rng(seed).random(len(low))
+    u = np.where(right, lo, lo + v * (hi - lo))
+    return u, (~right).astype(float)
 
 
 def _count_figure(rows):

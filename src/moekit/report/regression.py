@@ -20,35 +20,47 @@ LEVELS = (0.5, 0.8, 0.9, 0.95)
 """Nominal levels of the central predictive intervals whose coverage is reported."""
 
 
-def fit_figure(model, X, y, names, target, y_model=None, offset=None, column=None):
+def fit_figure(model, X, y, names, target, y_model=None, offset=None, column=None,
+               y_upper=None):  # fmt: skip
     """The data with each expert's fit for one feature; observed against predicted else.
 
     ``y`` is drawn; ``y_model`` is y as the model reads it, where the two differ
     (successes and failures, drawn as proportions). With an ``offset`` the rows'
     predictions take it, and observed is drawn against predicted; with several
     responses, ``column`` says which one ``y`` is (drawn against its prediction).
+    ``y_upper`` (the censored fit's upper bounds of these rows) marks the rows whose
+    y is only a lower bound, and the colours are the responsibilities of their
+    intervals.
     """
     plt = _pyplot()
+    bound = None
+    if y_upper is not None:  # a row is censored where its upper bound is not its y
+        lower = np.asarray(y if y_model is None else y_model, dtype=float)
+        bound = np.asarray(y_upper, dtype=float) != (lower[:, 0] if lower.ndim == 2 else lower)
     if X.shape[1] == 1 and offset is None and column is None:
-        return plot_regression_fit(model, X, y, xlabel=names[0], ylabel=target)
+        return plot_regression_fit(model, X, y, xlabel=names[0], ylabel=target, censored=bound)
     y_model = y if y_model is None else y_model
-    resp = (model.responsibilities(named(model, X), y_model).argmax(1) if offset is None
-            else model.gate_weights(named(model, X)).argmax(1))  # fmt: skip
+    extra = {} if y_upper is None else {"y_upper": y_upper}
+    resp = model.responsibilities(named(model, X), y_model, offset, **extra).argmax(1)
     fig, ax = plt.subplots(figsize=(6, 5))
     K = len(np.atleast_1d(model.expert_sizes_))  # less any that EM removed
     colors = expert_colors(K)
     pred = model.predict(named(model, X), **({} if offset is None else {"offset": offset}))
     pred = pred if column is None else pred[:, column]
+    bound = np.zeros(len(y), bool) if bound is None else bound
     for k in range(K):
-        sel = resp == k
+        sel = (resp == k) & ~bound
         ax.scatter(pred[sel], y[sel], s=8, color=colors[k], label=f"expert {k}", alpha=0.7)
+        sel = (resp == k) & bound
+        if sel.any():
+            ax.scatter(pred[sel], y[sel], s=18, marker="^", facecolors="none",
+                       edgecolors=colors[k], alpha=0.7,
+                       label=f"expert {k}, censored: y is a lower bound")  # fmt: skip
     lo, hi = np.nanmin([pred.min(), y.min()]), np.nanmax([pred.max(), y.max()])
     ax.plot([lo, hi], [lo, hi], color="k", lw=1)
     ax.set_xlabel(f"predicted {target} (E[y|x])")
     ax.set_ylabel(f"observed {target}")
-    ax.set_title("observed against predicted, coloured by the most responsible expert"
-                 if offset is None else "observed against predicted, coloured by the gate's "
-                 "choice")  # fmt: skip
+    ax.set_title("observed against predicted, coloured by the most responsible expert")
     ax.legend(fontsize=8)
     return fig
 

@@ -193,8 +193,10 @@ def report_sections(
         if drawn.ndim == 2:  # several responses: the first one's fit is drawn
             label = f"{target.split(', ')[0]} (the first of {drawn.shape[1]} responses)"
             drawn, column = drawn[:, 0], 0
+        upper_s = rows.get("y_upper")
+        upper_s = None if upper_s is None else np.asarray(upper_s, dtype=float)[show]
         fig = fit_figure(model, Xs, drawn, names, label, y_model=ys, offset=offset_s,
-                         column=column)  # fmt: skip
+                         column=column, y_upper=upper_s)  # fmt: skip
         parts += [h("fit", "The data and each expert's fit"), embed_png(fig, "fit", figures)]
         if column is not None:
             parts.append(f'<p class="note">{html.escape(label)}: the figure draws it; the '
