@@ -239,3 +239,44 @@ def test_censored_successes_out_of_trials_fit_as_the_api_fits_them(tmp_path, cap
     assert np.abs(uncensored.intercept_ - api.intercept_).max() > 0.1  # bounds are not counts
     page = (tmp_path / "above" / "report.html").read_text()
     assert "randomised (P-P) on the training rows" in page and "(Kaplan-Meier)" in page
+
+
+def test_predict_gives_a_binomial_models_successes_for_each_rows_trials(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    n = 150
+    x, trials = rng.uniform(0, 2, n), rng.integers(2, 60, n)
+    s = rng.binomial(trials, 1 / (1 + np.exp(1.0 - 0.8 * x)))
+    frame = pd.DataFrame({"x": x, "s": s, "f": trials - s, "total": trials})
+    flags = ["--target", "s,f", "--features", "x", "--expert", "binomial", "--experts", "2"]
+    assert _run(tmp_path, frame, *flags, "--no-report") == 0
+    path = tmp_path / "out" / "model.moe"
+    model = load(path)
+    capsys.readouterr()
+
+    def predict(data, *extra):
+        data.to_csv(tmp_path / "new.csv", index=False)
+        code = main(["predict", str(path), str(tmp_path / "new.csv"), "--out",
+                     str(tmp_path / "pred.csv"), *extra])  # fmt: skip
+        return code, (pd.read_csv(tmp_path / "pred.csv") if code == 0 else None)
+
+    # the model's successes and failures columns give the trials; --trials names them
+    for data, extra in ((frame, ()), (frame[["x", "total"]], ("--trials", "total"))):
+        code, pred = predict(data, *extra)
+        assert code == 0
+        p = model.predict(frame[["x"]])
+        np.testing.assert_allclose(pred["p"], p, rtol=1e-12)
+        np.testing.assert_allclose(pred["mean"], trials * p, rtol=1e-12)
+        assert (pred["q05"] <= pred["mean"]).all() and (pred["mean"] <= pred["q95"]).all()
+        assert (pred["q95"] <= trials).all() and (pred["q95"] > 1).any()  # not one trial's 0/1
+    # without trials: the proportion, and a line saying how to get the successes
+    code, pred = predict(frame[["x"]])
+    assert code == 0 and list(pred.columns) == ["p", "expert"]
+    assert "give --trials COLUMN" in capsys.readouterr().err
+    code, _ = predict(frame.assign(total=frame.total.astype(float).where(frame.index != 3, 2.5)),
+                      "--trials", "total")  # fmt: skip
+    assert code == 1 and "--trials 'total'" in capsys.readouterr().err
+    linear = ["--target", "s", "--features", "x", "--experts", "1", "--no-report"]
+    assert _run(tmp_path, frame, *linear, out="lin") == 0
+    assert main(["predict", str(tmp_path / "lin" / "model.moe"), str(tmp_path / "data.csv"),
+                 "--trials", "total"]) == 2  # fmt: skip
+    assert "--trials is for a model of binomial experts" in capsys.readouterr().err

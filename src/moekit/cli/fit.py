@@ -215,7 +215,7 @@ def fit_and_report(args, X, y, target, experts, gates, gate, unused, formula, ta
             model.formula_ = formula
         if args.offset_term is not None and formula is None:  # predict asks for it
             model.offset_term_ = args.offset_term
-        if y.ndim == 2 and args.expert != "binomial":  # predict names its columns
+        if y.ndim == 2:  # predict names its columns (a binomial's: where its trials are)
             model.target_names_ = [str(c) for c in y.columns]
         model.save(out / "model.moe")
         report, summary, baseline, check = report_text(model, X, y, X_test, y_test, task, target,

@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-state", type=int, default=0, help="seed of --samples")
     p.add_argument("--offset", metavar="EXPR",
                    help="the offset of a model fitted with --offset, on these rows")  # fmt: skip
+    p.add_argument("--trials", metavar="COLUMN",
+                   help="for a binomial model: each row's number of trials, for the "
+                        "successes' mean, sd and interval (default: the sum of the model's "
+                        "successes and failures columns, where the table has them)")  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("inspect", help="say what a model file holds")

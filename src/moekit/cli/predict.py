@@ -2,8 +2,11 @@
 
 For a regression: the predictive mean, standard deviation and a central interval
 of p(y | x), optionally draws of y (for several responses, each column's, named
-``mean[y1]``, ``std[y1]``, ...); for a classifier: the class and each class's
-probability. Every row also gets the expert its gate favours, argmax_k g_k(x). A
+``mean[y1]``, ``std[y1]``, ...); for binomial experts: the expected proportion of
+successes ``p``, and, where the rows' trials are known (``--trials COLUMN``, or the
+model's successes and failures columns), the successes' mean, sd, interval and draws
+(:class:`moekit.successes.SuccessesPrediction`); for a classifier: the class and each
+class's probability. Every row also gets the expert its gate favours, argmax_k g_k(x). A
 model fitted with an offset (``--offset`` or ``offset(...)`` in its formula) takes
 the rows' offset: its formula's on its own, else ``--offset EXPR`` again.
 """
@@ -47,6 +50,9 @@ def cmd_predict(args) -> int:
         X = X.to_numpy()
     offset = _offset(model, frame, args.offset)
     result = pd.DataFrame(index=frame.index)
+    d = None
+    if args.trials is not None and not _binomial(model):
+        raise UsageError("moekit predict: --trials is for a model of binomial experts.")
     if hasattr(model, "predict_proba"):
         result["prediction"] = model.predict(X)
         for c, col in zip(model.classes_, model.predict_proba(X).T, strict=True):
@@ -57,6 +63,14 @@ def cmd_predict(args) -> int:
         if args.samples < 0:
             raise UsageError(f"moekit: --samples must be >= 0; got {args.samples}.")
         d = model.predict_distribution(X, **offset)
+        if _binomial(model):  # one trial's 0/1 quantiles say nothing of a row's successes
+            d = _successes(model, frame, d, args.trials)
+            result["p"] = model.predict(X, **offset)
+            if d is None:
+                print("moekit predict: p is the expected proportion of successes; give "
+                      "--trials COLUMN for the successes' mean, sd and interval.",
+                      file=sys.stderr)  # fmt: skip
+    if d is not None:
         lo, hi = d.interval(args.interval)
         tail = 100 * (1 - args.interval) / 2
         mean, std = np.asarray(d.mean()), np.asarray(d.std())
@@ -77,6 +91,33 @@ def cmd_predict(args) -> int:
     else:
         result.to_csv(sys.stdout, index=False)
     return 0
+
+
+def _binomial(model) -> bool:
+    expert = getattr(model, "expert", None)
+    return expert == "binomial" or (isinstance(expert, (list, tuple)) and "binomial" in expert)
+
+
+def _successes(model, frame, d, column: str | None):
+    """The successes' distribution of rows whose trials are known: ``--trials COLUMN``,
+    else the sum of the model's successes and failures columns where the table has
+    both; None where neither is given."""
+    from moekit.cli.rows import _numeric
+    from moekit.successes import SuccessesPrediction
+
+    if column is not None:
+        trials = _numeric(frame, column, "--trials")
+        flag = f"--trials {column!r}"
+    else:
+        names = getattr(model, "target_names_", None) or []
+        if len(names) != 2 or not set(names) <= set(frame.columns):
+            return None
+        trials = sum(_numeric(frame, c, "the target column") for c in names)
+        flag = f"the columns {names[0]!r} + {names[1]!r}"
+    try:
+        return SuccessesPrediction(d, trials)
+    except ValueError as exc:
+        raise DataError(f"moekit: {flag}: {exc}") from None
 
 
 def _output_names(model, mean) -> list[str]:

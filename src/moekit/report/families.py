@@ -113,17 +113,9 @@ def discrete_pit(d: Any, y, y_upper, seed: int = 0) -> tuple[np.ndarray, np.ndar
     y = np.asarray(y, dtype=float)
     upper = np.asarray(y_upper, dtype=float).reshape(-1)
     if y.ndim == 2:  # successes and failures: the mixture of binomials of t_i trials
-        from scipy.special import bdtr  # P(S <= j), the regularised incomplete beta
+        from moekit.successes import SuccessesPrediction
 
-        s, t = y[:, 0], np.rint(y.sum(1)).astype(np.int64)  # counts, checked by the fit
-        w, pi = d.weights, d.means
-
-        def cdf(j):
-            j = np.minimum(j, t)[:, None]
-            k = np.floor(np.maximum(j, 0.0)).astype(np.int64)
-            each = np.where(j >= 0, bdtr(k, t[:, None], pi), 0.0)
-            return (w * each).sum(1)
-
+        s, cdf = y[:, 0], SuccessesPrediction(d, y.sum(1)).cdf
     else:
         s = y.reshape(-1)
 
