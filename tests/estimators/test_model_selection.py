@@ -57,3 +57,37 @@ def test_a_family_per_expert_repeats_its_last_family_for_more_experts():
     with pytest.raises(ValueError, match="n_experts must hold numbers >= 2") as err:
         select_n_experts(template, X, y, n_experts=[1, 2])
     assert "\n" not in str(err.value)
+
+
+def test_icl_with_weights_is_the_icl_of_the_rows_repeated():
+    X, y, _ = make_moe_regression(400, n_features=1, n_experts=2, random_state=1)
+    w = np.random.default_rng(0).integers(1, 4, len(y))
+    m = MoERegressor(2, n_init=2, random_state=0).fit(X, y, sample_weight=w)
+    rows = np.repeat(np.arange(len(y)), w)
+    assert icl(m, X, y, sample_weight=w) == pytest.approx(icl(m, X[rows], y[rows]), rel=1e-10)
+    _, table = select_n_experts(MoERegressor(random_state=0), X, y, [1, 2], n_init=2,
+                                fit_params={"sample_weight": w})  # fmt: skip
+    assert np.isfinite(table["icl"]).all() and (table["icl"] >= table["bic"] - 1e-9).all()
+
+
+def test_icl_reads_an_offset_and_censored_rows_as_the_fit_did():
+    rng = np.random.default_rng(2)
+    n = 400
+    X = rng.uniform(0, 2, (n, 1))
+    exposure = rng.uniform(1, 30, n)
+    z = rng.random(n) < 0.5
+    y = rng.poisson(exposure * np.exp(np.where(z, -1.0 + 0.8 * X[:, 0], 0.5 - 0.3 * X[:, 0])))
+    y = y.astype(float)
+    cap = np.quantile(y, 0.8)
+    seen, upper = np.minimum(y, cap), np.where(y > cap, np.inf, y)
+    for params in ({"offset": np.log(exposure)}, {"offset": np.log(exposure), "y_upper": upper}):
+        target = seen if "y_upper" in params else y
+        best, table = select_n_experts(MoERegressor(expert="poisson", random_state=0), X, target,
+                                       [1, 2], n_init=2, fit_params=params)  # fmt: skip
+        row = table.set_index("n_experts").loc[2]
+        r = best.responsibilities(X, target, **params)
+        entropy = -np.sum(r * np.log(np.clip(r, 1e-300, None)))
+        assert row["icl"] == pytest.approx(row["bic"] + 2 * entropy, rel=1e-10)
+        # the responsibilities without the offset (or the bounds) are another posterior
+        assert abs(icl(best, X, target) - row["icl"]) > 1.0
+        assert table.loc[0, "icl"] == pytest.approx(table.loc[0, "bic"])  # one expert: EN = 0

@@ -15,18 +15,30 @@ CRITERIA = ("bic", "aic", "icl", "elbo")
 HIGHER_IS_BETTER = ("elbo",)
 
 
-def icl(model, X, y) -> float:
+def icl(model, X, y, **fit_params) -> float:
     """Integrated completed likelihood (Biernacki, Celeux and Govaert, 2000), ICL-BIC form.
 
     .. math::  \\mathrm{ICL} = \\mathrm{BIC} + 2\\, \\mathrm{EN}, \\qquad
-               \\mathrm{EN} = -\\sum_i \\sum_k r_{ik} \\log r_{ik},
+               \\mathrm{EN} = -\\sum_i w_i \\sum_k r_{ik} \\log r_{ik},
 
     BIC penalised by the entropy of the responsibilities: it prefers experts whose
-    regions are well separated (lower is better).
+    regions are well separated (lower is better). ``fit_params`` are the rows'
+    ``sample_weight`` (frequency weights w_i: n is their sum), ``offset`` and
+    ``y_upper``/``truncation`` (the responsibilities of censored rows' intervals), as
+    the fit took them.
     """
-    r = model.responsibilities(X, y)
-    entropy = -float(np.sum(r * np.log(np.clip(r, 1e-300, None))))
-    return model.bic(X, y) + 2.0 * entropy
+    given = {k: v for k, v in fit_params.items() if v is not None}
+    w = given.pop("sample_weight", None)
+    offset = given.pop("offset", None)
+    r = model.responsibilities(X, y, offset, **given) if (offset is not None or given) \
+        else model.responsibilities(X, y)  # fmt: skip
+    terms = r * np.log(np.clip(r, 1e-300, None))
+    entropy = -float(np.sum(terms if w is None else np.asarray(w, dtype=float)[:, None] * terms))
+    if w is None and offset is None and not given:
+        return model.bic(X, y) + 2.0 * entropy
+    n = len(r) if w is None else float(np.sum(w))
+    loglik = model.log_likelihood(X, y, w, offset, **given) * n
+    return -2.0 * loglik + model.n_parameters() * np.log(n) + 2.0 * entropy
 
 
 def _fitted_experts(model) -> int:
@@ -93,9 +105,9 @@ def select_n_experts(
         1 prints one line per K.
     fit_params : dict, optional
         The rows' ``sample_weight``, ``offset`` (and ``y_upper``, ``truncation``),
-        passed to every ``fit`` and ``log_likelihood``. The criteria then count n as
-        the sum of the weights; ICL (which needs responsibilities without these
-        terms) is NaN when any is given.
+        passed to every ``fit``, ``log_likelihood`` and ``responsibilities``. The
+        criteria then count n as the sum of the weights, and ICL's entropy weighs each
+        row by its weight.
 
     Returns
     -------
@@ -155,7 +167,8 @@ def select_n_experts(
             w = fit_params.get("sample_weight")
             n = n if w is None else float(np.sum(w))
             ll = model.log_likelihood(X, y, **fit_params) * n
-            bic, aic, icl_ = -2.0 * ll + p * np.log(n), -2.0 * ll + 2.0 * p, float("nan")
+            bic, aic = -2.0 * ll + p * np.log(n), -2.0 * ll + 2.0 * p
+            icl_ = icl(model, X, y, **fit_params)
         else:
             ll = model.log_likelihood(X, y) * n
             bic, aic, icl_ = model.bic(X, y), model.aic(X, y), icl(model, X, y)
