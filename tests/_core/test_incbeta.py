@@ -134,3 +134,15 @@ def test_the_unguarded_recurrence_hands_back_where_a_guard_would_act(monkeypatch
     monkeypatch.setattr(incbeta, "_lentz_unguarded", lambda *args: None)
     for ours, guarded in zip(fast, log_beta_inc(a, b, x), strict=True):
         assert torch.equal(ours, guarded)
+
+
+def test_log_beta_second_derivatives_hold_where_the_arguments_tie():
+    # d^2/da^2 log B(a, b) = trigamma(a) - trigamma(a + b), at a = b on either branch
+    a = torch.tensor([2.0, 7.0, 150.0], dtype=torch.float64, requires_grad=True)
+    b = a.detach().clone()
+    (g,) = torch.autograd.grad(log_beta(a, b).sum(), a, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), a)
+    ad = a.detach()
+    torch.testing.assert_close(g.detach(), torch.digamma(ad) - torch.digamma(2 * ad))
+    torch.testing.assert_close(h, torch.polygamma(1, ad) - torch.polygamma(1, 2 * ad),
+                               rtol=1e-9, atol=1e-12)  # fmt: skip

@@ -130,6 +130,44 @@ def test_singular_information_gives_nan_and_says_so():
     assert np.isfinite(s.table.query("parameter == 'sigma'")["std_error"]).all()
 
 
+def test_standard_errors_do_not_depend_on_a_features_units():
+    # a feature in millions (of dollars, of people) scales its slope and its standard
+    # error, and changes nothing the data determine
+    X, y, _ = make_moe_regression(800, n_features=2, n_experts=2, random_state=3)
+    fits = [MoERegressor(2, random_state=0).fit(X * [1.0, s], y) for s in (1.0, 1e6, 1e9)]
+    base = fits[0].summary().table
+    for s, m in zip((1e6, 1e9), fits[1:], strict=True):
+        summary = m.summary()
+        table = summary.table
+        assert np.isfinite(table["std_error"]).all() and "singular" not in summary.note
+        scale = np.where(table["parameter"] == "x1", s, 1.0)
+        np.testing.assert_allclose(table["std_error"] * scale, base["std_error"], rtol=1e-5)
+
+
+def test_a_dispersion_at_its_bound_leaves_the_other_standard_errors():
+    # Poisson counts, right-censored: each negative binomial expert's dispersion goes
+    # to its lower bound (the Poisson limit); the coefficients keep standard errors
+    # near the Poisson mixture's
+    rng = np.random.default_rng(1)
+    n = 600
+    x = rng.uniform(-1, 1, n)
+    z = rng.random(n) < 0.5
+    y = rng.poisson(np.exp(np.where(z, 1.0 + 0.8 * x, 2.5 - 0.5 * x))).astype(float)
+    c = rng.poisson(12, n).astype(float)
+    seen, upper = np.minimum(y, c), np.where(y > c, np.inf, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nb = MoERegressor(2, expert="negative_binomial", random_state=0)
+        nb.fit(x[:, None], seen, y_upper=upper)
+        pois = MoERegressor(2, expert="poisson", random_state=0)
+        pois.fit(x[:, None], seen, y_upper=upper)
+    table = nb.summary().table
+    assert table.query("parameter == 'dispersion'")["estimate"].min() < 1e-6
+    coef = table[table["parameter"] != "dispersion"]
+    assert np.isfinite(coef["std_error"]).all()
+    np.testing.assert_allclose(coef["std_error"], pois.summary().table["std_error"], rtol=0.25)
+
+
 @pytest.mark.parametrize(
     "kw",
     [{"expert": "mlp"}, {"gate": "mlp"}, {"expert": "tree"}],

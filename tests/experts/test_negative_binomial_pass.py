@@ -1,5 +1,7 @@
 """The negative binomial E-pass statistics against autograd of the expected log-likelihood."""
 
+import math
+
 import pytest
 import torch
 
@@ -20,6 +22,14 @@ def _problem(seed=0, n=700):
     resp = torch.rand(3, n, generator=g, dtype=XT.dtype)
     coef = 0.3 * torch.randn(3, 4, generator=g, dtype=XT.dtype)
     return EMData(XT, XT, y.reshape(1, -1)), resp, coef
+
+
+def _lgamma_logpmf(eta, y, phi):
+    """log NB2(y; e^eta, phi) in its lgamma form: exact to rounding where 1 / phi is small."""
+    theta = 1.0 / phi
+    l1p = torch.log1p(phi * torch.exp(eta))
+    return (torch.lgamma(y + theta) - torch.lgamma(theta) - torch.lgamma(y + 1)
+            - (theta + y) * l1p + y * (torch.log(phi) + eta))  # fmt: skip
 
 
 @pytest.mark.parametrize("table_max", [None, 0])  # the tables, or lgamma and digamma forms
@@ -49,7 +59,7 @@ def test_the_pass_statistics_are_the_derivatives_of_q(monkeypatch, table_max):
     def q(c, a):
         eta = c @ data.XeT
         y = data.y[0]
-        return (resp * nb_logpmf(eta, y, torch.exp(a).unsqueeze(1), torch.lgamma(y + 1))).sum()
+        return (resp * _lgamma_logpmf(eta, y, torch.exp(a).unsqueeze(1))).sum()
 
     g_coef, g_a = torch.autograd.grad(q(c, a), (c, a), create_graph=True)
     d2 = torch.stack([torch.autograd.grad(g_a[k], a, retain_graph=True)[0][k] for k in range(3)])
@@ -60,7 +70,7 @@ def test_the_pass_statistics_are_the_derivatives_of_q(monkeypatch, table_max):
         torch.testing.assert_close(nk, resp.sum(1))
 
 
-def test_the_log_density_matches_the_lgamma_form():
+def test_the_log_density_matches_the_closed_form():
     data, _, coef = _problem(1)
     family = NegativeBinomialExperts(3)
     family.prepare(data)
@@ -68,6 +78,20 @@ def test_the_log_density_matches_the_lgamma_form():
     chunk = Chunk(0, data.n, data)
     ours = family.log_prob(NegativeBinomialParams(coef, phi), chunk)
     y = data.y[0]
-    ref = nb_logpmf(coef @ data.XeT, y, phi.unsqueeze(1), torch.lgamma(y + 1))
-    # the lgamma form loses digits as theta = 1 / phi grows (lgamma(1e3) is 5,900)
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-9)
+    ref = nb_logpmf(coef @ data.XeT, y, phi.unsqueeze(1))
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-11)
+
+
+def test_the_closed_form_keeps_its_digits_near_the_poisson_limit():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    y = torch.tensor([0.0, 1.0, 3.0, 10.0, 40.0], dtype=torch.float64)
+    mu = 7.0
+    for phi in (1e-12, 1e-8, 1e-3, 0.3, 5.0):
+        theta = mpmath.mpf(1) / mpmath.mpf(phi)
+        exact = [float(mpmath.loggamma(v + theta) - mpmath.loggamma(theta)
+                       - mpmath.loggamma(v + 1) + theta * mpmath.log(theta / (theta + mu))
+                       + v * mpmath.log(mu / (theta + mu))) for v in y.tolist()]  # fmt: skip
+        ours = nb_logpmf(torch.full_like(y, math.log(mu)), y, torch.tensor(phi, dtype=y.dtype))
+        # the lgamma form is 2.6e-3 off at phi = 1e-12 (lgamma(1e12) is 2.6e13)
+        torch.testing.assert_close(ours, torch.tensor(exact, dtype=y.dtype), rtol=0, atol=1e-12)

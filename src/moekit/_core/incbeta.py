@@ -61,7 +61,10 @@ def log_beta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     form loses about log10(g log g) of them).
     """
     a, b = torch.broadcast_tensors(a, b)
-    g, s = torch.maximum(a, b), torch.minimum(a, b)
+    # where, not maximum and minimum: at a tie those split the gradient between a and
+    # b, which leaves first derivatives right (B is symmetric) but halves second ones
+    first = a >= b
+    g, s = torch.where(first, a, b), torch.where(first, b, a)
     big = g >= STIRLING_FROM
     # each branch sees only values it handles (autograd follows both)
     g_big = torch.where(big, g, torch.full_like(g, STIRLING_FROM))

@@ -298,11 +298,16 @@ def _standard_errors(info: torch.Tensor) -> tuple[np.ndarray, str]:
     penalty is slipped in to invert it. Where it is not positive definite, the
     estimate is not a maximum of the likelihood, and the note says that too.
     """
-    evals, evecs = torch.linalg.eigh(info)
+    # judged on the information scaled to a unit diagonal (D^-1/2 I D^-1/2, as R's QR
+    # judges a design's rank column by column): a feature in dollars or in millions
+    # changes its parameters' units, not what the data determine
+    diag = torch.diagonal(info).abs()
+    d = torch.where(diag > 0, diag.sqrt(), torch.ones_like(diag))
+    evals, evecs = torch.linalg.eigh(info / d[:, None] / d[None, :])
     scale = evals.abs().max().clamp(min=1e-300)
     ok = evals > 1e-10 * scale
     cov = evecs @ torch.diag(torch.where(ok, 1.0 / evals, torch.zeros_like(evals))) @ evecs.T
-    var = torch.diag(cov)
+    var = torch.diag(cov) / diag.where(diag > 0, torch.ones_like(diag))
     undetermined = (evecs[:, ~ok] ** 2).sum(1) > 1e-8
     se = torch.where(undetermined | (var <= 0), torch.full_like(var, float("nan")), var.sqrt())
     notes = []
