@@ -17,13 +17,14 @@ x = log a the derivatives of log p are
            \\partial^2_{\\eta\\eta} = -a^2 z, \\; \\partial^2_{\\eta x} = a (z - 1 + z w), \\;
            \\partial^2_{xx} = w (1 - z) - w^2 z.
 
-Q is concave in eta, so the coefficients' block -H_bb is positive definite; where the
-Schur complement of the joint Hessian is too, the step is the joint Newton step (near
-the optimum always: it converges quadratically, as survreg's does), else the
-coefficients' Newton step at a fixed shape beside a guarded step in log a
-(:func:`moekit.experts._glm.guarded_newton_1d`). Both are shortened together to
-``MAX_ETA_STEP`` and a step of log a of at most 2; the EM loop checks the likelihood
-after the step and shortens it where it would fall (``monotone = False``).
+Q is concave in eta, so the coefficients' block -H_bb is positive definite. Far from
+the optimum the step is the coefficients' Newton step at a fixed shape beside a
+guarded Newton step in log a at fixed b (uphill by 2 where Q is not concave in it);
+where both are short (``JOINT_NEAR``) and the Schur complement of the joint Hessian is
+positive, the joint Newton step, which converges quadratically, as survreg's does.
+Both parts are shortened together to ``MAX_ETA_STEP`` and a step of log a of at most
+2; the EM loop checks the likelihood after the step and shortens it where it would
+fall (``monotone = False``).
 Censored and truncated rows go through :mod:`moekit.experts.censored_glm`, whose
 M-step is guarded by halving on Q itself (:meth:`WeibullExperts.interval_terms`).
 """
@@ -63,6 +64,13 @@ SHAPE_MIN, SHAPE_MAX = 1e-3, 1e3
 
 MAX_SHAPE_STEP = 2.0
 """Longest step of log a in one M-step (a factor of e^2 on the shape)."""
+
+JOINT_NEAR = 0.1
+"""The joint Newton step is taken only where the separate steps (of b at a fixed shape,
+of log a at fixed b) are at most this long: far from the optimum, from a pooled start,
+the joint quadratic model misleads (a first step to a shape of 9 and a scale 20 times
+too small was seen) where the separate steps, each on a concave or guarded 1-d model,
+do not."""
 
 EULER = 0.5772156649015329
 """Euler's constant: E[W] = -EULER for W standard minimum extreme value."""
@@ -176,11 +184,12 @@ class WeibullExperts(RidgeGLM):
         c = -cross
         u, v = psd_step(A, g, even), psd_step(A, c, even)
         s = -d_xx - (c * v).sum(1)
-        joint = (s > 1e-12 * (-d_xx).abs().clamp(min=1e-300)) & (-d_xx > 0)
-        dx_joint = (d_x - (c * u).sum(1)) / torch.where(joint, s, torch.ones_like(s))
-        # outside the joint step: the shape's own guarded step at the current b
+        # the shape's own guarded step at the current b
         dx_alone = torch.where(d_xx < 0, -d_x / d_xx.clamp(max=-1e-300),
                                torch.sign(d_x) * MAX_SHAPE_STEP)  # fmt: skip
+        near = (dx_alone.abs() <= JOINT_NEAR) & (u.abs().amax(1) <= JOINT_NEAR)
+        joint = near & (s > 1e-12 * (-d_xx).abs().clamp(min=1e-300)) & (-d_xx > 0)
+        dx_joint = (d_x - (c * u).sum(1)) / torch.where(joint, s, torch.ones_like(s))
         dx = torch.where(joint, dx_joint, dx_alone)
         db = torch.where(joint[:, None], u - v * dx.unsqueeze(1), u)
         # one factor for both parts: the joint step's direction is kept
