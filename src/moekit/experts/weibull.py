@@ -72,6 +72,11 @@ the joint quadratic model misleads (a first step to a shape of 9 and a scale 20 
 too small was seen) where the separate steps, each on a concave or guarded 1-d model,
 do not."""
 
+W_MAX = 600.0
+"""Largest w = a (log y - eta) the M-step's sums read: a row further out has
+log p_k = w - e^w below -1e260, so its responsibility is 0, and e^w, which overflows
+from 709, would make 0 * inf = NaN of the sums."""
+
 EULER = 0.5772156649015329
 """Euler's constant: E[W] = -EULER for W standard minimum extreme value."""
 
@@ -98,6 +103,7 @@ def _log_y(chunk: Chunk) -> torch.Tensor:
 def _row_terms(w: torch.Tensor, a: torch.Tensor, resp: torch.Tensor):
     """Per-row weights of the M-step's sums from w (K, c) or (S, K, c), shapes a:
     the score in eta, the curvature z, the cross term, and Q's derivatives in log a."""
+    w = w.clamp(max=W_MAX)
     z = torch.exp(w)
     rz = resp * z
     score = resp * a * (z - 1.0)
