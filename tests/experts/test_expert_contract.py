@@ -56,7 +56,8 @@ K, N, P = 3, 240, 3  # experts, rows, design columns (two features and the inter
 def _mixed(names):
     """A family per expert, its parts as MoERegressor builds them."""
     parts = {"poisson": PoissonExperts, "negative_binomial": NegativeBinomialExperts,
-             "gamma": GammaExperts, "lognormal": LogNormalExperts}  # fmt: skip
+             "gamma": GammaExperts, "lognormal": LogNormalExperts,
+             "weibull": WeibullExperts}  # fmt: skip
     return MixedExperts(names, {n: parts[n](names.count(n)) for n in dict.fromkeys(names)})
 
 
@@ -78,7 +79,8 @@ FAMILIES = {
     NegativeBinomialExperts: [(lambda: NegativeBinomialExperts(K), "count")],
     ZeroExperts: [(lambda: ZeroExperts(K), "zeros")],
     MixedExperts: [(lambda: _mixed(["poisson", "negative_binomial", "poisson"]), "count"),
-                   (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive")],
+                   (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive"),
+                   (lambda: _mixed(["weibull", "gamma", "weibull"]), "positive")],
     CensoredExperts: [(lambda: CensoredExperts(GaussianExperts(K, 1, 1e-6), 0.3), "censored"),
                       (lambda: CensoredExperts(LogNormalExperts(K), 0.0, True), "censored_log")],
     CensoredGLMExperts: [(lambda: CensoredGLMExperts(PoissonExperts(K)), "censored_count"),
