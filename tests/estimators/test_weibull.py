@@ -17,7 +17,7 @@ from scipy import optimize, stats
 from test_censored import OVARIAN
 
 from moekit import MoERegressor, load
-from moekit._core.components import weibull_shape
+from moekit._core.weibull import weibull_shape
 from moekit.experts.weibull import log1mexp_exp
 
 FIT = dict(tol=1e-12, max_iter=2000, n_init=1, random_state=0)

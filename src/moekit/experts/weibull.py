@@ -9,7 +9,7 @@ extreme value, shape a_k = 1 / sigma_k and scale lambda = e^eta.
 The coefficients are survreg's (of log lambda) and the reported ``scale`` is its
 sigma, so that one expert is R's ``survreg(..., dist = "weibull")``.
 
-M-step: one Newton step on expert k's part of Q jointly in (b_k, log a_k), from sums
+M-step: one Newton-type step on expert k's part of Q in (b_k, log a_k), from sums
 over rows at the current parameters (the statistics of a data-parallel fit). With
 x = log a the derivatives of log p are
 
