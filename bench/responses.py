@@ -17,7 +17,7 @@ calls are run and timed by ``bench/r/fit_calls.R``, as written in the table.
   agglomeration of the rows; so does moekit here: ``n_init=1, init="ward"`` (Ward's
   agglomeration of the standardised rows).
 - **One expert** (K = 1): ``glm``, ``MASS::glm.nb`` and ``survival::survreg``
-  against ``MoERegressor(n_experts=1, n_init=1)``.
+  (gaussian, lognormal and weibull) against ``MoERegressor(n_experts=1, n_init=1)``.
 
 Log-likelihoods are totals over the rows in the same units: R's ``logLik()``,
 moekit's ``log_likelihood(X, y, ...) * n``. Both keep every constant: the binomial
@@ -154,7 +154,8 @@ ROWS = [
     *(Row(f"{dist} right-censored, one expert", "lung",
           f"survreg(Surv(time, event) ~ age + female, data = d, dist = \"{dist}\")",
           expert, 1, ("time",), ("age", "female"), event="event")
-      for dist, expert in (("gaussian", "linear"), ("lognormal", "lognormal"))),
+      for dist, expert in (("gaussian", "linear"), ("lognormal", "lognormal"),
+                           ("weibull", "weibull"))),
     # several responses, no features
     *(Row("Gaussian mixture of several responses", data,
           f"Mclust(d, G = {k}, modelNames = \"{MCLUST[cov]}\", verbose = FALSE)", "linear", k,

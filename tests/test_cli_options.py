@@ -30,9 +30,9 @@ def _counts(n=120, seed=0) -> pd.DataFrame:
 
 def _target_flags(expert: str, n=120, seed=0) -> tuple[pd.DataFrame, list[str]]:
     """Data the family can model and its --target flags: counts, their positive shift
-    for Gamma and lognormal experts, successes and failures for binomial ones."""
+    for Gamma, lognormal and Weibull experts, successes and failures for binomial ones."""
     frame = _counts(n, seed)
-    if expert in ("gamma", "lognormal"):
+    if expert in ("gamma", "lognormal", "weibull"):
         return frame.assign(y=frame.y + 0.5), ["--target", "y"]
     if expert == "binomial":
         s = np.minimum(frame.y, 12)
@@ -51,7 +51,7 @@ EXPERTS, GATES = _choices("--expert"), _choices("--gate")
 
 def test_the_help_lists_the_families_the_test_runs():
     assert {"linear", "poisson", "student_t", "mlp", "binomial", "gamma", "lognormal",
-            "negative_binomial"} <= set(EXPERTS)  # fmt: skip
+            "weibull", "negative_binomial"} <= set(EXPERTS)  # fmt: skip
     assert {"softmax", "constant", "mlp"} <= set(GATES)
 
 

@@ -430,13 +430,16 @@ def _glm_target(expert: str, X: np.ndarray) -> np.ndarray:
     mean = np.exp(0.5 * X[:, 0])
     if expert in ("gamma", "lognormal"):
         return mean * rng.gamma(4.0, 0.25, len(X))
+    if expert == "weibull":
+        return mean * rng.weibull(2.0, len(X))
     if expert == "negative_binomial":
         return rng.poisson(mean * rng.gamma(2.0, 0.5, len(X))).astype(float)
     s = rng.binomial(10, 1 / (1 + np.exp(-X[:, 0])))
     return np.c_[s, 10 - s].astype(float)
 
 
-@pytest.mark.parametrize("expert", ["binomial", "gamma", "lognormal", "negative_binomial"])
+@pytest.mark.parametrize("expert", ["binomial", "gamma", "lognormal", "negative_binomial",
+                                    "weibull"])  # fmt: skip
 def test_glm_expert_files_round_trip(tmp_path, small_data, expert):
     X, _ = small_data
     y = _glm_target(expert, X)
@@ -445,7 +448,8 @@ def test_glm_expert_files_round_trip(tmp_path, small_data, expert):
     back = load(tmp_path / "g.moe")
     np.testing.assert_array_equal(back.predict(X), m.predict(X))
     assert back.log_likelihood(X, y) == m.log_likelihood(X, y)
-    field = {"gamma": "shape", "lognormal": "var", "negative_binomial": "dispersion"}.get(expert)
+    field = {"gamma": "shape", "lognormal": "var", "negative_binomial": "dispersion",
+             "weibull": "shape"}.get(expert)  # fmt: skip
     if field is not None:  # a scale parameter that is not positive is refused
         with pytest.raises(ValueError, match=rf"'expert\.{field}' holds"):
             load(

@@ -37,6 +37,8 @@ def _data(family: str, n: int = 160, seed: int = 0):
         y = rng.gamma(3.0, mu / 3.0)
     elif family == "lognormal":
         y = np.exp(rng.normal(np.log(mu), 0.3))
+    elif family == "weibull":
+        y = mu * rng.weibull(2.5, n)
     elif family == "binomial":
         s = rng.binomial(12, expit(np.where(z > 0, X[:, 0] - 1.0, 1.0 - 2.0 * X[:, 0])))
         y = np.c_[s, 12 - s].astype(float)
@@ -52,7 +54,8 @@ def _fit(family: str, X, y, k: int = 2):
 
 
 PANELS = [("poisson", "count"), ("negative_binomial", "count"), ("gamma", "positive"),
-          ("lognormal", "positive"), ("binomial", "binomial"), ("linear", "")]  # fmt: skip
+          ("lognormal", "positive"), ("weibull", "positive"), ("binomial", "binomial"),
+          ("linear", "")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("family", "kind"), PANELS)

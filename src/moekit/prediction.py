@@ -39,7 +39,7 @@ class MixturePrediction:
 
     with p a normal N(mu, diag sigma^2) (default), a multivariate Student-t with
     location mu, diagonal scales sigma and ``df`` degrees of freedom, a Poisson of
-    rate mu, or (one output) a Gamma, lognormal or negative binomial of mean mu and
+    rate mu, or (one output) a Gamma, lognormal, Weibull or negative binomial of mean mu and
     standard deviation sigma, a one-trial binomial of success probability mu, or a
     point mass at zero (mu = sigma = 0).
 
@@ -51,7 +51,7 @@ class MixturePrediction:
         Component locations (means; rates for the Poisson).
     stds : array-like, same shape as ``means``
         Component standard deviations (scales for the t; sqrt(rate) for the Poisson).
-    family : {'normal', 'student_t', 'poisson', 'gamma', 'lognormal', \
+    family : {'normal', 'student_t', 'poisson', 'gamma', 'lognormal', 'weibull', \
 'negative_binomial', 'binomial', 'zero'} or list of them, default='normal'
         The components' family, or one per component (``['zero', 'poisson']``: a
         zero-inflated Poisson).

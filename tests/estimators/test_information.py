@@ -32,6 +32,7 @@ def _targets(X, K, rng, gate):
         "negative_binomial": rng.negative_binomial(0.5, 0.5 / (0.5 + np.exp(eta + 0.5))),
         "gamma": np.exp(eta) * rng.gamma(4.0, 0.25, size=len(X)),
         "lognormal": np.exp(eta + 0.3 * rng.normal(size=len(X))),
+        "weibull": np.exp(eta) * rng.weibull(3.0, size=len(X)),
         "binomial": np.c_[s, 8 - s],
         "classes": region,
     }
@@ -68,7 +69,7 @@ def _compare(lik, rtol=1e-6, determined=True):
 
 
 FAMILIES = ["linear", "student_t", "poisson", "negative_binomial", "gamma", "lognormal",
-            "binomial", "classes"]  # fmt: skip
+            "weibull", "binomial", "classes"]  # fmt: skip
 
 
 @pytest.mark.parametrize("gate", ["softmax", "constant"])
@@ -182,7 +183,8 @@ def test_families_without_analytic_pieces_fall_back_to_autograd():
         lik.observed_hessian("numeric")
 
 
-@pytest.mark.parametrize("expert", ["poisson", "negative_binomial", "gamma", "binomial"])
+@pytest.mark.parametrize("expert", ["poisson", "negative_binomial", "gamma", "weibull",
+                                    "binomial"])  # fmt: skip
 def test_standard_errors_of_a_fit_with_an_offset(expert):
     """A constant offset c is an intercept: the model fitted with it and the same
     model with every intercept raised by c and no offset have the same likelihood, so

@@ -153,10 +153,10 @@ def test_weighted_poisson_with_offset_at_k1_equals_a_direct_fit():
     np.testing.assert_allclose(m.coef_[0], ref[1:], atol=1e-6)
 
 
-@pytest.mark.parametrize("expert", ["poisson", "negative_binomial", "gamma"])
+@pytest.mark.parametrize("expert", ["poisson", "negative_binomial", "gamma", "weibull"])
 def test_doubling_the_exposure_doubles_the_expected_count(expert):
     X, y, hours, _ = _exposure()
-    y = y + 1.0 if expert == "gamma" else y
+    y = y + 1.0 if expert in ("gamma", "weibull") else y
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = MoERegressor(n_experts=2, expert=expert, random_state=0, n_init=2)

@@ -44,6 +44,7 @@ from moekit.experts.mlp import MLPExperts
 from moekit.experts.negative_binomial import NegativeBinomialExperts
 from moekit.experts.poisson import PoissonExperts
 from moekit.experts.student_t import StudentTExperts
+from moekit.experts.weibull import WeibullExperts
 from moekit.experts.wrapped import WrappedExperts
 from moekit.experts.zero import ZeroExperts
 from moekit.fitting.model import EMModel, resized_family
@@ -55,7 +56,8 @@ K, N, P = 3, 240, 3  # experts, rows, design columns (two features and the inter
 def _mixed(names):
     """A family per expert, its parts as MoERegressor builds them."""
     parts = {"poisson": PoissonExperts, "negative_binomial": NegativeBinomialExperts,
-             "gamma": GammaExperts, "lognormal": LogNormalExperts}  # fmt: skip
+             "gamma": GammaExperts, "lognormal": LogNormalExperts,
+             "weibull": WeibullExperts}  # fmt: skip
     return MixedExperts(names, {n: parts[n](names.count(n)) for n in dict.fromkeys(names)})
 
 
@@ -73,14 +75,17 @@ FAMILIES = {
     BinomialExperts: [(lambda: BinomialExperts(K), "binomial")],
     GammaExperts: [(lambda: GammaExperts(K), "positive")],
     LogNormalExperts: [(lambda: LogNormalExperts(K), "positive")],
+    WeibullExperts: [(lambda: WeibullExperts(K), "positive")],
     NegativeBinomialExperts: [(lambda: NegativeBinomialExperts(K), "count")],
     ZeroExperts: [(lambda: ZeroExperts(K), "zeros")],
     MixedExperts: [(lambda: _mixed(["poisson", "negative_binomial", "poisson"]), "count"),
-                   (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive")],
+                   (lambda: _mixed(["gamma", "lognormal", "gamma"]), "positive"),
+                   (lambda: _mixed(["weibull", "gamma", "weibull"]), "positive")],
     CensoredExperts: [(lambda: CensoredExperts(GaussianExperts(K, 1, 1e-6), 0.3), "censored"),
                       (lambda: CensoredExperts(LogNormalExperts(K), 0.0, True), "censored_log")],
     CensoredGLMExperts: [(lambda: CensoredGLMExperts(PoissonExperts(K)), "censored_count"),
-                         (lambda: CensoredGLMExperts(GammaExperts(K), True), "censored_amount")],
+                         (lambda: CensoredGLMExperts(GammaExperts(K), True), "censored_amount"),
+                         (lambda: CensoredGLMExperts(WeibullExperts(K), True), "censored_amount")],
     CovarianceGaussianExperts: [(lambda: CovarianceGaussianExperts(K, 2, 1e-6), "real2")],
     FullGaussianExperts: [(lambda: FullGaussianExperts(K, 2, 1e-6), "real2")],
     TiedGaussianExperts: [(lambda: TiedGaussianExperts(K, 2, 1e-6), "real2")],

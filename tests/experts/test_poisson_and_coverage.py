@@ -99,6 +99,7 @@ def _draw(family: str, n: int, seed: int):
             "gamma": np.array([[-0.5, -1.0], [1.0, 0.5]]),
             "lognormal": np.array([[-0.5, -1.0], [1.0, 0.5]]),
             "negative_binomial": np.array([[0.0, -1.0], [2.0, 0.5]]),
+            "weibull": np.array([[-0.5, -1.0], [1.0, 0.5]]),
             "poisson": POISSON}[family]  # fmt: skip
     X, z, eta, rng = checks.two_experts(n, coef, seed)
     if family == "binomial":
@@ -111,6 +112,9 @@ def _draw(family: str, n: int, seed: int):
     if family == "lognormal":
         sigma = np.array([0.5, 0.3])
         return X, np.exp(eta + sigma[z] * rng.normal(size=n)), coef, {"sigma": sigma}
+    if family == "weibull":  # log y = eta + sigma W, W = log E (E exponential)
+        sigma = np.array([0.5, 0.3])
+        return X, np.exp(eta) * rng.exponential(size=n) ** sigma[z], coef, {"scale": sigma}
     if family == "negative_binomial":
         phi = np.array([0.5, 0.2])
         y = rng.poisson(rng.gamma(1 / phi[z], np.exp(eta) * phi[z]))
@@ -130,7 +134,7 @@ def _coverage(family: str, reps: int, n: int) -> float:
     return float(np.mean(hits))
 
 
-FAMILIES = ["binomial", "gamma", "lognormal", "negative_binomial", "poisson"]
+FAMILIES = ["binomial", "gamma", "lognormal", "negative_binomial", "poisson", "weibull"]
 
 
 @pytest.mark.slow

@@ -73,6 +73,8 @@ def _glm(expert, n, seed=0):
     mean = np.where(z, np.exp(0.5 + 1.5 * X[:, 0]), np.exp(2.0 - X[:, 0]))
     if expert in ("gamma", "lognormal"):
         return X, rng.gamma(3.0, mean / 3.0)
+    if expert == "weibull":
+        return X, mean * rng.weibull(2.0, n)
     if expert == "negative_binomial":
         return X, rng.poisson(rng.gamma(2.0, mean / 2.0)).astype(float)
     s = rng.binomial(12, mean / (1 + mean))
@@ -107,7 +109,7 @@ CASES = {
             lambda expert=expert, **kw: MoERegressor(n_experts=2, expert=expert, **COMMON, **kw),
             lambda expert=expert: _glm(expert, 900),
         )
-        for expert in ("gamma", "lognormal", "negative_binomial", "binomial")
+        for expert in ("gamma", "lognormal", "weibull", "negative_binomial", "binomial")
     },
     **{
         ct: (
@@ -276,7 +278,7 @@ def test_two_processes_equal_one_process_other_families(case, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["gamma", "lognormal", "negative_binomial", "binomial"])
+@pytest.mark.parametrize("case", ["gamma", "lognormal", "weibull", "negative_binomial", "binomial"])
 def test_two_processes_equal_one_process_glm_families(case, tmp_path):
     _check_equal(case, 2, tmp_path)
 

@@ -19,6 +19,7 @@ from moekit.experts.censored_glm import CensoredGLMExperts
 from moekit.experts.gamma import GammaExperts
 from moekit.experts.lognormal import LogNormalExperts
 from moekit.experts.poisson import PoissonExperts
+from moekit.experts.weibull import WeibullExperts
 from moekit.fitting import batched
 from moekit.fitting.model import EMModel
 from moekit.gates.constant import ConstantGate
@@ -45,6 +46,8 @@ def _draw(family: str, n: int, seed: int):
     elif family == "gamma":
         shape = np.array([3.0, 8.0])[z]
         y = rng.gamma(shape, np.exp(eta) / shape)
+    elif family == "weibull":
+        y = np.exp(eta) * rng.weibull(np.array([1.5, 4.0])[z])
     else:
         y = np.exp(eta + rng.normal(scale=np.array([0.3, 0.6])[z]))
     return X, y, offset
@@ -55,6 +58,7 @@ FAMILIES = {
     "binomial": lambda: BinomialExperts(K),
     "gamma": lambda: GammaExperts(K),
     "lognormal": lambda: LogNormalExperts(K),
+    "weibull": lambda: WeibullExperts(K),
 }
 
 
@@ -82,7 +86,7 @@ def test_a_glm_family_is_batched_and_its_censored_form_is_not(family):
     assert batched.can_batch(_model(family, SoftmaxGate(K), data), data)
     # censored rows go through a wrapper family, whose step is not batched
     wrap = {"poisson": CensoredGLMExperts, "gamma": CensoredGLMExperts,
-            "lognormal": CensoredExperts}.get(family)  # fmt: skip
+            "weibull": CensoredGLMExperts, "lognormal": CensoredExperts}.get(family)  # fmt: skip
     if wrap is not None:
         censored = EMModel(wrap(FAMILIES[family]()), SoftmaxGate(K))
         assert not batched.can_batch(censored, data)

@@ -16,6 +16,7 @@ def _data(expert, rng):
         "gamma": np.exp(eta) * rng.gamma(3.0, 1 / 3.0, size=150),
         "negative_binomial": rng.negative_binomial(2.0, 2.0 / (2.0 + np.exp(eta))),
         "lognormal": np.exp(eta + 0.3 * rng.normal(size=150)),
+        "weibull": np.exp(eta) * rng.weibull(2.0, size=150),
         "student_t": eta + 0.4 * rng.standard_t(3, size=150),
     }[expert]
 
@@ -32,7 +33,9 @@ def _count_starts(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("expert", ["linear", "poisson", "gamma", "negative_binomial", "lognormal"])
+@pytest.mark.parametrize(
+    "expert", ["linear", "poisson", "gamma", "negative_binomial", "lognormal", "weibull"]
+)
 def test_one_expert_of_one_optimum_makes_one_start(expert, monkeypatch):
     X, y = _data(expert, np.random.default_rng(0))
     made = _count_starts(monkeypatch)

@@ -10,7 +10,8 @@ regression).
 The families of GLM experts (Gamma, lognormal, negative binomial, binomial, a point
 mass at zero) take ``loc`` as the component's mean and ``scale`` as its standard
 deviation, from which each recovers its own parameters: the Gamma's shape
-(mean / sd)^2, the lognormal's s^2 = log(1 + (sd / mean)^2), the negative binomial's
+(mean / sd)^2, the lognormal's s^2 = log(1 + (sd / mean)^2), the Weibull's shape by a
+1-d solve, the negative binomial's
 dispersion (sd^2 - mean) / mean^2, the one-trial binomial's probability (its mean).
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from moekit._core.logspace import gaussian_logpdf, student_t_logpdf
+from moekit._core.weibull import weibull_shape
 
 
 class Normal:
@@ -191,6 +193,44 @@ class LogNormal:
         return torch.exp(mu + s * torch.randn(loc.shape, generator=gen, dtype=loc.dtype))
 
 
+class Weibull:
+    """Weibull with mean ``loc`` and standard deviation ``scale``: the shape a solves
+    Gamma(1 + 2/a) / Gamma(1 + 1/a)^2 = 1 + (sd / mean)^2 (:func:`weibull_shape`),
+    then its scale is lambda = mean / Gamma(1 + 1/a)."""
+
+    name = "weibull"
+    discrete = False
+
+    @staticmethod
+    def _shape_scale(loc, scale):
+        a = weibull_shape(scale / loc)
+        return a, loc * torch.exp(-torch.lgamma(1.0 + 1.0 / a))
+
+    @staticmethod
+    def log_prob(y, loc, scale, df=None):
+        a, lam = Weibull._shape_scale(loc, scale)
+        log_y = torch.log(y.clamp(min=1e-300))
+        w = a * (log_y - torch.log(lam))
+        return _at_support(torch.log(a) - log_y + w - torch.exp(w), y > 0)
+
+    @staticmethod
+    def cdf(y, loc, scale, df=None):
+        a, lam = Weibull._shape_scale(loc, scale)
+        z = (y.clamp(min=0.0) / lam) ** a
+        return -torch.expm1(-z)
+
+    @staticmethod
+    def variance(loc, scale, df=None):
+        return scale**2
+
+    @staticmethod
+    def sample(loc, scale, df, gen):
+        # lambda E^(1/a), E standard exponential: P(Y > y) = P(E > (y/lambda)^a)
+        a, lam = Weibull._shape_scale(loc, scale)
+        e = torch.empty(loc.shape, dtype=loc.dtype).exponential_(generator=gen)
+        return lam * e ** (1.0 / a)
+
+
 class NegativeBinomial:
     """NB2 with mean ``loc`` and standard deviation ``scale``: variance mu + phi mu^2."""
 
@@ -285,10 +325,20 @@ class Zero:
 
 FAMILIES = {
     f.name: f
-    for f in (Normal, StudentT, Poisson, Gamma, LogNormal, NegativeBinomial, Binomial, Zero)
+    for f in (
+        Normal,
+        StudentT,
+        Poisson,
+        Gamma,
+        LogNormal,
+        Weibull,
+        NegativeBinomial,
+        Binomial,
+        Zero,
+    )
 }
 #: families whose locations are means of positive or non-negative variables
-POSITIVE = {"poisson", "gamma", "lognormal", "negative_binomial", "binomial", "zero"}
+POSITIVE = {"poisson", "gamma", "lognormal", "weibull", "negative_binomial", "binomial", "zero"}
 
 
 class PerComponent:

@@ -263,8 +263,8 @@ def check_offset_family(template, rows: RowTerms) -> None:
         template = template.set_params(n_experts=len(template.expert))
     if rows.offset is not None and not getattr(expert_class(template), "takes_offset", False):
         raise UsageError(f"moekit: --offset is a known term of a log-link linear predictor "
-                         f"(--expert poisson, negative_binomial, gamma or binomial); --expert "
-                         f"{_expert_text(template.expert)} has none.")  # fmt: skip
+                         f"(--expert poisson, negative_binomial, gamma, weibull or binomial); "
+                         f"--expert {_expert_text(template.expert)} has none.")  # fmt: skip
 
 
 @contextmanager

@@ -47,7 +47,7 @@ class _Families(list):
 
 
 EXPERT_CHOICES = _Families(["linear", "poisson", "student_t", "mlp", "binomial", "gamma",
-                            "lognormal", "negative_binomial"])  # fmt: skip
+                            "lognormal", "weibull", "negative_binomial"])  # fmt: skip
 """The expert families ``moekit fit --expert`` takes (alone or as a comma-separated list)."""
 
 
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="linear",
         metavar="FAMILY[,FAMILY...]",
         help="regression experts (default: linear): linear, robust (student_t), networks "
-        "(mlp), counts (poisson, negative_binomial), positive amounts (gamma, lognormal), "
+        "(mlp), counts (poisson, negative_binomial), positive amounts and survival times "
+        "(gamma, lognormal, weibull), "
         "successes out of trials (binomial, with two --target columns) or a point mass at 0 "
         "(zero); a comma-separated list gives a family per expert and fixes K (zero,poisson: "
         "a zero-inflated Poisson)",

@@ -90,8 +90,8 @@ def pack_bounds(y, y_upper=None, truncation=None) -> np.ndarray:
 
 
 def support_bounds(family, bounds: np.ndarray, y, y_upper) -> np.ndarray:
-    """The packed bounds of a fit of count or Gamma experts, checked against their
-    support: the ends are whole counts (both included; a window's ends are rounded
+    """The packed bounds of a fit of count, Gamma or Weibull experts, checked against
+    their support: the ends are whole counts (both included; a window's ends are rounded
     inwards) or amounts >= 0, and the point of an interval is inside it (a count for
     counts). Other families' bounds are returned as they are.
     """
@@ -150,7 +150,8 @@ def pack_target(family, y, y_upper=None, truncation=None) -> np.ndarray:
 
 def censored_family(base, log_scale: float = 0.0, truncated: bool = False):
     """``base`` reading the rows' intervals: exact EM for a latent normal (linear,
-    lognormal), guarded Newton steps for count and Gamma experts; else a ValueError."""
+    lognormal), guarded Newton steps for count, Gamma and Weibull experts; else a
+    ValueError."""
     if can_censor(base):
         return CensoredExperts(base, log_scale, truncated)
     if can_censor_glm(base):
@@ -162,8 +163,8 @@ def refuse_censoring(family: type) -> None:
     """The error for a family that cannot read intervals (checked before the bounds)."""
     raise ValueError(
         "y_upper and truncation (censored or truncated responses) are for expert='linear' "
-        "with one output, 'lognormal', 'poisson', 'negative_binomial', 'binomial' or "
-        "'gamma'; got "
+        "with one output, 'lognormal', 'poisson', 'negative_binomial', 'binomial', "
+        "'gamma' or 'weibull'; got "
         f"{getattr(family, '__name__', type(family).__name__)}."  # a list: MixedExperts
     )
 
@@ -343,7 +344,7 @@ class CensoringMixin:
         With ``y_upper`` or ``truncation`` (as ``fit`` takes them), the log
         probability of each row's interval, renormalised on its window; a model fitted
         without them is evaluated on them too (linear, lognormal, Poisson, negative
-        binomial or Gamma experts).
+        binomial, Gamma or Weibull experts).
         """
         if y_upper is None and truncation is None:
             return super().log_likelihood_samples(X, y, offset)

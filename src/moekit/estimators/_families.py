@@ -12,6 +12,7 @@ from moekit.experts.mlp import MLPExperts
 from moekit.experts.negative_binomial import NegativeBinomialExperts
 from moekit.experts.poisson import PoissonExperts
 from moekit.experts.student_t import StudentTExperts
+from moekit.experts.weibull import WeibullExperts
 from moekit.experts.wrapped import WrappedExperts
 from moekit.experts.zero import ZeroExperts
 
@@ -25,6 +26,7 @@ EXPERTS = {
     "lognormal": LogNormalExperts,
     "negative_binomial": NegativeBinomialExperts,
     "zero": ZeroExperts,
+    "weibull": WeibullExperts,
 }
 
 
@@ -97,7 +99,13 @@ def named_family(est, name: str, K: int, m: int, seed: int, alone: bool = False)
         return ZeroExperts(K)
     if family is LogNormalExperts:
         return LogNormalExperts(K, var_floor=est.reg_var)
-    if family in (PoissonExperts, GammaExperts, NegativeBinomialExperts, BinomialExperts):
+    if family in (
+        PoissonExperts,
+        GammaExperts,
+        NegativeBinomialExperts,
+        BinomialExperts,
+        WeibullExperts,
+    ):
         return family(K)
     if family is StudentTExperts:
         return StudentTExperts(K, m, var_floor=est.reg_var, df=est.df)

@@ -67,7 +67,7 @@ def check_offset_family(family: type | None, expert, offset) -> None:
     if offset is not None and not getattr(family, "takes_offset", False):
         raise ValueError(
             "offset is a known term of the experts' linear predictor (log exposure), for "
-            "expert='poisson', 'negative_binomial', 'gamma' or 'binomial'; got "
+            "expert='poisson', 'negative_binomial', 'gamma', 'weibull' or 'binomial'; got "
             f"expert={expert!r}."
         )
 

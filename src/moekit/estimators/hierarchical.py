@@ -188,7 +188,7 @@ class HierarchicalMoERegressor(_TreeMixin, MoERegressor):
     gate : {'softmax'}, default='softmax'
         The nodes' gate: a softmax over the children, linear in x.
     expert : {'linear', 'student_t', 'poisson', 'mlp', 'binomial', 'gamma', 'lognormal', \
-'negative_binomial'} or regressor, default='linear'
+'weibull', 'negative_binomial'} or regressor, default='linear'
         The leaves' family, as in :class:`MoERegressor`.
     init, n_init, max_iter, tol, init_max_iter, init_sample_size, reg_var, df, \
 gate_alpha, gate_balance, warm_start, random_state, verbose, verbose_interval, device, \

@@ -50,21 +50,25 @@ class MoERegressor(OutputsMixin, RegressorMixin, CensoringMixin, BaseMoE):
         a two-layer gate softmax(V1 tanh(V2 x)) for curved regions (see
         ``gate_options``).
     expert : {'linear', 'student_t', 'poisson', 'mlp', 'binomial', 'gamma', \
-'lognormal', 'negative_binomial', 'zero'}, list of them, or regressor, default='linear'
+'lognormal', 'weibull', 'negative_binomial', 'zero'}, list of them, or regressor, \
+default='linear'
         Expert family: linear-Gaussian; linear with Student-t noise (robust to
         outliers, see ``df``); Poisson regression with a log link for counts; a
         small neural network per expert (see ``expert_options``); logistic
         regression of successes out of trials, with y two columns (successes,
         failures: R's ``cbind(s, f)``; ``predict`` gives the probability of
-        success); Gamma regression with a log link and a shape per expert, or
-        lognormal regression (linear on log y), for positive amounts; negative
+        success); Gamma regression with a log link and a shape per expert,
+        lognormal regression (linear on log y), or Weibull regression (R's
+        ``survreg`` default: log y = b_k . x + sigma_k W, W extreme value; the
+        summary reports survreg's coefficients and ``scale`` sigma_k), for positive
+        amounts and survival times; negative
         binomial (NB2) regression with a log link and a dispersion per expert, for
         over-dispersed counts; or a point mass at zero (for zero-inflated models
         with count experts). A list of ``n_experts`` names gives each expert its
         own family, among families of one kind of target: counts (``'poisson'``,
         ``'negative_binomial'``, ``'zero'``; ``['zero', 'poisson']`` is a
         zero-inflated Poisson whose gate models where the zeros come from) or
-        positive amounts (``'gamma'``, ``'lognormal'``). Any scikit-learn
+        positive amounts (``'gamma'``, ``'lognormal'``, ``'weibull'``). Any scikit-learn
         regressor whose ``fit`` accepts ``sample_weight`` (a decision tree, gradient
         boosting...) is cloned per expert and refitted with the responsibilities as
         weights; its Gaussian noise scale comes from the weighted residuals. Such
@@ -176,7 +180,7 @@ class MoERegressor(OutputsMixin, RegressorMixin, CensoringMixin, BaseMoE):
         to end in rank order. An iteration exchanges O(K p^2) floats for linear
         experts, whatever n; the starts gather at most ``init_sample_size`` rows onto
         every process, once (``docs/user_guide/distributed.md``). Linear, Student-t,
-        Poisson, binomial, Gamma, lognormal and negative binomial experts with the
+        Poisson, binomial, Gamma, lognormal, Weibull and negative binomial experts with the
         softmax, constant or tree gate; not MLP or scikit-learn experts nor the MLP
         gate, whose M-steps need every row. Queries (``score``, ``log_likelihood``,
         ``summary``...) answer for the rows they are given.
@@ -293,11 +297,12 @@ class MoERegressor(OutputsMixin, RegressorMixin, CensoringMixin, BaseMoE):
             weight fits as the row repeated; rows of weight zero are dropped).
         offset : array-like of shape (n_samples,), optional
             A known term of every expert's linear predictor, not the gate's (log
-            exposure), for Poisson, negative binomial, Gamma and binomial experts.
+            exposure), for Poisson, negative binomial, Gamma, Weibull and binomial
+            experts.
             With ``y_upper``, each row's lower bound (-inf: left-censored).
         y_upper : array-like of shape (n_samples,), optional
             Censored responses (``expert='linear'``, ``'lognormal'``, ``'poisson'``,
-            ``'negative_binomial'``, ``'binomial'`` or ``'gamma'``): y_i lies in
+            ``'negative_binomial'``, ``'binomial'``, ``'gamma'`` or ``'weibull'``): y_i lies in
             [y_i, y_upper_i]; inf is right-censored at y_i, NaN or y_i itself exact.
             Counts: whole numbers, both ends included. Binomial: the bounds of the
             successes (y's first column), y_upper at most the trials s + f.

@@ -1,5 +1,5 @@
 """Censored and truncated responses for GLM experts without a latent normal:
-Poisson and negative binomial counts, binomial successes and Gamma amounts.
+Poisson and negative binomial counts, binomial successes, Gamma and Weibull amounts.
 
 Each row i is known to lie in [l_i, u_i] (l_i = u_i: observed exactly; u_i = inf:
 right-censored; l_i = 0 or -inf: left-censored) and, with truncation, is observed only
@@ -12,7 +12,8 @@ inside a window [t_i, v_i]. Expert k's log-likelihood of the row is
 
 the interval probabilities from regularised incomplete gamma functions in log space
 (:mod:`moekit._core.incgamma`; the negative binomial's from regularised incomplete
-beta functions, :mod:`moekit._core.incbeta`, as are the binomial's), finite far into either
+beta functions, :mod:`moekit._core.incbeta`, as are the binomial's; the Weibull's in
+closed form, log(S(l) - S(u)) with log S = -(y / lambda)^a), finite far into either
 tail. For counts both ends count: [3, inf] is Y >= 3 and a window [1, inf] is zero
 truncation. The binomial's target is coded with its point's two columns (s, f) first,
 whose sum, the row's trials, its ``interval_terms`` reads (``point=``).
@@ -26,7 +27,7 @@ and second derivatives of log p_ik in the linear predictor eta_ik,
 
 t = 1, 1/2, 1/4, ... until expert k's part of Q, sum_i r_ik log p_ik less its ridge,
 does not fall (an expert whose step never passes keeps its coefficients). Gamma
-experts then take a safeguarded Newton step in log a on the same objective, its
+(and Weibull) experts then take a safeguarded Newton step in log a on the same objective, its
 derivatives by central differences (torch has no derivative of the incomplete gamma
 function in its shape): at most 1 long, uphill where Q is not concave, halved until
 Q does not fall; negative binomial experts take the same step in log phi. Each part
@@ -88,7 +89,7 @@ _DELEGATED = frozenset({
 def interval_family(family):
     """What gives ``family``'s (a class or an instance) probabilities of intervals:
     the family itself where it has ``interval_terms`` and ``exact_derivatives``
-    (Poisson, negative binomial, binomial, Gamma), else None."""
+    (Poisson, negative binomial, binomial, Gamma, Weibull), else None."""
     if hasattr(family, "interval_terms") and hasattr(family, "exact_derivatives"):
         return family
     return None
@@ -96,7 +97,7 @@ def interval_family(family):
 
 def can_censor_glm(family) -> bool:
     """Whether ``family`` gives the probabilities of intervals (Poisson, negative
-    binomial, binomial, Gamma)."""
+    binomial, binomial, Gamma, Weibull)."""
     return interval_family(family) is not None
 
 
@@ -106,7 +107,8 @@ class CensoredGLMExperts:
 
     Parameters
     ----------
-    base : PoissonExperts, NegativeBinomialExperts, BinomialExperts or GammaExperts
+    base : PoissonExperts, NegativeBinomialExperts, BinomialExperts, GammaExperts or
+        WeibullExperts
     truncated : bool, default=False
         Whether the fit's rows are truncated.
     """

@@ -35,7 +35,7 @@ from moekit._core.reporting import Report, Scaling
 #: which families may share one list: those that model the same kind of target
 TARGET_KINDS = {
     "poisson": "counts", "negative_binomial": "counts", "zero": "counts",
-    "gamma": "positive amounts", "lognormal": "positive amounts",
+    "gamma": "positive amounts", "lognormal": "positive amounts", "weibull": "positive amounts",
 }  # fmt: skip
 _PARAM_TYPES: dict[tuple[str, ...], type] = {}
 

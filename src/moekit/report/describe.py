@@ -316,7 +316,7 @@ PROPORTION_BINS = 10
 def family_kind(d: Any) -> str:
     """Which check fits a predictive mixture's family: ``"count"`` (Poisson, negative
     binomial, a point mass at zero and mixtures of them), ``"binomial"``, ``"positive"``
-    (Gamma, lognormal) or ``""`` (the coverage table alone)."""
+    (Gamma, lognormal, Weibull) or ``""`` (the coverage table alone)."""
     from moekit._core.components import component_family
 
     names = d.family if isinstance(d.family, list) else [d.family]  # one per component
@@ -324,7 +324,7 @@ def family_kind(d: Any) -> str:
         return "binomial"
     if component_family(d.family).discrete:
         return "count"
-    return "positive" if set(names) <= {"gamma", "lognormal", "zero"} else ""
+    return "positive" if set(names) <= {"gamma", "lognormal", "weibull", "zero"} else ""
 
 
 def count_frequencies(d: Any, y, most: int = COUNT_VALUES) -> list[list[Any]]:

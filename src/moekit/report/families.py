@@ -5,7 +5,7 @@ has a sharper question, drawn here from the fitted mixture's predictive
 distribution (its ``cdf`` and ``logpdf``) with the numbers from
 :mod:`moekit.report.describe`:
 
-- positive amounts (Gamma, lognormal) and censored responses: a P-P panel of the
+- positive amounts (Gamma, lognormal, Weibull) and censored responses: a P-P panel of the
   probability integral transform u_i = F(y_i | x_i) against the uniform, which it
   follows where the model is right (Kaplan-Meier for censored rows); censored counts
   and successes take the randomised transform of discrete responses
