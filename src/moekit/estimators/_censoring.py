@@ -159,13 +159,16 @@ def censored_family(base, log_scale: float = 0.0, truncated: bool = False):
     refuse_censoring(type(base))
 
 
-def refuse_censoring(family: type) -> None:
-    """The error for a family that cannot read intervals (checked before the bounds)."""
+def refuse_censoring(family: type, expert=None) -> None:
+    """The error for a family that cannot read intervals (checked before the bounds);
+    ``expert`` is the estimator's argument, named as the user gave it."""
+    got = f"expert={expert!r}" if expert is not None else getattr(family, "__name__", family)
+    if isinstance(expert, (list, tuple)):
+        got += " (a list of families has no censored form yet)"
     raise ValueError(
         "y_upper and truncation (censored or truncated responses) are for expert='linear' "
         "with one output, 'lognormal', 'poisson', 'negative_binomial', 'binomial', "
-        "'gamma' or 'weibull'; got "
-        f"{getattr(family, '__name__', type(family).__name__)}."  # a list: MixedExperts
+        f"'gamma' or 'weibull'; got {got}."
     )
 
 
@@ -271,7 +274,7 @@ class CensoringMixin:
                 raise ValueError("y_upper and truncation are not available with distributed=True.")
             family = self._expert_class()
             if not (hasattr(family, "latent_normal") or can_censor_glm(family)):
-                refuse_censoring(family)
+                refuse_censoring(family, self.expert)
             bounds = pack_target(family, y, y_upper, truncation)
             w = check_sample_weight(sample_weight, len(bounds))
             if w is not None and not (w > 0).all():
