@@ -91,3 +91,17 @@ def test_icl_reads_an_offset_and_censored_rows_as_the_fit_did():
         # the responsibilities without the offset (or the bounds) are another posterior
         assert abs(icl(best, X, target) - row["icl"]) > 1.0
         assert table.loc[0, "icl"] == pytest.approx(table.loc[0, "bic"])  # one expert: EN = 0
+
+
+def test_verbose_lines_say_which_fits_shed_experts(capsys):
+    rng = np.random.default_rng(0)
+    X = rng.uniform(size=(150, 1))
+    y = 1.0 + 2.0 * X[:, 0] + 0.3 * rng.normal(size=150)  # one line: extra experts starve
+    _, table = select_n_experts(MoERegressor(random_state=0), X, y, [1, 2, 3], verbose=1)
+    lines = capsys.readouterr().out.splitlines()
+    shed = table["n_experts_fitted"] < table["n_experts"]
+    assert shed.any() and len(lines) == len(table)
+    for line, (_, row) in zip(lines, table.iterrows(), strict=True):
+        left = int(row["n_experts_fitted"])
+        said = f"({left} expert{'s' * (left != 1)} left: the others held less than min_share"
+        assert (said in line) == (left < row["n_experts"]), line

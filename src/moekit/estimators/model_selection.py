@@ -189,7 +189,18 @@ def select_n_experts(
         models[k] = model
         if verbose:
             r = rows[-1]
-            print(f"K = {k}: log-likelihood {ll:.2f}, {criterion.upper()} {r[criterion]:.2f}")
+            left = r["n_experts_fitted"]
+            shed = (
+                (
+                    f" ({left} expert{'s' * (left != 1)} left: the others held less than "
+                    f"min_share of the rows, so this is a K = {left} fit)"
+                )
+                if left < k
+                else ""
+            )
+            print(
+                f"K = {k}: log-likelihood {ll:.2f}, {criterion.upper()} {r[criterion]:.2f}" + shed
+            )
     table = pd.DataFrame(rows)
     # a K fit that shed experts below min_share is a smaller model, which its own K
     # fits too: only fits that kept every expert compete, so that model choice never
