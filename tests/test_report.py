@@ -150,13 +150,14 @@ def test_the_coverage_is_the_share_of_rows_inside_each_interval(regression):
     rows = coverage(model, Xt.to_numpy(), yt)
     assert [r[0] for r in rows] == [f"{level:.0%}" for level in LEVELS]
     d = model.predict_distribution(Xt)
-    for (_, covered, interval, width), level in zip(rows, LEVELS, strict=True):
+    for (_, expected, covered, interval, width), level in zip(rows, LEVELS, strict=True):
+        assert expected == pytest.approx(level)  # a continuous central interval holds its level
         lo, hi = d.interval(level)
         assert covered == pytest.approx(np.mean((lo <= yt) & (yt <= hi)))
         assert width == pytest.approx(np.mean(hi - lo), rel=1e-6)
         k_lo, k_hi = wilson_interval(round(covered * len(yt)), len(yt))
         assert interval == f"{k_lo:.3f}-{k_hi:.3f}" and k_lo <= covered <= k_hi
-    assert np.all(np.diff([r[3] for r in rows]) > 0)  # wider intervals at higher levels
+    assert np.all(np.diff([r[4] for r in rows]) > 0)  # wider intervals at higher levels
 
 
 def test_sections_take_a_prefix_and_a_level_and_skip_the_criterion_without_a_table(regression):

@@ -287,3 +287,36 @@ def test_experts_removed_during_em_are_counted_not_hidden():
     said = f"{K} ({removed} of the 8 asked for were removed during EM"
     assert said in text_report(model, X, y) and said in html_report(model, X, y)
     assert f"sum over k = 1..{K} of" in model_formula(model)
+
+
+def test_counts_are_held_to_the_coverage_their_intervals_promise():
+    # a count's central 90% interval holds more than 90%: the share the model expects
+    # is F(q_b) - F(q_a - 1), and the headline compares each model with its own
+    from scipy import stats
+
+    from moekit.report.headline import expected_inside
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 2, (400, 1))
+    z = rng.random(400) < 0.5
+    y = rng.poisson(np.exp(np.where(z, 0.2 + 0.5 * X[:, 0], 1.8 - 0.3 * X[:, 0]))).astype(float)
+    model = MoERegressor(2, expert="poisson", n_init=2, random_state=0).fit(X[:300], y[:300])
+    d = model.predict_distribution(X[300:])
+    q_a, q_b = d.quantile(0.05), d.quantile(0.95)
+    mu, w = d.means, d.weights
+    cdf = lambda q: (w * stats.poisson.cdf(q[:, None], mu)).sum(1)  # noqa: E731
+    promised = expected_inside(d, 0.9)
+    np.testing.assert_allclose(promised, cdf(q_b) - cdf(q_a - 1), rtol=1e-10)
+    assert (promised >= 0.9 - 1e-12).all() and promised.mean() > 0.92
+    check = held_out_check(model, X[300:], y[300:], MoERegressor(1, expert="poisson").fit(
+        X[:300], y[:300]))  # fmt: skip
+    assert check.expected == pytest.approx(promised.mean())
+    assert "; the model expects" in check.coverage_text()
+    # a mixture covering what it promises is not "worse" than one expert nearer 90%
+    fair = HeldOutCheck(n=400, n_experts=2, log_likelihood=-2.0, baseline_log_likelihood=-2.1,
+                        covered=382, baseline_covered=361, expected=0.955,
+                        baseline_expected=0.95)  # fmt: skip
+    assert fair.verdict() == ""
+    nominal = HeldOutCheck(n=400, n_experts=2, log_likelihood=-2.0, baseline_log_likelihood=-2.1,
+                           covered=382, baseline_covered=361)  # fmt: skip
+    assert nominal.verdict() != ""  # against 90%, as before

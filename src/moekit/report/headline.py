@@ -77,6 +77,9 @@ class HeldOutCheck:
         Mean log p(y | x) per held-out row, of the mixture and of K = 1 (NaN without one).
     covered, baseline_covered : int
         Rows inside the central :data:`HEADLINE_LEVEL` interval (-1 for a classifier).
+    expected, baseline_expected : float
+        The share each model expects inside its intervals (:func:`expected_inside`):
+        the level itself, or more for counts, whose central intervals hold at least it.
     """
 
     n: int
@@ -85,17 +88,24 @@ class HeldOutCheck:
     baseline_log_likelihood: float = float("nan")
     covered: int = -1
     baseline_covered: int = -1
+    expected: float = HEADLINE_LEVEL
+    baseline_expected: float = HEADLINE_LEVEL
 
     @property
     def coverage(self) -> float:
         return self.covered / self.n
 
     def coverage_text(self, covered: int | None = None) -> str:
-        """``"79.6% of 27 rows (95% interval 61.1-91.0%)"``."""
+        """``"79.6% of 27 rows (95% interval 61.1-91.0%)"``, and the share the model
+        expects where it is not the level (counts)."""
         covered = self.covered if covered is None else covered
         lo, hi = wilson_interval(covered, self.n)
-        return (f"{covered / self.n:.1%} of {self.n} rows ({CONFIDENCE:.0%} interval "
+        text = (f"{covered / self.n:.1%} of {self.n} rows ({CONFIDENCE:.0%} interval "
                 f"{lo:.1%}-{hi:.1%})")  # fmt: skip
+        if covered == self.covered and abs(self.expected - HEADLINE_LEVEL) > 1e-9:
+            text += (f"; the model expects {self.expected:.1%} (a count's central "
+                     f"interval holds at least {HEADLINE_LEVEL:.0%})")  # fmt: skip
+        return text
 
     def verdict(self) -> str:
         """A plain sentence when the mixture does worse than one expert; else ""."""
@@ -106,10 +116,11 @@ class HeldOutCheck:
             said.append(f"its held-out log-likelihood is {self.log_likelihood:.4g} per row "
                         f"against {self.baseline_log_likelihood:.4g} for K = 1")  # fmt: skip
         if self.covered >= 0 and self.baseline_covered >= 0:
+            # each against the share it expects: a count's 90% interval holds more
             lo, hi = wilson_interval(self.covered, self.n)
-            off = abs(self.coverage - HEADLINE_LEVEL)
-            off_one = abs(self.baseline_covered / self.n - HEADLINE_LEVEL)
-            if not lo <= HEADLINE_LEVEL <= hi and off > off_one:
+            off = abs(self.coverage - self.expected)
+            off_one = abs(self.baseline_covered / self.n - self.baseline_expected)
+            if not lo <= self.expected <= hi and off > off_one:
                 said.append(f"its {HEADLINE_LEVEL:.0%} intervals cover {self.coverage_text()}, "
                             f"against {self.baseline_covered / self.n:.1%} for K = 1")  # fmt: skip
         if not said:
@@ -134,6 +145,21 @@ def inside_interval(d, y, level: float) -> np.ndarray:
     if component_family(d.family).discrete:  # one family, or one per component
         return (F >= a) & (d.cdf(y - 1) < b)
     return (F >= a) & (F <= b)
+
+
+def expected_inside(d, level: float) -> np.ndarray:
+    """The predictive distribution's own probability of each row's central ``level``
+    interval, shape (n,): ``level`` for a continuous family; for counts, whose CDF
+    jumps, P(q_a <= Y <= q_b) = F(q_b) - F(q_a - 1) >= level, with q_a and q_b the
+    smallest counts whose CDF reaches a = (1 - level) / 2 and b = (1 + level) / 2
+    (the rows :func:`inside_interval` counts)."""
+    from moekit._core.components import component_family
+
+    if not component_family(d.family).discrete:
+        return np.full(len(d), level)
+    q_a, q_b = d.quantile((1 - level) / 2), d.quantile((1 + level) / 2)
+    below = np.where(q_a > 0, d.cdf(np.maximum(q_a - 1.0, 0.0)), 0.0)
+    return d.cdf(q_b) - below
 
 
 def two_column_target(model: Any) -> bool:
@@ -171,10 +197,12 @@ def held_out_check(model: Any, X_test, y_test, baseline: Any | None = None,
     if intervals:
         d = model.predict_distribution(_named(model, X_test), **offset)
         check.covered = int(inside_interval(d, y_test, HEADLINE_LEVEL).sum())
+        check.expected = float(expected_inside(d, HEADLINE_LEVEL).mean())
     if baseline is not None:
         Xb = _named(baseline, X_test)
         check.baseline_log_likelihood = float(baseline.log_likelihood(Xb, y_test, **rows))
         if intervals:
             d = baseline.predict_distribution(Xb, **offset)
             check.baseline_covered = int(inside_interval(d, y_test, HEADLINE_LEVEL).sum())
+            check.baseline_expected = float(expected_inside(d, HEADLINE_LEVEL).mean())
     return check

@@ -11,7 +11,7 @@ import numpy as np
 from moekit.plotting import _named as named
 from moekit.plotting import _pyplot, expert_colors, plot_regression_fit
 from moekit.report.describe import feature_names, model_formula
-from moekit.report.headline import inside_interval, wilson_interval
+from moekit.report.headline import expected_inside, inside_interval, wilson_interval
 
 __all__ = ["COVERAGE_HEADER", "LEVELS", "WIDTH_ROWS", "coverage", "feature_names",
            "fit_figure", "gate_figure", "model_formula", "named"]  # fmt: skip
@@ -142,17 +142,19 @@ WIDTH_ROWS = 2000
 """Rows (at random) over which the mean interval width is taken on larger data."""
 
 
-COVERAGE_HEADER = ["nominal", "covered", "95% interval of covered", "mean width"]
+COVERAGE_HEADER = ["nominal", "expected", "covered", "95% interval of covered", "mean width"]
 """The columns of :func:`coverage`'s rows."""
 
 
 def coverage(model, X, y, offset=None) -> list[list[Any]]:
-    """Share of rows inside each central interval, its binomial interval, and the
-    intervals' mean width.
+    """Share of rows inside each central interval, the share the model expects there,
+    its binomial interval, and the intervals' mean width.
 
     Whether a row is inside needs the CDF at y alone (see
     :func:`~moekit.report.headline.inside_interval`); the share's interval is Wilson's;
-    the widths are averaged over at most ``WIDTH_ROWS`` rows.
+    the expected share (the level, or more for counts:
+    :func:`~moekit.report.headline.expected_inside`) and the widths are averaged over
+    at most ``WIDTH_ROWS`` rows.
     """
     d = model.predict_distribution(named(model, X),
                                    **({} if offset is None else {"offset": offset}))  # fmt: skip
@@ -165,6 +167,7 @@ def coverage(model, X, y, offset=None) -> list[list[Any]]:
         inside = inside_interval(d, y, level)
         lo, hi = dw.interval(level)
         k_lo, k_hi = wilson_interval(int(inside.sum()), len(y))
-        rows.append([f"{level:.0%}", float(inside.mean()), f"{k_lo:.3f}-{k_hi:.3f}",
+        expected = float(expected_inside(dw, level).mean())
+        rows.append([f"{level:.0%}", expected, float(inside.mean()), f"{k_lo:.3f}-{k_hi:.3f}",
                      float(np.mean(hi - lo))])  # fmt: skip
     return rows
