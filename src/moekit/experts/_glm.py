@@ -30,6 +30,7 @@ from moekit._core.batch import design_sums, empty_experts, times_design
 from moekit._core.data import unpack_grams
 from moekit._core.linalg import even_system, solve_psd
 from moekit._core.reporting import Report, Scaling, coef_from_data, coef_labels, coef_to_data
+from moekit._core.validation import check_finite
 
 MAX_ETA_STEP = 5.0
 """Largest change of any coefficient in one Newton step, on the standardised design.
@@ -256,3 +257,42 @@ class RidgeGLM:
     def n_outputs(self) -> int:
         """One output (a count, an amount, a probability of success)."""
         return 1
+
+
+class ShapedAmountGLM(RidgeGLM):
+    """Members the GLM families of positive amounts with a shape per expert share
+    (Gamma, Weibull): parameters ``params_type(coef, shape)``, coef (K, p) and shape
+    (K,), a target of one column of amounts > 0 whose logs every pass reads, and the
+    shape's log as its free tensor. ``predictive_family`` names the family in errors.
+    """
+
+    @classmethod
+    def check_target(cls, y2: np.ndarray) -> np.ndarray:
+        """One column of positive amounts (ValueError naming the option otherwise)."""
+        return check_positive(y2, cls.predictive_family)
+
+    def prepare(self, data) -> None:
+        data.cache["log_y"] = torch.log(data.y[0])
+
+    def n_parameters(self, params) -> int:
+        return int(params.coef.numel() + params.shape.numel())
+
+    def min_samples(self, params) -> float:
+        return float(params.coef.shape[1] + 1)
+
+    def select(self, params, perm: torch.Tensor):
+        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
+        return self.params_type(params.coef[perm].contiguous(), params.shape[perm].contiguous())
+
+    def to_free(self, params) -> dict[str, torch.Tensor]:
+        return {"coef": params.coef, "log_shape": torch.log(params.shape)}
+
+    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the parameters' fields for a design of p columns."""
+        return {"coef": (self.n_experts, p), "shape": (self.n_experts,)}
+
+    def check_params(self, params, prefix: str = "") -> None:
+        """Refuse non-finite coefficients and shapes that are not positive and finite."""
+        check_finite(prefix + "coef", params.coef)
+        if not bool((torch.isfinite(params.shape) & (params.shape > 0)).all()):
+            raise ValueError(f"{prefix + 'shape'!r} holds shapes that are not positive and finite")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from moekit._core.batch import batched_grams, flat_grams
@@ -35,10 +34,8 @@ from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.incgamma import log_difference, log_gamma_pq
 from moekit._core.reporting import Report, Scaling
-from moekit._core.validation import check_finite
 from moekit.experts._glm import (
-    RidgeGLM,
-    check_positive,
+    ShapedAmountGLM,
     chunk_eta,
     chunk_eta_many,
     coef_of_report,
@@ -139,7 +136,7 @@ def _log_y(chunk: Chunk) -> torch.Tensor:
     return cached[chunk.start : chunk.stop] if cached is not None else torch.log(chunk.y[0])
 
 
-class GammaExperts(RidgeGLM):
+class GammaExperts(ShapedAmountGLM):
     """K Gamma regressions with a log link and a shape per expert.
 
     Parameters
@@ -153,14 +150,6 @@ class GammaExperts(RidgeGLM):
     monotone = False  # a scoring step; the EM loop checks and shortens it
     params_type = GammaParams
     predictive_family = "gamma"
-
-    @staticmethod
-    def check_target(y2: np.ndarray) -> np.ndarray:
-        """One column of positive amounts (ValueError naming the option otherwise)."""
-        return check_positive(y2, "gamma")
-
-    def prepare(self, data: EMData) -> None:
-        data.cache["log_y"] = torch.log(data.y[0])
 
     def init_params(self, data: EMData) -> GammaParams:
         coef = self.start_coef(data.XeT, start_log_mean(data))
@@ -230,25 +219,12 @@ class GammaExperts(RidgeGLM):
                            many=True)  # fmt: skip
         return GammaParams(new.coef.view(S, K, p), new.shape.view(S, K))
 
-    def n_parameters(self, params: GammaParams) -> int:
-        return int(params.coef.numel() + params.shape.numel())
-
-    def min_samples(self, params: GammaParams) -> float:
-        return float(params.coef.shape[1] + 1)
-
-    def select(self, params: GammaParams, perm: torch.Tensor) -> GammaParams:
-        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
-        return GammaParams(params.coef[perm].contiguous(), params.shape[perm].contiguous())
-
     def residuals(self, params: GammaParams, chunk: Chunk) -> torch.Tensor:
         """Pearson residuals (y - mu_k) / (mu_k / sqrt(a_k)), shape (K, 1, c)."""
         u = chunk.y[0] * torch.exp(-(chunk_eta(params.coef, chunk)))
         return ((u - 1.0) * params.shape.sqrt().unsqueeze(1)).unsqueeze(1)
 
     # ------------------------------------------------------------ differentiable view
-    def to_free(self, params: GammaParams) -> dict[str, torch.Tensor]:
-        return {"coef": params.coef, "log_shape": torch.log(params.shape)}
-
     def from_free(self, free: dict[str, torch.Tensor]) -> GammaParams:
         return GammaParams(free["coef"], _shape(free))
 
@@ -343,15 +319,6 @@ class GammaExperts(RidgeGLM):
         return mean, mean / params.shape.sqrt().view(1, -1, 1)
 
     # ------------------------------------------------------------ model files
-    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the :class:`GammaParams` fields for a design of p columns."""
-        return {"coef": (self.n_experts, p), "shape": (self.n_experts,)}
-
-    def check_params(self, params: GammaParams, prefix: str = "") -> None:
-        """Refuse non-finite coefficients and shapes that are not positive and finite."""
-        check_finite(prefix + "coef", params.coef)
-        if not bool((torch.isfinite(params.shape) & (params.shape > 0)).all()):
-            raise ValueError(f"{prefix + 'shape'!r} holds shapes that are not positive and finite")
 
 
 def _shape(free: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -34,18 +34,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from moekit._core.batch import batched_grams, flat_grams
 from moekit._core.data import Chunk, EMData
 from moekit._core.derivatives import LocalDerivatives
 from moekit._core.reporting import Report, Scaling
-from moekit._core.validation import check_finite
 from moekit.experts._glm import (
     MAX_ETA_STEP,
-    RidgeGLM,
-    check_positive,
+    ShapedAmountGLM,
     chunk_eta,
     chunk_eta_many,
     coef_of_report,
@@ -125,7 +122,7 @@ def start_params(data: EMData) -> tuple[float, float]:
     return float(log_y.mean()) + EULER * sigma, 1.0 / sigma
 
 
-class WeibullExperts(RidgeGLM):
+class WeibullExperts(ShapedAmountGLM):
     """K Weibull regressions (accelerated failure time: log lambda = b_k . x) with a
     shape per expert.
 
@@ -140,14 +137,6 @@ class WeibullExperts(RidgeGLM):
     monotone = False  # a Newton step; the EM loop checks and shortens it
     params_type = WeibullParams
     predictive_family = "weibull"
-
-    @staticmethod
-    def check_target(y2: np.ndarray) -> np.ndarray:
-        """One column of positive amounts (ValueError naming the option otherwise)."""
-        return check_positive(y2, "weibull")
-
-    def prepare(self, data: EMData) -> None:
-        data.cache["log_y"] = torch.log(data.y[0])
 
     def init_params(self, data: EMData) -> WeibullParams:
         intercept, shape = start_params(data)
@@ -240,16 +229,6 @@ class WeibullExperts(RidgeGLM):
                            has_weight_many(nk), even=True)  # fmt: skip
         return WeibullParams(new.coef.view(S, K, p), new.shape.view(S, K))
 
-    def n_parameters(self, params: WeibullParams) -> int:
-        return int(params.coef.numel() + params.shape.numel())
-
-    def min_samples(self, params: WeibullParams) -> float:
-        return float(params.coef.shape[1] + 1)
-
-    def select(self, params: WeibullParams, perm: torch.Tensor) -> WeibullParams:
-        """The experts ``perm`` (indices may repeat), as the parameters of len(perm) experts."""
-        return WeibullParams(params.coef[perm].contiguous(), params.shape[perm].contiguous())
-
     def residuals(self, params: WeibullParams, chunk: Chunk) -> torch.Tensor:
         """Standardised residuals of log y, (w + EULER) / (pi / sqrt 6), W's mean and
         standard deviation taken out, shape (K, 1, c)."""
@@ -257,9 +236,6 @@ class WeibullExperts(RidgeGLM):
         return ((w + EULER) * (math.sqrt(6.0) / math.pi)).unsqueeze(1)
 
     # ------------------------------------------------------------ differentiable view
-    def to_free(self, params: WeibullParams) -> dict[str, torch.Tensor]:
-        return {"coef": params.coef, "log_shape": torch.log(params.shape)}
-
     def from_free(self, free: dict[str, torch.Tensor]) -> WeibullParams:
         """The parameters of free tensors, the shape kept inside [``SHAPE_MIN``,
         ``SHAPE_MAX``]: SQUAREM extrapolates in the free tensors, and a shape far
@@ -365,15 +341,6 @@ class WeibullExperts(RidgeGLM):
         return mean.unsqueeze(-1), (mean * cv).unsqueeze(-1)
 
     # ------------------------------------------------------------ model files
-    def param_shapes(self, p: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the :class:`WeibullParams` fields for a design of p columns."""
-        return {"coef": (self.n_experts, p), "shape": (self.n_experts,)}
-
-    def check_params(self, params: WeibullParams, prefix: str = "") -> None:
-        """Refuse non-finite coefficients and shapes that are not positive and finite."""
-        check_finite(prefix + "coef", params.coef)
-        if not bool((torch.isfinite(params.shape) & (params.shape > 0)).all()):
-            raise ValueError(f"{prefix + 'shape'!r} holds shapes that are not positive and finite")
 
 
 def _shape(free: dict[str, torch.Tensor]) -> torch.Tensor:
