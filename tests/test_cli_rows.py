@@ -280,3 +280,18 @@ def test_predict_gives_a_binomial_models_successes_for_each_rows_trials(tmp_path
     assert main(["predict", str(tmp_path / "lin" / "model.moe"), str(tmp_path / "data.csv"),
                  "--trials", "total"]) == 2  # fmt: skip
     assert "--trials is for a model of binomial experts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("expert", "said"), [
+    ("zero,poisson", "--expert zero,poisson has no censored form (a list of families has none"),
+    ("student_t", "--expert student_t has no censored form."),
+])  # fmt: skip
+def test_censoring_with_a_family_that_cannot_read_it_is_one_line_in_the_commands_words(
+    tmp_path, capsys, expert, said
+):
+    frame = _survival().assign(time=lambda d: np.round(d.time * 3))
+    assert _run(tmp_path, frame, "--target", "time", "--features", "x", "--expert", expert,
+                "--censored-above", "upper") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert said in err and "--censored-above and --event are for --expert linear" in err
+    assert "\n" not in err and "y_upper" not in err
