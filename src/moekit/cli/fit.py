@@ -123,11 +123,6 @@ def row_columns(args) -> set[str]:
     return {c for c in (args.weights, args.censored_above, args.event) if c is not None}
 
 
-CENSORED_FAMILIES = ("linear", "lognormal", "weibull", "gamma", "poisson", "negative_binomial",
-                     "binomial")  # fmt: skip
-"""The families whose experts read censored responses (``fit(..., y_upper=)``)."""
-
-
 def check_targets(args) -> list[str] | None:
     """``--target`` as a list of columns (given comma-separated or repeated): one, two
     (successes and failures) for ``--expert binomial``, which takes no other, or
@@ -146,13 +141,16 @@ def check_targets(args) -> list[str] | None:
         )
     if several and (args.censored_above or args.event):
         raise UsageError("moekit fit: --censored-above and --event go with one --target.")
-    if (args.censored_above or args.event) and args.expert not in CENSORED_FAMILIES:
-        raise UsageError(
-            f"moekit fit: --censored-above and --event are for --expert "
-            f"{', '.join(CENSORED_FAMILIES)}; --expert {_expert_text(args.expert)} has no "
-            "censored form" + (" (a list of families has none yet)."
-                               if isinstance(args.expert, list) else ".")
-        )  # fmt: skip
+    if args.censored_above or args.event:
+        from moekit.estimators._censoring import censorable_names
+
+        if args.expert not in censorable_names():
+            raise UsageError(
+                f"moekit fit: --censored-above and --event are for --expert "
+                f"{', '.join(censorable_names())}; --expert {_expert_text(args.expert)} has no "
+                "censored form" + (" (a list of families has none yet)."
+                                   if isinstance(args.expert, list) else ".")
+            )  # fmt: skip
     if args.covariance_type is not None and not several:
         raise UsageError("moekit fit: --covariance-type is the noise covariance of several "
                          "--target columns; give them (--target y1,y2).")  # fmt: skip

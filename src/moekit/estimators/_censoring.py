@@ -159,16 +159,26 @@ def censored_family(base, log_scale: float = 0.0, truncated: bool = False):
     refuse_censoring(type(base))
 
 
+def censorable_names() -> tuple[str, ...]:
+    """The names ``expert=`` takes whose families read censored and truncated
+    responses: a latent normal (linear with one output, lognormal) or the probabilities
+    of intervals (:func:`~moekit.experts.censored_glm.can_censor_glm`)."""
+    from moekit.estimators._families import EXPERTS
+
+    return tuple(name for name, family in EXPERTS.items()
+                 if hasattr(family, "latent_normal") or can_censor_glm(family))  # fmt: skip
+
+
 def refuse_censoring(family: type, expert=None) -> None:
     """The error for a family that cannot read intervals (checked before the bounds);
     ``expert`` is the estimator's argument, named as the user gave it."""
     got = f"expert={expert!r}" if expert is not None else getattr(family, "__name__", family)
     if isinstance(expert, (list, tuple)):
         got += " (a list of families has no censored form yet)"
+    names = ", ".join(repr(n) + " (one output)" * (n == "linear") for n in censorable_names())
     raise ValueError(
-        "y_upper and truncation (censored or truncated responses) are for expert='linear' "
-        "with one output, 'lognormal', 'poisson', 'negative_binomial', 'binomial', "
-        f"'gamma' or 'weibull'; got {got}."
+        f"y_upper and truncation (censored or truncated responses) are for expert={names}; "
+        f"got {got}."
     )
 
 
