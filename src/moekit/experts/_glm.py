@@ -264,7 +264,14 @@ class ShapedAmountGLM(RidgeGLM):
     (Gamma, Weibull): parameters ``params_type(coef, shape)``, coef (K, p) and shape
     (K,), a target of one column of amounts > 0 whose logs every pass reads, and the
     shape's log as its free tensor. ``predictive_family`` names the family in errors.
+    Censored, their 1-d search (:mod:`moekit.experts.censored_glm`) is in the shape,
+    within each family's ``shape_bounds``.
     """
+
+    #: the parameter a censored fit maximises in one dimension (no torch derivative)
+    shape_field = "shape"
+    #: what y and y_upper of a censored fit hold: amounts >= 0
+    interval_support = "positive"
 
     @classmethod
     def check_target(cls, y2: np.ndarray) -> np.ndarray:

@@ -272,11 +272,7 @@ class GammaExperts(ShapedAmountGLM):
         return coef_of_report(values, scaling).unsqueeze(1), values["shape"].unsqueeze(1)
 
     # ------------------------------------------------------------ censored amounts
-    #: the parameter a censored fit maximises in one dimension (no torch derivative in a)
-    shape_field = "shape"
-    shape_bounds = (SHAPE_MIN, SHAPE_MAX)
-    #: what y and y_upper of a censored fit hold: amounts >= 0
-    interval_support = "positive"
+    shape_bounds = (SHAPE_MIN, SHAPE_MAX)  # the censored fit's range of the shape
 
     def interval_terms(self, params: GammaParams, eta: torch.Tensor, lo: torch.Tensor,
                        hi: torch.Tensor, differentiable: bool = False):  # fmt: skip

@@ -288,11 +288,7 @@ class WeibullExperts(ShapedAmountGLM):
         return coef_of_report(values, scaling).unsqueeze(1), values["scale"].unsqueeze(1)
 
     # ------------------------------------------------------------ censored amounts
-    #: the parameter a censored fit maximises in one dimension
-    shape_field = "shape"
-    shape_bounds = (SHAPE_MIN, SHAPE_MAX)
-    #: what y and y_upper of a censored fit hold: amounts >= 0
-    interval_support = "positive"
+    shape_bounds = (SHAPE_MIN, SHAPE_MAX)  # the censored fit's range of the shape
 
     def interval_terms(self, params: WeibullParams, eta: torch.Tensor, lo: torch.Tensor,
                        hi: torch.Tensor, differentiable: bool = False):  # fmt: skip
