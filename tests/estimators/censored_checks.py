@@ -1,7 +1,7 @@
 """Checks every censored count or amount family must pass (test_censored_glm.py,
-test_censored_nb.py, test_censored_binomial.py): the censored fit recovers what
-ignoring censoring misses, the family's M-step never lowers its part of Q, and the
-reference standard errors its summary() is held to."""
+test_censored_nb.py, test_censored_binomial.py, test_weibull.py): the censored fit
+recovers what ignoring censoring misses, EM's log-likelihood and the family's M-step
+never fall, and the reference standard errors its summary() is held to."""
 
 import numpy as np
 import torch
@@ -57,3 +57,18 @@ def m_steps_never_lower_q(m, X, y, upper, window, steps=5):
         after = family._objective(path[-1], data, resp)
         assert (after >= before).all(), (before, after)
     return data, path
+
+
+def warm_steps_never_lower_loglik(family, X, y, steps=8, **kw):
+    """One EM iteration at a time (``warm_start``, ``max_iter=1``) of a K = 2 fit of
+    ``family`` on the rows (``kw``: their ``y_upper`` and ``truncation``), each asserted
+    not to lower the log-likelihood; returns the fit."""
+    m = MoERegressor(2, expert=family, random_state=0, warm_start=True, max_iter=1, n_init=1)
+    m.fit(X, y, **kw)
+    previous = m.log_likelihood(X, y, **kw)
+    for _ in range(steps):
+        m.fit(X, y, **kw)
+        now = m.log_likelihood(X, y, **kw)
+        assert now >= previous - 1e-12
+        previous = now
+    return m
